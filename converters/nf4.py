@@ -172,6 +172,13 @@ class NF4Tensor:
         flat = _nf4_dequantize_nb(self.packed, self.absmax(), self.numel, self.block_size)
         return flat.reshape(self.shape)
 
+    def dequantize_blocks(self, first: int, last: int, absmax: np.ndarray | None = None) -> np.ndarray:
+        """Flat float32 values of blocks ``first`` to ``last - 1`` (pass ``absmax`` to reuse it)."""
+        absmax = self.absmax() if absmax is None else absmax
+        start = first * self.block_size
+        n = min(last * self.block_size, self.numel) - start
+        return _nf4_dequantize_nb(self.packed[start // 2:], absmax[first:last], n, self.block_size)
+
     def dequantize_reference(self) -> np.ndarray:
         """Plain-NumPy twin of :meth:`dequantize`."""
         absmax = self.absmax() if not self.double_quant else dequantize_scales_reference(
@@ -501,6 +508,29 @@ def _check_input(weights, block_size: int) -> np.ndarray:
     return x
 
 
+def quantize_blocks(x: np.ndarray, block_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The 4-bit step alone: ``(packed, absmax)`` for a flat float32 array.
+
+    Callers may quantize a long tensor piece by piece when each piece but the last holds a whole
+    number of blocks; concatenating the pieces' outputs equals quantizing the whole.
+    """
+    flat = np.ascontiguousarray(x, dtype=np.float32).ravel()
+    packed = np.empty(-(-flat.size // 2), np.uint8)
+    absmax = np.empty(-(-flat.size // block_size), np.float32)
+    _nf4_quantize_nb(flat, block_size, NF4_MIDPOINTS, packed, absmax)
+    return packed, absmax
+
+
+def double_quantize(absmax: np.ndarray, sum_threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """The 8-bit step: ``(codes uint8, nested_scales float32, offset)`` for the block absmaxes."""
+    offset = torch_mean(absmax, sum_threads)
+    centred = (absmax - offset).astype(np.float32)
+    codes = np.empty(absmax.size, np.uint8)
+    nested = np.empty(-(-absmax.size // NESTED_BLOCK_SIZE), np.float32)
+    _dynamic_quantize_nb(centred, NESTED_BLOCK_SIZE, DYNAMIC_LUT, codes, nested)
+    return codes, nested, offset
+
+
 def quantize_nf4(weights, block_size: int = 64, double_quant: bool = True, sum_threads: int = 1) -> NF4Tensor:
     """Quantize a float array to NF4, optionally double-quantizing the block scales.
 
@@ -509,18 +539,10 @@ def quantize_nf4(weights, block_size: int = 64, double_quant: bool = True, sum_t
     reproduces PyTorch's thread split of the offset's sum (only matters above 2M weights).
     """
     x = _check_input(weights, block_size)
-    flat = x.ravel()
-    nb = -(-flat.size // block_size)
-    packed = np.empty(-(-flat.size // 2), np.uint8)
-    absmax = np.empty(nb, np.float32)
-    _nf4_quantize_nb(flat, block_size, NF4_MIDPOINTS, packed, absmax)
+    packed, absmax = quantize_blocks(x, block_size)
     if not double_quant:
         return NF4Tensor(packed, absmax, np.zeros(0, np.float32), np.float32(0), tuple(x.shape), block_size)
-    offset = torch_mean(absmax, sum_threads)
-    centred = (absmax - offset).astype(np.float32)
-    codes = np.empty(nb, np.uint8)
-    nested = np.empty(-(-nb // NESTED_BLOCK_SIZE), np.float32)
-    _dynamic_quantize_nb(centred, NESTED_BLOCK_SIZE, DYNAMIC_LUT, codes, nested)
+    codes, nested, offset = double_quantize(absmax, sum_threads)
     return NF4Tensor(packed, codes, nested, offset, tuple(x.shape), block_size)
 
 

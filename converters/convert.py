@@ -1,0 +1,290 @@
+"""``edgelora convert``: a Hugging Face checkpoint in, an NF4 bundle out, streamed tensor by tensor.
+
+Each source tensor is read from its memory map in row chunks, quantized (or narrowed to float16),
+written at its place in the output file, checked against the original, and its pages released, so
+peak memory stays near the largest tensor's packed size rather than the checkpoint's. The bundle
+is built in a temporary sibling folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgelora import __version__
+from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, write_text_atomic
+from edgelora.bundle import CODE_TENSORS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, nf4_entries
+from edgelora.converters import nf4
+from edgelora.converters.hf import HFCheckpoint
+from edgelora.errors import FormatError, QuantizationError, UsageError
+from edgelora.safetensors_io import SafetensorsWriter, bf16_to_float32
+
+CHUNK_ELEMENTS = 1 << 23  # ~8M weights (32 MB of float32) per piece
+FLOAT16_MAX = 65504.0
+STORAGE_CHOICES = ("float16", "nf4")
+
+
+@dataclass
+class TensorReport:
+    name: str
+    role: str
+    storage: str
+    params: int
+    bytes: int
+    rel_error: float  # ||W - Q(W)|| / ||W||
+    max_abs_error: float
+
+
+@dataclass
+class ConversionSummary:
+    output: str
+    model_type: str
+    parameters: int
+    nf4_parameters: int
+    source_bytes: int
+    bundle_bytes: int
+    weights_bytes: int
+    bits_per_weight: float
+    nf4_bits_per_weight: float
+    worst_tensor: str
+    worst_rel_error: float
+    seconds: float
+    tensors: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        mb = 1 / 1e6
+        return "\n".join([
+            f"wrote {self.output} ({self.model_type})",
+            f"  parameters        {self.parameters:,} ({self.nf4_parameters:,} in NF4)",
+            f"  bytes             {self.source_bytes * mb:,.1f} MB -> {self.weights_bytes * mb:,.1f} MB of weights "
+            f"({self.source_bytes / max(self.weights_bytes, 1):.2f}x smaller); bundle {self.bundle_bytes * mb:,.1f} MB",
+            f"  bits per weight   {self.bits_per_weight:.3f} overall, {self.nf4_bits_per_weight:.3f} in NF4 tensors",
+            f"  largest error     {self.worst_rel_error:.4f} relative (||W-Q(W)||/||W||) in {self.worst_tensor}",
+            f"  time              {self.seconds:.1f} s",
+        ])
+
+
+def resolve_source(src) -> Path:
+    """A local checkpoint folder, or a Hugging Face hub id fetched with huggingface_hub."""
+    p = Path(src)
+    if p.exists():
+        return p
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(src)):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise UsageError(f"{src} is not a local folder; to fetch it from the Hugging Face hub install "
+                             f"huggingface_hub (pip install 'edgelora[hub]') or download it and pass the folder") from None
+        try:
+            return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+        except Exception as e:  # network, auth, missing repo: all reported the same way
+            raise UsageError(f"could not fetch {src} from the Hugging Face hub ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the network, or "
+                             f"download it elsewhere and pass the folder") from None
+    raise FormatError("no such file or folder (and not a Hugging Face hub id of the form org/name)", p)
+
+
+def _storage(role: str, embeddings: str, head: str) -> str:
+    return {"linear": "nf4", "embedding": "nf4" if embeddings == "nf4" else "float16",
+            "head": "nf4" if head == "nf4" else "float16"}.get(role, "float32")
+
+
+def _row_chunks(shape, block_size: int):
+    """Row ranges whose element counts are whole blocks (but the last), about CHUNK_ELEMENTS each."""
+    rows = shape[0] if len(shape) > 1 else 1
+    cols = math.prod(shape) // rows
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    unit = block_size // math.gcd(cols, block_size)  # rows per whole number of blocks
+    step = max(unit, step // unit * unit)
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)], cols
+
+
+def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_to_float32(raw)
+    return np.asarray(raw, np.float32)
+
+
+class _ErrorMeter:
+    def __init__(self):
+        self.diff2 = 0.0
+        self.ref2 = 0.0
+        self.max_abs = 0.0
+
+    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
+        d = (approx.astype(np.float64) - ref)
+        self.diff2 += float(np.dot(d.ravel(), d.ravel()))
+        self.ref2 += float(np.dot(ref.ravel().astype(np.float64), ref.ravel()))
+        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
+
+    @property
+    def rel(self) -> float:
+        return math.sqrt(self.diff2 / self.ref2) if self.ref2 > 0 else math.sqrt(self.diff2)
+
+
+def convert(src, out, block_size: int = 64, double_quant: bool = True, embeddings: str = "float16",
+            head: str = "float16", overwrite: bool = False, progress: bool = False) -> ConversionSummary:
+    """Convert a Hugging Face checkpoint folder (or hub id) into an edgelora NF4 bundle at ``out``."""
+    t0 = time.perf_counter()
+    if block_size not in nf4.SUPPORTED_BLOCK_SIZES:
+        raise UsageError(f"block size must be one of {nf4.SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    for what, v in (("embeddings", embeddings), ("head", head)):
+        if v not in STORAGE_CHOICES:
+            raise UsageError(f"--{what} must be one of {STORAGE_CHOICES}, got {v!r}")
+    out = check_output_dir(out, overwrite)
+    src_path = resolve_source(src)
+    with HFCheckpoint(src_path) as ckpt:
+        tok = src_path / "tokenizer.json"
+        if not tok.is_file():
+            raise FormatError("no tokenizer.json in the checkpoint folder; save the tokenizer with transformers "
+                              "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", src_path)
+        specs = ckpt.specs
+        storage = {name: _storage(s.role, embeddings, head) for name, s in specs.items()}
+        entries = [(k, "F32", v.shape) for k, v in CODE_TENSORS.items()]
+        for name, spec in specs.items():
+            if storage[name] == "nf4":
+                entries += nf4_entries(name, spec.shape, block_size, double_quant)
+            else:
+                entries.append((name, "F16" if storage[name] == "float16" else "F32", spec.shape))
+        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "block_size": str(block_size),
+                "double_quant": str(double_quant).lower(), "nested_block_size": "256"}
+        reports: list[TensorReport] = []
+        total = sum(math.prod(s.shape) for s in specs.values())
+        with atomic_output_dir(out, overwrite) as tmp:
+            writer = SafetensorsWriter(tmp / WEIGHTS, entries, meta)
+            for k, v in CODE_TENSORS.items():
+                writer.write(k, v)
+            bar = tqdm(total=total, unit="w", unit_scale=True, desc="quantizing", disable=not progress, leave=False)
+            for name, spec in specs.items():
+                reports.append(_convert_tensor(ckpt, name, spec, storage[name], writer, block_size, double_quant))
+                ckpt.release(name)
+                bar.update(math.prod(spec.shape))
+            bar.close()
+            writer.close()
+            for f in ckpt.tokenizer_files() + [src_path / "config.json"]:
+                shutil.copyfile(f, tmp / f.name)
+            manifest = _manifest(tmp, src, src_path, ckpt, block_size, double_quant, embeddings, head, reports)
+            write_text_atomic(tmp / MANIFEST, _dumps(manifest))
+        source_bytes = ckpt.source_bytes()
+        model_type = ckpt.args.model_type
+    return _summary(out, model_type, reports, source_bytes, time.perf_counter() - t0)
+
+
+def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant) -> TensorReport:
+    f = ckpt.where[name]
+    dtype = f.tensors[name].dtype
+    raw = f.raw(name)
+    shape = spec.shape
+    n = math.prod(shape)
+    meter = _ErrorMeter()
+    chunks, cols = _row_chunks(shape, block_size)
+    raw2d = raw.reshape(-1, cols)
+    if storage == "nf4":
+        packed = np.empty(-(-n // 2), np.uint8)
+        absmax = np.empty(-(-n // block_size), np.float32)
+        for r0, r1 in chunks:
+            x = _widen(raw2d[r0:r1], dtype)
+            if not np.isfinite(x).all():
+                raise QuantizationError(f"tensor {name!r} contains NaN or infinity", f.path)
+            p, a = nf4.quantize_blocks(x, block_size)
+            e0 = r0 * cols
+            packed[e0 // 2: e0 // 2 + p.size] = p
+            absmax[e0 // block_size: e0 // block_size + a.size] = a
+        if double_quant:
+            codes, nested, offset = nf4.double_quantize(absmax)
+            q = nf4.NF4Tensor(packed, codes, nested, offset, shape, block_size)
+        else:
+            q = nf4.NF4Tensor(packed, absmax, np.zeros(0, np.float32), np.float32(0), shape, block_size)
+        deq_absmax = q.absmax()
+        for r0, r1 in chunks:
+            e0, e1 = r0 * cols, r1 * cols
+            approx = q.dequantize_blocks(e0 // block_size, -(-e1 // block_size), deq_absmax)
+            meter.add(_widen(raw2d[r0:r1], dtype).ravel(), approx[: e1 - e0])
+        writer.write(f"{name}.nf4_codes", q.packed)
+        writer.write(f"{name}.nf4_scales", q.scales)
+        writer.write(f"{name}.nf4_nested", q.nested_scales)
+        writer.write(f"{name}.nf4_offset", np.array([q.offset], np.float32))
+        writer.write(f"{name}.nf4_shape", np.array(shape, np.int64))
+        nbytes = q.nbytes
+    else:
+        target = np.float16 if storage == "float16" else np.float32
+        written = 0
+        for r0, r1 in chunks:
+            x = _widen(raw2d[r0:r1], dtype)
+            if storage == "float16" and np.abs(x).max(initial=0) > FLOAT16_MAX:
+                raise QuantizationError(f"tensor {name!r} has values beyond float16's range; "
+                                        f"convert with --embeddings nf4 / --head nf4", f.path)
+            y = x.astype(target)
+            meter.add(x, y.astype(np.float32))
+            writer.write(name, y, offset=written)
+            written += y.nbytes
+        nbytes = written
+    return TensorReport(name, spec.role, storage, n, nbytes, meter.rel, meter.max_abs)
+
+
+def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, embeddings, head, reports) -> dict:
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    a = ckpt.args
+    nf4_params = sum(r.params for r in reports if r.storage == "nf4")
+    params = sum(r.params for r in reports)
+    weight_bytes = sum(r.bytes for r in reports)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "edgelora_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "architecture": {"model_type": a.model_type, "architectures": a.architectures,
+                         "tie_word_embeddings": a.tie_word_embeddings},
+        "source": {
+            "name": str(src) if not Path(str(src)).exists() else src_path.resolve().name,
+            "dtypes": sorted(ckpt.dtypes),
+            "config_sha256": sha256_file(src_path / "config.json"),
+            "weights_sha256": {p.name: sha256_file(p) for p in ckpt.shard_paths},
+        },
+        "quantization": {
+            "method": "nf4", "block_size": block_size, "double_quant": double_quant,
+            "nested_block_size": 256, "nested_code": "bitsandbytes-dynamic-signed-8bit",
+            "embeddings": embeddings, "lm_head": "tied" if a.tie_word_embeddings else head,
+            "compatible_with": "bitsandbytes quantize_4bit(quant_type='nf4', compress_statistics=double_quant)",
+        },
+        "stats": {"parameters": params, "nf4_parameters": nf4_params, "weight_bytes": weight_bytes,
+                  "bits_per_weight": round(8 * weight_bytes / params, 4)},
+        "tensors": {r.name: {"role": r.role, "storage": r.storage, "shape": list(ckpt.specs[r.name].shape),
+                             "rel_error": round(r.rel_error, 6)} for r in reports},
+        "files": files,
+    }
+
+
+def _dumps(obj) -> str:
+    import json
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def _summary(out: Path, model_type, reports, source_bytes, seconds) -> ConversionSummary:
+    nf4_reports = [r for r in reports if r.storage == "nf4"]
+    params = sum(r.params for r in reports)
+    weights_bytes = sum(r.bytes for r in reports)
+    worst = max(nf4_reports or reports, key=lambda r: r.rel_error)
+    bundle_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    nf4_params = sum(r.params for r in nf4_reports)
+    return ConversionSummary(
+        output=str(out), model_type=model_type, parameters=params, nf4_parameters=nf4_params,
+        source_bytes=source_bytes, bundle_bytes=bundle_bytes, weights_bytes=weights_bytes,
+        bits_per_weight=8 * weights_bytes / params,
+        nf4_bits_per_weight=8 * sum(r.bytes for r in nf4_reports) / max(nf4_params, 1),
+        worst_tensor=worst.name, worst_rel_error=worst.rel_error, seconds=seconds,
+        tensors=[asdict(r) for r in reports])

@@ -1,0 +1,194 @@
+"""Reading Hugging Face checkpoint directories of the Llama family, by an explicit tensor-name map.
+
+A checkpoint is ``config.json`` + ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``) + tokenizer files. Every tensor the checkpoint holds must be one
+the architecture's map expects, with the shape the config implies; anything else is an error
+naming the tensor (in the manner of llama.cpp's ``TensorNameMap`` and gpt-fast's ``weight_map``,
+which fail loudly rather than guess). Pickle checkpoints are refused, never unpickled.
+
+Roles decide what the converter does with a tensor: ``linear`` goes to NF4, ``embedding`` and
+``head`` follow the user's choice (float16 or NF4), ``norm`` and ``bias`` stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgelora.config import ModelArgs, read_json
+from edgelora.errors import FormatError, PickleRefusedError, UnsupportedError
+from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "tokenizer.model")
+# Buffers some exporters save that carry no weights.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple
+    role: str  # linear | embedding | head | norm | bias
+
+
+def llama_tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
+    """Every tensor of a Llama/Mistral/Qwen2 checkpoint, keyed by its Hugging Face name."""
+    H, I, V = a.hidden_size, a.intermediate_size, a.vocab_size
+    q_dim, kv_dim = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", (V, H), "embedding"),
+             TensorSpec("model.norm.weight", (H,), "norm")]
+    if not a.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", (V, H), "head"))
+    for i in range(a.num_hidden_layers):
+        p = f"model.layers.{i}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", (H,), "norm"),
+            TensorSpec(p + "post_attention_layernorm.weight", (H,), "norm"),
+            TensorSpec(p + "self_attn.q_proj.weight", (q_dim, H), "linear"),
+            TensorSpec(p + "self_attn.k_proj.weight", (kv_dim, H), "linear"),
+            TensorSpec(p + "self_attn.v_proj.weight", (kv_dim, H), "linear"),
+            TensorSpec(p + "self_attn.o_proj.weight", (H, q_dim), "linear"),
+            TensorSpec(p + "mlp.gate_proj.weight", (I, H), "linear"),
+            TensorSpec(p + "mlp.up_proj.weight", (I, H), "linear"),
+            TensorSpec(p + "mlp.down_proj.weight", (H, I), "linear"),
+        ]
+        specs += ARCH_HOOKS[a.model_type](a, p)
+    return {s.name: s for s in specs}
+
+
+def _llama_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
+    q_dim, kv_dim = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    extra = []
+    if a.attention_bias:
+        extra += [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
+                  TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
+                  TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias"),
+                  TensorSpec(p + "self_attn.o_proj.bias", (a.hidden_size,), "bias")]
+    if a.mlp_bias:
+        extra += [TensorSpec(p + "mlp.gate_proj.bias", (a.intermediate_size,), "bias"),
+                  TensorSpec(p + "mlp.up_proj.bias", (a.intermediate_size,), "bias"),
+                  TensorSpec(p + "mlp.down_proj.bias", (a.hidden_size,), "bias")]
+    return extra
+
+
+def _qwen2_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
+    # Qwen2: biases on q, k and v only.
+    q_dim, kv_dim = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    return [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
+            TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
+            TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias")]
+
+
+ARCH_HOOKS = {"llama": _llama_extras, "mistral": _llama_extras, "qwen2": _qwen2_extras}
+TENSOR_MAPS = {"llama": llama_tensor_map}
+
+
+class HFCheckpoint:
+    """An opened Hugging Face checkpoint directory: config, tensor locations, tokenizer files."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FormatError("not a directory; pass a Hugging Face checkpoint folder "
+                              "(config.json, *.safetensors, tokenizer.json)", self.path)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise FormatError("no config.json in the checkpoint folder; is this a Hugging Face checkpoint?",
+                              self.path)
+        self.config_dict = read_json(cfg_path)
+        self.args = ModelArgs.from_dict(self.config_dict, cfg_path)
+        self.shard_paths = self._find_shards()
+        self.files: dict[Path, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        try:
+            for shard in self.shard_paths:
+                f = SafetensorsFile(shard)
+                self.files[shard] = f
+                for name in f.keys():
+                    if name in self.where:
+                        raise FormatError(f"tensor {name!r} appears in two shards "
+                                          f"({self.where[name].path.name} and {shard.name})", shard)
+                    self.where[name] = f
+            self.specs = self._check_tensors()
+        except BaseException:
+            self.close()
+            raise
+
+    def _find_shards(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise FormatError("index has no weight_map", index)
+            names = sorted(set(weight_map.values()))
+            for n in names:
+                if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
+                    raise FormatError(f"index names an invalid shard file {n!r}", index)
+                if not (self.path / n).is_file():
+                    raise FormatError(f"shard {n} listed in the index is missing", index)
+            return [self.path / n for n in names]
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            return shards
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise PickleRefusedError(
+                f"only pickle checkpoint(s) {pickles} found; edgelora never unpickles files. Convert them to "
+                f"safetensors where you trust the file, e.g. `python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{self.path}').save_pretrained('OUT', "
+                f"safe_serialization=True)\"`", self.path)
+        raise FormatError("no *.safetensors weights in the checkpoint folder", self.path)
+
+    def _check_tensors(self) -> dict[str, TensorSpec]:
+        a = self.args
+        specs = TENSOR_MAPS[a.family](a)
+        present = {n for n in self.where if not n.endswith(IGNORED_SUFFIXES)}
+        if a.tie_word_embeddings:
+            present.discard("lm_head.weight")  # some exporters save the tied head anyway
+        unexpected = sorted(present - specs.keys())
+        if unexpected:
+            raise UnsupportedError(f"unexpected tensor(s) for a {a.model_type} checkpoint with this config: "
+                                   f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
+                                   self.where[unexpected[0]].path)
+        missing = sorted(specs.keys() - present)
+        if missing:
+            raise FormatError(f"checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}",
+                              self.path)
+        for name, spec in specs.items():
+            info = self.where[name].tensors[name]
+            if info.shape != spec.shape:
+                raise FormatError(f"tensor {name!r} has shape {list(info.shape)}, but config.json implies "
+                                  f"{list(spec.shape)}", self.where[name].path)
+            if info.dtype not in FLOAT_DTYPES:
+                raise UnsupportedError(f"tensor {name!r} has dtype {info.dtype}; expected F32, F16 or BF16",
+                                       self.where[name].path)
+        return specs
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {self.where[n].tensors[n].dtype for n in self.specs}
+
+    def tensor(self, name: str):
+        return self.where[name].float32(name)
+
+    def release(self, name: str) -> None:
+        self.where[name].release(name)
+
+    def source_bytes(self) -> int:
+        return sum(self.where[n].tensors[n].nbytes for n in self.specs)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

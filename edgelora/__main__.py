@@ -1,0 +1,5 @@
+import sys
+
+from edgelora.cli import main
+
+sys.exit(main())

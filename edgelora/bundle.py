@@ -1,0 +1,158 @@
+"""The edgelora model bundle: a folder that describes itself (see ``docs/format.md``).
+
+    manifest.json          format name and version, quantization spec, source identity, the
+                           role and storage of every tensor, statistics, sha256 of every file
+    model.safetensors      NF4 tensors as five arrays each, other tensors as float16/float32
+    config.json            the source's Hugging Face config, unchanged
+    tokenizer.json, tokenizer_config.json, generation_config.json (when the source has them)
+
+An NF4 tensor ``W`` is stored as ``W.nf4_codes`` (U8, packed codes, high nibble first),
+``W.nf4_scales`` (U8 with double quantization, else F32), ``W.nf4_nested`` (F32),
+``W.nf4_offset`` (F32, one value) and ``W.nf4_shape`` (I64). The two code books are stored once
+as ``edgelora.nf4_code`` (F32[16]) and ``edgelora.dynamic_code`` (F32[256]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgelora.atomic import sha256_file
+from edgelora.config import ModelArgs, read_json
+from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
+from edgelora.errors import ChecksumError, FormatError, UnsupportedError
+from edgelora.safetensors_io import SafetensorsFile, bf16_to_float32
+
+FORMAT_NAME = "edgelora-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+NF4_PARTS = ("nf4_codes", "nf4_scales", "nf4_nested", "nf4_offset", "nf4_shape")
+CODE_TENSORS = {"edgelora.nf4_code": NF4_CODE, "edgelora.dynamic_code": DYNAMIC_CODE}
+
+
+def nf4_entries(name: str, shape, block_size: int, double_quant: bool) -> list[tuple[str, str, tuple]]:
+    """The safetensors entries ``(name, dtype, shape)`` that store one NF4 tensor."""
+    n = int(np.prod(shape))
+    blocks = -(-n // block_size)
+    return [(f"{name}.nf4_codes", "U8", (-(-n // 2),)),
+            (f"{name}.nf4_scales", "U8" if double_quant else "F32", (blocks,)),
+            (f"{name}.nf4_nested", "F32", (-(-blocks // 256) if double_quant else 0,)),
+            (f"{name}.nf4_offset", "F32", (1,)),
+            (f"{name}.nf4_shape", "I64", (len(shape),))]
+
+
+def is_bundle(path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    role: str
+    storage: str  # nf4 | float16 | float32
+    shape: tuple
+
+
+class Bundle:
+    """An opened bundle. Weights are memory-mapped: nothing is read until a tensor is used."""
+
+    def __init__(self, path, verify: bool = True):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FormatError("not a directory; a bundle is a folder written by `edgelora convert`", self.path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise FormatError(f"no {MANIFEST}: not an edgelora bundle (convert a checkpoint with "
+                              f"`edgelora convert SRC -o OUT`)", self.path)
+        self.manifest = read_json(mpath)
+        self._check_manifest(mpath)
+        if verify:
+            self.verify()
+        self.args = ModelArgs.from_file(self.path / "config.json")
+        self.weights = SafetensorsFile(self.path / WEIGHTS)
+        self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
+                        for name, e in self.manifest["tensors"].items()}
+        for name, e in self.entries.items():
+            needed = [f"{name}.{p}" for p in NF4_PARTS] if e.storage == "nf4" else [name]
+            for key in needed:
+                if key not in self.weights:
+                    raise FormatError(f"manifest lists {name!r} but {key!r} is not in {WEIGHTS}", self.weights.path)
+
+    def _check_manifest(self, mpath: Path) -> None:
+        m = self.manifest
+        if m.get("format") != FORMAT_NAME:
+            raise FormatError(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}", mpath)
+        version = m.get("format_version")
+        if not isinstance(version, int):
+            raise FormatError("format_version missing or not an integer", mpath)
+        if version > FORMAT_VERSION:
+            raise UnsupportedError(f"bundle format version {version} is newer than this edgelora reads "
+                                   f"({FORMAT_VERSION}); upgrade edgelora", mpath)
+        for key in ("quantization", "files", "tensors"):
+            if not isinstance(m.get(key), dict):
+                raise FormatError(f"manifest field {key!r} missing or not an object", mpath)
+        for name in m["files"]:
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST:
+                raise FormatError(f"manifest lists an invalid file name {name!r}", mpath)
+        for name, e in m["tensors"].items():
+            if not isinstance(e, dict) or e.get("storage") not in ("nf4", "float16", "float32") \
+                    or not isinstance(e.get("shape"), list):
+                raise FormatError(f"manifest entry for tensor {name!r} is malformed", mpath)
+
+    def verify(self) -> None:
+        """Check that every file the manifest lists is present with its size and sha256."""
+        for name, info in self.manifest["files"].items():
+            p = self.path / name
+            if not p.is_file():
+                raise FormatError("file listed in the manifest is missing", p)
+            if p.stat().st_size != info.get("size"):
+                raise ChecksumError(f"size {p.stat().st_size} differs from the manifest's {info.get('size')}; "
+                                    f"the file is truncated or was modified", p)
+            if sha256_file(p) != info.get("sha256"):
+                raise ChecksumError("sha256 differs from the manifest; the file is corrupt or was modified", p)
+
+    @property
+    def quantization(self) -> dict:
+        return self.manifest["quantization"]
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def nf4(self, name: str) -> NF4Tensor:
+        """The stored NF4 tensor, its arrays being views into the mapped file."""
+        e = self.entries[name]
+        if e.storage != "nf4":
+            raise KeyError(f"{name} is stored as {e.storage}, not NF4")
+        w = self.weights
+        shape = tuple(int(d) for d in w.raw(f"{name}.nf4_shape"))
+        q = self.quantization
+        return NF4Tensor(packed=w.raw(f"{name}.nf4_codes"), scales=w.raw(f"{name}.nf4_scales"),
+                         nested_scales=w.raw(f"{name}.nf4_nested"), offset=np.float32(w.raw(f"{name}.nf4_offset")[0]),
+                         shape=shape, block_size=int(q["block_size"]),
+                         nested_block_size=int(q.get("nested_block_size", 256)))
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Any tensor as float32 (NF4 ones dequantized)."""
+        e = self.entries[name]
+        if e.storage == "nf4":
+            return self.nf4(name).dequantize()
+        raw = self.weights.raw(name)
+        if self.weights.tensors[name].dtype == "BF16":
+            return bf16_to_float32(raw)
+        return raw.astype(np.float32)
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_bundle(path, verify: bool = True) -> Bundle:
+    return Bundle(path, verify=verify)

@@ -1,0 +1,121 @@
+"""Model configuration as Hugging Face writes it: one dataclass with ``config.json``'s own field names.
+
+Unknown keys are ignored (as mlx-lm ``models/llama.py``'s ``ModelArgs.from_dict`` does); missing
+required ones and impossible values are errors that name the file. The families edgelora runs are
+picked by ``model_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgelora.errors import FormatError, UnsupportedError
+
+#: model_type -> family module used by the converter and the runtime
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    bos_token_id: int | list | None = None
+    eos_token_id: int | list | None = None
+    architectures: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        if self.model_type == "qwen2":
+            self.attention_bias = True  # Qwen2 always has q/k/v biases (and no o_proj bias)
+
+    @classmethod
+    def from_dict(cls, d: dict, path=None) -> "ModelArgs":
+        if not isinstance(d, dict):
+            raise FormatError("config is not a JSON object", path)
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedError(
+                f"unsupported architecture model_type={model_type!r} (architectures={d.get('architectures')}); "
+                f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}", path)
+        d = dict(d)
+        # transformers >= 5 may move rope settings into a rope_parameters block
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            if d.get("rope_scaling") is None and rp.get("rope_type", "default") != "default":
+                d["rope_scaling"] = rp
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = [p for p, v in inspect.signature(cls).parameters.items() if v.default is inspect.Parameter.empty]
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise FormatError(f"config is missing required field(s) {missing}", path)
+        args = cls(**{k: v for k, v in d.items() if k in names})
+        args.validate(path)
+        return args
+
+    @classmethod
+    def from_file(cls, path) -> "ModelArgs":
+        return cls.from_dict(read_json(path), path)
+
+    def validate(self, path=None) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "vocab_size", "num_key_value_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31:
+                raise FormatError(f"config field {name}={v!r} must be a positive integer", path)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise FormatError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_key_value_heads}", path)
+        if self.hidden_act not in ("silu", "swish"):
+            raise UnsupportedError(f"hidden_act={self.hidden_act!r} is not supported (only silu)", path)
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("default", "llama3", "linear", None):
+                raise UnsupportedError(f"rope_scaling type {kind!r} is not supported "
+                                       f"(supported: llama3, linear)", path)
+
+    @property
+    def family(self) -> str:
+        return SUPPORTED_MODEL_TYPES[self.model_type]
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * 1024 * 1024 + 1)
+    except FileNotFoundError:
+        raise FormatError("file not found", path) from None
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror}", path) from None
+    if len(raw) > 64 * 1024 * 1024:
+        raise FormatError("JSON file larger than 64 MiB; refusing to parse", path)
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"malformed JSON ({e})", path) from None
+    if not isinstance(value, dict):
+        raise FormatError("expected a JSON object", path)
+    return value

@@ -1,0 +1,76 @@
+"""``edgelora inspect``: what a bundle or a source checkpoint holds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from edgelora.atomic import sha256_file
+from edgelora.bundle import Bundle, is_bundle
+from edgelora.errors import ChecksumError, FormatError
+
+
+def _args_dict(a) -> dict:
+    return {"model_type": a.model_type, "layers": a.num_hidden_layers, "hidden_size": a.hidden_size,
+            "intermediate_size": a.intermediate_size, "heads": a.num_attention_heads,
+            "kv_heads": a.num_key_value_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+            "tie_word_embeddings": a.tie_word_embeddings, "rope_theta": a.rope_theta,
+            "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_position_embeddings}
+
+
+def inspect(path) -> dict:
+    """A JSON-ready description of a bundle (checksums verified) or of a Hugging Face checkpoint."""
+    path = Path(path)
+    if is_bundle(path):
+        b = Bundle(path, verify=False)
+        try:
+            try:
+                b.verify()
+                checksums = "ok"
+            except ChecksumError as e:
+                checksums = f"FAILED: {e}"
+            m = b.manifest
+            counts: dict[str, int] = {}
+            for e in b.entries.values():
+                counts[e.storage] = counts.get(e.storage, 0) + math.prod(e.shape)
+            return {"kind": "bundle", "path": str(path), "format": m["format"],
+                    "format_version": m["format_version"], "edgelora_version": m.get("edgelora_version"),
+                    "architecture": _args_dict(b.args), "quantization": m["quantization"],
+                    "source": m.get("source"), "stats": m.get("stats"), "parameters_by_storage": counts,
+                    "files": m["files"], "checksums": checksums}
+        finally:
+            b.close()
+    if (path / "config.json").is_file():
+        from edgelora.converters.hf import HFCheckpoint
+        with HFCheckpoint(path) as c:
+            params = sum(math.prod(s.shape) for s in c.specs.values())
+            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in sorted(c.shard_paths + c.tokenizer_files() + [path / "config.json"])}
+            return {"kind": "checkpoint", "path": str(path), "architecture": _args_dict(c.args),
+                    "parameters": params, "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
+                    "bits_per_weight": round(8 * c.source_bytes() / params, 3), "files": files}
+    raise FormatError("neither an edgelora bundle (manifest.json) nor a Hugging Face checkpoint (config.json)", path)
+
+
+def format_inspect(info: dict) -> str:
+    a = info["architecture"]
+    lines = [f"{info['kind']}: {info['path']}",
+             f"  architecture  {a['model_type']}: {a['layers']} layers, hidden {a['hidden_size']}, "
+             f"MLP {a['intermediate_size']}, {a['heads']} heads / {a['kv_heads']} KV heads (head_dim {a['head_dim']}), "
+             f"vocab {a['vocab_size']}, {'tied' if a['tie_word_embeddings'] else 'separate'} head"]
+    if info["kind"] == "bundle":
+        q, s = info["quantization"], info["stats"] or {}
+        lines += [f"  format        {info['format']} v{info['format_version']} (edgelora {info['edgelora_version']})",
+                  f"  quantization  NF4, blocks of {q['block_size']}, double quant {'on' if q['double_quant'] else 'off'}, "
+                  f"embeddings {q['embeddings']}, head {q['lm_head']}",
+                  f"  parameters    {s.get('parameters', 0):,} ({', '.join(f'{k} {v:,}' for k, v in info['parameters_by_storage'].items())})",
+                  f"  bits/weight   {s.get('bits_per_weight')}",
+                  f"  source        {info['source'].get('name')} ({', '.join(info['source'].get('dtypes', []))})",
+                  f"  checksums     {info['checksums']}"]
+    else:
+        lines += [f"  parameters    {info['parameters']:,} in {', '.join(info['dtypes'])} "
+                  f"({info['bytes'] / 1e6:,.1f} MB, {info['bits_per_weight']} bits/weight)"]
+    lines.append("  files")
+    for name, f in info["files"].items():
+        lines.append(f"    {name:<28} {f['size']:>14,} B  sha256 {f['sha256'][:16]}…")
+    return "\n".join(lines)
