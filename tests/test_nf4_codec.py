@@ -42,6 +42,21 @@ def _bnb(x: np.ndarray, block_size: int, double_quant: bool, dtype=None):
     return packed, state
 
 
+def bnb_dequantize_flat(packed, state) -> np.ndarray:
+    """bitsandbytes' dequantization of the flat tensor.
+
+    The format is defined on the row-major flattening. bitsandbytes 0.50's CPU kernel for 2-D
+    shapes indexes blocks as ``row * (cols // block) + col // block``, which is wrong when ``cols``
+    is a multiple of 32 but not of the block size (e.g. 96 or 160 columns); its quantization is
+    flat, and so are its generic and CUDA dequantizers. Asking it for the 1-D shape gives the flat
+    result on every path.
+    """
+    import copy
+    flat_state = copy.copy(state)
+    flat_state.shape = torch.Size([int(np.prod(state.shape))])
+    return bnbf.dequantize_4bit(packed, flat_state).numpy().ravel()
+
+
 def _assert_same_as_bnb(q: nf4.NF4Tensor, packed, state, float_input: bool = True):
     assert np.array_equal(q.packed, packed.numpy().ravel())
     if q.double_quant:
@@ -51,7 +66,7 @@ def _assert_same_as_bnb(q: nf4.NF4Tensor, packed, state, float_input: bool = Tru
     else:
         assert np.array_equal(q.scales, state.absmax.numpy())
     if float_input:
-        ref = bnbf.dequantize_4bit(packed, state).numpy().ravel()
+        ref = bnb_dequantize_flat(packed, state)
         assert np.array_equal(q.dequantize().ravel(), ref)
 
 

@@ -1,0 +1,57 @@
+"""Tiny random Hugging Face checkpoints of each supported architecture, written by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "park", "."]
+
+
+def write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+CONFIGS = {
+    # llama with llama3 rope scaling, tied head, GQA, MLP width not a multiple of 64
+    "llama3": dict(cls="Llama", model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=172,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                   max_position_embeddings=256),
+    "llama_untied": dict(cls="Llama", model_type="llama", vocab_size=100, hidden_size=96, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=False),
+    "mistral": dict(cls="Mistral", model_type="mistral", vocab_size=80, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                    sliding_window=None),
+    "qwen2": dict(cls="Qwen2", model_type="qwen2", vocab_size=90, hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def make_checkpoint(folder: Path, name: str, dtype: str = "float32", shard: bool = False, seed: int = 0) -> Path:
+    """Save a random tiny model (transformers' own initialisation, then widened) to ``folder``."""
+    import torch
+    import transformers
+    spec = dict(CONFIGS[name])
+    cls = spec.pop("cls")
+    spec.pop("model_type")
+    config = getattr(transformers, f"{cls}Config")(**spec)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config)
+    with torch.no_grad():  # make norms and biases non-trivial so that copying them is tested
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight") or n.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if n.endswith("norm.weight") else 0.0))
+    model = model.to(getattr(torch, dtype))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="60KB" if shard else "5GB")
+    write_tokenizer(folder)
+    return folder
