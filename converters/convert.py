@@ -123,10 +123,10 @@ class _ErrorMeter:
         self.max_abs = 0.0
 
     def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
-        d = (approx.astype(np.float64) - ref)
-        self.diff2 += float(np.dot(d.ravel(), d.ravel()))
-        self.ref2 += float(np.dot(ref.ravel().astype(np.float64), ref.ravel()))
-        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
+        diff2, ref2, worst = nf4.error_stats(ref, approx)
+        self.diff2 += diff2
+        self.ref2 += ref2
+        self.max_abs = max(self.max_abs, worst)
 
     @property
     def rel(self) -> float:
@@ -168,7 +168,6 @@ def convert(src, out, block_size: int = 64, double_quant: bool = True, embedding
             bar = tqdm(total=total, unit="w", unit_scale=True, desc="quantizing", disable=not progress, leave=False)
             for name, spec in specs.items():
                 reports.append(_convert_tensor(ckpt, name, spec, storage[name], writer, block_size, double_quant))
-                ckpt.release(name)
                 bar.update(math.prod(spec.shape))
             bar.close()
             writer.close()
@@ -190,6 +189,11 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
     meter = _ErrorMeter()
     chunks, cols = _row_chunks(shape, block_size)
     raw2d = raw.reshape(-1, cols)
+    row_bytes = cols * raw.itemsize
+
+    def done(r0, r1):  # drop the source pages of rows [r0, r1) from our RSS
+        f.release(name, r0 * row_bytes, r1 * row_bytes)
+
     if storage == "nf4":
         packed = np.empty(-(-n // 2), np.uint8)
         absmax = np.empty(-(-n // block_size), np.float32)
@@ -198,6 +202,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
             if not np.isfinite(x).all():
                 raise QuantizationError(f"tensor {name!r} contains NaN or infinity", f.path)
             p, a = nf4.quantize_blocks(x, block_size)
+            done(r0, r1)
             e0 = r0 * cols
             packed[e0 // 2: e0 // 2 + p.size] = p
             absmax[e0 // block_size: e0 // block_size + a.size] = a
@@ -211,6 +216,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
             e0, e1 = r0 * cols, r1 * cols
             approx = q.dequantize_blocks(e0 // block_size, -(-e1 // block_size), deq_absmax)
             meter.add(_widen(raw2d[r0:r1], dtype).ravel(), approx[: e1 - e0])
+            done(r0, r1)
         writer.write(f"{name}.nf4_codes", q.packed)
         writer.write(f"{name}.nf4_scales", q.scales)
         writer.write(f"{name}.nf4_nested", q.nested_scales)
@@ -229,6 +235,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
             meter.add(x, y.astype(np.float32))
             writer.write(name, y, offset=written)
             written += y.nbytes
+            done(r0, r1)
         nbytes = written
     return TensorReport(name, spec.role, storage, n, nbytes, meter.rel, meter.max_abs)
 

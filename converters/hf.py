@@ -173,9 +173,6 @@ class HFCheckpoint:
     def tensor(self, name: str):
         return self.where[name].float32(name)
 
-    def release(self, name: str) -> None:
-        self.where[name].release(name)
-
     def source_bytes(self) -> int:
         return sum(self.where[n].tensors[n].nbytes for n in self.specs)
 

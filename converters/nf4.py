@@ -491,6 +491,39 @@ def dequantize_scales_reference(q, nested, offset, nested_block_size=NESTED_BLOC
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantization error
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, parallel=True)
+def _error_stats_nb(ref, approx):
+    diff2 = 0.0
+    ref2 = 0.0
+    worst = 0.0
+    for i in prange(ref.size):
+        r = np.float64(ref[i])
+        d = np.float64(approx[i]) - r
+        diff2 += d * d
+        ref2 += r * r
+        worst = max(worst, abs(d))
+    return diff2, ref2, worst
+
+
+def error_stats(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float, float]:
+    """``(sum (approx-ref)^2, sum ref^2, max |approx-ref|)`` accumulated in float64."""
+    a = np.ascontiguousarray(ref, np.float32).ravel()
+    b = np.ascontiguousarray(approx, np.float32).ravel()
+    if a.size != b.size:
+        raise ValueError(f"sizes differ: {a.size} vs {b.size}")
+    return _error_stats_nb(a, b)
+
+
+def error_stats_reference(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float, float]:
+    r = np.asarray(ref, np.float64).ravel()
+    d = np.asarray(approx, np.float64).ravel() - r
+    return float(d @ d), float(r @ r), float(np.abs(d).max(initial=0.0))
+
+
+# ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
 

@@ -183,16 +183,17 @@ class SafetensorsFile:
             return bf16_to_float32(raw)
         return raw if info.dtype == "F32" else raw.astype(np.float32)
 
-    def release(self, name: str) -> None:
-        """Tell the kernel we are done with a tensor's pages, so they leave this process's RSS."""
+    def release(self, name: str, first: int = 0, last: int | None = None) -> None:
+        """Tell the kernel we are done with bytes ``[first, last)`` of a tensor (all of it by default),
+        so that its pages leave this process's resident set. Reading them again stays valid."""
         info = self.tensors.get(name)
         if info is None or self._mm is None or not hasattr(self._mm, "madvise"):
             return
         page = mmap.PAGESIZE
-        start = (self.data_start + info.begin) // page * page
-        length = self.data_start + info.end - start
-        if length > 0:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, length)
+        end = self.data_start + info.begin + (info.nbytes if last is None else min(last, info.nbytes))
+        start = (self.data_start + info.begin + first) // page * page
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class SafetensorsWriter:

@@ -1,0 +1,76 @@
+"""``edgelora demo``: the main job on a built-in model, offline.
+
+The package ships a small Llama checkpoint that this repository trained itself
+(``scripts/train_demo_model.py`` on procedural stories from ``scripts/demo_corpus.py``; see
+``edgelora/demo_model/README.md``). The demo copies it, in its Hugging Face layout, into a work
+folder once, converts it to an NF4 bundle once, and prints the conversion summary and the
+bundle's description. Later runs reuse both (the bundle is re-verified by checksum).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from edgelora.atomic import atomic_output_dir
+from edgelora.errors import EdgeLoraError, FormatError
+
+DEMO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+              "tokenizer_config.json", "README.md")
+
+
+def default_workdir() -> Path:
+    base = os.environ.get("EDGELORA_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "edgelora")
+    return Path(base) / "demo"
+
+
+def packaged_demo_model() -> Path:
+    path = Path(str(resources.files("edgelora") / "demo_model"))
+    if not (path / "model.safetensors").is_file():
+        raise FormatError("the demo model is missing from this installation; reinstall edgelora", path)
+    return path
+
+
+def demo_checkpoint(workdir: Path) -> Path:
+    """The demo model as a Hugging Face checkpoint folder under ``workdir`` (copied once)."""
+    ckpt = workdir / "demo-llama-checkpoint"
+    if not (ckpt / "model.safetensors").is_file():
+        src = packaged_demo_model()
+        workdir.mkdir(parents=True, exist_ok=True)
+        with atomic_output_dir(ckpt, overwrite=ckpt.exists()) as tmp:
+            for name in DEMO_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+    return ckpt
+
+
+def demo_bundle(workdir: Path, quiet: bool = True):
+    """Convert the demo checkpoint (once); return ``(bundle_path, summary or None when cached)``."""
+    from edgelora.bundle import Bundle
+    from edgelora.converters.convert import convert
+    ckpt = demo_checkpoint(workdir)
+    out = workdir / "demo-llama-nf4"
+    if out.exists():
+        try:
+            Bundle(out).close()
+            return out, None
+        except EdgeLoraError:
+            pass  # damaged cache: convert again below
+    return out, convert(ckpt, out, overwrite=out.exists(), progress=not quiet)
+
+
+def run_demo(workdir=None, quiet: bool = False) -> int:
+    from edgelora.inspect import format_inspect, inspect
+    workdir = Path(workdir) if workdir else default_workdir()
+    out, summary = demo_bundle(workdir, quiet=quiet)
+    print(f"edgelora demo: built-in model {demo_checkpoint(workdir)}")
+    if summary is not None:
+        print(summary.text())
+    else:
+        print(f"(using the bundle converted earlier: {out})")
+    print()
+    print(format_inspect(inspect(out)))
+    return 0
