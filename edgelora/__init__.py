@@ -26,11 +26,14 @@ def __getattr__(name):
     if name in ("inspect",):
         from edgelora.inspect import inspect
         return inspect
+    if name in ("load", "Model"):
+        from edgelora.runtime import model
+        return getattr(model, name)
     if name in ("open_bundle", "Bundle"):
         from edgelora import bundle
         return getattr(bundle, name)
     raise AttributeError(f"module 'edgelora' has no attribute {name!r}")
 
 
-__all__ = ["EdgeLoraError", "NF4Tensor", "quantize_nf4", "convert", "ConversionSummary", "inspect",
+__all__ = ["EdgeLoraError", "NF4Tensor", "quantize_nf4", "convert", "ConversionSummary", "inspect", "load", "Model",
            "open_bundle", "Bundle", "__version__"]

@@ -1,0 +1,92 @@
+"""Building a runnable model from a bundle: memory-mapped weights, layer types injected by storage."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edgelora.bundle import Bundle
+from edgelora.errors import FormatError, UnsupportedError
+from edgelora.runtime.kernels import F16Linear, NF4Linear
+from edgelora.runtime.llama import DenseLinear, Layer, LlamaModel, Weights
+
+FAMILIES = {"llama": LlamaModel}
+DEFAULT_MAX_CONTEXT = 2048
+
+
+def make_linear(bundle: Bundle, name: str):
+    """The linear-layer object for a stored tensor: the model never sees how it is stored."""
+    e = bundle.entries[name]
+    if e.storage == "nf4":
+        return NF4Linear(bundle.nf4(name))
+    raw = bundle.weights.raw(name)
+    if raw.dtype == np.float16:
+        return F16Linear(raw)
+    return DenseLinear(raw)
+
+
+def vector(bundle: Bundle, name: str) -> np.ndarray:
+    return np.ascontiguousarray(bundle.tensor(name), np.float32)
+
+
+def build_weights(bundle: Bundle) -> Weights:
+    a = bundle.args
+    names = set(bundle.names())
+    layers = []
+    for i in range(a.num_hidden_layers):
+        p = f"model.layers.{i}."
+        biases = {}
+        for short, full in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                            ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                            ("down", "mlp.down_proj")):
+            if p + full + ".bias" in names:
+                biases[short] = vector(bundle, p + full + ".bias")
+        layers.append(Layer(
+            attn_norm=vector(bundle, p + "input_layernorm.weight"),
+            q=make_linear(bundle, p + "self_attn.q_proj.weight"), k=make_linear(bundle, p + "self_attn.k_proj.weight"),
+            v=make_linear(bundle, p + "self_attn.v_proj.weight"), o=make_linear(bundle, p + "self_attn.o_proj.weight"),
+            mlp_norm=vector(bundle, p + "post_attention_layernorm.weight"),
+            gate=make_linear(bundle, p + "mlp.gate_proj.weight"), up=make_linear(bundle, p + "mlp.up_proj.weight"),
+            down=make_linear(bundle, p + "mlp.down_proj.weight"), biases=biases))
+    embed = make_linear(bundle, "model.embed_tokens.weight")
+    head = embed if a.tie_word_embeddings else make_linear(bundle, "lm_head.weight")
+    return Weights(embed=embed, layers=layers, norm=vector(bundle, "model.norm.weight"), head=head)
+
+
+def set_threads(threads: int | None) -> int:
+    """Numba's (and BLAS's) thread count for this process; ``None`` means every core."""
+    import numba
+    n = numba.config.NUMBA_NUM_THREADS
+    threads = n if threads is None else int(threads)
+    if not 1 <= threads <= n:
+        from edgelora.errors import UsageError
+        raise UsageError(f"threads must be between 1 and {n} on this machine, got {threads}")
+    numba.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads, user_api="blas")
+    except ImportError:  # BLAS then uses its own default
+        pass
+    return threads
+
+
+def build_model(bundle: Bundle, max_context: int | None):
+    a = bundle.args
+    if a.family not in FAMILIES:
+        raise UnsupportedError(f"no runtime for architecture family {a.family!r}", bundle.path)
+    limit = a.max_position_embeddings
+    max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)
+    if not 1 <= max_context <= limit:
+        from edgelora.errors import UsageError
+        raise UsageError(f"max_context must be between 1 and the model's max_position_embeddings ({limit}), "
+                         f"got {max_context}")
+    try:
+        weights = build_weights(bundle)
+    except KeyError as e:
+        raise FormatError(f"bundle lacks tensor {e}", bundle.path) from None
+    return FAMILIES[a.family](a, weights, max_context)
+
+
+def default_threads() -> int:
+    return int(os.environ.get("EDGELORA_THREADS", "0")) or None
