@@ -40,6 +40,85 @@ def _cmd_inspect(ns) -> int:
     return 0 if not str(info.get("checksums", "ok")).startswith("FAILED") else 3
 
 
+def _sampling(ns) -> dict:
+    return {"temperature": ns.temperature, "top_k": ns.top_k, "top_p": ns.top_p, "min_p": ns.min_p,
+            "repetition_penalty": ns.repetition_penalty, "seed": ns.seed}
+
+
+def _cmd_run(ns) -> int:
+    import edgelora
+    model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context)
+    pieces = []
+    for piece in model.stream(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None, **_sampling(ns)):
+        pieces.append(piece)
+        if not ns.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    s = model.last_stats
+    if ns.json:
+        print(json.dumps({"prompt": ns.prompt, "text": "".join(pieces), **s.to_dict()}, indent=1))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_second:.1f} tok/s, {s.generated_tokens} "
+              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(ns) -> int:
+    import edgelora
+    model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context)
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    history = list(system)
+    model.tokenizer.apply_chat_template(history + [{"role": "user", "content": "hi"}])  # fail early without a template
+    print("edgelora chat: /reset clears the conversation, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            history = list(system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        for piece in model.stream_chat(history, max_new_tokens=ns.max_tokens, **_sampling(ns)):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        history.append({"role": "assistant", "content": "".join(answer)})
+        s = model.last_stats
+        print(f"[prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
+              f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
+
+
+def _cmd_bench(ns) -> int:
+    from edgelora.benchmark import bench, format_bench
+    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens)
+    print(json.dumps(report, indent=1) if ns.json else format_bench(report))
+    return 0
+
+
+def _add_generation_options(p) -> None:
+    p.add_argument("bundle", help="bundle folder written by `edgelora convert`")
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
+    p.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
+
+
 def _cmd_demo(ns) -> int:
     from edgelora.demo import run_demo
     return run_demo(ns.workdir, quiet=ns.quiet)
@@ -69,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
+
+    r = sub.add_parser("run", help="generate text from a prompt, streamed")
+    _add_generation_options(r)
+    r.add_argument("-p", "--prompt", required=True)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--json", action="store_true", help="print prompt/generated ids, text and timings as JSON")
+    r.set_defaults(func=_cmd_run)
+
+    ch = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_generation_options(ch)
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.set_defaults(func=_cmd_chat)
+
+    b = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS, bandwidth bound")
+    b.add_argument("bundle")
+    b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (1 and all cores)")
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="build and convert the built-in demo model (offline)")
     d.add_argument("--workdir", default=None, help="where to put the demo files (default: a user cache folder)")

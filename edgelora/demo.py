@@ -4,13 +4,15 @@ The package ships a small Llama checkpoint that this repository trained itself
 (``scripts/train_demo_model.py`` on procedural stories from ``scripts/demo_corpus.py``; see
 ``edgelora/demo_model/README.md``). The demo copies it, in its Hugging Face layout, into a work
 folder once, converts it to an NF4 bundle once, and prints the conversion summary and the
-bundle's description. Later runs reuse both (the bundle is re-verified by checksum).
+bundle's description, then loads the bundle with the NumPy + Numba runtime and tells a story and
+answers a question with it. Later runs reuse both (the bundle is re-verified by checksum).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -73,4 +75,18 @@ def run_demo(workdir=None, quiet: bool = False) -> int:
         print(f"(using the bundle converted earlier: {out})")
     print()
     print(format_inspect(inspect(out)))
+    import edgelora
+    model = edgelora.load(out)
+    model.generate("Once", max_new_tokens=2)  # compiles the kernels on a first run (cached on disk after)
+    print("\nedgelora run: greedy story from \"Once upon a time\"\n")
+    sys.stdout.write("Once upon a time")
+    for piece in model.stream("Once upon a time", max_new_tokens=80, temperature=0):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    s = model.last_stats
+    print(f"\n[{s.generated_tokens} tokens at {s.decode_tokens_per_second:.0f} tok/s, "
+          f"KV cache {model.kv_cache_bytes / 1e6:.1f} MB]")
+    question = "Tom has a red ball. What colour is the ball?"
+    print(f"\nedgelora chat: {question}")
+    print(model.chat([{"role": "user", "content": question}], max_new_tokens=30, temperature=0))
     return 0

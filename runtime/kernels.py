@@ -65,17 +65,20 @@ def _nf4_matvec(packed, qscale, nested, nshift, offset, bs, n_rows, k, x, out):
     if k % bs == 0:
         per_row = k // bs
         for r in prange(n_rows):
+            w = np.empty(bs, np.float32)  # one block's codes as floats, then a contiguous dot
             acc = np.float32(0.0)
             for j in range(per_row):
                 b = r * per_row + j
-                s = dyn[qscale[b]] * nested[b >> nshift] + offset
                 base = b * half
-                xo = j * bs
-                part = np.float32(0.0)
                 for i in range(half):
                     byte = np.int64(packed[base + i])
-                    part += code[byte >> 4] * x[xo + 2 * i] + code[byte & 15] * x[xo + 2 * i + 1]
-                acc += part * s
+                    w[2 * i] = code[byte >> 4]
+                    w[2 * i + 1] = code[byte & 15]
+                xo = j * bs
+                part = np.float32(0.0)
+                for i in range(bs):
+                    part += w[i] * x[xo + i]
+                acc += part * (dyn[qscale[b]] * nested[b >> nshift] + offset)
             out[r] = acc
     else:  # rows that straddle blocks (e.g. 172 columns): element by element
         for r in prange(n_rows):

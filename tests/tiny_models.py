@@ -8,9 +8,12 @@ from pathlib import Path
 WORDS = ["<unk>", "<s>", "</s>", "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "to", "park", "."]
 
 
-def write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer covering every id of the model's vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {w: i for i, w in enumerate(WORDS)}
+    for i in range(len(WORDS), vocab_size):
+        vocab[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))
@@ -53,5 +56,5 @@ def make_checkpoint(folder: Path, name: str, dtype: str = "float32", shard: bool
     model = model.to(getattr(torch, dtype))
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="60KB" if shard else "5GB")
-    write_tokenizer(folder)
+    write_tokenizer(folder, config.vocab_size)
     return folder

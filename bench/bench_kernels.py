@@ -1,0 +1,78 @@
+"""Kernel benchmark: NF4 matrix-vector throughput against the machine's streaming-read bandwidth,
+for 1 to N threads, on the weight shapes of one Llama-3.2-1B decoder layer.
+
+Reports weights per second, the bytes per second that implies (NF4 codes + scales: ~0.516 bytes a
+weight) and that as a fraction of a streaming read measured in the same run with the same threads.
+
+    python bench/bench_kernels.py --threads 1 2 --json bench/results/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from edgelora.benchmark import memory_bandwidth
+from edgelora.converters.nf4 import quantize_nf4
+from edgelora.runtime.kernels import NF4Linear
+
+# (out, in) of q, k, v, o, gate, up, down in Llama-3.2-1B
+LAYER = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)]
+
+
+def time_layer(lins, xs, repeats: int) -> float:
+    for lin, x in zip(lins, xs):
+        lin.matvec(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for lin, x in zip(lins, xs):
+            lin.matvec(x)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, nargs="+", default=None)
+    p.add_argument("--layers", type=int, default=4, help="distinct layers (so weights do not stay in cache)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    cores = numba.config.NUMBA_NUM_THREADS
+    threads = a.threads or sorted({1, 2, 4, 8, 16, cores} & set(range(1, cores + 1)))
+    rng = np.random.default_rng(0)
+    lins, xs = [], []
+    for _ in range(a.layers):
+        for n, k in LAYER:
+            lins.append(NF4Linear(quantize_nf4((rng.standard_normal((n, k)) * 0.02).astype(np.float32))))
+            xs.append(rng.standard_normal(k).astype(np.float32))
+    weights = sum(lin.out_features * lin.in_features for lin in lins)
+    nbytes = sum(lin.nbytes for lin in lins)
+    rows = []
+    for th in threads:
+        numba.set_num_threads(th)
+        dt = time_layer(lins, xs, a.repeats)
+        bw = memory_bandwidth(th)
+        rows.append({"threads": th, "gweights_per_s": weights / dt / 1e9, "gbytes_per_s": nbytes / dt / 1e9,
+                     "stream_gbytes_per_s": bw / 1e9, "fraction_of_stream": nbytes / dt / bw})
+    report = {"cpu_count": os.cpu_count(), "weights": weights, "bytes": nbytes, "results": rows}
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1))
+    print(f"{weights / 1e6:.0f}M NF4 weights ({nbytes / 1e6:.0f} MB), {a.layers} Llama-3.2-1B layers")
+    print("| threads | G weights/s | GB/s read | streaming read GB/s | fraction |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['gweights_per_s']:.2f} | {r['gbytes_per_s']:.1f} | "
+              f"{r['stream_gbytes_per_s']:.1f} | {r['fraction_of_stream']:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

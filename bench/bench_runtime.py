@@ -1,0 +1,120 @@
+"""Runtime benchmark: edgelora against PyTorch + transformers float32, same model, same threads, one run.
+
+For each model: ``edgelora bench`` figures (prefill of 512 and 128 tokens, decode over 128 tokens,
+time to first token, peak RSS, measured bandwidth and the decode bound) and the same model in
+transformers float32 with the same thread count, each configuration in a fresh process.
+
+    python bench/bench_runtime.py --models stories260K llama-3.2-1b --json bench/results/runtime.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "models"
+
+TORCH_CHILD = r"""
+import json, resource, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+src, threads, n_prompt, n_decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+V = model.config.vocab_size
+g = torch.Generator().manual_seed(0)
+prompt = torch.randint(3, V, (1, n_prompt), generator=g)
+def prefill(ids):
+    with torch.no_grad():
+        model(ids[:, :8])
+        t = time.perf_counter(); model(ids); return ids.shape[1] / (time.perf_counter() - t)
+p512 = prefill(prompt)
+p128 = prefill(prompt[:, :128])
+with torch.no_grad():
+    model.generate(prompt[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    t = time.perf_counter()
+    out = model.generate(prompt[:, :8], max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0, eos_token_id=None)
+    t1 = time.perf_counter()
+    out = model.generate(prompt[:, :8], max_new_tokens=n_decode + 1, min_new_tokens=n_decode + 1, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    t2 = time.perf_counter()
+decode = n_decode / ((t2 - t1) - (t1 - t))
+print(json.dumps({"threads": threads, "prefill_tokens_per_second": p512, "prefill_128_tokens_per_second": p128,
+                  "decode_tokens_per_second": decode,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def torch_run(src: Path, threads: int, n_prompt: int, n_decode: int) -> dict:
+    r = subprocess.run([sys.executable, "-c", TORCH_CHILD, str(src), str(threads), str(n_prompt), str(n_decode)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def prepare(name: str, work: Path) -> tuple[Path, Path]:
+    import edgelora
+    sys.path.insert(0, str(HERE))
+    from make_random_model import SHAPES, make_random_model
+    if name in SHAPES:
+        src = work / f"src-{name}"
+        if not (src / "model.safetensors").exists():
+            make_random_model(src, name)
+    else:
+        src = SHARED / name
+        if not src.is_dir():
+            raise SystemExit(f"{src} not found")
+    out = work / f"bundle-{name}"
+    if not out.exists():
+        edgelora.convert(src, out)
+    return src, out
+
+
+def main():
+    from edgelora.benchmark import bench
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["stories260K", "llama-3.2-1b"])
+    p.add_argument("--threads", type=int, nargs="+", default=None)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    threads = a.threads or sorted({1, os.cpu_count()})
+    report = {"cores": os.cpu_count(), "models": {}}
+    for name in a.models:
+        src, bundle = prepare(name, work)
+        prompt = min(a.prompt_tokens, json.loads((src / "config.json").read_text())["max_position_embeddings"]
+                     - a.decode_tokens - 16)
+        ours = bench(bundle, threads, prompt, a.decode_tokens)["results"]
+        theirs = [torch_run(src, th, prompt, a.decode_tokens) for th in threads]
+        report["models"][name] = {"prompt_tokens": prompt, "edgelora": ours, "torch": theirs}
+        print(f"\n{name} (prompt {prompt} tokens, decode {a.decode_tokens} tokens)")
+        print("| threads | system | prefill tok/s | prefill 128 tok/s | decode tok/s | peak RSS MB | decode vs torch "
+              "| prefill-128 vs torch | bandwidth bound tok/s | achieved of bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for o, t in zip(ours, theirs):
+            print(f"| {o['threads']} | PyTorch fp32 | {t['prefill_tokens_per_second']:.1f} | "
+                  f"{t['prefill_128_tokens_per_second']:.1f} | {t['decode_tokens_per_second']:.2f} | "
+                  f"{t['peak_rss_bytes'] / 1e6:.0f} | 1.00 | 1.00 | | |")
+            print(f"| {o['threads']} | edgelora NF4 | {o['prefill_tokens_per_second']:.1f} | "
+                  f"{o['prefill_128_tokens_per_second']:.1f} | {o['decode_tokens_per_second']:.2f} | "
+                  f"{o['peak_rss_bytes'] / 1e6:.0f} | {o['decode_tokens_per_second'] / t['decode_tokens_per_second']:.2f} | "
+                  f"{o['prefill_128_tokens_per_second'] / t['prefill_128_tokens_per_second']:.2f} | "
+                  f"{o['decode_bound_tokens_per_second']:.1f} | {o['fraction_of_bound']:.0%} |")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""``edgelora bench``: prompt processing, decode speed, time to first token and peak RSS of a bundle,
+with the machine's measured memory bandwidth turned into the decode speed limit.
+
+Each configuration runs in a fresh process so its peak RSS is its own. Decode is bounded by
+memory bandwidth: every generated token reads every weight once, so
+``bound = bandwidth / bytes read per token`` and the achieved fraction is ``tok/s / bound``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True)
+def _stream_sum(a):
+    s = 0.0
+    for i in prange(a.size):
+        s += a[i]
+    return s
+
+
+def memory_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second of a streaming read of a large float32 array with ``threads`` threads."""
+    import numba
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        a = np.ones(size_bytes // 4, np.float32)
+        _stream_sum(a[:1024])
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _stream_sum(a)
+            best = min(best, time.perf_counter() - t)
+        return a.nbytes / best
+    finally:
+        numba.set_num_threads(old)
+
+
+def bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads (every linear, the output head, norms)."""
+    net = model.net
+    total = net.w.head.nbytes + net.w.norm.nbytes
+    for L in net.w.layers:
+        total += sum(x.nbytes for x in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down))
+        total += L.attn_norm.nbytes + L.mlp_norm.nbytes + sum(b.nbytes for b in L.biases.values())
+    return int(total)
+
+
+def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict:
+    """One measurement in this process (call in a fresh process for a clean peak RSS)."""
+    import edgelora
+    t = time.perf_counter()
+    model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, model.args.vocab_size, prompt_tokens).tolist()
+    list(model.stream(prompt[:8], max_new_tokens=4, temperature=0))  # compile / warm up
+    model.eos_ids = set()
+    list(model.stream(prompt, max_new_tokens=decode_tokens, temperature=0))
+    s = model.last_stats
+    short = prompt[:128]
+    list(model.stream(short, max_new_tokens=1, temperature=0))
+    return {"threads": threads, "load_seconds": load_s, "prompt_tokens": prompt_tokens,
+            "prefill_tokens_per_second": s.prefill_tokens_per_second,
+            "prefill_128_tokens_per_second": model.last_stats.prefill_tokens_per_second,
+            "decode_tokens": decode_tokens, "decode_tokens_per_second": s.decode_tokens_per_second,
+            "time_to_first_token": s.time_to_first_token, "bytes_per_token": bytes_per_token(model),
+            "kv_cache_bytes": model.kv_cache_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128) -> dict:
+    import numba
+    cores = numba.config.NUMBA_NUM_THREADS
+    threads_list = threads_list or sorted({1, cores})
+    rows = []
+    for th in threads_list:
+        code = ("import json,sys; from edgelora.benchmark import run_one; "
+                f"print(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens})))")
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "benchmark failed")
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        row["bandwidth_bytes_per_second"] = memory_bandwidth(th)
+        row["decode_bound_tokens_per_second"] = row["bandwidth_bytes_per_second"] / row["bytes_per_token"]
+        row["fraction_of_bound"] = row["decode_tokens_per_second"] / row["decode_bound_tokens_per_second"]
+        rows.append(row)
+    return {"bundle": str(path), "cores": cores, "results": rows}
+
+
+def format_bench(report: dict) -> str:
+    lines = [f"bundle {report['bundle']} ({report['cores']} cores)",
+             "| threads | prefill tok/s (512) | prefill tok/s (128) | decode tok/s | TTFT s | bandwidth GB/s "
+             "| decode bound tok/s | achieved | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['threads']} | {r['prefill_tokens_per_second']:.1f} | {r['prefill_128_tokens_per_second']:.1f} "
+                     f"| {r['decode_tokens_per_second']:.2f} | {r['time_to_first_token']:.3f} "
+                     f"| {r['bandwidth_bytes_per_second'] / 1e9:.1f} | {r['decode_bound_tokens_per_second']:.1f} "
+                     f"| {r['fraction_of_bound']:.0%} | {r['peak_rss_bytes'] / 1e6:.0f} |")
+    return "\n".join(lines)
