@@ -21,7 +21,7 @@ from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "tokenizer.model")
+                   "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 # Buffers some exporters save that carry no weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
