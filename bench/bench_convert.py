@@ -23,24 +23,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+from edgelora.memory import peak_rss_bytes
 t = time.perf_counter()
 import edgelora
 s = edgelora.convert(sys.argv[1], sys.argv[2])
 d = s.to_dict(); d.pop("tensors")
 d["wall_s"] = time.perf_counter() - t
-d["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+d["peak_rss_bytes"] = peak_rss_bytes()
 print(json.dumps(d))
 """
 
 
 BASELINE = r"""
-import json, resource
+import json
+from edgelora.memory import peak_rss_bytes
 import numpy as np
 import edgelora
 from edgelora.converters import convert, nf4
 nf4.quantize_nf4(np.ones(4096, np.float32)).dequantize()
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 """
 
 

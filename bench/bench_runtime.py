@@ -21,8 +21,9 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "models"
 
 TORCH_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
+from edgelora.memory import peak_rss_bytes
 from transformers import AutoModelForCausalLM
 src, threads, n_prompt, n_decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
@@ -47,7 +48,7 @@ with torch.no_grad():
 decode = n_decode / ((t2 - t1) - (t1 - t))
 print(json.dumps({"threads": threads, "prefill_tokens_per_second": p512, "prefill_128_tokens_per_second": p128,
                   "decode_tokens_per_second": decode,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 

@@ -9,39 +9,28 @@ memory bandwidth: every generated token reads every weight once, so
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import njit, prange
 
-
-@njit(parallel=True, cache=True)
-def _stream_sum(a):
-    s = 0.0
-    for i in prange(a.size):
-        s += a[i]
-    return s
+from edgelora.memory import peak_rss_bytes
 
 
 def memory_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second of a streaming read of a large float32 array with ``threads`` threads."""
-    import numba
-    old = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        a = np.ones(size_bytes // 4, np.float32)
-        _stream_sum(a[:1024])
+    """Bytes per second of a streaming read of a large float32 array: ``threads`` threads each
+    sum a slice with NumPy (which releases the GIL), best of ``repeats``."""
+    a = np.ones(size_bytes // 4, np.float32)
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
         best = float("inf")
-        for _ in range(repeats):
+        for _ in range(repeats + 1):  # the first pass faults the pages in
             t = time.perf_counter()
-            _stream_sum(a)
+            list(pool.map(np.sum, parts))
             best = min(best, time.perf_counter() - t)
-        return a.nbytes / best
-    finally:
-        numba.set_num_threads(old)
+    return a.nbytes / best
 
 
 def bytes_per_token(model) -> int:
@@ -74,7 +63,7 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict:
             "decode_tokens": decode_tokens, "decode_tokens_per_second": s.decode_tokens_per_second,
             "time_to_first_token": s.time_to_first_token, "bytes_per_token": bytes_per_token(model),
             "kv_cache_bytes": model.kv_cache_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128) -> dict:
@@ -98,7 +87,8 @@ def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int 
 
 def format_bench(report: dict) -> str:
     lines = [f"bundle {report['bundle']} ({report['cores']} cores)",
-             "| threads | prefill tok/s (512) | prefill tok/s (128) | decode tok/s | TTFT s | bandwidth GB/s "
+             f"| threads | prefill tok/s ({report['results'][0]['prompt_tokens']}) | prefill tok/s (128) | decode tok/s "
+             "| TTFT s | bandwidth GB/s "
              "| decode bound tok/s | achieved | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:

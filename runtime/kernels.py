@@ -17,71 +17,111 @@ both layouts exactly. Every kernel has a plain-NumPy twin (``*_reference``) used
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+import numba
+from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
 from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
+from edgelora.runtime.simd import SIMD, nf4_row_dot_avx2, nf4_row_dot_avx512
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
 TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
 
 
+PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller products run on the calling thread (no thread wake-up)
+
+
 @intrinsic
-def _bits_to_f32(typingctx, bits):
-    sig = types.float32(types.uint32)
+def half_to_float(typingctx, bits):
+    """IEEE binary16 bits (uint16) -> float32, exactly: LLVM's ``fpext half`` (F16C ``vcvtph2ps``
+    on x86-64, ``fcvt`` on aarch64), which vectorises where bit arithmetic would not."""
+    sig = types.float32(types.uint16)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return sig, codegen
 
 
-@njit(inline="always")
-def half_to_float(h):
-    """IEEE binary16 bits (uint16) -> float32, exactly (normals, subnormals, inf, nan)."""
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    exp = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mant = h & np.uint32(0x3FF)
-    if exp == 0:  # zero or subnormal: mant * 2**-24
-        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
-        return -v if sign else v
-    if exp == 31:  # inf / nan
-        return _bits_to_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
-    return _bits_to_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
-
+# Numba's parallel loops are not vectorised by LLVM, so each kernel is a serial loop over a
+# contiguous slice of rows (which LLVM vectorises: gathers from the 16-entry code table, F16C
+# conversions) and a thin ``prange`` over one slice per thread calls it.
 
 # ---------------------------------------------------------------------------------------------
 # NF4
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _nf4_matvec(packed, qscale, nested, nshift, offset, bs, n_rows, k, x, out):
-    code = NF4_CODE
-    dyn = DYNAMIC_CODE
-    half = bs // 2
+@njit(cache=True)
+def _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, out):
+    """Block absmaxes ``b0 .. b0 + out.size``, computed exactly as ``NF4Tensor.dequantize``."""
+    for i in range(out.size):  # two passes: the product is rounded to float32 before the offset
+        b = b0 + i             # is added, as in the reference (never fused into one FMA)
+        out[i] = dyn[qscale[b]] * nested[b >> nshift]
+    for i in range(out.size):
+        out[i] += offset
+
+
+@njit(cache=True, fastmath=_FM)
+def _nf4_dot_aligned_portable(code, packed, scales, half, n_rows, xe, xo, out):
+    """Rows whose length is a multiple of the block: ``packed`` holds exactly these rows' bytes,
+    ``xe``/``xo`` the even/odd entries of x (the high/low nibble of each byte)."""
+    per_row = xe.size // half
+    for r in range(n_rows):
+        acc = np.float32(0.0)
+        for j in range(per_row):
+            # slices starting at 0 let LLVM prove the loop's bounds and vectorise it
+            p = packed[(r * per_row + j) * half:(r * per_row + j + 1) * half]
+            e = xe[j * half:(j + 1) * half]
+            o = xo[j * half:(j + 1) * half]
+            part = np.float32(0.0)
+            for i in range(half):
+                part += code[p[i] >> 4] * e[i] + code[p[i] & 15] * o[i]
+            acc += part * scales[r * per_row + j]
+        out[r] = acc
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_avx512(code, packed, scales, half, n_rows, xe, xo, out):
+    """Same as the portable kernel, each row one ``vpermps`` pass (``runtime/simd.py``)."""
+    per_row = xe.size // half
+    for r in range(n_rows):
+        out[r] = nf4_row_dot_avx512(code, packed, r * per_row * half, scales, r * per_row, xe, xo, per_row, half)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_avx2(code, packed, scales, half, n_rows, xe, xo, out):
+    per_row = xe.size // half
+    for r in range(n_rows):
+        out[r] = nf4_row_dot_avx2(code, packed, r * per_row * half, scales, r * per_row, xe, xo, per_row, half)
+
+
+# Every variant this CPU can run (the tests prove each equal to the reference); kernels use the best.
+NF4_DOT_VARIANTS = {"portable": _nf4_dot_aligned_portable}
+if SIMD in ("avx2", "avx512"):
+    NF4_DOT_VARIANTS["avx2"] = _nf4_dot_aligned_avx2
+if SIMD == "avx512":
+    NF4_DOT_VARIANTS["avx512"] = _nf4_dot_aligned_avx512
+_nf4_dot_aligned = NF4_DOT_VARIANTS[SIMD or "portable"]
+
+
+@njit(cache=True, fastmath=_FM)
+def _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, xe, xo, out):
+    """out[r0:r1] = W[r0:r1] @ x. ``code``/``dyn``: the NF4 and dynamic-map tables."""
+    if r1 <= r0:
+        return
     if k % bs == 0:
         per_row = k // bs
-        for r in prange(n_rows):
-            w = np.empty(bs, np.float32)  # one block's codes as floats, then a contiguous dot
-            acc = np.float32(0.0)
-            for j in range(per_row):
-                b = r * per_row + j
-                base = b * half
-                for i in range(half):
-                    byte = np.int64(packed[base + i])
-                    w[2 * i] = code[byte >> 4]
-                    w[2 * i + 1] = code[byte & 15]
-                xo = j * bs
-                part = np.float32(0.0)
-                for i in range(bs):
-                    part += w[i] * x[xo + i]
-                acc += part * (dyn[qscale[b]] * nested[b >> nshift] + offset)
-            out[r] = acc
+        half = bs // 2
+        scales = np.empty((r1 - r0) * per_row, np.float32)
+        _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
+        _nf4_dot_aligned(code, packed[r0 * (k // 2):r1 * (k // 2)], scales, half, r1 - r0, xe, xo, out[r0:r1])
     else:  # rows that straddle blocks (e.g. 172 columns): element by element
-        for r in prange(n_rows):
+        for r in range(r0, r1):
             acc = np.float32(0.0)
             start = r * k
             for c in range(k):
@@ -95,22 +135,54 @@ def _nf4_matvec(packed, qscale, nested, nshift, offset, bs, n_rows, k, x, out):
 
 
 @njit(cache=True, parallel=True)
-def _nf4_dequant_rows(packed, qscale, nested, nshift, offset, bs, k, r0, r1, buf):
-    code = NF4_CODE
-    dyn = DYNAMIC_CODE
-    for rr in prange(r1 - r0):
-        start = (r0 + rr) * k
-        b_prev = -1
-        s = np.float32(0.0)
-        for c in range(k):
-            e = start + c
-            b = e // bs
-            if b != b_prev:
-                s = dyn[qscale[b]] * nested[b >> nshift] + offset
-                b_prev = b
-            byte = np.int64(packed[e >> 1])
-            cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
-            buf[rr, c] = code[cv] * s
+def _nf4_matvec_parallel(code, dyn, packed, qscale, nested, nshift, offset, bs, n_rows, k, x, xe, xo, out, chunks):
+    step = (n_rows + chunks - 1) // chunks
+    for c in prange(chunks):
+        r0 = c * step
+        _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, min(n_rows, r0 + step), x, xe, xo, out)
+
+
+@njit(cache=True, nogil=True)
+def _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, buf):
+    """buf[:r1 - r0] = W[r0:r1] as float32 (exact)."""
+    if k % bs == 0:
+        per_row = k // bs
+        half = bs // 2
+        scales = np.empty((r1 - r0) * per_row, np.float32)
+        _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
+        src = packed[r0 * (k // 2):r1 * (k // 2)]
+        for rr in range(r1 - r0):
+            for j in range(per_row):
+                s = scales[rr * per_row + j]
+                base = (rr * per_row + j) * half
+                for i in range(half):
+                    byte = src[base + i]
+                    buf[rr, j * bs + 2 * i] = code[byte >> 4] * s
+                    buf[rr, j * bs + 2 * i + 1] = code[byte & 15] * s
+    else:
+        for rr in range(r1 - r0):
+            start = (r0 + rr) * k
+            b_prev = -1
+            s = np.float32(0.0)
+            for c in range(k):
+                e = start + c
+                b = e // bs
+                if b != b_prev:
+                    s = dyn[qscale[b]] * nested[b >> nshift] + offset
+                    b_prev = b
+                byte = np.int64(packed[e >> 1])
+                cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
+                buf[rr, c] = code[cv] * s
+
+
+@njit(cache=True, parallel=True)
+def _nf4_dequant_parallel(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, buf, chunks):
+    step = (r1 - r0 + chunks - 1) // chunks
+    for c in prange(chunks):
+        a = r0 + c * step
+        b = min(r1, a + step)
+        if a < b:
+            _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, a, b, buf[a - r0:b - r0])
 
 
 class NF4Linear:
@@ -138,16 +210,31 @@ class NF4Linear:
         """x: f32 [in] -> f32 [out]"""
         if out is None:
             out = np.empty(self.out_features, np.float32)
-        _nf4_matvec(self.packed, self.qscale, self.nested, self.nshift, self.offset, self.block_size,
-                    self.out_features, self.in_features, x, out)
+        x = np.ascontiguousarray(x, np.float32)
+        xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
+        args = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset, self.block_size)
+        if self.out_features * self.in_features < PARALLEL_MIN_WEIGHTS:
+            _nf4_matvec_rows(*args, self.in_features, 0, self.out_features, x, xe, xo, out)
+        else:
+            _nf4_matvec_parallel(*args, self.out_features, self.in_features, x, xe, xo, out, numba.get_num_threads())
         return out
 
     def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
         """float32 rows ``[r0, r1)`` of the weight."""
         if buf is None:
             buf = np.empty((r1 - r0, self.in_features), np.float32)
-        _nf4_dequant_rows(self.packed, self.qscale, self.nested, self.nshift, self.offset, self.block_size,
-                          self.in_features, r0, r1, buf)
+        args = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
+                self.block_size, self.in_features, r0, r1, buf)
+        if (r1 - r0) * self.in_features < PARALLEL_MIN_WEIGHTS:
+            _nf4_dequant_rows(*args)
+        else:
+            _nf4_dequant_parallel(*args, numba.get_num_threads())
+        return buf[: r1 - r0]
+
+    def dequantize_rows_serial(self, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
+        """Like :meth:`dequantize_rows` on the calling thread only (releases the GIL)."""
+        _nf4_dequant_rows(NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
+                          self.block_size, self.in_features, r0, r1, buf)
         return buf[: r1 - r0]
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -162,15 +249,39 @@ class NF4Linear:
             np.zeros((0, self.in_features), np.float32)
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="edgelora-prefill")
+    return _POOLS[n]
+
+
 def _tiled_matmul(lin, x: np.ndarray) -> np.ndarray:
+    """x: f32 [T, in] -> f32 [T, out]. The rows are split between the threads; each thread
+    dequantizes a tile of its rows at a time (a GIL-free Numba call) and multiplies the whole chunk
+    of tokens by it with single-threaded BLAS, so every dequantized weight is reused by all T
+    tokens and no two thread pools (Numba's and BLAS's) compete for the cores."""
     x = np.ascontiguousarray(x, np.float32)
-    out = np.empty((x.shape[0], lin.out_features), np.float32)
-    tile = max(1, TILE_ELEMENTS // lin.in_features)
-    buf = np.empty((min(tile, lin.out_features), lin.in_features), np.float32)
-    for r0 in range(0, lin.out_features, tile):
-        r1 = min(lin.out_features, r0 + tile)
-        w = lin.dequantize_rows(r0, r1, buf)
-        np.matmul(x, w.T, out=out[:, r0:r1])
+    n, k = lin.out_features, lin.in_features
+    out = np.empty((x.shape[0], n), np.float32)
+    tile = max(1, TILE_ELEMENTS // k)
+    threads = numba.get_num_threads() if n * k >= PARALLEL_MIN_WEIGHTS else 1
+    step = -(-n // threads)
+
+    def work(r0: int) -> None:
+        r1 = min(n, r0 + step)
+        buf = np.empty((min(tile, r1 - r0), k), np.float32)
+        for a in range(r0, r1, tile):
+            b = min(r1, a + tile)
+            w = lin.dequantize_rows_serial(a, b, buf)
+            np.matmul(x, w.T, out=out[:, a:b])
+
+    if threads == 1:
+        work(0)
+    else:
+        list(_pool(threads).map(work, range(0, n, step)))
     return out
 
 
@@ -187,9 +298,10 @@ def nf4_matmul_reference(q: NF4Tensor, x: np.ndarray) -> np.ndarray:
 # float16
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _f16_matvec(w_bits, n_rows, k, x, out):
-    for r in prange(n_rows):
+@njit(cache=True, fastmath=_FM)
+def _f16_dot_rows(w_bits, n_rows, k, x, out):
+    """out[:n_rows] = W @ x for the rows held in ``w_bits`` (float16 bits, row-major)."""
+    for r in range(n_rows):
         acc = np.float32(0.0)
         base = r * k
         for c in range(k):
@@ -198,11 +310,21 @@ def _f16_matvec(w_bits, n_rows, k, x, out):
 
 
 @njit(cache=True, parallel=True)
+def _f16_matvec_parallel(w_bits, n_rows, k, x, out, chunks):
+    step = (n_rows + chunks - 1) // chunks
+    for c in prange(chunks):
+        r0 = c * step
+        r1 = min(n_rows, r0 + step)
+        if r0 < r1:
+            _f16_dot_rows(w_bits[r0 * k:r1 * k], r1 - r0, k, x, out[r0:r1])
+
+
+@njit(cache=True, nogil=True)
 def _f16_rows(w_bits, k, r0, r1, buf):
-    for rr in prange(r1 - r0):
-        base = (r0 + rr) * k
+    src = w_bits[r0 * k:r1 * k]
+    for rr in range(r1 - r0):
         for c in range(k):
-            buf[rr, c] = half_to_float(w_bits[base + c])
+            buf[rr, c] = half_to_float(src[rr * k + c])
 
 
 class F16Linear:
@@ -222,12 +344,20 @@ class F16Linear:
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is None:
             out = np.empty(self.out_features, np.float32)
-        _f16_matvec(self.bits, self.out_features, self.in_features, x, out)
+        x = np.ascontiguousarray(x, np.float32)
+        if self.out_features * self.in_features < PARALLEL_MIN_WEIGHTS:
+            _f16_dot_rows(self.bits, self.out_features, self.in_features, x, out)
+        else:
+            _f16_matvec_parallel(self.bits, self.out_features, self.in_features, x, out, numba.get_num_threads())
         return out
 
     def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
         if buf is None:
             buf = np.empty((r1 - r0, self.in_features), np.float32)
+        _f16_rows(self.bits, self.in_features, r0, r1, buf)
+        return buf[: r1 - r0]
+
+    def dequantize_rows_serial(self, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
         _f16_rows(self.bits, self.in_features, r0, r1, buf)
         return buf[: r1 - r0]
 

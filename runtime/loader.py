@@ -55,7 +55,11 @@ def build_weights(bundle: Bundle) -> Weights:
 
 
 def set_threads(threads: int | None) -> int:
-    """Numba's (and BLAS's) thread count for this process; ``None`` means every core."""
+    """The runtime's thread count for this process; ``None`` means every core.
+
+    Numba runs the parallel kernels with this many threads; BLAS is held to one thread because
+    the prefill splits its products between threads itself (two spinning thread pools on the
+    same cores slow each other down many times over)."""
     import numba
     n = numba.config.NUMBA_NUM_THREADS
     threads = n if threads is None else int(threads)
@@ -65,7 +69,7 @@ def set_threads(threads: int | None) -> int:
     numba.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(threads, user_api="blas")
+        threadpool_limits(1, user_api="blas")
     except ImportError:  # BLAS then uses its own default
         pass
     return threads

@@ -59,3 +59,22 @@ def test_f16_products_equal_reference(n, k, t):
     np.testing.assert_allclose(lin.matvec(x[0]), K.f16_matvec_reference(w, x[0]), atol=_tol(w.astype(np.float32), x))
     np.testing.assert_allclose(lin.matmul(x), ref, atol=_tol(w.astype(np.float32), x))
     assert np.array_equal(lin.rows([0, n - 1]), w[[0, n - 1]].astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", sorted(K.NF4_DOT_VARIANTS))
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
+def test_every_nf4_dot_variant_equals_reference(variant, block):
+    """The portable loop and each SIMD kernel this CPU supports (vpermps lookups on x86-64)."""
+    rng = np.random.default_rng(block)
+    n, k = 37, 4 * block
+    q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=block)
+    lin = K.NF4Linear(q)
+    x = rng.standard_normal(k).astype(np.float32)
+    scales = np.empty(n * k // block, np.float32)
+    K._nf4_block_scales(K.DYNAMIC_CODE, lin.qscale, lin.nested, lin.nshift, lin.offset, 0, scales)
+    np.testing.assert_array_equal(scales, q.absmax())  # the kernels' block scales are exact
+    out = np.empty(n, np.float32)
+    K.NF4_DOT_VARIANTS[variant](K.NF4_CODE, lin.packed, scales, block // 2, n, np.ascontiguousarray(x[0::2]),
+                                np.ascontiguousarray(x[1::2]), out)
+    w = q.dequantize_reference()
+    np.testing.assert_allclose(out, K.nf4_matvec_reference(q, x), rtol=0, atol=_tol(w, x[None]))
