@@ -18,6 +18,14 @@ from pathlib import Path
 from edgelora.errors import OutputError, UsageError
 
 
+def edgelora_home() -> Path:
+    """Where edgelora keeps its caches: ``$EDGELORA_HOME``, else ``$XDG_CACHE_HOME/edgelora``, else
+    ``~/.cache/edgelora``."""
+    base = os.environ.get("EDGELORA_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "edgelora")
+    return Path(base)
+
+
 def _tmp_sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

@@ -14,15 +14,16 @@ as ``edgelora.nf4_code`` (F32[16]) and ``edgelora.dynamic_code`` (F32[256]).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgelora.atomic import sha256_file
+from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.config import ModelArgs, read_json
 from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
-from edgelora.errors import ChecksumError, FormatError, UnsupportedError
+from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
 from edgelora.safetensors_io import SafetensorsFile, bf16_to_float32
 
 FORMAT_NAME = "edgelora-bundle"
@@ -59,7 +60,7 @@ class TensorEntry:
 class Bundle:
     """An opened bundle. Weights are memory-mapped: nothing is read until a tensor is used."""
 
-    def __init__(self, path, verify: bool = True):
+    def __init__(self, path, verify: bool | str = True):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FormatError("not a directory; a bundle is a folder written by `edgelora convert`", self.path)
@@ -69,8 +70,8 @@ class Bundle:
                               f"`edgelora convert SRC -o OUT`)", self.path)
         self.manifest = read_json(mpath)
         self._check_manifest(mpath)
-        if verify:
-            self.verify()
+        if verify:  # True: checksums (cached by file identity); "full": hash every file again
+            self.verify(full=verify == "full")
         self.args = ModelArgs.from_file(self.path / "config.json")
         self.weights = SafetensorsFile(self.path / WEIGHTS)
         self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
@@ -102,17 +103,29 @@ class Bundle:
                     or not isinstance(e.get("shape"), list):
                 raise FormatError(f"manifest entry for tensor {name!r} is malformed", mpath)
 
-    def verify(self) -> None:
-        """Check that every file the manifest lists is present with its size and sha256."""
+    def verify(self, full: bool = False) -> None:
+        """Check that every file the manifest lists is present with its size and sha256.
+
+        A file whose sha256 was already checked and whose identity has not changed since (size,
+        modification and inode-change times, inode, device: the kernel updates the change time on
+        any write, and it cannot be set back) is not hashed again, so reopening a 1 GB bundle costs
+        a ``stat``, not a second of hashing. ``full=True`` hashes every file regardless.
+        """
+        stamps = _VerifiedStamps.load()
         for name, info in self.manifest["files"].items():
             p = self.path / name
             if not p.is_file():
                 raise FormatError("file listed in the manifest is missing", p)
-            if p.stat().st_size != info.get("size"):
-                raise ChecksumError(f"size {p.stat().st_size} differs from the manifest's {info.get('size')}; "
+            st = p.stat()
+            if st.st_size != info.get("size"):
+                raise ChecksumError(f"size {st.st_size} differs from the manifest's {info.get('size')}; "
                                     f"the file is truncated or was modified", p)
+            if not full and stamps.matches(p, st, info.get("sha256")):
+                continue
             if sha256_file(p) != info.get("sha256"):
                 raise ChecksumError("sha256 differs from the manifest; the file is corrupt or was modified", p)
+            stamps.record(p, st, info["sha256"])
+        stamps.save()
 
     @property
     def quantization(self) -> dict:
@@ -154,5 +167,47 @@ class Bundle:
         self.close()
 
 
-def open_bundle(path, verify: bool = True) -> Bundle:
+class _VerifiedStamps:
+    """``edgelora_home()/verified.json``: files whose sha256 matched, with their identity then.
+    Best effort: an unreadable or unwritable cache only means hashing again."""
+
+    LIMIT = 512
+
+    def __init__(self, path: Path, entries: dict):
+        self.path, self.entries, self.dirty = path, entries, False
+
+    @classmethod
+    def load(cls) -> "_VerifiedStamps":
+        path = edgelora_home() / "verified.json"
+        try:
+            entries = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < (1 << 20) else {}
+        except (OSError, ValueError):
+            entries = {}
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    @staticmethod
+    def _identity(st) -> list:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def matches(self, p: Path, st, sha256: str) -> bool:
+        e = self.entries.get(str(p.resolve()))
+        return isinstance(e, dict) and e.get("sha256") == sha256 and e.get("identity") == self._identity(st)
+
+    def record(self, p: Path, st, sha256: str) -> None:
+        self.entries.pop(str(p.resolve()), None)
+        self.entries[str(p.resolve())] = {"sha256": sha256, "identity": self._identity(st)}
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        keep = dict(list(self.entries.items())[-self.LIMIT:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(keep))
+        except (OSError, EdgeLoraError):
+            pass
+
+
+def open_bundle(path, verify: bool | str = True) -> Bundle:
     return Bundle(path, verify=verify)

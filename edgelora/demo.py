@@ -10,13 +10,12 @@ answers a question with it. Later runs reuse both (the bundle is re-verified by 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from importlib import resources
 from pathlib import Path
 
-from edgelora.atomic import atomic_output_dir
+from edgelora.atomic import atomic_output_dir, edgelora_home
 from edgelora.errors import EdgeLoraError, FormatError
 
 DEMO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -24,9 +23,7 @@ DEMO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tok
 
 
 def default_workdir() -> Path:
-    base = os.environ.get("EDGELORA_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "edgelora")
-    return Path(base) / "demo"
+    return edgelora_home() / "demo"
 
 
 def packaged_demo_model() -> Path:

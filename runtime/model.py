@@ -181,6 +181,11 @@ class Model:
         yield from self.stream(ids, max_new_tokens, stop=stop, **sampling)
 
 
-def load(path, threads: int | None = None, max_context: int | None = None, verify: bool = True) -> Model:
-    """Open a bundle (memory-mapped, checksums verified) and make it ready to generate."""
+def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True) -> Model:
+    """Open a bundle (memory-mapped, checksums verified) and make it ready to generate.
+
+    ``verify``: ``True`` checks every file's sha256, skipping files already verified whose
+    identity (size, times, inode) is unchanged; ``"full"`` hashes every file again; ``False``
+    checks only the manifest and sizes of what is read.
+    """
     return Model(Bundle(Path(path), verify=verify), threads=threads, max_context=max_context)

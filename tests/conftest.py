@@ -16,3 +16,15 @@ def stories260k() -> Path:
     if not (SHARED_MODEL / "model.safetensors").is_file():
         pytest.skip(f"real small model not present at {SHARED_MODEL}")
     return SHARED_MODEL
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_edgelora_home(tmp_path_factory):
+    """Caches (verified checksums, the demo) go to a temporary home, never the user's."""
+    old = os.environ.get("EDGELORA_HOME")
+    os.environ["EDGELORA_HOME"] = str(tmp_path_factory.mktemp("edgelora-home"))
+    yield
+    if old is None:
+        os.environ.pop("EDGELORA_HOME", None)
+    else:
+        os.environ["EDGELORA_HOME"] = old

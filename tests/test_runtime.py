@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -105,7 +108,6 @@ def test_bad_inputs(converted):
 
 
 def test_bad_bundles(converted, tmp_path):
-    import shutil
     _, out = converted
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
@@ -131,3 +133,30 @@ def test_bad_bundles(converted, tmp_path):
         edgelora.load(bad)
     with pytest.raises(UnsupportedError, match="hidden_act"):
         edgelora.load(bad, verify=False)
+
+
+def test_verified_files_are_not_hashed_twice_but_changes_are_caught(converted, tmp_path, monkeypatch):
+    from edgelora import bundle as bundle_mod
+    _, out = converted
+    b = tmp_path / "b"
+    shutil.copytree(out, b)
+    calls = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p, *a: calls.append(p.name) or real(p, *a))
+    edgelora.load(b, max_context=8)
+    assert "model.safetensors" in calls
+    calls.clear()
+    edgelora.load(b, max_context=8)
+    assert calls == []  # identity unchanged: a stat, no hashing
+    edgelora.load(b, max_context=8, verify="full")
+    assert "model.safetensors" in calls
+    f = b / "model.safetensors"
+    st = f.stat()
+    with open(f, "r+b") as fh:  # same size, and the modification time put back afterwards
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 0x01]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ChecksumError, match="model.safetensors"):
+        edgelora.load(b, max_context=8)
