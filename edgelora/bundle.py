@@ -22,7 +22,7 @@ import numpy as np
 
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
+from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, SUPPORTED_BLOCK_SIZES, NF4Tensor
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
 from edgelora.safetensors_io import SafetensorsFile, bf16_to_float32
 
@@ -95,6 +95,13 @@ class Bundle:
         for key in ("quantization", "files", "tensors"):
             if not isinstance(m.get(key), dict):
                 raise FormatError(f"manifest field {key!r} missing or not an object", mpath)
+        q = m["quantization"]
+        if q.get("block_size") not in SUPPORTED_BLOCK_SIZES:
+            raise FormatError(f"quantization block_size {q.get('block_size')!r} is not one of {SUPPORTED_BLOCK_SIZES}",
+                              mpath)
+        nb = q.get("nested_block_size", 256)
+        if not isinstance(nb, int) or nb < 1 or nb & (nb - 1):
+            raise FormatError(f"quantization nested_block_size {nb!r} is not a power of two", mpath)
         for name in m["files"]:
             if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST:
                 raise FormatError(f"manifest lists an invalid file name {name!r}", mpath)
