@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgelora.atomic import write_text_atomic
+
 HERE = Path(__file__).resolve().parent
 
 CHILD = r"""
@@ -95,7 +97,7 @@ def main():
               "results": rows}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        write_text_atomic(a.json, json.dumps(report, indent=1))
     print("| model shape | parameters | source (bf16) | bundle weights | bits/weight | time | s per 1B params | peak RSS | of which baseline | peak RSS / source |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

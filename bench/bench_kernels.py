@@ -18,6 +18,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from edgelora.atomic import write_text_atomic
 from edgelora.benchmark import memory_bandwidth
 from edgelora.converters.nf4 import quantize_nf4
 from edgelora.runtime.kernels import NF4Linear
@@ -65,7 +66,7 @@ def main():
     report = {"cpu_count": os.cpu_count(), "weights": weights, "bytes": nbytes, "results": rows}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        write_text_atomic(a.json, json.dumps(report, indent=1))
     print(f"{weights / 1e6:.0f}M NF4 weights ({nbytes / 1e6:.0f} MB), {a.layers} Llama-3.2-1B layers")
     print("| threads | G weights/s | GB/s read | streaming read GB/s | fraction |")
     print("|---|---|---|---|---|")

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgelora.atomic import write_text_atomic
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "models"
 
@@ -114,7 +116,7 @@ def main():
                   f"{o['decode_bound_tokens_per_second']:.1f} | {o['fraction_of_bound']:.0%} |")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        write_text_atomic(a.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

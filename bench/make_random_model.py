@@ -35,6 +35,7 @@ SHAPES = {
 
 
 def make_random_model(out: Path, shape: str, seed: int = 0) -> Path:
+    from edgelora.atomic import atomic_output_dir
     from edgelora.config import ModelArgs
     from edgelora.converters.hf import llama_tensor_map
     from edgelora.safetensors_io import SafetensorsWriter, float32_to_bf16
@@ -43,27 +44,28 @@ def make_random_model(out: Path, shape: str, seed: int = 0) -> Path:
                bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
     args = ModelArgs.from_dict(cfg)
     specs = llama_tensor_map(args)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    writer = SafetensorsWriter(out / "model.safetensors", [(n, "BF16", s.shape) for n, s in specs.items()],
-                               {"format": "pt"})
-    rng = np.random.default_rng(seed)
-    for name, spec in specs.items():
-        rows = spec.shape[0]
-        cols = int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
-        step = max(1, (1 << 22) // cols)
-        offset = 0
-        for r in range(0, rows, step):
-            n = min(step, rows - r) * cols
-            if spec.role == "norm":
-                x = 1.0 + 0.05 * rng.standard_normal(n, dtype=np.float32)
-            else:
-                x = 0.02 * rng.standard_normal(n, dtype=np.float32)
-            bits = float32_to_bf16(x)
-            writer.write(name, bits, offset)
-            offset += bits.nbytes
-    writer.close()
-    write_word_tokenizer(out, args.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out, overwrite=True) as tmp:  # complete or absent, never half-written
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+        writer = SafetensorsWriter(tmp / "model.safetensors", [(n, "BF16", s.shape) for n, s in specs.items()],
+                                   {"format": "pt"})
+        rng = np.random.default_rng(seed)
+        for name, spec in specs.items():
+            rows = spec.shape[0]
+            cols = int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
+            step = max(1, (1 << 22) // cols)
+            offset = 0
+            for r in range(0, rows, step):
+                n = min(step, rows - r) * cols
+                if spec.role == "norm":
+                    x = 1.0 + 0.05 * rng.standard_normal(n, dtype=np.float32)
+                else:
+                    x = 0.02 * rng.standard_normal(n, dtype=np.float32)
+                bits = float32_to_bf16(x)
+                writer.write(name, bits, offset)
+                offset += bits.nbytes
+        writer.close()
+        write_word_tokenizer(tmp, args.vocab_size)
     return out
 
 

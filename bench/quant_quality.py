@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.atomic import write_text_atomic
+
 DEFAULT_TEXT = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
     "One day, she saw a big, red ball. She wanted to play with it, but it was too high. "
@@ -80,7 +82,7 @@ def main():
     rows = measure(a.checkpoint, a.text.read_text() if a.text else DEFAULT_TEXT)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(a.json, json.dumps(rows, indent=1))
     print(f"{a.checkpoint.name}:")
     print("| setting | perplexity | KL(orig‖quant) nats/token | weight bytes | bits/weight |")
     print("|---|---|---|---|---|")
