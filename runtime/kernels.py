@@ -1,14 +1,16 @@
 """Compute kernels of the runtime: NF4 and float16 matrix products straight from the stored bytes.
 
 * ``NF4Linear`` multiplies by a weight kept as packed NF4 codes and double-quantized block
-  scales (``docs/format.md``): the block scale ``dynamic_code[q] * nested + offset`` is formed per
-  block inside the kernel, so no float copy of a weight matrix ever exists. Decode (one token)
-  is a fused dequantize-and-dot over output rows, parallel with Numba's ``prange``. Prefill
-  (many tokens) dequantizes a tile of rows at a time into a small float32 buffer and multiplies
-  it with the whole chunk of tokens through BLAS, so each dequantized tile is reused by every
-  token (the tiling idea of llama.cpp's ``ggml_compute_forward_mul_mat``).
+  scales (``docs/format.md``): the block scales ``dynamic_code[q] * nested + offset`` are formed
+  for the rows at hand, so no float copy of a weight matrix ever exists. Decode (one token) is a
+  fused dequantize-and-dot over output rows (``vpermps`` lookups on x86-64, ``runtime/simd.py``),
+  one slice of rows per thread. Prefill (many tokens) dequantizes a tile of rows at a time into
+  a small float32 buffer and multiplies it with the whole chunk of tokens through BLAS, so each
+  dequantized tile is reused by every token (the tiling idea of llama.cpp's
+  ``ggml_compute_forward_mul_mat``).
 * ``F16Linear`` does the same for float16 matrices (embeddings, output head). Numba has no
-  float16 on CPU, so half floats are widened from their bits (IEEE-754 binary16, subnormals too).
+  float16 on CPU, so half floats are widened by an LLVM ``fpext`` from their bits (exact,
+  subnormals too).
 
 Without double quantization a bundle's float32 block absmaxes are fed to the same kernel as
 ``nested`` with a shift of 0 and codes of 255 (``dynamic_code[255] == 1.0``), so one kernel serves
@@ -185,7 +187,60 @@ def _nf4_dequant_parallel(code, dyn, packed, qscale, nested, nshift, offset, bs,
             _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, a, b, buf[a - r0:b - r0])
 
 
-class NF4Linear:
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="edgelora-prefill")
+    return _POOLS[n]
+
+
+class _StoredLinear:
+    """What NF4 and float16 weights share: ``matmul`` through dequantized tiles. A subclass
+    provides ``matvec`` and ``dequantize_rows_serial`` (one thread, GIL released)."""
+
+    out_features: int
+    in_features: int
+
+    def _parallel(self, n_weights: int) -> bool:
+        return n_weights >= PARALLEL_MIN_WEIGHTS and numba.get_num_threads() > 1
+
+    def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows ``[r0, r1)`` of the weight."""
+        if buf is None:
+            buf = np.empty((r1 - r0, self.in_features), np.float32)
+        return self.dequantize_rows_serial(r0, r1, buf)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x: f32 [T, in] -> f32 [T, out]. The rows are split between the threads; each thread
+        dequantizes a tile of its rows at a time (a GIL-free Numba call) and multiplies the whole
+        chunk of tokens by it with single-threaded BLAS, so every dequantized weight is reused by
+        all T tokens and no two thread pools (Numba's and BLAS's) compete for the cores."""
+        if x.shape[0] == 1:
+            return self.matvec(x[0])[None, :]
+        x = np.ascontiguousarray(x, np.float32)
+        n, k = self.out_features, self.in_features
+        out = np.empty((x.shape[0], n), np.float32)
+        tile = max(1, TILE_ELEMENTS // k)
+        threads = numba.get_num_threads() if self._parallel(n * k) else 1
+        step = -(-n // threads)
+
+        def work(r0: int) -> None:
+            r1 = min(n, r0 + step)
+            buf = np.empty((min(tile, r1 - r0), k), np.float32)
+            for a in range(r0, r1, tile):
+                b = min(r1, a + tile)
+                np.matmul(x, self.dequantize_rows_serial(a, b, buf).T, out=out[:, a:b])
+
+        if threads == 1:
+            work(0)
+        else:
+            list(_pool(threads).map(work, range(0, n, step)))
+        return out
+
+
+class NF4Linear(_StoredLinear):
     """``y = x W^T`` for an NF4 weight ``W [out_features, in_features]``, read in place."""
 
     def __init__(self, q: NF4Tensor):
@@ -200,6 +255,9 @@ class NF4Linear:
         else:
             self.qscale = np.full(q.scales.size, 255, np.uint8)  # DYNAMIC_CODE[255] == 1.0
             self.nested, self.offset, self.nshift = np.asarray(q.scales, np.float32), np.float32(0.0), 0
+        # the leading arguments of every NF4 kernel, built once rather than per call
+        self._kargs = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
+                       self.block_size)
         self.tensor = q
 
     @property
@@ -212,77 +270,30 @@ class NF4Linear:
             out = np.empty(self.out_features, np.float32)
         x = np.ascontiguousarray(x, np.float32)
         xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
-        args = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset, self.block_size)
-        if self.out_features * self.in_features < PARALLEL_MIN_WEIGHTS:
-            _nf4_matvec_rows(*args, self.in_features, 0, self.out_features, x, xe, xo, out)
+        n, k = self.out_features, self.in_features
+        if self._parallel(n * k):
+            _nf4_matvec_parallel(*self._kargs, n, k, x, xe, xo, out, numba.get_num_threads())
         else:
-            _nf4_matvec_parallel(*args, self.out_features, self.in_features, x, xe, xo, out, numba.get_num_threads())
+            _nf4_matvec_rows(*self._kargs, k, 0, n, x, xe, xo, out)
         return out
 
     def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
-        """float32 rows ``[r0, r1)`` of the weight."""
+        """float32 rows ``[r0, r1)`` of the weight, with all threads when there are many."""
         if buf is None:
             buf = np.empty((r1 - r0, self.in_features), np.float32)
-        args = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
-                self.block_size, self.in_features, r0, r1, buf)
-        if (r1 - r0) * self.in_features < PARALLEL_MIN_WEIGHTS:
-            _nf4_dequant_rows(*args)
-        else:
-            _nf4_dequant_parallel(*args, numba.get_num_threads())
+        if not self._parallel((r1 - r0) * self.in_features):
+            return self.dequantize_rows_serial(r0, r1, buf)
+        _nf4_dequant_parallel(*self._kargs, self.in_features, r0, r1, buf, numba.get_num_threads())
         return buf[: r1 - r0]
 
     def dequantize_rows_serial(self, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
-        """Like :meth:`dequantize_rows` on the calling thread only (releases the GIL)."""
-        _nf4_dequant_rows(NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
-                          self.block_size, self.in_features, r0, r1, buf)
+        _nf4_dequant_rows(*self._kargs, self.in_features, r0, r1, buf)
         return buf[: r1 - r0]
-
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        """x: f32 [T, in] -> f32 [T, out], one dequantized tile of rows at a time."""
-        if x.shape[0] == 1:
-            return self.matvec(x[0])[None, :]
-        return _tiled_matmul(self, x)
 
     def rows(self, ids) -> np.ndarray:
         """Embedding lookup: float32 rows for token ids."""
         return np.stack([self.dequantize_rows(int(i), int(i) + 1)[0] for i in ids]) if len(ids) else \
             np.zeros((0, self.in_features), np.float32)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="edgelora-prefill")
-    return _POOLS[n]
-
-
-def _tiled_matmul(lin, x: np.ndarray) -> np.ndarray:
-    """x: f32 [T, in] -> f32 [T, out]. The rows are split between the threads; each thread
-    dequantizes a tile of its rows at a time (a GIL-free Numba call) and multiplies the whole chunk
-    of tokens by it with single-threaded BLAS, so every dequantized weight is reused by all T
-    tokens and no two thread pools (Numba's and BLAS's) compete for the cores."""
-    x = np.ascontiguousarray(x, np.float32)
-    n, k = lin.out_features, lin.in_features
-    out = np.empty((x.shape[0], n), np.float32)
-    tile = max(1, TILE_ELEMENTS // k)
-    threads = numba.get_num_threads() if n * k >= PARALLEL_MIN_WEIGHTS else 1
-    step = -(-n // threads)
-
-    def work(r0: int) -> None:
-        r1 = min(n, r0 + step)
-        buf = np.empty((min(tile, r1 - r0), k), np.float32)
-        for a in range(r0, r1, tile):
-            b = min(r1, a + tile)
-            w = lin.dequantize_rows_serial(a, b, buf)
-            np.matmul(x, w.T, out=out[:, a:b])
-
-    if threads == 1:
-        work(0)
-    else:
-        list(_pool(threads).map(work, range(0, n, step)))
-    return out
 
 
 def nf4_matvec_reference(q: NF4Tensor, x: np.ndarray) -> np.ndarray:
@@ -327,7 +338,7 @@ def _f16_rows(w_bits, k, r0, r1, buf):
             buf[rr, c] = half_to_float(src[rr * k + c])
 
 
-class F16Linear:
+class F16Linear(_StoredLinear):
     """``y = x W^T`` for a float16 weight (stored bits, widened on the fly)."""
 
     def __init__(self, w: np.ndarray):
@@ -345,26 +356,16 @@ class F16Linear:
         if out is None:
             out = np.empty(self.out_features, np.float32)
         x = np.ascontiguousarray(x, np.float32)
-        if self.out_features * self.in_features < PARALLEL_MIN_WEIGHTS:
-            _f16_dot_rows(self.bits, self.out_features, self.in_features, x, out)
+        n, k = self.out_features, self.in_features
+        if self._parallel(n * k):
+            _f16_matvec_parallel(self.bits, n, k, x, out, numba.get_num_threads())
         else:
-            _f16_matvec_parallel(self.bits, self.out_features, self.in_features, x, out, numba.get_num_threads())
+            _f16_dot_rows(self.bits, n, k, x, out)
         return out
-
-    def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
-        if buf is None:
-            buf = np.empty((r1 - r0, self.in_features), np.float32)
-        _f16_rows(self.bits, self.in_features, r0, r1, buf)
-        return buf[: r1 - r0]
 
     def dequantize_rows_serial(self, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
         _f16_rows(self.bits, self.in_features, r0, r1, buf)
         return buf[: r1 - r0]
-
-    def matmul(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] == 1:
-            return self.matvec(x[0])[None, :]
-        return _tiled_matmul(self, x)
 
     def rows(self, ids) -> np.ndarray:
         return self.weight[np.asarray(ids, np.int64)].astype(np.float32)

@@ -32,12 +32,23 @@ def test_nf4_products_equal_reference(n, k, t, block, dq, seed):
     assert np.array_equal(lin.rows(ids), w[ids])
 
 
-def test_tiled_matmul_crosses_tiles(monkeypatch):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_tiled_matmul_crosses_tiles(monkeypatch, threaded):
     monkeypatch.setattr(K, "TILE_ELEMENTS", 3 * 64)  # three rows a tile
+    if threaded:  # every product takes the multi-threaded paths (when this machine has 2+ threads)
+        monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(1)
     q = quantize_nf4((rng.standard_normal((50, 64)) * 0.1).astype(np.float32))
     x = rng.standard_normal((4, 64)).astype(np.float32)
-    np.testing.assert_allclose(K.NF4Linear(q).matmul(x), K.nf4_matmul_reference(q, x), atol=1e-5)
+    lin = K.NF4Linear(q)
+    np.testing.assert_allclose(lin.matmul(x), K.nf4_matmul_reference(q, x), atol=1e-5)
+    np.testing.assert_allclose(lin.matvec(x[0]), K.nf4_matvec_reference(q, x[0]), atol=1e-5)
+    assert np.array_equal(lin.dequantize_rows(0, 50), q.dequantize_reference())
+    w = q.dequantize_reference().astype(np.float16)
+    f = K.F16Linear(w)
+    ref = (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)
+    np.testing.assert_allclose(f.matmul(x), ref, atol=1e-5)
+    np.testing.assert_allclose(f.matvec(x[0]), K.f16_matvec_reference(w, x[0]), atol=1e-5)
 
 
 def test_half_to_float_is_exact_for_every_half():
