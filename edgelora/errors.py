@@ -31,6 +31,10 @@ class ChecksumError(FormatError):
     """A file's sha256 does not match the manifest."""
 
 
+class AdapterMismatchError(FormatError):
+    """A LoRA adapter made for another base model (sizes, layer count, module names, vocabulary)."""
+
+
 class UnsupportedError(EdgeLoraError):
     """Valid input edgelora does not handle (an architecture, a dtype, a newer format version)."""
 

@@ -38,6 +38,16 @@ class DenseLinear:
     def matmul(self, x):
         return x @ self.weight.T
 
+    def matvec_batch(self, X, out=None):
+        """X [B, in] -> [B, out], each row exactly ``matvec`` of that row."""
+        out = np.empty((X.shape[0], self.out_features), np.float32) if out is None else out
+        for b in range(X.shape[0]):
+            np.dot(self.weight, np.ascontiguousarray(X[b]), out=out[b])
+        return out
+
+    def dequantize_rows(self, r0, r1, buf=None):
+        return self.weight[r0:r1]
+
     def rows(self, ids):
         return self.weight[np.asarray(ids, np.int64)]
 
@@ -128,12 +138,31 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x << 0 gives x / inf = -0, the right limit
+        return x / (np.float32(1.0) + np.exp(-x))
 
 
-def linear(layer, x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    y = layer.matvec(x[0])[None, :] if x.shape[0] == 1 else layer.matmul(x)  # [T, out]
+def linear(layer, x: np.ndarray, bias: np.ndarray | None = None, lora=None, module: str = "") -> np.ndarray:
+    """``x W^T + b``, with the LoRA deltas (and replaced modules) of selection ``lora`` for ``module``."""
+    replaced = lora is not None and module in lora.replaced and not lora.replaced[module][0]
+    y = None if replaced else layer.matvec(x[0])[None, :] if x.shape[0] == 1 else layer.matmul(x)  # [T, out]
+    if lora is not None:
+        return lora.linear(module, layer, x, y, bias)  # y + sum_i c_i B_i (A_i x) + b
     return y if bias is None else y + bias
+
+
+def linear_batch(layer, x: np.ndarray, biases: list, loras: list, module: str) -> np.ndarray:
+    """One decode step of B sequences: the base product once for all rows (each row the same bits
+    as ``linear`` of that row alone), then each sequence's own adapter on its row."""
+    y = layer.matvec_batch(x)  # [B, out]
+    for b, lora in enumerate(loras):
+        if lora.members and module in lora.replaced:
+            y[b] = linear(layer, x[b:b + 1], biases[b], lora, module)[0]
+        elif lora.members:
+            y[b] = lora.linear(module, layer, x[b:b + 1], y[b:b + 1], biases[b])[0]
+        elif biases[b] is not None:
+            y[b] += biases[b]
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +187,10 @@ class KVCache:
         self.length = 0
 
 
+PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
 class LlamaModel:
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):
         self.args = args
@@ -165,35 +198,88 @@ class LlamaModel:
         self.max_context = max_context
         self.cos, self.sin = rope_tables(rope_inv_freq(args), max_context)
         self.window = args.sliding_window if args.model_type == "mistral" else None
+        # module names as Hugging Face/PEFT spell them: the keys adapters are looked up by
+        self.names = [{k: f"model.layers.{i}.{v}" for k, v in PROJECTIONS.items()}
+                      for i in range(args.num_hidden_layers)]
+        self._modules = {n: (i, k) for i, d in enumerate(self.names) for k, n in d.items()}
+
+    def module(self, name: str):
+        """The linear-layer object of a module name (``lm_head``, ``model.layers.0.mlp.up_proj``)."""
+        if name == "lm_head":
+            return self.w.head
+        i, k = self._modules[name]
+        return getattr(self.w.layers[i], k)
+
+    def base_bias(self, name: str) -> np.ndarray | None:
+        i, k = self._modules[name]
+        return self.w.layers[i].biases.get(k)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args, self.max_context)
 
-    def block(self, i: int, x: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
-        a, L = self.args, self.w.layers[i]
+    def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora=None) -> np.ndarray:
+        a, L, n = self.args, self.w.layers[i], self.names[i]
         T = x.shape[0]
         b = L.biases
+
+        def proj(k, inp):  # the projection k of this layer, with the adapters' deltas
+            return linear(getattr(L, k), inp, b.get(k), lora, n[k])
+
         h = rmsnorm(x, L.attn_norm, a.rms_norm_eps)  # [T, H]
-        q = linear(L.q, h, b.get("q")).reshape(T, a.num_attention_heads, a.head_dim)  # [T, nh, hd]
-        k = linear(L.k, h, b.get("k")).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
-        v = linear(L.v, h, b.get("v")).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
+        q = proj("q", h).reshape(T, a.num_attention_heads, a.head_dim)  # [T, nh, hd]
+        k = proj("k", h).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
+        v = proj("v", h).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
+        ctx = self.attend(i, q, k, v, cache, start)  # [T, nh*hd]
+        x = x + proj("o", ctx)  # [T, H]
+        h = rmsnorm(x, L.mlp_norm, a.rms_norm_eps)  # [T, H]
+        g = silu(proj("gate", h)) * proj("up", h)  # [T, I]
+        return x + proj("down", g)  # [T, H]
+
+    def attend(self, i: int, q, k, v, cache: KVCache, start: int) -> np.ndarray:
+        """Store this step's keys and values in the cache; attend over everything cached so far."""
+        T = q.shape[0]
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # [T, hd]
         cache.k[i, start:start + T] = rope(k, cos, sin)
         cache.v[i, start:start + T] = v
         q = rope(q, cos, sin)
-        ctx = attention(q, cache.k[i, :start + T], cache.v[i, :start + T],
-                        np.arange(start, start + T), self.window)  # [T, nh*hd]
-        x = x + linear(L.o, ctx, b.get("o"))  # [T, H]
-        h = rmsnorm(x, L.mlp_norm, a.rms_norm_eps)  # [T, H]
-        g = silu(linear(L.gate, h, b.get("gate"))) * linear(L.up, h, b.get("up"))  # [T, I]
-        return x + linear(L.down, g, b.get("down"))  # [T, H]
+        return attention(q, cache.k[i, :start + T], cache.v[i, :start + T],
+                         np.arange(start, start + T), self.window)  # [T, nh*hd]
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run ``tokens`` after the cache's contents; logits of the last (or every) position."""
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False, lora=None) -> np.ndarray:
+        """Run ``tokens`` after the cache's contents; logits of the last (or every) position.
+        ``lora``: the adapter :class:`~edgelora.runtime.lora.Selection` to run with (None: base)."""
         start = cache.length
-        x = self.w.embed.rows(tokens).astype(np.float32)  # [T, H]
+        x = self.w.embed.rows(tokens).astype(np.float32) if lora is None else lora.embed(self.w.embed, tokens)  # [T, H]
         for i in range(self.args.num_hidden_layers):
-            x = self.block(i, x, cache, start)
+            x = self.block(i, x, cache, start, lora)
         cache.length = start + len(tokens)
         x = rmsnorm(x if all_logits else x[-1:], self.w.norm, self.args.rms_norm_eps)  # [T or 1, H]
-        return linear(self.w.head, x)  # [T or 1, V]
+        return linear(self.w.head, x, None, lora, "lm_head")  # [T or 1, V]
+
+    def forward_batch(self, tokens: np.ndarray, caches: list, loras: list) -> np.ndarray:
+        """One decode step for B sequences, each with its own cache and adapter selection: every
+        base product is computed once for the batch. Row b equals ``forward(tokens[b:b+1],
+        caches[b], lora=loras[b])`` bit for bit."""
+        a, B = self.args, len(tokens)
+        x = np.concatenate([lo.embed(self.w.embed, tokens[b:b + 1]) for b, lo in enumerate(loras)])  # [B, H]
+        for i in range(a.num_hidden_layers):
+            L, n = self.w.layers[i], self.names[i]
+
+            def proj(k, inp):
+                return linear_batch(getattr(L, k), inp, [lo.bias(n[k], L.biases.get(k)) for lo in loras],
+                                    loras, n[k])
+
+            h = rmsnorm(x, L.attn_norm, a.rms_norm_eps)  # [B, H]
+            q = proj("q", h).reshape(B, 1, a.num_attention_heads, a.head_dim)  # [B, 1, nh, hd]
+            k = proj("k", h).reshape(B, 1, a.num_key_value_heads, a.head_dim)  # [B, 1, nkv, hd]
+            v = proj("v", h).reshape(B, 1, a.num_key_value_heads, a.head_dim)  # [B, 1, nkv, hd]
+            ctx = np.concatenate([self.attend(i, q[b], k[b], v[b], c, c.length)
+                                  for b, c in enumerate(caches)])  # [B, nh*hd]
+            x = x + proj("o", ctx)  # [B, H]
+            h = rmsnorm(x, L.mlp_norm, a.rms_norm_eps)  # [B, H]
+            g = silu(proj("gate", h)) * proj("up", h)  # [B, I]
+            x = x + proj("down", g)  # [B, H]
+        for c in caches:
+            c.length += 1
+        x = rmsnorm(x, self.w.norm, a.rms_norm_eps)  # [B, H]
+        return linear_batch(self.w.head, x, [None] * B, loras, "lm_head")  # [B, V]

@@ -8,7 +8,9 @@ a UTF-8 character), and stop strings end generation without leaking into the tex
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +19,40 @@ import numpy as np
 from edgelora.bundle import Bundle
 from edgelora.errors import UsageError
 from edgelora.runtime.loader import build_model, set_threads
+from edgelora.runtime.lora import BASE, AdapterSet, Selection
 
 PREFILL_CHUNK = 256
+CURRENT = object()  # ``adapter=`` not given: use the model's current selection
+
+
+class _TextOut:
+    """Turns generated token ids into text pieces: complete UTF-8 only, stop strings cut off and
+    never shown, text that might begin a stop string held back until it is known not to."""
+
+    def __init__(self, tokenizer, stops):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = stops
+        self.held = ""
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        self.held += self.decoder.push(tok)
+        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            emit, self.held, self.stopped = self.held[:cut], "", True
+            return emit
+        if len(self.held) > self.hold:
+            n = len(self.held) - self.hold
+            emit, self.held = self.held[:n], self.held[n:]
+            return emit
+        return ""
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        emit, self.held = self.held + self.decoder.flush(), ""
+        return emit
 
 
 @dataclass
@@ -31,6 +65,7 @@ class GenerationStats:
     prompt_ids: list = field(default_factory=list)
     generated_ids: list = field(default_factory=list)
     stop_reason: str = ""
+    adapter: str = "base"  # the adapter selection the generation ran with
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -47,7 +82,8 @@ class GenerationStats:
                 "time_to_first_token": self.time_to_first_token,
                 "prefill_tokens_per_second": self.prefill_tokens_per_second,
                 "decode_tokens_per_second": self.decode_tokens_per_second,
-                "prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "stop_reason": self.stop_reason}
+                "prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "stop_reason": self.stop_reason,
+                "adapter": self.adapter}
 
 
 class Model:
@@ -63,7 +99,58 @@ class Model:
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
-        self.last_stats = GenerationStats()
+        self._local = threading.local()  # statistics of the last generation, per thread
+        self.adapters = AdapterSet(self)
+        self.selection: Selection = BASE  # what generations use unless given ``adapter=``
+        self._step = threading.Lock()  # one forward step at a time (kernels share thread pools)
+
+    @property
+    def last_stats(self) -> GenerationStats:
+        """Statistics of this thread's last generation."""
+        return getattr(self._local, "stats", None) or GenerationStats()
+
+    @last_stats.setter
+    def last_stats(self, stats: GenerationStats) -> None:
+        self._local.stats = stats
+
+    @property
+    def last_batch_stats(self) -> list:
+        """Per-sequence statistics of this thread's last ``generate_batch``."""
+        return getattr(self._local, "batch", [])
+
+    @last_batch_stats.setter
+    def last_batch_stats(self, stats: list) -> None:
+        self._local.batch = stats
+
+    # --- adapters --------------------------------------------------------------------------
+    def use(self, adapter) -> Selection:
+        """Make ``adapter`` the current selection: a resident adapter's name, ``None`` for the plain
+        base, or ``{"a": 0.7, "b": 0.3}`` for an exact weighted mix. Copies no weights.
+        Generations already running keep the selection they started with."""
+        self.selection = self.adapters.select(adapter)
+        return self.selection
+
+    @contextmanager
+    def using(self, adapter):
+        """``with model.using("a"): ...`` uses ``adapter`` inside the block, then what was before."""
+        before = self.selection
+        self.use(adapter)
+        try:
+            yield self.selection
+        finally:
+            self.selection = before
+
+    @property
+    def active_adapter(self) -> str:
+        """The current selection as text: ``base``, a name, or ``a=0.7,b=0.3``."""
+        return self.selection.label
+
+    def _pin(self, adapter) -> Selection:
+        return self.selection if adapter is CURRENT else self.adapters.select(adapter)
+
+    def _forward(self, ids, cache, all_logits=False, lora=BASE):
+        with self._step:
+            return self.net.forward(ids, cache, all_logits=all_logits, lora=lora)
 
     # --- sizes -----------------------------------------------------------------------------
     @property
@@ -88,50 +175,59 @@ class Model:
                              f"max_context (model limit {self.args.max_position_embeddings}) or shorten the prompt")
         return ids.astype(np.int64)
 
-    def _prefill(self, ids: np.ndarray, cache, all_logits: bool) -> np.ndarray:
+    def _prefill(self, ids: np.ndarray, cache, all_logits: bool, lora: Selection = BASE) -> np.ndarray:
         outs = []
         for s in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[s:s + PREFILL_CHUNK]
             last = s + PREFILL_CHUNK >= len(ids)
             if all_logits or last:
-                outs.append(self.net.forward(chunk, cache, all_logits=all_logits))
+                outs.append(self._forward(chunk, cache, all_logits, lora))
             else:
-                self.net.forward(chunk, cache, all_logits=False)
+                self._forward(chunk, cache, False, lora)
         return np.concatenate(outs) if all_logits else outs[-1][-1]
 
-    def logits(self, token_ids) -> np.ndarray:
+    def logits(self, token_ids, adapter=CURRENT) -> np.ndarray:
         """float32 ``[T, vocab]``: the next-token logits after each of ``token_ids``."""
         ids = self._check_ids(token_ids)
-        return self._prefill(ids, self.net.new_cache(), all_logits=True)
+        return self._prefill(ids, self.net.new_cache(), True, self._pin(adapter))
 
     # --- generation ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def stream(self, prompt, max_new_tokens: int = 256, stop=None, **sampling):
-        """Yield text pieces as they are generated. ``prompt`` is text or a list of token ids.
-
-        Sampling options: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
-        """
-        from edgelora.runtime.sampling import Sampler, SamplingParams
-        params = SamplingParams.from_kwargs(**sampling)
+    def _stops(self, stop, max_new_tokens) -> list:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise UsageError("stop must be a non-empty string or a list of them")
-        ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
-        stats = GenerationStats(prompt_tokens=len(ids), prompt_ids=[int(i) for i in ids])
+        return stops
+
+    def _prompt_ids(self, prompt) -> np.ndarray:
+        return self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+
+    def stream(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling):
+        """Yield text pieces as they are generated. ``prompt`` is text or a list of token ids.
+
+        ``adapter``: a resident adapter's name, ``None`` (the base) or a ``{name: weight}`` mix for
+        this call; by default the model's current selection. The selection is pinned when the
+        generation starts: switching adapters meanwhile does not affect it.
+        Sampling options: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
+        """
+        from edgelora.runtime.sampling import Sampler, SamplingParams
+        params = SamplingParams.from_kwargs(**sampling)
+        stops = self._stops(stop, max_new_tokens)
+        lora = self._pin(adapter)
+        ids = self._prompt_ids(prompt)
+        stats = GenerationStats(prompt_tokens=len(ids), prompt_ids=[int(i) for i in ids], adapter=lora.label)
         self.last_stats = stats
         sampler = Sampler(params)
         cache = self.net.new_cache()
         t0 = time.perf_counter()
-        logits = self._prefill(ids, cache, all_logits=False)
+        logits = self._prefill(ids, cache, False, lora)
         stats.prefill_seconds = time.perf_counter() - t0
         history = [int(i) for i in ids]
-        decoder = self.tokenizer.stream_decoder()
-        held = ""  # text withheld because it might begin a stop string
-        hold = max((len(s) for s in stops), default=1) - 1
+        text = _TextOut(self.tokenizer, stops)
         t1 = time.perf_counter()
         stats.stop_reason = "length"
         for step in range(max_new_tokens):
@@ -144,41 +240,114 @@ class Model:
             history.append(tok)
             stats.generated_ids.append(tok)
             stats.generated_tokens += 1
-            held += decoder.push(tok)
-            cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut:
-                    yield held[:cut]
-                held = ""
+            piece = text.push(tok)
+            if piece:
+                yield piece
+            if text.stopped:
                 stats.stop_reason = "stop"
                 break
-            if len(held) > hold:
-                emit, held = (held[:len(held) - hold], held[len(held) - hold:]) if hold else (held, "")
-                yield emit
             if step + 1 == max_new_tokens:
                 break
             if cache.length >= self.max_context:
                 stats.stop_reason = "context"
                 break
-            logits = self.net.forward(np.array([tok]), cache)[-1]
+            logits = self._forward(np.array([tok]), cache, False, lora)[-1]
         stats.decode_seconds = time.perf_counter() - t1
-        if stats.stop_reason != "stop":
-            held += decoder.flush()
-            if held:
-                yield held
+        rest = text.flush()
+        if rest:
+            yield rest
 
-    def generate(self, prompt, max_new_tokens: int = 256, stop=None, **sampling) -> str:
+    def generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling) -> str:
         """The generated text (without the prompt)."""
-        return "".join(self.stream(prompt, max_new_tokens, stop=stop, **sampling))
+        return "".join(self.stream(prompt, max_new_tokens, stop=stop, adapter=adapter, **sampling))
 
-    def chat(self, messages, max_new_tokens: int = 256, stop=None, **sampling) -> str:
+    def chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling) -> str:
         """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the chat template."""
-        return "".join(self.stream_chat(messages, max_new_tokens, stop=stop, **sampling))
+        return "".join(self.stream_chat(messages, max_new_tokens, stop=stop, adapter=adapter, **sampling))
 
-    def stream_chat(self, messages, max_new_tokens: int = 256, stop=None, **sampling):
+    def stream_chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling):
+        yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter, **sampling)
+
+    def chat_ids(self, messages) -> list[int]:
+        """The token ids of a conversation rendered by the chat template, ready for the answer."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        yield from self.stream(ids, max_new_tokens, stop=stop, **sampling)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def generate_batch(self, prompts, adapters=CURRENT, max_new_tokens: int = 256, stop=None,
+                       **sampling) -> list[str]:
+        """Generate for several prompts together, each with its own adapter.
+
+        ``adapters``: one entry per prompt (a name, ``None`` for the base, or a ``{name: weight}``
+        mix), or one value for all; by default the current selection. Each prompt is prefilled on
+        its own, then all sequences decode together: every base product is computed once per step
+        for the whole batch, and each sequence adds its own adapter's deltas. Every sequence's
+        tokens are exactly those of generating it alone. Per-sequence statistics are in
+        ``last_batch_stats``.
+        """
+        from edgelora.runtime.sampling import Sampler, SamplingParams
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise UsageError("prompts must be a non-empty list of texts or token-id lists")
+        params = SamplingParams.from_kwargs(**sampling)
+        stops = self._stops(stop, max_new_tokens)
+        if isinstance(adapters, (list, tuple)):
+            if len(adapters) != len(prompts):
+                raise UsageError(f"{len(adapters)} adapters for {len(prompts)} prompts; give one per prompt")
+            loras = [self._pin(a) for a in adapters]
+        else:
+            loras = [self._pin(adapters)] * len(prompts)
+        ids = [self._prompt_ids(p) for p in prompts]
+        n = len(prompts)
+        stats = [GenerationStats(prompt_tokens=len(i), prompt_ids=[int(t) for t in i], adapter=lo.label)
+                 for i, lo in zip(ids, loras)]
+        self.last_batch_stats = stats
+        samplers = [Sampler(params) for _ in range(n)]
+        caches = [self.net.new_cache() for _ in range(n)]
+        texts = [_TextOut(self.tokenizer, stops) for _ in range(n)]
+        outs = [[] for _ in range(n)]
+        histories = [[int(t) for t in i] for i in ids]
+        t0 = time.perf_counter()
+        logits = []
+        for b in range(n):
+            t = time.perf_counter()
+            logits.append(self._prefill(ids[b], caches[b], False, loras[b]))
+            stats[b].prefill_seconds = time.perf_counter() - t
+        t1 = time.perf_counter()
+        active = list(range(n))
+        for s in stats:
+            s.stop_reason = "length"
+        for step in range(max_new_tokens):
+            feed = []
+            for b in active:
+                tok = samplers[b].sample(logits[b], histories[b])
+                if step == 0:
+                    stats[b].time_to_first_token = time.perf_counter() - t0
+                if tok in self.eos_ids:
+                    stats[b].stop_reason = "eos"
+                    continue
+                histories[b].append(tok)
+                stats[b].generated_ids.append(tok)
+                stats[b].generated_tokens += 1
+                outs[b].append(texts[b].push(tok))
+                if texts[b].stopped:
+                    stats[b].stop_reason = "stop"
+                elif step + 1 < max_new_tokens:
+                    if caches[b].length >= self.max_context:
+                        stats[b].stop_reason = "context"
+                    else:
+                        feed.append((b, tok))
+            active = [b for b, _ in feed]
+            if not active:
+                break
+            with self._step:
+                out = self.net.forward_batch(np.array([t for _, t in feed]), [caches[b] for b in active],
+                                             [loras[b] for b in active])
+            for row, b in enumerate(active):
+                logits[b] = out[row]
+        elapsed = time.perf_counter() - t1
+        for b in range(n):
+            stats[b].decode_seconds = elapsed
+            outs[b].append(texts[b].flush())
+        return ["".join(o) for o in outs]
 
 
 def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True) -> Model:

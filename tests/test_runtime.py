@@ -11,30 +11,12 @@ import pytest
 import edgelora
 from edgelora.bundle import Bundle
 from edgelora.errors import ChecksumError, FormatError, UnsupportedError, UsageError
-from tiny_models import make_checkpoint
+from tiny_models import hf_dequantized, hf_greedy, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ARCHS = ["llama3", "llama_untied", "mistral", "qwen2"]
-
-
-def hf_dequantized(bundle_path, ckpt):
-    """transformers' model with every weight replaced by the bundle's (dequantized) tensor."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    state = model.state_dict()
-    with Bundle(bundle_path) as b:
-        for name in b.names():
-            state[name].copy_(torch.from_numpy(b.tensor(name)))
-    return model.eval()
-
-
-def hf_greedy(model, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="module", params=ARCHS)

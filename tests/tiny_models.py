@@ -58,3 +58,47 @@ def make_checkpoint(folder: Path, name: str, dtype: str = "float32", shard: bool
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="60KB" if shard else "5GB")
     write_tokenizer(folder, config.vocab_size)
     return folder
+
+
+def make_adapter(ckpt: Path, out: Path, seed: int = 0, **lora) -> Path:
+    """A PEFT LoRA adapter for the tiny checkpoint at ``ckpt``, saved by PEFT itself.
+
+    ``lora`` are ``peft.LoraConfig`` options. Every trained tensor is made non-trivial (PEFT starts
+    ``B`` at zero and saved modules as copies of the base), so that applying it is really tested."""
+    import peft
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    config = peft.LoraConfig(init_lora_weights=False, **lora)
+    pm = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad and ("lora_" in n or "modules_to_save" in n or n.endswith("bias")):
+                scale = 0.5 if "lora_B" in n or "lora_A" in n else 0.05
+                p.add_(torch.randn_like(p) * scale)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pm.save_pretrained(out)
+    return out
+
+
+def hf_dequantized(bundle_path, ckpt):
+    """transformers' model with every weight replaced by the bundle's (dequantized) tensor."""
+    import torch
+    import transformers
+    from edgelora.bundle import Bundle
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    state = model.state_dict()
+    with Bundle(bundle_path) as b:
+        for name in b.names():
+            state[name].copy_(torch.from_numpy(b.tensor(name)))
+    return model.eval()
+
+
+def hf_greedy(model, ids, n):
+    import torch
+    ids = list(ids)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()

@@ -1,0 +1,464 @@
+"""LoRA adapters as PEFT saves them: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+An adapter is data keyed by the base model's module names (``model.layers.3.mlp.up_proj``): for
+each targeted linear ``W [out, in]`` a pair ``A [r, in]``, ``B [out, r]`` and a scale, so that the
+adapted layer computes ``y = W x + scale * B (A x)`` (Hu et al. 2021, "LoRA"). Nothing here
+touches a base weight; the runtime applies the pairs at the matmul (``runtime/lora.py``).
+
+Which modules an adapter targets is decided from its config the way PEFT decides it
+(``peft/tuners/tuners_utils.py::check_target_module_exists``, ``peft/utils/other.py``): a list of
+names matches a module by equality or as a dotted suffix, a string is a full regular expression,
+``all-linear`` is every linear layer except the output head, ``exclude_modules`` and
+``modules_to_save`` are excluded, ``layers_to_transform``/``layers_pattern`` pick layer indices.
+``rank_pattern``/``alpha_pattern`` override ``r``/``lora_alpha`` for the first pattern matching a
+module's name as a dotted suffix; ``use_rslora`` scales by ``alpha / sqrt(r)`` instead of
+``alpha / r`` (Kalajdzievski 2023). The targets found must be exactly the tensors in the file,
+with the shapes the base implies: anything else is refused, naming the first mismatch, because
+an adapter trained for another base would otherwise run and produce garbage.
+
+Also read: ``bias="all"``/``"lora_only"`` (trained base biases, which replace the base's),
+``lora_bias`` (a bias on ``B``), ``modules_to_save`` for the output head and the embeddings (full
+replacement matrices), and DoRA (``use_dora``, Liu et al. 2024: a per-output magnitude vector;
+the runtime divides it by the column norms of the dequantized base plus the LoRA product once at
+load). LoRA on the embedding layer itself, and the PEFT options that change the model's structure
+(``layer_replication``, ``trainable_token_indices``, ``target_parameters``, aLoRA), are refused.
+Pickle files (``adapter_model.bin``) are never unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from edgelora.config import ModelArgs, read_json
+from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError
+from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+EMBED = "model.embed_tokens"
+HEAD = "lm_head"
+# modules_to_save this runtime can hold as full replacement matrices
+SAVEABLE = (EMBED, HEAD)
+# PEFT options that change the model's structure: a value other than these defaults is refused
+REFUSED_OPTIONS = ("layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+                   "use_qalora", "fan_in_fan_out")
+
+
+@dataclass
+class LoraConfig:
+    """``adapter_config.json`` with PEFT's own field names; unknown keys are ignored."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    use_rslora: bool = False
+    target_modules: object = None  # list of names, a regex string, or "all-linear"
+    exclude_modules: object = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    layers_to_transform: object = None  # int or list of ints
+    layers_pattern: object = None  # str or list of str
+    bias: str = "none"
+    lora_bias: bool = False
+    use_dora: bool = False
+    modules_to_save: object = None
+    peft_type: str = "LORA"
+    task_type: object = None
+    base_model_name_or_path: object = None
+    peft_version: object = None
+
+    @classmethod
+    def from_dict(cls, d: dict, path=None) -> "LoraConfig":
+        peft_type = d.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise UnsupportedError(f"peft_type {peft_type!r} is not supported; edgelora runs LoRA adapters "
+                                   f"(peft_type 'LORA')", path)
+        for key in REFUSED_OPTIONS:
+            if d.get(key) not in (None, False, [], {}):
+                raise UnsupportedError(f"adapter option {key}={d[key]!r} is not supported by edgelora; "
+                                       f"train without it or merge the adapter with PEFT first", path)
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: d[k] for k in names if k in d})
+        cfg.rank_pattern = cfg.rank_pattern or {}
+        cfg.alpha_pattern = cfg.alpha_pattern or {}
+        cfg.bias = cfg.bias or "none"
+        cfg.validate(path)
+        return cfg
+
+    def validate(self, path=None) -> None:
+        def bad(msg):
+            raise FormatError(f"adapter_config.json: {msg}", path)
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            bad(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            bad(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pat = getattr(self, name)
+            if not isinstance(pat, dict):
+                bad(f"{name} must be an object, got {pat!r}")
+            for k, v in pat.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or (name == "rank_pattern" and
+                                                                             (not isinstance(v, int) or v < 1)):
+                    bad(f"{name}[{k!r}] = {v!r} is not a valid {'rank' if name == 'rank_pattern' else 'alpha'}")
+                _compile(k, f"{name} key", path)
+        if self.bias not in ("none", "all", "lora_only"):
+            bad(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        t = self.target_modules
+        if t is None:
+            bad("target_modules is missing")
+        if isinstance(t, str):
+            if t.lower() != "all-linear":
+                _compile(t, "target_modules", path)
+        elif not isinstance(t, list) or not all(isinstance(x, str) for x in t) or not t:
+            bad(f"target_modules must be a non-empty list of names, a regex string or 'all-linear', got {t!r}")
+        lt = self.layers_to_transform
+        if isinstance(t, str) and lt not in (None, []):
+            bad("layers_to_transform cannot be used with a regex or 'all-linear' target_modules (PEFT refuses "
+                "this too); put the layer numbers in the regex")
+        if lt is not None and not (isinstance(lt, int) or (isinstance(lt, list) and all(isinstance(i, int) for i in lt))):
+            bad(f"layers_to_transform must be an integer or a list of them, got {lt!r}")
+        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list)
+                                                 or not all(isinstance(m, str) for m in self.modules_to_save)):
+            bad(f"modules_to_save must be a list of names, got {self.modules_to_save!r}")
+        if isinstance(self.exclude_modules, str):
+            _compile(self.exclude_modules, "exclude_modules", path)
+        if self.use_dora and self.lora_bias:
+            bad("use_dora and lora_bias cannot be combined (PEFT refuses this too)")
+
+    # --- which modules, which rank ---------------------------------------------------------
+    def is_excluded(self, key: str) -> bool:
+        ex = self.exclude_modules
+        if ex:
+            if isinstance(ex, str):
+                if re.fullmatch(ex, key):
+                    return True
+            elif key in ex or any(key.endswith("." + e) for e in ex):
+                return True
+        return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in (self.modules_to_save or []))
+
+    def is_target(self, key: str, linear_modules) -> bool:
+        """PEFT's rule for whether module ``key`` gets a LoRA pair."""
+        if self.is_excluded(key):
+            return False
+        t = self.target_modules
+        if isinstance(t, str):
+            if t.lower() == "all-linear":
+                return key in linear_modules and key != HEAD
+            return re.fullmatch(t, key) is not None
+        if key in t:
+            return True
+        if not any(key.endswith("." + x) for x in t):
+            return False
+        lt = self.layers_to_transform
+        if lt is None or lt == []:
+            return True
+        patterns = self.layers_pattern
+        if not patterns:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            m = None
+            for p in [patterns] if isinstance(patterns, str) else patterns:
+                m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+                if m:
+                    break
+        if m is None:
+            return False
+        idx = int(m.group("idx"))
+        return idx == lt if isinstance(lt, int) else idx in lt
+
+    def rank_alpha(self, key: str) -> tuple[int, float]:
+        return (_pattern_value(self.rank_pattern, key, self.r),
+                float(_pattern_value(self.alpha_pattern, key, self.lora_alpha)))
+
+    def scale(self, key: str) -> float:
+        r, alpha = self.rank_alpha(key)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _compile(pattern: str, what: str, path):
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise FormatError(f"adapter_config.json: {what} {pattern!r} is not a valid regular expression ({e})",
+                          path) from None
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    for pat, value in patterns.items():
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+# ---------------------------------------------------------------------------------------------
+# the base model's modules, as PEFT names them
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BaseModules:
+    """What an adapter is checked against: the base's linear modules with ``(out, in)`` shapes,
+    the modules that carry a bias, the vocabulary and the hidden size."""
+
+    linear: dict  # module name -> (out, in); includes "lm_head" even when tied
+    biases: dict  # module name -> out
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+
+    @classmethod
+    def from_args(cls, args: ModelArgs) -> "BaseModules":
+        from edgelora.converters.hf import llama_tensor_map
+        linear, biases = {}, {}
+        for name, spec in llama_tensor_map(args).items():
+            module = name.rsplit(".", 1)[0]
+            if spec.role == "linear":
+                linear[module] = tuple(spec.shape)
+            elif spec.role == "bias":
+                biases[module] = spec.shape[0]
+        linear[HEAD] = (args.vocab_size, args.hidden_size)
+        return cls(linear, biases, args.vocab_size, args.hidden_size, args.num_hidden_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LoraPair:
+    """One targeted linear: ``delta(x) = scale * (B (A x) + bias)``; DoRA adds ``magnitude``."""
+
+    A: np.ndarray  # [r, in] float32
+    B: np.ndarray  # [out, r] float32
+    scale: float
+    bias: np.ndarray | None = None  # [out] (lora_bias)
+    magnitude: np.ndarray | None = None  # [out] (DoRA)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.A, self.B, self.bias, self.magnitude) if a is not None)
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter read into memory, checked against a base model."""
+
+    path: Path
+    config: LoraConfig
+    pairs: dict  # module name -> LoraPair
+    biases: dict  # module name -> float32 [out]: trained base biases (bias="all"/"lora_only")
+    saved: dict  # "lm_head" / "model.embed_tokens" -> [V, H] float16 or float32 replacement
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(p.nbytes for p in self.pairs.values()) + sum(b.nbytes for b in self.biases.values())
+                + sum(s.nbytes for s in self.saved.values()))
+
+    @property
+    def is_dora(self) -> bool:
+        return self.config.use_dora
+
+    def summary(self) -> dict:
+        ranks = sorted({p.rank for p in self.pairs.values()})
+        kinds = sorted({m.rsplit(".", 1)[-1] for m in self.pairs})
+        return {"path": str(self.path), "peft_type": "LORA", "ranks": ranks, "r": self.config.r,
+                "lora_alpha": self.config.lora_alpha, "use_rslora": self.config.use_rslora,
+                "use_dora": self.config.use_dora, "bias": self.config.bias, "lora_bias": self.config.lora_bias,
+                "target_modules": self.config.target_modules, "targets": kinds, "modules": len(self.pairs),
+                "modules_to_save": sorted(self.saved), "trained_biases": len(self.biases),
+                "parameters": int(sum(p.A.size + p.B.size for p in self.pairs.values())),
+                "bytes": self.nbytes, "base_model_name_or_path": self.config.base_model_name_or_path}
+
+
+def adapter_files(path) -> tuple[Path, Path]:
+    """The config and weights files of an adapter folder; pickle-only adapters are refused."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FormatError("not an adapter folder (expected a directory with adapter_config.json and "
+                          "adapter_model.safetensors)", path)
+    cfg, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not cfg.is_file():
+        raise FormatError(f"no {ADAPTER_CONFIG}: not a PEFT adapter folder", path)
+    if not weights.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        if pickles:
+            raise PickleRefusedError(
+                f"only pickle weights {pickles} found; edgelora never unpickles files. Where you trust the file, "
+                f"convert it: python -c \"import torch; from safetensors.torch import save_file; "
+                f"save_file(torch.load('{path / pickles[0]}', weights_only=True), "
+                f"'{weights}')\" (or load it with PEFT and save_pretrained(..., safe_serialization=True))", path)
+        raise FormatError(f"no {ADAPTER_WEIGHTS} in the adapter folder", path)
+    return cfg, weights
+
+
+def read_config(path) -> LoraConfig:
+    cfg, _ = adapter_files(path)
+    return LoraConfig.from_dict(read_json(cfg), cfg)
+
+
+def _module_of(tensor: str) -> tuple[str, str]:
+    """``base_model.model.X.lora_A.weight`` -> ``("X", "lora_A.weight")``."""
+    name = tensor[len(PEFT_PREFIX):] if tensor.startswith(PEFT_PREFIX) else tensor
+    for suffix in ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
+                   "lora_embedding_A", "lora_embedding_B", "base_layer.bias", "base_layer.weight",
+                   "bias", "weight"):
+        if name.endswith("." + suffix):
+            return name[:-len(suffix) - 1], suffix
+    return name, ""
+
+
+def _layer_hint(module: str, base: BaseModules) -> str:
+    m = re.match(r"model\.layers\.(\d+)\.", module)
+    if m and int(m.group(1)) >= base.num_layers:
+        return f" (the adapter has layer {m.group(1)}, the base has {base.num_layers} layers)"
+    return ""
+
+
+def read_adapter(path, base: BaseModules) -> Adapter:
+    """Read and check an adapter folder against ``base``; every problem is an ``EdgeLoraError``."""
+    path = Path(path)
+    cfg_path, weights_path = adapter_files(path)
+    config = LoraConfig.from_dict(read_json(cfg_path), cfg_path)
+    candidates = list(base.linear) + [EMBED]
+
+    # the targets the config selects, and config entries that name nothing in this architecture
+    targets = [m for m in candidates if config.is_target(m, base.linear)]
+    if EMBED in targets:
+        raise UnsupportedError("LoRA on the embedding layer (embed_tokens) is not supported; train with "
+                               "modules_to_save=['embed_tokens'] or target linear layers only", cfg_path)
+    t = config.target_modules
+    if isinstance(t, list):
+        for name in t:
+            if not any(m == name or m.endswith("." + name) for m in candidates):
+                kinds = sorted({m.rsplit(".", 1)[-1] for m in base.linear})
+                raise AdapterMismatchError(f"target module {name!r} does not exist in this {base.num_layers}-layer "
+                                           f"base; its linear modules are {kinds}", cfg_path)
+    if not targets:
+        raise AdapterMismatchError(f"target_modules {t!r} (with layers_to_transform="
+                                   f"{config.layers_to_transform!r}) match no linear module of the base", cfg_path)
+    saved_wanted = []
+    for m in config.modules_to_save or []:
+        hits = [c for c in (EMBED, HEAD) if re.match(rf"(^|.*\.){m}($|\..*)", c)]
+        if not hits:
+            raise UnsupportedError(f"modules_to_save entry {m!r}: edgelora keeps only the output head "
+                                   f"(lm_head) and the embeddings (embed_tokens) as saved modules", cfg_path)
+        saved_wanted += hits
+
+    with SafetensorsFile(weights_path) as st:
+        return _read_tensors(path, st, config, base, targets, saved_wanted)
+
+
+def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModules, targets, saved_wanted):
+    def tensor(name, shape, module, what):
+        info = st.tensors[name]
+        if info.dtype not in FLOAT_DTYPES:
+            raise FormatError(f"{name}: dtype {info.dtype}, expected F32, F16 or BF16", st.path)
+        if tuple(info.shape) != tuple(shape):
+            got = list(info.shape)
+            raise AdapterMismatchError(f"{module}: {what} has shape {got} but this base needs {list(shape)}"
+                                       f"{_shape_hint(what, got, shape, base)}; the adapter was made for "
+                                       f"another base model", st.path)
+        arr = np.ascontiguousarray(st.float32(name), np.float32).copy()
+        if not np.isfinite(arr).all():
+            raise FormatError(f"{name}: non-finite values (NaN or infinity)", st.path)
+        return arr
+
+    present = set(st.keys())
+    used = set()
+
+    def take(module, suffix):
+        name = PEFT_PREFIX + module + "." + suffix
+        if name in present:
+            used.add(name)
+            return name
+        return None
+
+    # every tensor must belong to this base and this config
+    for name in sorted(present):
+        module, suffix = _module_of(name)
+        if suffix in ("lora_embedding_A", "lora_embedding_B"):
+            raise UnsupportedError(f"{name}: LoRA on embedding layers is not supported", st.path)
+        if module not in base.linear and module != EMBED:
+            raise AdapterMismatchError(f"tensor {name!r} names module {module!r}, which this base does not have"
+                                       f"{_layer_hint(module, base)}; the adapter was made for another base "
+                                       f"model", st.path)
+
+    pairs = {}
+    for module in targets:
+        out_f, in_f = base.linear[module]
+        r, _ = config.rank_alpha(module)
+        a_name, b_name = take(module, "lora_A.weight"), take(module, "lora_B.weight")
+        if a_name is None or b_name is None:
+            raise AdapterMismatchError(f"the config targets {module!r} but the file has no "
+                                       f"{'lora_A' if a_name is None else 'lora_B'} weight for it", st.path)
+        A = tensor(a_name, (r, in_f), module, "lora_A")
+        B = tensor(b_name, (out_f, r), module, "lora_B")
+        bias = magnitude = None
+        if config.lora_bias:
+            b = take(module, "lora_B.bias")
+            if b is None:
+                raise FormatError(f"lora_bias is set but {module}.lora_B.bias is missing", st.path)
+            bias = tensor(b, (out_f,), module, "lora_B bias")
+        if config.use_dora:
+            mv = take(module, "lora_magnitude_vector")
+            if mv is None:
+                raise FormatError(f"use_dora is set but {module}.lora_magnitude_vector is missing", st.path)
+            magnitude = tensor(mv, (out_f,), module, "DoRA magnitude")
+        pairs[module] = LoraPair(A, B, config.scale(module), bias, magnitude)
+
+    biases = {}
+    if config.bias != "none":
+        for module, out_f in base.biases.items():
+            name = take(module, "base_layer.bias") or take(module, "bias")
+            if name is not None:
+                biases[module] = tensor(name, (out_f,), module, "bias")
+
+    saved = {}
+    for module in SAVEABLE:  # PEFT also saves the full weight of a LoRA-targeted head or embedding
+        if module in targets and module not in saved_wanted and PEFT_PREFIX + module + ".base_layer.weight" in present:
+            saved_wanted.append(module)
+    for module in saved_wanted:
+        name = take(module, "weight") or take(module, "base_layer.weight")
+        if name is None:
+            raise FormatError(f"modules_to_save lists {module!r} but {PEFT_PREFIX}{module}.weight is missing",
+                              st.path)
+        shape = (base.vocab_size, base.hidden_size)
+        info = st.tensors[name]
+        if tuple(info.shape) != shape:
+            raise AdapterMismatchError(f"{module}: saved weight is {list(info.shape)} but this base has vocabulary "
+                                       f"{base.vocab_size} and hidden size {base.hidden_size}; the adapter was made "
+                                       f"for another base model", st.path)
+        if info.dtype == "F16":
+            arr = np.array(st.raw(name))
+            if not np.isfinite(arr).all():
+                raise FormatError(f"{name}: non-finite values (NaN or infinity)", st.path)
+        else:
+            arr = tensor(name, shape, module, "saved weight")
+        saved[module] = arr
+
+    extra = sorted(present - used)
+    if extra:
+        module, _ = _module_of(extra[0])
+        why = ("is not targeted by the adapter's config" if module in base.linear else "is not expected")
+        raise AdapterMismatchError(f"tensor {extra[0]!r}: module {module!r} {why} (target_modules="
+                                   f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r},"
+                                   f" bias={config.bias!r}); config and weights disagree", st.path)
+    return Adapter(Path(path), config, pairs, biases, saved)
+
+
+def _shape_hint(what: str, got, want, base: BaseModules) -> str:
+    if what == "lora_A" and len(got) == 2 and got[0] == want[0]:
+        return f" (input size {got[1]} vs {want[1]})"
+    if what == "lora_B" and len(got) == 2 and got[1] == want[1]:
+        return f" (output size {got[0]} vs {want[0]})"
+    if what in ("lora_A", "lora_B") and len(got) == 2:
+        return " (rank differs from the config's r/rank_pattern)"
+    return ""

@@ -1,0 +1,358 @@
+"""LoRA adapters applied unmerged at the matmul, resident side by side, switched in an instant.
+
+For a module with resident adapter pairs the runtime computes ``y = W x + sum_i c_i B_i (A_i x)``
+(``c_i`` = the adapter's alpha/r or alpha/sqrt(r), times the weight the user gives it): the NF4
+base product is untouched and each low-rank product is two small float32 matrix products. This
+is llama.cpp's ``build_lora_mm`` and mlx-lm's ``LoRALinear`` (``y + scale * (x @ A.T) @ B.T``),
+with the adapters kept as data keyed by module name as in ``llama_set_adapter_lora``: switching
+adapters swaps one immutable :class:`Selection` object for another, nothing is copied.
+
+* A :class:`Selection` is what one generation runs with: a mapping from module name to the
+  deltas that apply there, the biases the adapters trained, and the modules they replace
+  (``modules_to_save``). It is built once when the user picks it and never changes, so a
+  generation holds on to the one it started with while other threads switch (the pinning that
+  makes hot swaps safe); an unloaded adapter's memory is returned once the last generation
+  holding it ends.
+* A weighted mix ``{"a": 0.7, "b": 0.3}`` is exact: each adapter's delta with its weight, the
+  same as PEFT's ``add_weighted_adapter(..., combination_type="cat")``, which concatenates the
+  weighted ``A`` matrices and the ``B`` matrices. A replaced module mixes the same way:
+  ``(1 - sum w) W x + sum w_i M_i x``; trained biases likewise.
+* DoRA (Liu et al. 2024, PEFT's ``DoraLinearLayer``): ``y = m / ||W + s B A||_row * (W x + s B A x)
+  + bias``. The norms of the dequantized base plus the LoRA product are computed once at load,
+  tile by tile, so the base is never held in float32. A DoRA adapter is used alone at weight 1
+  (its normalisation is not additive, so it cannot be mixed).
+* Decode applies each delta with a Numba kernel (``lora_matvec_add``, NumPy twin
+  ``lora_delta_reference``); prefill uses two BLAS products. A sequence's decode step gives the
+  same bits alone or in a batch, because each sequence's delta is computed by the same kernel on
+  its own row (the batch gathers each sequence's adapter, as in Punica's BGMV / S-LoRA).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, read_adapter
+from edgelora.errors import UsageError
+
+_FM = {"reassoc", "contract", "nsz"}
+
+
+@njit(cache=True, fastmath=_FM)
+def lora_matvec_add(x, A, Bt, coef, y, u):
+    """``y += coef * B (A x)`` for one token. x: [in], A: [r, in], Bt: [r, out] (B transposed),
+    y: [out], u: scratch [r]."""
+    r, k = A.shape
+    for j in range(r):
+        acc = np.float32(0.0)
+        a = A[j]
+        for i in range(k):
+            acc += a[i] * x[i]
+        u[j] = acc * coef
+    n = y.size
+    for j in range(r):
+        uj = u[j]
+        b = Bt[j]
+        for o in range(n):
+            y[o] += uj * b[o]
+
+
+def lora_delta_reference(x: np.ndarray, A: np.ndarray, B: np.ndarray, coef: float) -> np.ndarray:
+    """NumPy twin of :func:`lora_matvec_add`: ``coef * B (A x)`` for x [T, in] -> [T, out]."""
+    return np.float32(coef) * ((x @ A.T) @ B.T)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One adapter's contribution at one module: ``coef * (B (A x) + bias)``, DoRA-scaled by ``g``."""
+
+    A: np.ndarray  # [r, in] float32
+    Bt: np.ndarray  # [r, out] float32
+    coef: float
+    bias: np.ndarray | None = None  # [out], already multiplied by coef
+    g: np.ndarray | None = None  # [out] DoRA: magnitude / ||W + s B A||
+
+    def with_weight(self, w: float) -> "Delta":
+        return Delta(self.A, self.Bt, self.coef * w, None if self.bias is None else self.bias * np.float32(w),
+                     self.g)
+
+    def apply(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x [T, in], y [T, out] (the base product, changed in place) -> y with the delta."""
+        if self.g is not None:
+            y *= self.g  # DoRA: g * W x here, and Bt holds g * B, so the sum is g * (W x + s B A x)
+        if x.shape[0] == 1:
+            u = np.empty(self.A.shape[0], np.float32)
+            lora_matvec_add(x[0], self.A, self.Bt, np.float32(self.coef), y[0], u)
+        else:
+            y += (x @ self.A.T) @ (self.Bt * np.float32(self.coef))
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The adapters one generation runs with (immutable). ``BASE`` is the plain base model."""
+
+    members: tuple = ()  # ((name, weight), ...)
+    deltas: dict = field(default_factory=dict)  # module -> tuple[Delta]
+    biases: dict = field(default_factory=dict)  # module -> float32 [out]: the bias to use instead
+    replaced: dict = field(default_factory=dict)  # module -> (base weight, ((w, linear), ...))
+    adapters: tuple = ()  # the Resident objects, held so their memory lives as long as this
+
+    @property
+    def label(self) -> str:
+        if not self.members:
+            return "base"
+        if len(self.members) == 1 and self.members[0][1] == 1.0:
+            return self.members[0][0]
+        return ",".join(f"{n}={w:g}" for n, w in self.members)
+
+    def bias(self, module: str, base: np.ndarray | None) -> np.ndarray | None:
+        return self.biases.get(module, base)
+
+    def linear(self, module: str, layer, x: np.ndarray, y: np.ndarray, bias=None) -> np.ndarray:
+        """Finish a module's output: ``y`` is the base product ``layer @ x`` (or None when the module
+        is replaced and the base is not needed); apply replacements, deltas, bias."""
+        rep = self.replaced.get(module)
+        if rep is not None:
+            y = _mix_products(rep, layer, x, y)
+        for d in self.deltas.get(module, ()):
+            y = d.apply(x, y)
+        b = self.biases.get(module, bias)
+        return y if b is None else y + b
+
+    def embed(self, layer, ids: np.ndarray) -> np.ndarray:
+        rep = self.replaced.get(EMBED)
+        if rep is None:
+            return layer.rows(ids).astype(np.float32)
+        base_w, terms = rep
+        x = layer.rows(ids).astype(np.float32) * np.float32(base_w) if base_w else None
+        for w, lin in terms:
+            part = lin.rows(ids).astype(np.float32) * np.float32(w)
+            x = part if x is None else x + part
+        return x
+
+
+def _mix_products(rep, layer, x, y):
+    base_w, terms = rep
+    out = None
+    if base_w:
+        out = (layer.matvec(x[0])[None, :] if x.shape[0] == 1 else layer.matmul(x)) if y is None else y
+        if base_w != 1.0:
+            out = out * np.float32(base_w)
+    for w, lin in terms:
+        part = lin.matvec(x[0])[None, :] if x.shape[0] == 1 else lin.matmul(x)
+        part = part * np.float32(w) if w != 1.0 else part
+        out = part if out is None else out + part
+    return out
+
+
+BASE = Selection()
+
+
+def _stored_linear(arr: np.ndarray):
+    from edgelora.runtime.kernels import F16Linear
+    from edgelora.runtime.llama import DenseLinear
+    return F16Linear(arr) if arr.dtype == np.float16 else DenseLinear(arr)
+
+
+@dataclass
+class Resident:
+    """An adapter held by a model: its deltas, trained biases and replaced modules, ready to use."""
+
+    name: str
+    adapter: Adapter
+    scale: float
+    deltas: dict  # module -> Delta (coef includes the user scale)
+    biases: dict  # module -> float32 trained bias
+    saved: dict  # module -> linear object
+    load_seconds: float = 0.0
+    selection: Selection | None = None
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [a for d in self.deltas.values() for a in (d.A, d.Bt, d.bias, d.g) if a is not None]
+        return sum(a.nbytes for a in arrays) + sum(b.nbytes for b in self.biases.values()) + \
+            sum(s.nbytes for s in self.saved.values())
+
+    @property
+    def is_dora(self) -> bool:
+        return self.adapter.is_dora
+
+    def info(self) -> dict:
+        s = self.adapter.summary()
+        s.update(name=self.name, scale=self.scale, bytes=self.nbytes, load_seconds=self.load_seconds)
+        return s
+
+
+def dora_norms(layer, A: np.ndarray, B: np.ndarray, scale: float, tile_elements: int = 1 << 20) -> np.ndarray:
+    """``||W + scale * B A||`` per output row, dequantizing ``W`` one tile of rows at a time."""
+    n, k = layer.out_features, layer.in_features
+    norms = np.empty(n, np.float32)
+    step = max(1, tile_elements // k)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        w = layer.dequantize_rows(r0, r1) + np.float32(scale) * (B[r0:r1] @ A)  # [t, in]
+        norms[r0:r1] = np.sqrt(np.einsum("ij,ij->i", w, w, dtype=np.float32))
+    return norms
+
+
+def make_resident(name: str, adapter: Adapter, scale: float, modules) -> Resident:
+    """``modules(name)`` returns the base model's linear object for a module name."""
+    deltas = {}
+    for module, p in adapter.pairs.items():
+        coef = p.scale * scale
+        Bt = np.ascontiguousarray(p.B.T)  # [r, out]: the decode kernel's layout
+        p.B = Bt.T  # the adapter keeps a view, not a second copy
+        g = None
+        if p.magnitude is not None:
+            g = (p.magnitude / dora_norms(modules(module), p.A, p.B, p.scale)).astype(np.float32)
+            Bt = np.ascontiguousarray(Bt * g[None, :])
+        bias = None if p.bias is None else (p.bias * np.float32(coef)).astype(np.float32)
+        deltas[module] = Delta(p.A, Bt, float(coef), bias, g)
+    saved = {m: _stored_linear(arr) for m, arr in adapter.saved.items()}
+    return Resident(name, adapter, float(scale), deltas, dict(adapter.biases), saved)
+
+
+def build_selection(members: list[tuple[Resident, float]], base_biases) -> Selection:
+    """The selection for resident adapters with weights (exact weighted sum of their deltas)."""
+    members = [(r, float(w)) for r, w in members if w != 0.0]
+    if not members:
+        return BASE
+    if len(members) > 1 and any(r.is_dora for r, _ in members):
+        dora = next(r.name for r, _ in members if r.is_dora)
+        raise UsageError(f"adapter {dora!r} is a DoRA adapter: DoRA's normalisation is not additive, so it "
+                         f"cannot be mixed with other adapters; use it alone")
+    for r, w in members:
+        if r.is_dora and w != 1.0:
+            raise UsageError(f"DoRA adapter {r.name!r} can only be used at weight 1 (got {w:g})")
+    deltas: dict = {}
+    for r, w in members:
+        for module, d in r.deltas.items():
+            deltas.setdefault(module, []).append(d if w == 1.0 else d.with_weight(w))
+    biases: dict = {}
+    for module in sorted({m for r, _ in members for m in r.biases}):
+        if len(members) == 1 and members[0][1] == 1.0:
+            biases[module] = members[0][0].biases[module]
+            continue
+        base = base_biases(module)
+        total = np.array(base, np.float32, copy=True)
+        for r, w in members:
+            if module in r.biases:
+                total += np.float32(w) * (r.biases[module] - base)
+        biases[module] = total
+    replaced: dict = {}
+    for module in (EMBED, HEAD):
+        terms = tuple((w * 1.0, r.saved[module]) for r, w in members if module in r.saved)
+        if terms:
+            replaced[module] = (1.0 - sum(w for w, _ in terms), terms)
+    return Selection(tuple((r.name, w) for r, w in members), {m: tuple(v) for m, v in deltas.items()},
+                     biases, replaced, tuple(r for r, _ in members))
+
+
+class AdapterSet:
+    """The adapters resident beside one base model: ``model.adapters``."""
+
+    def __init__(self, model):
+        self._model = model
+        self._resident: dict[str, Resident] = {}
+        self._lock = threading.Lock()
+        self.base = BaseModules.from_args(model.args)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._resident)
+
+    def __contains__(self, name) -> bool:
+        return name in self._resident
+
+    def __len__(self) -> int:
+        return len(self._resident)
+
+    def __iter__(self):
+        return iter(list(self._resident))
+
+    def __getitem__(self, name: str) -> Resident:
+        try:
+            return self._resident[name]
+        except KeyError:
+            raise UsageError(f"no adapter named {name!r} is loaded (loaded: {self.names or 'none'})") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._resident.values())
+
+    def load(self, name: str, path, scale: float = 1.0) -> Resident:
+        """Read the PEFT adapter at ``path``, check it against the base, and keep it resident as ``name``."""
+        if not isinstance(name, str) or not name or any(c in name for c in ",=/\\") or name.strip() != name:
+            raise UsageError(f"adapter name {name!r}: use a non-empty name without ',', '=', '/' or spaces")
+        if name in self._resident:
+            raise UsageError(f"an adapter named {name!r} is already loaded; unload it first")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+            raise UsageError(f"scale must be a finite number, got {scale!r}")
+        t0 = time.perf_counter()
+        adapter = read_adapter(Path(path), self.base)
+        if adapter.is_dora and scale != 1.0:
+            raise UsageError(f"DoRA adapter {name!r} can only be loaded with scale 1.0 (got {scale:g})")
+        res = make_resident(name, adapter, scale, self._model.net.module)
+        res.selection = build_selection([(res, 1.0)], self._model.net.base_bias)
+        res.load_seconds = time.perf_counter() - t0
+        with self._lock:
+            if name in self._resident:
+                raise UsageError(f"an adapter named {name!r} is already loaded; unload it first")
+            self._resident[name] = res
+        return res
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name``; if the model is using it, the model goes back to the base.
+        Its memory is returned once no running generation still holds it."""
+        with self._lock:
+            res = self[name]
+            del self._resident[name]
+            if any(r is res for r in self._model.selection.adapters):
+                self._model.selection = BASE
+
+    def select(self, spec) -> Selection:
+        """A selection from ``None`` (base), a name, or ``{name: weight}``; also ``"a=0.5,b=0.5"``."""
+        if spec is None:
+            return BASE
+        if isinstance(spec, Selection):
+            return spec
+        if isinstance(spec, str):
+            spec = parse_mix(spec)
+        if isinstance(spec, str):
+            return self[spec].selection
+        if isinstance(spec, dict):
+            members = []
+            for n, w in spec.items():
+                if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w):
+                    raise UsageError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
+                members.append((self[n], float(w)))
+            return build_selection(members, self._model.net.base_bias)
+        raise UsageError(f"adapter must be None, a name or a {{name: weight}} dict, got {spec!r}")
+
+
+def parse_mix(text: str):
+    """``"a"`` -> ``"a"``; ``"a=0.7,b=0.3"`` -> ``{"a": 0.7, "b": 0.3}``; ``"base"``/``""`` -> None."""
+    text = text.strip()
+    if text in ("", "base", "none"):
+        return None
+    if "=" not in text and "," not in text:
+        return text
+    mix = {}
+    for part in text.split(","):
+        name, sep, w = part.partition("=")
+        name = name.strip()
+        try:
+            mix[name] = float(w) if sep else 1.0
+        except ValueError:
+            raise UsageError(f"bad adapter weight in {part!r}: expected NAME=NUMBER") from None
+        if not name:
+            raise UsageError(f"bad adapter mix {text!r}: expected NAME=WEIGHT,NAME=WEIGHT")
+    return mix

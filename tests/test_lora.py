@@ -1,0 +1,380 @@
+"""LoRA adapters on the NF4 base against PEFT running the same dequantized base in float32."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
+from edgelora.runtime.lora import lora_delta_reference, lora_matvec_add, parse_mix
+from tiny_models import hf_dequantized, make_adapter, make_checkpoint
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# (architecture, adapter options): ranks 4 and 16, rsLoRA, patterns, all-linear and attention-only,
+# layer selection, saved head/embeddings, trained biases, a bias on B, DoRA
+CASES = {
+    "r4-attention": ("llama_untied", dict(r=4, lora_alpha=8, target_modules=ATTN)),
+    "r16-all-linear": ("llama_untied", dict(r=16, lora_alpha=32, target_modules="all-linear")),
+    "rslora": ("llama3", dict(r=16, lora_alpha=8, use_rslora=True, target_modules="all-linear")),
+    "patterns": ("llama_untied", dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      rank_pattern={"v_proj": 8, "layers.1.mlp.down_proj": 2},
+                                      alpha_pattern={"q_proj": 32})),
+    "regex-layers": ("mistral", dict(r=4, target_modules=r"model\.layers\.1\..*\.(q_proj|up_proj)")),
+    "list-layers": ("llama_untied", dict(r=4, target_modules=["gate_proj", "o_proj"], layers_to_transform=0,
+                                         layers_pattern="layers")),
+    "save-head": ("llama_untied", dict(r=8, target_modules=ATTN, modules_to_save=["lm_head"])),
+    "save-embed-tied": ("llama3", dict(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    "qwen-bias-all": ("qwen2", dict(r=4, target_modules=["q_proj", "o_proj"], bias="all")),
+    "qwen-bias-lora-only": ("qwen2", dict(r=4, target_modules=["k_proj", "v_proj"], bias="lora_only")),
+    "lora-bias": ("llama_untied", dict(r=4, target_modules=["up_proj", "o_proj"], lora_bias=True)),
+    "dora": ("qwen2", dict(r=8, target_modules="all-linear", use_dora=True)),
+    "head-target": ("llama_untied", dict(r=4, target_modules=["lm_head", "q_proj"])),
+}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """Converted bundles of the tiny checkpoints, made once."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            d = tmp_path_factory.mktemp(arch)
+            src = make_checkpoint(d / "src", arch, seed=11)
+            edgelora.convert(src, d / "nf4")
+            made[arch] = (src, d / "nf4")
+        return made[arch]
+    return get
+
+
+@pytest.fixture(scope="module")
+def adapters(bases, tmp_path_factory):
+    made = {}
+
+    def get(case, seed=0):
+        key = (case, seed)
+        if key not in made:
+            arch, opts = CASES[case]
+            src, _ = bases(arch)
+            made[key] = make_adapter(src, tmp_path_factory.mktemp("ad") / f"{case}-{seed}", seed=seed, **opts)
+        return made[key]
+    return get
+
+
+def peft_logits(bundle, src, adapter_dirs, ids, weights=None):
+    """PEFT on the dequantized base: one adapter, or a weighted 'cat' mix of several."""
+    model = hf_dequantized(bundle, src)
+    pm = peft.PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
+    for i, d in enumerate(adapter_dirs[1:], 1):
+        pm.load_adapter(d, adapter_name=f"a{i}")
+    if weights is not None:
+        names = [f"a{i}" for i in range(len(adapter_dirs))]
+        pm.add_weighted_adapter(names, weights, "mix", combination_type="cat")
+        pm.set_adapter("mix")
+    pm.eval()
+    with torch.no_grad():
+        return pm(torch.from_numpy(ids)[None]).logits[0].numpy()
+
+
+def close(mine, ref):
+    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_logits_match_peft(case, bases, adapters):
+    arch, _ = CASES[case]
+    src, bundle = bases(arch)
+    ad = adapters(case)
+    model = edgelora.load(bundle, max_context=64)
+    ids = np.random.default_rng(1).integers(0, model.args.vocab_size, 24)
+    base = model.logits(ids)
+    model.adapters.load("x", ad)
+    mine = model.logits(ids, adapter="x")
+    ref = peft_logits(bundle, src, [ad], ids)
+    assert np.abs(mine - base).max() > 0.05 * np.abs(base).max()  # the adapter really changes the output
+    assert close(mine, ref), np.abs(mine - ref).max()
+    # the base is untouched: base logits come back exactly
+    np.testing.assert_array_equal(model.logits(ids, adapter=None), base)
+    # decode (one token at a time through the kernels) agrees with prefill
+    model.use("x")
+    cache = model.net.new_cache()
+    steps = np.stack([model.net.forward(ids[i:i + 1], cache, lora=model.selection)[-1] for i in range(len(ids))])
+    np.testing.assert_allclose(steps, mine, atol=2e-4 * max(1.0, np.abs(mine).max()))
+
+
+def test_weighted_mix_matches_peft_cat(bases, adapters):
+    src, bundle = bases("llama_untied")
+    a, b = adapters("r16-all-linear", 1), adapters("r4-attention", 2)
+    model = edgelora.load(bundle, max_context=64)
+    model.adapters.load("a", a)
+    model.adapters.load("b", b)
+    ids = np.random.default_rng(2).integers(0, model.args.vocab_size, 20)
+    mine = model.logits(ids, adapter={"a": 0.7, "b": 0.3})
+    assert close(mine, peft_logits(bundle, src, [a, b], ids, weights=[0.7, 0.3]))
+    # degenerate mixes are exactly the single adapters
+    np.testing.assert_array_equal(model.logits(ids, adapter={"a": 1.0}), model.logits(ids, adapter="a"))
+    np.testing.assert_array_equal(model.logits(ids, adapter={"a": 0.0, "b": 1.0}), model.logits(ids, adapter="b"))
+
+
+def test_mix_of_saved_heads_interpolates(bases, adapters):
+    src, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=32)
+    model.adapters.load("h", adapters("save-head"))
+    x = np.random.default_rng(0).standard_normal((1, model.args.hidden_size)).astype(np.float32)
+    sel_full, sel_half = model.adapters.select("h"), model.adapters.select({"h": 0.5})
+    head = model.net.w.head
+    base = head.matvec(x[0])
+    full = sel_full.linear("lm_head", head, x, None)[0]
+    half = sel_half.linear("lm_head", head, x, head.matvec(x[0])[None])[0]
+    np.testing.assert_allclose(half, 0.5 * base + 0.5 * full, rtol=1e-5, atol=1e-5)
+
+
+def test_swap_use_using_unload(bases, adapters):
+    src, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=64)
+    ids = np.arange(1, 12)
+    base = model.logits(ids)
+    model.adapters.load("a", adapters("r4-attention"))
+    model.adapters.load("b", adapters("r16-all-linear"))
+    assert model.adapters.names == ["a", "b"] and model.active_adapter == "base"
+    la = model.logits(ids, adapter="a")
+    model.use("b")
+    lb = model.logits(ids)
+    assert model.active_adapter == "b" and not np.array_equal(la, lb)
+    with model.using("a"):
+        np.testing.assert_array_equal(model.logits(ids), la)
+        with model.using(None):
+            np.testing.assert_array_equal(model.logits(ids), base)
+    np.testing.assert_array_equal(model.logits(ids), lb)
+    model.use({"a": 0.5, "b": 0.5})
+    assert model.active_adapter == "a=0.5,b=0.5"
+    model.adapters.unload("b")  # in use: the model falls back to the base
+    assert model.adapters.names == ["a"] and model.active_adapter == "base"
+    np.testing.assert_array_equal(model.logits(ids), base)
+    with pytest.raises(UsageError, match="no adapter named 'b'"):
+        model.use("b")
+    with pytest.raises(UsageError, match="already loaded"):
+        model.adapters.load("a", adapters("r4-attention"))
+    # scale: half the delta of the same adapter at scale 1
+    model.adapters.load("half", adapters("r4-attention"), scale=0.5)
+    np.testing.assert_allclose(model.logits(ids, adapter="half"), model.logits(ids, adapter={"a": 0.5}), atol=1e-5)
+
+
+def test_unload_returns_memory_after_pinned_generation(bases, adapters):
+    import gc
+    import weakref
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=64)
+    res = model.adapters.load("a", adapters("r16-all-linear"))
+    ref = weakref.ref(res)
+    gen = model.stream([1, 2, 3], max_new_tokens=5, adapter="a", temperature=0)
+    next(gen)  # started: pinned
+    del res
+    model.adapters.unload("a")
+    gc.collect()
+    assert ref() is not None  # the running generation still holds it
+    list(gen)
+    del gen
+    gc.collect()
+    assert ref() is None
+
+
+def test_batch_equals_one_by_one(bases, adapters):
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=64)
+    model.adapters.load("a", adapters("r4-attention"))
+    model.adapters.load("b", adapters("r16-all-linear"))
+    model.adapters.load("h", adapters("save-head"))
+    model.eos_ids = set()
+    prompts = [[1, 5, 9], [3, 4], [7, 8, 9, 10, 11], [2], [6, 6, 6]]
+    specs = ["a", None, "b", {"a": 0.3, "b": 0.7}, "h"]
+    alone = []
+    for p, s in zip(prompts, specs):
+        model.generate(p, max_new_tokens=12, adapter=s, temperature=0)
+        alone.append(model.last_stats.generated_ids)
+    texts = model.generate_batch(prompts, adapters=specs, max_new_tokens=12, temperature=0)
+    assert [s.generated_ids for s in model.last_batch_stats] == alone
+    assert len(texts) == len(prompts) and len({tuple(a) for a in alone}) > 1
+    # sampled generation with a seed is per-sequence identical too
+    ref = [model.generate(p, max_new_tokens=8, adapter=s, temperature=0.9, seed=5) for p, s in zip(prompts, specs)]
+    assert model.generate_batch(prompts, adapters=specs, max_new_tokens=8, temperature=0.9, seed=5) == ref
+
+
+def test_batch_logits_bitwise_equal_to_single_steps(bases, adapters):
+    _, bundle = bases("qwen2")
+    model = edgelora.load(bundle, max_context=32)
+    model.adapters.load("d", adapters("dora"))
+    model.adapters.load("q", adapters("qwen-bias-all"))
+    sels = [model.adapters.select(s) for s in ("d", None, "q")]
+    caches = [model.net.new_cache() for _ in sels]
+    singles = [model.net.new_cache() for _ in sels]
+    for step in range(4):
+        toks = np.array([3 + step, 7, 11 + 2 * step])
+        out = model.net.forward_batch(toks, caches, sels)
+        for b, sel in enumerate(sels):
+            one = model.net.forward(toks[b:b + 1], singles[b], lora=sel)[-1]
+            np.testing.assert_array_equal(out[b], one)
+
+
+def test_swaps_from_another_thread_never_mix_within_a_sequence(bases, adapters):
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=64)
+    names = ["a", "b", "c"]
+    for n, case, seed in (("a", "r4-attention", 3), ("b", "r16-all-linear", 4), ("c", "save-head", 5)):
+        model.adapters.load(n, adapters(case, seed))
+    model.eos_ids = set()
+    prompt = [1, 2, 3, 4]
+    expected = {}
+    for n in names + [None]:
+        model.generate(prompt, max_new_tokens=6, adapter=n, temperature=0)
+        expected[n] = model.last_stats.generated_ids
+    assert len({tuple(v) for v in expected.values()}) == 4
+    stop = threading.Event()
+    swaps = [0]
+
+    def swapper():
+        i = 0
+        while not stop.is_set():
+            model.use([*names, None, {"a": 0.5, "b": 0.5}][i % 5])
+            i += 1
+        swaps[0] = i
+
+    errors = []
+
+    def worker(k):
+        for it in range(40):
+            model.generate(prompt, max_new_tokens=6, temperature=0)  # whatever is current when it starts
+            st = model.last_stats  # this thread's own
+            want = expected.get(None if st.adapter == "base" else st.adapter, expected_mix)
+            if st.generated_ids != want:
+                errors.append((k, it, st.adapter, st.generated_ids, want))
+
+    expected_mix = model.generate(prompt, max_new_tokens=6, adapter={"a": 0.5, "b": 0.5}, temperature=0) and \
+        model.last_stats.generated_ids
+    t = threading.Thread(target=swapper)
+    t.start()
+    workers = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    t.join()
+    assert not errors, errors[:3]
+    assert swaps[0] > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r,k,n", [(1, 7, 5), (4, 64, 96), (16, 256, 172), (8, 2048, 512)])
+def test_lora_kernel_matches_reference(r, k, n):
+    rng = np.random.default_rng(r + k)
+    A = rng.standard_normal((r, k)).astype(np.float32)
+    B = rng.standard_normal((n, r)).astype(np.float32)
+    x = rng.standard_normal(k).astype(np.float32)
+    y0 = rng.standard_normal(n).astype(np.float32)
+    y = y0.copy()
+    lora_matvec_add(x, A, np.ascontiguousarray(B.T), np.float32(0.37), y, np.empty(r, np.float32))
+    ref = y0 + lora_delta_reference(x[None], A, B, 0.37)[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+def test_parse_mix():
+    assert parse_mix("a") == "a" and parse_mix("base") is None and parse_mix("") is None
+    assert parse_mix("a=0.5,b=0.25") == {"a": 0.5, "b": 0.25}
+    with pytest.raises(UsageError):
+        parse_mix("a=x")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad adapters
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_adapters_are_refused_clearly(bases, adapters, tmp_path):
+    src, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=32)
+    good = adapters("r4-attention")
+
+    # made for another base: hidden size differs
+    other_src, _ = bases("mistral")
+    with pytest.raises(AdapterMismatchError, match="q_proj: lora_A has shape"):
+        model.adapters.load("x", adapters("regex-layers"))
+
+    # more layers than the base
+    deep = tmp_path / "deep"
+    shutil.copytree(good, deep)
+    from edgelora.safetensors_io import SafetensorsFile, write_safetensors
+    with SafetensorsFile(deep / "adapter_model.safetensors") as f:
+        tensors = {k: np.array(f.raw(k)) for k in f.keys()}
+    tensors["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = \
+        tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    write_safetensors(deep / "adapter_model.safetensors", tensors)
+    with pytest.raises(AdapterMismatchError, match="layer 7, the base has 2 layers"):
+        model.adapters.load("x", deep)
+
+    # unknown target name
+    unk = tmp_path / "unk"
+    shutil.copytree(good, unk)
+    cfg = json.loads((unk / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "query_key_value"]
+    (unk / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterMismatchError, match="'query_key_value' does not exist"):
+        model.adapters.load("x", unk)
+
+    # config and weights disagree: the file has modules the config does not target
+    cfg["target_modules"] = ["q_proj", "k_proj"]
+    (unk / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterMismatchError, match="o_proj.*not targeted"):
+        model.adapters.load("x", unk)
+
+    # corrupt / truncated weights, malformed config
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="adapter_model.safetensors"):
+        model.adapters.load("x", bad)
+    (bad / "adapter_model.safetensors").write_bytes(data)
+    (bad / "adapter_config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="adapter_config.json"):
+        model.adapters.load("x", bad)
+
+    # pickle: refused, never unpickled, and the message says how to convert
+    pk = tmp_path / "pk"
+    shutil.copytree(good, pk)
+    (pk / "adapter_model.safetensors").unlink()
+    (pk / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(PickleRefusedError, match="never unpickles.*save_file"):
+        model.adapters.load("x", pk)
+
+    # other PEFT methods, embedding LoRA
+    ia3 = tmp_path / "ia3"
+    shutil.copytree(good, ia3)
+    cfg = json.loads((ia3 / "adapter_config.json").read_text())
+    cfg["peft_type"] = "IA3"
+    (ia3 / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="IA3"):
+        model.adapters.load("x", ia3)
+    assert model.adapters.names == []  # nothing half-loaded
+
+    with pytest.raises(FormatError, match="not an adapter folder"):
+        model.adapters.load("x", tmp_path / "missing")
+
+
+def test_dora_cannot_be_mixed(bases, adapters):
+    _, bundle = bases("qwen2")
+    model = edgelora.load(bundle, max_context=16)
+    model.adapters.load("d", adapters("dora"))
+    model.adapters.load("q", adapters("qwen-bias-all"))
+    with pytest.raises(UsageError, match="DoRA"):
+        model.use({"d": 0.5, "q": 0.5})
