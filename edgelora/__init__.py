@@ -1,13 +1,14 @@
 """edgelora: fine-tuned language models on small devices.
 
 Convert a Hugging Face checkpoint to 4-bit NF4 with double-quantized scales (bit-for-bit what
-bitsandbytes produces), inspect it, and (in later releases) run it on CPU with hot-swappable LoRA
-adapters. Public API::
+bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA adapters. Public API::
 
     import edgelora
     q = edgelora.quantize_nf4(weights)            # NF4Tensor: .packed, .scales, .dequantize()
     summary = edgelora.convert("ckpt/", "bundle/") # ConversionSummary
-    info = edgelora.inspect("bundle/")             # dict
+    info = edgelora.inspect("bundle/")             # dict (bundles, checkpoints, adapter folders)
+    model = edgelora.load("bundle/")               # Model: generate, stream, chat, generate_batch
+    model.adapters.load("pirate", "adapters/pirate"); model.use("pirate")
 """
 
 __version__ = "0.1.0"
@@ -29,6 +30,9 @@ def __getattr__(name):
     if name in ("load", "Model"):
         from edgelora.runtime import model
         return getattr(model, name)
+    if name in ("read_adapter", "describe_adapter", "LoraConfig"):
+        from edgelora import adapters
+        return getattr(adapters, name)
     if name in ("open_bundle", "Bundle"):
         from edgelora import bundle
         return getattr(bundle, name)
@@ -36,4 +40,4 @@ def __getattr__(name):
 
 
 __all__ = ["EdgeLoraError", "NF4Tensor", "quantize_nf4", "convert", "ConversionSummary", "inspect", "load", "Model",
-           "open_bundle", "Bundle", "__version__"]
+           "open_bundle", "Bundle", "read_adapter", "describe_adapter", "LoraConfig", "__version__"]

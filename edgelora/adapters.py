@@ -322,9 +322,12 @@ def _layer_hint(module: str, base: BaseModules) -> str:
     return ""
 
 
-def read_adapter(path, base: BaseModules) -> Adapter:
-    """Read and check an adapter folder against ``base``; every problem is an ``EdgeLoraError``."""
+def read_adapter(path, base) -> Adapter:
+    """Read and check an adapter folder against ``base`` (``BaseModules`` or the base's ``ModelArgs``);
+    every problem is an ``EdgeLoraError``."""
     path = Path(path)
+    if isinstance(base, ModelArgs):
+        base = BaseModules.from_args(base)
     cfg_path, weights_path = adapter_files(path)
     config = LoraConfig.from_dict(read_json(cfg_path), cfg_path)
     candidates = list(base.linear) + [EMBED]
@@ -462,3 +465,49 @@ def _shape_hint(what: str, got, want, base: BaseModules) -> str:
     if what in ("lora_A", "lora_B") and len(got) == 2:
         return " (rank differs from the config's r/rank_pattern)"
     return ""
+
+
+def describe_adapter(path) -> dict:
+    """What an adapter folder holds, from its config and the weights' header (no base needed)."""
+    cfg_path, weights_path = adapter_files(path)
+    config = LoraConfig.from_dict(read_json(cfg_path), cfg_path)
+    with SafetensorsFile(weights_path) as st:
+        modules, ranks, dtypes, params, saved = set(), {}, set(), 0, []
+        for name, info in st.tensors.items():
+            module, suffix = _module_of(name)
+            dtypes.add(info.dtype)
+            if suffix == "lora_A.weight":
+                modules.add(module)
+                ranks[module] = info.shape[0]
+                params += info.numel
+            elif suffix == "lora_B.weight":
+                params += info.numel
+            elif suffix in ("weight", "base_layer.weight"):
+                saved.append(module)
+        size = weights_path.stat().st_size
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    layers = sorted({int(m.group(1)) for m in (re.match(r"model\.layers\.(\d+)\.", x) for x in modules) if m})
+    return {"kind": "adapter", "path": str(Path(path)), "peft_type": "LORA", "r": config.r,
+            "ranks": sorted(set(ranks.values())), "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora, "bias": config.bias, "lora_bias": config.lora_bias,
+            "target_modules": config.target_modules, "targets": kinds, "modules": len(modules),
+            "layers": layers, "modules_to_save": sorted(saved), "parameters": params, "dtypes": sorted(dtypes),
+            "bytes": size, "base_model_name_or_path": config.base_model_name_or_path,
+            "peft_version": config.peft_version}
+
+
+def format_adapter(info: dict) -> str:
+    scale = "alpha/sqrt(r)" if info["use_rslora"] else "alpha/r"
+    layers = info["layers"]
+    span = f"layers {layers[0]}-{layers[-1]}" if layers else "no decoder layers"
+    lines = [f"adapter: {info['path']}",
+             f"  LoRA          rank {', '.join(map(str, info['ranks'])) or info['r']}, alpha {info['lora_alpha']:g} "
+             f"(scale {scale}){', DoRA' if info['use_dora'] else ''}",
+             f"  targets       {', '.join(info['targets'])} ({info['modules']} modules, {span})",
+             f"  saved         {', '.join(info['modules_to_save']) or 'none'}; bias {info['bias']}"
+             f"{', bias on B' if info['lora_bias'] else ''}",
+             f"  size          {info['parameters']:,} LoRA parameters, {info['bytes'] / 1e6:.2f} MB "
+             f"({', '.join(info['dtypes'])})",
+             f"  trained on    {info['base_model_name_or_path'] or 'unknown base'}"
+             f" (peft {info['peft_version'] or '?'})"]
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The ``edgelora`` command line: thin subcommands over the public functions (as mlx-lm's cli).
 
 Exit codes: 0 success; 1 other edgelora error; 2 usage (bad arguments, output exists);
-3 bad input file (missing, corrupt, truncated, checksum); 4 unsupported (architecture, dtype,
+3 bad input file (missing, corrupt, truncated, checksum, an adapter made for another base); 4 unsupported (architecture, dtype,
 format version, pickle); 5 output could not be written (disk full, permissions); 130 interrupted.
 """
 
@@ -45,9 +45,35 @@ def _sampling(ns) -> dict:
             "repetition_penalty": ns.repetition_penalty, "seed": ns.seed}
 
 
-def _cmd_run(ns) -> int:
+def _split_adapter(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        from edgelora.errors import UsageError
+        raise UsageError(f"--adapter {spec!r}: expected NAME=PATH")
+    return name, path
+
+
+def _load_model(ns):
+    """The bundle, with every ``--adapter NAME=PATH`` resident and ``--use`` selected (a single
+    adapter is used by default)."""
     import edgelora
+    from edgelora.errors import UsageError
+    from edgelora.runtime.lora import parse_mix
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context)
+    for spec in ns.adapter:
+        model.adapters.load(*_split_adapter(spec))
+    if ns.use is not None:
+        model.use(parse_mix(ns.use))
+    elif len(ns.adapter) == 1:
+        model.use(model.adapters.names[0])
+    elif len(ns.adapter) > 1:
+        raise UsageError(f"{len(ns.adapter)} adapters loaded: say which to use with --use NAME, --use a=0.5,b=0.5 "
+                         f"or --use base")
+    return model
+
+
+def _cmd_run(ns) -> int:
+    model = _load_model(ns)
     pieces = []
     for piece in model.stream(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None, **_sampling(ns)):
         pieces.append(piece)
@@ -60,17 +86,51 @@ def _cmd_run(ns) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_second:.1f} tok/s, {s.generated_tokens} "
-              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}]", file=sys.stderr)
+              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}]",
+              file=sys.stderr)
     return 0
 
 
+CHAT_HELP = ("commands: /adapters lists resident adapters; /use NAME or /use a=0.5,b=0.5 switches; /base uses "
+             "the plain base; /load NAME=PATH and /unload NAME change what is resident; /reset clears the "
+             "conversation; /exit quits")
+
+
+def _chat_command(model, cmd: str) -> str:
+    """Run one chat slash-command on ``model``; the line to print."""
+    import time
+    from edgelora.runtime.lora import parse_mix
+    word, _, arg = cmd.partition(" ")
+    arg = arg.strip()
+    if word == "/adapters":
+        if not model.adapters.names:
+            return "(no adapters loaded; /load NAME=PATH)"
+        rows = []
+        for name in model.adapters.names:
+            r = model.adapters[name].info()
+            rows.append(f"{'*' if name in dict(model.selection.members) else ' '} {name:<16} rank "
+                        f"{','.join(map(str, r['ranks']))}, {len(r['targets'])} module kinds, "
+                        f"{r['bytes'] / 1e6:.2f} MB  {r['path']}")
+        return "\n".join(rows + [f"using: {model.active_adapter}"])
+    if word in ("/use", "/base"):
+        t = time.perf_counter()
+        model.use(None if word == "/base" else parse_mix(arg))
+        return f"(using {model.active_adapter}; switched in {(time.perf_counter() - t) * 1e3:.3f} ms)"
+    if word == "/load":
+        res = model.adapters.load(*_split_adapter(arg))
+        return f"(loaded {res.name}: {res.nbytes / 1e6:.2f} MB in {res.load_seconds * 1e3:.1f} ms; /use {res.name})"
+    if word == "/unload":
+        model.adapters.unload(arg)
+        return f"(unloaded {arg}; using {model.active_adapter})"
+    return CHAT_HELP
+
+
 def _cmd_chat(ns) -> int:
-    import edgelora
-    model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context)
+    model = _load_model(ns)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     history = list(system)
     model.tokenizer.apply_chat_template(history + [{"role": "user", "content": "hi"}])  # fail early without a template
-    print("edgelora chat: /reset clears the conversation, /exit quits", file=sys.stderr)
+    print(f"edgelora chat (adapter: {model.active_adapter}). {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -86,6 +146,12 @@ def _cmd_chat(ns) -> int:
             continue
         if not cmd:
             continue
+        if cmd.startswith("/"):
+            try:
+                print(_chat_command(model, cmd), file=sys.stderr)
+            except EdgeLoraError as e:
+                print(f"edgelora: error: {e}", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         answer = []
         for piece in model.stream_chat(history, max_new_tokens=ns.max_tokens, **_sampling(ns)):
@@ -95,7 +161,7 @@ def _cmd_chat(ns) -> int:
         print()
         history.append({"role": "assistant", "content": "".join(answer)})
         s = model.last_stats
-        print(f"[prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
+        print(f"[{s.adapter}: prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
               f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 
@@ -117,6 +183,10 @@ def _add_generation_options(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="load a PEFT LoRA adapter folder as NAME (repeatable)")
+    p.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base",
+                   help="adapter to use, or a weighted mix (default: the only --adapter, else required)")
 
 
 def _cmd_demo(ns) -> int:
@@ -144,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
-    i = sub.add_parser("inspect", help="describe a bundle or a checkpoint")
+    i = sub.add_parser("inspect", help="describe a bundle, a checkpoint or a LoRA adapter folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)

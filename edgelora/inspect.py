@@ -1,4 +1,4 @@
-"""``edgelora inspect``: what a bundle or a source checkpoint holds."""
+"""``edgelora inspect``: what a bundle, a source checkpoint or a LoRA adapter folder holds."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ def inspect(path) -> dict:
                     "files": m["files"], "checksums": checksums}
         finally:
             b.close()
+    if (path / "adapter_config.json").is_file():
+        from edgelora.adapters import describe_adapter
+        return describe_adapter(path)
     if (path / "config.json").is_file():
         from edgelora.converters.hf import HFCheckpoint
         with HFCheckpoint(path) as c:
@@ -49,10 +52,14 @@ def inspect(path) -> dict:
             return {"kind": "checkpoint", "path": str(path), "architecture": _args_dict(c.args),
                     "parameters": params, "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
                     "bits_per_weight": round(8 * c.source_bytes() / params, 3), "files": files}
-    raise FormatError("neither an edgelora bundle (manifest.json) nor a Hugging Face checkpoint (config.json)", path)
+    raise FormatError("neither an edgelora bundle (manifest.json), a Hugging Face checkpoint (config.json) nor "
+                      "a PEFT adapter (adapter_config.json)", path)
 
 
 def format_inspect(info: dict) -> str:
+    if info["kind"] == "adapter":
+        from edgelora.adapters import format_adapter
+        return format_adapter(info)
     a = info["architecture"]
     lines = [f"{info['kind']}: {info['path']}",
              f"  architecture  {a['model_type']}: {a['layers']} layers, hidden {a['hidden_size']}, "

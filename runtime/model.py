@@ -350,11 +350,17 @@ class Model:
         return ["".join(o) for o in outs]
 
 
-def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True) -> Model:
+def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True,
+         adapters: dict | None = None) -> Model:
     """Open a bundle (memory-mapped, checksums verified) and make it ready to generate.
 
     ``verify``: ``True`` checks every file's sha256, skipping files already verified whose
     identity (size, times, inode) is unchanged; ``"full"`` hashes every file again; ``False``
     checks only the manifest and sizes of what is read.
+    ``adapters``: ``{name: path}`` of PEFT LoRA adapter folders to make resident (none is in use
+    until ``model.use(name)`` or ``adapter=name``).
     """
-    return Model(Bundle(Path(path), verify=verify), threads=threads, max_context=max_context)
+    model = Model(Bundle(Path(path), verify=verify), threads=threads, max_context=max_context)
+    for name, adapter_path in (adapters or {}).items():
+        model.adapters.load(name, adapter_path)
+    return model

@@ -378,3 +378,57 @@ def test_dora_cannot_be_mixed(bases, adapters):
     model.adapters.load("q", adapters("qwen-bias-all"))
     with pytest.raises(UsageError, match="DoRA"):
         model.use({"d": 0.5, "q": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def _cli(*args, stdin=None):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "edgelora", *map(str, args)], capture_output=True, text=True,
+                          input=stdin)
+
+
+def test_cli_run_chat_inspect_with_adapters(bases, adapters, tmp_path):
+    _, bundle = bases("llama_untied")
+    a, b = adapters("r4-attention"), adapters("r16-all-linear")
+    model = edgelora.load(bundle, max_context=64, adapters={"a": a, "b": b})
+    prompt = "the cat sat on the"
+    want = {}
+    for spec in ("a", {"a": 0.5, "b": 0.5}, None):
+        model.generate(prompt, max_new_tokens=6, adapter=spec, temperature=0)
+        want[str(spec)] = model.last_stats.generated_ids
+    common = ["run", bundle, "-p", prompt, "-n", 6, "--json", "--max-context", 64]
+    r = _cli(*common, "--adapter", f"a={a}")  # a single adapter is used by default
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["adapter"] == "a" and out["generated_ids"] == want["a"]
+    r = _cli(*common, "--adapter", f"a={a}", "--adapter", f"b={b}", "--use", "a=0.5,b=0.5")
+    out = json.loads(r.stdout)
+    assert out["adapter"] == "a=0.5,b=0.5"
+    assert out["generated_ids"] == want[str({"a": 0.5, "b": 0.5})] != want["None"]
+    r = _cli(*common, "--adapter", f"a={a}", "--adapter", f"b={b}")
+    assert r.returncode == 2 and "--use" in r.stderr
+    r = _cli(*common, "--adapter", f"a={bundle}")
+    assert r.returncode == 3 and "adapter_config.json" in r.stderr
+
+    # chat: list, switch, mix, base, load, unload, all on the device, between turns
+    bundle = shutil.copytree(bundle, tmp_path / "with-template")
+    (bundle / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the{% endif %}")
+    session = "\n".join(["/adapters", "hello", "/use a", "hello", "/use a=0.5,b=0.5", "/base", f"/load c={a}",
+                         "/unload b", "/adapters", "/use nope", "/exit"]) + "\n"
+    r = _cli("chat", bundle, "--adapter", f"a={a}", "--adapter", f"b={b}", "--use", "b", "-n", 3, stdin=session)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    assert "* b" in err and "using: b" in err and "(using a; switched in" in err
+    assert "(using a=0.5,b=0.5;" in err and "(using base;" in err and "(loaded c:" in err
+    assert "(unloaded b; using base)" in err and "no adapter named 'nope'" in err
+    assert "[b: prefill" in err and "[a: prefill" in err
+
+    r = _cli("inspect", b)
+    assert r.returncode == 0 and "rank 16" in r.stdout and "down_proj" in r.stdout
+    info = json.loads(_cli("inspect", a, "--json").stdout)
+    assert info["kind"] == "adapter" and info["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
