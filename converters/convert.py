@@ -24,7 +24,7 @@ from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, wr
 from edgelora.bundle import CODE_TENSORS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, nf4_entries
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
-from edgelora.errors import FormatError, QuantizationError, UsageError
+from edgelora.errors import FormatError, QuantizationError, UnsupportedError, UsageError
 from edgelora.safetensors_io import SafetensorsWriter, bf16_to_float32
 
 CHUNK_ELEMENTS = 1 << 23  # ~8M weights (32 MB of float32) per piece
@@ -133,9 +133,50 @@ class _ErrorMeter:
         return math.sqrt(self.diff2 / self.ref2) if self.ref2 > 0 else math.sqrt(self.diff2)
 
 
+class _MergedAdapter:
+    """One LoRA adapter folded into the float weights before quantization: ``W + s B A`` for each
+    targeted linear, trained biases and saved modules replacing the base's. The merged bundle
+    then runs at plain-base speed, but the adapter can no longer be switched off, and its delta
+    is quantized together with the base (the unmerged runtime keeps it exact in float32)."""
+
+    def __init__(self, path, args):
+        from edgelora.adapters import HEAD, read_adapter
+        self.path = Path(path)
+        self.adapter = ad = read_adapter(self.path, args)
+        if ad.is_dora or ad.config.lora_bias:
+            raise UnsupportedError("merging DoRA or lora_bias adapters at conversion is not supported; load "
+                                   "the adapter unmerged with --adapter / model.adapters.load", self.path)
+        if args.tie_word_embeddings and (HEAD in ad.pairs or ad.saved):
+            raise UnsupportedError("this adapter changes the output head or the embeddings of a model whose head "
+                                   "is tied to its embeddings; merging would change both. Load it unmerged",
+                                   self.path)
+        self.saved = {f"{m}.weight": a for m, a in ad.saved.items()}  # lm_head.weight, model.embed_tokens.weight
+
+    def rows(self, name: str, x: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of tensor ``name`` (float32, flattened to its row layout) after merging."""
+        module, _, kind = name.rpartition(".")
+        if name in self.saved:
+            return np.asarray(self.saved[name][r0:r1], np.float32)
+        if kind == "bias" and module in self.adapter.biases:
+            return self.adapter.biases[module].reshape(x.shape)
+        p = self.adapter.pairs.get(module)
+        if kind == "weight" and p is not None:
+            return x + np.float32(p.scale) * (p.B[r0:r1] @ p.A)
+        return x
+
+    def describe(self) -> dict:
+        s = self.adapter.summary()
+        return {"path": str(self.path), "sha256": sha256_file(self.path / "adapter_model.safetensors"),
+                "ranks": s["ranks"], "lora_alpha": s["lora_alpha"], "targets": s["targets"], "modules": s["modules"]}
+
+
 def convert(src, out, block_size: int = 64, double_quant: bool = True, embeddings: str = "float16",
-            head: str = "float16", overwrite: bool = False, progress: bool = False) -> ConversionSummary:
-    """Convert a Hugging Face checkpoint folder (or hub id) into an edgelora NF4 bundle at ``out``."""
+            head: str = "float16", overwrite: bool = False, progress: bool = False,
+            merge_adapter=None) -> ConversionSummary:
+    """Convert a Hugging Face checkpoint folder (or hub id) into an edgelora NF4 bundle at ``out``.
+
+    ``merge_adapter``: a PEFT LoRA adapter folder to fold into the weights before quantization
+    (see :class:`_MergedAdapter` for the trade-off)."""
     t0 = time.perf_counter()
     if block_size not in nf4.SUPPORTED_BLOCK_SIZES:
         raise UsageError(f"block size must be one of {nf4.SUPPORTED_BLOCK_SIZES}, got {block_size}")
@@ -150,6 +191,7 @@ def convert(src, out, block_size: int = 64, double_quant: bool = True, embedding
             raise FormatError("no tokenizer.json in the checkpoint folder; save the tokenizer with transformers "
                               "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", src_path)
         specs = ckpt.specs
+        merge = _MergedAdapter(merge_adapter, ckpt.args) if merge_adapter is not None else None
         storage = {name: _storage(s.role, embeddings, head) for name, s in specs.items()}
         entries = [(k, "F32", v.shape) for k, v in CODE_TENSORS.items()]
         for name, spec in specs.items():
@@ -167,20 +209,23 @@ def convert(src, out, block_size: int = 64, double_quant: bool = True, embedding
                 writer.write(k, v)
             bar = tqdm(total=total, unit="w", unit_scale=True, desc="quantizing", disable=not progress, leave=False)
             for name, spec in specs.items():
-                reports.append(_convert_tensor(ckpt, name, spec, storage[name], writer, block_size, double_quant))
+                reports.append(_convert_tensor(ckpt, name, spec, storage[name], writer, block_size, double_quant,
+                                               merge))
                 bar.update(math.prod(spec.shape))
             bar.close()
             writer.close()
             for f in ckpt.tokenizer_files() + [src_path / "config.json"]:
                 shutil.copyfile(f, tmp / f.name)
             manifest = _manifest(tmp, src, src_path, ckpt, block_size, double_quant, embeddings, head, reports)
+            if merge is not None:
+                manifest["source"]["merged_adapter"] = merge.describe()
             write_text_atomic(tmp / MANIFEST, _dumps(manifest))
         source_bytes = ckpt.source_bytes()
         model_type = ckpt.args.model_type
     return _summary(out, model_type, reports, source_bytes, time.perf_counter() - t0)
 
 
-def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant) -> TensorReport:
+def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant, merge=None) -> TensorReport:
     f = ckpt.where[name]
     dtype = f.tensors[name].dtype
     raw = f.raw(name)
@@ -194,11 +239,15 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
     def done(r0, r1):  # drop the source pages of rows [r0, r1) from our RSS
         f.release(name, r0 * row_bytes, r1 * row_bytes)
 
+    def rows(r0, r1):  # float32 source rows, with the merged adapter's change
+        x = _widen(raw2d[r0:r1], dtype)
+        return x if merge is None else merge.rows(name, x, r0, r1)
+
     if storage == "nf4":
         packed = np.empty(-(-n // 2), np.uint8)
         absmax = np.empty(-(-n // block_size), np.float32)
         for r0, r1 in chunks:
-            x = _widen(raw2d[r0:r1], dtype)
+            x = rows(r0, r1)
             if not np.isfinite(x).all():
                 raise QuantizationError(f"tensor {name!r} contains NaN or infinity", f.path)
             p, a = nf4.quantize_blocks(x, block_size)
@@ -215,7 +264,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
         for r0, r1 in chunks:
             e0, e1 = r0 * cols, r1 * cols
             approx = q.dequantize_blocks(e0 // block_size, -(-e1 // block_size), deq_absmax)
-            meter.add(_widen(raw2d[r0:r1], dtype).ravel(), approx[: e1 - e0])
+            meter.add(rows(r0, r1).ravel(), approx[: e1 - e0])
             done(r0, r1)
         writer.write(f"{name}.nf4_codes", q.packed)
         writer.write(f"{name}.nf4_scales", q.scales)
@@ -227,7 +276,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant)
         target = np.float16 if storage == "float16" else np.float32
         written = 0
         for r0, r1 in chunks:
-            x = _widen(raw2d[r0:r1], dtype)
+            x = rows(r0, r1)
             if storage == "float16" and np.abs(x).max(initial=0) > FLOAT16_MAX:
                 raise QuantizationError(f"tensor {name!r} has values beyond float16's range; "
                                         f"convert with --embeddings nf4 / --head nf4", f.path)

@@ -19,7 +19,7 @@ def _cmd_convert(ns) -> int:
     from edgelora.converters.convert import convert
     s = convert(ns.src, ns.output, block_size=ns.block_size, double_quant=not ns.no_double_quant,
                 embeddings=ns.embeddings, head=ns.head, overwrite=ns.overwrite,
-                progress=not ns.quiet and sys.stderr.isatty())
+                progress=not ns.quiet and sys.stderr.isatty(), merge_adapter=ns.merge_adapter)
     if ns.json:
         d = s.to_dict()
         if not ns.verbose:
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the token embeddings (float16)")
     c.add_argument("--head", choices=("float16", "nf4"), default="float16",
                    help="storage of an untied output head (float16)")
+    c.add_argument("--merge-adapter", default=None, metavar="ADAPTER_DIR",
+                   help="fold one PEFT LoRA adapter into the weights before quantizing (base speed, not switchable)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-v", "--verbose", action="store_true", help="per-tensor errors")

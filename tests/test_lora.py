@@ -432,3 +432,33 @@ def test_cli_run_chat_inspect_with_adapters(bases, adapters, tmp_path):
     assert r.returncode == 0 and "rank 16" in r.stdout and "down_proj" in r.stdout
     info = json.loads(_cli("inspect", a, "--json").stdout)
     assert info["kind"] == "adapter" and info["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# merging at conversion
+# ---------------------------------------------------------------------------------------------
+
+def test_convert_merge_adapter_equals_peft_merge_then_quantize(bases, adapters, tmp_path):
+    from edgelora.bundle import Bundle
+    from edgelora.converters.nf4 import quantize_nf4
+    import transformers
+    src, _ = bases("qwen2")
+    ad = adapters("qwen-bias-all")
+    out = tmp_path / "merged"
+    r = _cli("convert", src, "-o", out, "--merge-adapter", ad)
+    assert r.returncode == 0, r.stderr
+    base = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, ad).merge_and_unload().state_dict()
+    with Bundle(out) as b:
+        assert b.manifest["source"]["merged_adapter"]["modules"] == 4
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+            want = quantize_nf4(merged[name].numpy())
+            got = b.nf4(name)
+            same = np.mean(want.packed == got.packed)
+            assert same > 0.999, same  # float rounding of W + sBA may differ by an ulp at a code boundary
+            np.testing.assert_allclose(got.dequantize(), want.dequantize(), atol=1e-6)
+        for name in ("model.layers.0.self_attn.k_proj.bias", "model.layers.1.self_attn.q_proj.bias"):
+            np.testing.assert_array_equal(b.tensor(name), merged[name].numpy())
+    with pytest.raises(UnsupportedError, match="DoRA"):
+        edgelora.convert(src, tmp_path / "dora", merge_adapter=adapters("dora"))
+    assert not (tmp_path / "dora").exists()
