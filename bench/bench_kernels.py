@@ -4,6 +4,11 @@ for 1 to N threads, on the weight shapes of one Llama-3.2-1B decoder layer.
 Reports weights per second, the bytes per second that implies (NF4 codes + scales: ~0.516 bytes a
 weight) and that as a fraction of a streaming read measured in the same run with the same threads.
 
+Then batched decode: ``matvec_batch`` of B vectors against B sequential ``matvec`` calls (each
+sequence through every matrix in turn, as B separate decodes would run) on the 2048x5632 and
+5632x2048 NF4 shapes, in weight-vector products per second (each weight counted once per vector)
+and the ratio batch / sequential.
+
     python bench/bench_kernels.py --threads 1 2 --json bench/results/kernels.json
 """
 
@@ -25,6 +30,7 @@ from edgelora.runtime.kernels import NF4Linear
 
 # (out, in) of q, k, v, o, gate, up, down in Llama-3.2-1B
 LAYER = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)]
+BATCH_SHAPES = [(2048, 5632), (5632, 2048)]  # (out, in): down and gate/up of a 2048-wide model with a 5632 MLP
 
 
 def time_layer(lins, xs, repeats: int) -> float:
@@ -39,11 +45,36 @@ def time_layer(lins, xs, repeats: int) -> float:
     return best
 
 
+def time_batch(lins, X, repeats: int) -> tuple[float, float]:
+    """Best seconds for one ``matvec_batch(X)`` through every matrix, and for ``len(X)`` sequential
+    ``matvec`` passes through them."""
+    def batched():
+        for lin in lins:
+            lin.matvec_batch(X)
+
+    def sequential():
+        for x in X:
+            for lin in lins:
+                lin.matvec(x)
+
+    times = []
+    for run in (batched, sequential):
+        run()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        times.append(best)
+    return times[0], times[1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=None)
     p.add_argument("--layers", type=int, default=4, help="distinct layers (so weights do not stay in cache)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="vectors for matvec_batch")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     cores = numba.config.NUMBA_NUM_THREADS
@@ -63,7 +94,22 @@ def main():
         bw = memory_bandwidth(th)
         rows.append({"threads": th, "gweights_per_s": weights / dt / 1e9, "gbytes_per_s": nbytes / dt / 1e9,
                      "stream_gbytes_per_s": bw / 1e9, "fraction_of_stream": nbytes / dt / bw})
-    report = {"cpu_count": os.cpu_count(), "weights": weights, "bytes": nbytes, "results": rows}
+    batch_lins = {shape: [NF4Linear(quantize_nf4((rng.standard_normal(shape) * 0.02).astype(np.float32)))
+                          for _ in range(a.layers)] for shape in BATCH_SHAPES}
+    batch_rows = []
+    for th in threads:
+        numba.set_num_threads(th)
+        for (n, k), blins in batch_lins.items():
+            for b in a.batches:
+                X = rng.standard_normal((b, k)).astype(np.float32)
+                t_batch, t_seq = time_batch(blins, X, a.repeats)
+                products = n * k * b * len(blins)
+                batch_rows.append({"threads": th, "shape": [n, k], "batch": b,
+                                   "batch_gweights_per_s": products / t_batch / 1e9,
+                                   "sequential_gweights_per_s": products / t_seq / 1e9,
+                                   "batch_over_sequential": t_seq / t_batch})
+    report = {"cpu_count": os.cpu_count(), "weights": weights, "bytes": nbytes, "results": rows,
+              "batch_results": batch_rows}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(a.json, json.dumps(report, indent=1))
@@ -73,6 +119,12 @@ def main():
     for r in rows:
         print(f"| {r['threads']} | {r['gweights_per_s']:.2f} | {r['gbytes_per_s']:.1f} | "
               f"{r['stream_gbytes_per_s']:.1f} | {r['fraction_of_stream']:.0%} |")
+    print(f"\nBatched decode: matvec_batch of B vectors vs B sequential matvec passes, {a.layers} matrices a shape")
+    print("| threads | shape (out x in) | B | batch G weights/s | sequential G weights/s | batch / sequential |")
+    print("|---|---|---|---|---|---|")
+    for r in batch_rows:
+        print(f"| {r['threads']} | {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['batch_gweights_per_s']:.2f} | "
+              f"{r['sequential_gweights_per_s']:.2f} | {r['batch_over_sequential']:.2f} |")
 
 
 if __name__ == "__main__":

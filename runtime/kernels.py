@@ -8,9 +8,18 @@
   a small float32 buffer and multiplies it with the whole chunk of tokens through BLAS, so each
   dequantized tile is reused by every token (the tiling idea of llama.cpp's
   ``ggml_compute_forward_mul_mat``).
-* ``F16Linear`` does the same for float16 matrices (embeddings, output head). Numba has no
-  float16 on CPU, so half floats are widened by an LLVM ``fpext`` from their bits (exact,
-  subnormals too).
+* Decode of several sequences at once (``matvec_batch``, X [B, in]: LoRA multi-sequence batches
+  share the base product) is a batched matrix-vector product, as Punica's BGMV or llama.cpp's
+  ``mul_mat`` with more than one column in ``src1``: on x86-64 each weight byte is read and
+  decoded once per call and FMA'd into every sequence's accumulators. Row b is bit for bit
+  ``matvec(X[b])``: the one-vector kernel is the one-vector case of the same code, and each
+  (row, vector) pair gets the same operations in the same order whatever the batch, so a sequence
+  decodes to the same tokens in a batch as alone. The portable kernel and rows that straddle
+  blocks run the one-vector code per vector on each row while it is in cache.
+* ``F16Linear`` does the same for float16 matrices (embeddings, output head); its batched product
+  dots each row with every vector while the row is in cache, through the row function ``matvec``
+  uses. Numba has no float16 on CPU, so half floats are widened by an LLVM ``fpext`` from their
+  bits (exact, subnormals too).
 
 Without double quantization a bundle's float32 block absmaxes are fed to the same kernel as
 ``nested`` with a shift of 0 and codes of 255 (``dynamic_code[255] == 1.0``), so one kernel serves
@@ -29,13 +38,15 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
-from edgelora.runtime.simd import SIMD, nf4_row_dot_avx2, nf4_row_dot_avx512
+from edgelora.runtime.simd import MAX_VECTORS, SIMD, acc_reduce, nf4_tile_dot_avx2, nf4_tile_dot_avx512
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
 TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
 
 
 PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller products run on the calling thread (no thread wake-up)
+X_TILE_BYTES = 32 << 10  # bytes of x (all vectors) one column tile reads, to stay in L1 (SIMD kernels)
+ROW_TILE = 32  # rows whose accumulators wait while the column tiles pass (SIMD kernels)
 
 
 @intrinsic
@@ -87,28 +98,139 @@ def _nf4_dot_aligned_portable(code, packed, scales, half, n_rows, xe, xo, out):
         out[r] = acc
 
 
+# Batched twins: ``OUT[b, o0 + r] = row r . x_b`` for every vector b of ``XE``/``XO`` [B, in/2] and
+# ``OUT`` [B, n], each equal bit for bit to the one-vector kernel's ``out[r]`` for x_b.
+
+@njit(cache=True)
+def _nf4_dot_aligned_batch_portable(code, packed, scales, half, n_rows, XE, XO, OUT, o0):
+    """Each row through the one-vector portable kernel once per vector, while the row is in cache
+    (its per-row arithmetic does not depend on how many rows a call gets; same argument types)."""
+    per_row = XE.shape[1] // half
+    row_bytes = per_row * half
+    for r in range(n_rows):
+        p = packed[r * row_bytes:(r + 1) * row_bytes]
+        s = scales[r * per_row:(r + 1) * per_row]
+        for b in range(XE.shape[0]):
+            _nf4_dot_aligned_portable(code, p, s, half, 1, XE[b], XO[b], OUT[b, o0 + r:o0 + r + 1])
+
+
+@njit(cache=True)
+def _aligned_f32(n):
+    """float32 [n] starting on a 64-byte line (Numba's own arrays promise 32)."""
+    raw = np.empty(n + 16, np.float32)
+    at = (-raw.ctypes.data % 64) // 4
+    return raw[at:at + n]
+
+
+@njit(cache=True)
+def _interleave_x(XE, XO, width):
+    """[B, in/2] twice -> [in/2/width, B, 2, width] flat: for each chunk of ``width`` bytes, every
+    vector's even then odd entries side by side (``runtime/simd.py``)."""
+    n_vec, h = XE.shape
+    xi = _aligned_f32(2 * n_vec * h)
+    for q in range(h // width):
+        for v in range(n_vec):
+            at = (q * n_vec + v) * 2 * width
+            for i in range(width):
+                xi[at + i] = XE[v, q * width + i]
+                xi[at + width + i] = XO[v, q * width + i]
+    return xi
+
+
+@njit(cache=True)
+def _nf4_group_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, m):
+    """Rows ``r0 .. r1``, blocks ``j0 .. j0 + nb`` for vectors ``v0 .. v0 + m``: the intrinsic takes
+    the vector count as a compile-time literal (1 .. MAX_VECTORS = 4), so each count is a call."""
+    if m == 4:
+        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 4)
+    elif m == 3:
+        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 3)
+    elif m == 2:
+        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 2)
+    else:
+        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 1)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_batch_avx512(code, packed, scales, half, n_rows, XE, XO, OUT, o0):
+    """Tiles of ``ROW_TILE`` rows by as many blocks as keep every vector's x in L1, each decoded once
+    per group of at most ``MAX_VECTORS`` vectors (``nf4_tile_dot_avx512``); between column tiles
+    the accumulators wait in ``acc``."""
+    n_vec, per_row = XE.shape[0], XE.shape[1] // half
+    xi = _interleave_x(XE, XO, 16)
+    groups = (n_vec + MAX_VECTORS - 1) // MAX_VECTORS
+    tile = max(1, X_TILE_BYTES // (8 * half * n_vec))  # blocks a column tile (a block of x is 8 * half bytes)
+    acc = _aligned_f32(ROW_TILE * n_vec * 2 * 16)  # [rows, vectors, (h, l), 16]
+    for r0 in range(0, n_rows, ROW_TILE):
+        r1 = min(n_rows, r0 + ROW_TILE)
+        acc[:] = 0.0
+        for j0 in range(0, per_row, tile):
+            nb = min(tile, per_row - j0)
+            for g in range(groups):  # sizes as even as can be
+                v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
+                _nf4_group_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, v1 - v0)
+        for r in range(r0, r1):
+            for b in range(n_vec):
+                OUT[b, o0 + r] = acc_reduce(acc, (r - r0) * n_vec + b, 16)
+
+
 @njit(cache=True)
 def _nf4_dot_aligned_avx512(code, packed, scales, half, n_rows, xe, xo, out):
-    """Same as the portable kernel, each row one ``vpermps`` pass (``runtime/simd.py``)."""
-    per_row = xe.size // half
-    for r in range(n_rows):
-        out[r] = nf4_row_dot_avx512(code, packed, r * per_row * half, scales, r * per_row, xe, xo, per_row, half)
+    """The one-vector case of the batched kernel (``vpermps`` lookups, ``runtime/simd.py``)."""
+    XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
+    _nf4_dot_aligned_batch_avx512(code, packed, scales, half, n_rows, XE, XO, out.reshape((1, n_rows)), 0)
+
+
+@njit(cache=True)
+def _nf4_group_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, m):
+    if m == 4:
+        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 4)
+    elif m == 3:
+        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 3)
+    elif m == 2:
+        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 2)
+    else:
+        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 1)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_batch_avx2(code, packed, scales, half, n_rows, XE, XO, OUT, o0):
+    n_vec, per_row = XE.shape[0], XE.shape[1] // half
+    xi = _interleave_x(XE, XO, 8)
+    groups = (n_vec + MAX_VECTORS - 1) // MAX_VECTORS
+    tile = max(1, X_TILE_BYTES // (8 * half * n_vec))  # blocks a column tile (a block of x is 8 * half bytes)
+    acc = _aligned_f32(ROW_TILE * n_vec * 2 * 8)  # [rows, vectors, (h, l), 8]
+    for r0 in range(0, n_rows, ROW_TILE):
+        r1 = min(n_rows, r0 + ROW_TILE)
+        acc[:] = 0.0
+        for j0 in range(0, per_row, tile):
+            nb = min(tile, per_row - j0)
+            for g in range(groups):  # sizes as even as can be
+                v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
+                _nf4_group_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, v1 - v0)
+        for r in range(r0, r1):
+            for b in range(n_vec):
+                OUT[b, o0 + r] = acc_reduce(acc, (r - r0) * n_vec + b, 8)
 
 
 @njit(cache=True)
 def _nf4_dot_aligned_avx2(code, packed, scales, half, n_rows, xe, xo, out):
-    per_row = xe.size // half
-    for r in range(n_rows):
-        out[r] = nf4_row_dot_avx2(code, packed, r * per_row * half, scales, r * per_row, xe, xo, per_row, half)
+    XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
+    _nf4_dot_aligned_batch_avx2(code, packed, scales, half, n_rows, XE, XO, out.reshape((1, n_rows)), 0)
 
 
-# Every variant this CPU can run (the tests prove each equal to the reference); kernels use the best.
+# Every variant this CPU can run (the tests prove each equal to the reference, and each batched
+# twin equal bit for bit to its one-vector kernel); kernels use the best.
 NF4_DOT_VARIANTS = {"portable": _nf4_dot_aligned_portable}
+NF4_DOT_BATCH_VARIANTS = {"portable": _nf4_dot_aligned_batch_portable}
 if SIMD in ("avx2", "avx512"):
     NF4_DOT_VARIANTS["avx2"] = _nf4_dot_aligned_avx2
+    NF4_DOT_BATCH_VARIANTS["avx2"] = _nf4_dot_aligned_batch_avx2
 if SIMD == "avx512":
     NF4_DOT_VARIANTS["avx512"] = _nf4_dot_aligned_avx512
+    NF4_DOT_BATCH_VARIANTS["avx512"] = _nf4_dot_aligned_batch_avx512
 _nf4_dot_aligned = NF4_DOT_VARIANTS[SIMD or "portable"]
+_nf4_dot_aligned_batch = NF4_DOT_BATCH_VARIANTS[SIMD or "portable"]
 
 
 @njit(cache=True, fastmath=_FM)
@@ -142,6 +264,36 @@ def _nf4_matvec_parallel(code, dyn, packed, qscale, nested, nshift, offset, bs, 
     for c in prange(chunks):
         r0 = c * step
         _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, min(n_rows, r0 + step), x, xe, xo, out)
+
+
+@njit(cache=True)
+def _nf4_matvec_batch_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, X, XE, XO, OUT):
+    """OUT[:, r0:r1] = X @ W[r0:r1].T, X [B, in]: the block scales are formed once, each row's
+    bytes are read (and on x86-64 decoded) once for all B vectors, and OUT[b] is bit for bit what
+    :func:`_nf4_matvec_rows` gives for X[b]."""
+    if r1 <= r0:
+        return
+    if k % bs == 0:
+        per_row = k // bs
+        half = bs // 2
+        scales = np.empty((r1 - r0) * per_row, np.float32)
+        _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
+        _nf4_dot_aligned_batch(code, packed[r0 * (k // 2):r1 * (k // 2)], scales, half, r1 - r0, XE, XO, OUT, r0)
+    else:  # the one-vector code on each row for each vector, while the row is in cache
+        for r in range(r0, r1):
+            for b in range(X.shape[0]):
+                _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r, r + 1, X[b], XE[b], XO[b],
+                                 OUT[b])
+
+
+@njit(cache=True, parallel=True)
+def _nf4_matvec_batch_parallel(code, dyn, packed, qscale, nested, nshift, offset, bs, n_rows, k, X, XE, XO, OUT,
+                               chunks):
+    step = (n_rows + chunks - 1) // chunks  # the same row slices as _nf4_matvec_parallel
+    for c in prange(chunks):
+        r0 = c * step
+        _nf4_matvec_batch_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, min(n_rows, r0 + step),
+                               X, XE, XO, OUT)
 
 
 @njit(cache=True, nogil=True)
@@ -240,6 +392,19 @@ class _StoredLinear:
         return out
 
 
+def _batch_args(lin: _StoredLinear, X: np.ndarray, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` as C-contiguous f32 [B, in]; ``out`` checked (or made) as C-contiguous f32 [B, out]."""
+    X = np.ascontiguousarray(X, np.float32)
+    if X.ndim != 2 or X.shape[1] != lin.in_features:
+        raise ValueError(f"matvec_batch needs X of shape [B, {lin.in_features}], got {X.shape}")
+    shape = (X.shape[0], lin.out_features)
+    if out is None:
+        return X, np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"matvec_batch needs out as a writable C-contiguous float32 {shape} array")
+    return X, out
+
+
 class NF4Linear(_StoredLinear):
     """``y = x W^T`` for an NF4 weight ``W [out_features, in_features]``, read in place."""
 
@@ -277,6 +442,20 @@ class NF4Linear(_StoredLinear):
             _nf4_matvec_rows(*self._kargs, k, 0, n, x, xe, xo, out)
         return out
 
+    def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``; each weight byte is
+        read once for the whole batch (decode of B sequences sharing the base weight)."""
+        X, out = _batch_args(self, X, out)
+        if X.shape[0] == 0:
+            return out
+        XE, XO = np.ascontiguousarray(X[:, 0::2]), np.ascontiguousarray(X[:, 1::2])  # [B, ceil(in/2)], [B, in/2]
+        n, k = self.out_features, self.in_features
+        if self._parallel(n * k):
+            _nf4_matvec_batch_parallel(*self._kargs, n, k, X, XE, XO, out, numba.get_num_threads())
+        else:
+            _nf4_matvec_batch_rows(*self._kargs, k, 0, n, X, XE, XO, out)
+        return out
+
     def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
         """float32 rows ``[r0, r1)`` of the weight, with all threads when there are many."""
         if buf is None:
@@ -305,6 +484,11 @@ def nf4_matmul_reference(q: NF4Tensor, x: np.ndarray) -> np.ndarray:
     return (np.asarray(x, np.float64) @ q.dequantize_reference().astype(np.float64).T).astype(np.float32)
 
 
+def nf4_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`NF4Linear.matvec_batch`: X [B, in] -> [B, out]."""
+    return nf4_matmul_reference(q, X)
+
+
 # ---------------------------------------------------------------------------------------------
 # float16
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +504,17 @@ def _f16_dot_rows(w_bits, n_rows, k, x, out):
         out[r] = acc
 
 
+@njit(cache=True)
+def _f16_dot_rows_batch(w_bits, n_rows, k, X, OUT, o0):
+    """OUT[:, o0:o0 + n_rows] = X @ W.T, X [B, k]: each row is dotted with every vector while it
+    is in cache, by :func:`_f16_dot_rows` on that one row (a row's arithmetic does not depend on
+    how many rows a call gets; same argument types), so bit for bit its result."""
+    for r in range(n_rows):
+        row = w_bits[r * k:(r + 1) * k]
+        for b in range(X.shape[0]):
+            _f16_dot_rows(row, 1, k, X[b], OUT[b, o0 + r:o0 + r + 1])
+
+
 @njit(cache=True, parallel=True)
 def _f16_matvec_parallel(w_bits, n_rows, k, x, out, chunks):
     step = (n_rows + chunks - 1) // chunks
@@ -328,6 +523,16 @@ def _f16_matvec_parallel(w_bits, n_rows, k, x, out, chunks):
         r1 = min(n_rows, r0 + step)
         if r0 < r1:
             _f16_dot_rows(w_bits[r0 * k:r1 * k], r1 - r0, k, x, out[r0:r1])
+
+
+@njit(cache=True, parallel=True)
+def _f16_matvec_batch_parallel(w_bits, n_rows, k, X, OUT, chunks):
+    step = (n_rows + chunks - 1) // chunks
+    for c in prange(chunks):
+        r0 = c * step
+        r1 = min(n_rows, r0 + step)
+        if r0 < r1:
+            _f16_dot_rows_batch(w_bits[r0 * k:r1 * k], r1 - r0, k, X, OUT, r0)
 
 
 @njit(cache=True, nogil=True)
@@ -363,6 +568,16 @@ class F16Linear(_StoredLinear):
             _f16_dot_rows(self.bits, n, k, x, out)
         return out
 
+    def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``."""
+        X, out = _batch_args(self, X, out)
+        n, k = self.out_features, self.in_features
+        if self._parallel(n * k):
+            _f16_matvec_batch_parallel(self.bits, n, k, X, out, numba.get_num_threads())
+        else:
+            _f16_dot_rows_batch(self.bits, n, k, X, out, 0)
+        return out
+
     def dequantize_rows_serial(self, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
         _f16_rows(self.bits, self.in_features, r0, r1, buf)
         return buf[: r1 - r0]
@@ -373,3 +588,8 @@ class F16Linear(_StoredLinear):
 
 def f16_matvec_reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (w.astype(np.float64) @ np.asarray(x, np.float64)).astype(np.float32)
+
+
+def f16_matvec_batch_reference(w: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`F16Linear.matvec_batch`: X [B, in] -> [B, out]."""
+    return (np.asarray(X, np.float64) @ w.astype(np.float64).T).astype(np.float32)

@@ -4,18 +4,33 @@ Numba has no vector types, and LLVM turns a 16-entry table lookup into a memory 
 x86-64 has a register-to-register lookup instead: ``vpermps`` picks 16 (AVX-512) or 8 (AVX2)
 floats out of a register by index, so one instruction decodes 16 NF4 codes into their float
 values. (The same idea as llama.cpp's ``vpshufb`` decoding of IQ4_NL's 16-value grid, on float
-lanes here so the product stays exact float32 arithmetic.)
+lanes here so the product stays exact float32 arithmetic.) Per block the 16-entry table is first
+multiplied by the block's scale, so a lookup yields the dequantized weight ``code[c] * scale``,
+rounded exactly as ``NF4Tensor.dequantize`` rounds it.
 
-``nf4_row_dot_avx512(code, packed, p0, scales, s0, xe, xo, n_blocks, half)`` returns one row's
-product: for ``n_blocks`` blocks of ``half`` packed bytes (``half`` a multiple of 16) starting at
-``packed[p0]``, with block scales ``scales[s0:]``::
+``nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0,
+n_vec, nvec)`` multiplies a tile of the weight by a group of vectors: rows ``r0 .. r1`` of a
+matrix of ``per_row`` blocks of ``half`` packed bytes, blocks ``j0 .. j0 + n_blocks`` of each,
+with vectors ``v0 .. v0 + nvec`` of ``n_vec`` (x interleaved in ``xi``, see :func:`_tile_codegen`).
+For row r and vector v it keeps two accumulators (high nibbles times even x entries, low nibbles
+times odd ones), ``acc_h += W[r, 2i] * x[2i]``, ``acc_l += W[r, 2i+1] * x[2i+1]`` by FMA, a
+``width``-byte chunk at a time in column order; they wait in ``acc`` between calls (a store and a
+load: exact), and :func:`acc_reduce` gives the row's result, ``hsum(acc_h + acc_l)``.
 
-    sum_j scales[s0 + j] * sum_i (code[hi(p[j*half + i])] * xe[j*half + i] + code[lo(...)] * xo[j*half + i])
+Batched decode (several sequences sharing the weight, as Punica's BGMV or llama.cpp's ``mul_mat``
+with more than one column in ``src1``) is this kernel with ``nvec > 1``: each chunk of weight bytes
+is loaded and decoded once per group and FMA'd into every vector's accumulators, and each x
+value loaded once serves several rows. A row and vector see the same operations in the same
+order whatever the tile's shape, so a vector's result is bit for bit the same alone or in a batch;
+the tests check it. ``nvec`` is a compile-time literal so the IR is unrolled over rows and vectors
+with every accumulator in a register. ``nf4_tile_dot_avx2`` is the same with two 8-entry lookups
+and a blend. Callers select a variant with :data:`SIMD` (from the host CPU's features) and keep
+the portable loop for everything else (aarch64, older x86); the tests prove every available
+variant equal to the NumPy reference.
 
-keeping both sums in vector registers and reducing once per row. ``nf4_row_dot_avx2`` is the same
-with two 8-entry lookups and a blend. Callers select a variant with
-:data:`SIMD` (from the host CPU's features) and keep the portable loop for everything else
-(aarch64, older x86); the tests prove every available variant equal to the NumPy reference.
+Numba's on-disk cache of the kernels that use these intrinsics is keyed on the text of
+``kernels.py`` alone: after editing this file, delete ``runtime/__pycache__/kernels.*`` (or run
+with a fresh ``NUMBA_CACHE_DIR``) so that they are compiled again.
 """
 
 from __future__ import annotations
@@ -33,12 +48,10 @@ _I32 = ir.IntType(32)
 _I8 = ir.IntType(8)
 _I64 = ir.IntType(64)
 
-
-def _data_ptr(context, builder, arrty, arr, index, elem):
-    """Pointer to ``arr[index]`` cast to ``elem*``."""
-    ary = context.make_array(arrty)(context, builder, arr)
-    ptr = builder.gep(ary.data, [index])
-    return builder.bitcast(ptr, elem.as_pointer())
+MAX_VECTORS = 4  # vectors one tile call takes; larger batches are split into groups
+# rows a tile decodes side by side, by vector count: each x chunk loaded once serves them all,
+# within the register file (AVX-512: 32 registers, 2 accumulators a row and vector; AVX2: 16)
+TILE_ROWS = {16: {1: 4, 2: 4, 3: 3, 4: 2}, 8: {1: 2, 2: 1, 3: 1, 4: 1}}
 
 
 def _hsum(builder, v, width):
@@ -51,77 +64,156 @@ def _hsum(builder, v, width):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-def _row_codegen(width: int):
+def _emit_tile(builder, width, table, rows, xload, n_blocks, half):
+    """IR for ``n_blocks`` blocks of ``len(rows)`` rows with every vector.
+
+    ``rows``: per row ``(bytes, scales, accs)``: ``i8*`` to its first byte, ``float*`` to its first
+    block scale, and per vector the allocas ``[acc_h, acc_l]``. ``xload(v, nibble, at)`` loads
+    vector v's x entries for the high (0: even entries) or low (1: odd) nibbles of the bytes
+    ``at .. at + width`` of the tile. ``table``: the 16 NF4 values as ``width``-float vectors."""
     vf = ir.VectorType(_F32, width)
     vi = ir.VectorType(_I32, width)
     vb = ir.VectorType(_I8, width)
+    mod = builder.module
+    name = "llvm.x86.avx512.permvar.sf.512" if width == 16 else "llvm.x86.avx2.permps"
+    perm = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), name)
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32")
+    four, fifteen, eight = (ir.Constant(vi, [c] * width) for c in (4, 15, 8))
+    zero_i = ir.Constant(vi, [0] * width)
+    n_vec = len(rows[0][2])
 
-    def codegen(context, builder, sig, args):
-        code_t, packed_t, _, scales_t, _, xe_t, xo_t, _, _ = sig.args
-        code, packed, p0, scales, s0, xe, xo, n_blocks, half = args
-        mod = builder.module
-        name = "llvm.x86.avx512.permvar.sf.512" if width == 16 else "llvm.x86.avx2.permps"
-        perm = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), name)
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32")
-        tbl_lo = builder.load(_data_ptr(context, builder, code_t, code, ir.Constant(_I64, 0), vf), align=4)
-        tbl_hi = builder.load(_data_ptr(context, builder, code_t, code, ir.Constant(_I64, 8), vf), align=4) \
-            if width == 8 else None
-        p_base = _data_ptr(context, builder, packed_t, packed, p0, _I8)
-        s_base = _data_ptr(context, builder, scales_t, scales, s0, _F32)
-        e_base = _data_ptr(context, builder, xe_t, xe, ir.Constant(_I64, 0), _F32)
-        o_base = _data_ptr(context, builder, xo_t, xo, ir.Constant(_I64, 0), _F32)
-        four, fifteen, eight = (ir.Constant(vi, [c] * width) for c in (4, 15, 8))
-        zero_i, zero_f = ir.Constant(vi, [0] * width), ir.Constant(vf, [0.0] * width)
+    with cgutils.for_range(builder, n_blocks) as blk:
+        j = blk.index
+        scaled = []  # per row: the table times the block's scale
+        for _, s_base, _ in rows:
+            splat = builder.insert_element(ir.Constant(vf, ir.Undefined), builder.load(builder.gep(s_base, [j])),
+                                           ir.Constant(_I32, 0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(vi, [0] * width))
+            scaled.append([builder.fmul(t, splat) for t in table])
 
-        def lookup(idx):
+        def lookup(tab, idx):
             if width == 16:
-                return builder.call(perm, [tbl_lo, idx])
-            lo, hi = builder.call(perm, [tbl_lo, idx]), builder.call(perm, [tbl_hi, idx])
+                return builder.call(perm, [tab[0], idx])
+            lo, hi = builder.call(perm, [tab[0], idx]), builder.call(perm, [tab[1], idx])
             return builder.select(builder.icmp_unsigned("!=", builder.and_(idx, eight), zero_i), hi, lo)
 
-        def vload(base, i, ty, align):
-            return builder.load(builder.bitcast(builder.gep(base, [i]), ty.as_pointer()), align=align)
+        start = builder.mul(j, half)
+        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), half, ir.Constant(_I64, width)) as (i, _):
+            at = builder.add(start, i)
+            xs = [[xload(v, nib, at) for nib in (0, 1)] for v in range(n_vec)]  # shared by the rows
+            for (p_base, _, accs), tab in zip(rows, scaled):
+                w = builder.zext(builder.load(builder.bitcast(builder.gep(p_base, [at]), vb.as_pointer()), align=1), vi)
+                ws = (lookup(tab, builder.lshr(w, four)), lookup(tab, builder.and_(w, fifteen)))
+                for v in range(n_vec):
+                    for nib in (0, 1):
+                        a = accs[v][nib]
+                        builder.store(builder.call(fma, [ws[nib], xs[v][nib], builder.load(a)]), a)
 
-        row_acc = cgutils.alloca_once_value(builder, zero_f)
-        acc_h = cgutils.alloca_once_value(builder, zero_f)  # two chains, so FMA latency overlaps
-        acc_l = cgutils.alloca_once_value(builder, zero_f)
-        with cgutils.for_range(builder, n_blocks) as blk:
-            j = blk.index
-            builder.store(zero_f, acc_h)
-            builder.store(zero_f, acc_l)
-            start = builder.mul(j, half)
-            with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), half, ir.Constant(_I64, width)) as (i, _):
-                at = builder.add(start, i)
-                w = builder.zext(vload(p_base, at, vb, 1), vi)
-                builder.store(builder.call(fma, [lookup(builder.lshr(w, four)), vload(e_base, at, vf, 4),
-                                                 builder.load(acc_h)]), acc_h)
-                builder.store(builder.call(fma, [lookup(builder.and_(w, fifteen)), vload(o_base, at, vf, 4),
-                                                 builder.load(acc_l)]), acc_l)
-            scale = builder.load(builder.gep(s_base, [j]))
-            splat = builder.insert_element(ir.Constant(vf, ir.Undefined), scale, ir.Constant(_I32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(vi, [0] * width))
-            block = builder.fadd(builder.load(acc_h), builder.load(acc_l))
-            builder.store(builder.call(fma, [block, splat, builder.load(row_acc)]), row_acc)
-        return _hsum(builder, builder.load(row_acc), width)
+
+def _tile_codegen(width: int, nvec: int):
+    """``xi`` holds x interleaved as [in/2/width, n_vec, 2, width]: for each chunk of ``width``
+    bytes, each vector's even then odd entries side by side, so one pointer serves all vectors.
+    Row r's accumulators for vector v: ``acc[((r - r0) * n_vec + v) * 2 * width:]``, acc_h then
+    acc_l. Rows go ``TILE_ROWS[width][nvec]`` at a time, the rest one at a time."""
+    tile_rows = TILE_ROWS[width][nvec]
+    vf = ir.VectorType(_F32, width)
+    vp = vf.as_pointer()
+
+    def codegen(context, builder, sig, args):
+        code_t, packed_t, scales_t, xi_t, acc_t = sig.args[:5]
+        code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0, n_vec, _ = args
+        arrays = [context.make_array(t)(context, builder, a) for t, a in
+                  ((code_t, code), (packed_t, packed), (scales_t, scales), (xi_t, xi), (acc_t, acc))]
+        code_p, packed_p, scales_p, xi_p, acc_p = (a.data for a in arrays)
+        c = lambda n: ir.Constant(_I64, n)
+        table = [builder.load(builder.bitcast(builder.gep(code_p, [c(t)]), vp), align=4) for t in range(0, 16, width)]
+        # x of column j0 * half, vector v0; chunk q of the tile is n_vec * 2 * width floats further
+        x_base = builder.gep(xi_p, [builder.mul(builder.add(builder.mul(builder.udiv(builder.mul(j0, half), c(width)),
+                                                                          n_vec), v0), c(2 * width))])
+        chunk_stride = builder.mul(n_vec, c(2 * width))
+
+        def xload(v, nib, at):
+            q = builder.udiv(at, c(width))
+            off = builder.add(builder.mul(q, chunk_stride), c((2 * v + nib) * width))
+            return builder.load(builder.bitcast(builder.gep(x_base, [off]), vp), align=4)
+
+        def run_rows(first_row, count):
+            """IR for rows ``first_row .. first_row + count`` (``count`` a Python int)."""
+            rows, stores = [], []
+            for k in range(count):
+                r = builder.add(first_row, c(k))
+                blk = builder.add(builder.mul(r, per_row), j0)
+                p_base = builder.gep(packed_p, [builder.mul(blk, half)])
+                s_base = builder.gep(scales_p, [blk])
+                a_row = builder.mul(builder.add(builder.mul(builder.sub(r, r0), n_vec), v0), c(2 * width))
+                accs = []
+                for v in range(nvec):
+                    pair = []
+                    for nib in (0, 1):
+                        ptr = builder.bitcast(builder.gep(acc_p, [builder.add(a_row, c((2 * v + nib) * width))]), vp)
+                        pair.append(cgutils.alloca_once_value(builder, builder.load(ptr, align=4)))
+                        stores.append((pair[-1], ptr))
+                    accs.append(pair)
+                rows.append((p_base, s_base, accs))
+            _emit_tile(builder, width, table, rows, xload, n_blocks, half)
+            for a, ptr in stores:
+                builder.store(builder.load(a), ptr, align=4)
+
+        n_rows = builder.sub(r1, r0)
+        tiled = builder.mul(builder.udiv(n_rows, c(tile_rows)), c(tile_rows))
+        with cgutils.for_range_slice(builder, r0, builder.add(r0, tiled), c(tile_rows)) as (r, _):
+            run_rows(r, tile_rows)
+        if tile_rows > 1:
+            with cgutils.for_range_slice(builder, builder.add(r0, tiled), r1, c(1)) as (r, _):
+                run_rows(r, 1)
+        return context.get_dummy_value()
 
     return codegen
 
 
-def _signature(code, packed, scales, xe, xo):
-    arrays = (code, packed, scales, xe, xo)
+def _tile_signature(code, packed, scales, xi, acc, nvec):
+    if not (isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= MAX_VECTORS):
+        return None
+    arrays = (code, packed, scales, xi, acc)
     if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
         return None
-    if packed.dtype != types.uint8 or any(a.dtype != types.float32 for a in (code, scales, xe, xo)):
+    if packed.dtype != types.uint8 or any(a.dtype != types.float32 for a in (code, scales, xi, acc)):
+        return None
+    if not acc.mutable:
         return None
     i64 = types.int64
-    return types.float32(code, packed, i64, scales, i64, xe, xo, i64, i64)
+    return types.none(code, packed, scales, xi, acc, i64, i64, i64, i64, i64, i64, i64, i64, nvec)
 
 
 @intrinsic
-def nf4_row_dot_avx512(typingctx, code, packed, p0, scales, s0, xe, xo, n_blocks, half):
-    return _signature(code, packed, scales, xe, xo), _row_codegen(16)
+def nf4_tile_dot_avx512(typingctx, code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0, n_vec,
+                        nvec):
+    sig = _tile_signature(code, packed, scales, xi, acc, nvec)
+    return None if sig is None else (sig, _tile_codegen(16, nvec.literal_value))
 
 
 @intrinsic
-def nf4_row_dot_avx2(typingctx, code, packed, p0, scales, s0, xe, xo, n_blocks, half):
-    return _signature(code, packed, scales, xe, xo), _row_codegen(8)
+def nf4_tile_dot_avx2(typingctx, code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0, n_vec,
+                      nvec):
+    sig = _tile_signature(code, packed, scales, xi, acc, nvec)
+    return None if sig is None else (sig, _tile_codegen(8, nvec.literal_value))
+
+
+@intrinsic
+def acc_reduce(typingctx, acc, i, width):
+    """``hsum(acc_h + acc_l)`` for the accumulators at ``acc[i * 2 * width:]`` (``width`` a
+    literal 16 or 8): a row's result for one vector."""
+    if not (isinstance(acc, types.Array) and acc.ndim == 1 and acc.layout == "C" and acc.dtype == types.float32
+            and isinstance(width, types.IntegerLiteral) and width.literal_value in TILE_ROWS):
+        return None
+    n = width.literal_value
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        at = builder.mul(args[1], ir.Constant(_I64, 2 * n))
+        vp = ir.VectorType(_F32, n).as_pointer()
+        h, lo = (builder.load(builder.bitcast(builder.gep(data, [builder.add(at, ir.Constant(_I64, k * n))]), vp),
+                              align=4) for k in (0, 1))
+        return _hsum(builder, builder.fadd(h, lo), n)
+
+    return types.float32(acc, types.int64, width), codegen

@@ -26,6 +26,9 @@ def test_nf4_products_equal_reference(n, k, t, block, dq, seed):
     w = q.dequantize_reference()
     np.testing.assert_allclose(lin.matvec(x[0]), K.nf4_matvec_reference(q, x[0]), rtol=0, atol=_tol(w, x))
     np.testing.assert_allclose(lin.matmul(x), K.nf4_matmul_reference(q, x), rtol=0, atol=_tol(w, x))
+    batch = lin.matvec_batch(x)
+    np.testing.assert_allclose(batch, K.nf4_matvec_batch_reference(q, x), rtol=0, atol=_tol(w, x))
+    assert all(np.array_equal(batch[b], lin.matvec(x[b])) for b in range(t))
     r0, r1 = sorted(rng.integers(0, n + 1, 2))
     assert np.array_equal(lin.dequantize_rows(r0, r1), w[r0:r1])  # dequantization itself is exact
     ids = rng.integers(0, n, 5)
@@ -89,3 +92,109 @@ def test_every_nf4_dot_variant_equals_reference(variant, block):
                                 np.ascontiguousarray(x[1::2]), out)
     w = q.dequantize_reference()
     np.testing.assert_allclose(out, K.nf4_matvec_reference(q, x), rtol=0, atol=_tol(w, x[None]))
+
+
+BATCHES = [1, 2, 3, 4, 5, 9]
+
+
+def _rows_of(lin, X):
+    return np.stack([lin.matvec(x) for x in X])
+
+
+@pytest.mark.parametrize("variant", sorted(K.NF4_DOT_VARIANTS))
+@pytest.mark.parametrize("block", [32, 64, 128, 256])
+def test_every_nf4_batch_variant_is_its_one_vector_kernel_bit_for_bit(variant, block):
+    """Each batched kernel gives every vector exactly the bits of the one-vector kernel of the same
+    variant, for batch sizes that fill, split and leave remainders of the vector groups; 75 rows
+    leave remainders of the row tiles, and 2048 columns take several column tiles at B = 9."""
+    rng = np.random.default_rng(block + 1)
+    n, k = 75, 2048
+    q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=block)
+    lin = K.NF4Linear(q)
+    scales = np.empty(n * k // block, np.float32)
+    K._nf4_block_scales(K.DYNAMIC_CODE, lin.qscale, lin.nested, lin.nshift, lin.offset, 0, scales)
+    one, batched = K.NF4_DOT_VARIANTS[variant], K.NF4_DOT_BATCH_VARIANTS[variant]
+    X = rng.standard_normal((max(BATCHES), k)).astype(np.float32)
+    XE, XO = np.ascontiguousarray(X[:, 0::2]), np.ascontiguousarray(X[:, 1::2])
+    singles = np.empty((len(X), n), np.float32)
+    for b in range(len(X)):
+        one(K.NF4_CODE, lin.packed, scales, block // 2, n, XE[b], XO[b], singles[b])
+    ref = K.nf4_matvec_batch_reference(q, X)
+    np.testing.assert_allclose(singles, ref, rtol=0, atol=_tol(q.dequantize_reference(), X))
+    for B in BATCHES:
+        out = np.full((B, n + 3), np.nan, np.float32)
+        batched(K.NF4_CODE, lin.packed, scales, block // 2, n, XE[:B], XO[:B], out, 2)  # columns 2 .. n + 2
+        np.testing.assert_array_equal(out[:, 2:n + 2], singles[:B], err_msg=f"{variant} block {block} B {B}")
+        assert np.isnan(out[:, :2]).all() and np.isnan(out[:, n + 2:]).all()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("n,k,block,dq", [(300, 1024, 64, True), (37, 512, 128, False), (64, 256, 32, True),
+                                          (41, 172, 64, True), (9, 100, 32, False), (1, 7, 64, True)])
+def test_nf4_matvec_batch_rows_are_matvec_bit_for_bit(monkeypatch, threaded, n, k, block, dq):
+    """``matvec_batch`` row b is ``matvec(X[b])`` exactly, on the serial and threaded paths, for
+    rows that are whole blocks and rows that straddle them (172, 100, 7 columns)."""
+    if threaded:
+        monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)  # threaded whenever Numba has 2+ threads
+    rng = np.random.default_rng(n * k)
+    q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=block, double_quant=dq)
+    lin = K.NF4Linear(q)
+    w = q.dequantize_reference()
+    for B in BATCHES:
+        X = rng.standard_normal((B, k)).astype(np.float32)
+        got = lin.matvec_batch(X)
+        assert got.shape == (B, n) and got.dtype == np.float32
+        np.testing.assert_allclose(got, K.nf4_matvec_batch_reference(q, X), rtol=0, atol=_tol(w, X))
+        np.testing.assert_array_equal(got, _rows_of(lin, X), err_msg=f"B {B}")
+        out = np.empty((B, n), np.float32)
+        assert lin.matvec_batch(X, out=out) is out and np.array_equal(out, got)
+
+
+def test_nf4_matvec_batch_serial_equals_threaded(monkeypatch):
+    """The row slices a thread gets do not change any row's bits."""
+    import numba
+    rng = np.random.default_rng(5)
+    q = quantize_nf4((rng.standard_normal((203, 512)) * 0.05).astype(np.float32))
+    lin = K.NF4Linear(q)
+    X = rng.standard_normal((6, 512)).astype(np.float32)
+    serial = lin.matvec_batch(X)
+    monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
+    for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS), numba.config.NUMBA_NUM_THREADS}):
+        numba.set_num_threads(threads)
+        try:
+            np.testing.assert_array_equal(lin.matvec_batch(X), serial)
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("n,k", [(100, 64), (33, 172), (1, 1), (257, 300)])
+def test_f16_matvec_batch_rows_are_matvec_bit_for_bit(monkeypatch, threaded, n, k):
+    if threaded:
+        monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
+    rng = np.random.default_rng(n + k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+    lin = K.F16Linear(w)
+    for B in BATCHES:
+        X = rng.standard_normal((B, k)).astype(np.float32)
+        got = lin.matvec_batch(X)
+        np.testing.assert_allclose(got, K.f16_matvec_batch_reference(w, X), rtol=0,
+                                   atol=_tol(w.astype(np.float32), X))
+        np.testing.assert_array_equal(got, _rows_of(lin, X), err_msg=f"B {B}")
+
+
+def test_matvec_batch_checks_its_arguments():
+    rng = np.random.default_rng(0)
+    nf4 = K.NF4Linear(quantize_nf4((rng.standard_normal((8, 64)) * 0.05).astype(np.float32)))
+    f16 = K.F16Linear(np.zeros((8, 64), np.float16))
+    for lin in (nf4, f16):
+        with pytest.raises(ValueError, match="shape"):
+            lin.matvec_batch(np.zeros((2, 63), np.float32))
+        with pytest.raises(ValueError, match="shape"):
+            lin.matvec_batch(np.zeros(64, np.float32))
+        with pytest.raises(ValueError, match="out"):
+            lin.matvec_batch(np.zeros((2, 64), np.float32), out=np.empty((2, 9), np.float32))
+        with pytest.raises(ValueError, match="out"):
+            lin.matvec_batch(np.zeros((2, 64), np.float32), out=np.empty((8, 2), np.float32).T)
+        X = rng.standard_normal((3, 64))  # float64 and non-contiguous input are converted
+        np.testing.assert_array_equal(lin.matvec_batch(X[::-1]), lin.matvec_batch(X[::-1].astype(np.float32)))
