@@ -6,6 +6,11 @@ The package ships a small Llama checkpoint that this repository trained itself
 folder once, converts it to an NF4 bundle once, and prints the conversion summary and the
 bundle's description, then loads the bundle with the NumPy + Numba runtime and tells a story and
 answers a question with it. Later runs reuse both (the bundle is re-verified by checksum).
+
+Then the reason edgelora exists: two LoRA adapters trained for the demo model by this repository
+(``scripts/train_demo_adapters.py``: "pirate" and "shout", all linear layers, answer-only loss)
+are loaded beside the resident NF4 base, and the same question is answered by the base, by each
+adapter and by a 50/50 mix, with the time each switch took.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ def packaged_demo_model() -> Path:
     if not (path / "model.safetensors").is_file():
         raise FormatError("the demo model is missing from this installation; reinstall edgelora", path)
     return path
+
+
+def packaged_demo_adapters() -> dict:
+    """``{name: folder}`` of the LoRA adapters shipped for the demo model."""
+    root = Path(str(resources.files("edgelora") / "demo_adapters"))
+    if not root.is_dir():
+        raise FormatError("the demo adapters are missing from this installation; reinstall edgelora", root)
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
 
 
 def demo_checkpoint(workdir: Path) -> Path:
@@ -86,4 +99,30 @@ def run_demo(workdir=None, quiet: bool = False) -> int:
     question = "Tom has a red ball. What colour is the ball?"
     print(f"\nedgelora chat: {question}")
     print(model.chat([{"role": "user", "content": question}], max_new_tokens=30, temperature=0))
+    adapter_demo(model)
     return 0
+
+
+def adapter_demo(model, questions=("Tom has a red ball. What colour is the ball?", "Hello!")) -> None:
+    """Load the demo adapters beside the base and answer with each, and with a mix, swapping live."""
+    import time
+    paths = packaged_demo_adapters()
+    print("\nLoRA adapters, hot-swapped on the resident NF4 base:")
+    for name, path in paths.items():
+        res = model.adapters.load(name, path)
+        info = res.info()
+        print(f"  loaded {name:<7} rank {','.join(map(str, info['ranks']))} on {', '.join(info['targets'])}: "
+              f"{res.nbytes / 1e3:.0f} kB in {res.load_seconds * 1e3:.1f} ms")
+    names = list(paths)
+    choices = [None, *names, {n: 1.0 / len(names) for n in names}]
+    width = len(",".join(f"{n}=0.5" for n in names))
+    for question in questions:
+        print(f"\n  Q: {question}")
+        for choice in choices:
+            t = time.perf_counter()
+            model.use(choice)
+            swap_ms = (time.perf_counter() - t) * 1e3
+            answer = model.chat([{"role": "user", "content": question}], max_new_tokens=40, temperature=0)
+            label = model.active_adapter
+            print(f"  [{label:<{width}} switched in {swap_ms:.3f} ms] {answer.strip()}")
+    model.use(None)
