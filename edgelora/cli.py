@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 other edgelora error; 2 usage (bad arguments, output exists);
 3 bad input file (missing, corrupt, truncated, checksum, an adapter made for another base); 4 unsupported (architecture, dtype,
-format version, pickle); 5 output could not be written (disk full, permissions); 130 interrupted.
+format version, pickle); 5 output could not be written (disk full, permissions); 6 a memory plan does not fit
+its device, or a deploy folder is used beyond its plan or on another kind of device; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -59,16 +60,18 @@ def _load_model(ns):
     import edgelora
     from edgelora.errors import UsageError
     from edgelora.runtime.lora import parse_mix
-    model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context)
+    model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
+                          device_check=not ns.any_device)
     for spec in ns.adapter:
         model.adapters.load(*_split_adapter(spec))
+    n = len(model.adapters)
     if ns.use is not None:
         model.use(parse_mix(ns.use))
-    elif len(ns.adapter) == 1:
+    elif n == 1:
         model.use(model.adapters.names[0])
-    elif len(ns.adapter) > 1:
-        raise UsageError(f"{len(ns.adapter)} adapters loaded: say which to use with --use NAME, --use a=0.5,b=0.5 "
-                         f"or --use base")
+    elif n > 1:
+        raise UsageError(f"{n} adapters loaded ({', '.join(model.adapters.names)}): say which to use with --use NAME, "
+                         f"--use a=0.5,b=0.5 or --use base")
     return model
 
 
@@ -172,8 +175,58 @@ def _cmd_bench(ns) -> int:
     return 0
 
 
+def _adapters_arg(specs) -> dict:
+    out = {}
+    for spec in specs:
+        name, path = _split_adapter(spec)
+        if name in out:
+            from edgelora.errors import UsageError
+            raise UsageError(f"--adapter {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def _cmd_devices(ns) -> int:
+    from edgelora.devices.profiles import format_devices, list_devices, user_dirs
+    devices = list_devices()
+    if ns.json:
+        print(json.dumps({n: d.to_dict() for n, d in devices.items()}, indent=1))
+    else:
+        print(format_devices(devices))
+        print(f"\n(add your own profile as a .toml file in {user_dirs()[0]}; see `edgelora devices --show NAME`)")
+    if ns.show:
+        from edgelora.devices.profiles import get_device
+        d = get_device(ns.show)
+        print(f"\n# {d.path}\n{d.to_toml()}", end="")
+    return 0
+
+
+def _cmd_plan(ns) -> int:
+    from edgelora.devices.planner import plan
+    p = plan(ns.bundle, ns.device, context=ns.context, adapters=_adapters_arg(ns.adapter), threads=ns.threads)
+    print(json.dumps(p.to_dict(), indent=1) if ns.json else p.text())
+    return 0 if p.fits else 6
+
+
+def _cmd_deploy(ns) -> int:
+    from edgelora.deploy import deploy
+    r = deploy(ns.bundle, ns.device, ns.output, adapters=_adapters_arg(ns.adapter), context=ns.context,
+               threads=ns.threads, archive=ns.archive, overwrite=ns.overwrite)
+    print(r.text())
+    return 0
+
+
+def _cmd_unpack(ns) -> int:
+    from edgelora.deploy import unpack
+    out = unpack(ns.archive, ns.output, overwrite=ns.overwrite)
+    print(f"unpacked and verified {out}")
+    return 0
+
+
 def _add_generation_options(p) -> None:
-    p.add_argument("bundle", help="bundle folder written by `edgelora convert`")
+    p.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
+    p.add_argument("--any-device", action="store_true",
+                   help="run a deploy folder even on a machine unlike the device it was planned for")
     p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -240,6 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)
+
+    dv = sub.add_parser("devices", help="list the device profiles (shipped and your own)")
+    dv.add_argument("--json", action="store_true")
+    dv.add_argument("--show", default=None, metavar="NAME", help="print one profile's file")
+    dv.set_defaults(func=_cmd_devices)
+
+    for cmd, text in (("plan", "will a bundle, its context and its adapters fit a device? (exit 6 when not)"),
+                      ("deploy", "plan, then write a verified deploy folder for a device (refused when it does not fit)")):
+        x = sub.add_parser(cmd, help=text)
+        x.add_argument("bundle", help="bundle folder written by `edgelora convert`")
+        x.add_argument("--device", required=True, help="device profile name (see `edgelora devices`) or a .toml file")
+        x.add_argument("--context", type=int, default=None, help="KV cache positions (min(model limit, 2048))")
+        x.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                       help="a PEFT LoRA adapter to keep resident (repeatable)")
+        x.add_argument("--threads", type=int, default=None, help="threads to plan for (the device's cores)")
+        if cmd == "plan":
+            x.add_argument("--json", action="store_true")
+            x.set_defaults(func=_cmd_plan)
+        else:
+            x.add_argument("-o", "--output", required=True, help="deploy folder to create")
+            x.add_argument("--archive", action="store_true", help="also write OUTPUT.tar")
+            x.add_argument("--overwrite", action="store_true", help="replace an existing output")
+            x.set_defaults(func=_cmd_deploy)
+
+    u = sub.add_parser("unpack", help="extract and verify a deploy archive (edgelora deploy --archive)")
+    u.add_argument("archive")
+    u.add_argument("-o", "--output", required=True, help="folder to create")
+    u.add_argument("--overwrite", action="store_true")
+    u.set_defaults(func=_cmd_unpack)
 
     d = sub.add_parser("demo", help="build and convert the built-in demo model (offline)")
     d.add_argument("--workdir", default=None, help="where to put the demo files (default: a user cache folder)")

@@ -55,3 +55,10 @@ class OutputError(EdgeLoraError):
     """The output could not be written (exists already, disk full, no permission)."""
 
     exit_code = 5
+
+
+class PlanError(EdgeLoraError):
+    """A memory plan that does not fit its device, or a deploy folder used beyond its plan or on a
+    device unlike the one it was planned for."""
+
+    exit_code = 6

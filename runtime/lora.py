@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, read_adapter
-from edgelora.errors import UsageError
+from edgelora.errors import UsageError, PlanError
 
 _FM = {"reassoc", "contract", "nsz"}
 
@@ -264,6 +264,8 @@ class AdapterSet:
         self._resident: dict[str, Resident] = {}
         self._lock = threading.Lock()
         self.base = BaseModules.from_args(model.args)
+        # bytes adapters may take in all (a deploy folder's memory plan), None: no limit
+        self.budget_bytes: int | None = None
 
     @property
     def names(self) -> list[str]:
@@ -306,6 +308,12 @@ class AdapterSet:
         with self._lock:
             if name in self._resident:
                 raise UsageError(f"an adapter named {name!r} is already loaded; unload it first")
+            if self.budget_bytes is not None and self.nbytes + res.nbytes > self.budget_bytes:
+                raise PlanError(
+                    f"adapter {name!r} needs {res.nbytes / 1e6:.1f} MB but the memory plan leaves "
+                    f"{(self.budget_bytes - self.nbytes) / 1e6:.1f} MB of its {self.budget_bytes / 1e6:.1f} MB "
+                    f"for adapters ({len(self._resident)} loaded: {', '.join(self._resident) or 'none'}); unload one, "
+                    f"or plan and deploy again with this adapter (edgelora deploy ... --adapter {name}=PATH)")
             self._resident[name] = res
         return res
 

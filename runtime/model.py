@@ -103,6 +103,7 @@ class Model:
         self.adapters = AdapterSet(self)
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
         self._step = threading.Lock()  # one forward step at a time (kernels share thread pools)
+        self.deployment = None  # the deploy folder's plan when loaded from one (edgelora.deploy)
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -351,16 +352,38 @@ class Model:
 
 
 def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True,
-         adapters: dict | None = None) -> Model:
-    """Open a bundle (memory-mapped, checksums verified) and make it ready to generate.
+         adapters: dict | None = None, device_check: bool = True) -> Model:
+    """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
+    generate.
 
     ``verify``: ``True`` checks every file's sha256, skipping files already verified whose
     identity (size, times, inode) is unchanged; ``"full"`` hashes every file again; ``False``
     checks only the manifest and sizes of what is read.
     ``adapters``: ``{name: path}`` of PEFT LoRA adapter folders to make resident (none is in use
     until ``model.use(name)`` or ``adapter=name``).
+
+    A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
+    architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
+    cache holds the planned context (a larger ``max_context`` is refused), its adapters are
+    loaded, and adapters beyond the bytes planned for them are refused.
     """
-    model = Model(Bundle(Path(path), verify=verify), threads=threads, max_context=max_context)
+    from edgelora.deploy import is_deploy, open_deploy
+    path = Path(path)
+    dep = None
+    if is_deploy(path):
+        from edgelora.errors import PlanError
+        dep = open_deploy(path, verify=verify, device_check=device_check)
+        if max_context is not None and max_context > dep.context:
+            raise PlanError(f"max_context {max_context} is more than the {dep.context} positions this deploy folder "
+                            f"was planned for; deploy again with --context {max_context}", path)
+        max_context = dep.context if max_context is None else max_context
+        model = Model(Bundle(dep.bundle_path, verify=False), threads=threads, max_context=max_context)
+        model.deployment = dep
+        model.adapters.budget_bytes = dep.adapter_bytes
+        for name, adapter_path in dep.adapters.items():
+            model.adapters.load(name, adapter_path)
+    else:
+        model = Model(Bundle(path, verify=verify), threads=threads, max_context=max_context)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
     return model

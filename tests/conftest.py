@@ -28,3 +28,16 @@ def _private_edgelora_home(tmp_path_factory):
         os.environ.pop("EDGELORA_HOME", None)
     else:
         os.environ["EDGELORA_HOME"] = old
+
+
+def demo_bundle_path() -> Path:
+    """The built-in demo model converted to a bundle (once per test session, in the private home)."""
+    from edgelora.atomic import edgelora_home
+    from edgelora.demo import demo_bundle
+    return demo_bundle(edgelora_home() / "demo", quiet=True)[0]
+
+
+def demo_adapter_paths() -> dict:
+    """``{name: folder}`` of the LoRA adapters shipped for the demo model."""
+    from edgelora.demo import packaged_demo_adapters
+    return {name: str(path) for name, path in packaged_demo_adapters().items()}

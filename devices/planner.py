@@ -1,0 +1,349 @@
+"""Memory planning: does a bundle, at a context length, with its adapters, fit a device?
+
+The plan adds what a generation holds at its peak, item by item, each from the runtime's own
+allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.py``):
+
+* **weights**: the bundle's ``model.safetensors``, memory-mapped; a decode step reads every page
+  of it (with an untied head the input embedding is read only at the rows of the tokens used,
+  so this is an upper bound there);
+* **KV cache**: keys and values, float32, ``2 x layers x context x kv_heads x head_dim``;
+* **rotary tables**: cos and sin for every position, float32 ``[context, head_dim]`` each;
+* **scratch**: the largest working set of a prefill chunk of ``min(256, context)`` tokens at the
+  end of the context: attention scores ``[heads, chunk, context]`` (the masked copy and softmax
+  hold three at once), or the MLP's ``[chunk, intermediate]`` activations (three at once), plus
+  one dequantized 4 MB weight tile per thread, the residual stream and the logits;
+* **adapters**: A and B in float32 (B transposed once), DoRA's magnitude, trained biases and saved
+  modules, exactly as ``model.adapters.load`` keeps them;
+* **tokenizer**: measured by building it in this process;
+* **runtime**: Python, NumPy, Numba with its compiled kernels and the tokenizer library, measured
+  (not guessed) by running the real runtime on the small built-in demo model in a fresh process
+  and subtracting that run's own items; the figure is cached per software versions, machine
+  architecture, thread count and LoRA use (``$EDGELORA_HOME/overhead.json``).
+
+A plan's total is checked against the peak RSS of real runs (``tests/test_devices.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgelora.atomic import edgelora_home, write_text_atomic
+from edgelora.config import ModelArgs
+from edgelora.devices.profiles import Device, get_device, host_arch
+from edgelora.errors import EdgeLoraError, UsageError
+
+PREFILL_CHUNK = 256  # runtime/model.py
+TILE_ELEMENTS = 1 << 20  # runtime/kernels.py: float32 elements of a dequantized prefill tile
+PARALLEL_MIN_WEIGHTS = 1 << 16  # runtime/kernels.py: smaller products run on one thread
+F32 = 4
+MB = 1e6
+
+
+@dataclass
+class Item:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    device: Device
+    bundle: str
+    context: int
+    threads: int
+    items: list
+    adapters: dict  # name -> resident bytes
+    max_context: int  # the largest context that fits (0: none)
+    model_max_context: int
+    suggestions: list = field(default_factory=list)
+    overhead_source: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.device.budget_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    @property
+    def adapter_bytes(self) -> int:
+        return sum(self.adapters.values())
+
+    def to_dict(self) -> dict:
+        return {"device": self.device.to_dict(), "bundle": self.bundle, "context": self.context,
+                "threads": self.threads, "fits": self.fits, "total_bytes": self.total_bytes,
+                "budget_bytes": self.budget_bytes, "headroom_bytes": self.budget_bytes - self.total_bytes,
+                "items": [{"name": i.name, "bytes": i.bytes, "note": i.note} for i in self.items],
+                "adapters": dict(self.adapters), "adapter_bytes": self.adapter_bytes,
+                "max_context": self.max_context, "model_max_context": self.model_max_context,
+                "suggestions": list(self.suggestions), "overhead_source": self.overhead_source}
+
+    def text(self) -> str:
+        d = self.device
+        lines = [f"plan: {self.bundle} on {d.name} ({d.title or d.arch}), context {self.context}, "
+                 f"{self.threads} thread{'s' if self.threads != 1 else ''}"]
+        for i in self.items:
+            lines.append(f"  {i.name:<14}{i.bytes / MB:>10.1f} MB  {i.note}")
+        lines.append(f"  {'total':<14}{self.total_bytes / MB:>10.1f} MB")
+        lines.append(f"  {'budget':<14}{self.budget_bytes / MB:>10.1f} MB  {d.app_share:.0%} of "
+                     f"{d.ram_mib / 1024:g} GiB RAM")
+        if self.fits:
+            lines.append(f"fits: {(self.budget_bytes - self.total_bytes) / MB:.1f} MB to spare; "
+                         f"the largest context that fits is {self.max_context}")
+        else:
+            lines.append(f"does not fit: {(self.total_bytes - self.budget_bytes) / MB:.1f} MB over the budget")
+        lines.extend(f"  - {s}" for s in self.suggestions)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the items
+# ---------------------------------------------------------------------------------------------
+
+def kv_cache_bytes(a: ModelArgs, context: int) -> int:
+    return 2 * a.num_hidden_layers * context * a.num_key_value_heads * a.head_dim * F32
+
+
+def rope_bytes(a: ModelArgs, context: int) -> int:
+    return 2 * context * a.head_dim * F32
+
+
+def _shapes(a: ModelArgs) -> list[tuple[int, int]]:
+    """``(out, in)`` of each projection of a layer."""
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    H, I = a.hidden_size, a.intermediate_size
+    return [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]
+
+
+def uses_parallel_kernels(a: ModelArgs, threads: int) -> bool:
+    shapes = _shapes(a) + [(a.vocab_size, a.hidden_size)]
+    return threads > 1 and any(n * k >= PARALLEL_MIN_WEIGHTS for n, k in shapes)
+
+
+def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
+    """Peak working memory of a forward pass at the end of ``context`` positions."""
+    T, S = min(PREFILL_CHUNK, context), context
+    nh, nkv, hd, H, I, V = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size,
+                            a.intermediate_size, a.vocab_size)
+    attn = 3 * nh * T * S * F32 + T * S + 2 * S * nkv * hd * F32  # scores x3, mask, k/v made contiguous
+    mlp = 3 * T * I * F32
+    stream = 8 * T * max(H, nh * hd) * F32  # x, h, q, k, v, attention output and their rope copies
+    tiles = 0  # a prefill product: each thread dequantizes one tile of its rows at a time
+    if T > 1:
+        for n, k in _shapes(a):
+            used = threads if threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS else 1
+            rows = min(max(1, TILE_ELEMENTS // k), -(-n // used))
+            tiles = max(tiles, used * rows * k * F32)
+    logits = V * F32 + 3 * V * 8  # last-position logits, the sampler's float64 work
+    total = max(attn, mlp) + stream + tiles + logits
+    what = "attention scores" if attn >= mlp else "MLP activations"
+    return total, f"{T}-token chunk at position {S}: {what} {max(attn, mlp) / MB:.1f} MB, " \
+                  f"weight tiles {tiles / MB:.1f} MB"
+
+
+def adapter_resident_bytes(path, args: ModelArgs) -> int:
+    """Bytes ``model.adapters.load`` keeps for this adapter (checked against the base)."""
+    from edgelora.adapters import read_adapter
+    ad = read_adapter(path, args)
+    dora = sum(p.B.shape[0] * F32 for p in ad.pairs.values() if p.magnitude is not None)  # the norms g
+    return ad.nbytes + dora
+
+
+def tokenizer_bytes(bundle_path: Path) -> tuple[int, str]:
+    """Memory a tokenizer built from the bundle holds, measured here (else 3x its file)."""
+    from edgelora.memory import current_rss_bytes
+    from edgelora.runtime.tokenizer import Tokenizer  # the library itself is part of the runtime item
+    size = sum(p.stat().st_size for p in (bundle_path / "tokenizer.json", bundle_path / "tokenizer_config.json")
+               if p.is_file())
+    before = current_rss_bytes()
+    if before is None:
+        return 3 * size, "estimated as 3x tokenizer.json"
+    tok = Tokenizer.from_dir(bundle_path)
+    grown = current_rss_bytes() - before
+    del tok
+    return max(grown, size), "measured"
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime's own overhead, measured
+# ---------------------------------------------------------------------------------------------
+
+_PROBE = r"""
+import json, sys
+import numpy as np
+import edgelora
+from edgelora.memory import peak_rss_bytes
+from edgelora.runtime.kernels import NF4Linear, F16Linear
+from edgelora.converters.nf4 import NF4Tensor
+bundle, threads, adapter = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+model = edgelora.load(bundle, threads=threads, max_context=64)
+model.eos_ids = set()
+rng = np.random.default_rng(0)
+ids = rng.integers(3, model.args.vocab_size, 56).tolist()
+model.generate(ids, max_new_tokens=4, temperature=0)
+peaks = [peak_rss_bytes()]
+# the threaded kernels, which the demo's small weights do not reach: random codes and scales
+n = 512 * 256
+w = NF4Tensor(rng.integers(0, 256, n // 2, dtype=np.uint8), rng.integers(0, 256, n // 64, dtype=np.uint8),
+              np.full(-(-n // 64 // 256), 0.01, np.float32), np.float32(0.0), (512, 256))
+x = rng.standard_normal((4, 256)).astype(np.float32)
+for lin in (NF4Linear(w), F16Linear((rng.standard_normal((512, 256)) * 0.02).astype(np.float16))):
+    lin.matvec(x[0]); lin.matmul(x)
+peaks.append(peak_rss_bytes())
+model.adapters.load("probe", adapter)
+model.generate(ids, max_new_tokens=4, temperature=0, adapter="probe")
+peaks.append(peak_rss_bytes())
+print(json.dumps(peaks))
+"""
+
+
+def _overhead_key(threads: int) -> str:
+    import numba
+    import numpy
+    from edgelora import __version__
+    return (f"edgelora {__version__}|python {platform.python_version()}|numpy {numpy.__version__}|"
+            f"numba {numba.__version__}|{host_arch()}|threads {threads}")
+
+
+def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
+    """The runtime's own memory on this machine, in bytes: ``base`` (Python, NumPy, Numba, the
+    tokenizer library, the single-thread kernels), ``parallel`` (more for the threaded kernels,
+    used with weights of 64K elements or more and more than one thread) and ``lora`` (more for the
+    adapter kernels, beyond the adapter's own arrays). A fresh process runs the built-in demo model
+    through each in turn (twice: the first run may compile); each figure is its peak RSS growth
+    minus that run's own planned items. Cached per versions, architecture and thread count."""
+    import numba
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    cache = edgelora_home() / "overhead.json"
+    key = _overhead_key(threads)
+    try:
+        known = json.loads(cache.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if not refresh and isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in ("base", "parallel", "lora")):
+        return dict(entry, source=f"measured on this machine ({threads} threads, cached)")
+    from edgelora.bundle import Bundle
+    from edgelora.demo import demo_bundle, packaged_demo_adapters
+    bundle, _ = demo_bundle(edgelora_home() / "demo", quiet=True)
+    adapter = next(iter(packaged_demo_adapters().values()))
+    args = [sys.executable, "-c", _PROBE, str(bundle), str(threads), str(adapter)]
+    for _ in range(2):  # the first run may compile kernels (more memory): measure a warm one
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise EdgeLoraError(f"measuring the runtime's memory failed: {done.stderr.strip()[-800:]}")
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    with Bundle(bundle) as b:
+        a = b.args
+        own = _weights_bytes(Path(bundle)) + kv_cache_bytes(a, 64) + rope_bytes(a, 64) + scratch_bytes(a, 64, 1)[0]
+    entry = {"base": max(0, peaks[0] - own), "parallel": max(0, peaks[1] - peaks[0]),
+             "lora": max(0, peaks[2] - peaks[1] - adapter_resident_bytes(adapter, a))}
+    known[key] = entry
+    try:
+        write_text_atomic(cache, json.dumps(known, indent=1))
+    except EdgeLoraError:
+        pass  # an unwritable cache only costs a second measurement
+    return dict(entry, source=f"measured on this machine ({threads} threads)")
+
+
+def _weights_bytes(bundle_path: Path) -> int:
+    return (bundle_path / "model.safetensors").stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+
+def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dict, tok: tuple,
+           overhead: tuple) -> list:
+    """``overhead``: (bytes, note) of the runtime itself."""
+    scratch, scratch_note = scratch_bytes(a, context, threads)
+    items = [Item("weights", weights, "model.safetensors, memory-mapped"),
+             Item("KV cache", kv_cache_bytes(a, context),
+                  f"{a.num_hidden_layers} layers x {context} positions x {a.num_key_value_heads} KV heads "
+                  f"x {a.head_dim} x 2 x float32"),
+             Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32"),
+             Item("scratch", scratch, scratch_note)]
+    for name, size in adapters.items():
+        items.append(Item(f"adapter {name}", size, "LoRA A and B in float32"))
+    items.append(Item("tokenizer", tok[0], tok[1]))
+    items.append(Item("runtime", overhead[0], f"Python, NumPy, Numba and kernels: {overhead[1]}"))
+    return items
+
+
+def plan(bundle, device, context: int | None = None, adapters: dict | None = None, threads: int | None = None,
+         overhead: int | None = None) -> Plan:
+    """Plan running ``bundle`` on ``device`` (a profile name, a ``.toml`` path or a ``Device``) with
+    a KV cache of ``context`` positions (default: the runtime's default, min(model limit, 2048))
+    and the LoRA ``adapters`` ``{name: folder}`` resident. ``threads`` defaults to the device's cores.
+    ``overhead`` replaces the measured runtime overhead (bytes)."""
+    from edgelora.bundle import Bundle
+    from edgelora.runtime.loader import DEFAULT_MAX_CONTEXT
+    dev = get_device(device)
+    bundle_path = Path(bundle)
+    with Bundle(bundle_path, verify=False) as b:
+        a = b.args
+    limit = a.max_position_embeddings
+    context = min(limit, DEFAULT_MAX_CONTEXT) if context is None else int(context)
+    if not 1 <= context <= limit:
+        raise UsageError(f"context must be between 1 and the model's max_position_embeddings ({limit}), got {context}")
+    threads = dev.cores if threads is None else int(threads)
+    if threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    sizes = {name: adapter_resident_bytes(p, a) for name, p in (adapters or {}).items()}
+    if overhead is None:
+        m = measure_runtime_overhead(threads)
+        parts = [m["base"]] + ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + \
+            ([m["lora"]] if sizes else [])
+        note = m["source"] + ("" if dev.arch == host_arch() else f"; {dev.arch} assumed like {host_arch()}")
+        over = (sum(parts), note)
+    else:
+        over = (int(overhead), "given")
+    tok = tokenizer_bytes(bundle_path)
+    weights = _weights_bytes(bundle_path)
+
+    def total(ctx: int) -> int:
+        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over))
+
+    lo, hi = 0, limit  # the largest context whose total fits (totals grow with the context)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if total(mid) <= dev.budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    p = Plan(device=dev, bundle=str(bundle_path), context=context, threads=threads,
+             items=_items(a, weights, context, threads, sizes, tok, over), adapters=sizes, max_context=lo,
+             model_max_context=limit, overhead_source=over[1])
+    p.suggestions = _suggest(p, a)
+    return p
+
+
+def _suggest(p: Plan, a: ModelArgs) -> list:
+    if p.fits:
+        return []
+    out = []
+    if p.max_context >= 1:
+        out.append(f"use --context {p.max_context} (the largest that fits; "
+                   f"{p.context} needs {(p.total_bytes - p.budget_bytes) / MB:.1f} MB more)")
+        return out
+    fixed = sum(i.bytes for i in p.items if i.name in ("weights", "tokenizer", "runtime"))
+    out.append(f"even a 1-token context does not fit: weights, tokenizer and runtime alone need "
+               f"{fixed / MB:.1f} MB of the {p.budget_bytes / MB:.1f} MB budget")
+    if p.adapters:
+        out.append(f"drop adapters: they need {p.adapter_bytes / MB:.1f} MB")
+    out.append("choose a device with more memory, or a smaller model (convert with --embeddings nf4 "
+               "--head nf4 to quantize float16 embeddings and head too)")
+    return out

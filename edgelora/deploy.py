@@ -1,0 +1,388 @@
+"""Deploy folders: a bundle, its adapters and its memory plan for one device, verified on load.
+
+``edgelora deploy BUNDLE --device NAME --adapter NAME=PATH ... -o OUT`` plans first
+(``edgelora.devices.planner``) and refuses a plan that does not fit. Otherwise it writes::
+
+    OUT/manifest.json          format "edgelora-deploy" and version, the edgelora version, the
+                               device and plan in short, the adapters, sha256 and size of every file
+    OUT/model/...              the bundle, file for file (its own manifest included)
+    OUT/adapters/NAME/...      each adapter: its adapter_config.json and its tensors in float16
+                               (adapter_model.safetensors; float32 kept where float16 would overflow)
+    OUT/device.toml            the device profile planned for
+    OUT/plan.json              the whole plan, item by item
+
+all written in a temporary sibling folder renamed into place (``edgelora.atomic``), so a kill at
+any moment leaves the old folder or none. ``--archive`` also writes ``OUT.tar`` (plain files and
+folders only) the same way; ``edgelora unpack`` extracts one, refusing links, absolute paths and
+``..``, then verifies it.
+
+``edgelora.load``/``edgelora run`` on a deploy folder check the format and version, every file's
+sha256, that this machine has the planned architecture and enough RAM, then enforce the plan: the
+KV cache is the planned context, the planned adapters are loaded, and adapters beyond the bytes
+planned for them are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error, sha256_file
+from edgelora.errors import ChecksumError, FormatError, PlanError, UnsupportedError, UsageError
+
+FORMAT_NAME = "edgelora-deploy"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+ADAPTERS_DIR = "adapters"
+DEVICE_FILE = "device.toml"
+PLAN_FILE = "plan.json"
+MAX_MANIFEST_BYTES = 16 << 20
+F16_MAX = 65504.0
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DeployResult:
+    path: Path
+    archive: Path | None
+    plan: object  # devices.planner.Plan
+    files: dict  # relative path -> {"size", "sha256"}
+
+    @property
+    def total_file_bytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+    def text(self) -> str:
+        lines = [self.plan.text(), "",
+                 f"deployed to {self.path} ({len(self.files) + 1} files, {self.total_file_bytes / 1e6:.1f} MB)"]
+        if self.archive is not None:
+            lines.append(f"archive {self.archive} ({self.archive.stat().st_size / 1e6:.1f} MB)")
+        return "\n".join(lines)
+
+
+def compact_adapter(src, dst: Path) -> None:
+    """Copy a PEFT adapter folder with its tensors in float16 (a tensor whose values float16
+    cannot hold keeps its dtype)."""
+    from edgelora.adapters import adapter_files
+    from edgelora.safetensors_io import SafetensorsFile, write_safetensors
+    cfg, weights = adapter_files(src)
+    dst.mkdir(parents=True)
+    shutil.copyfile(cfg, dst / cfg.name)
+    tensors = {}
+    with SafetensorsFile(weights) as st:
+        for name in st.keys():
+            info = st.tensors[name]
+            if info.dtype in ("F32", "F16", "BF16"):
+                x = st.float32(name)
+                if np.all(np.abs(x) <= F16_MAX):
+                    tensors[name] = x.astype(np.float16)
+                else:
+                    tensors[name] = x
+            else:
+                tensors[name] = np.array(st.raw(name))
+    write_safetensors(dst / weights.name, tensors, {"format": "pt"})
+
+
+def _file_table(root: Path) -> dict:
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST:
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return files
+
+
+def deploy(bundle, device, out, adapters: dict | None = None, context: int | None = None,
+           threads: int | None = None, archive: bool = False, overwrite: bool = False,
+           overhead: int | None = None) -> DeployResult:
+    """Plan ``bundle`` with ``adapters`` ``{name: folder}`` on ``device`` and, when it fits, write
+    the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
+    :class:`PlanError` with the plan's numbers and what to change."""
+    from edgelora import __version__
+    from edgelora.bundle import Bundle
+    from edgelora.devices.planner import plan as make_plan
+    adapters = dict(adapters or {})
+    for name in adapters:
+        _check_name(name)
+    out = check_output_dir(out, overwrite)
+    tar_path = out.with_name(out.name + ".tar") if archive else None
+    if tar_path is not None and tar_path.exists() and not overwrite:
+        raise UsageError("the archive already exists; pass --overwrite to replace it", tar_path)
+    p = make_plan(bundle, device, context=context, adapters=adapters, threads=threads, overhead=overhead)
+    if not p.fits:
+        raise PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
+                        f"{p.budget_bytes / 1e6:.1f} MB ({p.device.app_share:.0%} of {p.device.ram_mib} MiB)"
+                        + "".join(f"; {s}" for s in p.suggestions) + "\n" + p.text())
+    src = Bundle(bundle, verify="full")  # copy only what is intact
+    src.close()
+    with atomic_output_dir(out, overwrite) as tmp:
+        model_dir = tmp / MODEL_DIR
+        model_dir.mkdir()
+        for name in [*src.manifest["files"], "manifest.json"]:
+            shutil.copyfile(src.path / name, model_dir / name)
+        for name, path in adapters.items():
+            compact_adapter(path, tmp / ADAPTERS_DIR / name)
+        (tmp / DEVICE_FILE).write_text(p.device.to_toml())
+        (tmp / PLAN_FILE).write_text(json.dumps(p.to_dict(), indent=1) + "\n")
+        files = _file_table(tmp)
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgelora_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "device": {"name": p.device.name, "arch": p.device.arch, "cores": p.device.cores,
+                       "ram_mib": p.device.ram_mib, "budget_bytes": p.budget_bytes},
+            "plan": {"context": p.context, "threads": p.threads, "total_bytes": p.total_bytes,
+                     "adapter_bytes": p.adapter_bytes},
+            "model": MODEL_DIR,
+            "adapters": {name: {"path": f"{ADAPTERS_DIR}/{name}", "bytes": p.adapters[name]} for name in adapters},
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if tar_path is not None:
+        write_archive(out, tar_path)
+    return DeployResult(out, tar_path, p, files)
+
+
+def write_archive(folder: Path, tar_path: Path) -> None:
+    """``folder`` as one uncompressed tar (members under ``folder.name/``), written atomically."""
+    tmp = _tmp_sibling(tar_path, "tmp")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for p in [folder, *sorted(folder.rglob("*"))]:
+                arc = p.relative_to(folder.parent).as_posix()
+                info = tar.gettarinfo(str(p), arcname=arc)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    tar.addfile(info)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, tar_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error(e, tar_path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in ",=/\\\0:") \
+            or name.strip() != name or name.startswith(".") or len(name) > 128:
+        raise UsageError(f"adapter name {name!r}: use a short name without '/', '\\', ',', '=', ':', "
+                         f"spaces at the ends or a leading '.'")
+
+
+def _safe_rel(rel, where) -> str:
+    """A manifest's relative path, refused if it could leave the folder."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        raise FormatError(f"invalid path {rel!r} in the manifest", where)
+    parts = PurePosixPath(rel).parts
+    if rel.startswith("/") or any(x in ("", ".", "..") for x in parts) or ":" in parts[0]:
+        raise FormatError(f"path {rel!r} in the manifest leaves the deploy folder", where)
+    return rel
+
+
+def read_manifest(path) -> dict:
+    """The deploy manifest at ``path/manifest.json``, its fields type-checked."""
+    from edgelora.config import read_json
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise FormatError(f"no {MANIFEST}: not a deploy folder", root)
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise FormatError("manifest is larger than 16 MiB", mpath)
+    m = read_json(mpath)
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+        raise FormatError(f"format is {m.get('format') if isinstance(m, dict) else None!r}, "
+                          f"expected {FORMAT_NAME!r}", mpath)
+    v = m.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise FormatError("format_version missing or not an integer", mpath)
+    if v > FORMAT_VERSION:
+        raise UnsupportedError(f"deploy format version {v} is newer than this edgelora reads ({FORMAT_VERSION}); "
+                               f"upgrade edgelora", mpath)
+    for key, kind in (("device", dict), ("plan", dict), ("adapters", dict), ("files", dict), ("model", str)):
+        if not isinstance(m.get(key), kind):
+            raise FormatError(f"manifest field {key!r} missing or not {'an object' if kind is dict else 'text'}", mpath)
+    plan = m["plan"]
+    for key in ("context", "threads", "total_bytes", "adapter_bytes"):
+        if not isinstance(plan.get(key), int) or isinstance(plan.get(key), bool) or plan[key] < 0:
+            raise FormatError(f"manifest plan field {key!r} missing or not a non-negative integer", mpath)
+    if plan["context"] < 1:
+        raise FormatError("manifest plan context must be at least 1", mpath)
+    for rel, info in m["files"].items():
+        _safe_rel(rel, mpath)
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or \
+                not isinstance(info.get("sha256"), str) or len(info["sha256"]) != 64:
+            raise FormatError(f"manifest entry for file {rel!r} is malformed", mpath)
+    _safe_rel(m["model"], mpath)
+    for name, a in m["adapters"].items():
+        try:
+            _check_name(name)
+        except UsageError as e:
+            raise FormatError(f"manifest lists a bad adapter name: {e}", mpath) from None
+        if not isinstance(a, dict) or not isinstance(a.get("bytes"), int) or a["bytes"] < 0:
+            raise FormatError(f"manifest entry for adapter {name!r} is malformed", mpath)
+        _safe_rel(a.get("path"), mpath)
+    return m
+
+
+def is_deploy(path) -> bool:
+    """Whether ``path`` is a folder whose manifest says it is a deploy folder."""
+    mpath = Path(path) / MANIFEST
+    try:
+        if not mpath.is_file() or mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        return json.loads(mpath.read_bytes()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass
+class Deployment:
+    path: Path
+    manifest: dict
+    device: object  # devices.profiles.Device
+
+    @property
+    def context(self) -> int:
+        return self.manifest["plan"]["context"]
+
+    @property
+    def threads(self) -> int:
+        return self.manifest["plan"]["threads"]
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.manifest["plan"]["adapter_bytes"]
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.path / self.manifest["model"]
+
+    @property
+    def adapters(self) -> dict:
+        return {name: self.path / a["path"] for name, a in self.manifest["adapters"].items()}
+
+    def plan(self) -> dict:
+        from edgelora.config import read_json
+        return read_json(self.path / PLAN_FILE)
+
+
+def verify_files(root: Path, files: dict, full: bool = False) -> None:
+    """Every listed file present, a regular file inside ``root``, with its size and sha256."""
+    from edgelora.bundle import _VerifiedStamps
+    stamps = _VerifiedStamps.load()
+    real_root = root.resolve()
+    for rel, info in files.items():
+        p = root / rel
+        if p.is_symlink() or not p.is_file():
+            raise FormatError("file listed in the deploy manifest is missing (or not a regular file)", p)
+        if real_root not in p.resolve().parents:
+            raise FormatError("file listed in the deploy manifest lies outside the deploy folder", p)
+        st = p.stat()
+        if st.st_size != info["size"]:
+            raise ChecksumError(f"size {st.st_size} differs from the deploy manifest's {info['size']}; "
+                                f"the file is truncated or was modified", p)
+        if not full and stamps.matches(p, st, info["sha256"]):
+            continue
+        if sha256_file(p) != info["sha256"]:
+            raise ChecksumError("sha256 differs from the deploy manifest; the file is corrupt or was modified", p)
+        stamps.record(p, st, info["sha256"])
+    stamps.save()
+
+
+def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> Deployment:
+    """Read and verify a deploy folder: format, checksums of every file, and (``device_check``)
+    that this machine has the planned CPU architecture and at least the planned memory."""
+    from edgelora.devices.profiles import Device, host_arch, host_ram_bytes
+    root = Path(path)
+    m = read_manifest(root)
+    needed = {f"{m['model']}/manifest.json", DEVICE_FILE, PLAN_FILE}
+    missing = sorted(needed - set(m["files"]))
+    if missing:
+        raise FormatError(f"the deploy manifest does not list {missing}", root / MANIFEST)
+    if verify:
+        verify_files(root, m["files"], full=verify == "full")
+    device = Device.from_file(root / DEVICE_FILE)
+    dep = Deployment(root, m, device)
+    if device_check:
+        arch = host_arch()
+        if device.arch != arch:
+            raise PlanError(f"planned for {device.name} ({device.arch}); this machine is {arch}. Deploy again for "
+                            f"this device, or pass --any-device (device_check=False) to run it here anyway", root)
+        ram = host_ram_bytes()
+        need = m["plan"]["total_bytes"]
+        if ram is not None and ram < need:
+            raise PlanError(f"the plan needs {need / 1e6:.1f} MB and this machine has {ram / 1e6:.1f} MB of RAM; "
+                            f"deploy again for this device", root)
+    return dep
+
+
+def unpack(archive, out, overwrite: bool = False) -> Path:
+    """Extract a deploy archive written by ``edgelora deploy --archive`` into ``out`` and verify it.
+    Only plain files and folders under one top folder are accepted; links, devices, absolute
+    paths and ``..`` are refused before anything is written."""
+    archive = Path(archive)
+    try:
+        tar = tarfile.open(archive, "r:")
+    except (OSError, tarfile.TarError) as e:
+        raise FormatError(f"not a readable tar archive: {e}", archive) from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise FormatError(f"archive is truncated or corrupt: {e}", archive) from None
+        tops = set()
+        for mem in members:
+            name = mem.name
+            if not (mem.isfile() or mem.isdir()):
+                raise FormatError(f"archive member {name!r} is not a plain file or folder (links are refused)", archive)
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or "\\" in name or not parts or any(x in ("..", "") for x in parts):
+                raise FormatError(f"archive member {name!r} would be written outside the output folder", archive)
+            tops.add(parts[0])
+        if len(tops) != 1:
+            raise FormatError(f"a deploy archive holds one top folder, this one has {sorted(tops)[:5]}", archive)
+        with atomic_output_dir(out, overwrite) as tmp:
+            for mem in members:
+                rel = PurePosixPath(mem.name).parts[1:]
+                if not rel:
+                    continue
+                dst = tmp.joinpath(*rel)
+                if mem.isdir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    src = tar.extractfile(mem)
+                    with open(dst, "xb") as f:
+                        shutil.copyfileobj(src, f, 1 << 22)
+                except (tarfile.TarError, EOFError) as e:
+                    raise FormatError(f"archive member {mem.name!r} is truncated or corrupt: {e}", archive) from None
+                except FileExistsError:
+                    raise FormatError(f"archive member {mem.name!r} appears twice", archive) from None
+            open_deploy(tmp, verify="full", device_check=False)
+    return Path(out)
+
+
+__all__ = ["deploy", "DeployResult", "open_deploy", "Deployment", "is_deploy", "unpack", "read_manifest",
+           "compact_adapter", "FORMAT_NAME", "FORMAT_VERSION"]
