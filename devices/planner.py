@@ -20,12 +20,15 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
   and subtracting that run's own items; the figure is cached per software versions, machine
   architecture, thread count and LoRA use (``$EDGELORA_HOME/overhead.json``).
 
-A plan's total is checked against the peak RSS of real runs (``tests/test_devices.py``).
+A plan's total is checked against the peak RSS of real runs: :func:`measure_peak_rss` runs a plan
+on this machine (``edgelora plan --measure``), ``tests/test_devices.py`` holds plans to within 10%
+of it, and ``bench/bench_plan.py`` reports both on a 1B-parameter shape.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -99,8 +102,10 @@ class Plan:
         lines.append(f"  {'budget':<14}{self.budget_bytes / MB:>10.1f} MB  {d.app_share:.0%} of "
                      f"{d.ram_mib / 1024:g} GiB RAM")
         if self.fits:
-            lines.append(f"fits: {(self.budget_bytes - self.total_bytes) / MB:.1f} MB to spare; "
-                         f"the largest context that fits is {self.max_context}")
+            largest = (f"every context up to the model's limit ({self.model_max_context}) fits"
+                       if self.max_context == self.model_max_context
+                       else f"the largest context that fits is {self.max_context}")
+            lines.append(f"fits: {(self.budget_bytes - self.total_bytes) / MB:.1f} MB to spare; {largest}")
         else:
             lines.append(f"does not fit: {(self.total_bytes - self.budget_bytes) / MB:.1f} MB over the budget")
         lines.extend(f"  - {s}" for s in self.suggestions)
@@ -112,7 +117,8 @@ class Plan:
 # ---------------------------------------------------------------------------------------------
 
 def kv_cache_bytes(a: ModelArgs, context: int) -> int:
-    return 2 * a.num_hidden_layers * context * a.num_key_value_heads * a.head_dim * F32
+    from edgelora.runtime.llama import KVCache
+    return KVCache.planned_bytes(a, context)
 
 
 def rope_bytes(a: ModelArgs, context: int) -> int:
@@ -262,6 +268,42 @@ def _weights_bytes(bundle_path: Path) -> int:
     return (bundle_path / "model.safetensors").stat().st_size
 
 
+_RUN = r"""
+import json, sys
+import numpy as np
+import edgelora
+from edgelora.memory import peak_rss_bytes
+bundle, ctx, threads, adapters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+model = edgelora.load(bundle, threads=threads, max_context=ctx, adapters=adapters)
+if adapters:
+    model.use(next(iter(adapters)))
+model.eos_ids = set()
+prompt = max(1, ctx - 3)
+ids = np.random.default_rng(0).integers(3, model.args.vocab_size, prompt).tolist()
+model.generate(ids, max_new_tokens=max(1, ctx - prompt), temperature=0)
+print(json.dumps(peak_rss_bytes()))
+"""
+
+
+def measure_peak_rss(bundle, context: int, adapters: dict | None = None, threads: int = 1,
+                     timeout: float | None = None) -> int:
+    """Run a plan for real on this machine and return the peak resident memory, in bytes: a fresh
+    process loads ``bundle`` with ``adapters`` ``{name: folder}`` resident (the first in use) and
+    a KV cache of ``context`` positions, then fills that cache to its end (a random prompt of
+    ``context - 3`` tokens and 3 generated tokens). Peak RSS is read from ``/proc`` (Linux)."""
+    import os
+    threads = max(1, min(int(threads), os.cpu_count() or 1))
+    args = [sys.executable, "-c", _RUN, str(bundle), str(int(context)), str(threads),
+            json.dumps({k: str(v) for k, v in (adapters or {}).items()})]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise EdgeLoraError(f"running the plan took more than {timeout:.0f} s", bundle) from None
+    if done.returncode != 0:
+        raise EdgeLoraError(f"running the plan failed: {done.stderr.strip()[-800:]}", bundle)
+    return int(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan
 # ---------------------------------------------------------------------------------------------
@@ -331,19 +373,42 @@ def plan(bundle, device, context: int | None = None, adapters: dict | None = Non
     return p
 
 
+def _float16_savings(bundle_path: Path) -> int:
+    """Bytes saved by storing the bundle's float16 embeddings and head in NF4 instead (0 if none)."""
+    from edgelora.bundle import Bundle, nf4_entries
+    from edgelora.safetensors_io import DTYPES
+    with Bundle(bundle_path, verify=False) as b:
+        block, dq = b.quantization["block_size"], b.quantization["double_quant"]
+        saved = 0
+        for e in b.entries.values():
+            if e.role in ("embedding", "head") and e.storage == "float16":
+                nf4 = sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in nf4_entries(e.name, e.shape, block, dq))
+                saved += 2 * math.prod(e.shape) - nf4
+    return saved
+
+
 def _suggest(p: Plan, a: ModelArgs) -> list:
+    """What to change when a plan does not fit, each with the bytes it frees."""
     if p.fits:
         return []
+    over = p.total_bytes - p.budget_bytes
     out = []
     if p.max_context >= 1:
-        out.append(f"use --context {p.max_context} (the largest that fits; "
-                   f"{p.context} needs {(p.total_bytes - p.budget_bytes) / MB:.1f} MB more)")
-        return out
-    fixed = sum(i.bytes for i in p.items if i.name in ("weights", "tokenizer", "runtime"))
-    out.append(f"even a 1-token context does not fit: weights, tokenizer and runtime alone need "
-               f"{fixed / MB:.1f} MB of the {p.budget_bytes / MB:.1f} MB budget")
-    if p.adapters:
-        out.append(f"drop adapters: they need {p.adapter_bytes / MB:.1f} MB")
-    out.append("choose a device with more memory, or a smaller model (convert with --embeddings nf4 "
-               "--head nf4 to quantize float16 embeddings and head too)")
+        out.append(f"use --context {p.max_context} (the largest that fits; {p.context} needs {over / MB:.1f} MB more)")
+    else:
+        fixed = sum(i.bytes for i in p.items if i.name in ("weights", "tokenizer", "runtime"))
+        out.append(f"even a 1-token context does not fit: weights, tokenizer and runtime alone need "
+                   f"{fixed / MB:.1f} MB of the {p.budget_bytes / MB:.1f} MB budget")
+    for name, size in sorted(p.adapters.items(), key=lambda kv: -kv[1]):
+        if size >= over:
+            out.append(f"or leave out adapter {name!r} ({size / MB:.1f} MB)")
+            break
+    else:
+        if p.adapters:
+            out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
+    saved = _float16_savings(Path(p.bundle))
+    if saved:
+        out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "
+                   f"({'enough' if saved >= over else 'not enough alone'}; at some cost in quality, see README)")
+    out.append("or choose a device with more memory, or a smaller model")
     return out

@@ -35,7 +35,7 @@ def _cmd_convert(ns) -> int:
 
 
 def _cmd_inspect(ns) -> int:
-    from edgelora.inspect import format_inspect, inspect
+    from edgelora.inspection import format_inspect, inspect
     info = inspect(ns.path)
     print(json.dumps(info, indent=1) if ns.json else format_inspect(info))
     return 0 if not str(info.get("checksums", "ok")).startswith("FAILED") else 3
@@ -202,9 +202,17 @@ def _cmd_devices(ns) -> int:
 
 
 def _cmd_plan(ns) -> int:
-    from edgelora.devices.planner import plan
-    p = plan(ns.bundle, ns.device, context=ns.context, adapters=_adapters_arg(ns.adapter), threads=ns.threads)
-    print(json.dumps(p.to_dict(), indent=1) if ns.json else p.text())
+    from edgelora.devices.planner import measure_peak_rss, plan
+    adapters = _adapters_arg(ns.adapter)
+    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads)
+    out = p.to_dict()
+    text = p.text()
+    if ns.measure:
+        peak = measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads)
+        out["measured_peak_rss_bytes"] = peak
+        text += (f"\nmeasured on this machine: peak RSS {peak / 1e6:.1f} MB "
+                 f"(the plan's total is {p.total_bytes / peak - 1:+.1%} off it)")
+    print(json.dumps(out, indent=1) if ns.json else text)
     return 0 if p.fits else 6
 
 
@@ -310,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--threads", type=int, default=None, help="threads to plan for (the device's cores)")
         if cmd == "plan":
             x.add_argument("--json", action="store_true")
+            x.add_argument("--measure", action="store_true",
+                           help="also run the plan on this machine (context filled to its end) and report its peak RSS")
             x.set_defaults(func=_cmd_plan)
         else:
             x.add_argument("-o", "--output", required=True, help="deploy folder to create")

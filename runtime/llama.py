@@ -183,6 +183,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @staticmethod
+    def planned_bytes(args: ModelArgs, max_context: int) -> int:
+        """What a cache of ``max_context`` positions takes (the memory planner's item)."""
+        return 2 * args.num_hidden_layers * max_context * args.num_key_value_heads * args.head_dim * 4
+
     def reset(self) -> None:
         self.length = 0
 

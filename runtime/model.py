@@ -18,6 +18,7 @@ import numpy as np
 
 from edgelora.bundle import Bundle
 from edgelora.errors import UsageError
+from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model, set_threads
 from edgelora.runtime.lora import BASE, AdapterSet, Selection
 
@@ -156,8 +157,7 @@ class Model:
     # --- sizes -----------------------------------------------------------------------------
     @property
     def kv_cache_bytes(self) -> int:
-        a = self.args
-        return 2 * a.num_hidden_layers * self.max_context * a.num_key_value_heads * a.head_dim * 4
+        return KVCache.planned_bytes(self.args, self.max_context)
 
     @property
     def weight_bytes(self) -> int:

@@ -21,7 +21,7 @@ import pytest
 import edgelora
 from edgelora.cli import main
 from edgelora.deploy import deploy, open_deploy, unpack
-from edgelora.devices.planner import kv_cache_bytes, plan
+from edgelora.devices.planner import kv_cache_bytes, measure_peak_rss, plan
 from edgelora.devices.profiles import Device, get_device, host_arch, list_devices
 from edgelora.errors import ChecksumError, FormatError, PlanError, UsageError
 
@@ -93,28 +93,8 @@ def test_plan_items_are_the_runtimes_arrays():
     assert p.fits and p.max_context == model.args.max_position_embeddings
 
 
-_MEASURE = r"""
-import json, sys
-import numpy as np
-import edgelora
-from edgelora.memory import peak_rss_bytes
-bundle, ctx = sys.argv[1], int(sys.argv[2])
-adapters = dict(a.split("=", 1) for a in sys.argv[3:])
-model = edgelora.load(bundle, threads=1, max_context=ctx, adapters=adapters)
-if adapters:
-    model.use(next(iter(adapters)))
-model.eos_ids = set()
-ids = np.random.default_rng(0).integers(3, model.args.vocab_size, ctx - 3).tolist()
-model.generate(ids, max_new_tokens=3, temperature=0)  # fills the context to its end
-print(json.dumps(peak_rss_bytes()))
-"""
-
-
 def _peak_rss(bundle, ctx, adapters=()) -> int:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(bundle), str(ctx), *adapters], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return measure_peak_rss(bundle, ctx, dict(a.split("=", 1) for a in adapters), threads=1, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +178,35 @@ def test_pi4_refuses_then_suggested_context_deploys_and_runs(long_context_bundle
     assert model.max_context == suggested
     assert model.generate("the cat sat", max_new_tokens=5, temperature=0) == \
         edgelora.load(b, max_context=64).generate("the cat sat", max_new_tokens=5, temperature=0)
+
+
+def test_plan_measure_from_the_cli(capsys):
+    bundle = str(demo_bundle_path())
+    assert main(["plan", bundle, "--device", "host", "--context", "128", "--threads", "1", "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["context"] == 128 and out["threads"] == 1
+    assert abs(out["total_bytes"] / out["measured_peak_rss_bytes"] - 1) < 0.10
+    assert main(["plan", bundle, "--device", "host", "--context", "128", "--threads", "1", "--measure"]) == 0
+    assert "measured on this machine: peak RSS" in capsys.readouterr().out
+
+
+def test_suggestions_when_nothing_fits_name_what_each_frees(tmp_path):
+    from edgelora.demo import demo_checkpoint
+    from edgelora.devices.planner import _float16_savings
+    bundle = demo_bundle_path()
+    tiny = Device(name="tiny", arch=host_arch(), cores=1, ram_mib=64, app_share=1.0)
+    p = plan(bundle, tiny, context=64, adapters=demo_adapter_paths(), threads=1)
+    assert not p.fits and p.max_context == 0
+    text = "\n".join(p.suggestions)
+    assert "even a 1-token context does not fit" in text and "leave out adapters" in text
+    # the NF4-embeddings saving is what converting that way really saves
+    nf4 = edgelora.convert(demo_checkpoint(tmp_path / "ckpt"), tmp_path / "nf4", embeddings="nf4", head="nf4",
+                           progress=False)
+    weights = lambda b: (Path(b) / "model.safetensors").stat().st_size  # noqa: E731
+    saved = weights(bundle) - weights(tmp_path / "nf4")
+    assert saved > 0 and abs(_float16_savings(Path(bundle)) - saved) < 4096
+    assert f"--embeddings nf4 --head nf4: {_float16_savings(Path(bundle)) / 1e6:.1f} MB less" in text
+    assert _float16_savings(tmp_path / "nf4") == 0
 
 
 @pytest.fixture(scope="module")
