@@ -9,6 +9,9 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     info = edgelora.inspect("bundle/")             # dict (bundles, checkpoints, adapter folders)
     model = edgelora.load("bundle/")               # Model: generate, stream, chat, generate_batch
     model.adapters.load("pirate", "adapters/pirate"); model.use("pirate")
+    p = edgelora.plan("bundle/", "raspberry-pi-4-4gb", context=2048, adapters={"pirate": "adapters/pirate"})
+    edgelora.deploy("bundle/", "raspberry-pi-4-4gb", "deploy/", adapters={...}, context=2048)
+    model = edgelora.load("deploy/")               # verified; its memory plan enforced
 """
 
 __version__ = "0.1.0"
@@ -16,28 +19,29 @@ __version__ = "0.1.0"
 from edgelora.errors import EdgeLoraError  # noqa: E402
 
 
+_LAZY = {  # public name -> module that defines it
+    "quantize_nf4": "edgelora.converters.nf4", "NF4Tensor": "edgelora.converters.nf4",
+    "convert": "edgelora.converters.convert", "ConversionSummary": "edgelora.converters.convert",
+    "inspect": "edgelora.inspection",
+    "load": "edgelora.runtime.model", "Model": "edgelora.runtime.model",
+    "read_adapter": "edgelora.adapters", "describe_adapter": "edgelora.adapters", "LoraConfig": "edgelora.adapters",
+    "open_bundle": "edgelora.bundle", "Bundle": "edgelora.bundle",
+    "plan": "edgelora.devices.planner", "Plan": "edgelora.devices.planner",
+    "measure_peak_rss": "edgelora.devices.planner",
+    "list_devices": "edgelora.devices.profiles", "get_device": "edgelora.devices.profiles",
+    "Device": "edgelora.devices.profiles",
+    "deploy": "edgelora.deploy", "open_deploy": "edgelora.deploy", "unpack": "edgelora.deploy",
+}
+
+
 def __getattr__(name):
     # Lazy so that `import edgelora` stays cheap (Numba compiles on first use, not on import).
-    if name in ("quantize_nf4", "NF4Tensor"):
-        from edgelora.converters import nf4
-        return getattr(nf4, name)
-    if name in ("convert", "ConversionSummary"):
-        from edgelora.converters import convert as _convert
-        return getattr(_convert, name)
-    if name in ("inspect",):
-        from edgelora.inspect import inspect
-        return inspect
-    if name in ("load", "Model"):
-        from edgelora.runtime import model
-        return getattr(model, name)
-    if name in ("read_adapter", "describe_adapter", "LoraConfig"):
-        from edgelora import adapters
-        return getattr(adapters, name)
-    if name in ("open_bundle", "Bundle"):
-        from edgelora import bundle
-        return getattr(bundle, name)
-    raise AttributeError(f"module 'edgelora' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'edgelora' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
 
 
-__all__ = ["EdgeLoraError", "NF4Tensor", "quantize_nf4", "convert", "ConversionSummary", "inspect", "load", "Model",
-           "open_bundle", "Bundle", "read_adapter", "describe_adapter", "LoraConfig", "__version__"]
+__all__ = ["EdgeLoraError", "__version__", *_LAZY]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from edgelora import __version__
@@ -350,6 +351,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("edgelora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`edgelora inspect ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

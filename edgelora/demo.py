@@ -75,7 +75,7 @@ def demo_bundle(workdir: Path, quiet: bool = True):
 
 
 def run_demo(workdir=None, quiet: bool = False) -> int:
-    from edgelora.inspect import format_inspect, inspect
+    from edgelora.inspection import format_inspect, inspect
     workdir = Path(workdir) if workdir else default_workdir()
     out, summary = demo_bundle(workdir, quiet=quiet)
     print(f"edgelora demo: built-in model {demo_checkpoint(workdir)}")

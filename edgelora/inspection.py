@@ -1,4 +1,4 @@
-"""``edgelora inspect``: what a bundle, a source checkpoint or a LoRA adapter folder holds."""
+"""``edgelora inspect``: what a bundle, a deploy folder, a source checkpoint or a LoRA adapter folder holds."""
 
 from __future__ import annotations
 
@@ -18,9 +18,36 @@ def _args_dict(a) -> dict:
             "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_position_embeddings}
 
 
+def _inspect_deploy(path: Path) -> dict:
+    from edgelora.deploy import open_deploy
+    from edgelora.errors import PlanError
+    try:
+        dep = open_deploy(path, verify="full", device_check=False)
+        checksums = "ok"
+    except ChecksumError as e:
+        dep = open_deploy(path, verify=False, device_check=False)
+        checksums = f"FAILED: {e}"
+    try:
+        open_deploy(path, verify=False, device_check=True)
+        runs_here = "yes"
+    except PlanError as e:
+        runs_here = f"no: {e}"
+    m = dep.manifest
+    model = inspect(dep.bundle_path)
+    return {"kind": "deploy", "path": str(path), "format": m["format"], "format_version": m["format_version"],
+            "edgelora_version": m.get("edgelora_version"), "created": m.get("created"), "device": m["device"],
+            "plan": m["plan"], "adapters": m["adapters"], "architecture": model["architecture"],
+            "quantization": model["quantization"], "files": m["files"], "checksums": checksums,
+            "runs_here": runs_here}
+
+
 def inspect(path) -> dict:
-    """A JSON-ready description of a bundle (checksums verified) or of a Hugging Face checkpoint."""
+    """A JSON-ready description of a bundle or a deploy folder (checksums verified), a Hugging
+    Face checkpoint or a PEFT adapter folder."""
+    from edgelora.deploy import is_deploy
     path = Path(path)
+    if is_deploy(path):
+        return _inspect_deploy(path)
     if is_bundle(path):
         b = Bundle(path, verify=False)
         try:
@@ -65,7 +92,20 @@ def format_inspect(info: dict) -> str:
              f"  architecture  {a['model_type']}: {a['layers']} layers, hidden {a['hidden_size']}, "
              f"MLP {a['intermediate_size']}, {a['heads']} heads / {a['kv_heads']} KV heads (head_dim {a['head_dim']}), "
              f"vocab {a['vocab_size']}, {'tied' if a['tie_word_embeddings'] else 'separate'} head"]
-    if info["kind"] == "bundle":
+    if info["kind"] == "deploy":
+        d, p = info["device"], info["plan"]
+        q = info["quantization"]
+        lines += [f"  format        {info['format']} v{info['format_version']} (edgelora {info['edgelora_version']}, "
+                  f"{info['created']})",
+                  f"  quantization  NF4, blocks of {q['block_size']}, embeddings {q['embeddings']}, head {q['lm_head']}",
+                  f"  device        {d['name']} ({d['arch']}, {d['cores']} cores, {d['ram_mib']} MiB RAM, "
+                  f"budget {d['budget_bytes'] / 1e6:.1f} MB)",
+                  f"  plan          context {p['context']}, {p['threads']} threads, {p['total_bytes'] / 1e6:.1f} MB "
+                  f"(adapters {p['adapter_bytes'] / 1e6:.1f} MB)",
+                  f"  adapters      {', '.join(info['adapters']) or 'none'}",
+                  f"  checksums     {info['checksums']}",
+                  f"  runs here     {info['runs_here']}"]
+    elif info["kind"] == "bundle":
         q, s = info["quantization"], info["stats"] or {}
         lines += [f"  format        {info['format']} v{info['format_version']} (edgelora {info['edgelora_version']})",
                   f"  quantization  NF4, blocks of {q['block_size']}, double quant {'on' if q['double_quant'] else 'off'}, "
@@ -78,6 +118,7 @@ def format_inspect(info: dict) -> str:
         lines += [f"  parameters    {info['parameters']:,} in {', '.join(info['dtypes'])} "
                   f"({info['bytes'] / 1e6:,.1f} MB, {info['bits_per_weight']} bits/weight)"]
     lines.append("  files")
+    width = max([28, *map(len, info["files"])])
     for name, f in info["files"].items():
-        lines.append(f"    {name:<28} {f['size']:>14,} B  sha256 {f['sha256'][:16]}…")
+        lines.append(f"    {name:<{width}} {f['size']:>14,} B  sha256 {f['sha256'][:16]}…")
     return "\n".join(lines)

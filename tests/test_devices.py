@@ -245,6 +245,22 @@ def test_deploy_folder_loads_with_its_plan(demo_deploy):
     model.adapters.load("third", demo_adapter_paths()["shout"])
 
 
+def test_inspect_describes_a_deploy_folder(demo_deploy, tmp_path, capsys):
+    import shutil
+    info = edgelora.inspect(demo_deploy)
+    assert info["kind"] == "deploy" and info["checksums"] == "ok" and info["runs_here"] == "yes"
+    assert set(info["adapters"]) == {"pirate", "shout"} and info["plan"]["context"] == 256
+    assert info["architecture"]["model_type"] == "llama"
+    assert main(["inspect", str(demo_deploy)]) == 0
+    out = capsys.readouterr().out
+    assert "device        host" in out and "runs here     yes" in out
+    copy = tmp_path / "d"
+    shutil.copytree(demo_deploy, copy)
+    with open(copy / "plan.json", "ab") as f:
+        f.write(b" ")
+    assert edgelora.inspect(copy)["checksums"].startswith("FAILED") and "plan.json" in edgelora.inspect(copy)["checksums"]
+
+
 def test_deploy_for_another_architecture_is_refused_unless_asked(tmp_path):
     other = "raspberry-pi-5-8gb" if host_arch() == "x86_64" else "x86-64-laptop"
     out = tmp_path / "other"
