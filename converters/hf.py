@@ -122,10 +122,13 @@ class HFCheckpoint:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise FormatError("index has no weight_map", index)
+            for n in weight_map.values():
+                if not isinstance(n, str) or not n or "/" in n or "\\" in n or "\0" in n or n.startswith("."):
+                    raise FormatError(f"index names an invalid shard file {n!r}", index)
             names = sorted(set(weight_map.values()))
             for n in names:
-                if not isinstance(n, str) or "/" in n or "\\" in n or n.startswith("."):
-                    raise FormatError(f"index names an invalid shard file {n!r}", index)
+                if n.endswith(PICKLE_SUFFIXES):
+                    raise PickleRefusedError(f"index lists pickle shard {n!r}; edgelora never unpickles files", index)
                 if not (self.path / n).is_file():
                     raise FormatError(f"shard {n} listed in the index is missing", index)
             return [self.path / n for n in names]

@@ -116,7 +116,7 @@ class Device:
                 raise FormatError(f"device profile field {key!r} must be text", path)
         storage_gb = d.get("storage_gb")
         if storage_gb is not None and (isinstance(storage_gb, bool) or not isinstance(storage_gb, (int, float))
-                                       or storage_gb <= 0):
+                                       or not 0 < storage_gb < float("inf")):
             raise FormatError("device profile field 'storage_gb' must be a positive number", path)
         return cls(name=name, arch=arch, cores=cores, ram_mib=ram, app_share=float(share),
                    title=d.get("title", ""), cpu=d.get("cpu", ""), simd=tuple(simd), storage=d.get("storage", ""),
@@ -133,7 +133,7 @@ class Device:
             raise FormatError("device profile is larger than 1 MiB", path)
         try:
             data = tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
             raise FormatError(f"device profile is not valid TOML: {e}", path) from None
         return cls.from_dict(data, path)
 

@@ -95,18 +95,20 @@ class LoraConfig:
             raise FormatError(f"adapter_config.json: {msg}", path)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             bad(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            bad(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) \
+                or not math.isfinite(self.lora_alpha):
+            bad(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
         for name in ("rank_pattern", "alpha_pattern"):
             pat = getattr(self, name)
             if not isinstance(pat, dict):
                 bad(f"{name} must be an object, got {pat!r}")
             for k, v in pat.items():
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or (name == "rank_pattern" and
-                                                                             (not isinstance(v, int) or v < 1)):
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (
+                        name == "rank_pattern" and (not isinstance(v, int) or v < 1)):
                     bad(f"{name}[{k!r}] = {v!r} is not a valid {'rank' if name == 'rank_pattern' else 'alpha'}")
                 _compile(k, f"{name} key", path)
-        if self.bias not in ("none", "all", "lora_only"):
+                _compile(rf"(.*\.)?({k})$", f"{name} key", path)  # as _pattern_value uses it
+        if not isinstance(self.bias, str) or self.bias not in ("none", "all", "lora_only"):
             bad(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         t = self.target_modules
         if t is None:
@@ -125,8 +127,18 @@ class LoraConfig:
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list)
                                                  or not all(isinstance(m, str) for m in self.modules_to_save)):
             bad(f"modules_to_save must be a list of names, got {self.modules_to_save!r}")
-        if isinstance(self.exclude_modules, str):
-            _compile(self.exclude_modules, "exclude_modules", path)
+        for m in self.modules_to_save or []:  # matched as a regex, as PEFT does
+            _compile(rf"(^|.*\.){m}($|\..*)", "modules_to_save entry", path)
+        lp = self.layers_pattern
+        if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(p, str) for p in lp)):
+            bad(f"layers_pattern must be a name or a list of names, got {lp!r}")
+        for p in [lp] if isinstance(lp, str) else lp or []:
+            _compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern", path)
+        ex = self.exclude_modules
+        if isinstance(ex, str):
+            _compile(ex, "exclude_modules", path)
+        elif ex is not None and not (isinstance(ex, list) and all(isinstance(e, str) for e in ex)):
+            bad(f"exclude_modules must be a list of names or a regex string, got {ex!r}")
         if self.use_dora and self.lora_bias:
             bad("use_dora and lora_bias cannot be combined (PEFT refuses this too)")
 
@@ -183,7 +195,7 @@ class LoraConfig:
 def _compile(pattern: str, what: str, path):
     try:
         return re.compile(pattern)
-    except re.error as e:
+    except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a{99999999999}
         raise FormatError(f"adapter_config.json: {what} {pattern!r} is not a valid regular expression ({e})",
                           path) from None
 

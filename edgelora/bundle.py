@@ -15,6 +15,7 @@ as ``edgelora.nf4_code`` (F32[16]) and ``edgelora.dynamic_code`` (F32[256]).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,13 +75,47 @@ class Bundle:
             self.verify(full=verify == "full")
         self.args = ModelArgs.from_file(self.path / "config.json")
         self.weights = SafetensorsFile(self.path / WEIGHTS)
-        self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
-                        for name, e in self.manifest["tensors"].items()}
+        try:
+            self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
+                            for name, e in self.manifest["tensors"].items()}
+            self._check_weights()
+        except BaseException:
+            self.weights.close()
+            raise
+
+    def _check_weights(self) -> None:
+        """Every tensor the manifest lists is in the weights file with the dtypes and sizes its storage and
+        shape imply (and the shape the config implies), so that no kernel ever reads past an array."""
+        from edgelora.converters.hf import llama_tensor_map
+        specs = llama_tensor_map(self.args)
+        st = self.weights
+        nb = self.quantization.get("nested_block_size", 256)
         for name, e in self.entries.items():
+            if name in specs and e.shape != specs[name].shape:
+                raise FormatError(f"manifest gives tensor {name!r} shape {list(e.shape)}, but config.json implies "
+                                  f"{list(specs[name].shape)}", self.path / MANIFEST)
             needed = [f"{name}.{p}" for p in NF4_PARTS] if e.storage == "nf4" else [name]
             for key in needed:
-                if key not in self.weights:
-                    raise FormatError(f"manifest lists {name!r} but {key!r} is not in {WEIGHTS}", self.weights.path)
+                if key not in st:
+                    raise FormatError(f"manifest lists {name!r} but {key!r} is not in {WEIGHTS}", st.path)
+            if e.storage == "nf4":
+                n = math.prod(e.shape)
+                blocks = -(-n // self.quantization["block_size"])
+                dq = st.tensors[f"{name}.nf4_scales"].dtype == "U8"
+                want = {"nf4_codes": ("U8", (-(-n // 2),)), "nf4_scales": ("U8" if dq else "F32", (blocks,)),
+                        "nf4_nested": ("F32", (-(-blocks // nb) if dq else 0,)), "nf4_offset": ("F32", (1,)),
+                        "nf4_shape": ("I64", (len(e.shape),))}
+            else:
+                want = {None: ("F16" if e.storage == "float16" else "F32", e.shape)}
+            for part, (dtype, shape) in want.items():
+                key = name if part is None else f"{name}.{part}"
+                info = st.tensors[key]
+                if (info.dtype, info.shape) != (dtype, shape):
+                    raise FormatError(f"tensor {key!r} is {info.dtype}{list(info.shape)}, but the manifest's "
+                                      f"{e.storage} {list(e.shape)} needs {dtype}{list(shape)}", st.path)
+            if e.storage == "nf4" and tuple(int(d) for d in st.raw(f"{name}.nf4_shape")) != e.shape:
+                raise FormatError(f"tensor {name + '.nf4_shape'!r} disagrees with the manifest's shape "
+                                  f"{list(e.shape)}", st.path)
 
     def _check_manifest(self, mpath: Path) -> None:
         m = self.manifest
@@ -96,18 +131,23 @@ class Bundle:
             if not isinstance(m.get(key), dict):
                 raise FormatError(f"manifest field {key!r} missing or not an object", mpath)
         q = m["quantization"]
-        if q.get("block_size") not in SUPPORTED_BLOCK_SIZES:
+        if not isinstance(q.get("block_size"), int) or q.get("block_size") not in SUPPORTED_BLOCK_SIZES:
             raise FormatError(f"quantization block_size {q.get('block_size')!r} is not one of {SUPPORTED_BLOCK_SIZES}",
                               mpath)
         nb = q.get("nested_block_size", 256)
-        if not isinstance(nb, int) or nb < 1 or nb & (nb - 1):
+        if not isinstance(nb, int) or not 1 <= nb <= 1 << 20 or nb & (nb - 1):
             raise FormatError(f"quantization nested_block_size {nb!r} is not a power of two", mpath)
-        for name in m["files"]:
+        for name, info in m["files"].items():
             if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST:
                 raise FormatError(f"manifest lists an invalid file name {name!r}", mpath)
+            if not isinstance(info, dict) or not isinstance(info.get("size"), int) \
+                    or not isinstance(info.get("sha256"), str):
+                raise FormatError(f"manifest entry for file {name!r} is malformed", mpath)
         for name, e in m["tensors"].items():
             if not isinstance(e, dict) or e.get("storage") not in ("nf4", "float16", "float32") \
-                    or not isinstance(e.get("shape"), list):
+                    or not isinstance(e.get("role"), str) or not isinstance(e.get("shape"), list) \
+                    or not 1 <= len(e["shape"]) <= 8 \
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in e["shape"]):
                 raise FormatError(f"manifest entry for tensor {name!r} is malformed", mpath)
 
     def verify(self, full: bool = False) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +48,8 @@ class ModelArgs:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)  # else validate() reports it
         if self.model_type == "qwen2":
             self.attention_bias = True  # Qwen2 always has q/k/v biases (and no o_proj bias)
 
@@ -55,7 +58,7 @@ class ModelArgs:
         if not isinstance(d, dict):
             raise FormatError("config is not a JSON object", path)
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedError(
                 f"unsupported architecture model_type={model_type!r} (architectures={d.get('architectures')}); "
                 f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}", path)
@@ -88,24 +91,51 @@ class ModelArgs:
         if self.num_attention_heads % self.num_key_value_heads:
             raise FormatError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}", path)
-        if self.hidden_act not in ("silu", "swish"):
+        def number(name, v, positive=True):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not (v > 0 if positive else v >= 0):
+                raise FormatError(f"config field {name}={v!r} must be a {'positive' if positive else 'non-negative'} "
+                                  f"finite number", path)
+        number("rms_norm_eps", self.rms_norm_eps, positive=False)
+        number("rope_theta", self.rope_theta)
+        for name in ("max_position_embeddings", "sliding_window"):
+            v = getattr(self, name)
+            if (v is not None or name == "max_position_embeddings") and (
+                    not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31):
+                raise FormatError(f"config field {name}={v!r} must be a positive integer", path)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ("silu", "swish"):
             raise UnsupportedError(f"hidden_act={self.hidden_act!r} is not supported (only silu)", path)
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise FormatError(f"config field rope_scaling={self.rope_scaling!r} must be an object", path)
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("default", "llama3", "linear", None):
+            if not isinstance(kind, (str, type(None))) or kind not in ("default", "llama3", "linear", None):
                 raise UnsupportedError(f"rope_scaling type {kind!r} is not supported "
                                        f"(supported: llama3, linear)", path)
+            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                        "original_max_position_embeddings")}.get(kind, ())
+            for key in needed:
+                number(f"rope_scaling.{key}", self.rope_scaling.get(key))
+            if kind == "llama3" and self.rope_scaling["low_freq_factor"] == self.rope_scaling["high_freq_factor"]:
+                raise FormatError("config rope_scaling: low_freq_factor equals high_freq_factor", path)
 
     @property
     def family(self) -> str:
         return SUPPORTED_MODEL_TYPES[self.model_type]
 
 
+def _read_size(f, limit: int) -> int:
+    """How many bytes to ask ``f.read`` for: one more than the file holds, at most ``limit + 1``
+    (``read(n)`` allocates ``n`` bytes up front, so never the whole limit for a small file)."""
+    st = os.fstat(f.fileno())
+    return (min(st.st_size, limit) if stat.S_ISREG(st.st_mode) else limit) + 1
+
+
 def read_json(path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read(64 * 1024 * 1024 + 1)
+            raw = f.read(_read_size(f, 64 * 1024 * 1024))
     except FileNotFoundError:
         raise FormatError("file not found", path) from None
     except OSError as e:
@@ -114,8 +144,8 @@ def read_json(path) -> dict:
         raise FormatError("JSON file larger than 64 MiB; refusing to parse", path)
     try:
         value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"malformed JSON ({e})", path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
+        raise FormatError(f"malformed JSON ({str(e)[:200]})", path) from None
     if not isinstance(value, dict):
         raise FormatError("expected a JSON object", path)
     return value

@@ -24,6 +24,7 @@ planned for them are refused.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error, sha256_file
-from edgelora.errors import ChecksumError, FormatError, PlanError, UnsupportedError, UsageError
+from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UnsupportedError, UsageError
 
 FORMAT_NAME = "edgelora-deploy"
 FORMAT_VERSION = 1
@@ -252,7 +253,7 @@ def is_deploy(path) -> bool:
         if not mpath.is_file() or mpath.stat().st_size > MAX_MANIFEST_BYTES:
             return False
         return json.loads(mpath.read_bytes()).get("format") == FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -354,7 +355,7 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
         tops = set()
         for mem in members:
             name = mem.name
-            if not (mem.isfile() or mem.isdir()):
+            if not (mem.isfile() or mem.isdir()) or mem.issparse():
                 raise FormatError(f"archive member {name!r} is not a plain file or folder (links are refused)", archive)
             parts = PurePosixPath(name).parts
             if name.startswith("/") or "\\" in name or not parts or any(x in ("..", "") for x in parts):
@@ -368,19 +369,32 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
                 if not rel:
                     continue
                 dst = tmp.joinpath(*rel)
-                if mem.isdir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                    continue
-                dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
+                    if mem.isdir():
+                        dst.mkdir(parents=True, exist_ok=True)
+                        continue
+                    dst.parent.mkdir(parents=True, exist_ok=True)
                     src = tar.extractfile(mem)
                     with open(dst, "xb") as f:
                         shutil.copyfileobj(src, f, 1 << 22)
                 except (tarfile.TarError, EOFError) as e:
                     raise FormatError(f"archive member {mem.name!r} is truncated or corrupt: {e}", archive) from None
                 except FileExistsError:
-                    raise FormatError(f"archive member {mem.name!r} appears twice", archive) from None
-            open_deploy(tmp, verify="full", device_check=False)
+                    raise FormatError(f"archive member {mem.name!r} appears twice, or as a file and a folder",
+                                      archive) from None
+                except (NotADirectoryError, IsADirectoryError):
+                    raise FormatError(f"archive member {mem.name!r} lies under a member that is a file",
+                                      archive) from None
+                except OSError as e:
+                    if e.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+                        raise FormatError(f"archive member {mem.name!r} has a name this system cannot hold "
+                                          f"({e.strerror})", archive) from None
+                    raise
+            try:
+                open_deploy(tmp, verify="full", device_check=False)
+            except EdgeLoraError as e:  # name the archive and the member, not the temporary folder
+                msg = str(e).replace(str(tmp), tops.pop())
+                raise type(e)(f"the archive does not hold a valid deploy folder: {msg}", archive) from None
     return Path(out)
 
 

@@ -74,8 +74,8 @@ def parse_header(raw: bytes, data_size: int, path) -> tuple[dict, dict[str, Tens
     """Validate a safetensors JSON header against a data buffer of ``data_size`` bytes."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"safetensors header is not valid JSON ({e}); the file is corrupt", path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
+        raise FormatError(f"safetensors header is not valid JSON ({str(e)[:200]}); the file is corrupt", path) from None
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object; the file is corrupt", path)
     meta = header.pop("__metadata__", None) or {}
@@ -86,7 +86,7 @@ def parse_header(raw: bytes, data_size: int, path) -> tuple[dict, dict[str, Tens
         if not isinstance(entry, dict):
             raise FormatError(f"tensor {name!r}: header entry is not an object", path)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise UnsupportedError(f"tensor {name!r}: unsupported dtype {dtype!r}", path)
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
@@ -236,8 +236,9 @@ class SafetensorsWriter:
             raise TypeError(f"{name}: got {buf.dtype}, layout says {dtype}")
         if offset + buf.nbytes > size:
             raise ValueError(f"{name}: {offset + buf.nbytes} bytes exceed its {size}")
-        self._fh.seek(self.data_start + begin + offset)
-        self._fh.write(memoryview(buf).cast("B"))
+        if buf.nbytes:  # memoryview cannot cast an empty array with a zero in its shape
+            self._fh.seek(self.data_start + begin + offset)
+            self._fh.write(memoryview(buf).cast("B"))
         self._written[name] += buf.nbytes
 
     def close(self) -> None:

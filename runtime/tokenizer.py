@@ -58,7 +58,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from edgelora.config import read_json
+from edgelora.config import _read_size, read_json
 from edgelora.errors import FormatError, UnsupportedError, UsageError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -95,7 +95,7 @@ def _one_line(text: object) -> str:
 def _read_text(path: Path, limit: int = _MAX_TOKENIZER_BYTES) -> str:
     try:
         with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+            raw = f.read(_read_size(f, limit))
     except FileNotFoundError:
         raise FormatError("file not found", path) from None
     except OSError as e:
@@ -147,10 +147,15 @@ def _file_bpe(tj: dict, path: Path, **options: Any) -> BackendTokenizer:
     model = tj["model"]
     vocab = model.get("vocab")
     if isinstance(vocab, list):
-        vocab = {tok[0] if isinstance(tok, list) else tok: i for i, tok in enumerate(vocab)}
+        vocab = {tok[0] if isinstance(tok, list) and tok else tok: i for i, tok in enumerate(vocab)
+                 if isinstance(tok, str) or (isinstance(tok, list) and tok and isinstance(tok[0], str))}
     if not isinstance(vocab, dict):
         raise FormatError("tokenizer model has no BPE vocabulary", path)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    merges = model.get("merges") or []
+    if not isinstance(merges, list) or not all(isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(
+            isinstance(x, str) for x in m)) for m in merges):
+        raise FormatError("tokenizer model merges must be a list of \"a b\" strings or [a, b] pairs", path)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
     try:
         return BackendTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, **options))
     except Exception as e:  # the Rust side reports malformed merges/vocab as plain exceptions
@@ -489,8 +494,8 @@ class Tokenizer:
         text = _read_text(tj_path)
         try:
             tj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"malformed JSON ({e})", tj_path) from None
+        except (ValueError, RecursionError) as e:  # ValueError: also over-long integers
+            raise FormatError(f"malformed JSON ({str(e)[:200]})", tj_path) from None
         if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
             raise FormatError("not a tokenizers file (no \"model\" object)", tj_path)
         cfg_path = dirpath / TOKENIZER_CONFIG_FILE
