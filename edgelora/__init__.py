@@ -30,7 +30,7 @@ _LAZY = {  # public name -> module that defines it
     "measure_peak_rss": "edgelora.devices.planner",
     "list_devices": "edgelora.devices.profiles", "get_device": "edgelora.devices.profiles",
     "Device": "edgelora.devices.profiles",
-    "deploy": "edgelora.deploy", "open_deploy": "edgelora.deploy", "unpack": "edgelora.deploy",
+    "deploy": "edgelora.deployment", "open_deploy": "edgelora.deployment", "unpack": "edgelora.deployment",
 }
 
 

@@ -218,7 +218,7 @@ def _cmd_plan(ns) -> int:
 
 
 def _cmd_deploy(ns) -> int:
-    from edgelora.deploy import deploy
+    from edgelora.deployment import deploy
     r = deploy(ns.bundle, ns.device, ns.output, adapters=_adapters_arg(ns.adapter), context=ns.context,
                threads=ns.threads, archive=ns.archive, overwrite=ns.overwrite)
     print(r.text())
@@ -226,7 +226,7 @@ def _cmd_deploy(ns) -> int:
 
 
 def _cmd_unpack(ns) -> int:
-    from edgelora.deploy import unpack
+    from edgelora.deployment import unpack
     out = unpack(ns.archive, ns.output, overwrite=ns.overwrite)
     print(f"unpacked and verified {out}")
     return 0

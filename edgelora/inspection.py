@@ -19,7 +19,7 @@ def _args_dict(a) -> dict:
 
 
 def _inspect_deploy(path: Path) -> dict:
-    from edgelora.deploy import open_deploy
+    from edgelora.deployment import open_deploy
     from edgelora.errors import PlanError
     try:
         dep = open_deploy(path, verify="full", device_check=False)
@@ -44,7 +44,7 @@ def _inspect_deploy(path: Path) -> dict:
 def inspect(path) -> dict:
     """A JSON-ready description of a bundle or a deploy folder (checksums verified), a Hugging
     Face checkpoint or a PEFT adapter folder."""
-    from edgelora.deploy import is_deploy
+    from edgelora.deployment import is_deploy
     path = Path(path)
     if is_deploy(path):
         return _inspect_deploy(path)

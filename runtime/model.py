@@ -104,7 +104,7 @@ class Model:
         self.adapters = AdapterSet(self)
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
         self._step = threading.Lock()  # one forward step at a time (kernels share thread pools)
-        self.deployment = None  # the deploy folder's plan when loaded from one (edgelora.deploy)
+        self.deployment = None  # the Deployment when loaded from a deploy folder (edgelora.deployment)
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -367,7 +367,7 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
     cache holds the planned context (a larger ``max_context`` is refused), its adapters are
     loaded, and adapters beyond the bytes planned for them are refused.
     """
-    from edgelora.deploy import is_deploy, open_deploy
+    from edgelora.deployment import is_deploy, open_deploy
     path = Path(path)
     dep = None
     if is_deploy(path):

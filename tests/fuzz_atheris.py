@@ -34,7 +34,7 @@ with atheris.instrument_imports(include=["edgelora"]):
     from edgelora.adapters import read_adapter, read_config
     from edgelora.bundle import Bundle
     from edgelora.config import ModelArgs
-    from edgelora.deploy import open_deploy, unpack
+    from edgelora.deployment import open_deploy, unpack
     from edgelora.devices.profiles import Device
     from edgelora.errors import EdgeLoraError
     from edgelora.runtime.tokenizer import Tokenizer
@@ -45,7 +45,7 @@ os.environ.setdefault("EDGELORA_HOME", str(WORK / "home"))
 
 
 def _setup():
-    from edgelora.deploy import deploy
+    from edgelora.deployment import deploy
     from edgelora.demo import demo_bundle, packaged_demo_adapters, packaged_demo_model
     bundle = demo_bundle(WORK / "demo", quiet=True)[0]
     shutil.copytree(bundle, WORK / "bundle")

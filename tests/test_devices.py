@@ -20,7 +20,7 @@ import pytest
 
 import edgelora
 from edgelora.cli import main
-from edgelora.deploy import deploy, open_deploy, unpack
+from edgelora.deployment import deploy, open_deploy, unpack
 from edgelora.devices.planner import kv_cache_bytes, measure_peak_rss, plan
 from edgelora.devices.profiles import Device, get_device, host_arch, list_devices
 from edgelora.errors import ChecksumError, FormatError, PlanError, UsageError

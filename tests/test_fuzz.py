@@ -211,7 +211,7 @@ def bundle_copy(work):
 
 @pytest.fixture(scope="module")
 def deploy_copy(work):
-    from edgelora.deploy import deploy
+    from edgelora.deployment import deploy
     out = work / "deploy"
     deploy(demo_bundle_path(), "host", out, adapters=demo_adapter_paths(), context=64, overhead=200_000_000,
            archive=True)
@@ -541,7 +541,7 @@ DEPLOY_KEYS = ["format", "format_version", "device", "plan", "adapters", "files"
 @fuzz(800)
 @given(st.data())
 def test_deploy_manifest(deploy_copy, data):
-    from edgelora.deploy import is_deploy, open_deploy
+    from edgelora.deployment import is_deploy, open_deploy
     mpath = deploy_copy / "manifest.json"
     base = json.loads(mpath.read_text())
     raw = data.draw(json_inputs(base, DEPLOY_KEYS))
@@ -614,7 +614,7 @@ MEMBER_NAMES = ["deploy", "deploy/manifest.json", "deploy/model", "deploy/model/
 @fuzz(500)
 @given(st.data())
 def test_unpack_archives(deploy_copy, work, data):
-    from edgelora.deploy import unpack
+    from edgelora.deployment import unpack
     real = deploy_copy.with_name(deploy_copy.name + ".tar")
     kind = data.draw(st.sampled_from(["crafted", "crafted", "damaged", "real_plus"]))
     if kind == "crafted":
@@ -642,7 +642,7 @@ def test_unpack_archives(deploy_copy, work, data):
 
 
 def test_unpack_refuses_escapes(work):
-    from edgelora.deploy import unpack
+    from edgelora.deployment import unpack
     from edgelora.errors import FormatError
     for members in ([("deploy", "dir", b""), ("deploy/../../escaped", "file", b"x")],
                     [("/tmp/escaped-abs", "file", b"x")],

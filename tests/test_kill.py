@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from edgelora.bundle import Bundle
-from edgelora.deploy import open_deploy
+from edgelora.deployment import open_deploy
 from edgelora.errors import EdgeLoraError
 
 from conftest import demo_adapter_paths, demo_bundle_path
