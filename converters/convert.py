@@ -41,6 +41,7 @@ class TensorReport:
     bytes: int
     rel_error: float  # ||W - Q(W)|| / ||W||
     max_abs_error: float
+    imported: bool = False  # NF4 codes taken from a bitsandbytes checkpoint as they were
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ConversionSummary:
     worst_rel_error: float
     seconds: float
     tensors: list = field(default_factory=list)
+    imported: int = 0  # tensors whose NF4 codes were imported unchanged from bitsandbytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +73,8 @@ class ConversionSummary:
             f"({self.source_bytes / max(self.weights_bytes, 1):.2f}x smaller); bundle {self.bundle_bytes * mb:,.1f} MB",
             f"  bits per weight   {self.bits_per_weight:.3f} overall, {self.nf4_bits_per_weight:.3f} in NF4 tensors",
             f"  largest error     {self.worst_rel_error:.4f} relative (||W-Q(W)||/||W||) in {self.worst_tensor}",
+            *([f"  imported          {self.imported} tensors from bitsandbytes NF4, codes and scales unchanged"]
+              if self.imported else []),
             f"  time              {self.seconds:.1f} s",
         ])
 
@@ -170,15 +174,34 @@ class _MergedAdapter:
                 "ranks": s["ranks"], "lora_alpha": s["lora_alpha"], "targets": s["targets"], "modules": s["modules"]}
 
 
-def convert(src, out, block_size: int = 64, double_quant: bool = True, embeddings: str = "float16",
+def _layout(ckpt, block_size, double_quant) -> tuple[int, bool]:
+    """The bundle's NF4 block size and double quantization: the user's choice (default 64, on),
+    or, for a checkpoint already in NF4, its own, which a different request cannot change."""
+    have = ckpt.nf4_layout
+    if have is None:
+        block_size = 64 if block_size is None else block_size
+        if block_size not in nf4.SUPPORTED_BLOCK_SIZES:
+            raise UsageError(f"block size must be one of {nf4.SUPPORTED_BLOCK_SIZES}, got {block_size}")
+        return block_size, True if double_quant is None else bool(double_quant)
+    if block_size not in (None, have[0]) or double_quant not in (None, have[1]):
+        raise UsageError(f"this checkpoint is bitsandbytes NF4 already, in blocks of {have[0]} with double "
+                         f"quantization {'on' if have[1] else 'off'}; its codes are imported unchanged, so "
+                         f"--block-size / --no-double-quant cannot change them", ckpt.path)
+    return have
+
+
+def convert(src, out, block_size: int | None = None, double_quant: bool | None = None, embeddings: str = "float16",
             head: str = "float16", overwrite: bool = False, progress: bool = False,
             merge_adapter=None) -> ConversionSummary:
     """Convert a Hugging Face checkpoint folder (or hub id) into an edgelora NF4 bundle at ``out``.
 
+    ``block_size`` (default 64) and ``double_quant`` (default on) set the NF4 layout; a checkpoint
+    saved from a bitsandbytes 4-bit model keeps its own, and its NF4 codes and scales are copied
+    byte for byte (its float tensors are converted as usual).
     ``merge_adapter``: a PEFT LoRA adapter folder to fold into the weights before quantization
     (see :class:`_MergedAdapter` for the trade-off)."""
     t0 = time.perf_counter()
-    if block_size not in nf4.SUPPORTED_BLOCK_SIZES:
+    if block_size is not None and block_size not in nf4.SUPPORTED_BLOCK_SIZES:
         raise UsageError(f"block size must be one of {nf4.SUPPORTED_BLOCK_SIZES}, got {block_size}")
     for what, v in (("embeddings", embeddings), ("head", head)):
         if v not in STORAGE_CHOICES:
@@ -191,6 +214,10 @@ def convert(src, out, block_size: int = 64, double_quant: bool = True, embedding
             raise FormatError("no tokenizer.json in the checkpoint folder; save the tokenizer with transformers "
                               "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", src_path)
         specs = ckpt.specs
+        block_size, double_quant = _layout(ckpt, block_size, double_quant)
+        if merge_adapter is not None and ckpt.nf4:
+            raise UsageError("merging an adapter into an imported bitsandbytes base would re-quantize it and lose "
+                             "the base the adapter was trained on; load the adapter unmerged (--adapter)", src_path)
         merge = _MergedAdapter(merge_adapter, ckpt.args) if merge_adapter is not None else None
         storage = {name: _storage(s.role, embeddings, head) for name, s in specs.items()}
         entries = [(k, "F32", v.shape) for k, v in CODE_TENSORS.items()]
@@ -227,6 +254,11 @@ def convert(src, out, block_size: int = 64, double_quant: bool = True, embedding
 
 def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant, merge=None) -> TensorReport:
     f = ckpt.where[name]
+    if name in ckpt.nf4:  # imported from bitsandbytes: its codes and scales as they are, exactly
+        q = ckpt.nf4[name]
+        _write_nf4(writer, name, q)
+        f.release(name)
+        return TensorReport(name, spec.role, storage, q.numel, q.nbytes, 0.0, 0.0, imported=True)
     dtype = f.tensors[name].dtype
     raw = f.raw(name)
     shape = spec.shape
@@ -266,11 +298,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant,
             approx = q.dequantize_blocks(e0 // block_size, -(-e1 // block_size), deq_absmax)
             meter.add(rows(r0, r1).ravel(), approx[: e1 - e0])
             done(r0, r1)
-        writer.write(f"{name}.nf4_codes", q.packed)
-        writer.write(f"{name}.nf4_scales", q.scales)
-        writer.write(f"{name}.nf4_nested", q.nested_scales)
-        writer.write(f"{name}.nf4_offset", np.array([q.offset], np.float32))
-        writer.write(f"{name}.nf4_shape", np.array(shape, np.int64))
+        _write_nf4(writer, name, q)
         nbytes = q.nbytes
     else:
         target = np.float16 if storage == "float16" else np.float32
@@ -287,6 +315,14 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant,
             done(r0, r1)
         nbytes = written
     return TensorReport(name, spec.role, storage, n, nbytes, meter.rel, meter.max_abs)
+
+
+def _write_nf4(writer, name: str, q) -> None:
+    writer.write(f"{name}.nf4_codes", q.packed)
+    writer.write(f"{name}.nf4_scales", q.scales)
+    writer.write(f"{name}.nf4_nested", q.nested_scales)
+    writer.write(f"{name}.nf4_offset", np.array([q.offset], np.float32))
+    writer.write(f"{name}.nf4_shape", np.array(q.shape, np.int64))
 
 
 def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, embeddings, head, reports) -> dict:
@@ -316,6 +352,8 @@ def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, em
             "nested_block_size": 256, "nested_code": "bitsandbytes-dynamic-signed-8bit",
             "embeddings": embeddings, "lm_head": "tied" if a.tie_word_embeddings else head,
             "compatible_with": "bitsandbytes quantize_4bit(quant_type='nf4', compress_statistics=double_quant)",
+            **({"source_quantization": "bitsandbytes-nf4 (imported, codes unchanged)",
+                "imported_tensors": len(ckpt.nf4)} if ckpt.nf4 else {}),
         },
         "stats": {"parameters": params, "nf4_parameters": nf4_params, "weight_bytes": weight_bytes,
                   "bits_per_weight": round(8 * weight_bytes / params, 4)},
@@ -334,7 +372,8 @@ def _summary(out: Path, model_type, reports, source_bytes, seconds) -> Conversio
     nf4_reports = [r for r in reports if r.storage == "nf4"]
     params = sum(r.params for r in reports)
     weights_bytes = sum(r.bytes for r in reports)
-    worst = max(nf4_reports or reports, key=lambda r: r.rel_error)
+    quantized_here = [r for r in reports if not r.imported]
+    worst = max([r for r in nf4_reports if not r.imported] or quantized_here or reports, key=lambda r: r.rel_error)
     bundle_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     nf4_params = sum(r.params for r in nf4_reports)
     return ConversionSummary(
@@ -343,4 +382,4 @@ def _summary(out: Path, model_type, reports, source_bytes, seconds) -> Conversio
         bits_per_weight=8 * weights_bytes / params,
         nf4_bits_per_weight=8 * sum(r.bytes for r in nf4_reports) / max(nf4_params, 1),
         worst_tensor=worst.name, worst_rel_error=worst.rel_error, seconds=seconds,
-        tensors=[asdict(r) for r in reports])
+        tensors=[asdict(r) for r in reports], imported=sum(r.imported for r in reports))

@@ -4,7 +4,9 @@ A checkpoint is ``config.json`` + ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) + tokenizer files. Every tensor the checkpoint holds must be one
 the architecture's map expects, with the shape the config implies; anything else is an error
 naming the tensor (in the manner of llama.cpp's ``TensorNameMap`` and gpt-fast's ``weight_map``,
-which fail loudly rather than guess). Pickle checkpoints are refused, never unpickled.
+which fail loudly rather than guess). Pickle checkpoints are refused, never unpickled. A
+checkpoint saved from a bitsandbytes 4-bit model keeps its NF4 linears as they are
+(``converters/bnb.py``): ``HFCheckpoint.nf4`` holds them, checked, for the converter to copy.
 
 Roles decide what the converter does with a tensor: ``linear`` goes to NF4, ``embedding`` and
 ``head`` follow the user's choice (float16 or NF4), ``norm`` and ``bias`` stay float32.
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgelora.config import ModelArgs, read_json
+from edgelora.converters import bnb
+from edgelora.converters.nf4 import NF4Tensor
 from edgelora.errors import FormatError, PickleRefusedError, UnsupportedError
 from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
@@ -99,6 +103,8 @@ class HFCheckpoint:
                               self.path)
         self.config_dict = read_json(cfg_path)
         self.args = ModelArgs.from_dict(self.config_dict, cfg_path)
+        self.quantization = bnb.quantization_method(self.config_dict, cfg_path)  # None: float weights
+        self.nf4: dict[str, NF4Tensor] = {}  # weights stored pre-quantized (bitsandbytes 4-bit), by name
         self.shard_paths = self._find_shards()
         self.files: dict[Path, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
@@ -148,6 +154,8 @@ class HFCheckpoint:
         a = self.args
         specs = TENSOR_MAPS[a.family](a)
         present = {n for n in self.where if not n.endswith(IGNORED_SUFFIXES)}
+        if self.quantization == "bnb-4bit":
+            present = self._import_bnb(specs, present)
         if a.tie_word_embeddings:
             present.discard("lm_head.weight")  # some exporters save the tied head anyway
         unexpected = sorted(present - specs.keys())
@@ -160,6 +168,8 @@ class HFCheckpoint:
             raise FormatError(f"checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}",
                               self.path)
         for name, spec in specs.items():
+            if name in self.nf4:
+                continue  # checked against its quant state
             info = self.where[name].tensors[name]
             if info.shape != spec.shape:
                 raise FormatError(f"tensor {name!r} has shape {list(info.shape)}, but config.json implies "
@@ -169,15 +179,35 @@ class HFCheckpoint:
                                        self.where[name].path)
         return specs
 
+    def _import_bnb(self, specs: dict, present: set) -> set:
+        """Take each bitsandbytes 4-bit linear as it is stored; the names left to check as float."""
+        for name in sorted(present):
+            spec = specs.get(name)
+            state = bnb.read_state(self.where, name) if spec is not None and spec.role == "linear" else None
+            if state is not None:
+                self.nf4[name] = bnb.load_nf4(self.where, name, state, spec.shape)
+        layouts = {(q.block_size, q.double_quant) for q in self.nf4.values()}
+        if len(layouts) > 1:
+            raise UnsupportedError(f"the checkpoint mixes bitsandbytes block sizes / double quantization "
+                                   f"{sorted(layouts)}; a bundle holds one", self.path)
+        parts = {n for n in present if bnb.owner(n) in self.nf4}
+        return present - parts  # a stray part (of no quantized weight) is reported as unexpected
+
+    @property
+    def nf4_layout(self) -> tuple[int, bool] | None:
+        """``(block_size, double_quant)`` of the pre-quantized weights, or None."""
+        return next(((q.block_size, q.double_quant) for q in self.nf4.values()), None)
+
     @property
     def dtypes(self) -> set[str]:
-        return {self.where[n].tensors[n].dtype for n in self.specs}
+        return {"bitsandbytes-nf4" if n in self.nf4 else self.where[n].tensors[n].dtype for n in self.specs}
 
     def tensor(self, name: str):
-        return self.where[name].float32(name)
+        """A source tensor in float32 (a pre-quantized one dequantized)."""
+        return self.nf4[name].dequantize() if name in self.nf4 else self.where[name].float32(name)
 
     def source_bytes(self) -> int:
-        return sum(self.where[n].tensors[n].nbytes for n in self.specs)
+        return sum(self.nf4[n].nbytes if n in self.nf4 else self.where[n].tensors[n].nbytes for n in self.specs)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]

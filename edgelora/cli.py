@@ -19,7 +19,7 @@ from edgelora.errors import EdgeLoraError
 
 def _cmd_convert(ns) -> int:
     from edgelora.converters.convert import convert
-    s = convert(ns.src, ns.output, block_size=ns.block_size, double_quant=not ns.no_double_quant,
+    s = convert(ns.src, ns.output, block_size=ns.block_size, double_quant=False if ns.no_double_quant else None,
                 embeddings=ns.embeddings, head=ns.head, overwrite=ns.overwrite,
                 progress=not ns.quiet and sys.stderr.isatty(), merge_adapter=ns.merge_adapter)
     if ns.json:
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="quantize a Hugging Face checkpoint to an NF4 bundle")
     c.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer.json) or hub id org/name")
     c.add_argument("-o", "--output", required=True, help="bundle folder to create")
-    c.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128, 256), help="NF4 block size (64)")
+    c.add_argument("--block-size", type=int, default=None, choices=(32, 64, 128, 256),
+                   help="NF4 block size (64; a bitsandbytes 4-bit checkpoint keeps its own)")
     c.add_argument("--no-double-quant", action="store_true", help="keep block scales in float32")
     c.add_argument("--embeddings", choices=("float16", "nf4"), default="float16",
                    help="storage of the token embeddings (float16)")
