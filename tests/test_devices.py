@@ -286,6 +286,18 @@ def test_tampering_any_deployed_file_fails_with_its_name(demo_deploy, tmp_path):
         shutil.rmtree(copy)
 
 
+def test_deploying_a_corrupt_bundle_writes_nothing(tmp_path):
+    import shutil
+    bundle = shutil.copytree(demo_bundle_path(), tmp_path / "bundle")
+    weights = bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a weight byte: the layout still reads, the sha256 does not match
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=str(weights)):
+        deploy(bundle, "host", tmp_path / "out", context=64)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_archive_round_trip_and_hostile_archives(demo_deploy, tmp_path):
     out = unpack(demo_deploy.with_name("demo-laptop.tar"), tmp_path / "unpacked")
     assert open_deploy(out, verify="full").adapters.keys() == {"pirate", "shout"}
