@@ -1,4 +1,4 @@
-"""Reading Hugging Face checkpoint directories of the Llama family, by an explicit tensor-name map.
+"""Reading Hugging Face checkpoint directories of the Llama family and Phi-3, by explicit tensor-name maps.
 
 A checkpoint is ``config.json`` + ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) + tokenizer files. Every tensor the checkpoint holds must be one
@@ -37,33 +37,65 @@ class TensorSpec:
     role: str  # linear | embedding | head | norm | bias
 
 
-def llama_tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
-    """Every tensor of a Llama/Mistral/Qwen2 checkpoint, keyed by its Hugging Face name."""
-    H, I, V = a.hidden_size, a.intermediate_size, a.vocab_size
-    q_dim, kv_dim = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+def _global_specs(a: ModelArgs) -> list[TensorSpec]:
+    """The tensors outside the decoder layers: embeddings, final norm, and an untied head."""
+    H, V = a.hidden_size, a.vocab_size
     specs = [TensorSpec("model.embed_tokens.weight", (V, H), "embedding"),
              TensorSpec("model.norm.weight", (H,), "norm")]
     if not a.tie_word_embeddings:
         specs.append(TensorSpec("lm_head.weight", (V, H), "head"))
+    return specs
+
+
+def _layered_map(a: ModelArgs, linears) -> dict[str, TensorSpec]:
+    """The global tensors, then per layer its two norms, ``linears(a, prefix)`` and the model type's hook."""
+    specs = _global_specs(a)
     for i in range(a.num_hidden_layers):
         p = f"model.layers.{i}."
-        specs += [
-            TensorSpec(p + "input_layernorm.weight", (H,), "norm"),
-            TensorSpec(p + "post_attention_layernorm.weight", (H,), "norm"),
-            TensorSpec(p + "self_attn.q_proj.weight", (q_dim, H), "linear"),
+        specs += [TensorSpec(p + "input_layernorm.weight", (a.hidden_size,), "norm"),
+                  TensorSpec(p + "post_attention_layernorm.weight", (a.hidden_size,), "norm")]
+        specs += linears(a, p) + ARCH_HOOKS[a.model_type](a, p)
+    return {s.name: s for s in specs}
+
+
+def _dims(a: ModelArgs) -> tuple[int, int, int, int]:
+    return a.hidden_size, a.intermediate_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+
+
+def _llama_linears(a: ModelArgs, p: str) -> list[TensorSpec]:
+    H, I, q_dim, kv_dim = _dims(a)
+    return [TensorSpec(p + "self_attn.q_proj.weight", (q_dim, H), "linear"),
             TensorSpec(p + "self_attn.k_proj.weight", (kv_dim, H), "linear"),
             TensorSpec(p + "self_attn.v_proj.weight", (kv_dim, H), "linear"),
             TensorSpec(p + "self_attn.o_proj.weight", (H, q_dim), "linear"),
             TensorSpec(p + "mlp.gate_proj.weight", (I, H), "linear"),
             TensorSpec(p + "mlp.up_proj.weight", (I, H), "linear"),
-            TensorSpec(p + "mlp.down_proj.weight", (H, I), "linear"),
-        ]
-        specs += ARCH_HOOKS[a.model_type](a, p)
-    return {s.name: s for s in specs}
+            TensorSpec(p + "mlp.down_proj.weight", (H, I), "linear")]
+
+
+def _phi3_linears(a: ModelArgs, p: str) -> list[TensorSpec]:
+    H, I, q_dim, kv_dim = _dims(a)
+    return [TensorSpec(p + "self_attn.qkv_proj.weight", (q_dim + 2 * kv_dim, H), "linear"),  # rows: q, k, v
+            TensorSpec(p + "self_attn.o_proj.weight", (H, q_dim), "linear"),
+            TensorSpec(p + "mlp.gate_up_proj.weight", (2 * I, H), "linear"),  # rows: gate, up
+            TensorSpec(p + "mlp.down_proj.weight", (H, I), "linear")]
+
+
+def llama_tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
+    """Every tensor of a Llama/Mistral/Qwen2 checkpoint, keyed by its Hugging Face name."""
+    return _layered_map(a, _llama_linears)
+
+
+def phi3_tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
+    """Every tensor of a Phi-3 checkpoint. Its projections are fused and stay fused: ``qkv_proj`` is
+    q, k and v stacked by rows, ``gate_up_proj`` gate then up. Each is one NF4 tensor, as bitsandbytes
+    quantizes it for a QLoRA base (one double-quant offset over the whole fused weight), and the
+    module PEFT adapters for Phi-3 target."""
+    return _layered_map(a, _phi3_linears)
 
 
 def _llama_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
-    q_dim, kv_dim = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    _, _, q_dim, kv_dim = _dims(a)
     extra = []
     if a.attention_bias:
         extra += [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
@@ -79,14 +111,23 @@ def _llama_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
 
 def _qwen2_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
     # Qwen2: biases on q, k and v only.
-    q_dim, kv_dim = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    _, _, q_dim, kv_dim = _dims(a)
     return [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
             TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
             TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias")]
 
 
-ARCH_HOOKS = {"llama": _llama_extras, "mistral": _llama_extras, "qwen2": _qwen2_extras}
-TENSOR_MAPS = {"llama": llama_tensor_map}
+def _no_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
+    return []  # Phi-3: no biases
+
+
+ARCH_HOOKS = {"llama": _llama_extras, "mistral": _llama_extras, "qwen2": _qwen2_extras, "phi3": _no_extras}
+TENSOR_MAPS = {"llama": llama_tensor_map, "phi3": phi3_tensor_map}
+
+
+def tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
+    """The tensor-name map of ``a``'s architecture family."""
+    return TENSOR_MAPS[a.family](a)
 
 
 class HFCheckpoint:
@@ -152,7 +193,7 @@ class HFCheckpoint:
 
     def _check_tensors(self) -> dict[str, TensorSpec]:
         a = self.args
-        specs = TENSOR_MAPS[a.family](a)
+        specs = tensor_map(a)
         present = {n for n in self.where if not n.endswith(IGNORED_SUFFIXES)}
         if self.quantization == "bnb-4bit":
             present = self._import_bnb(specs, present)

@@ -224,9 +224,9 @@ class BaseModules:
 
     @classmethod
     def from_args(cls, args: ModelArgs) -> "BaseModules":
-        from edgelora.converters.hf import llama_tensor_map
+        from edgelora.converters.hf import tensor_map
         linear, biases = {}, {}
-        for name, spec in llama_tensor_map(args).items():
+        for name, spec in tensor_map(args).items():
             module = name.rsplit(".", 1)[0]
             if spec.role == "linear":
                 linear[module] = tuple(spec.shape)

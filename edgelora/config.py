@@ -19,7 +19,9 @@ from pathlib import Path
 from edgelora.errors import FormatError, UnsupportedError
 
 #: model_type -> family module used by the converter and the runtime
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama"}
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3"}
+#: rope_scaling types transformers' Phi-3 config reads as "longrope" (configuration_phi3.py)
+PHI3_LONGROPE_ALIASES = ("su", "yarn")
 
 
 @dataclass
@@ -41,6 +43,8 @@ class ModelArgs:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    partial_rotary_factor: float = 1.0  # the fraction of head_dim that is rotated (Phi-3/Phi-4-mini)
+    original_max_position_embeddings: int | None = None  # Phi-3: the pretraining length longrope scales from
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
     architectures: list = field(default_factory=list)
@@ -52,6 +56,22 @@ class ModelArgs:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)  # else validate() reports it
         if self.model_type == "qwen2":
             self.attention_bias = True  # Qwen2 always has q/k/v biases (and no o_proj bias)
+        if self.model_type == "phi3":
+            if self.original_max_position_embeddings is None:
+                self.original_max_position_embeddings = 4096  # Phi3Config's default, which rope_scaling's never overrides
+            sc = self.rope_scaling
+            if isinstance(sc, dict) and sc.get("rope_type", sc.get("type")) in PHI3_LONGROPE_ALIASES:
+                self.rope_scaling = {**sc, "rope_type": "longrope"}  # as transformers' Phi3Config renames them
+
+    @property
+    def rope_type(self) -> str:
+        sc = self.rope_scaling or {}
+        return sc.get("rope_type", sc.get("type")) or "default"
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions are rotated (transformers: ``int(head_dim * partial_rotary_factor)``)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_dict(cls, d: dict, path=None) -> "ModelArgs":
@@ -67,6 +87,7 @@ class ModelArgs:
         rp = d.get("rope_parameters")
         if isinstance(rp, dict):
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
+            d.setdefault("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0))
             if d.get("rope_scaling") is None and rp.get("rope_type", "default") != "default":
                 d["rope_scaling"] = rp
         names = {f.name for f in dataclasses.fields(cls)}
@@ -105,19 +126,48 @@ class ModelArgs:
                 raise FormatError(f"config field {name}={v!r} must be a positive integer", path)
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ("silu", "swish"):
             raise UnsupportedError(f"hidden_act={self.hidden_act!r} is not supported (only silu)", path)
-        if self.rope_scaling is not None:
-            if not isinstance(self.rope_scaling, dict):
-                raise FormatError(f"config field rope_scaling={self.rope_scaling!r} must be an object", path)
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if not isinstance(kind, (str, type(None))) or kind not in ("default", "llama3", "linear", None):
-                raise UnsupportedError(f"rope_scaling type {kind!r} is not supported "
-                                       f"(supported: llama3, linear)", path)
-            needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                        "original_max_position_embeddings")}.get(kind, ())
-            for key in needed:
-                number(f"rope_scaling.{key}", self.rope_scaling.get(key))
-            if kind == "llama3" and self.rope_scaling["low_freq_factor"] == self.rope_scaling["high_freq_factor"]:
-                raise FormatError("config rope_scaling: low_freq_factor equals high_freq_factor", path)
+        self._validate_rope(path, number)
+
+    def _validate_rope(self, path, number) -> None:
+        f = self.partial_rotary_factor
+        number("partial_rotary_factor", f)
+        if f > 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise FormatError(f"config field partial_rotary_factor={f!r} must be in (0, 1] and rotate an even "
+                              f"number of the head's {self.head_dim} dimensions", path)
+        if f != 1.0 and self.model_type != "phi3":
+            raise UnsupportedError(f"partial_rotary_factor={f!r}: transformers' {self.model_type} rotates the "
+                                   f"whole head; only phi3 rotates part of it", path)
+        if self.original_max_position_embeddings is not None:
+            v = self.original_max_position_embeddings
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31:
+                raise FormatError(f"config field original_max_position_embeddings={v!r} must be a positive "
+                                  f"integer", path)
+        if self.rope_scaling is None:
+            return
+        if not isinstance(self.rope_scaling, dict):
+            raise FormatError(f"config field rope_scaling={self.rope_scaling!r} must be an object", path)
+        kind = self.rope_type
+        kinds = ("default", "llama3", "linear") + (("longrope",) if self.model_type == "phi3" else ())
+        if not isinstance(kind, str) or kind not in kinds:
+            raise UnsupportedError(f"rope_scaling type {kind!r} is not supported for {self.model_type} "
+                                   f"(supported: {', '.join(kinds[1:])})", path)
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(kind, ())
+        for key in needed:
+            number(f"rope_scaling.{key}", self.rope_scaling.get(key))
+        if kind == "llama3" and self.rope_scaling["low_freq_factor"] == self.rope_scaling["high_freq_factor"]:
+            raise FormatError("config rope_scaling: low_freq_factor equals high_freq_factor", path)
+        if kind == "longrope":
+            for key in ("short_factor", "long_factor"):
+                v = self.rope_scaling.get(key)
+                if not isinstance(v, list) or len(v) != self.rotary_dim // 2:
+                    raise FormatError(f"config rope_scaling.{key} must be a list of {self.rotary_dim // 2} numbers "
+                                      f"(one per rotated pair), got {str(v)[:80]}", path)
+                for x in v:
+                    number(f"rope_scaling.{key}[i]", x)
+            for key in ("factor", "attention_factor"):
+                if self.rope_scaling.get(key) is not None:
+                    number(f"rope_scaling.{key}", self.rope_scaling[key])
 
     @property
     def family(self) -> str:

@@ -9,6 +9,8 @@ quantized. Keys and values live in a cache preallocated for ``max_context`` posi
 Rotary embeddings as transformers computes them (``rope_theta``; ``llama3`` and ``linear``
 scaling as in ``modeling_rope_utils.py``), rotate-half convention, grouped-query attention,
 SwiGLU, optional q/k/v(/o) and MLP biases, Mistral's sliding window, tied or separate head.
+``LlamaModel.qkv``/``gated`` are the only architecture-specific steps of a layer: Phi-3
+(``runtime/phi3.py``) overrides them to split its fused projections' outputs.
 """
 
 from __future__ import annotations
@@ -84,11 +86,12 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope_inv_freq(args: ModelArgs) -> np.ndarray:
-    """Per-pair rotation frequencies, with llama3/linear scaling as transformers applies it."""
-    dim = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))  # [hd/2]
+    """Per-pair rotation frequencies, with llama3/linear/longrope scaling as transformers applies it."""
+    dim = args.rotary_dim  # head_dim, or the rotated part of it (partial_rotary_factor)
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim  # [rd/2]
+    inv = 1.0 / (args.rope_theta ** exponents)  # [rd/2]
     sc = args.rope_scaling or {}
-    kind = sc.get("rope_type", sc.get("type", "default"))
+    kind = args.rope_type
     if kind == "linear":
         inv = inv / sc["factor"]
     elif kind == "llama3":
@@ -100,17 +103,39 @@ def rope_inv_freq(args: ModelArgs) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
         inv = np.where(medium, smoothed, scaled)
+    elif kind == "longrope":
+        # the short factors: transformers uses them while the sequence is within
+        # original_max_position_embeddings (the runtime never goes beyond: see runtime/phi3.py)
+        inv = 1.0 / (np.asarray(sc["short_factor"], np.float64) * args.rope_theta ** exponents)
     return inv.astype(np.float32)
 
 
-def rope_tables(inv_freq: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
-    freqs = np.outer(np.arange(n_pos, dtype=np.float32), inv_freq)  # [P, hd/2]
-    emb = np.concatenate([freqs, freqs], axis=-1)  # [P, hd]
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+def rope_attention_scaling(args: ModelArgs) -> float:
+    """The factor transformers multiplies cos and sin by: 1, except longrope's attention factor."""
+    if args.rope_type != "longrope":
+        return 1.0
+    sc = args.rope_scaling
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    orig = args.original_max_position_embeddings
+    factor = sc.get("factor") or args.max_position_embeddings / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+
+def rope_tables(inv_freq: np.ndarray, n_pos: int, scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    freqs = np.outer(np.arange(n_pos, dtype=np.float32), inv_freq)  # [P, rd/2]
+    emb = np.concatenate([freqs, freqs], axis=-1)  # [P, rd]
+    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    if scaling != 1.0:
+        cos, sin = cos * np.float32(scaling), sin * np.float32(scaling)
+    return cos, sin
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    half = x.shape[-1] // 2  # x: [T, heads, hd]; cos, sin: [T, hd]
+    rd = cos.shape[-1]  # x: [T, heads, hd]; cos, sin: [T, rd], rd <= hd rotated dimensions
+    if rd < x.shape[-1]:  # partial rotary: the rest of each head passes through
+        return np.concatenate([rope(x[..., :rd], cos, sin), x[..., rd:]], axis=-1)  # [T, heads, hd]
+    half = rd // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half(x)
     return x * cos[:, None, :] + rotated * sin[:, None, :]  # [T, heads, hd]
 
@@ -197,16 +222,26 @@ PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
 
 
 class LlamaModel:
+    #: short name -> module name inside a layer, as Hugging Face/PEFT spell it (the keys adapters use);
+    #: the short names are the fields of ``Layer``
+    PROJECTIONS = PROJECTIONS
+    Layer = Layer
+
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):
         self.args = args
         self.w = weights
         self.max_context = max_context
-        self.cos, self.sin = rope_tables(rope_inv_freq(args), max_context)
+        self.cos, self.sin = rope_tables(rope_inv_freq(args), max_context, rope_attention_scaling(args))
         self.window = args.sliding_window if args.model_type == "mistral" else None
         # module names as Hugging Face/PEFT spell them: the keys adapters are looked up by
-        self.names = [{k: f"model.layers.{i}.{v}" for k, v in PROJECTIONS.items()}
+        self.names = [{k: f"model.layers.{i}.{v}" for k, v in self.PROJECTIONS.items()}
                       for i in range(args.num_hidden_layers)]
         self._modules = {n: (i, k) for i, d in enumerate(self.names) for k, n in d.items()}
+
+    @staticmethod
+    def context_limit(args: ModelArgs) -> int:
+        """The longest ``max_context`` this runtime runs the model at exactly as transformers does."""
+        return args.max_position_embeddings
 
     def module(self, name: str):
         """The linear-layer object of a module name (``lm_head``, ``model.layers.0.mlp.up_proj``)."""
@@ -222,28 +257,39 @@ class LlamaModel:
     def new_cache(self) -> KVCache:
         return KVCache(self.args, self.max_context)
 
-    def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora=None) -> np.ndarray:
-        a, L, n = self.args, self.w.layers[i], self.names[i]
-        T = x.shape[0]
-        b = L.biases
+    # the parts of a layer that differ between architectures: ``proj(k, h)`` is projection ``k``
+    # of this layer applied to ``h`` (with the adapters' deltas)
 
-        def proj(k, inp):  # the projection k of this layer, with the adapters' deltas
-            return linear(getattr(L, k), inp, b.get(k), lora, n[k])
-
-        h = rmsnorm(x, L.attn_norm, a.rms_norm_eps)  # [T, H]
+    def qkv(self, proj, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, T = self.args, h.shape[0]
         q = proj("q", h).reshape(T, a.num_attention_heads, a.head_dim)  # [T, nh, hd]
         k = proj("k", h).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
         v = proj("v", h).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
-        ctx = self.attend(i, q, k, v, cache, start)  # [T, nh*hd]
-        x = x + proj("o", ctx)  # [T, H]
-        h = rmsnorm(x, L.mlp_norm, a.rms_norm_eps)  # [T, H]
-        g = silu(proj("gate", h)) * proj("up", h)  # [T, I]
-        return x + proj("down", g)  # [T, H]
+        return q, k, v
+
+    def gated(self, proj, h: np.ndarray) -> np.ndarray:
+        return silu(proj("gate", h)) * proj("up", h)  # [T, I]
+
+    def layer(self, L, x: np.ndarray, proj, attend) -> np.ndarray:
+        """One decoder layer on rows ``x`` [T, H]; ``attend(q, k, v)`` -> [T, nh*hd] runs the attention."""
+        eps = self.args.rms_norm_eps
+        h = rmsnorm(x, L.attn_norm, eps)  # [T, H]
+        x = x + proj("o", attend(*self.qkv(proj, h)))  # [T, H]
+        h = rmsnorm(x, L.mlp_norm, eps)  # [T, H]
+        return x + proj("down", self.gated(proj, h))  # [T, H]
+
+    def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora=None) -> np.ndarray:
+        L, n = self.w.layers[i], self.names[i]
+
+        def proj(k, inp):  # the projection k of this layer, with the adapters' deltas
+            return linear(getattr(L, k), inp, L.biases.get(k), lora, n[k])
+
+        return self.layer(L, x, proj, lambda q, k, v: self.attend(i, q, k, v, cache, start))  # [T, H]
 
     def attend(self, i: int, q, k, v, cache: KVCache, start: int) -> np.ndarray:
         """Store this step's keys and values in the cache; attend over everything cached so far."""
         T = q.shape[0]
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # [T, hd]
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # [T, rd]
         cache.k[i, start:start + T] = rope(k, cos, sin)
         cache.v[i, start:start + T] = v
         q = rope(q, cos, sin)
@@ -274,16 +320,11 @@ class LlamaModel:
                 return linear_batch(getattr(L, k), inp, [lo.bias(n[k], L.biases.get(k)) for lo in loras],
                                     loras, n[k])
 
-            h = rmsnorm(x, L.attn_norm, a.rms_norm_eps)  # [B, H]
-            q = proj("q", h).reshape(B, 1, a.num_attention_heads, a.head_dim)  # [B, 1, nh, hd]
-            k = proj("k", h).reshape(B, 1, a.num_key_value_heads, a.head_dim)  # [B, 1, nkv, hd]
-            v = proj("v", h).reshape(B, 1, a.num_key_value_heads, a.head_dim)  # [B, 1, nkv, hd]
-            ctx = np.concatenate([self.attend(i, q[b], k[b], v[b], c, c.length)
-                                  for b, c in enumerate(caches)])  # [B, nh*hd]
-            x = x + proj("o", ctx)  # [B, H]
-            h = rmsnorm(x, L.mlp_norm, a.rms_norm_eps)  # [B, H]
-            g = silu(proj("gate", h)) * proj("up", h)  # [B, I]
-            x = x + proj("down", g)  # [B, H]
+            def attend(q, k, v):  # q: [B, nh, hd]; k, v: [B, nkv, hd]; each sequence its own cache
+                return np.concatenate([self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, c.length)
+                                       for b, c in enumerate(caches)])  # [B, nh*hd]
+
+            x = self.layer(L, x, proj, attend)  # [B, H]
         for c in caches:
             c.length += 1
         x = rmsnorm(x, self.w.norm, a.rms_norm_eps)  # [B, H]

@@ -9,9 +9,10 @@ import numpy as np
 from edgelora.bundle import Bundle
 from edgelora.errors import FormatError, UnsupportedError
 from edgelora.runtime.kernels import F16Linear, NF4Linear
-from edgelora.runtime.llama import DenseLinear, Layer, LlamaModel, Weights
+from edgelora.runtime.llama import DenseLinear, LlamaModel, Weights
+from edgelora.runtime.phi3 import Phi3Model
 
-FAMILIES = {"llama": LlamaModel}
+FAMILIES = {"llama": LlamaModel, "phi3": Phi3Model}
 DEFAULT_MAX_CONTEXT = 2048
 
 
@@ -31,24 +32,19 @@ def vector(bundle: Bundle, name: str) -> np.ndarray:
 
 
 def build_weights(bundle: Bundle) -> Weights:
+    """The model's weights: per layer, its family's projections (``PROJECTIONS``: field -> module name)."""
     a = bundle.args
+    model_cls = FAMILIES[a.family]
     names = set(bundle.names())
     layers = []
     for i in range(a.num_hidden_layers):
         p = f"model.layers.{i}."
-        biases = {}
-        for short, full in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                            ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-                            ("down", "mlp.down_proj")):
-            if p + full + ".bias" in names:
-                biases[short] = vector(bundle, p + full + ".bias")
-        layers.append(Layer(
-            attn_norm=vector(bundle, p + "input_layernorm.weight"),
-            q=make_linear(bundle, p + "self_attn.q_proj.weight"), k=make_linear(bundle, p + "self_attn.k_proj.weight"),
-            v=make_linear(bundle, p + "self_attn.v_proj.weight"), o=make_linear(bundle, p + "self_attn.o_proj.weight"),
-            mlp_norm=vector(bundle, p + "post_attention_layernorm.weight"),
-            gate=make_linear(bundle, p + "mlp.gate_proj.weight"), up=make_linear(bundle, p + "mlp.up_proj.weight"),
-            down=make_linear(bundle, p + "mlp.down_proj.weight"), biases=biases))
+        linears = {short: make_linear(bundle, p + full + ".weight") for short, full in model_cls.PROJECTIONS.items()}
+        biases = {short: vector(bundle, p + full + ".bias") for short, full in model_cls.PROJECTIONS.items()
+                  if p + full + ".bias" in names}
+        layers.append(model_cls.Layer(attn_norm=vector(bundle, p + "input_layernorm.weight"),
+                                      mlp_norm=vector(bundle, p + "post_attention_layernorm.weight"),
+                                      biases=biases, **linears))
     embed = make_linear(bundle, "model.embed_tokens.weight")
     head = embed if a.tie_word_embeddings else make_linear(bundle, "lm_head.weight")
     return Weights(embed=embed, layers=layers, norm=vector(bundle, "model.norm.weight"), head=head)
@@ -80,7 +76,9 @@ def build_model(bundle: Bundle, max_context: int | None):
     if a.family not in FAMILIES:
         raise UnsupportedError(f"no runtime for architecture family {a.family!r}", bundle.path)
     limit = a.max_position_embeddings
-    max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)
+    if max_context is None:
+        max_context = min(FAMILIES[a.family].context_limit(a), DEFAULT_MAX_CONTEXT)
+    max_context = int(max_context)
     if not 1 <= max_context <= limit:
         from edgelora.errors import UsageError
         raise UsageError(f"max_context must be between 1 and the model's max_position_embeddings ({limit}), "

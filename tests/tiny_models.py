@@ -40,6 +40,19 @@ CONFIGS = {
                          max_position_embeddings=131072),
     "qwen2": dict(cls="Qwen2", model_type="qwen2", vocab_size=90, hidden_size=64, intermediate_size=160,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    # Phi-3: fused qkv_proj [128, 64] and gate_up_proj [256, 64] (widths multiples of 64 for bitsandbytes),
+    # GQA, untied head, a sliding window shorter than the test prompts
+    "phi3": dict(cls="Phi3", model_type="phi3", vocab_size=96, hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                 sliding_window=16, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Phi-3.5/Phi-4-mini style: tied head, longrope scaling (short factors within 64 positions) and
+    # half of each head rotated
+    "phi3_longrope": dict(cls="Phi3", model_type="phi3", vocab_size=80, hidden_size=96, intermediate_size=160,
+                          num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True,
+                          partial_rotary_factor=0.5, max_position_embeddings=256, original_max_position_embeddings=64,
+                          rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
+                                        "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]},
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 
 
