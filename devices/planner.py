@@ -122,14 +122,26 @@ def kv_cache_bytes(a: ModelArgs, context: int) -> int:
 
 
 def rope_bytes(a: ModelArgs, context: int) -> int:
-    return 2 * context * a.head_dim * F32
+    return 2 * context * a.rotary_dim * F32
+
+
+def _layer_linears(a: ModelArgs) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of each projection of a layer, by module name (fused ones as they are stored)."""
+    from edgelora.converters.hf import tensor_map
+    prefix = "model.layers.0."
+    return {s.name[len(prefix):]: s.shape for s in tensor_map(a).values()
+            if s.role == "linear" and s.name.startswith(prefix)}
 
 
 def _shapes(a: ModelArgs) -> list[tuple[int, int]]:
-    """``(out, in)`` of each projection of a layer."""
-    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-    H, I = a.hidden_size, a.intermediate_size
-    return [(q, H), (kv, H), (kv, H), (H, q), (I, H), (I, H), (H, I)]
+    return list(_layer_linears(a).values())
+
+
+def context_limit(a: ModelArgs) -> int:
+    """The longest context the runtime runs this model at (the model's own limit, or less: e.g.
+    Phi-3 longrope models run within original_max_position_embeddings)."""
+    from edgelora.runtime.loader import FAMILIES
+    return FAMILIES[a.family].context_limit(a)
 
 
 def uses_parallel_kernels(a: ModelArgs, threads: int) -> bool:
@@ -143,7 +155,8 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
     nh, nkv, hd, H, I, V = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size,
                             a.intermediate_size, a.vocab_size)
     attn = 3 * nh * T * S * F32 + T * S + 2 * S * nkv * hd * F32  # scores x3, mask, k/v made contiguous
-    mlp = 3 * T * I * F32
+    mlp_in = sum(out for name, (out, k) in _layer_linears(a).items() if name.startswith("mlp.") and k == H)
+    mlp = T * (mlp_in + I) * F32  # the MLP's input projections' outputs and their gated product
     stream = 8 * T * max(H, nh * hd) * F32  # x, h, q, k, v, attention output and their rope copies
     tiles = 0  # a prefill product: each thread dequantizes one tile of its rows at a time
     if T > 1:
@@ -337,10 +350,11 @@ def plan(bundle, device, context: int | None = None, adapters: dict | None = Non
     bundle_path = Path(bundle)
     with Bundle(bundle_path, verify=False) as b:
         a = b.args
-    limit = a.max_position_embeddings
+    limit = context_limit(a)
     context = min(limit, DEFAULT_MAX_CONTEXT) if context is None else int(context)
     if not 1 <= context <= limit:
-        raise UsageError(f"context must be between 1 and the model's max_position_embeddings ({limit}), got {context}")
+        what = "max_position_embeddings" if limit == a.max_position_embeddings else "context limit in edgelora"
+        raise UsageError(f"context must be between 1 and the model's {what} ({limit}), got {context}")
     threads = dev.cores if threads is None else int(threads)
     if threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")

@@ -113,9 +113,12 @@ class ModelArgs:
             raise FormatError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_key_value_heads}", path)
         def number(name, v, positive=True):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or not (v > 0 if positive else v >= 0):
-                raise FormatError(f"config field {name}={v!r} must be a {'positive' if positive else 'non-negative'} "
+            try:
+                finite = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+            except OverflowError:  # an integer beyond float's range
+                finite = False
+            if not finite or not (v > 0 if positive else v >= 0):
+                raise FormatError(f"config field {name}={str(v)[:40]} must be a {'positive' if positive else 'non-negative'} "
                                   f"finite number", path)
         number("rms_norm_eps", self.rms_norm_eps, positive=False)
         number("rope_theta", self.rope_theta)

@@ -180,6 +180,23 @@ def test_pi4_refuses_then_suggested_context_deploys_and_runs(long_context_bundle
         edgelora.load(b, max_context=64).generate("the cat sat", max_new_tokens=5, temperature=0)
 
 
+def test_plan_knows_fused_projections_and_the_runtimes_context_limit(tmp_path):
+    """Phi-3: fused qkv/gate_up weights, and a longrope model runs only within its original context."""
+    from edgelora.benchmark import bytes_per_token
+    make_checkpoint(tmp_path / "src", "phi3_longrope")
+    bundle = edgelora.convert(tmp_path / "src", tmp_path / "bundle").output
+    model = edgelora.load(bundle, threads=1)
+    p = plan(bundle, "host", threads=1)
+    assert p.context == p.model_max_context == model.max_context == model.args.original_max_position_embeddings
+    assert {i.name: i.bytes for i in p.items}["KV cache"] == model.net.new_cache().nbytes
+    with pytest.raises(UsageError, match="context limit"):
+        plan(bundle, "host", context=p.context + 1)
+    linears = sum(model.net.module(n).nbytes for d in model.net.names for n in d.values())
+    assert bytes_per_token(model) > linears > 0
+    peak = measure_peak_rss(bundle, p.context, threads=1, timeout=600)
+    assert abs(p.total_bytes / peak - 1) < 0.10
+
+
 def test_plan_measure_from_the_cli(capsys):
     bundle = str(demo_bundle_path())
     assert main(["plan", bundle, "--device", "host", "--context", "128", "--threads", "1", "--measure", "--json"]) == 0

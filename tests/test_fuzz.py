@@ -371,6 +371,17 @@ def test_config_json(work, data):
                 rope_inv_freq(args)
 
 
+@pytest.mark.parametrize("field", ["rope_theta", "rms_norm_eps"])
+@pytest.mark.parametrize("value", [10 ** 400, -10 ** 400], ids=["huge", "minus-huge"])
+def test_config_numbers_beyond_float_range(work, field, value):
+    from edgelora.config import ModelArgs
+    path = work / "config.json"
+    path.write_text(json.dumps(dict(_demo_config(), **{field: value})))
+    from edgelora.errors import FormatError
+    with pytest.raises(FormatError, match=f"{field}=.*finite number"):
+        ModelArgs.from_file(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # adapters
 # ---------------------------------------------------------------------------------------------
