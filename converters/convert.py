@@ -84,7 +84,7 @@ def resolve_source(src) -> Path:
     p = Path(src)
     if p.exists():
         return p
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(src)):
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(src)) and not str(src).lower().endswith(".onnx"):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
@@ -97,6 +97,13 @@ def resolve_source(src) -> Path:
                              f"{str(e).splitlines()[0] if str(e) else ''}); check the id and the network, or "
                              f"download it elsewhere and pass the folder") from None
     raise FormatError("no such file or folder (and not a Hugging Face hub id of the form org/name)", p)
+
+
+def open_checkpoint(src_path: Path):
+    """The source at ``src_path``: an ONNX model (a .onnx file, or a folder holding one and no
+    safetensors) or a Hugging Face checkpoint folder."""
+    from edgelora.converters.onnx import ONNXCheckpoint, find_model
+    return ONNXCheckpoint(src_path) if find_model(src_path) is not None else HFCheckpoint(src_path)
 
 
 def _storage(role: str, embeddings: str, head: str) -> str:
@@ -193,7 +200,8 @@ def _layout(ckpt, block_size, double_quant) -> tuple[int, bool]:
 def convert(src, out, block_size: int | None = None, double_quant: bool | None = None, embeddings: str = "float16",
             head: str = "float16", overwrite: bool = False, progress: bool = False,
             merge_adapter=None) -> ConversionSummary:
-    """Convert a Hugging Face checkpoint folder (or hub id) into an edgelora NF4 bundle at ``out``.
+    """Convert a Hugging Face checkpoint folder (or hub id), or an ONNX decoder model
+    (``converters/onnx.py``), into an edgelora NF4 bundle at ``out``.
 
     ``block_size`` (default 64) and ``double_quant`` (default on) set the NF4 layout; a checkpoint
     saved from a bitsandbytes 4-bit model keeps its own, and its NF4 codes and scales are copied
@@ -208,11 +216,11 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
             raise UsageError(f"--{what} must be one of {STORAGE_CHOICES}, got {v!r}")
     out = check_output_dir(out, overwrite)
     src_path = resolve_source(src)
-    with HFCheckpoint(src_path) as ckpt:
-        tok = src_path / "tokenizer.json"
+    with open_checkpoint(src_path) as ckpt:
+        tok = ckpt.path / "tokenizer.json"
         if not tok.is_file():
             raise FormatError("no tokenizer.json in the checkpoint folder; save the tokenizer with transformers "
-                              "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", src_path)
+                              "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", ckpt.path)
         specs = ckpt.specs
         block_size, double_quant = _layout(ckpt, block_size, double_quant)
         if merge_adapter is not None and ckpt.nf4:
@@ -241,9 +249,11 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
                 bar.update(math.prod(spec.shape))
             bar.close()
             writer.close()
-            for f in ckpt.tokenizer_files() + [src_path / "config.json"]:
+            for f in ckpt.tokenizer_files():
                 shutil.copyfile(f, tmp / f.name)
+            ckpt.write_config(tmp / "config.json")  # ONNX: the one beside it, or the one read from the graph
             manifest = _manifest(tmp, src, src_path, ckpt, block_size, double_quant, embeddings, head, reports)
+            manifest["source"].update(ckpt.source_meta)
             if merge is not None:
                 manifest["source"]["merged_adapter"] = merge.describe()
             write_text_atomic(tmp / MANIFEST, _dumps(manifest))
@@ -344,7 +354,7 @@ def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, em
         "source": {
             "name": str(src) if not Path(str(src)).exists() else src_path.resolve().name,
             "dtypes": sorted(ckpt.dtypes),
-            "config_sha256": sha256_file(src_path / "config.json"),
+            "config_sha256": sha256_file(tmp / "config.json"),  # a copy of the source's
             "weights_sha256": {p.name: sha256_file(p) for p in ckpt.shard_paths},
         },
         "quantization": {

@@ -14,6 +14,7 @@ Roles decide what the converter does with a tensor: ``linear`` goes to NF4, ``em
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,15 @@ class HFCheckpoint:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def write_config(self, dst: Path) -> None:
+        """The bundle's config.json: the checkpoint's, unchanged."""
+        shutil.copyfile(self.path / "config.json", dst)
+
+    @property
+    def source_meta(self) -> dict:
+        """What the bundle manifest's ``source`` records about this kind of source."""
+        return {"format": "safetensors"}
 
     def close(self) -> None:
         for f in self.files.values():

@@ -261,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgelora {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="quantize a Hugging Face checkpoint to an NF4 bundle")
-    c.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer.json) or hub id org/name")
+    c = sub.add_parser("convert", help="quantize a Hugging Face checkpoint or an ONNX model to an NF4 bundle")
+    c.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer.json), hub id org/name, "
+                               "or an ONNX decoder model.onnx (tokenizer.json and config.json beside it)")
     c.add_argument("-o", "--output", required=True, help="bundle folder to create")
     c.add_argument("--block-size", type=int, default=None, choices=(32, 64, 128, 256),
                    help="NF4 block size (64; a bitsandbytes 4-bit checkpoint keeps its own)")
