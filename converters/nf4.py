@@ -24,10 +24,13 @@ Exactness notes, established against bitsandbytes 0.50 on CPU (see ``tests/test_
   code whose midpoint with its successor is not below ``-1 + 2j / 65535``. A 256-block whose
   absmax is 0 gets code 0.
 * The offset is PyTorch's float32 ``mean``: ``sum / n`` where ``sum`` is PyTorch's cascade
-  summation over 8-lane vectors (ATen ``SumKernel.cpp``: 4-way interleave, 4 levels of 16-step
-  partial sums), split across threads when there are more than 32768 absmaxes. bitsandbytes'
-  own offset therefore depends on torch's thread count for tensors above 2M weights; edgelora
-  uses the single-thread order by default (``sum_threads=1``) so that its output is deterministic.
+  summation over vectors of its float width (ATen ``SumKernel.cpp``: 4-way interleave, 4 levels
+  of 16-step partial sums), split across threads when there are more than 32768 absmaxes.
+  bitsandbytes' own offset therefore depends on torch's thread count for tensors above 2M
+  weights, and on its vector width: 8 lanes on x86-64, 4 on aarch64 (NEON). edgelora uses the
+  single-thread, 8-lane order by default (``sum_threads=1``, ``sum_lanes=8``) so that its output
+  is the same on every machine (the one x86-64 bitsandbytes gives; the arm64 proof run found the
+  4-lane order, which ``sum_lanes=4`` reproduces).
 
 Every Numba kernel here has a plain-NumPy twin (``*_reference``); the tests prove them equal and
 compare both with bitsandbytes.
@@ -190,6 +193,8 @@ class NF4Tensor:
 # PyTorch-compatible float32 sum (for the double-quantization offset)
 # ---------------------------------------------------------------------------------------------
 
+SUM_LANES = 8  # PyTorch's float vector width on x86-64 (Vectorized<float>); 4 on aarch64
+
 def _ceil_log2(x: int) -> int:
     return 1 if x <= 2 else int(x - 1).bit_length()
 
@@ -224,8 +229,7 @@ def _row_sum_reference(rows: np.ndarray) -> np.ndarray:
     return partial[0]
 
 
-def _torch_sum_serial_reference(x: np.ndarray) -> np.float32:
-    lanes = 8
+def _torch_sum_serial_reference(x: np.ndarray, lanes: int) -> np.float32:
     n = x.size
     if n < lanes:
         return np.float32(_row_sum_reference(x.reshape(n, 1))[0])
@@ -239,19 +243,20 @@ def _torch_sum_serial_reference(x: np.ndarray) -> np.float32:
     return total
 
 
-def torch_sum_reference(x: np.ndarray, threads: int = 1) -> np.float32:
-    """float32 sum in exactly PyTorch's CPU order (one-dimensional contiguous input)."""
+def torch_sum_reference(x: np.ndarray, threads: int = 1, lanes: int = SUM_LANES) -> np.float32:
+    """float32 sum in exactly PyTorch's CPU order (one-dimensional contiguous input) for a torch
+    whose float vectors have ``lanes`` lanes."""
     x = np.ascontiguousarray(x, dtype=np.float32).ravel()
     n = x.size
     if n < _TORCH_GRAIN or threads <= 1:
-        return _torch_sum_serial_reference(x)
+        return _torch_sum_serial_reference(x, lanes)
     used = min(threads, -(-n // _TORCH_GRAIN))
     chunk = -(-n // used)
     parts = np.zeros(threads, np.float32)
     for t in range(used):
         if t * chunk < n:
-            parts[t] = _torch_sum_serial_reference(x[t * chunk: min(n, (t + 1) * chunk)])
-    return _torch_sum_serial_reference(parts)
+            parts[t] = _torch_sum_serial_reference(x[t * chunk: min(n, (t + 1) * chunk)], lanes)
+    return _torch_sum_serial_reference(parts, lanes)
 
 
 @njit(cache=True)
@@ -304,8 +309,7 @@ def _row_sum_nb(x, start, size, lanes, out):
 
 
 @njit(cache=True)
-def _torch_sum_serial_nb(x, start, n):
-    lanes = 8
+def _torch_sum_serial_nb(x, start, n, lanes):
     if n < lanes:
         one = np.zeros(1, np.float32)
         _row_sum_nb(x, start, n, 1, one)
@@ -322,29 +326,36 @@ def _torch_sum_serial_nb(x, start, n):
 
 
 @njit(cache=True)
-def _torch_sum_nb(x, threads):
+def _torch_sum_nb(x, threads, lanes):
     n = x.size
     if n < 32768 or threads <= 1:
-        return _torch_sum_serial_nb(x, 0, n)
+        return _torch_sum_serial_nb(x, 0, n, lanes)
     used = min(threads, (n + 32767) // 32768)
     chunk = (n + used - 1) // used
     parts = np.zeros(threads, np.float32)
     for t in range(used):
         s = t * chunk
         if s < n:
-            parts[t] = _torch_sum_serial_nb(x, s, min(n, s + chunk) - s)
-    return _torch_sum_serial_nb(parts, 0, threads)
+            parts[t] = _torch_sum_serial_nb(x, s, min(n, s + chunk) - s, lanes)
+    return _torch_sum_serial_nb(parts, 0, threads, lanes)
 
 
-def torch_mean(x: np.ndarray, threads: int = 1) -> np.float32:
+def torch_mean(x: np.ndarray, threads: int = 1, lanes: int = SUM_LANES) -> np.float32:
     """PyTorch's float32 ``mean`` on CPU: its ordered sum divided by n in float32."""
     x = np.ascontiguousarray(x, dtype=np.float32).ravel()
-    return np.float32(_torch_sum_nb(x, threads) / np.float32(x.size))
+    return np.float32(_torch_sum_nb(x, threads, _check_lanes(lanes)) / np.float32(x.size))
 
 
-def torch_mean_reference(x: np.ndarray, threads: int = 1) -> np.float32:
+def torch_mean_reference(x: np.ndarray, threads: int = 1, lanes: int = SUM_LANES) -> np.float32:
     x = np.ascontiguousarray(x, dtype=np.float32).ravel()
-    return np.float32(torch_sum_reference(x, threads) / np.float32(x.size))
+    return np.float32(torch_sum_reference(x, threads, _check_lanes(lanes)) / np.float32(x.size))
+
+
+def _check_lanes(lanes: int) -> int:
+    if lanes not in (4, 8, 16):
+        from edgelora.errors import UsageError
+        raise UsageError(f"sum_lanes must be 4, 8 or 16 (PyTorch's float vector width), got {lanes!r}")
+    return lanes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,9 +565,10 @@ def quantize_blocks(x: np.ndarray, block_size: int = 64) -> tuple[np.ndarray, np
     return packed, absmax
 
 
-def double_quantize(absmax: np.ndarray, sum_threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.float32]:
+def double_quantize(absmax: np.ndarray, sum_threads: int = 1,
+                    sum_lanes: int = SUM_LANES) -> tuple[np.ndarray, np.ndarray, np.float32]:
     """The 8-bit step: ``(codes uint8, nested_scales float32, offset)`` for the block absmaxes."""
-    offset = torch_mean(absmax, sum_threads)
+    offset = torch_mean(absmax, sum_threads, sum_lanes)
     centred = (absmax - offset).astype(np.float32)
     codes = np.empty(absmax.size, np.uint8)
     nested = np.empty(-(-absmax.size // NESTED_BLOCK_SIZE), np.float32)
@@ -564,28 +576,31 @@ def double_quantize(absmax: np.ndarray, sum_threads: int = 1) -> tuple[np.ndarra
     return codes, nested, offset
 
 
-def quantize_nf4(weights, block_size: int = 64, double_quant: bool = True, sum_threads: int = 1) -> NF4Tensor:
+def quantize_nf4(weights, block_size: int = 64, double_quant: bool = True, sum_threads: int = 1,
+                 sum_lanes: int = SUM_LANES) -> NF4Tensor:
     """Quantize a float array to NF4, optionally double-quantizing the block scales.
 
     Byte-for-byte what ``bitsandbytes.functional.quantize_4bit(w, blocksize=block_size,
     quant_type="nf4", compress_statistics=double_quant)`` produces on CPU. ``sum_threads``
-    reproduces PyTorch's thread split of the offset's sum (only matters above 2M weights).
+    reproduces PyTorch's thread split of the offset's sum (only matters above 2M weights),
+    ``sum_lanes`` its float vector width (8 on x86-64, the default everywhere so that a bundle is
+    the same wherever it is converted; 4 matches PyTorch on an aarch64 CPU).
     """
     x = _check_input(weights, block_size)
     packed, absmax = quantize_blocks(x, block_size)
     if not double_quant:
         return NF4Tensor(packed, absmax, np.zeros(0, np.float32), np.float32(0), tuple(x.shape), block_size)
-    codes, nested, offset = double_quantize(absmax, sum_threads)
+    codes, nested, offset = double_quantize(absmax, sum_threads, sum_lanes)
     return NF4Tensor(packed, codes, nested, offset, tuple(x.shape), block_size)
 
 
 def quantize_nf4_reference(weights, block_size: int = 64, double_quant: bool = True,
-                           sum_threads: int = 1) -> NF4Tensor:
+                           sum_threads: int = 1, sum_lanes: int = SUM_LANES) -> NF4Tensor:
     """Plain-NumPy twin of :func:`quantize_nf4` (slow; for tests and for reading)."""
     x = _check_input(weights, block_size)
     packed, absmax = nf4_quantize_reference(x, block_size)
     if not double_quant:
         return NF4Tensor(packed, absmax, np.zeros(0, np.float32), np.float32(0), tuple(x.shape), block_size)
-    offset = torch_mean_reference(absmax, sum_threads)
+    offset = torch_mean_reference(absmax, sum_threads, sum_lanes)
     codes, nested = dynamic_quantize_reference((absmax - offset).astype(np.float32), NESTED_BLOCK_SIZE)
     return NF4Tensor(packed, codes, nested, offset, tuple(x.shape), block_size)

@@ -12,6 +12,9 @@ from edgelora.errors import QuantizationError
 torch = pytest.importorskip("torch")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
+# the float vector width of the torch compared against: its sum order (the offset) depends on it
+LANES = 4 if __import__("platform").machine().lower() in ("aarch64", "arm64") else 8
+
 
 def _weights(kind: str, shape, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -79,7 +82,7 @@ def test_code_tables_match_bitsandbytes():
 @pytest.mark.parametrize("shape", [(256, 512), (7,), (3, 333), (1, 64), (129, 65), (2048, 1100)])
 def test_bit_exact_with_bitsandbytes(kind, shape):
     x = _weights(kind, shape, seed=sum(map(ord, kind)) + sum(shape))
-    q = nf4.quantize_nf4(x, sum_threads=torch.get_num_threads())
+    q = nf4.quantize_nf4(x, sum_threads=torch.get_num_threads(), sum_lanes=LANES)
     _assert_same_as_bnb(q, *_bnb(x, 64, True))
 
 
@@ -87,7 +90,7 @@ def test_bit_exact_with_bitsandbytes(kind, shape):
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_block_sizes_and_single_quant(block_size, double_quant):
     x = _weights("heavy", (300, 517), seed=block_size)
-    q = nf4.quantize_nf4(x, block_size=block_size, double_quant=double_quant)
+    q = nf4.quantize_nf4(x, block_size=block_size, double_quant=double_quant, sum_lanes=LANES)
     assert q.double_quant == double_quant
     _assert_same_as_bnb(q, *_bnb(x, block_size, double_quant))
 
@@ -97,7 +100,7 @@ def test_half_precision_sources(dtype):
     """A bf16/fp16 checkpoint is widened to float32 exactly, as bitsandbytes does."""
     tdtype = getattr(torch, dtype)
     x = torch.from_numpy(_weights("normal", (96, 640), seed=3)).to(tdtype)
-    q = nf4.quantize_nf4(x.float().numpy())
+    q = nf4.quantize_nf4(x.float().numpy(), sum_lanes=LANES)
     _assert_same_as_bnb(q, *_bnb(x.float().numpy(), 64, True, dtype=tdtype), float_input=False)
 
 
@@ -111,7 +114,7 @@ def test_large_tensor_offset_follows_torch_thread_split(threads):
         packed, state = _bnb(x, 64, True)
     finally:
         torch.set_num_threads(old)
-    _assert_same_as_bnb(nf4.quantize_nf4(x, sum_threads=threads), packed, state)
+    _assert_same_as_bnb(nf4.quantize_nf4(x, sum_threads=threads, sum_lanes=LANES), packed, state)
 
 
 @settings(max_examples=60, deadline=None)
@@ -124,8 +127,25 @@ def test_torch_sum_order(n, seed, threads):
         expect = torch.from_numpy(x).mean().numpy()
     finally:
         torch.set_num_threads(old)
-    assert nf4.torch_mean(x, threads).tobytes() == expect.tobytes()
-    assert nf4.torch_mean_reference(x, threads).tobytes() == expect.tobytes()
+    assert nf4.torch_mean(x, threads, LANES).tobytes() == expect.tobytes()
+    assert nf4.torch_mean_reference(x, threads, LANES).tobytes() == expect.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 90000), seed=st.integers(0, 2**32 - 1), threads=st.sampled_from([1, 2, 3]),
+       lanes=st.sampled_from([4, 8, 16]))
+def test_every_vector_width_numba_equals_numpy_twin(n, seed, threads, lanes):
+    x = (np.abs(np.random.default_rng(seed).standard_normal(n)) * 0.03).astype(np.float32)
+    assert nf4.torch_mean(x, threads, lanes).tobytes() == nf4.torch_mean_reference(x, threads, lanes).tobytes()
+
+
+def test_default_vector_width_is_the_same_on_every_machine():
+    """Bundles do not depend on where they were converted: the default is x86-64's 8 lanes."""
+    x = (np.abs(np.random.default_rng(0).standard_normal(70001)) * 0.03).astype(np.float32)  # orders differ here
+    assert nf4.quantize_nf4(x).offset.tobytes() == nf4.quantize_nf4(x, sum_lanes=8).offset.tobytes()
+    assert nf4.torch_mean(x, 1, 4).tobytes() != nf4.torch_mean(x, 1, 8).tobytes()  # the width matters
+    with pytest.raises(Exception, match="sum_lanes"):
+        nf4.quantize_nf4(x, sum_lanes=5)
 
 
 @settings(max_examples=80, deadline=None)
