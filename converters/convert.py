@@ -84,7 +84,7 @@ def resolve_source(src) -> Path:
     p = Path(src)
     if p.exists():
         return p
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(src)) and not str(src).lower().endswith(".onnx"):
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(src)) and not str(src).lower().endswith((".onnx", ".gguf")):
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
@@ -100,9 +100,12 @@ def resolve_source(src) -> Path:
 
 
 def open_checkpoint(src_path: Path):
-    """The source at ``src_path``: an ONNX model (a .onnx file, or a folder holding one and no
-    safetensors) or a Hugging Face checkpoint folder."""
+    """The source at ``src_path``: a GGUF file or an ONNX model (the file, or a folder holding one
+    and no safetensors) or a Hugging Face checkpoint folder."""
+    from edgelora.converters.gguf import GGUFCheckpoint, find_gguf
     from edgelora.converters.onnx import ONNXCheckpoint, find_model
+    if find_gguf(src_path) is not None:
+        return GGUFCheckpoint(src_path)
     return ONNXCheckpoint(src_path) if find_model(src_path) is not None else HFCheckpoint(src_path)
 
 
@@ -200,8 +203,8 @@ def _layout(ckpt, block_size, double_quant) -> tuple[int, bool]:
 def convert(src, out, block_size: int | None = None, double_quant: bool | None = None, embeddings: str = "float16",
             head: str = "float16", overwrite: bool = False, progress: bool = False,
             merge_adapter=None) -> ConversionSummary:
-    """Convert a Hugging Face checkpoint folder (or hub id), or an ONNX decoder model
-    (``converters/onnx.py``), into an edgelora NF4 bundle at ``out``.
+    """Convert a Hugging Face checkpoint folder (or hub id), an ONNX decoder model
+    (``converters/onnx.py``) or a GGUF file (``converters/gguf.py``) into an edgelora NF4 bundle at ``out``.
 
     ``block_size`` (default 64) and ``double_quant`` (default on) set the NF4 layout; a checkpoint
     saved from a bitsandbytes 4-bit model keeps its own, and its NF4 codes and scales are copied

@@ -1,4 +1,4 @@
-"""``edgelora inspect``: what a bundle, a deploy folder, a source checkpoint (Hugging Face or ONNX) or a
+"""``edgelora inspect``: what a bundle, a deploy folder, a source checkpoint (Hugging Face, ONNX or GGUF) or a
 LoRA adapter folder holds."""
 
 from __future__ import annotations
@@ -71,6 +71,16 @@ def inspect(path) -> dict:
     if (path / "adapter_config.json").is_file():
         from edgelora.adapters import describe_adapter
         return describe_adapter(path)
+    from edgelora.converters.gguf import GGUFCheckpoint, find_gguf
+    if find_gguf(path) is not None:
+        with GGUFCheckpoint(path, require_tokenizer=False) as c:
+            params = sum(math.prod(s.shape) for s in c.specs.values())
+            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in c.shard_paths + c.tokenizer_files() + ([c.config_path] if c.config_path else [])}
+            return {"kind": "gguf", "path": str(path), "architecture": _args_dict(c.args), "parameters": params,
+                    "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
+                    "bits_per_weight": round(8 * c.source_bytes() / params, 3),
+                    "config": "config.json" if c.config_path else "read from the GGUF metadata", "files": files}
     from edgelora.converters.onnx import ONNXCheckpoint, find_model
     if find_model(path) is not None:
         with ONNXCheckpoint(path) as c:
@@ -91,7 +101,7 @@ def inspect(path) -> dict:
                     "parameters": params, "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
                     "bits_per_weight": round(8 * c.source_bytes() / params, 3), "files": files}
     raise FormatError("neither an edgelora bundle (manifest.json), a Hugging Face checkpoint (config.json), an "
-                      "ONNX model (.onnx) nor a PEFT adapter (adapter_config.json)", path)
+                      "ONNX model (.onnx), a GGUF file (.gguf) nor a PEFT adapter (adapter_config.json)", path)
 
 
 def format_inspect(info: dict) -> str:
