@@ -1,4 +1,4 @@
-"""Reading Hugging Face checkpoint directories of the Llama family and Phi-3, by explicit tensor-name maps.
+"""Reading Hugging Face checkpoint directories of the Llama family, Phi-3 and Gemma (1, 2), by explicit tensor-name maps.
 
 A checkpoint is ``config.json`` + ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) + tokenizer files. Every tensor the checkpoint holds must be one
@@ -122,8 +122,30 @@ def _no_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
     return []  # Phi-3: no biases
 
 
-ARCH_HOOKS = {"llama": _llama_extras, "mistral": _llama_extras, "qwen2": _qwen2_extras, "phi3": _no_extras}
-TENSOR_MAPS = {"llama": llama_tensor_map, "phi3": phi3_tensor_map}
+def _gemma_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
+    # Gemma: attention biases when attention_bias is set; its MLP never has any (mlp_bias is not read).
+    # Its norms multiply by (1 + weight): the stored weight is kept as it is, the runtime adds the 1.
+    _, _, q_dim, kv_dim = _dims(a)
+    if not a.attention_bias:
+        return []
+    return [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
+            TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
+            TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias"),
+            TensorSpec(p + "self_attn.o_proj.bias", (a.hidden_size,), "bias")]
+
+
+def _gemma2_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
+    # Gemma 2: two more norms per layer, around the MLP (post_attention_layernorm, in the map for
+    # every family, is Gemma 2's norm of the attention output, not the MLP's input norm)
+    return [TensorSpec(p + "pre_feedforward_layernorm.weight", (a.hidden_size,), "norm"),
+            TensorSpec(p + "post_feedforward_layernorm.weight", (a.hidden_size,), "norm")] + _gemma_extras(a, p)
+
+
+ARCH_HOOKS = {"llama": _llama_extras, "mistral": _llama_extras, "qwen2": _qwen2_extras, "phi3": _no_extras,
+              "gemma": _gemma_extras, "gemma2": _gemma2_extras}
+# Gemma's linears are named and shaped as Llama's (head_dim need not be hidden_size / heads)
+TENSOR_MAPS = {"llama": llama_tensor_map, "phi3": phi3_tensor_map, "gemma": llama_tensor_map,
+               "gemma2": llama_tensor_map}
 
 
 def tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:

@@ -19,9 +19,20 @@ from pathlib import Path
 from edgelora.errors import FormatError, UnsupportedError
 
 #: model_type -> family module used by the converter and the runtime
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3"}
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3",
+                         "gemma": "gemma", "gemma2": "gemma2"}
 #: rope_scaling types transformers' Phi-3 config reads as "longrope" (configuration_phi3.py)
 PHI3_LONGROPE_ALIASES = ("su", "yarn")
+#: what transformers' GemmaConfig/Gemma2Config assume for keys a config.json may leave out, where
+#: that differs from this dataclass's (Llama) defaults (configuration_gemma.py, configuration_gemma2.py)
+MODEL_TYPE_DEFAULTS = {
+    "gemma": dict(head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": dict(head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True,
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+}
+#: the attention kinds of Gemma 2's ``layer_types``
+LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 @dataclass
@@ -45,6 +56,12 @@ class ModelArgs:
     sliding_window: int | None = None
     partial_rotary_factor: float = 1.0  # the fraction of head_dim that is rotated (Phi-3/Phi-4-mini)
     original_max_position_embeddings: int | None = None  # Phi-3: the pretraining length longrope scales from
+    hidden_activation: str | None = None  # Gemma 2's MLP activation (it ignores hidden_act)
+    query_pre_attn_scalar: float | None = None  # Gemma 2: attention scores are scaled by its -1/2 power
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    layer_types: list | None = None  # Gemma 2: per layer "sliding_attention" or "full_attention"
+    use_bidirectional_attention: bool | None = None  # Gemma: True (an encoder) is refused
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
     architectures: list = field(default_factory=list)
@@ -62,6 +79,9 @@ class ModelArgs:
             sc = self.rope_scaling
             if isinstance(sc, dict) and sc.get("rope_type", sc.get("type")) in PHI3_LONGROPE_ALIASES:
                 self.rope_scaling = {**sc, "rope_type": "longrope"}  # as transformers' Phi3Config renames them
+        if self.model_type == "gemma2" and self.layer_types is None and isinstance(self.num_hidden_layers, int):
+            # Gemma2Config's derivation: even layers (0, 2, ...) slide, odd ones attend to everything
+            self.layer_types = [LAYER_TYPES[i % 2] for i in range(self.num_hidden_layers)]
 
     @property
     def rope_type(self) -> str:
@@ -73,6 +93,16 @@ class ModelArgs:
         """How many of each head's dimensions are rotated (transformers: ``int(head_dim * partial_rotary_factor)``)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @property
+    def activation(self) -> str:
+        """The MLP's gate activation as transformers picks it: Gemma 2 reads ``hidden_activation``;
+        Gemma reads ``hidden_act``, its legacy ``gelu`` meaning the tanh approximation."""
+        if self.model_type == "gemma2":
+            return self.hidden_activation
+        if self.model_type == "gemma" and self.hidden_act == "gelu":
+            return "gelu_pytorch_tanh"  # GemmaConfig.__post_init__ rewrites it so
+        return self.hidden_act
+
     @classmethod
     def from_dict(cls, d: dict, path=None) -> "ModelArgs":
         if not isinstance(d, dict):
@@ -83,6 +113,8 @@ class ModelArgs:
                 f"unsupported architecture model_type={model_type!r} (architectures={d.get('architectures')}); "
                 f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}", path)
         d = dict(d)
+        for k, v in MODEL_TYPE_DEFAULTS.get(model_type, {}).items():
+            d.setdefault(k, v)
         # transformers >= 5 may move rope settings into a rope_parameters block
         rp = d.get("rope_parameters")
         if isinstance(rp, dict):
@@ -127,9 +159,33 @@ class ModelArgs:
             if (v is not None or name == "max_position_embeddings") and (
                     not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31):
                 raise FormatError(f"config field {name}={v!r} must be a positive integer", path)
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ("silu", "swish"):
+        if self.model_type in ("gemma", "gemma2"):
+            self._validate_gemma(path, number)
+        elif not isinstance(self.hidden_act, str) or self.hidden_act not in ("silu", "swish"):
             raise UnsupportedError(f"hidden_act={self.hidden_act!r} is not supported (only silu)", path)
         self._validate_rope(path, number)
+
+    def _validate_gemma(self, path, number) -> None:
+        field_name = "hidden_activation" if self.model_type == "gemma2" else "hidden_act"
+        if self.activation != "gelu_pytorch_tanh":
+            raise UnsupportedError(f"{field_name}={getattr(self, field_name)!r} is not supported for "
+                                   f"{self.model_type} (only gelu_pytorch_tanh, the tanh approximation)", path)
+        if self.use_bidirectional_attention:
+            raise UnsupportedError("use_bidirectional_attention=true (an encoder's attention) is not supported; "
+                                   "edgelora runs causal decoders", path)
+        if self.model_type != "gemma2":
+            return
+        number("query_pre_attn_scalar", self.query_pre_attn_scalar)
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(self, name) is not None:  # null: no soft-capping
+                number(name, getattr(self, name))
+        lt = self.layer_types
+        if not isinstance(lt, list) or len(lt) != self.num_hidden_layers or any(
+                not isinstance(t, str) or t not in LAYER_TYPES for t in lt):
+            raise FormatError(f"config field layer_types={str(lt)[:80]} must list one of {LAYER_TYPES} for each "
+                              f"of the {self.num_hidden_layers} layers", path)
+        if "sliding_attention" in lt and self.sliding_window is None:
+            raise FormatError("config layer_types has sliding_attention layers but sliding_window is null", path)
 
     def _validate_rope(self, path, number) -> None:
         f = self.partial_rotary_factor

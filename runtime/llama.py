@@ -9,8 +9,10 @@ quantized. Keys and values live in a cache preallocated for ``max_context`` posi
 Rotary embeddings as transformers computes them (``rope_theta``; ``llama3`` and ``linear``
 scaling as in ``modeling_rope_utils.py``), rotate-half convention, grouped-query attention,
 SwiGLU, optional q/k/v(/o) and MLP biases, Mistral's sliding window, tied or separate head.
-``LlamaModel.qkv``/``gated`` are the only architecture-specific steps of a layer: Phi-3
-(``runtime/phi3.py``) overrides them to split its fused projections' outputs.
+The steps that differ between architectures are small methods of ``LlamaModel``: ``qkv`` and
+``gated`` (Phi-3, ``runtime/phi3.py``, splits its fused projections' outputs there), ``norm``,
+``embed``, ``layer``, ``window_of``, ``capped`` and the ``scale``/``attn_cap`` of attention (Gemma,
+``runtime/gemma.py``).
 """
 
 from __future__ import annotations
@@ -146,13 +148,20 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-              window: int | None) -> np.ndarray:
-    """Causal grouped-query attention of T queries over S cached positions."""
+              window: int | None, scale: float | None = None, softcap: float | None = None) -> np.ndarray:
+    """Causal grouped-query attention of T queries over S cached positions. Scores are divided by
+    sqrt(hd), or multiplied by ``scale`` when given; ``softcap`` (Gemma 2) maps them to
+    ``softcap * tanh(scores / softcap)`` before the mask."""
     T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
     S, nkv, _ = k.shape
     group = nh // nkv
     qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)  # [nkv, g, T, hd]
-    scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None]) / np.float32(math.sqrt(hd))  # [nkv, g, T, S]
+    scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None])  # [nkv, g, T, S]
+    scores = scores / np.float32(math.sqrt(hd)) if scale is None else scores * np.float32(scale)
+    if softcap is not None:  # in place: no score-sized temporaries beyond Llama's
+        scores /= np.float32(softcap)
+        np.tanh(scores, out=scores)
+        scores *= np.float32(softcap)  # [nkv, g, T, S]
     k_pos = np.arange(S)
     allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]
     if window is not None:
@@ -226,6 +235,8 @@ class LlamaModel:
     #: the short names are the fields of ``Layer``
     PROJECTIONS = PROJECTIONS
     Layer = Layer
+    scale = None  # attention scores times this (None: divided by sqrt(head_dim))
+    attn_cap = None  # soft-cap of the attention scores (None: none)
 
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):
         self.args = args
@@ -270,12 +281,28 @@ class LlamaModel:
     def gated(self, proj, h: np.ndarray) -> np.ndarray:
         return silu(proj("gate", h)) * proj("up", h)  # [T, I]
 
+    def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return rmsnorm(x, w, self.args.rms_norm_eps)  # [T, H]
+
+    def embed(self, tokens: np.ndarray, lora=None) -> np.ndarray:
+        """The tokens' embeddings (an adapter's saved embedding when it has one)."""
+        if lora is None:
+            return self.w.embed.rows(tokens).astype(np.float32)  # [T, H]
+        return lora.embed(self.w.embed, tokens)  # [T, H]
+
+    def window_of(self, i: int) -> int | None:
+        """Layer ``i``'s sliding window (None: it attends to every earlier position)."""
+        return self.window
+
+    def capped(self, logits: np.ndarray) -> np.ndarray:
+        """The logits as the model returns them (Gemma 2 soft-caps them)."""
+        return logits
+
     def layer(self, L, x: np.ndarray, proj, attend) -> np.ndarray:
         """One decoder layer on rows ``x`` [T, H]; ``attend(q, k, v)`` -> [T, nh*hd] runs the attention."""
-        eps = self.args.rms_norm_eps
-        h = rmsnorm(x, L.attn_norm, eps)  # [T, H]
+        h = self.norm(x, L.attn_norm)  # [T, H]
         x = x + proj("o", attend(*self.qkv(proj, h)))  # [T, H]
-        h = rmsnorm(x, L.mlp_norm, eps)  # [T, H]
+        h = self.norm(x, L.mlp_norm)  # [T, H]
         return x + proj("down", self.gated(proj, h))  # [T, H]
 
     def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora=None) -> np.ndarray:
@@ -293,26 +320,26 @@ class LlamaModel:
         cache.k[i, start:start + T] = rope(k, cos, sin)
         cache.v[i, start:start + T] = v
         q = rope(q, cos, sin)
-        return attention(q, cache.k[i, :start + T], cache.v[i, :start + T],
-                         np.arange(start, start + T), self.window)  # [T, nh*hd]
+        return attention(q, cache.k[i, :start + T], cache.v[i, :start + T], np.arange(start, start + T),
+                         self.window_of(i), self.scale, self.attn_cap)  # [T, nh*hd]
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False, lora=None) -> np.ndarray:
         """Run ``tokens`` after the cache's contents; logits of the last (or every) position.
         ``lora``: the adapter :class:`~edgelora.runtime.lora.Selection` to run with (None: base)."""
         start = cache.length
-        x = self.w.embed.rows(tokens).astype(np.float32) if lora is None else lora.embed(self.w.embed, tokens)  # [T, H]
+        x = self.embed(tokens, lora)  # [T, H]
         for i in range(self.args.num_hidden_layers):
             x = self.block(i, x, cache, start, lora)
         cache.length = start + len(tokens)
-        x = rmsnorm(x if all_logits else x[-1:], self.w.norm, self.args.rms_norm_eps)  # [T or 1, H]
-        return linear(self.w.head, x, None, lora, "lm_head")  # [T or 1, V]
+        x = self.norm(x if all_logits else x[-1:], self.w.norm)  # [T or 1, H]
+        return self.capped(linear(self.w.head, x, None, lora, "lm_head"))  # [T or 1, V]
 
     def forward_batch(self, tokens: np.ndarray, caches: list, loras: list) -> np.ndarray:
         """One decode step for B sequences, each with its own cache and adapter selection: every
         base product is computed once for the batch. Row b equals ``forward(tokens[b:b+1],
         caches[b], lora=loras[b])`` bit for bit."""
         a, B = self.args, len(tokens)
-        x = np.concatenate([lo.embed(self.w.embed, tokens[b:b + 1]) for b, lo in enumerate(loras)])  # [B, H]
+        x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
         for i in range(a.num_hidden_layers):
             L, n = self.w.layers[i], self.names[i]
 
@@ -327,5 +354,5 @@ class LlamaModel:
             x = self.layer(L, x, proj, attend)  # [B, H]
         for c in caches:
             c.length += 1
-        x = rmsnorm(x, self.w.norm, a.rms_norm_eps)  # [B, H]
-        return linear_batch(self.w.head, x, [None] * B, loras, "lm_head")  # [B, V]
+        x = self.norm(x, self.w.norm)  # [B, H]
+        return self.capped(linear_batch(self.w.head, x, [None] * B, loras, "lm_head"))  # [B, V]

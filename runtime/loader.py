@@ -10,9 +10,12 @@ from edgelora.bundle import Bundle
 from edgelora.errors import FormatError, UnsupportedError
 from edgelora.runtime.kernels import F16Linear, NF4Linear
 from edgelora.runtime.llama import DenseLinear, LlamaModel, Weights
+from edgelora.runtime.gemma import Gemma2Model, GemmaModel
 from edgelora.runtime.phi3 import Phi3Model
 
-FAMILIES = {"llama": LlamaModel, "phi3": Phi3Model}
+FAMILIES = {"llama": LlamaModel, "phi3": Phi3Model, "gemma": GemmaModel, "gemma2": Gemma2Model}
+#: a layer's norms (``Layer`` field -> module name) unless the family's class lists its own ``NORMS``
+LAYER_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 DEFAULT_MAX_CONTEXT = 2048
 
 
@@ -32,7 +35,8 @@ def vector(bundle: Bundle, name: str) -> np.ndarray:
 
 
 def build_weights(bundle: Bundle) -> Weights:
-    """The model's weights: per layer, its family's projections (``PROJECTIONS``: field -> module name)."""
+    """The model's weights: per layer, its family's projections (``PROJECTIONS``: field -> module name)
+    and norms (``NORMS``, as stored: a family that adds to them does so when it runs)."""
     a = bundle.args
     model_cls = FAMILIES[a.family]
     names = set(bundle.names())
@@ -42,9 +46,9 @@ def build_weights(bundle: Bundle) -> Weights:
         linears = {short: make_linear(bundle, p + full + ".weight") for short, full in model_cls.PROJECTIONS.items()}
         biases = {short: vector(bundle, p + full + ".bias") for short, full in model_cls.PROJECTIONS.items()
                   if p + full + ".bias" in names}
-        layers.append(model_cls.Layer(attn_norm=vector(bundle, p + "input_layernorm.weight"),
-                                      mlp_norm=vector(bundle, p + "post_attention_layernorm.weight"),
-                                      biases=biases, **linears))
+        norms = {short: vector(bundle, p + full + ".weight")
+                 for short, full in getattr(model_cls, "NORMS", LAYER_NORMS).items()}
+        layers.append(model_cls.Layer(biases=biases, **norms, **linears))
     embed = make_linear(bundle, "model.embed_tokens.weight")
     head = embed if a.tie_word_embeddings else make_linear(bundle, "lm_head.weight")
     return Weights(embed=embed, layers=layers, norm=vector(bundle, "model.norm.weight"), head=head)

@@ -12,7 +12,7 @@ import pytest
 import edgelora
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
 from edgelora.runtime.lora import lora_delta_reference, lora_matvec_add, parse_mix
-from tiny_models import hf_dequantized, make_adapter, make_checkpoint
+from tiny_models import Adapters, Converted, hf_dequantized
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -43,29 +43,16 @@ CASES = {
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     """Converted bundles of the tiny checkpoints, made once."""
-    made = {}
-
-    def get(arch):
-        if arch not in made:
-            d = tmp_path_factory.mktemp(arch)
-            src = make_checkpoint(d / "src", arch, seed=11)
-            edgelora.convert(src, d / "nf4")
-            made[arch] = (src, d / "nf4")
-        return made[arch]
-    return get
+    return Converted(tmp_path_factory, seed=11, bundle_name="nf4")
 
 
 @pytest.fixture(scope="module")
 def adapters(bases, tmp_path_factory):
-    made = {}
+    made = Adapters(bases, tmp_path_factory)
 
-    def get(case, seed=0):
-        key = (case, seed)
-        if key not in made:
-            arch, opts = CASES[case]
-            src, _ = bases(arch)
-            made[key] = make_adapter(src, tmp_path_factory.mktemp("ad") / f"{case}-{seed}", seed=seed, **opts)
-        return made[key]
+    def get(case, seed=0):  # by the name of one of CASES
+        arch, opts = CASES[case]
+        return made(arch, seed, name=case, **opts)
     return get
 
 

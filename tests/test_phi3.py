@@ -10,7 +10,6 @@ for byte.
 
 from __future__ import annotations
 
-import json
 import shutil
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ import edgelora
 from edgelora.bundle import Bundle
 from edgelora.config import ModelArgs
 from edgelora.errors import AdapterMismatchError, FormatError, UnsupportedError
-from tiny_models import hf_dequantized, hf_greedy, make_adapter, make_checkpoint
+from tiny_models import Adapters, Converted, hf_dequantized, hf_greedy, make_adapter, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -38,29 +37,12 @@ def close(mine, ref):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    made = {}
-
-    def get(arch):
-        if arch not in made:
-            d = tmp_path_factory.mktemp(arch)
-            src = make_checkpoint(d / "src", arch, seed=7)
-            edgelora.convert(src, d / "out")
-            made[arch] = (src, d / "out")
-        return made[arch]
-    return get
+    return Converted(tmp_path_factory, seed=7)
 
 
 @pytest.fixture(scope="module")
 def adapters(converted, tmp_path_factory):
-    made = {}
-
-    def get(arch, seed=0, **opts):
-        key = (arch, seed, json.dumps(opts, sort_keys=True))
-        if key not in made:
-            src, _ = converted(arch)
-            made[key] = make_adapter(src, tmp_path_factory.mktemp("ad") / f"{arch}-{seed}", seed=seed, **opts)
-        return made[key]
-    return get
+    return Adapters(converted, tmp_path_factory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,26 @@ CONFIGS = {
                           rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
                                         "long_factor": [2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0, 55.0]},
                           bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Gemma 2: head_dim 32 apart from hidden/heads (q_proj [128, 64]), GQA, tied head, query_pre_attn_scalar
+    # not head_dim, soft-caps small enough to bite on random weights, layers 0 and 2 sliding with a
+    # window shorter than the test prompts (widths multiples of 64 for bitsandbytes)
+    "gemma2": dict(cls="Gemma2", model_type="gemma2", vocab_size=96, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   sliding_window=8, max_position_embeddings=256, initializer_range=0.05,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Gemma 2 otherwise: attention biases, untied head, layer_types not alternating, no attention soft-cap
+    "gemma2_variant": dict(cls="Gemma2", model_type="gemma2", vocab_size=80, hidden_size=64, intermediate_size=192,
+                           num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                           query_pre_attn_scalar=40, attn_logit_softcapping=None, final_logit_softcapping=4.0,
+                           sliding_window=6, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                           attention_bias=True, tie_word_embeddings=False, max_position_embeddings=256,
+                           initializer_range=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Gemma (1): multi-query attention, head_dim 32 apart from hidden/heads, untied head
+    "gemma": dict(cls="Gemma", model_type="gemma", vocab_size=80, hidden_size=64, intermediate_size=192,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                  tie_word_embeddings=False, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 
 
@@ -97,6 +117,38 @@ def make_adapter(ckpt: Path, out: Path, seed: int = 0, **lora) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     pm.save_pretrained(out)
     return out
+
+
+class Converted:
+    """``get(arch) -> (checkpoint, bundle)``: each tiny model made and converted once (for a
+    module-scoped fixture)."""
+
+    def __init__(self, tmp_path_factory, seed: int, bundle_name: str = "out"):
+        self.tmp, self.seed, self.bundle_name, self.made = tmp_path_factory, seed, bundle_name, {}
+
+    def __call__(self, arch: str):
+        if arch not in self.made:
+            import edgelora
+            d = self.tmp.mktemp(arch)
+            src = make_checkpoint(d / "src", arch, seed=self.seed)
+            edgelora.convert(src, d / self.bundle_name)
+            self.made[arch] = (src, d / self.bundle_name)
+        return self.made[arch]
+
+
+class Adapters:
+    """``get(arch, seed=0, **lora) -> adapter folder`` for ``converted(arch)``'s checkpoint, each
+    made once by PEFT (:func:`make_adapter`)."""
+
+    def __init__(self, converted: Converted, tmp_path_factory):
+        self.converted, self.tmp, self.made = converted, tmp_path_factory, {}
+
+    def __call__(self, arch: str, seed: int = 0, name: str | None = None, **lora):
+        key = (arch, seed, json.dumps(lora, sort_keys=True))
+        if key not in self.made:
+            src, _ = self.converted(arch)
+            self.made[key] = make_adapter(src, self.tmp.mktemp("ad") / f"{name or arch}-{seed}", seed=seed, **lora)
+        return self.made[key]
 
 
 def hf_dequantized(bundle_path, ckpt):
