@@ -28,11 +28,9 @@ not the Hugging Face tokenizer edgelora runs). The header is walked with bounds 
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.hf import TOKENIZER_FILES, llama_tensor_map
+from edgelora.converters.hf import llama_tensor_map
+from edgelora.converters.source import DerivedCheckpoint
 from edgelora.errors import FormatError, UnsupportedError, UsageError
 from edgelora.safetensors_io import bf16_to_float32
 
@@ -249,15 +248,12 @@ def llama3_rope_factors(theta: float, head_dim: int, sc: dict) -> np.ndarray:
     return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, mid))
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(DerivedCheckpoint):
     """A GGUF file opened as a checkpoint: the interface the converter uses of
-    :class:`~edgelora.converters.hf.HFCheckpoint` (``args``, ``specs``, ``where``, ``tensor``,
-    ``dtypes``, ``source_bytes``, ``tokenizer_files``, ``shard_paths``, ``write_config``)."""
-
-    nf4_layout = None  # no pre-quantized weights (llama.cpp's quantizations are refused)
+    :class:`~edgelora.converters.hf.HFCheckpoint` (llama.cpp's quantizations are refused, so there
+    are no pre-quantized weights)."""
 
     def __init__(self, path, require_tokenizer: bool = True):
-        self.nf4: dict = {}
         p = Path(path)
         file = find_gguf(p)
         if file is None:
@@ -514,30 +510,7 @@ class GGUFCheckpoint:
         if wrong:
             raise FormatError(f"config.json does not describe {self.model_path.name}: {'; '.join(wrong)}", cfg)
 
-    # -- the HFCheckpoint interface -------------------------------------------------------------
-
-    @property
-    def dtypes(self) -> set[str]:
-        r = next(iter(self.where.values()))
-        return {r.tensors[n].dtype for n in self.specs}
-
-    def tensor(self, name: str) -> np.ndarray:
-        """A source tensor in float32, ``[out, in]`` for projections, q/k unpermuted."""
-        return self.where[name].float32(name)
-
-    def source_bytes(self) -> int:
-        r = next(iter(self.where.values()))
-        return sum(r.tensors[n].nbytes for n in self.specs)
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
-
-    def write_config(self, dst: Path) -> None:
-        """The bundle's config.json: the one beside the file (cross-checked), else the one read from the GGUF."""
-        if self.config_path is not None:
-            shutil.copyfile(self.config_path, dst)
-        else:
-            Path(dst).write_text(json.dumps(self.config_dict, indent=2) + "\n")
+    # -- the rest of the converter's interface: DerivedCheckpoint's ----------------------------------
 
     @property
     def source_meta(self) -> dict:
@@ -547,9 +520,3 @@ class GGUFCheckpoint:
 
     def close(self) -> None:
         self.reader = None  # the memory map closes when the last view of it goes
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

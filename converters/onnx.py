@@ -32,11 +32,9 @@ Weights stored inline are read from the protobuf; external data (``location``/``
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import re
-import shutil
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.hf import TOKENIZER_FILES, TensorSpec, llama_tensor_map
+from edgelora.converters.hf import TensorSpec, llama_tensor_map
+from edgelora.converters.source import DerivedCheckpoint
 from edgelora.errors import FormatError, UnsupportedError, UsageError
 from edgelora.safetensors_io import bf16_to_float32
 
@@ -607,7 +606,7 @@ class _Mapper:
         o = next(i for i in outs)
         linears = {l.node: l for l in grp}
         roles["o"] = self._linear_at(o, linears)
-        q, kk, v = roles["q"], roles["k"], roles["v"]
+        kk, v = roles["k"], roles["v"]
         if kk.out_dim != v.out_dim:
             self.fail(f"layer {k}: k and v widths differ ({kk.out_dim} vs {v.out_dim})")
         return roles
@@ -721,16 +720,12 @@ class _Reader:
         return np.ascontiguousarray(x)
 
 
-class ONNXCheckpoint:
+class ONNXCheckpoint(DerivedCheckpoint):
     """An ONNX decoder model file opened as a checkpoint: the same interface the converter uses of
-    :class:`~edgelora.converters.hf.HFCheckpoint` (``args``, ``specs``, ``where``, ``tensor``,
-    ``dtypes``, ``source_bytes``, ``tokenizer_files``, ``shard_paths``)."""
-
-    nf4_layout = None  # no pre-quantized weights
+    :class:`~edgelora.converters.hf.HFCheckpoint`."""
 
     def __init__(self, path):
         import onnx
-        self.nf4: dict = {}
         p = Path(path)
         model_path = find_model(p)
         if model_path is None:
@@ -763,7 +758,7 @@ class ONNXCheckpoint:
         if found is None:
             probs = m.problems or ["the decoder structure"]
             raise UnsupportedError(
-                f"cannot map this ONNX graph to a Llama-family decoder (llama, mistral, qwen2); not understood: "
+                "cannot map this ONNX graph to a Llama-family decoder (llama, mistral, qwen2); not understood: "
                 + "; ".join(probs[:10]) + (f"; ... ({len(probs) - 10} more)" if len(probs) > 10 else ""),
                 self.model_path)
         src: dict[str, tuple[str, bool]] = {EMBED: (found["embedding"], False),
@@ -904,29 +899,11 @@ class ONNXCheckpoint:
                 raise UnsupportedError(f"the graph's structure maps {const!r} to {name}, but its name says "
                                        f"{said.group(1)}; refusing to guess", self.model_path)
 
-    # -- the HFCheckpoint interface -------------------------------------------------------------
+    # -- the rest of the converter's interface: DerivedCheckpoint's ----------------------------------
 
     @property
     def dtypes(self) -> set[str]:
         return {self.g.dtype(c) for c, _ in self.sources.values()}
-
-    def tensor(self, name: str) -> np.ndarray:
-        """A source tensor in float32, ``[out, in]`` for projections."""
-        return self.where[name].float32(name)
-
-    def source_bytes(self) -> int:
-        r = next(iter(self.where.values()))
-        return sum(r.tensors[n].nbytes for n in self.specs)
-
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
-
-    def write_config(self, dst: Path) -> None:
-        """The bundle's config.json: the one beside the model, else the one inferred from the graph."""
-        if self.config_path is not None:
-            shutil.copyfile(self.config_path, dst)
-        else:
-            Path(dst).write_text(json.dumps(self.config_dict, indent=2) + "\n")
 
     @property
     def source_meta(self) -> dict:
@@ -935,9 +912,3 @@ class ONNXCheckpoint:
 
     def close(self) -> None:
         self.g.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
