@@ -217,8 +217,7 @@ def test_suggestions_when_nothing_fits_name_what_each_frees(tmp_path):
     text = "\n".join(p.suggestions)
     assert "even a 1-token context does not fit" in text and "leave out adapters" in text
     # the NF4-embeddings saving is what converting that way really saves
-    nf4 = edgelora.convert(demo_checkpoint(tmp_path / "ckpt"), tmp_path / "nf4", embeddings="nf4", head="nf4",
-                           progress=False)
+    edgelora.convert(demo_checkpoint(tmp_path / "ckpt"), tmp_path / "nf4", embeddings="nf4", head="nf4")
     weights = lambda b: (Path(b) / "model.safetensors").stat().st_size  # noqa: E731
     saved = weights(bundle) - weights(tmp_path / "nf4")
     assert saved > 0 and abs(_float16_savings(Path(bundle)) - saved) < 4096

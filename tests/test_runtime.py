@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 
 import edgelora
-from edgelora.bundle import Bundle
 from edgelora.errors import ChecksumError, FormatError, UnsupportedError, UsageError
 from tiny_models import hf_dequantized, hf_greedy, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ARCHS = ["llama3", "llama_untied", "mistral", "qwen2"]
+# every architecture the runtime runs: the same conformance checks against transformers
+ARCHS = ["llama3", "llama_untied", "mistral", "qwen2", "phi3", "phi3_longrope", "gemma", "gemma2", "gemma2_variant"]
+MAX_CONTEXT = 64  # within every tiny config's limit (phi3_longrope's short-factor range)
+
+
+def close(mine, ref):
+    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -27,20 +32,25 @@ def converted(request, tmp_path_factory):
     return src, d / "out"
 
 
-def test_logits_match_transformers(converted):
+def test_logits_match_transformers_prefill_and_decode(converted):
+    """Prefill, and one token at a time through the decode kernels, against transformers on the
+    same dequantized weights (60 positions: past every tiny config's sliding window)."""
     src, out = converted
-    model = edgelora.load(out, max_context=128)
+    model = edgelora.load(out, max_context=MAX_CONTEXT)
     ids = np.random.default_rng(0).integers(0, model.args.vocab_size, 60)
-    mine = model.logits(ids)
     with torch.no_grad():
-        ref = hf_dequantized(out, src)(torch.from_numpy(ids)[None]).logits[0].numpy()
-    assert mine.shape == ref.shape == (60, model.args.vocab_size)
-    assert np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
+        ref = hf_dequantized(out, src)(torch.from_numpy(ids)[None]).logits[0].numpy()  # [60, V]
+    prefill = model.logits(ids)
+    assert prefill.shape == ref.shape == (60, model.args.vocab_size)
+    assert close(prefill, ref), np.abs(prefill - ref).max()
+    cache = model.net.new_cache()
+    steps = np.stack([model.net.forward(ids[i:i + 1], cache)[-1] for i in range(len(ids))])  # [60, V]
+    assert close(steps, ref), np.abs(steps - ref).max()
 
 
 def test_greedy_tokens_match_transformers(converted):
     src, out = converted
-    model = edgelora.load(out, max_context=128)
+    model = edgelora.load(out, max_context=MAX_CONTEXT)
     prompt = [1, 5, 9, 3, 7]
     model.eos_ids = set()  # transformers is told not to stop either
     list(model.stream(prompt, max_new_tokens=32, temperature=0))
@@ -51,7 +61,7 @@ def test_greedy_tokens_match_transformers(converted):
 def test_chunked_prefill_equals_one_pass(converted, monkeypatch):
     import edgelora.runtime.model as rm
     _, out = converted
-    model = edgelora.load(out, max_context=128)
+    model = edgelora.load(out, max_context=MAX_CONTEXT)
     ids = np.random.default_rng(3).integers(0, model.args.vocab_size, 50)
     whole = model.logits(ids)
     monkeypatch.setattr(rm, "PREFILL_CHUNK", 7)
@@ -109,11 +119,11 @@ def test_bad_bundles(converted, tmp_path):
     shutil.copytree(out, bad)
     import json
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["hidden_act"] = "gelu"
+    cfg["model_type"] = "falcon"
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ChecksumError, match="config.json"):
         edgelora.load(bad)
-    with pytest.raises(UnsupportedError, match="hidden_act"):
+    with pytest.raises(UnsupportedError, match="model_type='falcon'"):
         edgelora.load(bad, verify=False)
 
 
@@ -142,3 +152,11 @@ def test_verified_files_are_not_hashed_twice_but_changes_are_caught(converted, t
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(ChecksumError, match="model.safetensors"):
         edgelora.load(b, max_context=8)
+
+
+def test_llama_family_refuses_other_activations():
+    from edgelora.config import ModelArgs
+    cfg = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+               vocab_size=10, hidden_act="gelu")
+    with pytest.raises(UnsupportedError, match="hidden_act='gelu'"):
+        ModelArgs.from_dict(cfg)
