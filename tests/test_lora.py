@@ -37,6 +37,21 @@ CASES = {
     "lora-bias": ("llama_untied", dict(r=4, target_modules=["up_proj", "o_proj"], lora_bias=True)),
     "dora": ("qwen2", dict(r=8, target_modules="all-linear", use_dora=True)),
     "head-target": ("llama_untied", dict(r=4, target_modules=["lm_head", "q_proj"])),
+    # Phi-3: its fused modules, lora_B spanning the fused output
+    "phi3-all-linear": ("phi3", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "phi3-qkv-only": ("phi3", dict(r=4, lora_alpha=8, target_modules=["qkv_proj"])),
+    "phi3-gate-up-down-rslora": ("phi3_longrope", dict(r=16, lora_alpha=8, use_rslora=True,
+                                                       target_modules=["gate_up_proj", "down_proj"])),
+    "phi3-dora": ("phi3", dict(r=4, target_modules=["qkv_proj", "gate_up_proj"], use_dora=True)),
+    # Gemma: the head target before the soft-cap, a saved embedding scaled like the base's
+    "gemma2-all-linear": ("gemma2", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "gemma2-qv-down-rslora": ("gemma2", dict(r=16, lora_alpha=8, use_rslora=True,
+                                             target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gemma2-dora": ("gemma2", dict(r=4, target_modules=["k_proj", "o_proj", "gate_proj"], use_dora=True)),
+    "gemma2-head-target": ("gemma2_variant", dict(r=4, target_modules=["lm_head", "up_proj"])),
+    "gemma2-save-embed-head": ("gemma2_variant", dict(r=4, target_modules=["q_proj"],
+                                                      modules_to_save=["embed_tokens", "lm_head"])),
+    "gemma-all-linear": ("gemma", dict(r=8, lora_alpha=8, target_modules="all-linear")),
 }
 
 
@@ -195,16 +210,20 @@ def test_batch_equals_one_by_one(bases, adapters):
     assert model.generate_batch(prompts, adapters=specs, max_new_tokens=8, temperature=0.9, seed=5) == ref
 
 
-def test_batch_logits_bitwise_equal_to_single_steps(bases, adapters):
-    _, bundle = bases("qwen2")
+@pytest.mark.parametrize("arch, one, two", [("qwen2", "dora", "qwen-bias-all"),
+                                             ("phi3", "phi3-all-linear", "phi3-qkv-only"),
+                                             ("gemma2", "gemma2-all-linear", "gemma2-qv-down-rslora")])
+def test_batch_logits_bitwise_equal_to_single_steps(bases, adapters, arch, one, two):
+    _, bundle = bases(arch)
     model = edgelora.load(bundle, max_context=32)
-    model.adapters.load("d", adapters("dora"))
-    model.adapters.load("q", adapters("qwen-bias-all"))
-    sels = [model.adapters.select(s) for s in ("d", None, "q")]
+    model.adapters.load("d", adapters(one))
+    model.adapters.load("q", adapters(two))
+    mix = [] if "dora" in one + two else [{"d": 0.5, "q": 0.5}]  # DoRA is used alone
+    sels = [model.adapters.select(s) for s in ["d", None, "q", *mix]]
     caches = [model.net.new_cache() for _ in sels]
     singles = [model.net.new_cache() for _ in sels]
-    for step in range(4):
-        toks = np.array([3 + step, 7, 11 + 2 * step])
+    for step in range(10):  # past gemma2's sliding window of 8
+        toks = np.array([3 + step, 7, 11 + 2 * step, 2 * step + 1][:len(sels)])
         out = model.net.forward_batch(toks, caches, sels)
         for b, sel in enumerate(sels):
             one = model.net.forward(toks[b:b + 1], singles[b], lora=sel)[-1]

@@ -151,61 +151,15 @@ def test_split_or_misshapen_checkpoints_are_refused(converted, tmp_path):
 # LoRA adapters on the fused modules
 # ---------------------------------------------------------------------------------------------
 
-ADAPTERS = {
-    "all-linear": ("phi3", dict(r=8, lora_alpha=16, target_modules="all-linear")),
-    "qkv-only": ("phi3", dict(r=4, lora_alpha=8, target_modules=["qkv_proj"])),
-    "gate-up-down-rslora": ("phi3_longrope", dict(r=16, lora_alpha=8, use_rslora=True,
-                                                  target_modules=["gate_up_proj", "down_proj"])),
-    "dora": ("phi3", dict(r=4, target_modules=["qkv_proj", "gate_up_proj"], use_dora=True)),
-}
+ADAPTERS = {"all-linear": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+            "qkv-only": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"])}  # (vs PEFT: test_lora.py)
 
 
-@pytest.mark.parametrize("case", sorted(ADAPTERS))
-def test_adapter_logits_match_peft(case, converted, adapters):
-    from test_lora import peft_logits
-    arch, opts = ADAPTERS[case]
-    src, bundle = converted(arch)
-    ad = adapters(arch, **opts)
-    model = edgelora.load(bundle, max_context=MAX_CONTEXT)
-    ids = np.random.default_rng(1).integers(0, model.args.vocab_size, 24)
-    base = model.logits(ids)
-    res = model.adapters.load("x", ad)
-    if case == "qkv-only":
-        assert sorted(res.adapter.pairs) == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]
-        assert res.adapter.pairs["model.layers.0.self_attn.qkv_proj"].B.shape == (128, 4)  # spans q, k and v
-    mine = model.logits(ids, adapter="x")
-    ref = peft_logits(bundle, src, [ad], ids)
-    assert np.abs(mine - base).max() > 0.05 * np.abs(base).max()  # the adapter really changes the output
-    assert close(mine, ref), np.abs(mine - ref).max()
-    np.testing.assert_array_equal(model.logits(ids, adapter=None), base)  # the base is untouched
-    model.use("x")
-    cache = model.net.new_cache()  # decode: the LoRA kernel on the fused outputs
-    steps = np.stack([model.net.forward(ids[i:i + 1], cache, lora=model.selection)[-1] for i in range(len(ids))])
-    assert close(steps, ref), np.abs(steps - ref).max()
-
-
-def test_batch_with_two_adapters_equals_one_by_one(converted, adapters):
+def test_qkv_adapter_spans_the_fused_output(converted, adapters):
     _, bundle = converted("phi3")
-    model = edgelora.load(bundle, max_context=MAX_CONTEXT)
-    model.adapters.load("a", adapters("phi3", **ADAPTERS["all-linear"][1]))
-    model.adapters.load("q", adapters("phi3", **ADAPTERS["qkv-only"][1]))
-    model.eos_ids = set()
-    prompts = [[1, 5, 9], [3, 4], [7, 8, 9, 10, 11], [6, 6]]
-    specs = ["a", "q", None, {"a": 0.5, "q": 0.5}]
-    alone = []
-    for p, s in zip(prompts, specs):
-        model.generate(p, max_new_tokens=12, adapter=s, temperature=0)
-        alone.append(model.last_stats.generated_ids)
-    model.generate_batch(prompts, adapters=specs, max_new_tokens=12, temperature=0)
-    assert [s.generated_ids for s in model.last_batch_stats] == alone
-    assert len({tuple(a) for a in alone}) > 1
-    sels = [model.adapters.select(s) for s in specs]  # each batched step equals the single step bit for bit
-    caches, singles = [model.net.new_cache() for _ in sels], [model.net.new_cache() for _ in sels]
-    for step in range(3):
-        toks = np.array([3 + step, 7, 11, 2 * step + 1])
-        out = model.net.forward_batch(toks, caches, sels)
-        for b, sel in enumerate(sels):
-            np.testing.assert_array_equal(out[b], model.net.forward(toks[b:b + 1], singles[b], lora=sel)[-1])
+    res = edgelora.load(bundle, max_context=64).adapters.load("x", adapters("phi3", **ADAPTERS["qkv-only"]))
+    assert sorted(res.adapter.pairs) == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]
+    assert res.adapter.pairs["model.layers.0.self_attn.qkv_proj"].B.shape == (128, 4)  # q, k and v rows
 
 
 def test_llama_style_targets_are_refused_on_phi3(converted, tmp_path):
@@ -220,7 +174,7 @@ def test_llama_style_targets_are_refused_on_phi3(converted, tmp_path):
 def test_merge_adapter_into_fused_weights(converted, adapters, tmp_path):
     from edgelora.converters.nf4 import quantize_nf4
     src, _ = converted("phi3")
-    ad = adapters("phi3", **ADAPTERS["qkv-only"][1])
+    ad = adapters("phi3", **ADAPTERS["qkv-only"])
     edgelora.convert(src, tmp_path / "merged", merge_adapter=ad)
     base = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(base, ad).merge_and_unload().state_dict()
