@@ -20,7 +20,7 @@ import edgelora
 from edgelora.bundle import Bundle
 from edgelora.converters.gguf import GGUFCheckpoint
 from edgelora.errors import FormatError, UnsupportedError, UsageError
-from tiny_models import hf_dequantized, make_checkpoint
+from tiny_models import assert_logits_match, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -158,16 +158,6 @@ def assert_same_bundle(a: Path, b: Path) -> None:
         sa, sb = ({k: v for k, v in (s or {}).items() if k not in drop} for s in (x.args.rope_scaling,
                                                                                   y.args.rope_scaling))
         assert sa == sb
-
-
-def assert_logits_match(bundle: Path, src: Path) -> None:
-    model = edgelora.load(bundle, max_context=64)
-    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, 40)
-    with torch.no_grad():
-        ref = hf_dequantized(bundle, src)(torch.from_numpy(ids)[None]).logits[0].numpy()
-    mine = model.logits(ids)
-    assert mine.shape == ref.shape
-    assert np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import edgelora
 from edgelora.bundle import Bundle
 from edgelora.converters.onnx import ONNXCheckpoint
 from edgelora.errors import FormatError, UnsupportedError, UsageError
-from tiny_models import hf_dequantized, make_checkpoint
+from tiny_models import assert_logits_match, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,16 +113,6 @@ def _args_equal(a, b) -> bool:
             "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_scaling", "rms_norm_eps",
             "tie_word_embeddings", "attention_bias", "mlp_bias")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-def assert_logits_match(bundle: Path, src: Path) -> None:
-    model = edgelora.load(bundle, max_context=64)
-    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, 40)
-    with torch.no_grad():
-        ref = hf_dequantized(bundle, src)(torch.from_numpy(ids)[None]).logits[0].numpy()
-    mine = model.logits(ids)
-    assert mine.shape == ref.shape
-    assert np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

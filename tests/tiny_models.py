@@ -171,3 +171,18 @@ def hf_greedy(model, ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def assert_logits_match(bundle, src, n: int = 40) -> None:
+    """edgelora's logits for ``n`` random tokens equal transformers' on the bundle's dequantized
+    weights (the checkpoint ``src`` for the architecture) to 1e-3 of the logit scale."""
+    import numpy as np
+    import torch
+    import edgelora
+    model = edgelora.load(bundle, max_context=64)
+    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, n)
+    with torch.no_grad():
+        ref = hf_dequantized(bundle, src)(torch.from_numpy(ids)[None]).logits[0].numpy()
+    mine = model.logits(ids)
+    assert mine.shape == ref.shape
+    assert np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max()), np.abs(mine - ref).max()
