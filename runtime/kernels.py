@@ -45,6 +45,11 @@ TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
 
 
 PARALLEL_MIN_WEIGHTS = 1 << 16  # smaller products run on the calling thread (no thread wake-up)
+# Up to this many rows, ``matmul`` runs ``matvec_batch`` (each weight decoded in registers once per
+# four rows) rather than dequantizing tiles for BLAS: dequantizing costs as much as ~60 rows of
+# products, so short prompts and chunks were paying for a whole pass of it (bench/README.md:
+# 1.7-17x faster products at 2-32 rows on the 1B shape; the crossover is near 60 rows here).
+MATVEC_ROWS_MAX = 32
 X_TILE_BYTES = 32 << 10  # bytes of x (all vectors) one column tile reads, to stay in L1 (SIMD kernels)
 ROW_TILE = 32  # rows whose accumulators wait while the column tiles pass (SIMD kernels)
 
@@ -368,9 +373,12 @@ class _StoredLinear:
         """x: f32 [T, in] -> f32 [T, out]. The rows are split between the threads; each thread
         dequantizes a tile of its rows at a time (a GIL-free Numba call) and multiplies the whole
         chunk of tokens by it with single-threaded BLAS, so every dequantized weight is reused by
-        all T tokens and no two thread pools (Numba's and BLAS's) compete for the cores."""
+        all T tokens and no two thread pools (Numba's and BLAS's) compete for the cores. Up to
+        ``MATVEC_ROWS_MAX`` rows it is ``matvec_batch``: each row bit for bit ``matvec`` of it."""
         if x.shape[0] == 1:
             return self.matvec(x[0])[None, :]
+        if x.shape[0] <= MATVEC_ROWS_MAX:
+            return self.matvec_batch(x)
         x = np.ascontiguousarray(x, np.float32)
         n, k = self.out_features, self.in_features
         out = np.empty((x.shape[0], n), np.float32)

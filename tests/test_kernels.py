@@ -16,7 +16,7 @@ def _tol(w: np.ndarray, x: np.ndarray) -> float:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 300), k=st.sampled_from([1, 7, 64, 96, 172, 256, 320]), t=st.integers(1, 9),
+@given(n=st.integers(1, 300), k=st.sampled_from([1, 7, 64, 96, 172, 256, 320]), t=st.integers(1, 40),
        block=st.sampled_from([32, 64, 128, 256]), dq=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_nf4_products_equal_reference(n, k, t, block, dq, seed):
     rng = np.random.default_rng(seed)
@@ -35,9 +35,26 @@ def test_nf4_products_equal_reference(n, k, t, block, dq, seed):
     assert np.array_equal(lin.rows(ids), w[ids])
 
 
+@pytest.mark.parametrize("rows", [2, 5, 32, 33, 70])
+def test_matmul_takes_the_batched_kernel_for_few_rows(rows):
+    """Up to MATVEC_ROWS_MAX rows each row of a product is bit for bit the decode kernel's; beyond,
+    the tiled dequantize-and-BLAS path; both equal the NumPy reference."""
+    rng = np.random.default_rng(rows)
+    q = quantize_nf4((rng.standard_normal((96, 320)) * 0.05).astype(np.float32))
+    x = rng.standard_normal((rows, 320)).astype(np.float32)
+    w16 = q.dequantize_reference().astype(np.float16)
+    for lin, ref in ((K.NF4Linear(q), K.nf4_matmul_reference(q, x)),
+                     (K.F16Linear(w16), (x.astype(np.float64) @ w16.astype(np.float64).T).astype(np.float32))):
+        y = lin.matmul(x)
+        np.testing.assert_allclose(y, ref, atol=1e-5)
+        same = all(np.array_equal(y[b], lin.matvec(x[b])) for b in range(rows))
+        assert same == (rows <= K.MATVEC_ROWS_MAX)
+
+
 @pytest.mark.parametrize("threaded", [False, True])
 def test_tiled_matmul_crosses_tiles(monkeypatch, threaded):
     monkeypatch.setattr(K, "TILE_ELEMENTS", 3 * 64)  # three rows a tile
+    monkeypatch.setattr(K, "MATVEC_ROWS_MAX", 1)  # the tiled path even for these few rows
     if threaded:  # every product takes the multi-threaded paths (when this machine has 2+ threads)
         monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(1)
