@@ -11,7 +11,8 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
 * **scratch**: the largest working set of a prefill chunk of ``min(256, context)`` tokens at the
   end of the context: attention scores ``[heads, chunk, context]`` (the masked copy and softmax
   hold three at once), or the MLP's ``[chunk, intermediate]`` activations (three at once), plus
-  one dequantized 4 MB weight tile per thread, the residual stream and the logits;
+  one dequantized 4 MB weight tile per thread (chunks of more than 32 tokens), the residual
+  stream and the logits;
 * **adapters**: A and B in float32 (B transposed once), DoRA's magnitude, trained biases and saved
   modules, exactly as ``model.adapters.load`` keeps them;
 * **tokenizer**: measured by building it in this process;
@@ -39,10 +40,9 @@ from edgelora.atomic import edgelora_home, write_text_atomic
 from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch
 from edgelora.errors import EdgeLoraError, UsageError
+from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
+from edgelora.runtime.model import PREFILL_CHUNK
 
-PREFILL_CHUNK = 256  # runtime/model.py
-TILE_ELEMENTS = 1 << 20  # runtime/kernels.py: float32 elements of a dequantized prefill tile
-PARALLEL_MIN_WEIGHTS = 1 << 16  # runtime/kernels.py: smaller products run on one thread
 F32 = 4
 MB = 1e6
 
@@ -159,7 +159,7 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
     mlp = T * (mlp_in + I) * F32  # the MLP's input projections' outputs and their gated product
     stream = 8 * T * max(H, nh * hd) * F32  # x, h, q, k, v, attention output and their rope copies
     tiles = 0  # a prefill product: each thread dequantizes one tile of its rows at a time
-    if T > 1:
+    if T > MATVEC_ROWS_MAX:  # fewer rows run on the batched decode kernel: no tiles
         for n, k in _shapes(a):
             used = threads if threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS else 1
             rows = min(max(1, TILE_ELEMENTS // k), -(-n // used))
