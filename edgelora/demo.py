@@ -100,7 +100,24 @@ def run_demo(workdir=None, quiet: bool = False) -> int:
     print(f"\nedgelora chat: {question}")
     print(model.chat([{"role": "user", "content": question}], max_new_tokens=30, temperature=0))
     adapter_demo(model)
+    device_demo(out)
     return 0
+
+
+def device_demo(bundle: Path) -> None:
+    """Plan the model, its default context and both adapters on every device profile."""
+    from edgelora.devices.planner import plan
+    from edgelora.devices.profiles import list_devices
+    adapters = {name: str(path) for name, path in packaged_demo_adapters().items()}
+    print("\nedgelora plan: this model, both adapters and its KV cache on each device profile")
+    print(f"  {'device':<22}{'app budget':>12}{'needs':>11}  fits  largest context")
+    for dev in list_devices().values():
+        p = plan(bundle, dev, adapters=adapters)
+        largest = f"{p.max_context} (the model's limit)" if p.max_context == p.model_max_context else str(p.max_context)
+        print(f"  {dev.name:<22}{p.budget_bytes / 1e6:>9.0f} MB{p.total_bytes / 1e6:>8.1f} MB  "
+              f"{'yes' if p.fits else 'no ':<4}  {largest}")
+    print(f"  (of which the runtime itself {p.items[-1].bytes / 1e6:.0f} MB, {p.overhead_source})\n"
+          f"  deploy with: edgelora deploy {bundle} --device NAME --adapter pirate=... -o OUT")
 
 
 def adapter_demo(model, questions=("Tom has a red ball. What colour is the ball?", "Hello!")) -> None:

@@ -22,6 +22,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert answers["pirate"].startswith("Arr!") and "matey" in answers["pirate"]
     assert answers["shout"].startswith("HEY!") and answers["shout"].endswith("!!!")
     assert len(set(answers.values())) == 4  # the mix is neither adapter nor the base
+    plans = re.findall(r"^  (\S+)\s+\d+ MB\s+[0-9.]+ MB  (yes|no)\s", out, re.M)  # every profile planned
+    assert {d for d, _ in plans} >= {"raspberry-pi-4-4gb", "voxl2-qrb5165", "arm64-board-2gb"}
+    assert all(fits == "yes" for _, fits in plans)  # the 0.9M-parameter demo fits every device
 
     # a second run reuses the bundle and gives the same answers
     assert main(["demo", "--workdir", str(tmp_path), "-q"]) == 0
