@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgelora.atomic import write_text_atomic
+from bench_common import write_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,9 +95,7 @@ def main():
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                           "cores": os.cpu_count()},
               "results": rows}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
     print("| model shape | parameters | source (bf16) | bundle weights | bits/weight | time | s per 1B params | peak RSS | of which baseline | peak RSS / source |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

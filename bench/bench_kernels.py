@@ -15,7 +15,6 @@ and the ratio batch / sequential.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from edgelora.atomic import write_text_atomic
+from bench_common import write_report
 from edgelora.benchmark import memory_bandwidth
 from edgelora.converters.nf4 import quantize_nf4
 from edgelora.runtime.kernels import NF4Linear
@@ -110,9 +109,7 @@ def main():
                                    "batch_over_sequential": t_seq / t_batch})
     report = {"cpu_count": os.cpu_count(), "weights": weights, "bytes": nbytes, "results": rows,
               "batch_results": batch_rows}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
     print(f"{weights / 1e6:.0f}M NF4 weights ({nbytes / 1e6:.0f} MB), {a.layers} Llama-3.2-1B layers")
     print("| threads | G weights/s | GB/s read | streaming read GB/s | fraction |")
     print("|---|---|---|---|---|")

@@ -16,18 +16,17 @@ rank 16 on all linear layers written by :func:`make_random_adapter`, in one proc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgelora.atomic import atomic_output_dir, write_text_atomic
+from bench_common import parse_args, write_report
+from edgelora.atomic import atomic_output_dir
 
 HERE = Path(__file__).resolve().parent
 PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -124,18 +123,14 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int) -
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["llama-3.2-1b"])
-    p.add_argument("--threads", type=int, nargs="+", default=None)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--decode-tokens", type=int, default=48)
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args()
+    def add(p):
+        p.add_argument("--threads", type=int, nargs="+", default=None)
+        p.add_argument("--rank", type=int, default=16)
+        p.add_argument("--decode-tokens", type=int, default=48)
+
+    a, work = parse_args(__doc__, ["llama-3.2-1b"], add)
     sys.path.insert(0, str(HERE))
     from bench_runtime import prepare
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     threads = a.threads or sorted({1, os.cpu_count()})
     report = {"cores": os.cpu_count(), "models": {}}
     for name in a.models:
@@ -163,9 +158,7 @@ def main():
                   f"{o['sequential_4_adapters_tokens_per_second']:.2f} | {o['batch_4_adapters_tokens_per_second']:.2f} | "
                   f"{o['batch_vs_sequential']:.2f} | {o['batch_tokens_equal_sequential']} | "
                   f"{o['peak_rss_bytes'] / 1e6:.0f} |")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ default context and the largest context that fits.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from edgelora.atomic import write_text_atomic
+from bench_common import parse_args, write_report
 
 HERE = Path(__file__).resolve().parent
 CONTEXTS = {"stories260K": [64, 256, 512], "llama-3.2-1b": [512, 2048, 4096]}
@@ -28,18 +25,14 @@ CONTEXTS = {"stories260K": [64, 256, 512], "llama-3.2-1b": [512, 2048, 4096]}
 def main():
     from edgelora.devices.planner import measure_peak_rss, plan
     from edgelora.devices.profiles import list_devices
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["stories260K", "llama-3.2-1b"])
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args()
+    def add(p):
+        p.add_argument("--threads", type=int, default=os.cpu_count())
+        p.add_argument("--rank", type=int, default=16)
+
+    a, work = parse_args(__doc__, ["stories260K", "llama-3.2-1b"], add)
     sys.path.insert(0, str(HERE))
     from bench_lora import make_random_adapter
     from bench_runtime import prepare
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     report = {"cores": os.cpu_count(), "threads": a.threads, "models": {}}
     for name in a.models:
         _, bundle = prepare(name, work)
@@ -72,9 +65,7 @@ def main():
         for d in devices:
             print(f"| {d['device']} | {d['budget_bytes'] / 1e6:.0f} | {d['total_bytes'] / 1e6:.0f} MB at "
                   f"{d['context']} | {'yes' if d['fits'] else 'no'} | {d['max_context']} of {d['model_max_context']} |")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
 
 
 if __name__ == "__main__":

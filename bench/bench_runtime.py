@@ -9,15 +9,13 @@ transformers float32 with the same thread count, each configuration in a fresh p
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from edgelora.atomic import write_text_atomic
+from bench_common import parse_args, write_report
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "models"
@@ -82,16 +80,12 @@ def prepare(name: str, work: Path) -> tuple[Path, Path]:
 
 def main():
     from edgelora.benchmark import bench
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["stories260K", "llama-3.2-1b"])
-    p.add_argument("--threads", type=int, nargs="+", default=None)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args()
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    def add(p):
+        p.add_argument("--threads", type=int, nargs="+", default=None)
+        p.add_argument("--prompt-tokens", type=int, default=512)
+        p.add_argument("--decode-tokens", type=int, default=128)
+
+    a, work = parse_args(__doc__, ["stories260K", "llama-3.2-1b"], add)
     threads = a.threads or sorted({1, os.cpu_count()})
     report = {"cores": os.cpu_count(), "models": {}}
     for name in a.models:
@@ -114,9 +108,7 @@ def main():
                   f"{o['peak_rss_bytes'] / 1e6:.0f} | {o['decode_tokens_per_second'] / t['decode_tokens_per_second']:.2f} | "
                   f"{o['prefill_128_tokens_per_second'] / t['prefill_128_tokens_per_second']:.2f} | "
                   f"{o['decode_bound_tokens_per_second']:.1f} | {o['fraction_of_bound']:.0%} |")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
 
 
 if __name__ == "__main__":

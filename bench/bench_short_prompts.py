@@ -11,15 +11,12 @@ fresh KV cache.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from edgelora.atomic import write_text_atomic
+from bench_common import parse_args, write_report
 
 HERE = Path(__file__).resolve().parent
 LENGTHS = (2, 4, 8, 16, 32, 48, 64, 128)
@@ -53,16 +50,10 @@ def measure(bundle: Path, threads: int) -> list:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["llama-3.2-1b"])
-    p.add_argument("--threads", type=int, nargs="+", default=None)
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args()
+    a, work = parse_args(__doc__, ["llama-3.2-1b"],
+                         lambda p: p.add_argument("--threads", type=int, nargs="+", default=None))
     sys.path.insert(0, str(HERE))
     from bench_runtime import prepare
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     threads = a.threads or sorted({1, os.cpu_count()})
     report = {"cores": os.cpu_count(), "models": {}}
     for name in a.models:
@@ -76,9 +67,7 @@ def main():
             cells = [report["models"][name][th][i] for th in threads]
             print(f"| {T} | " + " | ".join(f"{c['tiles_seconds'] * 1e3:.0f} ms / {c['seconds'] * 1e3:.0f} ms "
                                              f"({c['speedup']:.2f}x)" for c in cells) + " |")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,13 @@ prefill's tile loop: its own time is the BLAS products). The profiler's overhead
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from edgelora.atomic import write_text_atomic
+from bench_common import parse_args, write_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,15 +113,9 @@ def profile_model(bundle: Path, decode_tokens: int = 32, prefill_tokens: int = 1
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["stories260K", "llama-3.2-1b"])
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args()
+    a, work = parse_args(__doc__, ["stories260K", "llama-3.2-1b"])
     sys.path.insert(0, str(HERE))
     from bench_runtime import prepare
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="edgelora-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     report = {"threads": 1, "models": {}}
     for name in a.models:
         _, bundle = prepare(name, work)
@@ -140,9 +131,7 @@ def main():
             print("|---|---|---|")
             for k, v in x["components"].items():
                 print(f"| {k} | {v['share']:.1%} | {1e3 * v['share'] * x['seconds'] / x['tokens']:.2f} |")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(a.json, json.dumps(report, indent=1))
+    write_report(a.json, report)
 
 
 if __name__ == "__main__":
