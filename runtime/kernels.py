@@ -250,17 +250,26 @@ def _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r
         _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
         _nf4_dot_aligned(code, packed[r0 * (k // 2):r1 * (k // 2)], scales, half, r1 - r0, xe, xo, out[r0:r1])
     else:  # rows that straddle blocks (e.g. 172 columns): element by element
-        for r in range(r0, r1):
-            acc = np.float32(0.0)
-            start = r * k
-            for c in range(k):
-                e = start + c
-                b = e // bs
-                s = dyn[qscale[b]] * nested[b >> nshift] + offset
-                byte = np.int64(packed[e >> 1])
-                cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
-                acc += code[cv] * s * x[c]
-            out[r] = acc
+        _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out)
+
+
+@njit(cache=True)  # no fastmath: the sum runs strictly in order, so it gives the same bits wherever LLVM
+def _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out):  # inlines it
+    """out[r0:r1] = W[r0:r1] @ x for rows that straddle NF4 blocks. Reassociation would let each
+    compilation (this function inlined into the one-vector or the batched kernel, compiled now or
+    loaded from Numba's cache) vectorise the sum its own way, and the batched rows would no longer
+    equal the one-vector rows bit for bit."""
+    for r in range(r0, r1):
+        acc = np.float32(0.0)
+        start = r * k
+        for c in range(k):
+            e = start + c
+            b = e // bs
+            s = dyn[qscale[b]] * nested[b >> nshift] + offset
+            byte = np.int64(packed[e >> 1])
+            cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
+            acc += code[cv] * s * x[c]
+        out[r] = acc
 
 
 @njit(cache=True, parallel=True)

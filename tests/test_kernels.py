@@ -215,3 +215,28 @@ def test_matvec_batch_checks_its_arguments():
             lin.matvec_batch(np.zeros((2, 64), np.float32), out=np.empty((8, 2), np.float32).T)
         X = rng.standard_normal((3, 64))  # float64 and non-contiguous input are converted
         np.testing.assert_array_equal(lin.matvec_batch(X[::-1]), lin.matvec_batch(X[::-1].astype(np.float32)))
+
+
+_UNALIGNED = r"""
+import numpy as np
+from edgelora.converters.nf4 import quantize_nf4
+from edgelora.runtime import kernels as K
+rng = np.random.default_rng(0)
+for k in (160, 172, 96):  # rows that straddle 64-weight blocks
+    lin = K.NF4Linear(quantize_nf4((rng.standard_normal((64, k)) * 0.05).astype(np.float32)))
+    X = (rng.standard_normal((24, k)) * rng.uniform(0.01, 3, (24, 1))).astype(np.float32)
+    batch = np.concatenate([lin.matvec_batch(X[i:i + 3]) for i in range(0, 24, 3)])
+    assert all(np.array_equal(batch[b], lin.matvec(X[b])) for b in range(24)), k
+print("ok")
+"""
+
+
+def test_unaligned_rows_batched_equal_one_vector_when_loaded_from_numba_cache():
+    """The batched kernel's rows equal the one-vector kernel's bit for bit also when both come from
+    Numba's on-disk cache, compiled in another process (the first run here may compile and cache,
+    the second loads): the straddling-rows sum must not depend on how LLVM vectorised it there."""
+    import subprocess
+    import sys
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _UNALIGNED], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
