@@ -165,6 +165,7 @@ class HFCheckpoint:
         if not cfg_path.is_file():
             raise FormatError("no config.json in the checkpoint folder; is this a Hugging Face checkpoint?",
                               self.path)
+        self.config_path = cfg_path
         self.config_dict = read_json(cfg_path)
         self.args = ModelArgs.from_dict(self.config_dict, cfg_path)
         self.quantization = bnb.quantization_method(self.config_dict, cfg_path)  # None: float weights
@@ -278,7 +279,7 @@ class HFCheckpoint:
 
     def write_config(self, dst: Path) -> None:
         """The bundle's config.json: the checkpoint's, unchanged."""
-        shutil.copyfile(self.path / "config.json", dst)
+        shutil.copyfile(self.config_path, dst)
 
     @property
     def source_meta(self) -> dict:

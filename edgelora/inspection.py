@@ -42,6 +42,19 @@ def _inspect_deploy(path: Path) -> dict:
             "runs_here": runs_here}
 
 
+def _describe_source(kind: str, ckpt, path: Path) -> dict:
+    """A source ``convert`` reads (a Hugging Face folder, an ONNX model, a GGUF file), checked."""
+    with ckpt as c:
+        params = sum(math.prod(s.shape) for s in c.specs.values())
+        config = [c.config_path] if c.config_path else []
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(c.shard_paths + c.tokenizer_files() + config)}
+        meta = {k: v for k, v in c.source_meta.items() if k != "format"}
+        return {"kind": kind, "path": str(path), "architecture": _args_dict(c.args), "parameters": params,
+                "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
+                "bits_per_weight": round(8 * c.source_bytes() / params, 3), **meta, "files": files}
+
+
 def inspect(path) -> dict:
     """A JSON-ready description of a bundle or a deploy folder (checksums verified), a Hugging
     Face checkpoint or a PEFT adapter folder."""
@@ -72,34 +85,14 @@ def inspect(path) -> dict:
         from edgelora.adapters import describe_adapter
         return describe_adapter(path)
     from edgelora.converters.gguf import GGUFCheckpoint, find_gguf
-    if find_gguf(path) is not None:
-        with GGUFCheckpoint(path, require_tokenizer=False) as c:
-            params = sum(math.prod(s.shape) for s in c.specs.values())
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in c.shard_paths + c.tokenizer_files() + ([c.config_path] if c.config_path else [])}
-            return {"kind": "gguf", "path": str(path), "architecture": _args_dict(c.args), "parameters": params,
-                    "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
-                    "bits_per_weight": round(8 * c.source_bytes() / params, 3),
-                    "config": "config.json" if c.config_path else "read from the GGUF metadata", "files": files}
     from edgelora.converters.onnx import ONNXCheckpoint, find_model
+    if find_gguf(path) is not None:
+        return _describe_source("gguf", GGUFCheckpoint(path, require_tokenizer=False), path)
     if find_model(path) is not None:
-        with ONNXCheckpoint(path) as c:
-            params = sum(math.prod(s.shape) for s in c.specs.values())
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in c.shard_paths + c.tokenizer_files() + ([c.config_path] if c.config_path else [])}
-            return {"kind": "onnx", "path": str(path), "architecture": _args_dict(c.args), "parameters": params,
-                    "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
-                    "bits_per_weight": round(8 * c.source_bytes() / params, 3),
-                    "config": "config.json" if c.config_path else "inferred from the graph", "files": files}
+        return _describe_source("onnx", ONNXCheckpoint(path), path)
     if (path / "config.json").is_file():
         from edgelora.converters.hf import HFCheckpoint
-        with HFCheckpoint(path) as c:
-            params = sum(math.prod(s.shape) for s in c.specs.values())
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(c.shard_paths + c.tokenizer_files() + [path / "config.json"])}
-            return {"kind": "checkpoint", "path": str(path), "architecture": _args_dict(c.args),
-                    "parameters": params, "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),
-                    "bits_per_weight": round(8 * c.source_bytes() / params, 3), "files": files}
+        return _describe_source("checkpoint", HFCheckpoint(path), path)
     raise FormatError("neither an edgelora bundle (manifest.json), a Hugging Face checkpoint (config.json), an "
                       "ONNX model (.onnx), a GGUF file (.gguf) nor a PEFT adapter (adapter_config.json)", path)
 
@@ -138,6 +131,8 @@ def format_inspect(info: dict) -> str:
     else:
         lines += [f"  parameters    {info['parameters']:,} in {', '.join(info['dtypes'])} "
                   f"({info['bytes'] / 1e6:,.1f} MB, {info['bits_per_weight']} bits/weight)"]
+        if "config" in info:  # ONNX and GGUF sources: where the configuration came from
+            lines.append(f"  config        {info['config']}")
     lines.append("  files")
     width = max([28, *map(len, info["files"])])
     for name, f in info["files"].items():
