@@ -39,7 +39,7 @@ import numpy as np
 
 from edgelora.config import ModelArgs, read_json
 from edgelora.converters.hf import llama_tensor_map
-from edgelora.converters.source import DerivedCheckpoint
+from edgelora.converters.source import DerivedCheckpoint, find_source_file
 from edgelora.errors import FormatError, UnsupportedError, UsageError
 from edgelora.safetensors_io import bf16_to_float32
 
@@ -72,18 +72,8 @@ UNQUANTIZED_HINT = ("edgelora quantizes from float weights: export the model unq
 
 
 def find_gguf(path) -> Path | None:
-    """The GGUF file ``path`` names: itself if a file ending in .gguf, the one ``*.gguf`` of a folder
-    without safetensors weights, else None (a folder with several is an error)."""
-    path = Path(path)
-    if path.is_file():
-        return path if path.suffix.lower() == ".gguf" else None
-    if not path.is_dir() or any(path.glob("*.safetensors")):
-        return None
-    files = sorted(path.glob("*.gguf"))
-    if len(files) > 1:
-        raise UsageError(f"the folder holds several GGUF files ({', '.join(p.name for p in files)}); pass the "
-                         f"one to convert (a split model must be merged first: llama-gguf-split --merge)", path)
-    return files[0] if files else None
+    """The GGUF file ``path`` names (itself, or the one ``*.gguf`` of a folder without safetensors)."""
+    return find_source_file(path, ".gguf", "GGUF files", "a split model must be merged first: llama-gguf-split --merge")
 
 
 def _scan_header(path: Path, size: int, quant_sizes: dict) -> None:

@@ -43,8 +43,8 @@ import numpy as np
 
 from edgelora.config import ModelArgs, read_json
 from edgelora.converters.hf import TensorSpec, llama_tensor_map
-from edgelora.converters.source import DerivedCheckpoint
-from edgelora.errors import FormatError, UnsupportedError, UsageError
+from edgelora.converters.source import DerivedCheckpoint, find_source_file
+from edgelora.errors import FormatError, UnsupportedError
 from edgelora.safetensors_io import bf16_to_float32
 
 #: ONNX TensorProto data types the weights may have: safetensors-style name and the raw numpy type
@@ -69,18 +69,8 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def find_model(path) -> Path | None:
-    """The ONNX file ``path`` names: itself if a file ending in .onnx, the one ``*.onnx`` of a folder
-    without safetensors weights, else None (a folder with several is an error)."""
-    path = Path(path)
-    if path.is_file():
-        return path if path.suffix.lower() == ".onnx" else None
-    if not path.is_dir() or any(path.glob("*.safetensors")):
-        return None
-    models = sorted(path.glob("*.onnx"))
-    if len(models) > 1:
-        raise UsageError(f"the folder holds several ONNX models ({', '.join(p.name for p in models)}); pass the "
-                         f"one to convert (a decoder exported with or without past key values)", path)
-    return models[0] if models else None
+    """The ONNX file ``path`` names (itself, or the one ``*.onnx`` of a folder without safetensors)."""
+    return find_source_file(path, ".onnx", "ONNX models", "a decoder exported with or without past key values")
 
 
 @dataclass

@@ -19,6 +19,23 @@ import numpy as np
 from edgelora.converters.hf import TOKENIZER_FILES
 
 
+def find_source_file(path, suffix: str, what: str, hint: str) -> Path | None:
+    """The ``suffix`` file ``path`` names: itself if such a file, the one ``*suffix`` of a folder
+    without safetensors weights, else None; a folder with several is a usage error (``hint``
+    says what to pass instead)."""
+    from edgelora.errors import UsageError
+    path = Path(path)
+    if path.is_file():
+        return path if path.suffix.lower() == suffix else None
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    files = sorted(path.glob(f"*{suffix}"))
+    if len(files) > 1:
+        raise UsageError(f"the folder holds several {what} ({', '.join(p.name for p in files)}); pass the one to "
+                         f"convert ({hint})", path)
+    return files[0] if files else None
+
+
 class DerivedCheckpoint:
     nf4_layout = None  # no pre-quantized weights: such sources are float, quantized ones refused
     nf4: dict = {}  # never written to: a class-level empty mapping is shared safely
