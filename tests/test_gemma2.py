@@ -22,7 +22,7 @@ from edgelora.bundle import Bundle
 from edgelora.config import ModelArgs
 from edgelora.errors import FormatError, UnsupportedError
 from edgelora.safetensors_io import SafetensorsFile
-from tiny_models import Adapters, Converted, hf_dequantized
+from tiny_models import Adapters, Converted, close, hf_dequantized
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,10 +31,6 @@ peft = pytest.importorskip("peft")
 ARCHS = ["gemma2", "gemma2_variant", "gemma"]
 MAX_CONTEXT = 64
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-
-
-def close(mine, ref):
-    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import edgelora
 from edgelora.bundle import Bundle
 from edgelora.converters.gguf import GGUFCheckpoint
 from edgelora.errors import FormatError, UnsupportedError, UsageError
-from tiny_models import assert_logits_match, make_checkpoint
+from tiny_models import assert_logits_match, assert_same_tensors, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -139,17 +139,8 @@ def write_gguf(src: Path, out: Path, outtype: str = "f32", config: bool = False,
 def assert_same_bundle(a: Path, b: Path) -> None:
     """Bundles with the same tensors: NF4 codes, scales, nested scales and offset byte for byte,
     other tensors equal; the same architecture (a rope_scaling read from the GGUF has no rope_theta)."""
+    assert_same_tensors(a, b)
     with Bundle(a) as x, Bundle(b) as y:
-        assert set(x.names()) == set(y.names())
-        for n in x.names():
-            assert x.entries[n].storage == y.entries[n].storage, n
-            if x.entries[n].storage == "nf4":
-                p, q = x.nf4(n), y.nf4(n)
-                assert np.array_equal(p.packed, q.packed), n
-                assert np.array_equal(p.scales, q.scales), n
-                assert np.array_equal(p.nested_scales, q.nested_scales), n
-                assert p.offset == q.offset, n
-            assert np.array_equal(x.tensor(n), y.tensor(n)), n
         for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rms_norm_eps",
                   "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings", "rope_type"):

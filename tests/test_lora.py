@@ -12,7 +12,7 @@ import pytest
 import edgelora
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
 from edgelora.runtime.lora import lora_delta_reference, lora_matvec_add, parse_mix
-from tiny_models import Adapters, Converted, hf_dequantized
+from tiny_models import Adapters, Converted, close, hf_dequantized
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -84,10 +84,6 @@ def peft_logits(bundle, src, adapter_dirs, ids, weights=None):
     pm.eval()
     with torch.no_grad():
         return pm(torch.from_numpy(ids)[None]).logits[0].numpy()
-
-
-def close(mine, ref):
-    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

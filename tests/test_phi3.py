@@ -20,7 +20,7 @@ import edgelora
 from edgelora.bundle import Bundle
 from edgelora.config import ModelArgs
 from edgelora.errors import AdapterMismatchError, FormatError, UnsupportedError
-from tiny_models import Adapters, Converted, make_adapter, make_checkpoint
+from tiny_models import Adapters, Converted, close, make_adapter, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,10 +29,6 @@ peft = pytest.importorskip("peft")
 ARCHS = ["phi3", "phi3_longrope"]
 MAX_CONTEXT = 64  # phi3_longrope's original_max_position_embeddings: the short factors' range
 FUSED = ("self_attn.qkv_proj", "mlp.gate_up_proj")
-
-
-def close(mine, ref):
-    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 import edgelora
 from edgelora.errors import ChecksumError, FormatError, UnsupportedError, UsageError
-from tiny_models import hf_dequantized, hf_greedy, make_checkpoint
+from tiny_models import close, hf_dequantized, hf_greedy, make_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -18,10 +18,6 @@ transformers = pytest.importorskip("transformers")
 # every architecture the runtime runs: the same conformance checks against transformers
 ARCHS = ["llama3", "llama_untied", "mistral", "qwen2", "phi3", "phi3_longrope", "gemma", "gemma2", "gemma2_variant"]
 MAX_CONTEXT = 64  # within every tiny config's limit (phi3_longrope's short-factor range)
-
-
-def close(mine, ref):
-    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -173,6 +173,30 @@ def hf_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
+def close(mine, ref) -> bool:
+    """Logits within 1e-3 of the reference's scale: the tolerance every model-level test uses."""
+    import numpy as np
+    return np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
+
+
+def assert_same_tensors(a, b) -> None:
+    """Two bundles hold the same tensors: NF4 codes, scales, nested scales and offset byte for
+    byte, every other tensor equal."""
+    import numpy as np
+    from edgelora.bundle import Bundle
+    with Bundle(a) as x, Bundle(b) as y:
+        assert set(x.names()) == set(y.names())
+        for n in x.names():
+            assert x.entries[n].storage == y.entries[n].storage, n
+            if x.entries[n].storage == "nf4":
+                p, q = x.nf4(n), y.nf4(n)
+                assert np.array_equal(p.packed, q.packed), n
+                assert np.array_equal(p.scales, q.scales), n
+                assert np.array_equal(p.nested_scales, q.nested_scales), n
+                assert p.offset == q.offset, n
+            assert np.array_equal(x.tensor(n), y.tensor(n)), n
+
+
 def assert_logits_match(bundle, src, n: int = 40) -> None:
     """edgelora's logits for ``n`` random tokens equal transformers' on the bundle's dequantized
     weights (the checkpoint ``src`` for the architecture) to 1e-3 of the logit scale."""
@@ -185,4 +209,4 @@ def assert_logits_match(bundle, src, n: int = 40) -> None:
         ref = hf_dequantized(bundle, src)(torch.from_numpy(ids)[None]).logits[0].numpy()
     mine = model.logits(ids)
     assert mine.shape == ref.shape
-    assert np.abs(mine - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max()), np.abs(mine - ref).max()
+    assert close(mine, ref), np.abs(mine - ref).max()
