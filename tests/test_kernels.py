@@ -92,6 +92,24 @@ def test_f16_products_equal_reference(n, k, t):
     assert np.array_equal(lin.rows([0, n - 1]), w[[0, n - 1]].astype(np.float32))
 
 
+@pytest.mark.parametrize("variant", sorted(K.F16_DOT_VARIANTS))
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (257, 96), (130, 2048)])
+def test_every_f16_dot_variant_equals_reference(variant, n, k):
+    """The row loop and the tiled kernel (four rows a step, prefetching) on row counts that leave
+    partial tiles; a row gives the same bits alone as in a tile."""
+    rng = np.random.default_rng(n * k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+    x = rng.standard_normal(k).astype(np.float32)
+    bits = w.reshape(-1).view(np.uint16)
+    out = np.full(n, np.nan, np.float32)
+    K.F16_DOT_VARIANTS[variant](bits, n, k, x, out)
+    np.testing.assert_allclose(out, K.f16_matvec_reference(w, x), rtol=0, atol=_tol(w.astype(np.float32), x[None]))
+    alone = np.full(1, np.nan, np.float32)
+    for r in (0, n // 2, n - 1):
+        K.F16_DOT_VARIANTS[variant](bits[r * k:(r + 1) * k], 1, k, x, alone)
+        assert alone[0] == out[r]
+
+
 @pytest.mark.parametrize("variant", sorted(K.NF4_DOT_VARIANTS))
 @pytest.mark.parametrize("block", [32, 64, 128, 256])
 def test_every_nf4_dot_variant_equals_reference(variant, block):
