@@ -43,11 +43,11 @@ def bytes_per_token(model) -> int:
     return int(total)
 
 
-def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict:
+def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bool = True) -> dict:
     """One measurement in this process (call in a fresh process for a clean peak RSS)."""
     import edgelora
     t = time.perf_counter()
-    model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8)
+    model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8, mmap=mmap)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, model.args.vocab_size, prompt_tokens).tolist()
@@ -57,7 +57,7 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict:
     s = model.last_stats
     short = prompt[:128]
     list(model.stream(short, max_new_tokens=1, temperature=0))
-    return {"threads": threads, "load_seconds": load_s, "prompt_tokens": prompt_tokens,
+    return {"threads": threads, "mmap": mmap, "load_seconds": load_s, "prompt_tokens": prompt_tokens,
             "prefill_tokens_per_second": s.prefill_tokens_per_second,
             "prefill_128_tokens_per_second": model.last_stats.prefill_tokens_per_second,
             "decode_tokens": decode_tokens, "decode_tokens_per_second": s.decode_tokens_per_second,
@@ -66,14 +66,14 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128) -> dict:
+def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128, mmap: bool = True) -> dict:
     import numba
     cores = numba.config.NUMBA_NUM_THREADS
     threads_list = threads_list or sorted({1, cores})
     rows = []
     for th in threads_list:
         code = ("import json,sys; from edgelora.benchmark import run_one; "
-                f"print(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens})))")
+                f"print(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r})))")
         r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "benchmark failed")

@@ -59,9 +59,10 @@ class TensorEntry:
 
 
 class Bundle:
-    """An opened bundle. Weights are memory-mapped: nothing is read until a tensor is used."""
+    """An opened bundle. Weights are memory-mapped: nothing is read until a tensor is used
+    (``mmap=False``: each is read into memory when first used, see :class:`SafetensorsFile`)."""
 
-    def __init__(self, path, verify: bool | str = True):
+    def __init__(self, path, verify: bool | str = True, mmap: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FormatError("not a directory; a bundle is a folder written by `edgelora convert`", self.path)
@@ -74,7 +75,7 @@ class Bundle:
         if verify:  # True: checksums (cached by file identity); "full": hash every file again
             self.verify(full=verify == "full")
         self.args = ModelArgs.from_file(self.path / "config.json")
-        self.weights = SafetensorsFile(self.path / WEIGHTS)
+        self.weights = SafetensorsFile(self.path / WEIGHTS, mmap=mmap)
         try:
             self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
                             for name, e in self.manifest["tensors"].items()}
@@ -256,5 +257,5 @@ class _VerifiedStamps:
             pass
 
 
-def open_bundle(path, verify: bool | str = True) -> Bundle:
-    return Bundle(path, verify=verify)
+def open_bundle(path, verify: bool | str = True, mmap: bool = True) -> Bundle:
+    return Bundle(path, verify=verify, mmap=mmap)

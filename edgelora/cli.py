@@ -62,7 +62,7 @@ def _load_model(ns):
     from edgelora.errors import UsageError
     from edgelora.runtime.lora import parse_mix
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
-                          device_check=not ns.any_device)
+                          device_check=not ns.any_device, mmap=not ns.no_mmap)
     for spec in ns.adapter:
         model.adapters.load(*_split_adapter(spec))
     n = len(model.adapters)
@@ -171,7 +171,7 @@ def _cmd_chat(ns) -> int:
 
 def _cmd_bench(ns) -> int:
     from edgelora.benchmark import bench, format_bench
-    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens)
+    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap)
     print(json.dumps(report, indent=1) if ns.json else format_bench(report))
     return 0
 
@@ -245,6 +245,9 @@ def _add_generation_options(p) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory instead of mapping the file (slower start; faster decode "
+                        "where huge pages apply)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a PEFT LoRA adapter folder as NAME (repeatable)")
     p.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base",
@@ -302,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (1 and all cores)")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--no-mmap", action="store_true", help="read the weights into memory (as `run --no-mmap`)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)
 

@@ -352,7 +352,7 @@ class Model:
 
 
 def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True,
-         adapters: dict | None = None, device_check: bool = True) -> Model:
+         adapters: dict | None = None, device_check: bool = True, mmap: bool = True) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
     generate.
 
@@ -361,6 +361,9 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
     checks only the manifest and sizes of what is read.
     ``adapters``: ``{name: path}`` of PEFT LoRA adapter folders to make resident (none is in use
     until ``model.use(name)`` or ``adapter=name``).
+    ``mmap=False`` reads the weights into process memory instead of mapping the file (llama.cpp's
+    ``--no-mmap``): the same bytes resident, a slower start, and on Linux with transparent huge
+    pages a faster decode (the page cache is mapped with small pages; README, *Benchmarks*).
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
@@ -377,13 +380,13 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
             raise PlanError(f"max_context {max_context} is more than the {dep.context} positions this deploy folder "
                             f"was planned for; deploy again with --context {max_context}", path)
         max_context = dep.context if max_context is None else max_context
-        model = Model(Bundle(dep.bundle_path, verify=False), threads=threads, max_context=max_context)
+        model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap), threads=threads, max_context=max_context)
         model.deployment = dep
         model.adapters.budget_bytes = dep.adapter_bytes
         for name, adapter_path in dep.adapters.items():
             model.adapters.load(name, adapter_path)
     else:
-        model = Model(Bundle(path, verify=verify), threads=threads, max_context=max_context)
+        model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
     return model
