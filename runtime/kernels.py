@@ -91,12 +91,18 @@ def _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, out):
         out[i] += offset
 
 
+# The aligned kernels' arguments: ``code`` and ``dyn`` the NF4 and dynamic-map tables; ``packed``
+# exactly these rows' bytes, whose block i has the scale of the tensor's block ``b0 + i`` (from
+# ``qscale``, ``nested``, ``nshift``, ``offset``: the whole tensor's); ``xe``/``xo`` the even/odd
+# entries of x (the high/low nibble of each byte).
+
 @njit(cache=True, fastmath=_FM)
-def _nf4_dot_aligned_portable(code, packed, scales, half, n_rows, xe, xo, out):
-    """Rows whose length is a multiple of the block: ``packed`` holds exactly these rows' bytes,
-    ``xe``/``xo`` the even/odd entries of x (the high/low nibble of each byte)."""
+def _nf4_dot_aligned_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
+    """Rows whose length is a multiple of the block, one at a time."""
     per_row = xe.size // half
+    scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
+        _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
         acc = np.float32(0.0)
         for j in range(per_row):
             prefetch(packed, ((r + PREFETCH_ROWS) * per_row + j) * half)  # bench/README.md: 1.6x
@@ -107,7 +113,7 @@ def _nf4_dot_aligned_portable(code, packed, scales, half, n_rows, xe, xo, out):
             part = np.float32(0.0)
             for i in range(half):
                 part += code[p[i] >> 4] * e[i] + code[p[i] & 15] * o[i]
-            acc += part * scales[r * per_row + j]
+            acc += part * scales[j]
         out[r] = acc
 
 
@@ -115,16 +121,17 @@ def _nf4_dot_aligned_portable(code, packed, scales, half, n_rows, xe, xo, out):
 # ``OUT`` [B, n], each equal bit for bit to the one-vector kernel's ``out[r]`` for x_b.
 
 @njit(cache=True)
-def _nf4_dot_aligned_batch_portable(code, packed, scales, half, n_rows, XE, XO, OUT, o0):
+def _nf4_dot_aligned_batch_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
+                                    OUT, o0):
     """Each row through the one-vector portable kernel once per vector, while the row is in cache
     (its per-row arithmetic does not depend on how many rows a call gets; same argument types)."""
     per_row = XE.shape[1] // half
     row_bytes = per_row * half
     for r in range(n_rows):
         p = packed[r * row_bytes:(r + 1) * row_bytes]
-        s = scales[r * per_row:(r + 1) * per_row]
         for b in range(XE.shape[0]):
-            _nf4_dot_aligned_portable(code, p, s, half, 1, XE[b], XO[b], OUT[b, o0 + r:o0 + r + 1])
+            _nf4_dot_aligned_portable(code, dyn, p, qscale, nested, nshift, offset, b0 + r * per_row, half, 1, XE[b],
+                                      XO[b], OUT[b, o0 + r:o0 + r + 1])
 
 
 @njit(cache=True)
@@ -151,21 +158,27 @@ def _interleave_x(XE, XO, width):
 
 
 @njit(cache=True)
-def _nf4_group_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, m):
+def _nf4_group_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0, nb, half,
+                    v0, n_vec, m):
     """Rows ``r0 .. r1``, blocks ``j0 .. j0 + nb`` for vectors ``v0 .. v0 + m``: the intrinsic takes
     the vector count as a compile-time literal (1 .. MAX_VECTORS = 4), so each count is a call."""
     if m == 4:
-        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 4)
+        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 4)
     elif m == 3:
-        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 3)
+        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 3)
     elif m == 2:
-        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 2)
+        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 2)
     else:
-        nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 1)
+        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 1)
 
 
 @njit(cache=True)
-def _nf4_dot_aligned_batch_avx512(code, packed, scales, half, n_rows, XE, XO, OUT, o0):
+def _nf4_dot_aligned_batch_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT,
+                                 o0):
     """Tiles of ``ROW_TILE`` rows by as many blocks as keep every vector's x in L1, each decoded once
     per group of at most ``MAX_VECTORS`` vectors (``nf4_tile_dot_avx512``); between column tiles
     the accumulators wait in ``acc``."""
@@ -181,33 +194,41 @@ def _nf4_dot_aligned_batch_avx512(code, packed, scales, half, n_rows, XE, XO, OU
             nb = min(tile, per_row - j0)
             for g in range(groups):  # sizes as even as can be
                 v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
-                _nf4_group_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, v1 - v0)
+                _nf4_group_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0,
+                               nb, half, v0, n_vec, v1 - v0)
         for r in range(r0, r1):
             for b in range(n_vec):
                 OUT[b, o0 + r] = acc_reduce(acc, (r - r0) * n_vec + b, 16)
 
 
 @njit(cache=True)
-def _nf4_dot_aligned_avx512(code, packed, scales, half, n_rows, xe, xo, out):
+def _nf4_dot_aligned_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
     """The one-vector case of the batched kernel (``vpermps`` lookups, ``runtime/simd.py``)."""
     XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
-    _nf4_dot_aligned_batch_avx512(code, packed, scales, half, n_rows, XE, XO, out.reshape((1, n_rows)), 0)
+    _nf4_dot_aligned_batch_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
+                              out.reshape((1, n_rows)), 0)
 
 
 @njit(cache=True)
-def _nf4_group_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, m):
+def _nf4_group_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0, nb, half,
+                    v0, n_vec, m):
     if m == 4:
-        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 4)
+        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 4)
     elif m == 3:
-        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 3)
+        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 3)
     elif m == 2:
-        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 2)
+        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 2)
     else:
-        nf4_tile_dot_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, 1)
+        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
+                            half, v0, n_vec, 1)
 
 
 @njit(cache=True)
-def _nf4_dot_aligned_batch_avx2(code, packed, scales, half, n_rows, XE, XO, OUT, o0):
+def _nf4_dot_aligned_batch_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT,
+                                 o0):
     n_vec, per_row = XE.shape[0], XE.shape[1] // half
     xi = _interleave_x(XE, XO, 8)
     groups = (n_vec + MAX_VECTORS - 1) // MAX_VECTORS
@@ -220,16 +241,18 @@ def _nf4_dot_aligned_batch_avx2(code, packed, scales, half, n_rows, XE, XO, OUT,
             nb = min(tile, per_row - j0)
             for g in range(groups):  # sizes as even as can be
                 v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
-                _nf4_group_avx2(code, packed, scales, xi, acc, r0, r1, per_row, j0, nb, half, v0, n_vec, v1 - v0)
+                _nf4_group_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0,
+                               nb, half, v0, n_vec, v1 - v0)
         for r in range(r0, r1):
             for b in range(n_vec):
                 OUT[b, o0 + r] = acc_reduce(acc, (r - r0) * n_vec + b, 8)
 
 
 @njit(cache=True)
-def _nf4_dot_aligned_avx2(code, packed, scales, half, n_rows, xe, xo, out):
+def _nf4_dot_aligned_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
     XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
-    _nf4_dot_aligned_batch_avx2(code, packed, scales, half, n_rows, XE, XO, out.reshape((1, n_rows)), 0)
+    _nf4_dot_aligned_batch_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
+                              out.reshape((1, n_rows)), 0)
 
 
 # Every variant this CPU can run (the tests prove each equal to the reference, and each batched
@@ -254,9 +277,8 @@ def _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r
     if k % bs == 0:
         per_row = k // bs
         half = bs // 2
-        scales = np.empty((r1 - r0) * per_row, np.float32)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
-        _nf4_dot_aligned(code, packed[r0 * (k // 2):r1 * (k // 2)], scales, half, r1 - r0, xe, xo, out[r0:r1])
+        _nf4_dot_aligned(code, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset, r0 * per_row,
+                         half, r1 - r0, xe, xo, out[r0:r1])
     else:  # rows that straddle blocks (e.g. 172 columns): element by element
         _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out)
 
@@ -290,7 +312,7 @@ def _nf4_matvec_parallel(code, dyn, packed, qscale, nested, nshift, offset, bs, 
 
 @njit(cache=True)
 def _nf4_matvec_batch_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, X, XE, XO, OUT):
-    """OUT[:, r0:r1] = X @ W[r0:r1].T, X [B, in]: the block scales are formed once, each row's
+    """OUT[:, r0:r1] = X @ W[r0:r1].T, X [B, in]: each row's
     bytes are read (and on x86-64 decoded) once for all B vectors, and OUT[b] is bit for bit what
     :func:`_nf4_matvec_rows` gives for X[b]."""
     if r1 <= r0:
@@ -298,9 +320,8 @@ def _nf4_matvec_batch_rows(code, dyn, packed, qscale, nested, nshift, offset, bs
     if k % bs == 0:
         per_row = k // bs
         half = bs // 2
-        scales = np.empty((r1 - r0) * per_row, np.float32)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
-        _nf4_dot_aligned_batch(code, packed[r0 * (k // 2):r1 * (k // 2)], scales, half, r1 - r0, XE, XO, OUT, r0)
+        _nf4_dot_aligned_batch(code, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset,
+                               r0 * per_row, half, r1 - r0, XE, XO, OUT, r0)
     else:  # the one-vector code on each row for each vector, while the row is in cache
         for r in range(r0, r1):
             for b in range(X.shape[0]):

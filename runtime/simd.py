@@ -6,11 +6,16 @@ floats out of a register by index, so one instruction decodes 16 NF4 codes into 
 values. (The same idea as llama.cpp's ``vpshufb`` decoding of IQ4_NL's 16-value grid, on float
 lanes here so the product stays exact float32 arithmetic.) Per block the 16-entry table is first
 multiplied by the block's scale, so a lookup yields the dequantized weight ``code[c] * scale``,
-rounded exactly as ``NF4Tensor.dequantize`` rounds it.
+rounded exactly as ``NF4Tensor.dequantize`` rounds it. The block scale itself is formed in the
+loop from the double-quantized bytes, ``dyn[qscale[b]] * nested[b >> nshift] + offset``
+(scalar work beside the vector lookups: a separate pass writing float scales had cost a quarter
+of the kernel's time).
 
-``nf4_tile_dot_avx512(code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0,
-n_vec, nvec)`` multiplies a tile of the weight by a group of vectors: rows ``r0 .. r1`` of a
-matrix of ``per_row`` blocks of ``half`` packed bytes, blocks ``j0 .. j0 + n_blocks`` of each,
+``nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1,
+per_row, j0, n_blocks, half, v0, n_vec, nvec)`` multiplies a tile of the weight by a group of
+vectors: rows ``r0 .. r1`` of a matrix of ``per_row`` blocks of ``half`` packed bytes (the
+block scales of ``packed``'s block i are those of the tensor's block ``b0 + i``),
+blocks ``j0 .. j0 + n_blocks`` of each,
 with vectors ``v0 .. v0 + nvec`` of ``n_vec`` (x interleaved in ``xi``, see :func:`_tile_codegen`).
 For row r and vector v it keeps two accumulators (high nibbles times even x entries, low nibbles
 times odd ones), ``acc_h += W[r, 2i] * x[2i]``, ``acc_l += W[r, 2i+1] * x[2i+1]`` by FMA, a
@@ -77,11 +82,21 @@ def _prefetch(builder, ptr):
     builder.call(fn, [builder.bitcast(ptr, _I8.as_pointer()), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _emit_tile(builder, width, table, rows, xload, n_blocks, half, row_bytes):
+def _opaque(builder, value):
+    """``value`` through an empty inline-asm statement: LLVM cannot see through it, so it never
+    fuses the product before it into an FMA with what follows. The block scale must be rounded
+    twice, as ``NF4Tensor.dequantize`` rounds it, and without this it came out fused (one ulp off)
+    when the kernel had first been compiled for a fastmath caller such as ``_nf4_matvec_rows``
+    (the tests check every scale bit for bit)."""
+    fn = ir.InlineAsm(ir.FunctionType(value.type, [value.type]), "", "=x,0")
+    return builder.call(fn, [value])
+
+
+def _emit_tile(builder, width, table, rows, xload, n_blocks, half, row_bytes, scale):
     """IR for ``n_blocks`` blocks of ``len(rows)`` rows with every vector.
 
-    ``rows``: per row ``(bytes, scales, accs)``: ``i8*`` to its first byte, ``float*`` to its first
-    block scale, and per vector the allocas ``[acc_h, acc_l]``. ``xload(v, nibble, at)`` loads
+    ``rows``: per row ``(bytes, block, accs)``: ``i8*`` to its first byte, the index of its first
+    block (``scale(block)`` forms that block's scale), and per vector the allocas ``[acc_h, acc_l]``. ``xload(v, nibble, at)`` loads
     vector v's x entries for the high (0: even entries) or low (1: odd) nibbles of the bytes
     ``at .. at + width`` of the tile. ``table``: the 16 NF4 values as ``width``-float vectors."""
     vf = ir.VectorType(_F32, width)
@@ -98,8 +113,8 @@ def _emit_tile(builder, width, table, rows, xload, n_blocks, half, row_bytes):
     with cgutils.for_range(builder, n_blocks) as blk:
         j = blk.index
         scaled = []  # per row: the table times the block's scale
-        for _, s_base, _ in rows:
-            splat = builder.insert_element(ir.Constant(vf, ir.Undefined), builder.load(builder.gep(s_base, [j])),
+        for _, first, _ in rows:
+            splat = builder.insert_element(ir.Constant(vf, ir.Undefined), scale(builder.add(first, j)),
                                            ir.Constant(_I32, 0))
             splat = builder.shuffle_vector(splat, splat, ir.Constant(vi, [0] * width))
             scaled.append([builder.fmul(t, splat) for t in table])
@@ -139,12 +154,20 @@ def _tile_codegen(width: int, nvec: int):
     vp = vf.as_pointer()
 
     def codegen(context, builder, sig, args):
-        code_t, packed_t, scales_t, xi_t, acc_t = sig.args[:5]
-        code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0, n_vec, _ = args
-        arrays = [context.make_array(t)(context, builder, a) for t, a in
-                  ((code_t, code), (packed_t, packed), (scales_t, scales), (xi_t, xi), (acc_t, acc))]
-        code_p, packed_p, scales_p, xi_p, acc_p = (a.data for a in arrays)
+        code_p, dyn_p, packed_p, qscale_p, nested_p, xi_p, acc_p = (
+            context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:7], args[:7]))
+        nshift, offset, b0, r0, r1, per_row, j0, n_blocks, half, v0, n_vec, _ = args[7:]
         c = lambda n: ir.Constant(_I64, n)
+
+        def scale(b):
+            """Block b's absmax (b counted from ``b0``: ``B = b0 + b``), ``dynamic_code[qscale[B]] *
+            nested[B >> nshift] + offset``,
+            rounded as ``NF4Tensor.dequantize`` rounds it (a product, then a sum: no FMA)."""
+            b = builder.add(b0, b)
+            q = builder.zext(builder.load(builder.gep(qscale_p, [b])), _I64)
+            nested = builder.load(builder.gep(nested_p, [builder.lshr(b, nshift)]))
+            return builder.fadd(_opaque(builder, builder.fmul(builder.load(builder.gep(dyn_p, [q])), nested)), offset)
+
         table = [builder.load(builder.bitcast(builder.gep(code_p, [c(t)]), vp), align=4) for t in range(0, 16, width)]
         # x of column j0 * half, vector v0; chunk q of the tile is n_vec * 2 * width floats further
         x_base = builder.gep(xi_p, [builder.mul(builder.add(builder.mul(builder.udiv(builder.mul(j0, half), c(width)),
@@ -163,7 +186,6 @@ def _tile_codegen(width: int, nvec: int):
                 r = builder.add(first_row, c(k))
                 blk = builder.add(builder.mul(r, per_row), j0)
                 p_base = builder.gep(packed_p, [builder.mul(blk, half)])
-                s_base = builder.gep(scales_p, [blk])
                 a_row = builder.mul(builder.add(builder.mul(builder.sub(r, r0), n_vec), v0), c(2 * width))
                 accs = []
                 for v in range(nvec):
@@ -173,8 +195,8 @@ def _tile_codegen(width: int, nvec: int):
                         pair.append(cgutils.alloca_once_value(builder, builder.load(ptr, align=4)))
                         stores.append((pair[-1], ptr))
                     accs.append(pair)
-                rows.append((p_base, s_base, accs))
-            _emit_tile(builder, width, table, rows, xload, n_blocks, half, builder.mul(per_row, half))
+                rows.append((p_base, blk, accs))
+            _emit_tile(builder, width, table, rows, xload, n_blocks, half, builder.mul(per_row, half), scale)
             for a, ptr in stores:
                 builder.store(builder.load(a), ptr, align=4)
 
@@ -190,31 +212,32 @@ def _tile_codegen(width: int, nvec: int):
     return codegen
 
 
-def _tile_signature(code, packed, scales, xi, acc, nvec):
+def _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec):
     if not (isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= MAX_VECTORS):
         return None
-    arrays = (code, packed, scales, xi, acc)
+    arrays = (code, dyn, packed, qscale, nested, xi, acc)
     if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
         return None
-    if packed.dtype != types.uint8 or any(a.dtype != types.float32 for a in (code, scales, xi, acc)):
+    if packed.dtype != types.uint8 or qscale.dtype != types.uint8:
         return None
-    if not acc.mutable:
+    if any(a.dtype != types.float32 for a in (code, dyn, nested, xi, acc)) or not acc.mutable:
         return None
     i64 = types.int64
-    return types.none(code, packed, scales, xi, acc, i64, i64, i64, i64, i64, i64, i64, i64, nvec)
+    return types.none(code, dyn, packed, qscale, nested, xi, acc, i64, types.float32, i64, i64, i64, i64, i64, i64,
+                      i64, i64, i64, nvec)
 
 
 @intrinsic
-def nf4_tile_dot_avx512(typingctx, code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0, n_vec,
-                        nvec):
-    sig = _tile_signature(code, packed, scales, xi, acc, nvec)
+def nf4_tile_dot_avx512(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
+                        j0, n_blocks, half, v0, n_vec, nvec):
+    sig = _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec)
     return None if sig is None else (sig, _tile_codegen(16, nvec.literal_value))
 
 
 @intrinsic
-def nf4_tile_dot_avx2(typingctx, code, packed, scales, xi, acc, r0, r1, per_row, j0, n_blocks, half, v0, n_vec,
-                      nvec):
-    sig = _tile_signature(code, packed, scales, xi, acc, nvec)
+def nf4_tile_dot_avx2(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
+                      j0, n_blocks, half, v0, n_vec, nvec):
+    sig = _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec)
     return None if sig is None else (sig, _tile_codegen(8, nvec.literal_value))
 
 

@@ -110,6 +110,11 @@ def test_every_f16_dot_variant_equals_reference(variant, n, k):
         assert alone[0] == out[r]
 
 
+def _scale_args(lin, b0: int = 0):
+    """The aligned kernels' leading arguments: tables, bytes, the double-quantized scales."""
+    return K.NF4_CODE, K.DYNAMIC_CODE, lin.packed, lin.qscale, lin.nested, lin.nshift, lin.offset, b0
+
+
 @pytest.mark.parametrize("variant", sorted(K.NF4_DOT_VARIANTS))
 @pytest.mark.parametrize("block", [32, 64, 128, 256])
 def test_every_nf4_dot_variant_equals_reference(variant, block):
@@ -123,10 +128,35 @@ def test_every_nf4_dot_variant_equals_reference(variant, block):
     K._nf4_block_scales(K.DYNAMIC_CODE, lin.qscale, lin.nested, lin.nshift, lin.offset, 0, scales)
     np.testing.assert_array_equal(scales, q.absmax())  # the kernels' block scales are exact
     out = np.empty(n, np.float32)
-    K.NF4_DOT_VARIANTS[variant](K.NF4_CODE, lin.packed, scales, block // 2, n, np.ascontiguousarray(x[0::2]),
+    K.NF4_DOT_VARIANTS[variant](*_scale_args(lin), block // 2, n, np.ascontiguousarray(x[0::2]),
                                 np.ascontiguousarray(x[1::2]), out)
     w = q.dequantize_reference()
     np.testing.assert_allclose(out, K.nf4_matvec_reference(q, x), rtol=0, atol=_tol(w, x[None]))
+
+
+@pytest.mark.parametrize("variant", sorted(K.NF4_DOT_VARIANTS))
+def test_every_nf4_dot_variant_forms_each_block_scale_exactly(variant):
+    """Times a one-hot x, a kernel returns one column of the weight: bit for bit the dequantized
+    weight, so the scales it forms in its loop from the double-quantized bytes are exact, in every
+    nested block (1200 blocks: 5 of 256), also for rows taken from the middle (``b0`` > 0)."""
+    rng = np.random.default_rng(5)
+    n, block, k = 300, 64, 256
+    q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=block)
+    lin, w = K.NF4Linear(q), q.dequantize_reference()
+    kernel, per_row, r0 = K.NF4_DOT_VARIANTS[variant], k // block, 77
+    for j in range(per_row):
+        c = j * block + 7 * j + 1
+        x = np.zeros(k, np.float32)
+        x[c] = 1.0
+        xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
+        out = np.full(n, np.nan, np.float32)
+        kernel(*_scale_args(lin), block // 2, n, xe, xo, out)
+        np.testing.assert_array_equal(out, w[:, c])
+        tail = np.full(n - r0, np.nan, np.float32)
+        args = list(_scale_args(lin, b0=r0 * per_row))
+        args[2] = lin.packed[r0 * k // 2:]
+        kernel(*args, block // 2, n - r0, xe, xo, tail)
+        np.testing.assert_array_equal(tail, w[r0:, c])
 
 
 BATCHES = [1, 2, 3, 4, 5, 9]
@@ -146,19 +176,17 @@ def test_every_nf4_batch_variant_is_its_one_vector_kernel_bit_for_bit(variant, b
     n, k = 75, 2048
     q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=block)
     lin = K.NF4Linear(q)
-    scales = np.empty(n * k // block, np.float32)
-    K._nf4_block_scales(K.DYNAMIC_CODE, lin.qscale, lin.nested, lin.nshift, lin.offset, 0, scales)
     one, batched = K.NF4_DOT_VARIANTS[variant], K.NF4_DOT_BATCH_VARIANTS[variant]
     X = rng.standard_normal((max(BATCHES), k)).astype(np.float32)
     XE, XO = np.ascontiguousarray(X[:, 0::2]), np.ascontiguousarray(X[:, 1::2])
     singles = np.empty((len(X), n), np.float32)
     for b in range(len(X)):
-        one(K.NF4_CODE, lin.packed, scales, block // 2, n, XE[b], XO[b], singles[b])
+        one(*_scale_args(lin), block // 2, n, XE[b], XO[b], singles[b])
     ref = K.nf4_matvec_batch_reference(q, X)
     np.testing.assert_allclose(singles, ref, rtol=0, atol=_tol(q.dequantize_reference(), X))
     for B in BATCHES:
         out = np.full((B, n + 3), np.nan, np.float32)
-        batched(K.NF4_CODE, lin.packed, scales, block // 2, n, XE[:B], XO[:B], out, 2)  # columns 2 .. n + 2
+        batched(*_scale_args(lin), block // 2, n, XE[:B], XO[:B], out, 2)  # columns 2 .. n + 2
         np.testing.assert_array_equal(out[:, 2:n + 2], singles[:B], err_msg=f"{variant} block {block} B {B}")
         assert np.isnan(out[:, :2]).all() and np.isnan(out[:, n + 2:]).all()
 
