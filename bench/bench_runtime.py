@@ -5,6 +5,11 @@ time to first token, peak RSS, measured bandwidth and the decode bound) and the 
 transformers float32 with the same thread count, each configuration in a fresh process.
 
     python bench/bench_runtime.py --models stories260K llama-3.2-1b --json bench/results/runtime.json
+
+``--baseline REV`` also runs edgelora as it was at git revision REV (installed into the work folder,
+put first on the children's ``PYTHONPATH``) on the same bundle in the same run: before and after on
+one machine. ``--no-mmap`` adds edgelora with the weights read into memory, ``--nf4-embeddings``
+a second bundle whose (tied) embeddings and head are NF4 too.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ def torch_run(src: Path, threads: int, n_prompt: int, n_decode: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def prepare(name: str, work: Path) -> tuple[Path, Path]:
+def prepare(name: str, work: Path, embeddings: str = "float16") -> tuple[Path, Path]:
     import edgelora
     sys.path.insert(0, str(HERE))
     from make_random_model import SHAPES, make_random_model
@@ -72,10 +77,23 @@ def prepare(name: str, work: Path) -> tuple[Path, Path]:
         src = SHARED / name
         if not src.is_dir():
             raise SystemExit(f"{src} not found")
-    out = work / f"bundle-{name}"
+    out = work / (f"bundle-{name}" if embeddings == "float16" else f"bundle-{name}-{embeddings}-embeddings")
     if not out.exists():
-        edgelora.convert(src, out)
+        edgelora.convert(src, out, embeddings=embeddings)
     return src, out
+
+
+def baseline_env(rev: str, work: Path) -> dict:
+    """The environment that runs edgelora at git revision ``rev`` (exported and installed once)."""
+    target = work / f"edgelora-{rev}"
+    if not (target / "edgelora").is_dir():
+        src = work / f"src-edgelora-{rev}"
+        src.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                        str(target), str(src)], check=True)
+    return {**os.environ, "PYTHONPATH": str(target), "NUMBA_CACHE_DIR": str(work / f"numba-cache-{rev}")}
 
 
 def main():
@@ -84,6 +102,9 @@ def main():
         p.add_argument("--threads", type=int, nargs="+", default=None)
         p.add_argument("--prompt-tokens", type=int, default=512)
         p.add_argument("--decode-tokens", type=int, default=128)
+        p.add_argument("--baseline", default=None, metavar="REV", help="also run edgelora at this git revision")
+        p.add_argument("--no-mmap", action="store_true", help="also run with the weights read into memory")
+        p.add_argument("--nf4-embeddings", action="store_true", help="also run a bundle with NF4 (tied) embeddings")
 
     a, work = parse_args(__doc__, ["stories260K", "llama-3.2-1b"], add)
     threads = a.threads or sorted({1, os.cpu_count()})
@@ -92,22 +113,37 @@ def main():
         src, bundle = prepare(name, work)
         prompt = min(a.prompt_tokens, json.loads((src / "config.json").read_text())["max_position_embeddings"]
                      - a.decode_tokens - 16)
-        ours = bench(bundle, threads, prompt, a.decode_tokens)["results"]
+        runs = {"edgelora": lambda: bench(bundle, threads, prompt, a.decode_tokens)["results"]}
+        if a.baseline:
+            env = baseline_env(a.baseline, work)
+            runs[f"edgelora@{a.baseline}"] = lambda: bench(bundle, threads, prompt, a.decode_tokens, env=env)["results"]
+        if a.no_mmap:
+            runs["edgelora --no-mmap"] = lambda: bench(bundle, threads, prompt, a.decode_tokens, mmap=False)["results"]
+        if a.nf4_embeddings:
+            nf4_bundle = prepare(name, work, embeddings="nf4")[1]
+            runs["edgelora, NF4 embeddings"] = lambda: bench(nf4_bundle, threads, prompt, a.decode_tokens)["results"]
+            if a.no_mmap:
+                runs["edgelora, NF4 embeddings --no-mmap"] = lambda: bench(nf4_bundle, threads, prompt, a.decode_tokens,
+                                                                           mmap=False)["results"]
+        results = {system: run() for system, run in runs.items()}
         theirs = [torch_run(src, th, prompt, a.decode_tokens) for th in threads]
-        report["models"][name] = {"prompt_tokens": prompt, "edgelora": ours, "torch": theirs}
+        report["models"][name] = {"prompt_tokens": prompt, **results, "torch": theirs}
         print(f"\n{name} (prompt {prompt} tokens, decode {a.decode_tokens} tokens)")
         print("| threads | system | prefill tok/s | prefill 128 tok/s | decode tok/s | peak RSS MB | decode vs torch "
               "| prefill-128 vs torch | bandwidth bound tok/s | achieved of bound |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        for o, t in zip(ours, theirs):
-            print(f"| {o['threads']} | PyTorch fp32 | {t['prefill_tokens_per_second']:.1f} | "
+        for i, t in enumerate(theirs):
+            print(f"| {t['threads']} | PyTorch fp32 | {t['prefill_tokens_per_second']:.1f} | "
                   f"{t['prefill_128_tokens_per_second']:.1f} | {t['decode_tokens_per_second']:.2f} | "
                   f"{t['peak_rss_bytes'] / 1e6:.0f} | 1.00 | 1.00 | | |")
-            print(f"| {o['threads']} | edgelora NF4 | {o['prefill_tokens_per_second']:.1f} | "
-                  f"{o['prefill_128_tokens_per_second']:.1f} | {o['decode_tokens_per_second']:.2f} | "
-                  f"{o['peak_rss_bytes'] / 1e6:.0f} | {o['decode_tokens_per_second'] / t['decode_tokens_per_second']:.2f} | "
-                  f"{o['prefill_128_tokens_per_second'] / t['prefill_128_tokens_per_second']:.2f} | "
-                  f"{o['decode_bound_tokens_per_second']:.1f} | {o['fraction_of_bound']:.0%} |")
+            for system, rows in results.items():
+                o = rows[i]
+                print(f"| {o['threads']} | {system} | {o['prefill_tokens_per_second']:.1f} | "
+                      f"{o['prefill_128_tokens_per_second']:.1f} | {o['decode_tokens_per_second']:.2f} | "
+                      f"{o['peak_rss_bytes'] / 1e6:.0f} | "
+                      f"{o['decode_tokens_per_second'] / t['decode_tokens_per_second']:.2f} | "
+                      f"{o['prefill_128_tokens_per_second'] / t['prefill_128_tokens_per_second']:.2f} | "
+                      f"{o['decode_bound_tokens_per_second']:.1f} | {o['fraction_of_bound']:.0%} |")
     write_report(a.json, report)
 
 

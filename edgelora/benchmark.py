@@ -66,15 +66,18 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128, mmap: bool = True) -> dict:
+def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128, mmap: bool = True,
+          env: dict | None = None) -> dict:
+    """One fresh process per thread count (``env``: their environment, e.g. a ``PYTHONPATH`` that
+    puts another edgelora version first, for before/after comparisons in one run)."""
     import numba
     cores = numba.config.NUMBA_NUM_THREADS
     threads_list = threads_list or sorted({1, cores})
     rows = []
     for th in threads_list:
         code = ("import json,sys; from edgelora.benchmark import run_one; "
-                f"print(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r})))")
-        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+                f"print(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}{'' if mmap else ', mmap=False'})))")
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
         if r.returncode:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "benchmark failed")
         row = json.loads(r.stdout.strip().splitlines()[-1])
