@@ -8,11 +8,12 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
   so this is an upper bound there);
 * **KV cache**: keys and values, float32, ``2 x layers x context x kv_heads x head_dim``;
 * **rotary tables**: cos and sin for every position, float32 ``[context, head_dim]`` each;
-* **scratch**: the largest working set of a prefill chunk of ``min(256, context)`` tokens at the
-  end of the context: attention scores ``[heads, chunk, context]`` (the masked copy and softmax
-  hold three at once), or the MLP's ``[chunk, intermediate]`` activations (three at once), plus
-  one dequantized 4 MB weight tile per thread (chunks of more than 32 tokens), the residual
-  stream and the logits;
+* **scratch**: the largest working set of a forward pass at the end of the context: a prefill
+  chunk of ``min(256, context)`` tokens attends block by block (``runtime/llama.py``
+  ``attention_blockwise``: two ``[heads, chunk, 128]`` score blocks and its running sums, whatever
+  the context), a decode step holds its ``[heads, context]`` scores (three at once), the MLP its
+  ``[chunk, intermediate]`` activations (three at once); plus one dequantized 4 MB weight tile
+  per thread (chunks of more than 32 tokens), the residual stream and the logits;
 * **adapters**: A and B in float32 (B transposed once), DoRA's magnitude, trained biases and saved
   modules, exactly as ``model.adapters.load`` keeps them;
 * **tokenizer**: measured by building it in this process;
@@ -41,6 +42,7 @@ from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch
 from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
+from edgelora.runtime.llama import KEY_BLOCK
 from edgelora.runtime.model import PREFILL_CHUNK
 
 F32 = 4
@@ -152,9 +154,14 @@ def uses_parallel_kernels(a: ModelArgs, threads: int) -> bool:
 def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
     """Peak working memory of a forward pass at the end of ``context`` positions."""
     T, S = min(PREFILL_CHUNK, context), context
-    nh, nkv, hd, H, I, V = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size,
-                            a.intermediate_size, a.vocab_size)
-    attn = 3 * nh * T * S * F32 + T * S + 2 * S * nkv * hd * F32  # scores x3, mask, k/v made contiguous
+    nh, hd, H, I, V = a.num_attention_heads, a.head_dim, a.hidden_size, a.intermediate_size, a.vocab_size
+    # a prefill chunk's attention, one block of keys at a time: this block's scores while the last
+    # block's are still held, or its products with the values, beside the running sum of values;
+    # the block's mask and the running maxima and sums
+    block, values = nh * T * min(KEY_BLOCK, S) * F32, nh * T * hd * F32
+    prefill = max(2 * block, block + values) + values + 2 * T * min(KEY_BLOCK, S) + 6 * nh * T * F32
+    decode = 3 * nh * S * F32 + 9 * S  # a decode step's scores (masked copy, softmax), positions and mask
+    attn = max(prefill, decode)
     mlp_in = sum(out for name, (out, k) in _layer_linears(a).items() if name.startswith("mlp.") and k == H)
     mlp = T * (mlp_in + I) * F32  # the MLP's input projections' outputs and their gated product
     stream = 8 * T * max(H, nh * hd) * F32  # x, h, q, k, v, attention output and their rope copies
@@ -166,7 +173,7 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
             tiles = max(tiles, used * rows * k * F32)
     logits = V * F32 + 3 * V * 8  # last-position logits, the sampler's float64 work
     total = max(attn, mlp) + stream + tiles + logits
-    what = "attention scores" if attn >= mlp else "MLP activations"
+    what = "attention" if attn >= mlp else "MLP activations"
     return total, f"{T}-token chunk at position {S}: {what} {max(attn, mlp) / MB:.1f} MB, " \
                   f"weight tiles {tiles / MB:.1f} MB"
 

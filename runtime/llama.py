@@ -9,6 +9,11 @@ quantized. Keys and values live in a cache preallocated for ``max_context`` posi
 Rotary embeddings as transformers computes them (``rope_theta``; ``llama3`` and ``linear``
 scaling as in ``modeling_rope_utils.py``), rotate-half convention, grouped-query attention,
 SwiGLU, optional q/k/v(/o) and MLP biases, Mistral's sliding window, tied or separate head.
+A prefill chunk attends to the cache one block of keys at a time with an online softmax, as
+FlashAttention tiles it (Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact
+Attention with IO-Awareness"; the division by the softmax's sum left to the end, as in
+FlashAttention-2), so its working memory does not grow with the context; a decode step's single
+query attends to the whole cache at once (``attention_reference``, also the NumPy twin).
 The steps that differ between architectures are small methods of ``LlamaModel``: ``qkv`` and
 ``gated`` (Phi-3, ``runtime/phi3.py``, splits its fused projections' outputs there), ``norm``,
 ``embed``, ``layer``, ``window_of``, ``capped`` and the ``scale``/``attn_cap`` of attention (Gemma,
@@ -83,7 +88,7 @@ class Weights:
 # ---------------------------------------------------------------------------------------------
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    var = np.mean(x * x, axis=-1, keepdims=True)  # [T, 1]
+    var = (x * x).sum(axis=-1, keepdims=True) / np.float32(x.shape[-1])  # [T, 1]: np.mean's bits, faster
     return w * (x / np.sqrt(var + np.float32(eps)))  # [T, H]
 
 
@@ -133,13 +138,19 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int, scaling: float = 1.0) -> tuple
     return cos, sin
 
 
+HALF_SIGNS = np.array([[-1.0], [1.0]], np.float32)  # rotate_half([x1, x2]) = [-x2, x1] = [x2, x1] * [-1, 1]
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    rd = cos.shape[-1]  # x: [T, heads, hd]; cos, sin: [T, rd], rd <= hd rotated dimensions
-    if rd < x.shape[-1]:  # partial rotary: the rest of each head passes through
+    """``x * cos + rotate_half(x) * sin``, rotate_half's halves swapped by a view (no copy)."""
+    T, heads, hd = x.shape  # x: [T, heads, hd]; cos, sin: [T, rd], rd <= hd rotated dimensions
+    rd = cos.shape[-1]
+    if rd < hd:  # partial rotary: the rest of each head passes through
         return np.concatenate([rope(x[..., :rd], cos, sin), x[..., rd:]], axis=-1)  # [T, heads, hd]
-    half = rd // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half(x)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]  # [T, heads, hd]
+    halves = x.reshape(T, heads, 2, rd // 2)  # [T, heads, (x1, x2), rd/2]
+    c = cos.reshape(T, 1, 2, rd // 2)
+    s = sin.reshape(T, 1, 2, rd // 2) * HALF_SIGNS  # [T, 1, (-sin, sin), rd/2]
+    return (halves * c + halves[:, :, ::-1] * s).reshape(T, heads, hd)  # [T, heads, hd]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -147,28 +158,100 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-              window: int | None, scale: float | None = None, softcap: float | None = None) -> np.ndarray:
-    """Causal grouped-query attention of T queries over S cached positions. Scores are divided by
-    sqrt(hd), or multiplied by ``scale`` when given; ``softcap`` (Gemma 2) maps them to
-    ``softcap * tanh(scores / softcap)`` before the mask."""
+def scaled(scores: np.ndarray, hd: int, scale: float | None, softcap: float | None) -> np.ndarray:
+    """Raw q.k scores, in place: divided by sqrt(hd), or multiplied by ``scale`` when given; then
+    ``softcap * tanh(scores / softcap)`` when soft-capped (Gemma 2)."""
+    if scale is None:
+        scores /= np.float32(math.sqrt(hd))
+    else:
+        scores *= np.float32(scale)
+    if softcap is not None:
+        scores /= np.float32(softcap)
+        np.tanh(scores, out=scores)
+        scores *= np.float32(softcap)
+    return scores
+
+
+def allowed_keys(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> np.ndarray:
+    """[T, S] True where query position ``q_pos[t]`` may attend to key position ``k_pos[s]``:
+    causal, and within the last ``window`` positions when there is a sliding window."""
+    allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    return allowed
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+                        window: int | None, scale: float | None = None, softcap: float | None = None) -> np.ndarray:
+    """Causal grouped-query attention of T queries over S cached positions, the whole [T, S] score
+    matrix of every head at once (the NumPy twin of :func:`attention_blockwise`; the decode step
+    itself). Scores as :func:`scaled` makes them (soft-capped before the mask), masked as
+    :func:`allowed_keys` says."""
     T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
     S, nkv, _ = k.shape
     group = nh // nkv
     qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)  # [nkv, g, T, hd]
-    scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None])  # [nkv, g, T, S]
-    scores = scores / np.float32(math.sqrt(hd)) if scale is None else scores * np.float32(scale)
-    if softcap is not None:  # in place: no score-sized temporaries beyond Llama's
-        scores /= np.float32(softcap)
-        np.tanh(scores, out=scores)
-        scores *= np.float32(softcap)  # [nkv, g, T, S]
-    k_pos = np.arange(S)
-    allowed = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    scores = np.where(allowed, scores, np.float32(-np.inf))
+    scores = scaled(np.matmul(qg, k.transpose(1, 2, 0)[:, None]), hd, scale, softcap)  # [nkv, g, T, S]
+    allowed = allowed_keys(q_pos, np.arange(S), window)  # [T, S]
+    if not allowed.all():  # (np.where of an all-True mask would copy the scores unchanged)
+        scores = np.where(allowed, scores, np.float32(-np.inf))
     out = np.matmul(softmax(scores), v.transpose(1, 0, 2)[:, None])  # [nkv, g, T, hd]
     return out.transpose(2, 0, 1, 3).reshape(T, nh * hd)  # [T, nh*hd]
+
+
+#: keys per block of the blockwise attention: its working memory is [nh, T, KEY_BLOCK] scores
+KEY_BLOCK = 128
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+              window: int | None, scale: float | None = None, softcap: float | None = None) -> np.ndarray:
+    """Causal grouped-query attention of T queries over S cached positions (see
+    :func:`attention_reference` for the scores' scale, soft-cap and mask): a prefill chunk block by
+    block, a single query (decode) whole, its [nh, S] scores being no bigger than the cache."""
+    if q.shape[0] == 1:
+        return attention_reference(q, k, v, q_pos, window, scale, softcap)  # [1, nh*hd]
+    return attention_blockwise(q, k, v, q_pos, window, scale, softcap, KEY_BLOCK)  # [T, nh*hd]
+
+
+def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+                        window: int | None, scale: float | None = None, softcap: float | None = None,
+                        block: int = KEY_BLOCK) -> np.ndarray:
+    """:func:`attention_reference` one block of ``block`` keys at a time, with an online softmax
+    (FlashAttention, Dao et al. 2022): each query row keeps its running maximum ``m``, the sum
+    ``l`` of ``exp(score - m)`` and the sum ``acc`` of values weighted by them; a block that raises
+    the maximum rescales both by ``exp(m_old - m_new)``, and the output is ``acc / l``. Working
+    memory is O(nh x T x block) whatever S is. Blocks no query may see (beyond the last query's
+    position, before the first query's window) are skipped; blocks every query sees whole are not
+    masked."""
+    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
+    S, nkv, _ = k.shape
+    group = nh // nkv
+    qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)  # [nkv, g, T, hd]
+    kt = k.transpose(1, 2, 0)[:, None]  # [nkv, 1, hd, S]
+    vt = v.transpose(1, 0, 2)[:, None]  # [nkv, 1, S, hd]
+    first, last = int(q_pos.min()), int(q_pos.max())
+    lo = 0 if window is None else max(0, first - window + 1)  # the first key any query sees
+    hi = min(S, last + 1)  # one past the last key any query sees
+    m = np.full((nkv, group, T, 1), -np.inf, np.float32)  # running maximum of each row's scores
+    l = np.zeros((nkv, group, T, 1), np.float32)  # running sum of exp(score - m)
+    acc = np.zeros((nkv, group, T, hd), np.float32)  # running sum of exp(score - m) v
+    for s0 in range(lo, hi, block):
+        s1 = min(hi, s0 + block)
+        s = scaled(np.matmul(qg, kt[..., s0:s1]), hd, scale, softcap)  # [nkv, g, T, b]
+        if s1 - 1 > first or (window is not None and s0 <= last - window):  # some key hidden from some query
+            np.copyto(s, np.float32(-np.inf), where=~allowed_keys(q_pos, np.arange(s0, s1), window))
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))  # [nkv, g, T, 1]
+        shift = np.where(m_new == -np.inf, np.float32(0.0), m_new)  # rows with no key seen yet: exp(-inf) = 0
+        s -= shift
+        p = np.exp(s, out=s)  # [nkv, g, T, b]: exp(score - m_new)
+        rescale = np.exp(m - shift)  # [nkv, g, T, 1]: exp(m_old - m_new), 0 while m_old = -inf
+        l *= rescale
+        l += p.sum(axis=-1, keepdims=True)
+        acc *= rescale
+        acc += np.matmul(p, vt[:, :, s0:s1])  # [nkv, g, T, hd]
+        m = m_new
+    acc /= l  # every query sees at least its own position: l > 0
+    return acc.transpose(2, 0, 1, 3).reshape(T, nh * hd)  # [T, nh*hd]
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -327,6 +410,7 @@ class LlamaModel:
         """Run ``tokens`` after the cache's contents; logits of the last (or every) position.
         ``lora``: the adapter :class:`~edgelora.runtime.lora.Selection` to run with (None: base)."""
         start = cache.length
+        lora = lora if lora is not None and lora.members else None  # the base: no adapter bookkeeping
         x = self.embed(tokens, lora)  # [T, H]
         for i in range(self.args.num_hidden_layers):
             x = self.block(i, x, cache, start, lora)
