@@ -41,8 +41,8 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
-from edgelora.runtime.simd import (F16_CHUNK, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_tile_dot_avx2,
-                                   nf4_tile_dot_avx512, prefetch)
+from edgelora.runtime.simd import AVAILABLE as SIMD_AVAILABLE
+from edgelora.runtime.simd import F16_CHUNK, ISAS, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_tile_dot, prefetch
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
 TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
@@ -157,114 +157,111 @@ def _interleave_x(XE, XO, width):
     return xi
 
 
+_AVX2 = ISAS["avx2"]  # the one ISA whose steps are 8 floats wide
+
+
 @njit(cache=True)
-def _nf4_group_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0, nb, half,
-                    v0, n_vec, m):
+def _nf4_group(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0, nb, half, v0,
+               n_vec, m, isa):
     """Rows ``r0 .. r1``, blocks ``j0 .. j0 + nb`` for vectors ``v0 .. v0 + m``: the intrinsic takes
-    the vector count as a compile-time literal (1 .. MAX_VECTORS = 4), so each count is a call."""
+    the vector count as a compile-time literal (1 .. MAX_VECTORS = 4), so each count is a call;
+    ``isa`` (``simd.ISAS``) is compiled in as a literal too."""
+    numba.literally(isa)
     if m == 4:
-        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 4)
+        nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb, half, v0,
+                     n_vec, 4, isa)
     elif m == 3:
-        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 3)
+        nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb, half, v0,
+                     n_vec, 3, isa)
     elif m == 2:
-        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 2)
+        nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb, half, v0,
+                     n_vec, 2, isa)
     else:
-        nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 1)
+        nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb, half, v0,
+                     n_vec, 1, isa)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_batch_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT, o0,
+                                isa):
+    """Tiles of ``ROW_TILE`` rows by as many blocks as keep every vector's x in L1, each decoded once
+    per group of at most ``MAX_VECTORS`` vectors (``nf4_tile_dot`` for ``isa``); between column
+    tiles the accumulators wait in ``acc``."""
+    numba.literally(isa)
+    width = 8 if isa == _AVX2 else 16
+    n_vec, per_row = XE.shape[0], XE.shape[1] // half
+    xi = _interleave_x(XE, XO, width)
+    groups = (n_vec + MAX_VECTORS - 1) // MAX_VECTORS
+    tile = max(1, X_TILE_BYTES // (8 * half * n_vec))  # blocks a column tile (a block of x is 8 * half bytes)
+    acc = _aligned_f32(ROW_TILE * n_vec * 2 * width)  # [rows, vectors, (h, l), width]
+    for r0 in range(0, n_rows, ROW_TILE):
+        r1 = min(n_rows, r0 + ROW_TILE)
+        acc[:] = 0.0
+        for j0 in range(0, per_row, tile):
+            nb = min(tile, per_row - j0)
+            for g in range(groups):  # sizes as even as can be
+                v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
+                _nf4_group(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0, nb, half,
+                           v0, n_vec, v1 - v0, isa)
+        for r in range(r0, r1):
+            for b in range(n_vec):
+                i = (r - r0) * n_vec + b
+                OUT[b, o0 + r] = acc_reduce(acc, i, 8) if isa == _AVX2 else acc_reduce(acc, i, 16)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out, isa):
+    """The one-vector case of the batched kernel."""
+    numba.literally(isa)
+    XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
+    _nf4_dot_aligned_batch_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
+                                out.reshape((1, n_rows)), 0, isa)
+
+
+# One pair per ISA: the generic kernel with its ISA code (simd.ISAS: avx512 0, avx2 1, neon 2) compiled in
+
+@njit(cache=True)
+def _nf4_dot_aligned_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
+    _nf4_dot_aligned_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out, 0)
 
 
 @njit(cache=True)
 def _nf4_dot_aligned_batch_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT,
-                                 o0):
-    """Tiles of ``ROW_TILE`` rows by as many blocks as keep every vector's x in L1, each decoded once
-    per group of at most ``MAX_VECTORS`` vectors (``nf4_tile_dot_avx512``); between column tiles
-    the accumulators wait in ``acc``."""
-    n_vec, per_row = XE.shape[0], XE.shape[1] // half
-    xi = _interleave_x(XE, XO, 16)
-    groups = (n_vec + MAX_VECTORS - 1) // MAX_VECTORS
-    tile = max(1, X_TILE_BYTES // (8 * half * n_vec))  # blocks a column tile (a block of x is 8 * half bytes)
-    acc = _aligned_f32(ROW_TILE * n_vec * 2 * 16)  # [rows, vectors, (h, l), 16]
-    for r0 in range(0, n_rows, ROW_TILE):
-        r1 = min(n_rows, r0 + ROW_TILE)
-        acc[:] = 0.0
-        for j0 in range(0, per_row, tile):
-            nb = min(tile, per_row - j0)
-            for g in range(groups):  # sizes as even as can be
-                v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
-                _nf4_group_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0,
-                               nb, half, v0, n_vec, v1 - v0)
-        for r in range(r0, r1):
-            for b in range(n_vec):
-                OUT[b, o0 + r] = acc_reduce(acc, (r - r0) * n_vec + b, 16)
-
-
-@njit(cache=True)
-def _nf4_dot_aligned_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
-    """The one-vector case of the batched kernel (``vpermps`` lookups, ``runtime/simd.py``)."""
-    XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
-    _nf4_dot_aligned_batch_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
-                              out.reshape((1, n_rows)), 0)
-
-
-@njit(cache=True)
-def _nf4_group_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0, nb, half,
-                    v0, n_vec, m):
-    if m == 4:
-        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 4)
-    elif m == 3:
-        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 3)
-    elif m == 2:
-        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 2)
-    else:
-        nf4_tile_dot_avx2(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0, nb,
-                            half, v0, n_vec, 1)
-
-
-@njit(cache=True)
-def _nf4_dot_aligned_batch_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT,
-                                 o0):
-    n_vec, per_row = XE.shape[0], XE.shape[1] // half
-    xi = _interleave_x(XE, XO, 8)
-    groups = (n_vec + MAX_VECTORS - 1) // MAX_VECTORS
-    tile = max(1, X_TILE_BYTES // (8 * half * n_vec))  # blocks a column tile (a block of x is 8 * half bytes)
-    acc = _aligned_f32(ROW_TILE * n_vec * 2 * 8)  # [rows, vectors, (h, l), 8]
-    for r0 in range(0, n_rows, ROW_TILE):
-        r1 = min(n_rows, r0 + ROW_TILE)
-        acc[:] = 0.0
-        for j0 in range(0, per_row, tile):
-            nb = min(tile, per_row - j0)
-            for g in range(groups):  # sizes as even as can be
-                v0, v1 = g * n_vec // groups, (g + 1) * n_vec // groups
-                _nf4_group_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, xi, acc, r0, r1, per_row, j0,
-                               nb, half, v0, n_vec, v1 - v0)
-        for r in range(r0, r1):
-            for b in range(n_vec):
-                OUT[b, o0 + r] = acc_reduce(acc, (r - r0) * n_vec + b, 8)
+                                  o0):
+    _nf4_dot_aligned_batch_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT, o0, 0)
 
 
 @njit(cache=True)
 def _nf4_dot_aligned_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
-    XE, XO = xe.reshape((1, xe.size)), xo.reshape((1, xo.size))
-    _nf4_dot_aligned_batch_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
-                              out.reshape((1, n_rows)), 0)
+    _nf4_dot_aligned_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out, 1)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_batch_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT,
+                                o0):
+    _nf4_dot_aligned_batch_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT, o0, 1)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_neon(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
+    _nf4_dot_aligned_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out, 2)
+
+
+@njit(cache=True)
+def _nf4_dot_aligned_batch_neon(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT,
+                                o0):
+    _nf4_dot_aligned_batch_simd(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO, OUT, o0, 2)
 
 
 # Every variant this CPU can run (the tests prove each equal to the reference, and each batched
 # twin equal bit for bit to its one-vector kernel); kernels use the best.
 NF4_DOT_VARIANTS = {"portable": _nf4_dot_aligned_portable}
 NF4_DOT_BATCH_VARIANTS = {"portable": _nf4_dot_aligned_batch_portable}
-if SIMD in ("avx2", "avx512"):
-    NF4_DOT_VARIANTS["avx2"] = _nf4_dot_aligned_avx2
-    NF4_DOT_BATCH_VARIANTS["avx2"] = _nf4_dot_aligned_batch_avx2
-if SIMD == "avx512":
-    NF4_DOT_VARIANTS["avx512"] = _nf4_dot_aligned_avx512
-    NF4_DOT_BATCH_VARIANTS["avx512"] = _nf4_dot_aligned_batch_avx512
+for _isa, _one, _batch in (("avx512", _nf4_dot_aligned_avx512, _nf4_dot_aligned_batch_avx512),
+                           ("avx2", _nf4_dot_aligned_avx2, _nf4_dot_aligned_batch_avx2),
+                           ("neon", _nf4_dot_aligned_neon, _nf4_dot_aligned_batch_neon)):
+    if _isa in SIMD_AVAILABLE:
+        NF4_DOT_VARIANTS[_isa], NF4_DOT_BATCH_VARIANTS[_isa] = _one, _batch
 _nf4_dot_aligned = NF4_DOT_VARIANTS[SIMD or "portable"]
 _nf4_dot_aligned_batch = NF4_DOT_BATCH_VARIANTS[SIMD or "portable"]
 

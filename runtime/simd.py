@@ -11,8 +11,8 @@ loop from the double-quantized bytes, ``dyn[qscale[b]] * nested[b >> nshift] + o
 (scalar work beside the vector lookups: a separate pass writing float scales had cost a quarter
 of the kernel's time).
 
-``nf4_tile_dot_avx512(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1,
-per_row, j0, n_blocks, half, v0, n_vec, nvec)`` multiplies a tile of the weight by a group of
+``nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
+j0, n_blocks, half, v0, n_vec, nvec, isa)`` multiplies a tile of the weight by a group of
 vectors: rows ``r0 .. r1`` of a matrix of ``per_row`` blocks of ``half`` packed bytes (the
 block scales of ``packed``'s block i are those of the tensor's block ``b0 + i``),
 blocks ``j0 .. j0 + n_blocks`` of each,
@@ -28,12 +28,15 @@ is loaded and decoded once per group and FMA'd into every vector's accumulators,
 value loaded once serves several rows. A row and vector see the same operations in the same
 order whatever the tile's shape, so a vector's result is bit for bit the same alone or in a batch;
 the tests check it. ``nvec`` is a compile-time literal so the IR is unrolled over rows and vectors
-with every accumulator in a register. ``nf4_tile_dot_avx2`` is the same with two 8-entry lookups
-and a blend. Callers select a variant with :data:`SIMD` (from the host CPU's features) and keep
-the portable loop for everything else (aarch64, older x86); the tests prove every available
-variant equal to the NumPy reference.
+with every accumulator in a register. ``isa`` (a literal too) picks the lookup: AVX-512 as above,
+AVX2 with two 8-entry lookups and a blend, and on aarch64 NEON ``tbl`` byte lookups of the scaled
+table held as four byte planes (the same idea as llama.cpp's ``tbl`` decoding of IQ4_NL on ARM,
+again on the float's bytes so the product stays exact; see :func:`_decoder`). Callers select a
+variant with :data:`SIMD` (from the host CPU) and keep the portable loop for everything else
+(older x86, other CPUs); the tests prove every available variant equal to the NumPy reference,
+and ``scripts/arm64_proof.sh`` runs them on aarch64.
 
-Both NF4 kernels prefetch (``llvm.prefetch``) the bytes one row tile ahead, and
+The NF4 kernels prefetch (``llvm.prefetch``) the bytes one row tile ahead, and
 ``f16_rows_dot`` (the float16 head and embeddings, plain LLVM vector IR for any CPU) does the
 same four rows at a time: the weights are mapped from the page cache in 4 KB pages, where the
 hardware prefetchers stop, so without it each row tile waited on memory (bench/README.md).
@@ -51,7 +54,17 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 _FEATURES = llvm.get_host_cpu_features()
-SIMD = "avx512" if _FEATURES.get("avx512f") else ("avx2" if _FEATURES.get("avx2") and _FEATURES.get("fma") else None)
+_AARCH64 = llvm.get_process_triple().startswith(("aarch64", "arm64"))
+if _AARCH64:
+    SIMD = "neon"  # Advanced SIMD is part of every aarch64 CPU
+elif _FEATURES.get("avx512f"):
+    SIMD = "avx512"
+else:
+    SIMD = "avx2" if _FEATURES.get("avx2") and _FEATURES.get("fma") else None
+#: the SIMD kernels this CPU runs (the best is ``SIMD``), by the code ``nf4_tile_dot`` takes as ``isa``
+ISAS = {"avx512": 0, "avx2": 1, "neon": 2}
+AVAILABLE = {"neon"} if _AARCH64 else {"avx512", "avx2"} if SIMD == "avx512" else {"avx2"} if SIMD else set()
+WIDTH = {"avx512": 16, "avx2": 8, "neon": 16}  # floats a step decodes per nibble
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -60,8 +73,9 @@ _I64 = ir.IntType(64)
 
 MAX_VECTORS = 4  # vectors one tile call takes; larger batches are split into groups
 # rows a tile decodes side by side, by vector count: each x chunk loaded once serves them all,
-# within the register file (AVX-512: 32 registers, 2 accumulators a row and vector; AVX2: 16)
-TILE_ROWS = {16: {1: 4, 2: 4, 3: 3, 4: 2}, 8: {1: 2, 2: 1, 3: 1, 4: 1}}
+# within the register file (AVX-512: 32 registers, 2 accumulators a row and vector; AVX2: 16;
+# NEON: 32 of 4 floats, a 16-float accumulator taking 4 of them)
+TILE_ROWS = {"avx512": {1: 4, 2: 4, 3: 3, 4: 2}, "avx2": {1: 2, 2: 1, 3: 1, 4: 1}, "neon": {1: 1, 2: 1, 3: 1, 4: 1}}
 
 
 def _hsum(builder, v, width):
@@ -88,43 +102,94 @@ def _opaque(builder, value):
     twice, as ``NF4Tensor.dequantize`` rounds it, and without this it came out fused (one ulp off)
     when the kernel had first been compiled for a fastmath caller such as ``_nf4_matvec_rows``
     (the tests check every scale bit for bit)."""
-    fn = ir.InlineAsm(ir.FunctionType(value.type, [value.type]), "", "=x,0")
+    fn = ir.InlineAsm(ir.FunctionType(value.type, [value.type]), "", "=w,0" if _AARCH64 else "=x,0")
     return builder.call(fn, [value])
 
 
-def _emit_tile(builder, width, table, rows, xload, n_blocks, half, row_bytes, scale):
+def _decoder(builder, isa, code_p):
+    """``(prepare, decode)`` for one ISA: ``prepare(scale)`` is the 16-value table times a block's
+    scale, in the form ``decode(table, bytes_ptr)`` looks codes up in; ``decode`` turns the next
+    ``WIDTH[isa]`` bytes into the float weights of their high and low nibbles.
+
+    * avx512: one ``vpermps`` of a 16-float register per nibble (indices zero-extended bytes);
+    * avx2: two 8-float ``vpermps`` and a blend on the index's bit 3;
+    * neon: ``tbl`` looks bytes up in one 16-byte register, so the scaled table is kept as four
+      byte planes (byte k of each float); four ``tbl`` give the planes of 16 weights, which a
+      byte interleave (``zip``) turns into their floats. Exact: the bytes of ``code[c] * scale``."""
+    width = WIDTH[isa]
+    vf, vi, vb = ir.VectorType(_F32, width), ir.VectorType(_I32, width), ir.VectorType(_I8, width)
+    mod = builder.module
+    table = [builder.load(builder.bitcast(builder.gep(code_p, [ir.Constant(_I64, t)]), vf.as_pointer()), align=4)
+             for t in range(0, 16, width)]
+
+    def splat(x):
+        v = builder.insert_element(ir.Constant(vf, ir.Undefined), x, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(v, v, ir.Constant(vi, [0] * width))
+
+    def load_bytes(ptr):
+        return builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
+
+    if isa == "neon":
+        v64 = ir.VectorType(_I8, 64)
+        tbl = cgutils.get_or_insert_function(mod, ir.FunctionType(vb, [vb, vb]), "llvm.aarch64.neon.tbl1.v16i8")
+        undef64 = ir.Constant(v64, ir.Undefined)
+        mask = lambda m: ir.Constant(ir.VectorType(_I32, len(m)), m)
+
+        def prepare(scale):
+            raw = builder.bitcast(builder.fmul(table[0], splat(scale)), v64)  # [16 floats x 4 bytes]
+            return [builder.shuffle_vector(raw, undef64, mask([4 * i + k for i in range(16)])) for k in range(4)]
+
+        def decode(planes, ptr):
+            w = load_bytes(ptr)
+            out = []
+            for idx in (builder.lshr(w, ir.Constant(vb, [4] * 16)), builder.and_(w, ir.Constant(vb, [15] * 16))):
+                p = [builder.call(tbl, [plane, idx]) for plane in planes]
+                lo, hi = (builder.shuffle_vector(p[a], p[a + 1], mask(list(range(32)))) for a in (0, 2))
+                cat = builder.shuffle_vector(lo, hi, mask(list(range(64))))  # the four planes
+                floats = builder.shuffle_vector(cat, undef64, mask([16 * (b % 4) + b // 4 for b in range(64)]))
+                out.append(builder.bitcast(floats, vf))
+            return out
+
+        return prepare, decode
+
+    name = "llvm.x86.avx512.permvar.sf.512" if isa == "avx512" else "llvm.x86.avx2.permps"
+    perm = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), name)
+    four, fifteen, eight = (ir.Constant(vi, [c] * width) for c in (4, 15, 8))
+    zero_i = ir.Constant(vi, [0] * width)
+
+    def prepare(scale):
+        sv = splat(scale)
+        return [builder.fmul(t, sv) for t in table]
+
+    def lookup(tab, idx):
+        if isa == "avx512":
+            return builder.call(perm, [tab[0], idx])
+        lo, hi = builder.call(perm, [tab[0], idx]), builder.call(perm, [tab[1], idx])
+        return builder.select(builder.icmp_unsigned("!=", builder.and_(idx, eight), zero_i), hi, lo)
+
+    def decode(tab, ptr):
+        w = builder.zext(load_bytes(ptr), vi)
+        return lookup(tab, builder.lshr(w, four)), lookup(tab, builder.and_(w, fifteen))
+
+    return prepare, decode
+
+
+def _emit_tile(builder, isa, code_p, rows, xload, n_blocks, half, row_bytes, scale):
     """IR for ``n_blocks`` blocks of ``len(rows)`` rows with every vector.
 
     ``rows``: per row ``(bytes, block, accs)``: ``i8*`` to its first byte, the index of its first
-    block (``scale(block)`` forms that block's scale), and per vector the allocas ``[acc_h, acc_l]``. ``xload(v, nibble, at)`` loads
-    vector v's x entries for the high (0: even entries) or low (1: odd) nibbles of the bytes
-    ``at .. at + width`` of the tile. ``table``: the 16 NF4 values as ``width``-float vectors."""
+    block (``scale(block)`` forms that block's scale), and per vector the allocas ``[acc_h, acc_l]``.
+    ``xload(v, nibble, at)`` loads vector v's x entries for the high (0: even entries) or low (1:
+    odd) nibbles of the bytes ``at .. at + width`` of the tile. ``code_p``: the 16 NF4 values."""
+    width = WIDTH[isa]
     vf = ir.VectorType(_F32, width)
-    vi = ir.VectorType(_I32, width)
-    vb = ir.VectorType(_I8, width)
-    mod = builder.module
-    name = "llvm.x86.avx512.permvar.sf.512" if width == 16 else "llvm.x86.avx2.permps"
-    perm = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vi]), name)
-    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32")
-    four, fifteen, eight = (ir.Constant(vi, [c] * width) for c in (4, 15, 8))
-    zero_i = ir.Constant(vi, [0] * width)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32")
+    prepare, decode = _decoder(builder, isa, code_p)
     n_vec = len(rows[0][2])
 
     with cgutils.for_range(builder, n_blocks) as blk:
         j = blk.index
-        scaled = []  # per row: the table times the block's scale
-        for _, first, _ in rows:
-            splat = builder.insert_element(ir.Constant(vf, ir.Undefined), scale(builder.add(first, j)),
-                                           ir.Constant(_I32, 0))
-            splat = builder.shuffle_vector(splat, splat, ir.Constant(vi, [0] * width))
-            scaled.append([builder.fmul(t, splat) for t in table])
-
-        def lookup(tab, idx):
-            if width == 16:
-                return builder.call(perm, [tab[0], idx])
-            lo, hi = builder.call(perm, [tab[0], idx]), builder.call(perm, [tab[1], idx])
-            return builder.select(builder.icmp_unsigned("!=", builder.and_(idx, eight), zero_i), hi, lo)
-
+        scaled = [prepare(scale(builder.add(first, j))) for _, first, _ in rows]  # per row: table x scale
         start = builder.mul(j, half)
         # the same bytes of the next tile's rows: the hardware prefetchers stop at 4 KB pages (the
         # weights are memory-mapped from the page cache, no huge pages), so without this each row
@@ -136,39 +201,38 @@ def _emit_tile(builder, width, table, rows, xload, n_blocks, half, row_bytes, sc
             at = builder.add(start, i)
             xs = [[xload(v, nib, at) for nib in (0, 1)] for v in range(n_vec)]  # shared by the rows
             for (p_base, _, accs), tab in zip(rows, scaled):
-                w = builder.zext(builder.load(builder.bitcast(builder.gep(p_base, [at]), vb.as_pointer()), align=1), vi)
-                ws = (lookup(tab, builder.lshr(w, four)), lookup(tab, builder.and_(w, fifteen)))
+                ws = decode(tab, builder.gep(p_base, [at]))
                 for v in range(n_vec):
                     for nib in (0, 1):
                         a = accs[v][nib]
                         builder.store(builder.call(fma, [ws[nib], xs[v][nib], builder.load(a)]), a)
 
 
-def _tile_codegen(width: int, nvec: int):
+def _tile_codegen(isa: str, nvec: int):
     """``xi`` holds x interleaved as [in/2/width, n_vec, 2, width]: for each chunk of ``width``
     bytes, each vector's even then odd entries side by side, so one pointer serves all vectors.
     Row r's accumulators for vector v: ``acc[((r - r0) * n_vec + v) * 2 * width:]``, acc_h then
-    acc_l. Rows go ``TILE_ROWS[width][nvec]`` at a time, the rest one at a time."""
-    tile_rows = TILE_ROWS[width][nvec]
+    acc_l. Rows go ``TILE_ROWS[isa][nvec]`` at a time, the rest one at a time."""
+    width = WIDTH[isa]
+    tile_rows = TILE_ROWS[isa][nvec]
     vf = ir.VectorType(_F32, width)
     vp = vf.as_pointer()
 
     def codegen(context, builder, sig, args):
         code_p, dyn_p, packed_p, qscale_p, nested_p, xi_p, acc_p = (
             context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:7], args[:7]))
-        nshift, offset, b0, r0, r1, per_row, j0, n_blocks, half, v0, n_vec, _ = args[7:]
+        nshift, offset, b0, r0, r1, per_row, j0, n_blocks, half, v0, n_vec = args[7:18]
         c = lambda n: ir.Constant(_I64, n)
 
         def scale(b):
-            """Block b's absmax (b counted from ``b0``: ``B = b0 + b``), ``dynamic_code[qscale[B]] *
-            nested[B >> nshift] + offset``,
-            rounded as ``NF4Tensor.dequantize`` rounds it (a product, then a sum: no FMA)."""
+            """Block b's absmax (counted from ``b0``: ``B = b0 + b``), ``dynamic_code[qscale[B]] *
+            nested[B >> nshift] + offset``, rounded as ``NF4Tensor.dequantize`` rounds it (a
+            product, then a sum: no FMA)."""
             b = builder.add(b0, b)
             q = builder.zext(builder.load(builder.gep(qscale_p, [b])), _I64)
             nested = builder.load(builder.gep(nested_p, [builder.lshr(b, nshift)]))
             return builder.fadd(_opaque(builder, builder.fmul(builder.load(builder.gep(dyn_p, [q])), nested)), offset)
 
-        table = [builder.load(builder.bitcast(builder.gep(code_p, [c(t)]), vp), align=4) for t in range(0, 16, width)]
         # x of column j0 * half, vector v0; chunk q of the tile is n_vec * 2 * width floats further
         x_base = builder.gep(xi_p, [builder.mul(builder.add(builder.mul(builder.udiv(builder.mul(j0, half), c(width)),
                                                                           n_vec), v0), c(2 * width))])
@@ -196,7 +260,7 @@ def _tile_codegen(width: int, nvec: int):
                         stores.append((pair[-1], ptr))
                     accs.append(pair)
                 rows.append((p_base, blk, accs))
-            _emit_tile(builder, width, table, rows, xload, n_blocks, half, builder.mul(per_row, half), scale)
+            _emit_tile(builder, isa, code_p, rows, xload, n_blocks, half, builder.mul(per_row, half), scale)
             for a, ptr in stores:
                 builder.store(builder.load(a), ptr, align=4)
 
@@ -212,8 +276,10 @@ def _tile_codegen(width: int, nvec: int):
     return codegen
 
 
-def _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec):
+def _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec, isa):
     if not (isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= MAX_VECTORS):
+        return None
+    if not (isinstance(isa, types.IntegerLiteral) and isa.literal_value in ISAS.values()):
         return None
     arrays = (code, dyn, packed, qscale, nested, xi, acc)
     if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
@@ -224,21 +290,18 @@ def _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec):
         return None
     i64 = types.int64
     return types.none(code, dyn, packed, qscale, nested, xi, acc, i64, types.float32, i64, i64, i64, i64, i64, i64,
-                      i64, i64, i64, nvec)
+                      i64, i64, i64, nvec, isa)
 
 
 @intrinsic
-def nf4_tile_dot_avx512(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
-                        j0, n_blocks, half, v0, n_vec, nvec):
-    sig = _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec)
-    return None if sig is None else (sig, _tile_codegen(16, nvec.literal_value))
-
-
-@intrinsic
-def nf4_tile_dot_avx2(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
-                      j0, n_blocks, half, v0, n_vec, nvec):
-    sig = _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec)
-    return None if sig is None else (sig, _tile_codegen(8, nvec.literal_value))
+def nf4_tile_dot(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row, j0,
+                 n_blocks, half, v0, n_vec, nvec, isa):
+    """The tile kernel for ``isa`` (a literal code of :data:`ISAS`), ``nvec`` vectors (a literal)."""
+    sig = _tile_signature(code, dyn, packed, qscale, nested, xi, acc, nvec, isa)
+    if sig is None:
+        return None
+    name = {v: k for k, v in ISAS.items()}[isa.literal_value]
+    return sig, _tile_codegen(name, nvec.literal_value)
 
 
 @intrinsic
@@ -246,7 +309,7 @@ def acc_reduce(typingctx, acc, i, width):
     """``hsum(acc_h + acc_l)`` for the accumulators at ``acc[i * 2 * width:]`` (``width`` a
     literal 16 or 8): a row's result for one vector."""
     if not (isinstance(acc, types.Array) and acc.ndim == 1 and acc.layout == "C" and acc.dtype == types.float32
-            and isinstance(width, types.IntegerLiteral) and width.literal_value in TILE_ROWS):
+            and isinstance(width, types.IntegerLiteral) and width.literal_value in (8, 16)):
         return None
     n = width.literal_value
 
