@@ -42,7 +42,8 @@ from numba.extending import intrinsic
 
 from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
 from edgelora.runtime.simd import AVAILABLE as SIMD_AVAILABLE
-from edgelora.runtime.simd import F16_CHUNK, ISAS, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_tile_dot, prefetch
+from edgelora.runtime.simd import (F16_CHUNK, ISAS, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_dequant_blocks,
+                                   nf4_tile_dot, prefetch)
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
 TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
@@ -336,23 +337,53 @@ def _nf4_matvec_batch_parallel(code, dyn, packed, qscale, nested, nshift, offset
                                X, XE, XO, OUT)
 
 
+# Dequantizing whole blocks (the prefill's tiles): ``out`` [n_blocks * 2 * half] = the weights of
+# blocks ``packed`` (their scales those of the tensor's blocks ``b0 ..``), exactly.
+
+@njit(cache=True, nogil=True)
+def _nf4_dequant_blocks_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, n_blocks, half, out):
+    scales = np.empty(n_blocks, np.float32)
+    _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, scales)
+    for j in range(n_blocks):
+        s = scales[j]
+        for i in range(half):
+            byte = packed[j * half + i]
+            out[2 * (j * half + i)] = code[byte >> 4] * s
+            out[2 * (j * half + i) + 1] = code[byte & 15] * s
+
+
+@njit(cache=True, nogil=True)
+def _nf4_dequant_blocks_avx512(code, dyn, packed, qscale, nested, nshift, offset, b0, n_blocks, half, out):
+    nf4_dequant_blocks(code, dyn, packed, qscale, nested, out, nshift, offset, b0, n_blocks, half, 0)
+
+
+@njit(cache=True, nogil=True)
+def _nf4_dequant_blocks_avx2(code, dyn, packed, qscale, nested, nshift, offset, b0, n_blocks, half, out):
+    nf4_dequant_blocks(code, dyn, packed, qscale, nested, out, nshift, offset, b0, n_blocks, half, 1)
+
+
+@njit(cache=True, nogil=True)
+def _nf4_dequant_blocks_neon(code, dyn, packed, qscale, nested, nshift, offset, b0, n_blocks, half, out):
+    nf4_dequant_blocks(code, dyn, packed, qscale, nested, out, nshift, offset, b0, n_blocks, half, 2)
+
+
+NF4_DEQUANT_VARIANTS = {"portable": _nf4_dequant_blocks_portable}  # the tests check each against the reference
+for _isa, _fn in (("avx512", _nf4_dequant_blocks_avx512), ("avx2", _nf4_dequant_blocks_avx2),
+                  ("neon", _nf4_dequant_blocks_neon)):
+    if _isa in SIMD_AVAILABLE:
+        NF4_DEQUANT_VARIANTS[_isa] = _fn
+_nf4_dequant_blocks = NF4_DEQUANT_VARIANTS[SIMD or "portable"]
+
+
 @njit(cache=True, nogil=True)
 def _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, buf):
     """buf[:r1 - r0] = W[r0:r1] as float32 (exact)."""
     if k % bs == 0:
-        per_row = k // bs
-        half = bs // 2
-        scales = np.empty((r1 - r0) * per_row, np.float32)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, r0 * per_row, scales)
-        src = packed[r0 * (k // 2):r1 * (k // 2)]
-        for rr in range(r1 - r0):
-            for j in range(per_row):
-                s = scales[rr * per_row + j]
-                base = (rr * per_row + j) * half
-                for i in range(half):
-                    byte = src[base + i]
-                    buf[rr, j * bs + 2 * i] = code[byte >> 4] * s
-                    buf[rr, j * bs + 2 * i + 1] = code[byte & 15] * s
+        per_row, half = k // bs, bs // 2
+        for rr in range(r1 - r0):  # a row at a time: ``buf`` may be wider than the rows
+            r = r0 + rr
+            _nf4_dequant_blocks(code, dyn, packed[r * (k // 2):(r + 1) * (k // 2)], qscale, nested, nshift, offset,
+                                r * per_row, per_row, half, buf[rr])
     else:
         for rr in range(r1 - r0):
             start = (r0 + rr) * k

@@ -106,6 +106,19 @@ def _opaque(builder, value):
     return builder.call(fn, [value])
 
 
+def _block_scale(builder, dyn_p, qscale_p, nested_p, nshift, offset, b0):
+    """``scale(b)``: block b's absmax (counted from ``b0``: ``B = b0 + b``), ``dynamic_code[qscale[B]]
+    * nested[B >> nshift] + offset``, rounded as ``NF4Tensor.dequantize`` rounds it (a product,
+    then a sum: no FMA)."""
+    def scale(b):
+        b = builder.add(b0, b)
+        q = builder.zext(builder.load(builder.gep(qscale_p, [b])), _I64)
+        nested = builder.load(builder.gep(nested_p, [builder.lshr(b, nshift)]))
+        return builder.fadd(_opaque(builder, builder.fmul(builder.load(builder.gep(dyn_p, [q])), nested)), offset)
+
+    return scale
+
+
 def _decoder(builder, isa, code_p):
     """``(prepare, decode)`` for one ISA: ``prepare(scale)`` is the 16-value table times a block's
     scale, in the form ``decode(table, bytes_ptr)`` looks codes up in; ``decode`` turns the next
@@ -224,14 +237,7 @@ def _tile_codegen(isa: str, nvec: int):
         nshift, offset, b0, r0, r1, per_row, j0, n_blocks, half, v0, n_vec = args[7:18]
         c = lambda n: ir.Constant(_I64, n)
 
-        def scale(b):
-            """Block b's absmax (counted from ``b0``: ``B = b0 + b``), ``dynamic_code[qscale[B]] *
-            nested[B >> nshift] + offset``, rounded as ``NF4Tensor.dequantize`` rounds it (a
-            product, then a sum: no FMA)."""
-            b = builder.add(b0, b)
-            q = builder.zext(builder.load(builder.gep(qscale_p, [b])), _I64)
-            nested = builder.load(builder.gep(nested_p, [builder.lshr(b, nshift)]))
-            return builder.fadd(_opaque(builder, builder.fmul(builder.load(builder.gep(dyn_p, [q])), nested)), offset)
+        scale = _block_scale(builder, dyn_p, qscale_p, nested_p, nshift, offset, b0)
 
         # x of column j0 * half, vector v0; chunk q of the tile is n_vec * 2 * width floats further
         x_base = builder.gep(xi_p, [builder.mul(builder.add(builder.mul(builder.udiv(builder.mul(j0, half), c(width)),
@@ -302,6 +308,44 @@ def nf4_tile_dot(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, 
         return None
     name = {v: k for k, v in ISAS.items()}[isa.literal_value]
     return sig, _tile_codegen(name, nvec.literal_value)
+
+
+@intrinsic
+def nf4_dequant_blocks(typingctx, code, dyn, packed, qscale, nested, buf, nshift, offset, b0, n_blocks, half, isa):
+    """``buf`` = the float32 weights of ``n_blocks`` whole blocks of ``2 * half`` weights (their
+    bytes ``packed``, block i having the scale of the tensor's block ``b0 + i``), each exactly
+    ``code[c] * scale`` as ``NF4Tensor.dequantize`` gives it: the decode kernel's lookups
+    (:func:`_decoder`), the high and low nibbles' weights interleaved back into column order. The
+    prefill's dequantized tiles (``runtime/kernels.py``); ``isa`` a literal code of :data:`ISAS`."""
+    arrays = (code, dyn, packed, qscale, nested, buf)
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
+            and packed.dtype == types.uint8 and qscale.dtype == types.uint8 and buf.mutable
+            and all(a.dtype == types.float32 for a in (code, dyn, nested, buf))
+            and isinstance(isa, types.IntegerLiteral) and isa.literal_value in ISAS.values()):
+        return None
+    name = {v: k for k, v in ISAS.items()}[isa.literal_value]
+    width = WIDTH[name]
+    vf2 = ir.VectorType(_F32, 2 * width)
+    interleave = ir.Constant(ir.VectorType(_I32, 2 * width), [m // 2 + (m % 2) * width for m in range(2 * width)])
+
+    def codegen(context, builder, sig, args):
+        code_p, dyn_p, packed_p, qscale_p, nested_p, buf_p = (
+            context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:6], args[:6]))
+        nshift, offset, b0, n_blocks, half = args[6:11]
+        scale = _block_scale(builder, dyn_p, qscale_p, nested_p, nshift, offset, b0)
+        prepare, decode = _decoder(builder, name, code_p)
+        with cgutils.for_range(builder, n_blocks) as blk:
+            tab = prepare(scale(blk.index))
+            start = builder.mul(blk.index, half)
+            with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), half, ir.Constant(_I64, width)) as (i, _):
+                at = builder.add(start, i)
+                hi, lo = decode(tab, builder.gep(packed_p, [at]))
+                dst = builder.bitcast(builder.gep(buf_p, [builder.mul(at, ir.Constant(_I64, 2))]), vf2.as_pointer())
+                builder.store(builder.shuffle_vector(hi, lo, interleave), dst, align=4)
+        return context.get_dummy_value()
+
+    i64 = types.int64
+    return types.none(code, dyn, packed, qscale, nested, buf, i64, types.float32, i64, i64, i64, isa), codegen
 
 
 @intrinsic
