@@ -93,7 +93,8 @@ def baseline_env(rev: str, work: Path) -> dict:
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
                         str(target), str(src)], check=True)
-    return {**os.environ, "PYTHONPATH": str(target), "NUMBA_CACHE_DIR": str(work / f"numba-cache-{rev}")}
+    # PYTHONSAFEPATH: ``python -c`` children would otherwise import the edgelora of their working folder first
+    return {**os.environ, "PYTHONPATH": str(target), "PYTHONSAFEPATH": "1", "NUMBA_CACHE_DIR": str(work / f"numba-cache-{rev}")}
 
 
 def main():
