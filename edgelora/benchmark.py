@@ -47,21 +47,24 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
     """One measurement in this process (call in a fresh process for a clean peak RSS)."""
     import edgelora
     t = time.perf_counter()
-    model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8, mmap=mmap)
+    kw = {} if mmap else {"mmap": False}  # (earlier versions, run by ``bench(env=...)``, have no mmap option)
+    model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8, **kw)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, model.args.vocab_size, prompt_tokens).tolist()
     list(model.stream(prompt[:8], max_new_tokens=4, temperature=0))  # compile / warm up
     model.eos_ids = set()
-    list(model.stream(prompt, max_new_tokens=decode_tokens, temperature=0))
-    s = model.last_stats
-    short = prompt[:128]
-    list(model.stream(short, max_new_tokens=1, temperature=0))
+    list(model.stream(prompt, max_new_tokens=1, temperature=0))
+    long = model.last_stats
+    list(model.stream(prompt[:128], max_new_tokens=1, temperature=0))
+    short = model.last_stats
+    list(model.stream(prompt[:8], max_new_tokens=decode_tokens, temperature=0))  # as the PyTorch benchmark decodes
+    decode = model.last_stats
     return {"threads": threads, "mmap": mmap, "load_seconds": load_s, "prompt_tokens": prompt_tokens,
-            "prefill_tokens_per_second": s.prefill_tokens_per_second,
-            "prefill_128_tokens_per_second": model.last_stats.prefill_tokens_per_second,
-            "decode_tokens": decode_tokens, "decode_tokens_per_second": s.decode_tokens_per_second,
-            "time_to_first_token": s.time_to_first_token, "bytes_per_token": bytes_per_token(model),
+            "prefill_tokens_per_second": long.prefill_tokens_per_second,
+            "prefill_128_tokens_per_second": short.prefill_tokens_per_second,
+            "decode_tokens": decode_tokens, "decode_tokens_per_second": decode.decode_tokens_per_second,
+            "time_to_first_token": long.time_to_first_token, "bytes_per_token": bytes_per_token(model),
             "kv_cache_bytes": model.kv_cache_bytes,
             "peak_rss_bytes": peak_rss_bytes()}
 
@@ -69,14 +72,17 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
 def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128, mmap: bool = True,
           env: dict | None = None) -> dict:
     """One fresh process per thread count (``env``: their environment, e.g. a ``PYTHONPATH`` that
-    puts another edgelora version first, for before/after comparisons in one run)."""
+    puts another edgelora version first, for before/after comparisons in one run: the children run
+    this module's measurement, :func:`run_one`, on whichever edgelora they import)."""
+    import inspect
     import numba
     cores = numba.config.NUMBA_NUM_THREADS
     threads_list = threads_list or sorted({1, cores})
+    measure = "\n".join(inspect.getsource(f) for f in (bytes_per_token, run_one))
     rows = []
     for th in threads_list:
-        code = ("import json,sys; from edgelora.benchmark import run_one; "
-                f"print(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}{'' if mmap else ', mmap=False'})))")
+        code = ("import json, sys, time\nimport numpy as np\nfrom edgelora.memory import peak_rss_bytes\n" + measure +
+                f"\nprint(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r})))")
         r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
         if r.returncode:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "benchmark failed")
