@@ -8,7 +8,7 @@ lanes here so the product stays exact float32 arithmetic.) Per block the 16-entr
 multiplied by the block's scale, so a lookup yields the dequantized weight ``code[c] * scale``,
 rounded exactly as ``NF4Tensor.dequantize`` rounds it. The block scale itself is formed in the
 loop from the double-quantized bytes, ``dyn[qscale[b]] * nested[b >> nshift] + offset``
-(scalar work beside the vector lookups: a separate pass writing float scales had cost a quarter
+(scalar work beside the vector lookups: a separate pass writing float scales had cost a fifth
 of the kernel's time).
 
 ``nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
