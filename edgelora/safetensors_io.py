@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
-import mmap as _mmap  # ``mmap`` is also a parameter name below
+import mmap as _mmap  # (``mmap`` is a parameter name below)
 import os
 import struct
 from dataclasses import dataclass
@@ -216,11 +215,11 @@ class SafetensorsFile:
         info = self.tensors.get(name)
         if info is None or self._mm is None or not hasattr(self._mm, "madvise"):
             return
-        page = mmap.PAGESIZE
+        page = _mmap.PAGESIZE
         end = self.data_start + info.begin + (info.nbytes if last is None else min(last, info.nbytes))
         start = (self.data_start + info.begin + first) // page * page
         if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._mm.madvise(_mmap.MADV_DONTNEED, start, end - start)
 
 
 class SafetensorsWriter:
