@@ -186,19 +186,29 @@ def adapter_resident_bytes(path, args: ModelArgs) -> int:
     return ad.nbytes + dora
 
 
+_TOKENIZER_BYTES: dict = {}  # (tokenizer files' identity) -> the first measurement in this process
+
+
 def tokenizer_bytes(bundle_path: Path) -> tuple[int, str]:
-    """Memory a tokenizer built from the bundle holds, measured here (else 3x its file)."""
+    """Memory a tokenizer built from the bundle holds, measured here (else 3x its file). Measured
+    once per process and tokenizer: building it again reuses memory the allocator kept from the
+    first build, so a second measurement would see almost nothing grow and plans would differ with
+    what the process did before."""
     from edgelora.memory import current_rss_bytes
     from edgelora.runtime.tokenizer import Tokenizer  # the library itself is part of the runtime item
-    size = sum(p.stat().st_size for p in (bundle_path / "tokenizer.json", bundle_path / "tokenizer_config.json")
-               if p.is_file())
+    files = [p for p in (bundle_path / "tokenizer.json", bundle_path / "tokenizer_config.json") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key in _TOKENIZER_BYTES:
+        return _TOKENIZER_BYTES[key]
     before = current_rss_bytes()
     if before is None:
         return 3 * size, "estimated as 3x tokenizer.json"
     tok = Tokenizer.from_dir(bundle_path)
     grown = current_rss_bytes() - before
     del tok
-    return max(grown, size), "measured"
+    _TOKENIZER_BYTES[key] = max(grown, size), "measured"
+    return _TOKENIZER_BYTES[key]
 
 
 # ---------------------------------------------------------------------------------------------
