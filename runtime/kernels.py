@@ -98,24 +98,39 @@ def _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, out):
 # entries of x (the high/low nibble of each byte).
 
 @njit(cache=True, fastmath=_FM)
+def _nf4_row_dot_portable(code, p, scales, half, xe, xo):
+    """One row's dot product: ``p`` its bytes, ``scales`` its blocks' scales; each block's sum of
+    ``code[nibble] * x`` (LLVM vectorises it over the slices, which start at 0 so it can prove
+    their bounds), times the block's scale."""
+    acc = np.float32(0.0)
+    for j in range(scales.size):
+        b = p[j * half:(j + 1) * half]
+        e = xe[j * half:(j + 1) * half]
+        o = xo[j * half:(j + 1) * half]
+        part = np.float32(0.0)
+        for i in range(half):
+            part += code[b[i] >> 4] * e[i] + code[b[i] & 15] * o[i]
+        acc += part * scales[j]
+    return acc
+
+
+@njit(cache=True)
+def _prefetch_row(packed, r, row_bytes):
+    """The bytes ``PREFETCH_ROWS`` rows ahead of row r, a line at a time (bench/README.md: 1.6x)."""
+    for at in range((r + PREFETCH_ROWS) * row_bytes, (r + PREFETCH_ROWS + 1) * row_bytes, 64):
+        prefetch(packed, at)
+
+
+@njit(cache=True)
 def _nf4_dot_aligned_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, xe, xo, out):
     """Rows whose length is a multiple of the block, one at a time."""
     per_row = xe.size // half
+    row_bytes = per_row * half
     scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
+        _prefetch_row(packed, r, row_bytes)
         _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
-        acc = np.float32(0.0)
-        for j in range(per_row):
-            prefetch(packed, ((r + PREFETCH_ROWS) * per_row + j) * half)  # bench/README.md: 1.6x
-            # slices starting at 0 let LLVM prove the loop's bounds and vectorise it
-            p = packed[(r * per_row + j) * half:(r * per_row + j + 1) * half]
-            e = xe[j * half:(j + 1) * half]
-            o = xo[j * half:(j + 1) * half]
-            part = np.float32(0.0)
-            for i in range(half):
-                part += code[p[i] >> 4] * e[i] + code[p[i] & 15] * o[i]
-            acc += part * scales[j]
-        out[r] = acc
+        out[r] = _nf4_row_dot_portable(code, packed[r * row_bytes:(r + 1) * row_bytes], scales, half, xe, xo)
 
 
 # Batched twins: ``OUT[b, o0 + r] = row r . x_b`` for every vector b of ``XE``/``XO`` [B, in/2] and
@@ -124,15 +139,17 @@ def _nf4_dot_aligned_portable(code, dyn, packed, qscale, nested, nshift, offset,
 @njit(cache=True)
 def _nf4_dot_aligned_batch_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, half, n_rows, XE, XO,
                                     OUT, o0):
-    """Each row through the one-vector portable kernel once per vector, while the row is in cache
-    (its per-row arithmetic does not depend on how many rows a call gets; same argument types)."""
+    """Each row's scales formed once and its dot product (the one-vector kernel's row function)
+    taken with every vector while the row is in cache."""
     per_row = XE.shape[1] // half
     row_bytes = per_row * half
+    scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
+        _prefetch_row(packed, r, row_bytes)
+        _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
         p = packed[r * row_bytes:(r + 1) * row_bytes]
         for b in range(XE.shape[0]):
-            _nf4_dot_aligned_portable(code, dyn, p, qscale, nested, nshift, offset, b0 + r * per_row, half, 1, XE[b],
-                                      XO[b], OUT[b, o0 + r:o0 + r + 1])
+            OUT[b, o0 + r] = _nf4_row_dot_portable(code, p, scales, half, XE[b], XO[b])
 
 
 @njit(cache=True)
