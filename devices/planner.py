@@ -33,11 +33,11 @@ import json
 import math
 import platform
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelora.atomic import edgelora_home, write_text_atomic
+from edgelora.child import python_command
 from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch
 from edgelora.errors import EdgeLoraError, UsageError
@@ -275,7 +275,7 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     from edgelora.demo import demo_bundle, packaged_demo_adapters
     bundle, _ = demo_bundle(edgelora_home() / "demo", quiet=True)
     adapter = next(iter(packaged_demo_adapters().values()))
-    args = [sys.executable, "-c", _PROBE, str(bundle), str(threads), str(adapter)]
+    args = python_command(_PROBE, bundle, threads, adapter)
     for _ in range(2):  # the first run may compile kernels (more memory): measure a warm one
         done = subprocess.run(args, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
@@ -323,8 +323,7 @@ def measure_peak_rss(bundle, context: int, adapters: dict | None = None, threads
     ``context - 3`` tokens and 3 generated tokens). Peak RSS is read from ``/proc`` (Linux)."""
     import os
     threads = max(1, min(int(threads), os.cpu_count() or 1))
-    args = [sys.executable, "-c", _RUN, str(bundle), str(int(context)), str(threads),
-            json.dumps({k: str(v) for k, v in (adapters or {}).items()})]
+    args = python_command(_RUN, bundle, int(context), threads, json.dumps({k: str(v) for k, v in (adapters or {}).items()}))
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from edgelora.child import python_command
 from edgelora.memory import peak_rss_bytes
 
 
@@ -83,7 +83,7 @@ def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int 
     for th in threads_list:
         code = ("import json, sys, time\nimport numpy as np\nfrom edgelora.memory import peak_rss_bytes\n" + measure +
                 f"\nprint(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r})))")
-        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
+        r = subprocess.run(python_command(code, path), capture_output=True, text=True, env=env)
         if r.returncode:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "benchmark failed")
         row = json.loads(r.stdout.strip().splitlines()[-1])
