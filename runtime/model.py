@@ -67,6 +67,8 @@ class _TextOut:
 
 @dataclass
 class GenerationStats:
+    """One generation's statistics; while it runs, the statistics so far."""
+
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -239,7 +241,7 @@ class Model:
         self.bundle = bundle
         self.path = bundle.path
         self.args = bundle.args
-        self.threads = set_threads(threads)
+        self.threads = set_threads(threads)  # what every forward runs on, from whichever thread (``_running``)
         self.net = build_model(bundle, max_context)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path)
