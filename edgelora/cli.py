@@ -79,12 +79,12 @@ def _load_model(ns):
 def _cmd_run(ns) -> int:
     model = _load_model(ns)
     pieces = []
-    for piece in model.stream(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None, **_sampling(ns)):
-        pieces.append(piece)
-        if not ns.json:
-            sys.stdout.write(piece)
+    for chunk in model.stream_generate(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None, **_sampling(ns)):
+        pieces.append(chunk.text)
+        if not ns.json and chunk.text:
+            sys.stdout.write(chunk.text)
             sys.stdout.flush()
-    s = model.last_stats
+    s = chunk.stats  # this generation's (the last item always comes, with its finish reason)
     if ns.json:
         print(json.dumps({"prompt": ns.prompt, "text": "".join(pieces), **s.to_dict()}, indent=1))
     else:
@@ -158,13 +158,13 @@ def _cmd_chat(ns) -> int:
             continue
         history.append({"role": "user", "content": line})
         answer = []
-        for piece in model.stream_chat(history, max_new_tokens=ns.max_tokens, **_sampling(ns)):
-            answer.append(piece)
-            sys.stdout.write(piece)
+        for chunk in model.stream_generate(model.chat_ids(history), max_new_tokens=ns.max_tokens, **_sampling(ns)):
+            answer.append(chunk.text)
+            sys.stdout.write(chunk.text)
             sys.stdout.flush()
         print()
         history.append({"role": "assistant", "content": "".join(answer)})
-        s = model.last_stats
+        s = chunk.stats
         print(f"[{s.adapter}: prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
               f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
 

@@ -90,10 +90,10 @@ def run_demo(workdir=None, quiet: bool = False) -> int:
     model.generate("Once", max_new_tokens=2)  # compiles the kernels on a first run (cached on disk after)
     print("\nedgelora run: greedy story from \"Once upon a time\"\n")
     sys.stdout.write("Once upon a time")
-    for piece in model.stream("Once upon a time", max_new_tokens=80, temperature=0):
-        sys.stdout.write(piece)
+    for chunk in model.stream_generate("Once upon a time", max_new_tokens=80, temperature=0):
+        sys.stdout.write(chunk.text)
         sys.stdout.flush()
-    s = model.last_stats
+    s = chunk.stats  # this generation's statistics, final on the last item
     print(f"\n[{s.generated_tokens} tokens at {s.decode_tokens_per_second:.0f} tok/s, "
           f"KV cache {model.kv_cache_bytes / 1e6:.1f} MB]")
     question = "Tom has a red ball. What colour is the ball?"

@@ -55,11 +55,13 @@ def build_weights(bundle: Bundle) -> Weights:
 
 
 def set_threads(threads: int | None) -> int:
-    """The runtime's thread count for this process; ``None`` means every core.
+    """A model's thread count, checked; ``None`` means every core.
 
-    Numba runs the parallel kernels with this many threads; BLAS is held to one thread because
-    the prefill splits its products between threads itself (two spinning thread pools on the
-    same cores slow each other down many times over)."""
+    Numba runs the parallel kernels with this many threads. Numba's count belongs to each calling
+    thread: this sets the calling (loading) thread's, for code that runs ``model.net`` directly,
+    and ``Model`` applies its count around every forward, from whichever thread it runs. BLAS is
+    held to one thread (for the process) because the prefill splits its products between threads
+    itself (two spinning thread pools on the same cores slow each other down many times over)."""
     import numba
     n = numba.config.NUMBA_NUM_THREADS
     threads = n if threads is None else int(threads)

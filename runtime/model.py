@@ -4,16 +4,24 @@ Generation is a prefill of the prompt in chunks (matrix-matrix products through 
 tile kernels), then one-token decode steps (fused NF4 matrix-vector kernels) against a key/value
 cache preallocated for ``max_context`` tokens. Text is streamed as it becomes complete (never half
 a UTF-8 character), and stop strings end generation without leaking into the text.
+
+Every generation is a :class:`_Sequence` (prompt, cache, sampler, text, adapter selection, stop
+rules, statistics) run by one decode loop: ``stream`` and ``generate`` are a batch of one,
+``generate_batch`` the same loop over many. Each call has its own statistics: the
+:class:`Generation` that ``generate(..., return_result=True)`` returns, or the
+:class:`GenerationChunk` items of ``stream_generate``.
 """
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from edgelora.bundle import Bundle
@@ -21,6 +29,7 @@ from edgelora.errors import UsageError
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model, set_threads
 from edgelora.runtime.lora import BASE, AdapterSet, Selection
+from edgelora.runtime.sampling import Sampler, SamplingParams, log_softmax, most_likely
 
 PREFILL_CHUNK = 256
 CURRENT = object()  # ``adapter=`` not given: use the model's current selection
@@ -58,6 +67,8 @@ class _TextOut:
 
 @dataclass
 class GenerationStats:
+    """One generation's statistics; while it runs, the statistics so far."""
+
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -87,6 +98,141 @@ class GenerationStats:
                 "adapter": self.adapter}
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability and the ``k`` most likely tokens' at its step (as
+    OpenAI's ``logprobs``/``top_logprobs``): the log-softmax of the model's final logits (after
+    any soft-capping), before the sampling transforms (repetition penalty, temperature, filters)."""
+
+    token: int
+    logprob: float
+    top_logprobs: tuple  # ((token id, log-probability), ...): the k most likely, most likely first
+
+    @classmethod
+    def of(cls, logits: np.ndarray, token: int, k: int) -> "TokenLogprobs":
+        lp = log_softmax(logits)  # float64 [V]
+        return cls(token, float(lp[token]), tuple((int(i), float(lp[i])) for i in most_likely(lp, k)))
+
+    def to_dict(self) -> dict:
+        return {"token": self.token, "logprob": self.logprob,
+                "top_logprobs": [{"token": t, "logprob": lp} for t, lp in self.top_logprobs]}
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One item of ``Model.stream_generate`` (as mlx-lm's ``GenerationResponse``): one per generated
+    token, and the last item has ``finish_reason`` set (with ``token`` None when the generation
+    ended without a new token: EOS sampled, or ``max_new_tokens=0``)."""
+
+    text: str  # the text this item completes ("" while held back: half a character, a possible stop string)
+    token: int | None  # the generated token id
+    logprobs: TokenLogprobs | None  # with ``logprobs=k``
+    finish_reason: str | None  # None until the last item: then stop, length, eos or context
+    stats: GenerationStats  # this generation's statistics, running: the same object, updated as it goes
+
+
+@dataclass
+class Generation:
+    """One generation's result (``Model.generate(..., return_result=True)``): its text and tokens,
+    why it ended, the per-token log-probabilities when asked, and its own statistics."""
+
+    text: str
+    stats: GenerationStats
+    logprobs: list | None = None  # one TokenLogprobs per token of ``token_ids`` (``logprobs=k``)
+
+    @property
+    def token_ids(self) -> list:
+        return self.stats.generated_ids
+
+    @property
+    def prompt_ids(self) -> list:
+        return self.stats.prompt_ids
+
+    @property
+    def finish_reason(self) -> str:
+        """``stop`` (a stop string), ``length`` (``max_new_tokens``), ``eos`` or ``context`` (the cache is full)."""
+        return self.stats.stop_reason
+
+    @property
+    def adapter(self) -> str:
+        return self.stats.adapter
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.stats.prefill_tokens_per_second
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.stats.decode_tokens_per_second
+
+    def to_dict(self) -> dict:
+        out = {"text": self.text, "finish_reason": self.finish_reason, **self.stats.to_dict()}
+        if self.logprobs is not None:
+            out["logprobs"] = [t.to_dict() for t in self.logprobs]
+        return out
+
+
+class _Sequence:
+    """One generation in progress: its prompt ids, KV cache, sampler, text, adapter selection, stop
+    rules and statistics. The decode loop samples a token from ``logits`` and hands it to
+    :meth:`accept`; a forward step then sets ``logits`` again unless the sequence is ``done``."""
+
+    def __init__(self, model: "Model", ids: np.ndarray, lora: Selection, params: SamplingParams, stops: list,
+                 max_new_tokens: int, logprobs: int | None):
+        self.ids, self.lora, self.max_new_tokens, self.top = ids, lora, max_new_tokens, logprobs
+        self.cache = model.net.new_cache()
+        self.sampler = Sampler(params)
+        self.text = _TextOut(model.tokenizer, stops)
+        self.eos_ids, self.max_context = model.eos_ids, model.max_context
+        self.history = [int(i) for i in ids]  # prompt and generated ids (the repetition penalty's)
+        self.stats = GenerationStats(prompt_tokens=len(ids), prompt_ids=list(self.history), adapter=lora.label)
+        self.pieces: list[str] = []
+        self.logprobs = None if logprobs is None else []
+        self.logits = None  # float32 [V]: the next token's
+        self.done = False
+
+    def sample(self) -> int:
+        return self.sampler.sample(self.logits, self.history)
+
+    def accept(self, token: int) -> GenerationChunk:
+        """Take the sampled ``token``: EOS ends the sequence without output; any other token is
+        generated, its text pushed and the stop rules checked (a stop string, ``max_new_tokens``,
+        a full cache)."""
+        if token in self.eos_ids:
+            return self.finish("eos")
+        st = self.stats
+        lp = None if self.top is None else TokenLogprobs.of(self.logits, token, self.top)
+        if lp is not None:
+            self.logprobs.append(lp)
+        self.history.append(token)
+        st.generated_ids.append(token)
+        st.generated_tokens += 1
+        piece = self.text.push(token)
+        if self.text.stopped:
+            reason = "stop"
+        elif st.generated_tokens == self.max_new_tokens:
+            reason = "length"
+        elif self.cache.length >= self.max_context:
+            reason = "context"
+        else:
+            reason = None
+        return self._emit(piece, token, lp, reason)
+
+    def finish(self, reason: str) -> GenerationChunk:
+        """End without a new token."""
+        return self._emit("", None, None, reason)
+
+    def _emit(self, piece: str, token, lp, reason) -> GenerationChunk:
+        if reason is not None:
+            piece += self.text.flush()
+            self.stats.stop_reason, self.done = reason, True
+        self.pieces.append(piece)
+        return GenerationChunk(piece, token, lp, reason, self.stats)
+
+    def result(self) -> Generation:
+        return Generation("".join(self.pieces), self.stats, self.logprobs)
+
+
 class Model:
     """A loaded bundle, ready to generate. Create with :func:`edgelora.load`."""
 
@@ -95,7 +241,7 @@ class Model:
         self.bundle = bundle
         self.path = bundle.path
         self.args = bundle.args
-        self.threads = set_threads(threads)
+        self.threads = set_threads(threads)  # what every forward runs on, from whichever thread (``_running``)
         self.net = build_model(bundle, max_context)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path)
@@ -108,7 +254,9 @@ class Model:
 
     @property
     def last_stats(self) -> GenerationStats:
-        """Statistics of this thread's last generation."""
+        """Statistics of the last generation this thread started with ``stream``, ``generate`` or
+        ``chat`` (kept for compatibility: each call's own are in its :class:`Generation` or
+        :class:`GenerationChunk` items)."""
         return getattr(self._local, "stats", None) or GenerationStats()
 
     @last_stats.setter
@@ -151,8 +299,21 @@ class Model:
         return self.selection if adapter is CURRENT else self.adapters.select(adapter)
 
     def _forward(self, ids, cache, all_logits=False, lora=BASE):
-        with self._step:
+        with self._running():
             return self.net.forward(ids, cache, all_logits=all_logits, lora=lora)
+
+    @contextmanager
+    def _running(self):
+        """Around every forward: one at a time (the kernels share thread pools), on the model's own
+        thread count. Numba's count belongs to each calling thread, so it is set on entry and the
+        caller's put back after: a generation from any thread runs on ``threads`` threads."""
+        with self._step:
+            caller = numba.get_num_threads()
+            numba.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                numba.set_num_threads(caller)
 
     # --- sizes -----------------------------------------------------------------------------
     @property
@@ -204,8 +365,91 @@ class Model:
             raise UsageError("stop must be a non-empty string or a list of them")
         return stops
 
+    def _top_logprobs(self, logprobs) -> int | None:
+        if logprobs is None:
+            return None
+        V = self.args.vocab_size
+        if isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral) or not 0 <= logprobs <= V:
+            raise UsageError(f"logprobs must be None or the number of top alternatives, 0 to {V}, got {logprobs!r}")
+        return int(logprobs)
+
     def _prompt_ids(self, prompt) -> np.ndarray:
         return self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+
+    def _sequence(self, prompt, max_new_tokens, stop, adapter, logprobs, sampling) -> _Sequence:
+        """A generation of ``prompt``, its options checked and its adapter selection pinned; this
+        thread's ``last_stats``."""
+        params = SamplingParams.from_kwargs(**sampling)
+        stops = self._stops(stop, max_new_tokens)
+        top = self._top_logprobs(logprobs)
+        lora = self._pin(adapter)
+        seq = _Sequence(self, self._prompt_ids(prompt), lora, params, stops, max_new_tokens, top)
+        self.last_stats = seq.stats
+        return seq
+
+    def _decode(self, seqs: list):
+        """The decode loop of every generation; yields each sequence's :class:`GenerationChunk` items.
+
+        Each sequence is prefilled on its own; then, until all are done, each live sequence samples
+        its next token and accepts it, and one forward step computes the next logits of those still
+        live: the one-row forward for a single sequence (the faster decode), the batched step for
+        several (its row b equals sequence b's one-row forward bit for bit, so a sequence's tokens
+        never depend on its batch). Times count from the call (time to first token) and from the
+        end of the prefills (decode)."""
+        t0 = time.perf_counter()
+        for s in seqs:
+            t = time.perf_counter()
+            s.logits = self._prefill(s.ids, s.cache, False, s.lora)
+            s.stats.prefill_seconds = time.perf_counter() - t
+        t1 = time.perf_counter()
+        for s in seqs:
+            if s.max_new_tokens == 0:
+                yield s.finish("length")
+        live = [s for s in seqs if not s.done]
+        first = True
+        while live:
+            for s in live:
+                token = s.sample()
+                if first:
+                    s.stats.time_to_first_token = time.perf_counter() - t0
+                chunk = s.accept(token)
+                s.stats.decode_seconds = time.perf_counter() - t1
+                yield chunk
+            first = False
+            live = [s for s in live if not s.done]
+            if live:
+                self._advance(live)
+
+    def _advance(self, seqs: list) -> None:
+        """One decode step: each sequence's last token through the model, its next logits kept."""
+        if len(seqs) == 1:
+            s = seqs[0]
+            s.logits = self._forward(np.array([s.history[-1]]), s.cache, False, s.lora)[-1]
+            return
+        with self._running():
+            out = self.net.forward_batch(np.array([s.history[-1] for s in seqs]), [s.cache for s in seqs],
+                                         [s.lora for s in seqs])  # [B, V]
+        for s, logits in zip(seqs, out):
+            s.logits = logits
+
+    @staticmethod
+    def _needs_result(logprobs, return_result: bool) -> None:
+        if logprobs is not None and not return_result:
+            raise UsageError("logprobs are returned in the result: pass return_result=True")
+
+    def stream_generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, logprobs=None,
+                        **sampling):
+        """Yield a :class:`GenerationChunk` per generated token (as mlx-lm's ``stream_generate``):
+        its text piece, token id, log-probabilities with ``logprobs=k``, and this generation's
+        running statistics; the last item has the ``finish_reason``.
+
+        ``logprobs=k``: each token's log-probability and the ``k`` most likely tokens' (0: only the
+        chosen token's), the log-softmax of the model's final logits after any soft-capping, before
+        the sampling transforms (repetition penalty, temperature, filters). Other options as
+        :meth:`stream`.
+        """
+        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling)
+        yield from self._decode([seq])
 
     def stream(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling):
         """Yield text pieces as they are generated. ``prompt`` is text or a list of token ids.
@@ -214,57 +458,30 @@ class Model:
         this call; by default the model's current selection. The selection is pinned when the
         generation starts: switching adapters meanwhile does not affect it.
         Sampling options: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
+        Per-token data and this call's statistics: :meth:`stream_generate`.
         """
-        from edgelora.runtime.sampling import Sampler, SamplingParams
-        params = SamplingParams.from_kwargs(**sampling)
-        stops = self._stops(stop, max_new_tokens)
-        lora = self._pin(adapter)
-        ids = self._prompt_ids(prompt)
-        stats = GenerationStats(prompt_tokens=len(ids), prompt_ids=[int(i) for i in ids], adapter=lora.label)
-        self.last_stats = stats
-        sampler = Sampler(params)
-        cache = self.net.new_cache()
-        t0 = time.perf_counter()
-        logits = self._prefill(ids, cache, False, lora)
-        stats.prefill_seconds = time.perf_counter() - t0
-        history = [int(i) for i in ids]
-        text = _TextOut(self.tokenizer, stops)
-        t1 = time.perf_counter()
-        stats.stop_reason = "length"
-        for step in range(max_new_tokens):
-            tok = sampler.sample(logits, history)
-            if step == 0:
-                stats.time_to_first_token = time.perf_counter() - t0
-            if tok in self.eos_ids:
-                stats.stop_reason = "eos"
-                break
-            history.append(tok)
-            stats.generated_ids.append(tok)
-            stats.generated_tokens += 1
-            piece = text.push(tok)
-            if piece:
-                yield piece
-            if text.stopped:
-                stats.stop_reason = "stop"
-                break
-            if step + 1 == max_new_tokens:
-                break
-            if cache.length >= self.max_context:
-                stats.stop_reason = "context"
-                break
-            logits = self._forward(np.array([tok]), cache, False, lora)[-1]
-        stats.decode_seconds = time.perf_counter() - t1
-        rest = text.flush()
-        if rest:
-            yield rest
+        for chunk in self.stream_generate(prompt, max_new_tokens, stop=stop, adapter=adapter, **sampling):
+            if chunk.text:
+                yield chunk.text
 
-    def generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling) -> str:
-        """The generated text (without the prompt)."""
-        return "".join(self.stream(prompt, max_new_tokens, stop=stop, adapter=adapter, **sampling))
+    def generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, return_result: bool = False,
+                 logprobs=None, **sampling):
+        """The generated text (without the prompt); with ``return_result=True`` a :class:`Generation`
+        (text, token ids, finish reason, this call's statistics, and the per-token log-probabilities
+        with ``logprobs=k``, as :meth:`stream_generate` computes them). Options as :meth:`stream`."""
+        self._needs_result(logprobs, return_result)
+        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling)
+        for _ in self._decode([seq]):
+            pass
+        result = seq.result()
+        return result if return_result else result.text
 
-    def chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling) -> str:
-        """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the chat template."""
-        return "".join(self.stream_chat(messages, max_new_tokens, stop=stop, adapter=adapter, **sampling))
+    def chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, return_result: bool = False,
+             logprobs=None, **sampling):
+        """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the chat template;
+        the text, or a :class:`Generation` with ``return_result=True`` (as :meth:`generate`)."""
+        return self.generate(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter,
+                             return_result=return_result, logprobs=logprobs, **sampling)
 
     def stream_chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling):
         yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter, **sampling)
@@ -274,81 +491,37 @@ class Model:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def generate_batch(self, prompts, adapters=CURRENT, max_new_tokens: int = 256, stop=None,
-                       **sampling) -> list[str]:
-        """Generate for several prompts together, each with its own adapter.
+    def generate_batch(self, prompts, adapters=CURRENT, max_new_tokens: int = 256, stop=None, *,
+                       return_result: bool = False, logprobs=None, **sampling) -> list:
+        """Generate for several prompts together, each with its own adapter: their texts, or with
+        ``return_result=True`` their :class:`Generation` results (as :meth:`generate`).
 
         ``adapters``: one entry per prompt (a name, ``None`` for the base, or a ``{name: weight}``
         mix), or one value for all; by default the current selection. Each prompt is prefilled on
         its own, then all sequences decode together: every base product is computed once per step
         for the whole batch, and each sequence adds its own adapter's deltas. Every sequence's
-        tokens are exactly those of generating it alone. Per-sequence statistics are in
-        ``last_batch_stats``.
+        tokens are exactly those of generating it alone. Each sequence's statistics are its own
+        (its decode time ends with its last token); also in ``last_batch_stats``.
         """
-        from edgelora.runtime.sampling import Sampler, SamplingParams
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise UsageError("prompts must be a non-empty list of texts or token-id lists")
+        self._needs_result(logprobs, return_result)
         params = SamplingParams.from_kwargs(**sampling)
         stops = self._stops(stop, max_new_tokens)
+        top = self._top_logprobs(logprobs)
         if isinstance(adapters, (list, tuple)):
             if len(adapters) != len(prompts):
                 raise UsageError(f"{len(adapters)} adapters for {len(prompts)} prompts; give one per prompt")
             loras = [self._pin(a) for a in adapters]
         else:
             loras = [self._pin(adapters)] * len(prompts)
-        ids = [self._prompt_ids(p) for p in prompts]
-        n = len(prompts)
-        stats = [GenerationStats(prompt_tokens=len(i), prompt_ids=[int(t) for t in i], adapter=lo.label)
-                 for i, lo in zip(ids, loras)]
-        self.last_batch_stats = stats
-        samplers = [Sampler(params) for _ in range(n)]
-        caches = [self.net.new_cache() for _ in range(n)]
-        texts = [_TextOut(self.tokenizer, stops) for _ in range(n)]
-        outs = [[] for _ in range(n)]
-        histories = [[int(t) for t in i] for i in ids]
-        t0 = time.perf_counter()
-        logits = []
-        for b in range(n):
-            t = time.perf_counter()
-            logits.append(self._prefill(ids[b], caches[b], False, loras[b]))
-            stats[b].prefill_seconds = time.perf_counter() - t
-        t1 = time.perf_counter()
-        active = list(range(n))
-        for s in stats:
-            s.stop_reason = "length"
-        for step in range(max_new_tokens):
-            feed = []
-            for b in active:
-                tok = samplers[b].sample(logits[b], histories[b])
-                if step == 0:
-                    stats[b].time_to_first_token = time.perf_counter() - t0
-                if tok in self.eos_ids:
-                    stats[b].stop_reason = "eos"
-                    continue
-                histories[b].append(tok)
-                stats[b].generated_ids.append(tok)
-                stats[b].generated_tokens += 1
-                outs[b].append(texts[b].push(tok))
-                if texts[b].stopped:
-                    stats[b].stop_reason = "stop"
-                elif step + 1 < max_new_tokens:
-                    if caches[b].length >= self.max_context:
-                        stats[b].stop_reason = "context"
-                    else:
-                        feed.append((b, tok))
-            active = [b for b, _ in feed]
-            if not active:
-                break
-            with self._step:
-                out = self.net.forward_batch(np.array([t for _, t in feed]), [caches[b] for b in active],
-                                             [loras[b] for b in active])
-            for row, b in enumerate(active):
-                logits[b] = out[row]
-        elapsed = time.perf_counter() - t1
-        for b in range(n):
-            stats[b].decode_seconds = elapsed
-            outs[b].append(texts[b].flush())
-        return ["".join(o) for o in outs]
+        seqs = [_Sequence(self, ids, lora, params, stops, max_new_tokens, top)
+                for ids, lora in zip([self._prompt_ids(p) for p in prompts], loras)]
+        self.last_batch_stats = [s.stats for s in seqs]
+        for _ in self._decode(seqs):
+            pass
+        results = [s.result() for s in seqs]
+        return results if return_result else [r.text for r in results]
 
 
 def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True,

@@ -15,7 +15,9 @@ The steps and their order are those of transformers' ``GenerationMixin._get_logi
 7. a token is drawn from the softmax of what is left, computed in float64.
 
 Removed tokens get ``-inf``. Every step is a pure function of its inputs; :class:`Sampler` owns the
-``numpy.random.Generator`` so that the same seed gives the same tokens.
+``numpy.random.Generator`` so that the same seed gives the same tokens. The log-probabilities
+reported with generated tokens (``logprobs=k``) are :func:`log_softmax` of the model's logits,
+before any of these steps, and :func:`most_likely` picks the top alternatives.
 """
 
 from __future__ import annotations
@@ -146,6 +148,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities ``logits - logsumexp(logits)``; -inf logits get -inf."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.max(x)
+    if not np.isfinite(top):
+        raise UsageError("logits have no finite value to take log-probabilities of")
+    return x - (top + np.log(np.sum(np.exp(x - top))))
+
+
+def most_likely(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the ``k`` largest ``scores``, largest first, the lowest id first among equal
+    scores (also at the k-th place: the choice never depends on the partition's order)."""
+    x = np.asarray(scores)
+    k = min(int(k), x.size)
+    if k <= 0:
+        return np.empty(0, np.int64)
+    kth = np.partition(x, x.size - k)[x.size - k]
+    above = np.flatnonzero(x > kth)
+    ids = np.concatenate([above, np.flatnonzero(x == kth)[:k - above.size]])
+    return ids[np.lexsort((ids, -x[ids]))]
+
+
 def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
     """transformers' ``TopPLogitsWarper``: keep the smallest set of most probable tokens whose cumulative
     probability reaches ``top_p`` (the most probable token is always kept; ``top_p = 1``: off)."""
@@ -206,4 +230,4 @@ class Sampler:
 
 
 __all__ = ["SamplingParams", "Sampler", "apply_repetition_penalty", "top_k_filter", "top_p_filter",
-           "min_p_filter", "softmax", "process_logits"]
+           "min_p_filter", "softmax", "log_softmax", "most_likely", "process_logits"]
