@@ -21,15 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from edgelora.bundle import Bundle
 from edgelora.errors import UsageError
 from edgelora.runtime.llama import KVCache
-from edgelora.runtime.loader import build_model, set_threads
+from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Selection
 from edgelora.runtime.sampling import Sampler, SamplingParams, log_softmax, most_likely
+from edgelora.runtime.threads import ThreadGovernor, set_threads, thread_count
 
 PREFILL_CHUNK = 256
 CURRENT = object()  # ``adapter=`` not given: use the model's current selection
@@ -241,7 +241,8 @@ class Model:
         self.bundle = bundle
         self.path = bundle.path
         self.args = bundle.args
-        self.threads = set_threads(threads)  # what every forward runs on, from whichever thread (``_running``)
+        self.threads = set_threads(threads)  # the most every forward runs on, from whichever thread (``_running``)
+        self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
         self.net = build_model(bundle, max_context)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path)
@@ -303,17 +304,19 @@ class Model:
             return self.net.forward(ids, cache, all_logits=all_logits, lora=lora)
 
     @contextmanager
-    def _running(self):
-        """Around every forward: one at a time (the kernels share thread pools), on the model's own
-        thread count. Numba's count belongs to each calling thread, so it is set on entry and the
-        caller's put back after: a generation from any thread runs on ``threads`` threads."""
+    def _running(self, decode_rows: int = 0):
+        """Around every forward: one at a time (the kernels share thread pools), on the thread count
+        the governor chooses (at most ``threads``; fewer while other processes keep cores busy).
+        Numba's count belongs to each calling thread, so it is set on entry and the caller's put
+        back after: a generation from any thread runs on the model's threads. A decode step of
+        ``decode_rows`` sequences reports its time to the governor."""
         with self._step:
-            caller = numba.get_num_threads()
-            numba.set_num_threads(self.threads)
-            try:
+            n = self.governor.current()
+            with thread_count(n):
+                t = time.perf_counter()
                 yield
-            finally:
-                numba.set_num_threads(caller)
+                if decode_rows:
+                    self.governor.record(n, time.perf_counter() - t, decode_rows)
 
     # --- sizes -----------------------------------------------------------------------------
     @property
@@ -422,13 +425,12 @@ class Model:
 
     def _advance(self, seqs: list) -> None:
         """One decode step: each sequence's last token through the model, its next logits kept."""
-        if len(seqs) == 1:
-            s = seqs[0]
-            s.logits = self._forward(np.array([s.history[-1]]), s.cache, False, s.lora)[-1]
-            return
-        with self._running():
-            out = self.net.forward_batch(np.array([s.history[-1] for s in seqs]), [s.cache for s in seqs],
-                                         [s.lora for s in seqs])  # [B, V]
+        tokens = np.array([s.history[-1] for s in seqs])  # [B]
+        with self._running(decode_rows=len(seqs)):
+            if len(seqs) == 1:
+                out = self.net.forward(tokens, seqs[0].cache, lora=seqs[0].lora)  # [1, V]
+            else:
+                out = self.net.forward_batch(tokens, [s.cache for s in seqs], [s.lora for s in seqs])  # [B, V]
         for s, logits in zip(seqs, out):
             s.logits = logits
 

@@ -1,0 +1,149 @@
+"""How many threads the kernels use: the cores this process may run on, and fewer when other
+processes keep some of them busy.
+
+The parallel kernels split each product between their threads and wait for the last one (a
+fork-join per product, a few hundred per token). When another process owns one of those cores (a
+drone's flight stack, a phone's other apps), the thread that shares its core is descheduled for a
+whole time slice at a time and every product waits for it: measured on 2 cores with one kept busy,
+2 threads decoded 3-4x slower than 1 (bench/bench_contention.py). No split of the work fixes that
+(the join still waits for the descheduled thread), so the runtime measures instead:
+:class:`ThreadGovernor` times decode steps, now and then runs a few with one thread fewer (and,
+when below the maximum, one more), and keeps whichever count is faster. The model's ``threads`` is
+the most it uses.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import statistics
+from contextlib import contextmanager
+
+import numba
+
+from edgelora.errors import UsageError
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity (``taskset``, cpusets), and a container's
+    CPU quota (cgroup v2 ``cpu.max``) where one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def set_threads(threads: int | None) -> int:
+    """A model's thread count, checked; ``None`` means every core this process may use
+    (:func:`available_cores`).
+
+    Numba runs the parallel kernels with this many threads. Numba's count belongs to each calling
+    thread: this sets the calling (loading) thread's, for code that runs ``model.net`` directly,
+    and ``Model`` applies its count around every forward (:func:`thread_count`), from whichever
+    thread it runs. BLAS is held to one thread (for the process) because the prefill splits its
+    products between threads itself (two spinning thread pools on the same cores slow each other
+    down many times over)."""
+    n = numba.config.NUMBA_NUM_THREADS
+    given = threads
+    try:
+        threads = min(n, available_cores()) if given is None else operator.index(given)
+    except TypeError:
+        threads = 0
+    if not 1 <= threads <= n:
+        raise UsageError(f"threads must be between 1 and {n} on this machine, got {given!r}")
+    numba.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, user_api="blas")
+    except ImportError:  # BLAS then uses its own default
+        pass
+    return threads
+
+
+@contextmanager
+def thread_count(n: int):
+    """Run the block's kernels on ``n`` threads (in this thread), then put the caller's count back."""
+    caller = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        numba.set_num_threads(caller)
+
+
+class ThreadGovernor:
+    """Chooses the thread count of each decode step between 1 and ``max_threads``.
+
+    It runs at its current count ``n``; every ``interval`` steps it probes: ``probe_steps`` steps at
+    ``n - 1`` (or, when ``n`` is below the maximum, alternately at ``n + 1``), compared by median
+    with the ``probe_steps`` steps at ``n`` just before. A probe that is faster by ``margin`` moves
+    ``n`` there and brings the next probe forward; a probe that is not doubles the interval (up to
+    ``max_interval``), so a steady machine pays for a probe rarely. Steps that become ``slower``
+    times slower than at the last decision (another process took a core) probe at once. Steps are
+    only compared with steps of the same batch size."""
+
+    def __init__(self, max_threads: int, interval: int = 8, max_interval: int = 1024, probe_steps: int = 3,
+                 margin: float = 0.9, slower: float = 1.5):
+        self.max_threads = max(1, int(max_threads))
+        self.n = self.max_threads
+        self.base_interval, self.max_interval = interval, max_interval
+        self.interval = interval
+        self.probe_steps, self.margin, self.slower = probe_steps, margin, slower
+        self._reference: float | None = None  # median step time at n when it was last decided
+        self._recent: list[float] = []  # the last steps at n (seconds)
+        self._probe: list[float] = []  # steps at the probed count
+        self._probing: int | None = None  # the count being probed
+        self._since = 0  # steps since the last probe
+        self._up = False  # the next probe goes up (when possible)
+        self._batch = None
+
+    def current(self) -> int:
+        """The thread count for the next step."""
+        return self._probing or self.n
+
+    def record(self, threads: int, seconds: float, batch: int = 1) -> None:
+        """One decode step of ``batch`` rows took ``seconds`` with ``threads`` threads."""
+        if self.max_threads == 1:
+            return
+        if batch != self._batch:  # another kind of step: start comparing afresh
+            self._batch, self._recent, self._probe, self._probing, self._since = batch, [], [], None, 0
+            self._reference = None
+        if self._probing is not None and threads == self._probing:
+            self._probe.append(seconds)
+            if len(self._probe) >= self.probe_steps:
+                self._decide()
+            return
+        if threads != self.n:
+            return
+        self._recent = (self._recent + [seconds])[-self.probe_steps:]
+        self._since += 1
+        if len(self._recent) < self.probe_steps:
+            return
+        now = statistics.median(self._recent)
+        if self._reference is None:
+            self._reference = now
+        if self._since >= self.interval or now > self.slower * self._reference:
+            self._start_probe()
+
+    def _start_probe(self) -> None:
+        up = self.n < self.max_threads and (self._up or self.n == 1)
+        self._up = not self._up
+        self._probing = self.n + 1 if up else self.n - 1
+        self._probe = []
+
+    def _decide(self) -> None:
+        if statistics.median(self._probe) < self.margin * statistics.median(self._recent):
+            self.n, self.interval = self._probing, self.base_interval
+            self._recent = list(self._probe)
+        else:
+            self.interval = min(self.max_interval, self.interval * 2)
+        self._reference = statistics.median(self._recent)
+        self._probing, self._probe, self._since = None, [], 0

@@ -1,0 +1,69 @@
+"""The thread governor: decode steps use fewer threads when that is faster (a core owned by another
+process), go back when the core is free again, and a steady machine pays for probes rarely. The
+step times here are a model of the measured ones (bench/bench_contention.py: on 2 cores with one
+kept busy, 2 threads decoded 3-4x slower than 1)."""
+
+from __future__ import annotations
+
+import itertools
+
+from edgelora.runtime.threads import ThreadGovernor, available_cores
+
+
+def _drive(gov: ThreadGovernor, seconds_at, steps: int, batch: int = 1) -> list[int]:
+    used = []
+    for _ in range(steps):
+        n = gov.current()
+        used.append(n)
+        gov.record(n, seconds_at(n), batch)
+    return used
+
+
+def test_a_busy_core_moves_decode_to_fewer_threads_and_a_free_one_back():
+    gov = ThreadGovernor(2)
+    free = {1: 1.0, 2: 0.6}.__getitem__  # two threads pay on a quiet machine
+    busy = {1: 1.0, 2: 3.5}.__getitem__  # one core taken: the fork-join waits for the descheduled thread
+    used = _drive(gov, free, 2000)
+    assert gov.n == 2 and used.count(1) <= 24 and used[1000:].count(1) <= 3  # probes, ever rarer
+    used = _drive(gov, busy, 200)
+    assert gov.n == 1 and used[:8].count(2) <= 6 and used[-100:].count(2) <= 6  # found at once: steps got slower
+    used = _drive(gov, free, 2000)
+    assert gov.n == 2 and used[-500:].count(1) <= 3
+
+
+def test_more_threads_than_pay_settle_on_the_fastest_count():
+    gov = ThreadGovernor(8)
+    cost = {n: 1.0 / min(n, 3) + 0.2 * max(0, n - 3) for n in range(1, 9)}.get  # 3 free cores, the rest busy
+    _drive(gov, cost, 3000)
+    assert gov.n == 3
+
+
+def test_probes_compare_steps_of_one_batch_size_only():
+    gov = ThreadGovernor(2)
+    sizes = itertools.cycle([1] * 20 + [4] * 20)  # batches that come and go: each kind compared with its own
+    for _ in range(4000):
+        n = gov.current()
+        b = next(sizes)
+        gov.record(n, (0.6 if n == 2 else 1.0) * b, b)
+    assert gov.n == 2
+
+
+def test_one_thread_is_never_probed_and_noise_does_not_flip_the_count():
+    gov = ThreadGovernor(1)
+    assert _drive(gov, lambda n: 1.0, 100) == [1] * 100
+    gov = ThreadGovernor(2)
+    jitter = itertools.cycle([0.55, 0.65, 0.6, 0.7, 0.5])
+    _drive(gov, lambda n: next(jitter) if n == 2 else 1.0, 3000)
+    assert gov.n == 2
+
+
+def test_available_cores_follows_the_affinity_mask():
+    import os
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1:
+        before = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, {min(before)})
+            assert available_cores() == 1
+        finally:
+            os.sched_setaffinity(0, before)
