@@ -12,7 +12,9 @@ adapters swaps one immutable :class:`Selection` object for another, nothing is c
   (``modules_to_save``). It is built once when the user picks it and never changes, so a
   generation holds on to the one it started with while other threads switch (the pinning that
   makes hot swaps safe); an unloaded adapter's memory is returned once the last generation
-  holding it ends.
+  holding it ends. ``Selection.apply`` is the one path of every projection, adapters or none (the
+  plain base is the selection ``BASE``, with no members: ``x W^T + b``); ``apply_batch`` is the
+  same for one decode step of many sequences.
 * A weighted mix ``{"a": 0.7, "b": 0.3}`` is exact: each adapter's delta with its weight, the
   same as PEFT's ``add_weighted_adapter(..., combination_type="cat")``, which concatenates the
   weighted ``A`` matrices and the ``B`` matrices. A replaced module mixes the same way:
@@ -39,6 +41,7 @@ from numba import njit
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, read_adapter
 from edgelora.errors import UsageError, PlanError
+from edgelora.runtime.linear import Linear, make_linear
 
 _FM = {"reassoc", "contract", "nsz"}
 
@@ -113,21 +116,25 @@ class Selection:
             return self.members[0][0]
         return ",".join(f"{n}={w:g}" for n, w in self.members)
 
-    def bias(self, module: str, base: np.ndarray | None) -> np.ndarray | None:
-        return self.biases.get(module, base)
-
-    def linear(self, module: str, layer, x: np.ndarray, y: np.ndarray, bias=None) -> np.ndarray:
-        """Finish a module's output: ``y`` is the base product ``layer @ x`` (or None when the module
-        is replaced and the base is not needed); apply replacements, deltas, bias."""
+    def apply(self, module: str, layer: Linear, x: np.ndarray, bias: np.ndarray | None = None,
+              base: np.ndarray | None = None) -> np.ndarray:
+        """Projection ``module`` of rows x [T, in] with this selection's adapters -> [T, out]:
+        ``x W^T + sum_i c_i B_i (A_i x) + b``, a replaced module's weights mixed in for ``W``, a
+        trained bias for ``b``. ``layer`` is the base weight ``W`` and ``bias`` its own ``b``.
+        ``base``: the base product ``x W^T`` when the caller has it already (a batched decode step
+        computes it for every row at once); changed in place."""
         rep = self.replaced.get(module)
         if rep is not None:
-            y = _mix_products(rep, layer, x, y)
+            y = _mixed(rep, layer, x, base)  # [T, out]
+        else:
+            y = layer.matmul(x) if base is None else base  # [T, out]
         for d in self.deltas.get(module, ()):
-            y = d.apply(x, y)
+            y = d.apply(x, y)  # y + c_i B_i (A_i x)
         b = self.biases.get(module, bias)
         return y if b is None else y + b
 
-    def embed(self, layer, ids: np.ndarray) -> np.ndarray:
+    def embed(self, layer: Linear, ids: np.ndarray) -> np.ndarray:
+        """The embeddings of token ids ``ids`` [T] -> [T, H] (a saved embedding mixed in)."""
         rep = self.replaced.get(EMBED)
         if rep is None:
             return layer.rows(ids).astype(np.float32)
@@ -139,15 +146,17 @@ class Selection:
         return x
 
 
-def _mix_products(rep, layer, x, y):
+def _mixed(rep, layer: Linear, x: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+    """A replaced module's product: ``(1 - sum w) x W^T + sum w_i x M_i^T``, the base product (given
+    or computed) only when its weight is not 0."""
     base_w, terms = rep
     out = None
     if base_w:
-        out = (layer.matvec(x[0])[None, :] if x.shape[0] == 1 else layer.matmul(x)) if y is None else y
+        out = layer.matmul(x) if base is None else base
         if base_w != 1.0:
             out = out * np.float32(base_w)
     for w, lin in terms:
-        part = lin.matvec(x[0])[None, :] if x.shape[0] == 1 else lin.matmul(x)
+        part = lin.matmul(x)
         part = part * np.float32(w) if w != 1.0 else part
         out = part if out is None else out + part
     return out
@@ -156,10 +165,18 @@ def _mix_products(rep, layer, x, y):
 BASE = Selection()
 
 
-def _stored_linear(arr: np.ndarray):
-    from edgelora.runtime.kernels import F16Linear
-    from edgelora.runtime.llama import DenseLinear
-    return F16Linear(arr) if arr.dtype == np.float16 else DenseLinear(arr)
+def apply_batch(selections: list, module: str, layer: Linear, X: np.ndarray,
+                bias: np.ndarray | None = None) -> np.ndarray:
+    """Projection ``module`` of one decode step of B sequences, X [B, in] -> [B, out]: the base
+    product once for all rows (``matvec_batch``: each row the same bits as the sequence alone),
+    then each sequence's own selection finishes its row from it."""
+    Y = layer.matvec_batch(X)  # [B, out]
+    for b, sel in enumerate(selections):
+        y = Y[b:b + 1]  # [1, out]
+        out = sel.apply(module, layer, X[b:b + 1], bias, y)
+        if out is not y:  # (a row finished in place is already there)
+            Y[b] = out[0]
+    return Y
 
 
 @dataclass
@@ -216,7 +233,7 @@ def make_resident(name: str, adapter: Adapter, scale: float, modules) -> Residen
             Bt = np.ascontiguousarray(Bt * g[None, :])
         bias = None if p.bias is None else (p.bias * np.float32(coef)).astype(np.float32)
         deltas[module] = Delta(p.A, Bt, float(coef), bias, g)
-    saved = {m: _stored_linear(arr) for m, arr in adapter.saved.items()}
+    saved = {m: make_linear(arr) for m, arr in adapter.saved.items()}
     return Resident(name, adapter, float(scale), deltas, dict(adapter.biases), saved)
 
 
