@@ -274,15 +274,21 @@ def build_selection(members: list[tuple[Resident, float]], base_biases) -> Selec
 
 
 class AdapterSet:
-    """The adapters resident beside one base model: ``model.adapters``."""
+    """The adapters resident beside one base model: ``model.adapters``.
 
-    def __init__(self, model):
-        self._model = model
+    ``net``: the base network the adapters are checked against and applied to (its config, its
+    modules' linear layers and biases). ``on_unload(resident)``: called under the set's lock for
+    each adapter unloaded, so that the model decides what that means for the selection it is
+    using (``Model`` goes back to the base and warns). ``budget_bytes``: the bytes adapters may
+    take in all (a deploy folder's memory plan), None: no limit."""
+
+    def __init__(self, net, on_unload, budget_bytes: int | None = None):
+        self._net = net
+        self._on_unload = on_unload
         self._resident: dict[str, Resident] = {}
         self._lock = threading.Lock()
-        self.base = BaseModules.from_args(model.args)
-        # bytes adapters may take in all (a deploy folder's memory plan), None: no limit
-        self.budget_bytes: int | None = None
+        self.base = BaseModules.from_args(net.args)
+        self.budget_bytes = budget_bytes
 
     @property
     def names(self) -> list[str]:
@@ -319,8 +325,8 @@ class AdapterSet:
         adapter = read_adapter(Path(path), self.base)
         if adapter.is_dora and scale != 1.0:
             raise UsageError(f"DoRA adapter {name!r} can only be loaded with scale 1.0 (got {scale:g})")
-        res = make_resident(name, adapter, scale, self._model.net.module)
-        res.selection = build_selection([(res, 1.0)], self._model.net.base_bias)
+        res = make_resident(name, adapter, scale, self._net.module)
+        res.selection = build_selection([(res, 1.0)], self._net.base_bias)
         res.load_seconds = time.perf_counter() - t0
         with self._lock:
             if name in self._resident:
@@ -334,23 +340,28 @@ class AdapterSet:
             self._resident[name] = res
         return res
 
+    def holds(self, res: Resident) -> bool:
+        """Whether ``res`` is still resident (not unloaded, nor replaced by another of its name)."""
+        return self._resident.get(res.name) is res
+
     def unload(self, name: str) -> None:
-        """Forget adapter ``name``; if the model is using it, the model goes back to the base.
-        Its memory is returned once no running generation still holds it."""
+        """Forget adapter ``name``. The model is told: if its current selection uses the adapter
+        (alone or in a mix), it goes back to the base and says so with a ``UserWarning``.
+        The memory is returned once no running generation still holds it."""
         with self._lock:
             res = self[name]
             del self._resident[name]
-            if any(r is res for r in self._model.selection.adapters):
-                self._model.selection = BASE
+            self._on_unload(res)
 
     def select(self, spec) -> Selection:
-        """A selection from ``None`` (base), a name, or ``{name: weight}``; also ``"a=0.5,b=0.5"``."""
-        if spec is None:
-            return BASE
+        """A selection from ``None`` (base), a name, or ``{name: weight}``; also text as
+        :func:`parse_mix` reads it (``"a"``, ``"a=0.5,b=0.5"``, ``"base"``), parsed here only."""
         if isinstance(spec, Selection):
             return spec
         if isinstance(spec, str):
-            spec = parse_mix(spec)
+            spec = parse_mix(spec)  # a name, a {name: weight} mix, or None
+        if spec is None:
+            return BASE
         if isinstance(spec, str):
             return self[spec].selection
         if isinstance(spec, dict):
@@ -359,7 +370,7 @@ class AdapterSet:
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w):
                     raise UsageError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
                 members.append((self[n], float(w)))
-            return build_selection(members, self._model.net.base_bias)
+            return build_selection(members, self._net.base_bias)
         raise UsageError(f"adapter must be None, a name or a {{name: weight}} dict, got {spec!r}")
 
 

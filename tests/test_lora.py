@@ -11,7 +11,7 @@ import pytest
 
 import edgelora
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
-from edgelora.runtime.lora import lora_delta_reference, lora_matvec_add, parse_mix
+from edgelora.runtime.lora import BASE, lora_delta_reference, lora_matvec_add, parse_mix
 from tiny_models import Adapters, Converted, close, hf_dequantized
 
 torch = pytest.importorskip("torch")
@@ -154,7 +154,9 @@ def test_swap_use_using_unload(bases, adapters):
     np.testing.assert_array_equal(model.logits(ids), lb)
     model.use({"a": 0.5, "b": 0.5})
     assert model.active_adapter == "a=0.5,b=0.5"
-    model.adapters.unload("b")  # in use: the model falls back to the base
+    with pytest.warns(UserWarning, match="adapter 'b' was unloaded while the model was using 'a=0.5,b=0.5'; "
+                                         "the model now uses the base"):
+        model.adapters.unload("b")  # in use: the model falls back to the base, and says so
     assert model.adapters.names == ["a"] and model.active_adapter == "base"
     np.testing.assert_array_equal(model.logits(ids), base)
     with pytest.raises(UsageError, match="no adapter named 'b'"):
@@ -164,6 +166,32 @@ def test_swap_use_using_unload(bases, adapters):
     # scale: half the delta of the same adapter at scale 1
     model.adapters.load("half", adapters("r4-attention"), scale=0.5)
     np.testing.assert_allclose(model.logits(ids, adapter="half"), model.logits(ids, adapter={"a": 0.5}), atol=1e-5)
+
+
+def test_unload_resets_only_a_selection_that_used_it(bases, adapters):
+    import warnings
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=32)
+    model.adapters.load("a", adapters("r4-attention"))
+    model.adapters.load("b", adapters("r16-all-linear"))
+    assert model.use("base") is BASE and model.use("a=0.5,b=0.5").label == "a=0.5,b=0.5"  # text parsed once, there
+    model.use("a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.adapters.unload("b")  # not in use: nothing to say, the selection stays
+    assert model.active_adapter == "a"
+    model.adapters.load("b", adapters("r16-all-linear"))
+    with model.using("b"):
+        with pytest.warns(UserWarning, match="adapter 'b' was unloaded while the model was using 'b'"):
+            model.adapters.unload("b")
+        assert model.active_adapter == "base"
+    assert model.active_adapter == "a"  # what was before comes back: it is still resident
+    # an adapter of what was before unloaded inside the block: the base comes back instead, and says so
+    with pytest.warns(UserWarning, match="adapter 'a' was unloaded while the model was using 'a'; the model now "
+                                         "uses the base"):
+        with model.using(None):
+            model.adapters.unload("a")
+    assert model.active_adapter == "base" and model.selection is BASE
 
 
 def test_unload_returns_memory_after_pinned_generation(bases, adapters):
