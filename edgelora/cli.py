@@ -60,14 +60,13 @@ def _load_model(ns):
     adapter is used by default)."""
     import edgelora
     from edgelora.errors import UsageError
-    from edgelora.runtime.lora import parse_mix
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
                           device_check=not ns.any_device, mmap=not ns.no_mmap)
     for spec in ns.adapter:
         model.adapters.load(*_split_adapter(spec))
     n = len(model.adapters)
     if ns.use is not None:
-        model.use(parse_mix(ns.use))
+        model.use(ns.use)  # the text as given: the model parses a mix
     elif n == 1:
         model.use(model.adapters.names[0])
     elif n > 1:
@@ -103,7 +102,6 @@ CHAT_HELP = ("commands: /adapters lists resident adapters; /use NAME or /use a=0
 def _chat_command(model, cmd: str) -> str:
     """Run one chat slash-command on ``model``; the line to print."""
     import time
-    from edgelora.runtime.lora import parse_mix
     word, _, arg = cmd.partition(" ")
     arg = arg.strip()
     if word == "/adapters":
@@ -118,7 +116,7 @@ def _chat_command(model, cmd: str) -> str:
         return "\n".join(rows + [f"using: {model.active_adapter}"])
     if word in ("/use", "/base"):
         t = time.perf_counter()
-        model.use(None if word == "/base" else parse_mix(arg))
+        model.use(None if word == "/base" else arg)
         return f"(using {model.active_adapter}; switched in {(time.perf_counter() - t) * 1e3:.3f} ms)"
     if word == "/load":
         res = model.adapters.load(*_split_adapter(arg))

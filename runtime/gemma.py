@@ -76,7 +76,7 @@ class GemmaModel(LlamaModel):
     def gated(self, proj, h: np.ndarray) -> np.ndarray:
         return gelu_tanh(proj("gate", h)) * proj("up", h)  # [T, I]
 
-    def embed(self, tokens: np.ndarray, lora=None) -> np.ndarray:
+    def embed(self, tokens: np.ndarray, lora) -> np.ndarray:
         return super().embed(tokens, lora) * self.normalizer  # [T, H]
 
 

@@ -9,8 +9,8 @@ removing the folder is always safe. ``NUMBA_CACHE_DIR``, when set, is the user's
 
 :func:`install` adds the locator that does this; ``edgelora.runtime`` (and the converter's NF4
 kernels) call it before any kernel is defined. Compiling every kernel takes tens of seconds the
-first time on a machine: :func:`ensure_compiled` says so in one line and compiles them at load,
-and ``edgelora warmup`` does it ahead of time.
+first time on a machine: ``runtime/warmup.py`` says so in one line and compiles them when a model is
+loaded, and ``edgelora warmup`` does it ahead of time (at install time on a device).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
-import time
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -92,14 +90,15 @@ def install() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# first use: say so, compile at load
+# which configurations are compiled (runtime/warmup.py)
 # ---------------------------------------------------------------------------------------------
 
 def _ready_file() -> Path:
     return kernel_cache_dir() / "ready.json"
 
 
-def _ready() -> dict:
+def compiled_configurations() -> dict:
+    """``{signature: seconds its first compilation took}`` of what is compiled on this machine."""
     try:
         known = json.loads(_ready_file().read_text())
         return known if isinstance(known, dict) else {}
@@ -107,33 +106,27 @@ def _ready() -> dict:
         return {}
 
 
-def _estimate(known: dict) -> float:
-    seconds = [v for v in known.values() if isinstance(v, (int, float)) and v > 0]
-    return max(seconds) if seconds else DEFAULT_COMPILE_SECONDS
-
-
-def status_line(text: str) -> None:
-    """A one-line status for a person watching a terminal (nothing when stderr is not a terminal)."""
-    if sys.stderr is not None and sys.stderr.isatty():
-        print(text, file=sys.stderr, flush=True)
-
-
-def ensure_compiled(model, force: bool = False) -> float:
-    """Compile (or load from the cache) every kernel ``model`` runs, unless this configuration is
-    known to be compiled on this machine already; returns the seconds spent (0 when it was).
-    The first time, a one-line notice says how long it will take."""
-    from edgelora.runtime.warmup import warmup, warmup_signature
-    signature = warmup_signature(model)
-    known = _ready()
-    if signature in known and not force:
-        return 0.0
-    status_line(f"edgelora: compiling kernels for this CPU (once, about {_estimate(known):.0f} s)")
-    t = time.perf_counter()
-    warmup(model)
-    seconds = time.perf_counter() - t
+def record_compiled(signature: str, seconds: float) -> None:
+    known = compiled_configurations()
     known[signature] = round(seconds, 2)
     try:
         write_text_atomic(_ready_file(), json.dumps(known, indent=1, sort_keys=True))
     except EdgeLoraError:
         pass  # an unwritable cache folder only means compiling again next time
-    return seconds
+
+
+def expected_compile_seconds() -> float:
+    """How long a first compilation takes here: the longest one recorded, else a typical figure."""
+    seconds = [v for v in compiled_configurations().values() if isinstance(v, (int, float)) and v > 0]
+    return max(seconds) if seconds else DEFAULT_COMPILE_SECONDS
+
+
+def sources_stamp() -> str:
+    """A digest of the kernels' source files (name, size, modification time): editing a kernel in a
+    source checkout makes its configurations count as not compiled again."""
+    h = hashlib.sha256()
+    for folder in sorted(_OURS):
+        for f in sorted(folder.glob("*.py")):
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]

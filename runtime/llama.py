@@ -2,9 +2,12 @@
 
 Follows Hugging Face transformers' ``modeling_llama.py`` (the reference the tests compare with)
 and the shape of picoGPT's ``gpt2.py`` / llama2.c's ``forward``: small pure functions, a shape
-comment on each line. Weights arrive as linear-layer objects with ``matvec``/``matmul``/``rows``
-(``NF4Linear``, ``F16Linear``, ``DenseLinear``): this module never asks whether a weight is
-quantized. Keys and values live in a cache preallocated for ``max_context`` positions.
+comment on each line. Weights arrive as linear-layer objects (``runtime/linear.py``'s ``Linear``:
+``NF4Linear``, ``F16Linear``, ``DenseLinear``): this module never asks whether a weight is
+quantized. Every projection runs through the adapter :class:`~edgelora.runtime.lora.Selection`
+of the generation, ``Selection.apply`` (the plain base is the selection ``BASE``), so the model
+code is the same with adapters or without. Keys and values live in a cache preallocated for
+``max_context`` positions.
 
 Rotary embeddings as transformers computes them (``rope_theta``; ``llama3`` and ``linear``
 scaling as in ``modeling_rope_utils.py``), rotate-half convention, grouped-query attention,
@@ -28,37 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgelora.config import ModelArgs
-
-
-class DenseLinear:
-    """A float32 weight ``[out, in]`` with the linear-layer interface (small tensors, tests)."""
-
-    def __init__(self, w: np.ndarray):
-        self.weight = np.ascontiguousarray(w, np.float32)
-        self.out_features, self.in_features = self.weight.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes
-
-    def matvec(self, x, out=None):
-        return np.dot(self.weight, x, out=out)
-
-    def matmul(self, x):
-        return x @ self.weight.T
-
-    def matvec_batch(self, X, out=None):
-        """X [B, in] -> [B, out], each row exactly ``matvec`` of that row."""
-        out = np.empty((X.shape[0], self.out_features), np.float32) if out is None else out
-        for b in range(X.shape[0]):
-            np.dot(self.weight, np.ascontiguousarray(X[b]), out=out[b])
-        return out
-
-    def dequantize_rows(self, r0, r1, buf=None):
-        return self.weight[r0:r1]
-
-    def rows(self, ids):
-        return self.weight[np.asarray(ids, np.int64)]
+from edgelora.runtime.lora import BASE, Selection, apply_batch
 
 
 @dataclass
@@ -259,29 +232,6 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (np.float32(1.0) + np.exp(-x))
 
 
-def linear(layer, x: np.ndarray, bias: np.ndarray | None = None, lora=None, module: str = "") -> np.ndarray:
-    """``x W^T + b``, with the LoRA deltas (and replaced modules) of selection ``lora`` for ``module``."""
-    replaced = lora is not None and module in lora.replaced and not lora.replaced[module][0]
-    y = None if replaced else layer.matvec(x[0])[None, :] if x.shape[0] == 1 else layer.matmul(x)  # [T, out]
-    if lora is not None:
-        return lora.linear(module, layer, x, y, bias)  # y + sum_i c_i B_i (A_i x) + b
-    return y if bias is None else y + bias
-
-
-def linear_batch(layer, x: np.ndarray, biases: list, loras: list, module: str) -> np.ndarray:
-    """One decode step of B sequences: the base product once for all rows (each row the same bits
-    as ``linear`` of that row alone), then each sequence's own adapter on its row."""
-    y = layer.matvec_batch(x)  # [B, out]
-    for b, lora in enumerate(loras):
-        if lora.members and module in lora.replaced:
-            y[b] = linear(layer, x[b:b + 1], biases[b], lora, module)[0]
-        elif lora.members:
-            y[b] = lora.linear(module, layer, x[b:b + 1], y[b:b + 1], biases[b])[0]
-        elif biases[b] is not None:
-            y[b] += biases[b]
-    return y
-
-
 # ---------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------
@@ -367,10 +317,8 @@ class LlamaModel:
     def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return rmsnorm(x, w, self.args.rms_norm_eps)  # [T, H]
 
-    def embed(self, tokens: np.ndarray, lora=None) -> np.ndarray:
+    def embed(self, tokens: np.ndarray, lora: Selection) -> np.ndarray:
         """The tokens' embeddings (an adapter's saved embedding when it has one)."""
-        if lora is None:
-            return self.w.embed.rows(tokens).astype(np.float32)  # [T, H]
         return lora.embed(self.w.embed, tokens)  # [T, H]
 
     def window_of(self, i: int) -> int | None:
@@ -388,11 +336,11 @@ class LlamaModel:
         h = self.norm(x, L.mlp_norm)  # [T, H]
         return x + proj("down", self.gated(proj, h))  # [T, H]
 
-    def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora=None) -> np.ndarray:
+    def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora: Selection = BASE) -> np.ndarray:
         L, n = self.w.layers[i], self.names[i]
 
         def proj(k, inp):  # the projection k of this layer, with the adapters' deltas
-            return linear(getattr(L, k), inp, L.biases.get(k), lora, n[k])
+            return lora.apply(n[k], getattr(L, k), inp, L.biases.get(k))
 
         return self.layer(L, x, proj, lambda q, k, v: self.attend(i, q, k, v, cache, start))  # [T, H]
 
@@ -406,30 +354,29 @@ class LlamaModel:
         return attention(q, cache.k[i, :start + T], cache.v[i, :start + T], np.arange(start, start + T),
                          self.window_of(i), self.scale, self.attn_cap)  # [T, nh*hd]
 
-    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False, lora=None) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False,
+                lora: Selection = BASE) -> np.ndarray:
         """Run ``tokens`` after the cache's contents; logits of the last (or every) position.
-        ``lora``: the adapter :class:`~edgelora.runtime.lora.Selection` to run with (None: base)."""
+        ``lora``: the adapter :class:`~edgelora.runtime.lora.Selection` to run with."""
         start = cache.length
-        lora = lora if lora is not None and lora.members else None  # the base: no adapter bookkeeping
         x = self.embed(tokens, lora)  # [T, H]
         for i in range(self.args.num_hidden_layers):
             x = self.block(i, x, cache, start, lora)
         cache.length = start + len(tokens)
         x = self.norm(x if all_logits else x[-1:], self.w.norm)  # [T or 1, H]
-        return self.capped(linear(self.w.head, x, None, lora, "lm_head"))  # [T or 1, V]
+        return self.capped(lora.apply("lm_head", self.w.head, x))  # [T or 1, V]
 
     def forward_batch(self, tokens: np.ndarray, caches: list, loras: list) -> np.ndarray:
         """One decode step for B sequences, each with its own cache and adapter selection: every
         base product is computed once for the batch. Row b equals ``forward(tokens[b:b+1],
         caches[b], lora=loras[b])`` bit for bit."""
-        a, B = self.args, len(tokens)
+        a = self.args
         x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
         for i in range(a.num_hidden_layers):
             L, n = self.w.layers[i], self.names[i]
 
-            def proj(k, inp):
-                return linear_batch(getattr(L, k), inp, [lo.bias(n[k], L.biases.get(k)) for lo in loras],
-                                    loras, n[k])
+            def proj(k, inp):  # the base product once for the batch, each row its own adapters
+                return apply_batch(loras, n[k], getattr(L, k), inp, L.biases.get(k))
 
             def attend(q, k, v):  # q: [B, nh, hd]; k, v: [B, nkv, hd]; each sequence its own cache
                 return np.concatenate([self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, c.length)
@@ -439,4 +386,4 @@ class LlamaModel:
         for c in caches:
             c.length += 1
         x = self.norm(x, self.w.norm)  # [B, H]
-        return self.capped(linear_batch(self.w.head, x, [None] * B, loras, "lm_head"))  # [B, V]
+        return self.capped(apply_batch(loras, "lm_head", self.w.head, x))  # [B, V]

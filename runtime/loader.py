@@ -8,8 +8,8 @@ import numpy as np
 
 from edgelora.bundle import Bundle
 from edgelora.errors import FormatError, UnsupportedError
-from edgelora.runtime.kernels import F16Linear, NF4Linear
-from edgelora.runtime.llama import DenseLinear, LlamaModel, Weights
+from edgelora.runtime.linear import make_linear
+from edgelora.runtime.llama import LlamaModel, Weights
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
 from edgelora.runtime.phi3 import Phi3Model
 
@@ -19,15 +19,9 @@ LAYER_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layer
 DEFAULT_MAX_CONTEXT = 2048
 
 
-def make_linear(bundle: Bundle, name: str):
-    """The linear-layer object for a stored tensor: the model never sees how it is stored."""
-    e = bundle.entries[name]
-    if e.storage == "nf4":
-        return NF4Linear(bundle.nf4(name))
-    raw = bundle.weights.raw(name)
-    if raw.dtype == np.float16:
-        return F16Linear(raw)
-    return DenseLinear(raw)
+def stored(bundle: Bundle, name: str):
+    """A weight as the bundle stores it, for :func:`make_linear`: its NF4 tensor, or its raw array."""
+    return bundle.nf4(name) if bundle.entries[name].storage == "nf4" else bundle.weights.raw(name)
 
 
 def vector(bundle: Bundle, name: str) -> np.ndarray:
@@ -43,14 +37,15 @@ def build_weights(bundle: Bundle) -> Weights:
     layers = []
     for i in range(a.num_hidden_layers):
         p = f"model.layers.{i}."
-        linears = {short: make_linear(bundle, p + full + ".weight") for short, full in model_cls.PROJECTIONS.items()}
+        linears = {short: make_linear(stored(bundle, p + full + ".weight"))
+                   for short, full in model_cls.PROJECTIONS.items()}
         biases = {short: vector(bundle, p + full + ".bias") for short, full in model_cls.PROJECTIONS.items()
                   if p + full + ".bias" in names}
         norms = {short: vector(bundle, p + full + ".weight")
                  for short, full in getattr(model_cls, "NORMS", LAYER_NORMS).items()}
         layers.append(model_cls.Layer(biases=biases, **norms, **linears))
-    embed = make_linear(bundle, "model.embed_tokens.weight")
-    head = embed if a.tie_word_embeddings else make_linear(bundle, "lm_head.weight")
+    embed = make_linear(stored(bundle, "model.embed_tokens.weight"))
+    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, "lm_head.weight"))
     return Weights(embed=embed, layers=layers, norm=vector(bundle, "model.norm.weight"), head=head)
 
 

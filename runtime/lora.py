@@ -12,7 +12,9 @@ adapters swaps one immutable :class:`Selection` object for another, nothing is c
   (``modules_to_save``). It is built once when the user picks it and never changes, so a
   generation holds on to the one it started with while other threads switch (the pinning that
   makes hot swaps safe); an unloaded adapter's memory is returned once the last generation
-  holding it ends.
+  holding it ends. ``Selection.apply`` is the one path of every projection, adapters or none (the
+  plain base is the selection ``BASE``, with no members: ``x W^T + b``); ``apply_batch`` is the
+  same for one decode step of many sequences.
 * A weighted mix ``{"a": 0.7, "b": 0.3}`` is exact: each adapter's delta with its weight, the
   same as PEFT's ``add_weighted_adapter(..., combination_type="cat")``, which concatenates the
   weighted ``A`` matrices and the ``B`` matrices. A replaced module mixes the same way:
@@ -39,6 +41,7 @@ from numba import njit
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, read_adapter
 from edgelora.errors import UsageError, PlanError
+from edgelora.runtime.linear import Linear, make_linear
 
 _FM = {"reassoc", "contract", "nsz"}
 
@@ -113,21 +116,25 @@ class Selection:
             return self.members[0][0]
         return ",".join(f"{n}={w:g}" for n, w in self.members)
 
-    def bias(self, module: str, base: np.ndarray | None) -> np.ndarray | None:
-        return self.biases.get(module, base)
-
-    def linear(self, module: str, layer, x: np.ndarray, y: np.ndarray, bias=None) -> np.ndarray:
-        """Finish a module's output: ``y`` is the base product ``layer @ x`` (or None when the module
-        is replaced and the base is not needed); apply replacements, deltas, bias."""
+    def apply(self, module: str, layer: Linear, x: np.ndarray, bias: np.ndarray | None = None,
+              base: np.ndarray | None = None) -> np.ndarray:
+        """Projection ``module`` of rows x [T, in] with this selection's adapters -> [T, out]:
+        ``x W^T + sum_i c_i B_i (A_i x) + b``, a replaced module's weights mixed in for ``W``, a
+        trained bias for ``b``. ``layer`` is the base weight ``W`` and ``bias`` its own ``b``.
+        ``base``: the base product ``x W^T`` when the caller has it already (a batched decode step
+        computes it for every row at once); changed in place."""
         rep = self.replaced.get(module)
         if rep is not None:
-            y = _mix_products(rep, layer, x, y)
+            y = _mixed(rep, layer, x, base)  # [T, out]
+        else:
+            y = layer.matmul(x) if base is None else base  # [T, out]
         for d in self.deltas.get(module, ()):
-            y = d.apply(x, y)
+            y = d.apply(x, y)  # y + c_i B_i (A_i x)
         b = self.biases.get(module, bias)
         return y if b is None else y + b
 
-    def embed(self, layer, ids: np.ndarray) -> np.ndarray:
+    def embed(self, layer: Linear, ids: np.ndarray) -> np.ndarray:
+        """The embeddings of token ids ``ids`` [T] -> [T, H] (a saved embedding mixed in)."""
         rep = self.replaced.get(EMBED)
         if rep is None:
             return layer.rows(ids).astype(np.float32)
@@ -139,15 +146,17 @@ class Selection:
         return x
 
 
-def _mix_products(rep, layer, x, y):
+def _mixed(rep, layer: Linear, x: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+    """A replaced module's product: ``(1 - sum w) x W^T + sum w_i x M_i^T``, the base product (given
+    or computed) only when its weight is not 0."""
     base_w, terms = rep
     out = None
     if base_w:
-        out = (layer.matvec(x[0])[None, :] if x.shape[0] == 1 else layer.matmul(x)) if y is None else y
+        out = layer.matmul(x) if base is None else base
         if base_w != 1.0:
             out = out * np.float32(base_w)
     for w, lin in terms:
-        part = lin.matvec(x[0])[None, :] if x.shape[0] == 1 else lin.matmul(x)
+        part = lin.matmul(x)
         part = part * np.float32(w) if w != 1.0 else part
         out = part if out is None else out + part
     return out
@@ -156,10 +165,18 @@ def _mix_products(rep, layer, x, y):
 BASE = Selection()
 
 
-def _stored_linear(arr: np.ndarray):
-    from edgelora.runtime.kernels import F16Linear
-    from edgelora.runtime.llama import DenseLinear
-    return F16Linear(arr) if arr.dtype == np.float16 else DenseLinear(arr)
+def apply_batch(selections: list, module: str, layer: Linear, X: np.ndarray,
+                bias: np.ndarray | None = None) -> np.ndarray:
+    """Projection ``module`` of one decode step of B sequences, X [B, in] -> [B, out]: the base
+    product once for all rows (``matvec_batch``: each row the same bits as the sequence alone),
+    then each sequence's own selection finishes its row from it."""
+    Y = layer.matvec_batch(X)  # [B, out]
+    for b, sel in enumerate(selections):
+        y = Y[b:b + 1]  # [1, out]
+        out = sel.apply(module, layer, X[b:b + 1], bias, y)
+        if out is not y:  # (a row finished in place is already there)
+            Y[b] = out[0]
+    return Y
 
 
 @dataclass
@@ -216,7 +233,7 @@ def make_resident(name: str, adapter: Adapter, scale: float, modules) -> Residen
             Bt = np.ascontiguousarray(Bt * g[None, :])
         bias = None if p.bias is None else (p.bias * np.float32(coef)).astype(np.float32)
         deltas[module] = Delta(p.A, Bt, float(coef), bias, g)
-    saved = {m: _stored_linear(arr) for m, arr in adapter.saved.items()}
+    saved = {m: make_linear(arr) for m, arr in adapter.saved.items()}
     return Resident(name, adapter, float(scale), deltas, dict(adapter.biases), saved)
 
 
@@ -257,15 +274,21 @@ def build_selection(members: list[tuple[Resident, float]], base_biases) -> Selec
 
 
 class AdapterSet:
-    """The adapters resident beside one base model: ``model.adapters``."""
+    """The adapters resident beside one base model: ``model.adapters``.
 
-    def __init__(self, model):
-        self._model = model
+    ``net``: the base network the adapters are checked against and applied to (its config, its
+    modules' linear layers and biases). ``on_unload(resident)``: called under the set's lock for
+    each adapter unloaded, so that the model decides what that means for the selection it is
+    using (``Model`` goes back to the base and warns). ``budget_bytes``: the bytes adapters may
+    take in all (a deploy folder's memory plan), None: no limit."""
+
+    def __init__(self, net, on_unload, budget_bytes: int | None = None):
+        self._net = net
+        self._on_unload = on_unload
         self._resident: dict[str, Resident] = {}
         self._lock = threading.Lock()
-        self.base = BaseModules.from_args(model.args)
-        # bytes adapters may take in all (a deploy folder's memory plan), None: no limit
-        self.budget_bytes: int | None = None
+        self.base = BaseModules.from_args(net.args)
+        self.budget_bytes = budget_bytes
 
     @property
     def names(self) -> list[str]:
@@ -302,8 +325,8 @@ class AdapterSet:
         adapter = read_adapter(Path(path), self.base)
         if adapter.is_dora and scale != 1.0:
             raise UsageError(f"DoRA adapter {name!r} can only be loaded with scale 1.0 (got {scale:g})")
-        res = make_resident(name, adapter, scale, self._model.net.module)
-        res.selection = build_selection([(res, 1.0)], self._model.net.base_bias)
+        res = make_resident(name, adapter, scale, self._net.module)
+        res.selection = build_selection([(res, 1.0)], self._net.base_bias)
         res.load_seconds = time.perf_counter() - t0
         with self._lock:
             if name in self._resident:
@@ -317,23 +340,28 @@ class AdapterSet:
             self._resident[name] = res
         return res
 
+    def holds(self, res: Resident) -> bool:
+        """Whether ``res`` is still resident (not unloaded, nor replaced by another of its name)."""
+        return self._resident.get(res.name) is res
+
     def unload(self, name: str) -> None:
-        """Forget adapter ``name``; if the model is using it, the model goes back to the base.
-        Its memory is returned once no running generation still holds it."""
+        """Forget adapter ``name``. The model is told: if its current selection uses the adapter
+        (alone or in a mix), it goes back to the base and says so with a ``UserWarning``.
+        The memory is returned once no running generation still holds it."""
         with self._lock:
             res = self[name]
             del self._resident[name]
-            if any(r is res for r in self._model.selection.adapters):
-                self._model.selection = BASE
+            self._on_unload(res)
 
     def select(self, spec) -> Selection:
-        """A selection from ``None`` (base), a name, or ``{name: weight}``; also ``"a=0.5,b=0.5"``."""
-        if spec is None:
-            return BASE
+        """A selection from ``None`` (base), a name, or ``{name: weight}``; also text as
+        :func:`parse_mix` reads it (``"a"``, ``"a=0.5,b=0.5"``, ``"base"``), parsed here only."""
         if isinstance(spec, Selection):
             return spec
         if isinstance(spec, str):
-            spec = parse_mix(spec)
+            spec = parse_mix(spec)  # a name, a {name: weight} mix, or None
+        if spec is None:
+            return BASE
         if isinstance(spec, str):
             return self[spec].selection
         if isinstance(spec, dict):
@@ -342,7 +370,7 @@ class AdapterSet:
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or not np.isfinite(w):
                     raise UsageError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
                 members.append((self[n], float(w)))
-            return build_selection(members, self._model.net.base_bias)
+            return build_selection(members, self._net.base_bias)
         raise UsageError(f"adapter must be None, a name or a {{name: weight}} dict, got {spec!r}")
 
 

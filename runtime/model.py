@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,10 @@ from edgelora.bundle import Bundle
 from edgelora.errors import UsageError
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
-from edgelora.runtime.lora import BASE, AdapterSet, Selection
+from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
 from edgelora.runtime.sampling import Sampler, SamplingParams, log_softmax, most_likely
 from edgelora.runtime.threads import ThreadGovernor, set_threads, thread_count
+from edgelora.runtime.warmup import ensure_compiled
 
 PREFILL_CHUNK = 256
 CURRENT = object()  # ``adapter=`` not given: use the model's current selection
@@ -234,9 +236,13 @@ class _Sequence:
 
 
 class Model:
-    """A loaded bundle, ready to generate. Create with :func:`edgelora.load`."""
+    """A loaded bundle, ready to generate. Create with :func:`edgelora.load`.
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None):
+    ``deployment``: the :class:`~edgelora.deployment.Deployment` when the bundle comes from a
+    deploy folder: its adapters are made resident, and no more adapter bytes than it planned."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
+                 deployment=None):
         from edgelora.runtime.tokenizer import Tokenizer
         self.bundle = bundle
         self.path = bundle.path
@@ -248,10 +254,13 @@ class Model:
         self.tokenizer = Tokenizer.from_dir(bundle.path)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._local = threading.local()  # statistics of the last generation, per thread
-        self.adapters = AdapterSet(self)
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
         self._step = threading.Lock()  # one forward step at a time (kernels share thread pools)
-        self.deployment = None  # the Deployment when loaded from a deploy folder (edgelora.deployment)
+        self.deployment = deployment  # the Deployment when loaded from a deploy folder (edgelora.deployment)
+        self.adapters = AdapterSet(self.net, self._unloaded,
+                                   budget_bytes=None if deployment is None else deployment.adapter_bytes)
+        for name, adapter_path in ({} if deployment is None else deployment.adapters).items():
+            self.adapters.load(name, adapter_path)
 
     @property
     def last_stats(self) -> GenerationStats:
@@ -276,20 +285,36 @@ class Model:
     # --- adapters --------------------------------------------------------------------------
     def use(self, adapter) -> Selection:
         """Make ``adapter`` the current selection: a resident adapter's name, ``None`` for the plain
-        base, or ``{"a": 0.7, "b": 0.3}`` for an exact weighted mix. Copies no weights.
+        base, or ``{"a": 0.7, "b": 0.3}`` for an exact weighted mix (as text too: ``"a=0.7,b=0.3"``,
+        ``"base"``). Copies no weights.
         Generations already running keep the selection they started with."""
         self.selection = self.adapters.select(adapter)
         return self.selection
 
     @contextmanager
     def using(self, adapter):
-        """``with model.using("a"): ...`` uses ``adapter`` inside the block, then what was before."""
+        """``with model.using("a"): ...`` uses ``adapter`` inside the block, then what was before
+        (or the base, with a warning, when the block unloaded an adapter of what was before)."""
         before = self.selection
         self.use(adapter)
         try:
             yield self.selection
         finally:
-            self.selection = before
+            gone = next((r for r in before.adapters if not self.adapters.holds(r)), None)
+            self.selection = before if gone is None else self._without(gone, before)
+
+    def _unloaded(self, res: Resident) -> None:
+        """``adapters.unload`` tells the model ``res`` is gone: a current selection that uses it
+        (alone or in a mix) gives way to the base. Generations already running keep theirs."""
+        if any(r is res for r in self.selection.adapters):
+            self.selection = self._without(res, self.selection)
+
+    @staticmethod
+    def _without(res: Resident, was: Selection) -> Selection:
+        """The base, in place of selection ``was`` that adapter ``res``'s unloading took away; says so."""
+        warnings.warn(f"adapter {res.name!r} was unloaded while the model was using {was.label!r}; "
+                      f"the model now uses the base", stacklevel=4)
+        return BASE
 
     @property
     def active_adapter(self) -> str:
@@ -527,7 +552,7 @@ class Model:
 
 
 def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True,
-         adapters: dict | None = None, device_check: bool = True, mmap: bool = True) -> Model:
+         adapters: dict | None = None, device_check: bool = True, mmap: bool = True, warmup: bool = True) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
     generate.
 
@@ -539,6 +564,11 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
     ``mmap=False`` reads the weights into process memory instead of mapping the file (llama.cpp's
     ``--no-mmap``): the same bytes resident, a slower start, and on Linux with transparent huge
     pages a faster decode (the page cache is mapped with small pages; README, *Benchmarks*).
+    ``threads``: the most threads the kernels use (default: every core this process may use);
+    fewer while other processes keep cores busy (:mod:`edgelora.runtime.threads`).
+    ``warmup``: the first time this configuration runs on this machine, compile its kernels now
+    (after a one-line notice on a terminal: tens of seconds, once) rather than during the first
+    generation, whose speeds would then include compiling (``edgelora warmup`` does it ahead).
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
@@ -555,13 +585,12 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
             raise PlanError(f"max_context {max_context} is more than the {dep.context} positions this deploy folder "
                             f"was planned for; deploy again with --context {max_context}", path)
         max_context = dep.context if max_context is None else max_context
-        model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap), threads=threads, max_context=max_context)
-        model.deployment = dep
-        model.adapters.budget_bytes = dep.adapter_bytes
-        for name, adapter_path in dep.adapters.items():
-            model.adapters.load(name, adapter_path)
+        model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap), threads=threads, max_context=max_context,
+                      deployment=dep)
     else:
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
+    if warmup:
+        ensure_compiled(model)
     return model

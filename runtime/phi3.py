@@ -5,7 +5,7 @@ Phi-3 stores q, k and v as one ``qkv_proj`` [(nh + 2 nkv) hd, H] and gate and up
 NF4 tensor exactly as bitsandbytes quantizes it for a QLoRA base (one double-quant offset for
 the whole fused weight), and PEFT's Phi-3 adapters target the fused modules, their ``lora_B`` rows
 spanning the fused output. So a layer computes the fused product once (base plus adapter deltas,
-through the same ``linear``/``linear_batch`` as Llama) and splits its output, as transformers'
+through the same ``Selection.apply`` as Llama) and splits its output, as transformers'
 ``Phi3Attention``/``Phi3MLP`` do. Everything else is ``LlamaModel``'s: RMSNorm, rotary embeddings
 (also over part of the head, ``partial_rotary_factor``), grouped-query attention with the
 optional ``sliding_window``, tied or separate head.

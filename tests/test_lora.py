@@ -11,7 +11,7 @@ import pytest
 
 import edgelora
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
-from edgelora.runtime.lora import lora_delta_reference, lora_matvec_add, parse_mix
+from edgelora.runtime.lora import BASE, lora_delta_reference, lora_matvec_add, parse_mix
 from tiny_models import Adapters, Converted, close, hf_dequantized
 
 torch = pytest.importorskip("torch")
@@ -130,8 +130,8 @@ def test_mix_of_saved_heads_interpolates(bases, adapters):
     sel_full, sel_half = model.adapters.select("h"), model.adapters.select({"h": 0.5})
     head = model.net.w.head
     base = head.matvec(x[0])
-    full = sel_full.linear("lm_head", head, x, None)[0]
-    half = sel_half.linear("lm_head", head, x, head.matvec(x[0])[None])[0]
+    full = sel_full.apply("lm_head", head, x)[0]
+    half = sel_half.apply("lm_head", head, x, base=head.matvec(x[0])[None])[0]
     np.testing.assert_allclose(half, 0.5 * base + 0.5 * full, rtol=1e-5, atol=1e-5)
 
 
@@ -154,7 +154,9 @@ def test_swap_use_using_unload(bases, adapters):
     np.testing.assert_array_equal(model.logits(ids), lb)
     model.use({"a": 0.5, "b": 0.5})
     assert model.active_adapter == "a=0.5,b=0.5"
-    model.adapters.unload("b")  # in use: the model falls back to the base
+    with pytest.warns(UserWarning, match="adapter 'b' was unloaded while the model was using 'a=0.5,b=0.5'; "
+                                         "the model now uses the base"):
+        model.adapters.unload("b")  # in use: the model falls back to the base, and says so
     assert model.adapters.names == ["a"] and model.active_adapter == "base"
     np.testing.assert_array_equal(model.logits(ids), base)
     with pytest.raises(UsageError, match="no adapter named 'b'"):
@@ -164,6 +166,32 @@ def test_swap_use_using_unload(bases, adapters):
     # scale: half the delta of the same adapter at scale 1
     model.adapters.load("half", adapters("r4-attention"), scale=0.5)
     np.testing.assert_allclose(model.logits(ids, adapter="half"), model.logits(ids, adapter={"a": 0.5}), atol=1e-5)
+
+
+def test_unload_resets_only_a_selection_that_used_it(bases, adapters):
+    import warnings
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=32)
+    model.adapters.load("a", adapters("r4-attention"))
+    model.adapters.load("b", adapters("r16-all-linear"))
+    assert model.use("base") is BASE and model.use("a=0.5,b=0.5").label == "a=0.5,b=0.5"  # text parsed once, there
+    model.use("a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.adapters.unload("b")  # not in use: nothing to say, the selection stays
+    assert model.active_adapter == "a"
+    model.adapters.load("b", adapters("r16-all-linear"))
+    with model.using("b"):
+        with pytest.warns(UserWarning, match="adapter 'b' was unloaded while the model was using 'b'"):
+            model.adapters.unload("b")
+        assert model.active_adapter == "base"
+    assert model.active_adapter == "a"  # what was before comes back: it is still resident
+    # an adapter of what was before unloaded inside the block: the base comes back instead, and says so
+    with pytest.warns(UserWarning, match="adapter 'a' was unloaded while the model was using 'a'; the model now "
+                                         "uses the base"):
+        with model.using(None):
+            model.adapters.unload("a")
+    assert model.active_adapter == "base" and model.selection is BASE
 
 
 def test_unload_returns_memory_after_pinned_generation(bases, adapters):
@@ -204,6 +232,29 @@ def test_batch_equals_one_by_one(bases, adapters):
     # sampled generation with a seed is per-sequence identical too
     ref = [model.generate(p, max_new_tokens=8, adapter=s, temperature=0.9, seed=5) for p, s in zip(prompts, specs)]
     assert model.generate_batch(prompts, adapters=specs, max_new_tokens=8, temperature=0.9, seed=5) == ref
+
+
+def test_batch_reuses_the_base_product_of_a_replaced_module(bases, adapters):
+    """A mix with a saved head takes the head's base product from the batch's ``matvec_batch``
+    (no second product), and each row is still bit for bit the sequence decoded alone."""
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=32)
+    model.adapters.load("h", adapters("save-head"))
+    model.adapters.load("a", adapters("r4-attention"))
+    sels = [model.adapters.select(s) for s in [{"h": 0.5}, {"h": 0.5, "a": 0.5}, "h", None]]
+    head = model.net.w.head
+    products = []
+    matvec = head.matvec
+    head.matvec = lambda *a, **k: products.append(1) or matvec(*a, **k)  # counts the head's single products
+    caches = [model.net.new_cache() for _ in sels]
+    singles = [model.net.new_cache() for _ in sels]
+    for step in range(4):
+        toks = np.array([3 + step, 7, 11 + 2 * step, 2 * step + 1])
+        products.clear()
+        out = model.net.forward_batch(toks, caches, sels)
+        assert not products
+        for b, sel in enumerate(sels):
+            np.testing.assert_array_equal(out[b], model.net.forward(toks[b:b + 1], singles[b], lora=sel)[-1])
 
 
 @pytest.mark.parametrize("arch, one, two", [("qwen2", "dora", "qwen-bias-all"),

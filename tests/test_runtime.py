@@ -44,6 +44,28 @@ def test_logits_match_transformers_prefill_and_decode(converted):
     assert close(steps, ref), np.abs(steps - ref).max()
 
 
+def test_every_weight_keeps_the_linear_contract(converted):
+    """Every weight the model holds is a ``Linear``, stored as ``make_linear`` decides; one row of
+    ``matmul`` and each row of ``matvec_batch`` are ``matvec``'s bits (what a decode step's
+    equality alone, in a prefill of one token and in a batch rests on)."""
+    from edgelora.runtime.kernels import F16Linear, NF4Linear
+    from edgelora.runtime.linear import DenseLinear, Linear, make_linear
+    _, out = converted
+    model = edgelora.load(out, max_context=MAX_CONTEXT)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 10)).astype(np.float32)
+    assert isinstance(make_linear(w.astype(np.float16)), F16Linear) and isinstance(make_linear(w), DenseLinear)
+    assert isinstance(model.net.w.layers[0].down, NF4Linear)
+    layers = [v for L in model.net.w.layers for v in vars(L).values() if not isinstance(v, (np.ndarray, dict))]
+    for lin in [*layers, model.net.w.embed, model.net.w.head, make_linear(w.astype(np.float16)), make_linear(w)]:
+        assert isinstance(lin, Linear), type(lin)
+        X = rng.standard_normal((3, lin.in_features)).astype(np.float32)
+        one = lin.matvec(X[1])
+        np.testing.assert_array_equal(lin.matmul(X[1:2])[0], one)
+        np.testing.assert_array_equal(lin.matvec_batch(X)[1], one)
+        assert lin.dequantize_rows(0, 2).shape == (2, lin.in_features) and lin.nbytes > 0
+
+
 def test_greedy_tokens_match_transformers(converted):
     src, out = converted
     model = edgelora.load(out, max_context=MAX_CONTEXT)

@@ -1,0 +1,95 @@
+"""The linear-layer contract: what the model asks of a weight ``W [out_features, in_features]``.
+
+A weight reaches the model as an object with this interface, however it is stored: NF4
+(``NF4Linear``) and float16 (``F16Linear``) read the stored bytes in place through the kernels of
+``runtime/kernels.py``; float32 (``DenseLinear``, here) multiplies with NumPy. The model never asks
+which it holds, and LoRA never changes it: adapters are applied beside the product
+(``runtime/lora.py``, ``Selection.apply``).
+
+:func:`make_linear` is the one place that decides which class a stored weight gets, for the
+bundle's weights (``runtime/loader.py``) and an adapter's saved modules alike.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from edgelora.converters.nf4 import NF4Tensor
+from edgelora.runtime.kernels import F16Linear, NF4Linear
+
+
+@runtime_checkable
+class Linear(Protocol):
+    """``y = x W^T`` for a weight ``W [out_features, in_features]``.
+
+    The products' bits depend only on the row, never on how many rows come together: ``matmul``
+    of one row is exactly ``matvec`` of it, and each row of ``matvec_batch`` is exactly ``matvec``
+    of that row. So a one-token forward runs the decode kernel, and a sequence decoded in a batch
+    gives the same tokens as decoded alone."""
+
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the weight takes as stored."""
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x f32 [in] -> f32 [out] (a decode step)."""
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x f32 [T, in] -> f32 [T, out] (a prefill chunk; one row: ``matvec``'s bits)."""
+
+    def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X f32 [B, in] -> f32 [B, out], each row exactly ``matvec`` of it (a batched decode step)."""
+
+    def dequantize_rows(self, r0: int, r1: int, buf: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows ``[r0, r1)`` of the weight (DoRA's norms, a tile at a time)."""
+
+    def rows(self, ids) -> np.ndarray:
+        """The rows of token ids ``ids`` (an embedding lookup)."""
+
+
+class DenseLinear:
+    """A float32 weight ``[out, in]`` with the :class:`Linear` interface (small tensors, tests)."""
+
+    def __init__(self, w: np.ndarray):
+        self.weight = np.ascontiguousarray(w, np.float32)
+        self.out_features, self.in_features = self.weight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def matvec(self, x, out=None):
+        return np.dot(self.weight, x, out=out)
+
+    def matmul(self, x):
+        if x.shape[0] == 1:
+            return self.matvec(x[0])[None, :]  # [1, out]: the decode product's bits
+        return x @ self.weight.T  # [T, out]
+
+    def matvec_batch(self, X, out=None):
+        """X [B, in] -> [B, out], each row exactly ``matvec`` of that row."""
+        out = np.empty((X.shape[0], self.out_features), np.float32) if out is None else out
+        for b in range(X.shape[0]):
+            np.dot(self.weight, np.ascontiguousarray(X[b]), out=out[b])
+        return out
+
+    def dequantize_rows(self, r0, r1, buf=None):
+        return self.weight[r0:r1]
+
+    def rows(self, ids):
+        return self.weight[np.asarray(ids, np.int64)]
+
+
+def make_linear(weight: NF4Tensor | np.ndarray) -> Linear:
+    """The linear-layer object for a weight as stored: an NF4 tensor, a float16 array (read in
+    place), or anything else as float32."""
+    if isinstance(weight, NF4Tensor):
+        return NF4Linear(weight)
+    if weight.dtype == np.float16:
+        return F16Linear(weight)
+    return DenseLinear(weight)

@@ -1,0 +1,108 @@
+"""Compiling every kernel a model runs, once, before it is timed or used (llama.cpp's warm-up run).
+
+Numba compiles a kernel for each combination of argument types the first time it meets it; which
+combinations a model meets depends on its storage (NF4, float16 or float32 tensors), on whether its
+weights are mapped (read-only arrays) or read into memory, and on whether products run on one thread
+or several. :func:`compile_kernels` runs the model through each path once on throwaway caches: a
+prefill long enough for the tile path, a short one for the batched matrix-vector path, single decode
+steps and a batched one, with all its threads and with one (the thread governor may drop to one),
+and the adapter kernel. Nothing of the model changes.
+
+``load`` does this when the model's configuration is not yet compiled on this machine, after a
+one-line notice, so the first generation is not a 15-30 s silence and no speed it reports includes
+compilation; :func:`warmup` (``edgelora warmup``) does it ahead of time, e.g. when a device is set up.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgelora.runtime import kernel_cache
+from edgelora.runtime.kernels import MATVEC_ROWS_MAX
+from edgelora.runtime.lora import BASE, lora_matvec_add
+from edgelora.runtime.threads import thread_count
+
+
+def signature(model) -> str:
+    """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
+    thread or several, and the kernels' sources."""
+    storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
+    mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
+    threads = "parallel" if model.threads > 1 else "serial"
+    return f"{storages}|{mapped}|{threads}|{kernel_cache.sources_stamp()}"
+
+
+def _passes(net) -> None:
+    ids = np.arange(min(MATVEC_ROWS_MAX + 1, net.max_context), dtype=np.int64) % net.args.vocab_size
+    net.forward(ids, net.new_cache())  # the tile path (more rows than MATVEC_ROWS_MAX)
+    caches = [net.new_cache(), net.new_cache()]
+    for cache in caches:
+        net.forward(ids[:2], cache)  # the batched matrix-vector path (a short prompt)
+        if cache.length < net.max_context:
+            net.forward(ids[:1], cache)  # a decode step
+    if all(c.length < net.max_context for c in caches):
+        net.forward_batch(ids[:2], caches, [BASE, BASE])  # a batched decode step
+
+
+def compile_kernels(model) -> None:
+    """Run every kernel ``model`` uses once (compiling it, or loading it from the kernel cache)."""
+    for n in sorted({model.threads, 1}, reverse=True):
+        with thread_count(n):
+            _passes(model.net)
+    x, A, Bt = np.zeros(8, np.float32), np.zeros((2, 8), np.float32), np.zeros((2, 8), np.float32)
+    lora_matvec_add(x, A, Bt, np.float32(1.0), np.zeros(8, np.float32), np.empty(2, np.float32))
+
+
+def status_line(text: str) -> None:
+    """A one-line status for a person watching a terminal (nothing when stderr is not a terminal)."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
+def ensure_compiled(model, force: bool = False) -> float:
+    """Compile every kernel ``model`` runs unless its configuration is compiled on this machine
+    already (``force``: run them all anyway); the seconds spent (0 when nothing was to do). The first
+    time, a one-line notice on the terminal says how long it will take."""
+    sig = signature(model)
+    if not force and sig in kernel_cache.compiled_configurations():
+        return 0.0
+    if sig not in kernel_cache.compiled_configurations():
+        status_line(f"edgelora: compiling kernels for this CPU (once, about "
+                    f"{kernel_cache.expected_compile_seconds():.0f} s)")
+    t = time.perf_counter()
+    compile_kernels(model)
+    seconds = time.perf_counter() - t
+    kernel_cache.record_compiled(sig, seconds)
+    return seconds
+
+
+@dataclass
+class WarmupReport:
+    bundle: str
+    configuration: str  # the compiled configuration (:func:`signature`)
+    seconds: float  # spent compiling, or loading compiled kernels
+    kernel_cache: str  # where the compiled kernels are
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def text(self) -> str:
+        return (f"kernels ready for {self.bundle} ({self.configuration.rsplit('|', 1)[0]}) in {self.seconds:.1f} s\n"
+                f"kernel cache: {self.kernel_cache}")
+
+
+def warmup(path=None, threads: int | None = None, mmap: bool = True) -> WarmupReport:
+    """Compile every kernel a bundle or deploy folder needs on this machine, ahead of its first use
+    (``path=None``: the built-in demo model, whose kernels are those of every bundle stored as
+    convert's defaults write it). Later loads with the same options start without compiling."""
+    import edgelora
+    if path is None:
+        from edgelora.demo import default_workdir, demo_bundle
+        path = demo_bundle(default_workdir(), quiet=True)[0]
+    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False)
+    seconds = ensure_compiled(model, force=True)
+    return WarmupReport(str(path), signature(model), seconds, str(kernel_cache.kernel_cache_dir()))
