@@ -35,15 +35,15 @@ SHAPES = {
 
 
 def make_random_model(out: Path, shape: str, seed: int = 0) -> Path:
+    from edgelora.architectures import Llama
     from edgelora.atomic import atomic_output_dir
     from edgelora.config import ModelArgs
-    from edgelora.converters.hf import llama_tensor_map
     from edgelora.safetensors_io import SafetensorsWriter, float32_to_bf16
 
     cfg = dict(SHAPES[shape], model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
                bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
     args = ModelArgs.from_dict(cfg)
-    specs = llama_tensor_map(args)
+    specs = Llama.tensor_map(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(out, overwrite=True) as tmp:  # complete or absent, never half-written
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -32,14 +32,13 @@ import math
 import mmap
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgelora.architectures import EMBED, HEAD, NORM, Llama, layer_index, layer_prefix
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.hf import llama_tensor_map
-from edgelora.converters.source import DerivedCheckpoint, find_source_file
+from edgelora.converters.source import DerivedCheckpoint, SourceTensor, find_source_file
 from edgelora.errors import FormatError, UnsupportedError, UsageError
 from edgelora.safetensors_io import bf16_to_float32
 
@@ -49,8 +48,8 @@ FLOAT_TYPES = {0: ("F32", np.float32), 1: ("F16", np.float16), 30: ("BF16", np.u
 ARCHES = {"llama": "llama", "qwen2": "qwen2"}
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 #: llama.cpp tensor name -> Hugging Face name, outside the blocks and per block ``blk.N.``
-GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
+GLOBAL_NAMES = {"token_embd.weight": f"{EMBED}.weight", "output_norm.weight": f"{NORM}.weight",
+                "output.weight": f"{HEAD}.weight"}
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
@@ -163,13 +162,6 @@ def _scan_header(path: Path, size: int, quant_sizes: dict) -> None:
                                   f"{start + offset + need}, the file has {size}", path)
 
 
-@dataclass
-class _Info:  # the part of a safetensors TensorInfo the converter reads
-    dtype: str
-    shape: tuple
-    nbytes: int
-
-
 def _unpermute(a: np.ndarray, n_head: int) -> np.ndarray:
     """Undo convert_hf_to_gguf.py's ``LlamaModel.permute`` of q/k rows (weights ``[out, in]`` or biases)."""
     half = a.shape[0] // n_head // 2
@@ -186,9 +178,8 @@ class _Reader:
         self._mm = mm  # the reader's mmap (for madvise), or None
         self.tensors = {}
         for n, t in tensors.items():
-            dtype, np_type = FLOAT_TYPES[int(t.tensor_type)]
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self.tensors[n] = _Info(dtype, shape, math.prod(shape) * np.dtype(np_type).itemsize)
+            dtype = FLOAT_TYPES[int(t.tensor_type)][0]
+            self.tensors[n] = SourceTensor(dtype, tuple(int(d) for d in reversed(t.shape.tolist())))
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor as stored (bfloat16 as uint16 bit patterns), ``[out, in]``: a view of the memory map,
@@ -336,7 +327,7 @@ class GGUFCheckpoint(DerivedCheckpoint):
         for n, t in by_name.items():
             m = BLOCK.fullmatch(n)
             target = GLOBAL_NAMES.get(n) or (m and m.group(2) in LAYER_NAMES
-                                             and f"model.layers.{int(m.group(1))}.{LAYER_NAMES[m.group(2)]}")
+                                             and layer_prefix(int(m.group(1))) + LAYER_NAMES[m.group(2)])
             if target:
                 hf[target] = t
             elif n != ROPE_FREQS or arch != "llama":
@@ -344,9 +335,9 @@ class GGUFCheckpoint(DerivedCheckpoint):
         if unknown:
             raise UnsupportedError(f"GGUF tensor(s) with no place in a {arch} model: {unknown[:8]}"
                                    f"{' ...' if len(unknown) > 8 else ''}", file)
-        if "model.embed_tokens.weight" not in hf:
+        if f"{EMBED}.weight" not in hf:
             raise FormatError("the GGUF has no token_embd.weight", file)
-        emb = tuple(int(d) for d in reversed(hf["model.embed_tokens.weight"].shape.tolist()))
+        emb = tuple(int(d) for d in reversed(hf[f"{EMBED}.weight"].shape.tolist()))
         if len(emb) != 2:
             raise FormatError(f"token_embd.weight has shape {list(emb)}, expected [vocab, hidden]", file)
 
@@ -363,7 +354,7 @@ class GGUFCheckpoint(DerivedCheckpoint):
             args = ModelArgs.from_dict(d, file)
         self.config_dict = d
         self.args = args
-        specs = llama_tensor_map(args)
+        specs = Llama.tensor_map(args)
         extra, missing = sorted(hf.keys() - specs.keys()), sorted(specs.keys() - hf.keys())
         if extra:
             raise UnsupportedError(f"unexpected tensor(s) for a {args.model_type} model with this config: "
@@ -375,7 +366,7 @@ class GGUFCheckpoint(DerivedCheckpoint):
             for i in range(args.num_hidden_layers):
                 for proj, heads in (("q", args.num_attention_heads), ("k", args.num_key_value_heads)):
                     for kind in ("weight", "bias"):
-                        n = f"model.layers.{i}.self_attn.{proj}_proj.{kind}"
+                        n = f"{Llama.module(i, proj)}.{kind}"
                         if n in specs:
                             permuted[n] = heads
         reader = _Reader(file, {n: hf[n] for n in specs}, permuted, getattr(r.data, "_mmap", None))
@@ -398,7 +389,7 @@ class GGUFCheckpoint(DerivedCheckpoint):
             raise FormatError(f"{arch}.embedding_length={hidden}, but token_embd.weight is {list(emb)}",
                               self.model_path)
         layers = m(f"{arch}.block_count", int, required=True)
-        blocks = 1 + max((int(n.split(".")[2]) for n in hf if n.startswith("model.layers.")), default=-1)
+        blocks = 1 + max((i for i in map(layer_index, hf) if i is not None), default=-1)
         if not isinstance(layers, int) or layers > blocks:  # before a tensor map is built for that many layers
             raise FormatError(f"{arch}.block_count={layers}, but the GGUF holds tensors of {blocks} blocks",
                               self.model_path)
@@ -420,10 +411,10 @@ class GGUFCheckpoint(DerivedCheckpoint):
              "rms_norm_eps": _f32(m(f"{arch}.attention.layer_norm_rms_epsilon", float, required=True)),
              "rope_theta": _f32(m(f"{arch}.rope.freq_base", float, 10000.0)),
              "max_position_embeddings": m(f"{arch}.context_length", int, 2048),
-             "hidden_act": "silu", "tie_word_embeddings": "lm_head.weight" not in hf}
+             "hidden_act": "silu", "tie_word_embeddings": f"{HEAD}.weight" not in hf}
         if arch == "llama":
-            d["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in hf
-            d["mlp_bias"] = "model.layers.0.mlp.gate_proj.bias" in hf
+            d["attention_bias"] = f"{Llama.module(0, 'q')}.bias" in hf
+            d["mlp_bias"] = f"{Llama.module(0, 'gate')}.bias" in hf
         for k in ("bos", "eos"):
             v = m(f"tokenizer.ggml.{k}_token_id", int)
             if v is not None:

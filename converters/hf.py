@@ -8,16 +8,15 @@ which fail loudly rather than guess). Pickle checkpoints are refused, never unpi
 checkpoint saved from a bitsandbytes 4-bit model keeps its NF4 linears as they are
 (``converters/bnb.py``): ``HFCheckpoint.nf4`` holds them, checked, for the converter to copy.
 
-Roles decide what the converter does with a tensor: ``linear`` goes to NF4, ``embedding`` and
-``head`` follow the user's choice (float16 or NF4), ``norm`` and ``bias`` stay float32.
+The tensors each architecture must hold, and their roles, are ``edgelora/architectures.py``'s.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
+from edgelora.architectures import HEAD, TensorSpec, tensor_map
 from edgelora.config import ModelArgs, read_json
 from edgelora.converters import bnb
 from edgelora.converters.nf4 import NF4Tensor
@@ -29,128 +28,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
                    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 # Buffers some exporters save that carry no weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple
-    role: str  # linear | embedding | head | norm | bias
-
-
-def _global_specs(a: ModelArgs) -> list[TensorSpec]:
-    """The tensors outside the decoder layers: embeddings, final norm, and an untied head."""
-    H, V = a.hidden_size, a.vocab_size
-    specs = [TensorSpec("model.embed_tokens.weight", (V, H), "embedding"),
-             TensorSpec("model.norm.weight", (H,), "norm")]
-    if not a.tie_word_embeddings:
-        specs.append(TensorSpec("lm_head.weight", (V, H), "head"))
-    return specs
-
-
-def _layered_map(a: ModelArgs, linears) -> dict[str, TensorSpec]:
-    """The global tensors, then per layer its two norms, ``linears(a, prefix)`` and the model type's hook."""
-    specs = _global_specs(a)
-    for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}."
-        specs += [TensorSpec(p + "input_layernorm.weight", (a.hidden_size,), "norm"),
-                  TensorSpec(p + "post_attention_layernorm.weight", (a.hidden_size,), "norm")]
-        specs += linears(a, p) + ARCH_HOOKS[a.model_type](a, p)
-    return {s.name: s for s in specs}
-
-
-def _dims(a: ModelArgs) -> tuple[int, int, int, int]:
-    return a.hidden_size, a.intermediate_size, a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-
-
-def _llama_linears(a: ModelArgs, p: str) -> list[TensorSpec]:
-    H, I, q_dim, kv_dim = _dims(a)
-    return [TensorSpec(p + "self_attn.q_proj.weight", (q_dim, H), "linear"),
-            TensorSpec(p + "self_attn.k_proj.weight", (kv_dim, H), "linear"),
-            TensorSpec(p + "self_attn.v_proj.weight", (kv_dim, H), "linear"),
-            TensorSpec(p + "self_attn.o_proj.weight", (H, q_dim), "linear"),
-            TensorSpec(p + "mlp.gate_proj.weight", (I, H), "linear"),
-            TensorSpec(p + "mlp.up_proj.weight", (I, H), "linear"),
-            TensorSpec(p + "mlp.down_proj.weight", (H, I), "linear")]
-
-
-def _phi3_linears(a: ModelArgs, p: str) -> list[TensorSpec]:
-    H, I, q_dim, kv_dim = _dims(a)
-    return [TensorSpec(p + "self_attn.qkv_proj.weight", (q_dim + 2 * kv_dim, H), "linear"),  # rows: q, k, v
-            TensorSpec(p + "self_attn.o_proj.weight", (H, q_dim), "linear"),
-            TensorSpec(p + "mlp.gate_up_proj.weight", (2 * I, H), "linear"),  # rows: gate, up
-            TensorSpec(p + "mlp.down_proj.weight", (H, I), "linear")]
-
-
-def llama_tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
-    """Every tensor of a Llama/Mistral/Qwen2 checkpoint, keyed by its Hugging Face name."""
-    return _layered_map(a, _llama_linears)
-
-
-def phi3_tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
-    """Every tensor of a Phi-3 checkpoint. Its projections are fused and stay fused: ``qkv_proj`` is
-    q, k and v stacked by rows, ``gate_up_proj`` gate then up. Each is one NF4 tensor, as bitsandbytes
-    quantizes it for a QLoRA base (one double-quant offset over the whole fused weight), and the
-    module PEFT adapters for Phi-3 target."""
-    return _layered_map(a, _phi3_linears)
-
-
-def _llama_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
-    _, _, q_dim, kv_dim = _dims(a)
-    extra = []
-    if a.attention_bias:
-        extra += [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
-                  TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
-                  TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias"),
-                  TensorSpec(p + "self_attn.o_proj.bias", (a.hidden_size,), "bias")]
-    if a.mlp_bias:
-        extra += [TensorSpec(p + "mlp.gate_proj.bias", (a.intermediate_size,), "bias"),
-                  TensorSpec(p + "mlp.up_proj.bias", (a.intermediate_size,), "bias"),
-                  TensorSpec(p + "mlp.down_proj.bias", (a.hidden_size,), "bias")]
-    return extra
-
-
-def _qwen2_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
-    # Qwen2: biases on q, k and v only.
-    _, _, q_dim, kv_dim = _dims(a)
-    return [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
-            TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
-            TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias")]
-
-
-def _no_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
-    return []  # Phi-3: no biases
-
-
-def _gemma_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
-    # Gemma: attention biases when attention_bias is set; its MLP never has any (mlp_bias is not read).
-    # Its norms multiply by (1 + weight): the stored weight is kept as it is, the runtime adds the 1.
-    _, _, q_dim, kv_dim = _dims(a)
-    if not a.attention_bias:
-        return []
-    return [TensorSpec(p + "self_attn.q_proj.bias", (q_dim,), "bias"),
-            TensorSpec(p + "self_attn.k_proj.bias", (kv_dim,), "bias"),
-            TensorSpec(p + "self_attn.v_proj.bias", (kv_dim,), "bias"),
-            TensorSpec(p + "self_attn.o_proj.bias", (a.hidden_size,), "bias")]
-
-
-def _gemma2_extras(a: ModelArgs, p: str) -> list[TensorSpec]:
-    # Gemma 2: two more norms per layer, around the MLP (post_attention_layernorm, in the map for
-    # every family, is Gemma 2's norm of the attention output, not the MLP's input norm)
-    return [TensorSpec(p + "pre_feedforward_layernorm.weight", (a.hidden_size,), "norm"),
-            TensorSpec(p + "post_feedforward_layernorm.weight", (a.hidden_size,), "norm")] + _gemma_extras(a, p)
-
-
-ARCH_HOOKS = {"llama": _llama_extras, "mistral": _llama_extras, "qwen2": _qwen2_extras, "phi3": _no_extras,
-              "gemma": _gemma_extras, "gemma2": _gemma2_extras}
-# Gemma's linears are named and shaped as Llama's (head_dim need not be hidden_size / heads)
-TENSOR_MAPS = {"llama": llama_tensor_map, "phi3": phi3_tensor_map, "gemma": llama_tensor_map,
-               "gemma2": llama_tensor_map}
-
-
-def tensor_map(a: ModelArgs) -> dict[str, TensorSpec]:
-    """The tensor-name map of ``a``'s architecture family."""
-    return TENSOR_MAPS[a.family](a)
 
 
 class HFCheckpoint:
@@ -222,7 +99,7 @@ class HFCheckpoint:
         if self.quantization == "bnb-4bit":
             present = self._import_bnb(specs, present)
         if a.tie_word_embeddings:
-            present.discard("lm_head.weight")  # some exporters save the tied head anyway
+            present.discard(f"{HEAD}.weight")  # some exporters save the tied head anyway
         unexpected = sorted(present - specs.keys())
         if unexpected:
             raise UnsupportedError(f"unexpected tensor(s) for a {a.model_type} checkpoint with this config: "

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.architectures import EMBED, HEAD, NORM, Llama, TensorSpec
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.hf import TensorSpec, llama_tensor_map
-from edgelora.converters.source import DerivedCheckpoint, find_source_file
+from edgelora.converters.source import DerivedCheckpoint, SourceTensor, find_source_file
 from edgelora.errors import FormatError, UnsupportedError
 from edgelora.safetensors_io import bf16_to_float32
 
@@ -65,19 +65,12 @@ KNOWN_OPS = frozenset("""
 MS_OPS = frozenset({"SimplifiedLayerNormalization", "MultiHeadAttention", "GroupQueryAttention"})
 HF_NAME = re.compile(r"(model\.layers\.\d+\.[\w.]+\.(?:weight|bias)|model\.embed_tokens\.weight|model\.norm\.weight|"
                      r"lm_head\.weight)$")
-EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+EMBED_WEIGHT, HEAD_WEIGHT = f"{EMBED}.weight", f"{HEAD}.weight"
 
 
 def find_model(path) -> Path | None:
     """The ONNX file ``path`` names (itself, or the one ``*.onnx`` of a folder without safetensors)."""
     return find_source_file(path, ".onnx", "ONNX models", "a decoder exported with or without past key values")
-
-
-@dataclass
-class _Info:  # the part of a safetensors TensorInfo the converter reads
-    dtype: str
-    shape: tuple
-    nbytes: int
 
 
 @dataclass
@@ -686,9 +679,7 @@ class _Reader:
         self.path = g.path
         self.g = g
         self.sources = sources  # hf name -> (constant, transpose)
-        self.tensors = {n: _Info(g.dtype(c), specs[n].shape,
-                                 math.prod(specs[n].shape) * (4 if g.dtype(c) == "F32" else 2))
-                        for n, (c, _) in sources.items()}
+        self.tensors = {n: SourceTensor(g.dtype(c), specs[n].shape) for n, (c, _) in sources.items()}
 
     def raw(self, name: str) -> np.ndarray:
         const, transpose = self.sources[name]
@@ -751,18 +742,17 @@ class ONNXCheckpoint(DerivedCheckpoint):
                 "cannot map this ONNX graph to a Llama-family decoder (llama, mistral, qwen2); not understood: "
                 + "; ".join(probs[:10]) + (f"; ... ({len(probs) - 10} more)" if len(probs) > 10 else ""),
                 self.model_path)
-        src: dict[str, tuple[str, bool]] = {EMBED: (found["embedding"], False),
-                                            "model.norm.weight": (found["final_norm"].weight, False)}
+        src: dict[str, tuple[str, bool]] = {EMBED_WEIGHT: (found["embedding"], False),
+                                            f"{NORM}.weight": (found["final_norm"].weight, False)}
         biases = {"attn": set(), "mlp": set()}
         for k, (na, a, nm, mm) in enumerate(found["layers"]):
-            p = f"model.layers.{k}."
-            src[p + "input_layernorm.weight"] = (na.weight, False)
-            src[p + "post_attention_layernorm.weight"] = (nm.weight, False)
+            src[f"{Llama.module(k, 'attn_norm')}.weight"] = (na.weight, False)
+            src[f"{Llama.module(k, 'mlp_norm')}.weight"] = (nm.weight, False)
             for role, l in [*((r, a[r]) for r in "qkvo"), *((r, mm[r]) for r in ("gate", "up", "down"))]:
-                mod = f"self_attn.{role}_proj" if role in "qkvo" else f"mlp.{role}_proj"
-                src[p + mod + ".weight"] = (l.weight, l.transpose)
+                mod = Llama.module(k, role)
+                src[mod + ".weight"] = (l.weight, l.transpose)
                 if l.bias is not None:
-                    src[p + mod + ".bias"] = (l.bias, False)
+                    src[mod + ".bias"] = (l.bias, False)
                     biases["attn" if role in "qkvo" else "mlp"].add(role)
         head = found["head"]
         E = g.shape(found["embedding"])
@@ -816,8 +806,8 @@ class ONNXCheckpoint(DerivedCheckpoint):
             self.config_dict = d
         self.args = args
         if not tied:
-            src[HEAD] = (head.weight, head.transpose)
-        specs = llama_tensor_map(args)
+            src[HEAD_WEIGHT] = (head.weight, head.transpose)
+        specs = Llama.tensor_map(args)
         self._check(src, specs)
         self.sources = src
         self.specs = specs
@@ -885,7 +875,7 @@ class ONNXCheckpoint(DerivedCheckpoint):
                 g.array(const)  # its external data exists, inside the folder, and is long enough
             # where an initializer still carries a Hugging Face name, it must agree with the structure
             said = HF_NAME.search(const)
-            if said and said.group(1) != name and not ({said.group(1), name} <= {EMBED, HEAD}):
+            if said and said.group(1) != name and not ({said.group(1), name} <= {EMBED_WEIGHT, HEAD_WEIGHT}):
                 raise UnsupportedError(f"the graph's structure maps {const!r} to {name}, but its name says "
                                        f"{said.group(1)}; refusing to guess", self.model_path)
 

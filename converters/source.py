@@ -11,19 +11,22 @@ it (``config_path``) or derived from the file (``config_dict``), shares the rest
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgelora.converters.hf import TOKENIZER_FILES
+from edgelora.errors import UsageError
+from edgelora.safetensors_io import DTYPES
 
 
 def find_source_file(path, suffix: str, what: str, hint: str) -> Path | None:
     """The ``suffix`` file ``path`` names: itself if such a file, the one ``*suffix`` of a folder
     without safetensors weights, else None; a folder with several is a usage error (``hint``
     says what to pass instead)."""
-    from edgelora.errors import UsageError
     path = Path(path)
     if path.is_file():
         return path if path.suffix.lower() == suffix else None
@@ -34,6 +37,19 @@ def find_source_file(path, suffix: str, what: str, hint: str) -> Path | None:
         raise UsageError(f"the folder holds several {what} ({', '.join(p.name for p in files)}); pass the one to "
                          f"convert ({hint})", path)
     return files[0] if files else None
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor of such a source as its reader lists it (``tensors``): the part of a safetensors
+    ``TensorInfo`` the converter reads."""
+
+    dtype: str  # F32 | F16 | BF16
+    shape: tuple  # [out, in] for projections, as the converter reads it
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 class DerivedCheckpoint:

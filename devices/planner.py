@@ -36,13 +36,14 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgelora.architectures import architecture
 from edgelora.atomic import edgelora_home, write_text_atomic
 from edgelora.child import python_command
 from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch
 from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
-from edgelora.runtime.llama import KEY_BLOCK
+from edgelora.runtime.llama import KEY_BLOCK, KVCache
 from edgelora.runtime.model import PREFILL_CHUNK
 
 F32 = 4
@@ -119,7 +120,6 @@ class Plan:
 # ---------------------------------------------------------------------------------------------
 
 def kv_cache_bytes(a: ModelArgs, context: int) -> int:
-    from edgelora.runtime.llama import KVCache
     return KVCache.planned_bytes(a, context)
 
 
@@ -129,10 +129,8 @@ def rope_bytes(a: ModelArgs, context: int) -> int:
 
 def _layer_linears(a: ModelArgs) -> dict[str, tuple[int, int]]:
     """``(out, in)`` of each projection of a layer, by module name (fused ones as they are stored)."""
-    from edgelora.converters.hf import tensor_map
-    prefix = "model.layers.0."
-    return {s.name[len(prefix):]: s.shape for s in tensor_map(a).values()
-            if s.role == "linear" and s.name.startswith(prefix)}
+    arch = architecture(a)
+    return {arch.PROJECTIONS[field]: shape for field, shape in arch.projection_shapes(a).items()}
 
 
 def _shapes(a: ModelArgs) -> list[tuple[int, int]]:

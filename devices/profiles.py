@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgelora.atomic import edgelora_home
+from edgelora.config import read_bounded
 from edgelora.errors import FormatError, UsageError
 
 try:
@@ -125,12 +126,7 @@ class Device:
     @classmethod
     def from_file(cls, path) -> "Device":
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise FormatError(f"cannot read device profile: {e.strerror or e}", path) from None
-        if len(raw) > 1 << 20:
-            raise FormatError("device profile is larger than 1 MiB", path)
+        raw = read_bounded(path, 1 << 20, "device profile")
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:

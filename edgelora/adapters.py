@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.architectures import EMBED, HEAD, layer_index, tensor_map
 from edgelora.config import ModelArgs, read_json
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError
 from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
@@ -41,8 +42,6 @@ from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-EMBED = "model.embed_tokens"
-HEAD = "lm_head"
 # modules_to_save this runtime can hold as full replacement matrices
 SAVEABLE = (EMBED, HEAD)
 # PEFT options that change the model's structure: a value other than these defaults is refused
@@ -224,7 +223,6 @@ class BaseModules:
 
     @classmethod
     def from_args(cls, args: ModelArgs) -> "BaseModules":
-        from edgelora.converters.hf import tensor_map
         linear, biases = {}, {}
         for name, spec in tensor_map(args).items():
             module = name.rsplit(".", 1)[0]
@@ -328,9 +326,9 @@ def _module_of(tensor: str) -> tuple[str, str]:
 
 
 def _layer_hint(module: str, base: BaseModules) -> str:
-    m = re.match(r"model\.layers\.(\d+)\.", module)
-    if m and int(m.group(1)) >= base.num_layers:
-        return f" (the adapter has layer {m.group(1)}, the base has {base.num_layers} layers)"
+    i = layer_index(module)
+    if i is not None and i >= base.num_layers:
+        return f" (the adapter has layer {i}, the base has {base.num_layers} layers)"
     return ""
 
 
@@ -498,7 +496,7 @@ def describe_adapter(path) -> dict:
                 saved.append(module)
         size = weights_path.stat().st_size
     kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    layers = sorted({int(m.group(1)) for m in (re.match(r"model\.layers\.(\d+)\.", x) for x in modules) if m})
+    layers = sorted({i for i in map(layer_index, modules) if i is not None})
     return {"kind": "adapter", "path": str(Path(path)), "peft_type": "LORA", "r": config.r,
             "ranks": sorted(set(ranks.values())), "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
             "use_dora": config.use_dora, "bias": config.bias, "lora_bias": config.lora_bias,

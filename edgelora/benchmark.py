@@ -38,7 +38,7 @@ def bytes_per_token(model) -> int:
     net = model.net
     total = net.w.head.nbytes + net.w.norm.nbytes
     for L in net.w.layers:
-        total += sum(getattr(L, k).nbytes for k in net.PROJECTIONS)
+        total += sum(getattr(L, k).nbytes for k in net.arch.PROJECTIONS)
         total += L.attn_norm.nbytes + L.mlp_norm.nbytes + sum(b.nbytes for b in L.biases.values())
     return int(total)
 

@@ -87,7 +87,7 @@ class Bundle:
     def _check_weights(self) -> None:
         """Every tensor the manifest lists is in the weights file with the dtypes and sizes its storage and
         shape imply (and the shape the config implies), so that no kernel ever reads past an array."""
-        from edgelora.converters.hf import tensor_map
+        from edgelora.architectures import tensor_map
         specs = tensor_map(self.args)
         st = self.weights
         nb = self.quantization.get("nested_block_size", 256)

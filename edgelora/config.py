@@ -233,24 +233,27 @@ class ModelArgs:
         return SUPPORTED_MODEL_TYPES[self.model_type]
 
 
-def _read_size(f, limit: int) -> int:
-    """How many bytes to ask ``f.read`` for: one more than the file holds, at most ``limit + 1``
-    (``read(n)`` allocates ``n`` bytes up front, so never the whole limit for a small file)."""
-    st = os.fstat(f.fileno())
-    return (min(st.st_size, limit) if stat.S_ISREG(st.st_mode) else limit) + 1
+def read_bounded(path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a small file, refused (``FormatError``) when it is missing, unreadable or larger
+    than ``limit`` bytes (``what`` names it then). Reads one byte more than the file holds, at most
+    ``limit + 1``: ``read(n)`` allocates ``n`` bytes up front, so never the whole limit for a small
+    file, and a file that grows while read is still caught."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read((min(st.st_size, limit) if stat.S_ISREG(st.st_mode) else limit) + 1)
+    except FileNotFoundError:
+        raise FormatError("file not found", path) from None
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path) from None
+    if len(raw) > limit:
+        raise FormatError(f"{what} larger than {limit >> 20} MiB; refusing to parse", path)
+    return raw
 
 
 def read_json(path) -> dict:
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_read_size(f, 64 * 1024 * 1024))
-    except FileNotFoundError:
-        raise FormatError("file not found", path) from None
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror}", path) from None
-    if len(raw) > 64 * 1024 * 1024:
-        raise FormatError("JSON file larger than 64 MiB; refusing to parse", path)
+    raw = read_bounded(path, 64 * 1024 * 1024, "JSON file")
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers

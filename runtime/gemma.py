@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgelora import architectures
 from edgelora.config import ModelArgs
 from edgelora.runtime.llama import LlamaModel, Weights, rmsnorm
 
@@ -62,8 +63,7 @@ class Gemma2Layer:
 
 
 class GemmaModel(LlamaModel):
-    #: Layer field -> the norm's module name in a layer
-    NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    arch = architectures.Gemma
 
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):
         super().__init__(args, weights, max_context)
@@ -81,8 +81,7 @@ class GemmaModel(LlamaModel):
 
 
 class Gemma2Model(GemmaModel):
-    NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
-             "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
+    arch = architectures.Gemma2
     Layer = Gemma2Layer
 
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):

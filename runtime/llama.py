@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgelora import architectures
 from edgelora.config import ModelArgs
 from edgelora.runtime.lora import BASE, Selection, apply_batch
 
@@ -259,14 +260,10 @@ class KVCache:
         self.length = 0
 
 
-PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
 class LlamaModel:
-    #: short name -> module name inside a layer, as Hugging Face/PEFT spell it (the keys adapters use);
-    #: the short names are the fields of ``Layer``
-    PROJECTIONS = PROJECTIONS
+    #: the family's names (``edgelora/architectures.py``): its ``PROJECTIONS`` and ``NORMS`` are the
+    #: fields of ``Layer``, mapped to the module names Hugging Face/PEFT spell (the keys adapters use)
+    arch = architectures.Llama
     Layer = Layer
     scale = None  # attention scores times this (None: divided by sqrt(head_dim))
     attn_cap = None  # soft-cap of the attention scores (None: none)
@@ -278,8 +275,7 @@ class LlamaModel:
         self.cos, self.sin = rope_tables(rope_inv_freq(args), max_context, rope_attention_scaling(args))
         self.window = args.sliding_window if args.model_type == "mistral" else None
         # module names as Hugging Face/PEFT spell them: the keys adapters are looked up by
-        self.names = [{k: f"model.layers.{i}.{v}" for k, v in self.PROJECTIONS.items()}
-                      for i in range(args.num_hidden_layers)]
+        self.names = [{k: self.arch.module(i, k) for k in self.arch.PROJECTIONS} for i in range(args.num_hidden_layers)]
         self._modules = {n: (i, k) for i, d in enumerate(self.names) for k, n in d.items()}
 
     @staticmethod

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgelora import architectures
 from edgelora.config import ModelArgs
 from edgelora.errors import UnsupportedError
 from edgelora.runtime.llama import LlamaModel, Weights, silu
@@ -40,8 +41,7 @@ class Phi3Layer:
 
 
 class Phi3Model(LlamaModel):
-    PROJECTIONS = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
-                   "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}
+    arch = architectures.Phi3
     Layer = Phi3Layer
 
     @staticmethod

@@ -58,7 +58,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from edgelora.config import _read_size, read_json
+from edgelora.config import read_bounded, read_json
 from edgelora.errors import FormatError, UnsupportedError, UsageError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -93,15 +93,7 @@ def _one_line(text: object) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _read_text(path: Path, limit: int = _MAX_TOKENIZER_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_read_size(f, limit))
-    except FileNotFoundError:
-        raise FormatError("file not found", path) from None
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror}", path) from None
-    if len(raw) > limit:
-        raise FormatError(f"file larger than {limit >> 20} MiB; refusing to parse", path)
+    raw = read_bounded(path, limit)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -362,10 +362,10 @@ def test_config_json(work, data):
     with traced():
         args = check("test_config_json", lambda: ModelArgs.from_file(path), path, peak=MAX_PEAK)
     if isinstance(args, ModelArgs):  # what the runtime then computes from it must work
-        from edgelora.converters.hf import llama_tensor_map
+        from edgelora.architectures import tensor_map
         from edgelora.runtime.llama import rope_inv_freq
         if args.num_hidden_layers <= 64:
-            llama_tensor_map(args)
+            tensor_map(args)
         if args.head_dim <= 4096:
             with np.errstate(all="ignore"):
                 rope_inv_freq(args)
