@@ -7,7 +7,8 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     q = edgelora.quantize_nf4(weights)            # NF4Tensor: .packed, .scales, .dequantize()
     summary = edgelora.convert("ckpt/", "bundle/") # ConversionSummary
     info = edgelora.inspect("bundle/")             # dict (bundles, checkpoints, adapter folders)
-    model = edgelora.load("bundle/")               # Model: generate, stream, chat, generate_batch
+    model = edgelora.load("bundle/")               # Model: generate, stream(_generate), chat, generate_batch
+    edgelora.warmup("bundle/")                     # compile its kernels on this machine ahead of first use
     model.adapters.load("pirate", "adapters/pirate"); model.use("pirate")
     p = edgelora.plan("bundle/", "raspberry-pi-4-4gb", context=2048, adapters={"pirate": "adapters/pirate"})
     edgelora.deploy("bundle/", "raspberry-pi-4-4gb", "deploy/", adapters={...}, context=2048)
@@ -24,6 +25,8 @@ _LAZY = {  # public name -> module that defines it
     "convert": "edgelora.converters.convert", "ConversionSummary": "edgelora.converters.convert",
     "inspect": "edgelora.inspection",
     "load": "edgelora.runtime.model", "Model": "edgelora.runtime.model",
+    "Generation": "edgelora.runtime.model", "GenerationChunk": "edgelora.runtime.model",
+    "TokenLogprobs": "edgelora.runtime.model", "warmup": "edgelora.runtime.warmup",
     "read_adapter": "edgelora.adapters", "describe_adapter": "edgelora.adapters", "LoraConfig": "edgelora.adapters",
     "open_bundle": "edgelora.bundle", "Bundle": "edgelora.bundle",
     "plan": "edgelora.devices.planner", "Plan": "edgelora.devices.planner",

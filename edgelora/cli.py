@@ -252,6 +252,13 @@ def _add_generation_options(p) -> None:
                    help="adapter to use, or a weighted mix (default: the only --adapter, else required)")
 
 
+def _cmd_warmup(ns) -> int:
+    from edgelora.runtime.warmup import warmup
+    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap)
+    print(json.dumps(report.to_dict(), indent=1) if ns.json else report.text())
+    return 0
+
+
 def _cmd_demo(ns) -> int:
     from edgelora.demo import run_demo
     return run_demo(ns.workdir, quiet=ns.quiet)
@@ -337,6 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("-o", "--output", required=True, help="folder to create")
     u.add_argument("--overwrite", action="store_true")
     u.set_defaults(func=_cmd_unpack)
+
+    w = sub.add_parser("warmup", help="compile the kernels a bundle needs on this machine, ahead of its first use",
+                       description="Compile (once per machine, edgelora version and CPU) every kernel a bundle or "
+                                   "deploy folder runs, so that later loads start without compiling: e.g. when a "
+                                   "device is set up. Example: edgelora warmup model-nf4")
+    w.add_argument("bundle", nargs="?", default=None,
+                   help="bundle or deploy folder (default: the built-in demo model, whose kernels are those of any "
+                        "bundle written with convert's default options)")
+    w.add_argument("--threads", type=int, default=None, help="the thread count it will run with (default: every core)")
+    w.add_argument("--no-mmap", action="store_true", help="for running with the weights read into memory")
+    w.add_argument("--json", action="store_true", help="print the result as JSON")
+    w.set_defaults(func=_cmd_warmup)
 
     d = sub.add_parser("demo", help="build and convert the built-in demo model (offline)")
     d.add_argument("--workdir", default=None, help="where to put the demo files (default: a user cache folder)")
