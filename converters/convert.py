@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from edgelora import __version__
 from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, write_text_atomic
-from edgelora.bundle import CODE_TENSORS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, nf4_entries
+from edgelora.bundle import CODE_TENSORS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table, nf4_entries
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
 from edgelora.errors import FormatError, QuantizationError, UnsupportedError, UsageError
@@ -339,10 +339,7 @@ def _write_nf4(writer, name: str, q) -> None:
 
 
 def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, embeddings, head, reports) -> dict:
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    files = file_table(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
     a = ckpt.args
     nf4_params = sum(r.params for r in reports if r.storage == "nf4")
     params = sum(r.params for r in reports)

@@ -152,28 +152,9 @@ class Bundle:
                 raise FormatError(f"manifest entry for tensor {name!r} is malformed", mpath)
 
     def verify(self, full: bool = False) -> None:
-        """Check that every file the manifest lists is present with its size and sha256.
-
-        A file whose sha256 was already checked and whose identity has not changed since (size,
-        modification and inode-change times, inode, device: the kernel updates the change time on
-        any write, and it cannot be set back) is not hashed again, so reopening a 1 GB bundle costs
-        a ``stat``, not a second of hashing. ``full=True`` hashes every file regardless.
-        """
-        stamps = _VerifiedStamps.load()
-        for name, info in self.manifest["files"].items():
-            p = self.path / name
-            if not p.is_file():
-                raise FormatError("file listed in the manifest is missing", p)
-            st = p.stat()
-            if st.st_size != info.get("size"):
-                raise ChecksumError(f"size {st.st_size} differs from the manifest's {info.get('size')}; "
-                                    f"the file is truncated or was modified", p)
-            if not full and stamps.matches(p, st, info.get("sha256")):
-                continue
-            if sha256_file(p) != info.get("sha256"):
-                raise ChecksumError("sha256 differs from the manifest; the file is corrupt or was modified", p)
-            stamps.record(p, st, info["sha256"])
-        stamps.save()
+        """Check that every file the manifest lists is present with its size and sha256
+        (:func:`verify_files`; ``full=True`` hashes every file again)."""
+        verify_files(self.path, self.manifest["files"], full)
 
     @property
     def quantization(self) -> dict:
@@ -213,6 +194,45 @@ class Bundle:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def file_table(paths, root: Path | None = None) -> dict:
+    """A manifest's ``files`` table of ``paths``, in path order: each one's path relative to ``root``
+    (without ``root``, its file name) -> ``{"size": bytes, "sha256": lower-case hex}``."""
+    return {(p.relative_to(root).as_posix() if root else p.name): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(paths)}
+
+
+def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "the manifest",
+                 confined: bool = False) -> None:
+    """Check that every file of a manifest's ``files`` table (:func:`file_table`, relative to
+    ``root``) is present with its size and sha256; ``manifest`` names the manifest in errors.
+    ``confined`` (deploy folders, which may come from an archive): each must also be a regular
+    file, not a link, and lie inside ``root``.
+
+    A file whose sha256 was already checked and whose identity has not changed since (size,
+    modification and inode-change times, inode, device: the kernel updates the change time on
+    any write, and it cannot be set back) is not hashed again, so reopening a 1 GB bundle costs
+    a ``stat``, not a second of hashing. ``full=True`` hashes every file regardless.
+    """
+    stamps = _VerifiedStamps.load()
+    real_root = root.resolve()
+    for rel, info in files.items():
+        p = root / rel
+        if not p.is_file() or confined and p.is_symlink():
+            raise FormatError(f"file listed in {manifest} is missing{' (or not a regular file)' if confined else ''}", p)
+        if confined and real_root not in p.resolve().parents:
+            raise FormatError(f"file listed in {manifest} lies outside its folder", p)
+        st = p.stat()
+        if st.st_size != info["size"]:
+            raise ChecksumError(f"size {st.st_size} differs from {manifest}'s {info['size']}; "
+                                f"the file is truncated or was modified", p)
+        if not full and stamps.matches(p, st, info["sha256"]):
+            continue
+        if sha256_file(p) != info["sha256"]:
+            raise ChecksumError(f"sha256 differs from {manifest}; the file is corrupt or was modified", p)
+        stamps.record(p, st, info["sha256"])
+    stamps.save()
 
 
 class _VerifiedStamps:
