@@ -6,16 +6,14 @@
     config.json            the source's Hugging Face config, unchanged
     tokenizer.json, tokenizer_config.json, generation_config.json (when the source has them)
 
-An NF4 tensor ``W`` is stored as ``W.nf4_codes`` (U8, packed codes, high nibble first),
-``W.nf4_scales`` (U8 with double quantization, else F32), ``W.nf4_nested`` (F32),
-``W.nf4_offset`` (F32, one value) and ``W.nf4_shape`` (I64). The two code books are stored once
-as ``edgelora.nf4_code`` (F32[16]) and ``edgelora.dynamic_code`` (F32[256]).
+How each tensor is laid out in ``model.safetensors`` is ``edgelora/storage.py``'s: an NF4 tensor
+``W`` as ``W.nf4_codes``, ``W.nf4_scales``, ``W.nf4_nested``, ``W.nf4_offset`` and ``W.nf4_shape``,
+the two code books once as ``edgelora.nf4_code`` and ``edgelora.dynamic_code``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,27 +21,15 @@ import numpy as np
 
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, SUPPORTED_BLOCK_SIZES, NF4Tensor
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
-from edgelora.safetensors_io import SafetensorsFile, bf16_to_float32
+from edgelora.safetensors_io import SafetensorsFile
+from edgelora.storage import (FLOAT_STORAGES, KINDS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, FloatStorage,
+                              NF4Storage, NF4Tensor)
 
 FORMAT_NAME = "edgelora-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-NF4_PARTS = ("nf4_codes", "nf4_scales", "nf4_nested", "nf4_offset", "nf4_shape")
-CODE_TENSORS = {"edgelora.nf4_code": NF4_CODE, "edgelora.dynamic_code": DYNAMIC_CODE}
-
-
-def nf4_entries(name: str, shape, block_size: int, double_quant: bool) -> list[tuple[str, str, tuple]]:
-    """The safetensors entries ``(name, dtype, shape)`` that store one NF4 tensor."""
-    n = int(np.prod(shape))
-    blocks = -(-n // block_size)
-    return [(f"{name}.nf4_codes", "U8", (-(-n // 2),)),
-            (f"{name}.nf4_scales", "U8" if double_quant else "F32", (blocks,)),
-            (f"{name}.nf4_nested", "F32", (-(-blocks // 256) if double_quant else 0,)),
-            (f"{name}.nf4_offset", "F32", (1,)),
-            (f"{name}.nf4_shape", "I64", (len(shape),))]
 
 
 def is_bundle(path) -> bool:
@@ -85,38 +71,15 @@ class Bundle:
             raise
 
     def _check_weights(self) -> None:
-        """Every tensor the manifest lists is in the weights file with the dtypes and sizes its storage and
-        shape imply (and the shape the config implies), so that no kernel ever reads past an array."""
+        """Every tensor the manifest lists is in the weights file as its storage lays it out, with the
+        shape the config implies, so that no kernel ever reads past an array."""
         from edgelora.converters.hf import tensor_map
         specs = tensor_map(self.args)
-        st = self.weights
-        nb = self.quantization.get("nested_block_size", 256)
         for name, e in self.entries.items():
             if name in specs and e.shape != specs[name].shape:
                 raise FormatError(f"manifest gives tensor {name!r} shape {list(e.shape)}, but config.json implies "
                                   f"{list(specs[name].shape)}", self.path / MANIFEST)
-            needed = [f"{name}.{p}" for p in NF4_PARTS] if e.storage == "nf4" else [name]
-            for key in needed:
-                if key not in st:
-                    raise FormatError(f"manifest lists {name!r} but {key!r} is not in {WEIGHTS}", st.path)
-            if e.storage == "nf4":
-                n = math.prod(e.shape)
-                blocks = -(-n // self.quantization["block_size"])
-                dq = st.tensors[f"{name}.nf4_scales"].dtype == "U8"
-                want = {"nf4_codes": ("U8", (-(-n // 2),)), "nf4_scales": ("U8" if dq else "F32", (blocks,)),
-                        "nf4_nested": ("F32", (-(-blocks // nb) if dq else 0,)), "nf4_offset": ("F32", (1,)),
-                        "nf4_shape": ("I64", (len(e.shape),))}
-            else:
-                want = {None: ("F16" if e.storage == "float16" else "F32", e.shape)}
-            for part, (dtype, shape) in want.items():
-                key = name if part is None else f"{name}.{part}"
-                info = st.tensors[key]
-                if (info.dtype, info.shape) != (dtype, shape):
-                    raise FormatError(f"tensor {key!r} is {info.dtype}{list(info.shape)}, but the manifest's "
-                                      f"{e.storage} {list(e.shape)} needs {dtype}{list(shape)}", st.path)
-            if e.storage == "nf4" and tuple(int(d) for d in st.raw(f"{name}.nf4_shape")) != e.shape:
-                raise FormatError(f"tensor {name + '.nf4_shape'!r} disagrees with the manifest's shape "
-                                  f"{list(e.shape)}", st.path)
+            self.storage(name).check(self.weights, name, e.shape)
 
     def _check_manifest(self, mpath: Path) -> None:
         m = self.manifest
@@ -135,7 +98,7 @@ class Bundle:
         if not isinstance(q.get("block_size"), int) or q.get("block_size") not in SUPPORTED_BLOCK_SIZES:
             raise FormatError(f"quantization block_size {q.get('block_size')!r} is not one of {SUPPORTED_BLOCK_SIZES}",
                               mpath)
-        nb = q.get("nested_block_size", 256)
+        nb = q.get("nested_block_size", NESTED_BLOCK_SIZE)
         if not isinstance(nb, int) or not 1 <= nb <= 1 << 20 or nb & (nb - 1):
             raise FormatError(f"quantization nested_block_size {nb!r} is not a power of two", mpath)
         for name, info in m["files"].items():
@@ -145,7 +108,7 @@ class Bundle:
                     or not isinstance(info.get("sha256"), str):
                 raise FormatError(f"manifest entry for file {name!r} is malformed", mpath)
         for name, e in m["tensors"].items():
-            if not isinstance(e, dict) or e.get("storage") not in ("nf4", "float16", "float32") \
+            if not isinstance(e, dict) or e.get("storage") not in KINDS \
                     or not isinstance(e.get("role"), str) or not isinstance(e.get("shape"), list) \
                     or not 1 <= len(e["shape"]) <= 8 \
                     or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in e["shape"]):
@@ -163,28 +126,27 @@ class Bundle:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def storage(self, name: str) -> NF4Storage | FloatStorage:
+        """How tensor ``name`` is stored (``edgelora/storage.py``): its manifest storage, for NF4 in the
+        bundle's block sizes and double-quantized or not as its scales are."""
+        e = self.entries[name]
+        if e.storage != NF4Storage.kind:
+            return FLOAT_STORAGES[e.storage]
+        q = self.quantization
+        return NF4Storage.stored(self.weights, name, int(q["block_size"]),
+                                 int(q.get("nested_block_size", NESTED_BLOCK_SIZE)))
+
     def nf4(self, name: str) -> NF4Tensor:
         """The stored NF4 tensor, its arrays being views into the mapped file."""
         e = self.entries[name]
-        if e.storage != "nf4":
+        if e.storage != NF4Storage.kind:
             raise KeyError(f"{name} is stored as {e.storage}, not NF4")
-        w = self.weights
-        shape = tuple(int(d) for d in w.raw(f"{name}.nf4_shape"))
-        q = self.quantization
-        return NF4Tensor(packed=w.raw(f"{name}.nf4_codes"), scales=w.raw(f"{name}.nf4_scales"),
-                         nested_scales=w.raw(f"{name}.nf4_nested"), offset=np.float32(w.raw(f"{name}.nf4_offset")[0]),
-                         shape=shape, block_size=int(q["block_size"]),
-                         nested_block_size=int(q.get("nested_block_size", 256)))
+        return self.storage(name).read(self.weights, name)
 
     def tensor(self, name: str) -> np.ndarray:
         """Any tensor as float32 (NF4 ones dequantized)."""
-        e = self.entries[name]
-        if e.storage == "nf4":
-            return self.nf4(name).dequantize()
-        raw = self.weights.raw(name)
-        if self.weights.tensors[name].dtype == "BF16":
-            return bf16_to_float32(raw)
-        return raw.astype(np.float32)
+        stored = self.storage(name)
+        return stored.dequantize(stored.read(self.weights, name))
 
     def close(self) -> None:
         self.weights.close()

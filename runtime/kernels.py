@@ -2,12 +2,12 @@
 
 * ``NF4Linear`` multiplies by a weight kept as packed NF4 codes and double-quantized block
   scales (``docs/format.md``): the block scales ``dynamic_code[q] * nested + offset`` are formed
-  for the rows at hand, so no float copy of a weight matrix ever exists. Decode (one token) is a
-  fused dequantize-and-dot over output rows (``vpermps`` lookups on x86-64, ``runtime/simd.py``),
-  one slice of rows per thread. Prefill (many tokens) dequantizes a tile of rows at a time into
-  a small float32 buffer and multiplies it with the whole chunk of tokens through BLAS, so each
-  dequantized tile is reused by every token (the tiling idea of llama.cpp's
-  ``ggml_compute_forward_mul_mat``).
+  for the rows at hand (by ``storage.block_scale``, the format's one definition of them), so no
+  float copy of a weight matrix ever exists. Decode (one token) is a fused dequantize-and-dot
+  over output rows (``vpermps`` lookups on x86-64, ``runtime/simd.py``), one slice of rows per
+  thread. Prefill (many tokens) dequantizes a tile of rows at a time into a small float32 buffer
+  and multiplies it with the whole chunk of tokens through BLAS, so each dequantized tile is
+  reused by every token (the tiling idea of llama.cpp's ``ggml_compute_forward_mul_mat``).
 * Decode of several sequences at once (``matvec_batch``, X [B, in]: LoRA multi-sequence batches
   share the base product) is a batched matrix-vector product, as Punica's BGMV or llama.cpp's
   ``mul_mat`` with more than one column in ``src1``: on x86-64 each weight byte is read and
@@ -25,7 +25,7 @@
   from the page cache in 4 KB pages, at whose edges the hardware prefetchers stop.
 
 Without double quantization a bundle's float32 block absmaxes are fed to the same kernel as
-``nested`` with a shift of 0 and codes of 255 (``dynamic_code[255] == 1.0``), so one kernel serves
+``nested`` with a shift of 0 and codes of 255 (``NF4Tensor.scale_args``), so one kernel serves
 both layouts exactly. Every kernel has a plain-NumPy twin (``*_reference``) used by the tests.
 """
 
@@ -40,10 +40,10 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
 from edgelora.runtime.simd import AVAILABLE as SIMD_AVAILABLE
 from edgelora.runtime.simd import (F16_CHUNK, ISAS, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_dequant_blocks,
                                    nf4_tile_dot, prefetch)
+from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, block_scales
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
 TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
@@ -82,16 +82,6 @@ def half_to_float(typingctx, bits):
 # NF4
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True)
-def _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, out):
-    """Block absmaxes ``b0 .. b0 + out.size``, computed exactly as ``NF4Tensor.dequantize``."""
-    for i in range(out.size):  # two passes: the product is rounded to float32 before the offset
-        b = b0 + i             # is added, as in the reference (never fused into one FMA)
-        out[i] = dyn[qscale[b]] * nested[b >> nshift]
-    for i in range(out.size):
-        out[i] += offset
-
-
 # The aligned kernels' arguments: ``code`` and ``dyn`` the NF4 and dynamic-map tables; ``packed``
 # exactly these rows' bytes, whose block i has the scale of the tensor's block ``b0 + i`` (from
 # ``qscale``, ``nested``, ``nshift``, ``offset``: the whole tensor's); ``xe``/``xo`` the even/odd
@@ -129,7 +119,7 @@ def _nf4_dot_aligned_portable(code, dyn, packed, qscale, nested, nshift, offset,
     scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
         _prefetch_row(packed, r, row_bytes)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
+        block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
         out[r] = _nf4_row_dot_portable(code, packed[r * row_bytes:(r + 1) * row_bytes], scales, half, xe, xo)
 
 
@@ -146,7 +136,7 @@ def _nf4_dot_aligned_batch_portable(code, dyn, packed, qscale, nested, nshift, o
     scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
         _prefetch_row(packed, r, row_bytes)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
+        block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
         p = packed[r * row_bytes:(r + 1) * row_bytes]
         for b in range(XE.shape[0]):
             OUT[b, o0 + r] = _nf4_row_dot_portable(code, p, scales, half, XE[b], XO[b])
@@ -310,7 +300,7 @@ def _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs,
         for c in range(k):
             e = start + c
             b = e // bs
-            s = dyn[qscale[b]] * nested[b >> nshift] + offset
+            s = block_scale(dyn, qscale, nested, nshift, offset, b)
             byte = np.int64(packed[e >> 1])
             cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
             acc += code[cv] * s * x[c]
@@ -360,7 +350,7 @@ def _nf4_matvec_batch_parallel(code, dyn, packed, qscale, nested, nshift, offset
 @njit(cache=True, nogil=True)
 def _nf4_dequant_blocks_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, n_blocks, half, out):
     scales = np.empty(n_blocks, np.float32)
-    _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, scales)
+    block_scales(dyn, qscale, nested, nshift, offset, b0, scales)
     for j in range(n_blocks):
         s = scales[j]
         for i in range(half):
@@ -410,7 +400,7 @@ def _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, 
                 e = start + c
                 b = e // bs
                 if b != b_prev:
-                    s = dyn[qscale[b]] * nested[b >> nshift] + offset
+                    s = block_scale(dyn, qscale, nested, nshift, offset, b)
                     b_prev = b
                 byte = np.int64(packed[e >> 1])
                 cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
@@ -505,12 +495,7 @@ class NF4Linear(_StoredLinear):
         self.out_features, self.in_features = (int(d) for d in q.shape)
         self.block_size = q.block_size
         self.packed = q.packed
-        if q.double_quant:
-            self.qscale, self.nested, self.offset = q.scales, q.nested_scales, np.float32(q.offset)
-            self.nshift = int(np.log2(q.nested_block_size))
-        else:
-            self.qscale = np.full(q.scales.size, 255, np.uint8)  # DYNAMIC_CODE[255] == 1.0
-            self.nested, self.offset, self.nshift = np.asarray(q.scales, np.float32), np.float32(0.0), 0
+        self.qscale, self.nested, self.nshift, self.offset = q.scale_args()
         # the leading arguments of every NF4 kernel, built once rather than per call
         self._kargs = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
                        self.block_size)
