@@ -14,8 +14,9 @@
   decoded once per call and FMA'd into every sequence's accumulators. Row b is bit for bit
   ``matvec(X[b])``: the one-vector kernel is the one-vector case of the same code, and each
   (row, vector) pair gets the same operations in the same order whatever the batch, so a sequence
-  decodes to the same tokens in a batch as alone. The portable kernel and rows that straddle
-  blocks run the one-vector code per vector on each row while it is in cache.
+  decodes to the same tokens in a batch as alone. The portable kernel runs the one-vector code per
+  vector on each row while it is in cache; a row that straddles blocks is dequantized once and
+  dotted with each vector in order, the one-vector kernel being the case of one vector.
 * ``F16Linear`` does the same for float16 matrices (embeddings, output head), four rows at a time
   with prefetching (``f16_rows_dot``, ``runtime/simd.py``); its batched product dots each row with
   every vector while the row is in cache, through the row function ``matvec`` uses. Numba has no
@@ -284,27 +285,27 @@ def _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r
         half = bs // 2
         _nf4_dot_aligned(code, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset, r0 * per_row,
                          half, r1 - r0, xe, xo, out[r0:r1])
-    else:  # rows that straddle blocks (e.g. 172 columns): element by element
-        _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out)
+    else:  # rows that straddle blocks (e.g. 172 columns): the batched code for the one vector
+        _nf4_dot_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x.reshape((1, k)),
+                           out.reshape((1, out.size)))
 
 
-@njit(cache=True)  # no fastmath: the sum runs strictly in order, so it gives the same bits wherever LLVM
-def _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out):  # inlines it
-    """out[r0:r1] = W[r0:r1] @ x for rows that straddle NF4 blocks. Reassociation would let each
-    compilation (this function inlined into the one-vector or the batched kernel, compiled now or
-    loaded from Numba's cache) vectorise the sum its own way, and the batched rows would no longer
-    equal the one-vector rows bit for bit."""
+@njit(cache=True, fastmath=False)
+def _nf4_dot_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, X, OUT):
+    """OUT[:, r0:r1] = X @ W[r0:r1].T, X [B, in], for rows that straddle NF4 blocks: each row
+    dequantized once by the prefill's code (:func:`_nf4_dequant_rows`), then dotted with every
+    vector strictly in order. ``fastmath=False`` is stated so that no fastmath caller's is
+    inherited: reassociation would let each compilation (for the one-vector or the batched kernel,
+    compiled now or loaded from Numba's cache) vectorise the sum its own way, and the batched rows
+    would no longer equal the one-vector rows bit for bit."""
+    row = np.empty((1, k), np.float32)
     for r in range(r0, r1):
-        acc = np.float32(0.0)
-        start = r * k
-        for c in range(k):
-            e = start + c
-            b = e // bs
-            s = block_scale(dyn, qscale, nested, nshift, offset, b)
-            byte = np.int64(packed[e >> 1])
-            cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
-            acc += code[cv] * s * x[c]
-        out[r] = acc
+        _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r, r + 1, row)
+        for b in range(X.shape[0]):
+            acc = np.float32(0.0)
+            for c in range(k):
+                acc += row[0, c] * X[b, c]
+            OUT[b, r] = acc
 
 
 @njit(cache=True, parallel=True)
@@ -327,11 +328,8 @@ def _nf4_matvec_batch_rows(code, dyn, packed, qscale, nested, nshift, offset, bs
         half = bs // 2
         _nf4_dot_aligned_batch(code, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset,
                                r0 * per_row, half, r1 - r0, XE, XO, OUT, r0)
-    else:  # the one-vector code on each row for each vector, while the row is in cache
-        for r in range(r0, r1):
-            for b in range(X.shape[0]):
-                _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r, r + 1, X[b], XE[b], XO[b],
-                                 OUT[b])
+    else:
+        _nf4_dot_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, X, OUT)
 
 
 @njit(cache=True, parallel=True)
