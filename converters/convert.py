@@ -190,10 +190,7 @@ def _layout(ckpt, block_size, double_quant) -> tuple[int, bool]:
     or, for a checkpoint already in NF4, its own, which a different request cannot change."""
     have = ckpt.nf4_layout
     if have is None:
-        block_size = 64 if block_size is None else block_size
-        if block_size not in SUPPORTED_BLOCK_SIZES:
-            raise UsageError(f"block size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
-        return block_size, True if double_quant is None else bool(double_quant)
+        return 64 if block_size is None else block_size, True if double_quant is None else bool(double_quant)
     if block_size not in (None, have[0]) or double_quant not in (None, have[1]):
         raise UsageError(f"this checkpoint is bitsandbytes NF4 already, in blocks of {have[0]} with double "
                          f"quantization {'on' if have[1] else 'off'}; its codes are imported unchanged, so "
