@@ -15,7 +15,7 @@ quantized linear ``W`` as (bitsandbytes ``Params4bit`` / ``QuantState.as_dict(pa
                                              nested_offset with double quant
 
 and ``config.json`` carries ``quantization_config`` with ``quant_method: "bitsandbytes"``. These
-are exactly the fields of edgelora's :class:`~edgelora.converters.nf4.NF4Tensor` (codes, scales,
+are exactly the fields of edgelora's :class:`~edgelora.storage.NF4Tensor` (codes, scales,
 nested scales, offset, shape), so an import copies them byte for byte: the bundle runs the base
 the adapter was trained against. Everything is checked before use: the code books must be the
 standard NF4 and dynamic maps (a custom map is refused), the block sizes ones the runtime reads,
@@ -33,8 +33,8 @@ import math
 
 import numpy as np
 
-from edgelora.converters.nf4 import DYNAMIC_CODE, NESTED_BLOCK_SIZE, NF4_CODE, SUPPORTED_BLOCK_SIZES, NF4Tensor
 from edgelora.errors import FormatError, UnsupportedError
+from edgelora.storage import DYNAMIC_CODE, NESTED_BLOCK_SIZE, NF4_CODE, SUPPORTED_BLOCK_SIZES, NF4Tensor
 
 STATE_NF4 = ".quant_state.bitsandbytes__nf4"
 STATE_FP4 = ".quant_state.bitsandbytes__fp4"

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 from edgelora import __version__
 from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, write_text_atomic
-from edgelora.bundle import CODE_TENSORS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, nf4_entries
+from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
 from edgelora.errors import FormatError, QuantizationError, UnsupportedError, UsageError
 from edgelora.safetensors_io import SafetensorsWriter, bf16_to_float32
+from edgelora.storage import CODE_TENSORS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, NF4Tensor, storages
 
 CHUNK_ELEMENTS = 1 << 23  # ~8M weights (32 MB of float32) per piece
 FLOAT16_MAX = 65504.0
@@ -189,10 +190,7 @@ def _layout(ckpt, block_size, double_quant) -> tuple[int, bool]:
     or, for a checkpoint already in NF4, its own, which a different request cannot change."""
     have = ckpt.nf4_layout
     if have is None:
-        block_size = 64 if block_size is None else block_size
-        if block_size not in nf4.SUPPORTED_BLOCK_SIZES:
-            raise UsageError(f"block size must be one of {nf4.SUPPORTED_BLOCK_SIZES}, got {block_size}")
-        return block_size, True if double_quant is None else bool(double_quant)
+        return 64 if block_size is None else block_size, True if double_quant is None else bool(double_quant)
     if block_size not in (None, have[0]) or double_quant not in (None, have[1]):
         raise UsageError(f"this checkpoint is bitsandbytes NF4 already, in blocks of {have[0]} with double "
                          f"quantization {'on' if have[1] else 'off'}; its codes are imported unchanged, so "
@@ -212,8 +210,8 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
     ``merge_adapter``: a PEFT LoRA adapter folder to fold into the weights before quantization
     (see :class:`_MergedAdapter` for the trade-off)."""
     t0 = time.perf_counter()
-    if block_size is not None and block_size not in nf4.SUPPORTED_BLOCK_SIZES:
-        raise UsageError(f"block size must be one of {nf4.SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
+        raise UsageError(f"block size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
     for what, v in (("embeddings", embeddings), ("head", head)):
         if v not in STORAGE_CHOICES:
             raise UsageError(f"--{what} must be one of {STORAGE_CHOICES}, got {v!r}")
@@ -230,15 +228,13 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
             raise UsageError("merging an adapter into an imported bitsandbytes base would re-quantize it and lose "
                              "the base the adapter was trained on; load the adapter unmerged (--adapter)", src_path)
         merge = _MergedAdapter(merge_adapter, ckpt.args) if merge_adapter is not None else None
-        storage = {name: _storage(s.role, embeddings, head) for name, s in specs.items()}
+        layouts = storages(block_size, double_quant)
+        storage = {name: layouts[_storage(s.role, embeddings, head)] for name, s in specs.items()}
         entries = [(k, "F32", v.shape) for k, v in CODE_TENSORS.items()]
         for name, spec in specs.items():
-            if storage[name] == "nf4":
-                entries += nf4_entries(name, spec.shape, block_size, double_quant)
-            else:
-                entries.append((name, "F16" if storage[name] == "float16" else "F32", spec.shape))
+            entries += storage[name].entries(name, spec.shape)
         meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "block_size": str(block_size),
-                "double_quant": str(double_quant).lower(), "nested_block_size": "256"}
+                "double_quant": str(double_quant).lower(), "nested_block_size": str(NESTED_BLOCK_SIZE)}
         reports: list[TensorReport] = []
         total = sum(math.prod(s.shape) for s in specs.values())
         with atomic_output_dir(out, overwrite) as tmp:
@@ -247,8 +243,7 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
                 writer.write(k, v)
             bar = tqdm(total=total, unit="w", unit_scale=True, desc="quantizing", disable=not progress, leave=False)
             for name, spec in specs.items():
-                reports.append(_convert_tensor(ckpt, name, spec, storage[name], writer, block_size, double_quant,
-                                               merge))
+                reports.append(_convert_tensor(ckpt, name, spec, storage[name], writer, block_size, merge))
                 bar.update(math.prod(spec.shape))
             bar.close()
             writer.close()
@@ -265,13 +260,15 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
     return _summary(out, model_type, reports, source_bytes, time.perf_counter() - t0)
 
 
-def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant, merge=None) -> TensorReport:
+def _convert_tensor(ckpt, name, spec, storage, writer, block_size, merge=None) -> TensorReport:
+    """Tensor ``name`` read, quantized or narrowed, written and measured; ``storage`` (``edgelora/storage.py``)
+    lays it out in the bundle."""
     f = ckpt.where[name]
     if name in ckpt.nf4:  # imported from bitsandbytes: its codes and scales as they are, exactly
         q = ckpt.nf4[name]
-        _write_nf4(writer, name, q)
+        storage.write(writer, name, q)
         f.release(name)
-        return TensorReport(name, spec.role, storage, q.numel, q.nbytes, 0.0, 0.0, imported=True)
+        return TensorReport(name, spec.role, storage.kind, q.numel, q.nbytes, 0.0, 0.0, imported=True)
     dtype = f.tensors[name].dtype
     raw = f.raw(name)
     shape = spec.shape
@@ -288,7 +285,7 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant,
         x = _widen(raw2d[r0:r1], dtype)
         return x if merge is None else merge.rows(name, x, r0, r1)
 
-    if storage == "nf4":
+    if storage.kind == "nf4":
         packed = np.empty(-(-n // 2), np.uint8)
         absmax = np.empty(-(-n // block_size), np.float32)
         for r0, r1 in chunks:
@@ -300,49 +297,37 @@ def _convert_tensor(ckpt, name, spec, storage, writer, block_size, double_quant,
             e0 = r0 * cols
             packed[e0 // 2: e0 // 2 + p.size] = p
             absmax[e0 // block_size: e0 // block_size + a.size] = a
-        if double_quant:
+        if storage.double_quant:
             codes, nested, offset = nf4.double_quantize(absmax)
-            q = nf4.NF4Tensor(packed, codes, nested, offset, shape, block_size)
+            q = NF4Tensor(packed, codes, nested, offset, shape, block_size)
         else:
-            q = nf4.NF4Tensor(packed, absmax, np.zeros(0, np.float32), np.float32(0), shape, block_size)
+            q = NF4Tensor(packed, absmax, np.zeros(0, np.float32), np.float32(0), shape, block_size)
         deq_absmax = q.absmax()
         for r0, r1 in chunks:
             e0, e1 = r0 * cols, r1 * cols
             approx = q.dequantize_blocks(e0 // block_size, -(-e1 // block_size), deq_absmax)
             meter.add(rows(r0, r1).ravel(), approx[: e1 - e0])
             done(r0, r1)
-        _write_nf4(writer, name, q)
+        storage.write(writer, name, q)
         nbytes = q.nbytes
     else:
-        target = np.float16 if storage == "float16" else np.float32
         written = 0
         for r0, r1 in chunks:
             x = rows(r0, r1)
-            if storage == "float16" and np.abs(x).max(initial=0) > FLOAT16_MAX:
+            if storage.kind == "float16" and np.abs(x).max(initial=0) > FLOAT16_MAX:
                 raise QuantizationError(f"tensor {name!r} has values beyond float16's range; "
                                         f"convert with --embeddings nf4 / --head nf4", f.path)
-            y = x.astype(target)
-            meter.add(x, y.astype(np.float32))
-            writer.write(name, y, offset=written)
+            y = storage.narrow(x)
+            meter.add(x, storage.dequantize(y))
+            storage.write(writer, name, y, offset=written)
             written += y.nbytes
             done(r0, r1)
         nbytes = written
-    return TensorReport(name, spec.role, storage, n, nbytes, meter.rel, meter.max_abs)
-
-
-def _write_nf4(writer, name: str, q) -> None:
-    writer.write(f"{name}.nf4_codes", q.packed)
-    writer.write(f"{name}.nf4_scales", q.scales)
-    writer.write(f"{name}.nf4_nested", q.nested_scales)
-    writer.write(f"{name}.nf4_offset", np.array([q.offset], np.float32))
-    writer.write(f"{name}.nf4_shape", np.array(q.shape, np.int64))
+    return TensorReport(name, spec.role, storage.kind, n, nbytes, meter.rel, meter.max_abs)
 
 
 def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, embeddings, head, reports) -> dict:
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    files = file_table(p for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
     a = ckpt.args
     nf4_params = sum(r.params for r in reports if r.storage == "nf4")
     params = sum(r.params for r in reports)
@@ -362,7 +347,7 @@ def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, em
         },
         "quantization": {
             "method": "nf4", "block_size": block_size, "double_quant": double_quant,
-            "nested_block_size": 256, "nested_code": "bitsandbytes-dynamic-signed-8bit",
+            "nested_block_size": NESTED_BLOCK_SIZE, "nested_code": "bitsandbytes-dynamic-signed-8bit",
             "embeddings": embeddings, "lm_head": "tied" if a.tie_word_embeddings else head,
             "compatible_with": "bitsandbytes quantize_4bit(quant_type='nf4', compress_statistics=double_quant)",
             **({"source_quantization": "bitsandbytes-nf4 (imported, codes unchanged)",

@@ -19,7 +19,7 @@ from pathlib import Path
 from edgelora.architectures import HEAD, TensorSpec, tensor_map
 from edgelora.config import ModelArgs, read_json
 from edgelora.converters import bnb
-from edgelora.converters.nf4 import NF4Tensor
+from edgelora.storage import NF4Tensor
 from edgelora.errors import FormatError, PickleRefusedError, UnsupportedError
 from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 

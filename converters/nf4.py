@@ -1,6 +1,7 @@
 """NF4 blockwise quantization with double-quantized scales, bit-for-bit as bitsandbytes does it on CPU.
 
-The format (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, section 3):
+The quantizer of the format (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, section 3) that
+``edgelora/storage.py`` stores and dequantizes:
 
 * A weight tensor is flattened row-major and cut into blocks of ``block_size`` values (64 by
   default). Each block keeps its absolute maximum; each value is divided by it and replaced by the
@@ -11,8 +12,8 @@ The format (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, section 3):
   quantized to 8 bits with the signed dynamic map (``DYNAMIC_CODE``, Dettmers 2016,
   arXiv:1511.04561) in blocks of 256, keeping one float32 absmax per 256 blocks
   (``nested_scales``). About 4.127 bits per weight with 64-blocks.
-* Dequantization: ``scale[i] = DYNAMIC_CODE[scales[i]] * nested_scales[i // 256] + offset`` and
-  ``w = NF4_CODE[code] * scale[block]``, all in float32.
+* Dequantization (``storage.NF4Tensor.dequantize``): ``scale[i] = DYNAMIC_CODE[scales[i]] *
+  nested_scales[i // 256] + offset`` and ``w = NF4_CODE[code] * scale[block]``, all in float32.
 
 Exactness notes, established against bitsandbytes 0.50 on CPU (see ``tests/test_nf4_codec.py``):
 
@@ -38,67 +39,15 @@ compare both with bitsandbytes.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 from numba import njit, prange
 
-from edgelora.errors import QuantizationError
+from edgelora.errors import QuantizationError, UsageError
+from edgelora.storage import DYNAMIC_CODE, NESTED_BLOCK_SIZE, NF4_CODE, SUPPORTED_BLOCK_SIZES, NF4Tensor
 
-#: The 16 NormalFloat values (QLoRA appendix; bitsandbytes ``get_4bit_type("nf4")``), as float32.
-NF4_CODE = np.array(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    dtype=np.float32,
-)
 #: Decision boundaries between neighbouring NF4 values (float32 midpoints).
 NF4_MIDPOINTS = ((NF4_CODE[:-1] + NF4_CODE[1:]) / np.float32(2)).astype(np.float32)
 
-_DYNAMIC_CODE_BITS = """
-    bf7e3333 bf7a999a bf770000 bf736666 bf6fcccd bf6c3333 bf68999a bf650000
-    bf616666 bf5dcccd bf5a3333 bf56999a bf530000 bf4f6666 bf4bcccd bf483333
-    bf44999a bf410000 bf3d6666 bf39cccd bf363334 bf32999a bf2f0000 bf2b6666
-    bf27cccd bf243334 bf20999a bf1d0000 bf196666 bf15cccd bf123334 bf0e999a
-    bf0b0000 bf076666 bf03cccc bf003333 bef93332 bef20000 beeacccc bee3999a
-    bedc6666 bed53333 bece0000 bec6cccc bebf999a beb86666 beb13333 beaa0000
-    bea2cccc be9b999a be946666 be8d3334 be860000 be7d9999 be6f3333 be60cccd
-    be526666 be440000 be35999a be273333 be18cccd be0a6666 bdf80000 bddb3334
-    bdc9eb85 bdc428f7 bdbe6667 bdb8a3d7 bdb2e148 bdad1eb8 bda75c2a bda1999a
-    bd9bd70a bd96147b bd9051eb bd8a8f5d bd84cccd bd7e147b bd728f5d bd670a3d
-    bd5b851f bd500000 bd447ae1 bd38f5c3 bd2d70a3 bd21eb85 bd166667 bd0ae148
-    bcfeb852 bce7ae15 bcd0a3d7 bcb9999a bca28f5d bc8b851f bc68f5c3 bc3ae148
-    bc1f3b64 bc160418 bc0ccccd bc039581 bbf4bc6a bbe24dd3 bbcfdf3b bbbd70a4
-    bbab020d bb989374 bb8624dd bb676c8a bb428f5c bb1db22d baf1a9fc baa7ef9d
-    ba7765ff ba59e83e ba3c6a80 ba1eecc1 ba016f01 b9c7e283 b98ce705 b923d70b
-    b8ba1f4b b88aefb3 b8378034 b7b24206 b70205ff b65a1a94 b513a3b7 00000000
-    3513a3b7 365a1a94 370205ff 37b24206 38378034 388aefb3 38ba1f4b 3923d70b
-    398ce705 39c7e283 3a016f01 3a1eecc1 3a3c6a80 3a59e83e 3a7765ff 3aa7ef9d
-    3af1a9fc 3b1db22d 3b428f5c 3b676c8a 3b8624dd 3b989374 3bab020d 3bbd70a4
-    3bcfdf3b 3be24dd3 3bf4bc6a 3c039581 3c0ccccd 3c160418 3c1f3b64 3c3ae148
-    3c68f5c3 3c8b851f 3ca28f5d 3cb9999a 3cd0a3d7 3ce7ae15 3cfeb852 3d0ae148
-    3d166667 3d21eb85 3d2d70a3 3d38f5c3 3d447ae1 3d500000 3d5b851f 3d670a3d
-    3d728f5d 3d7e147b 3d84cccd 3d8a8f5d 3d9051eb 3d96147b 3d9bd70a 3da1999a
-    3da75c2a 3dad1eb8 3db2e148 3db8a3d7 3dbe6667 3dc428f7 3dc9eb85 3ddb3334
-    3df80000 3e0a6666 3e18cccd 3e273333 3e35999a 3e440000 3e526666 3e60cccd
-    3e6f3333 3e7d9999 3e860000 3e8d3334 3e946666 3e9b999a 3ea2cccc 3eaa0000
-    3eb13333 3eb86666 3ebf999a 3ec6cccc 3ece0000 3ed53333 3edc6666 3ee3999a
-    3eeacccc 3ef20000 3ef93332 3f003333 3f03cccc 3f076666 3f0b0000 3f0e999a
-    3f123334 3f15cccd 3f196666 3f1d0000 3f20999a 3f243334 3f27cccd 3f2b6666
-    3f2f0000 3f32999a 3f363334 3f39cccd 3f3d6666 3f410000 3f44999a 3f483333
-    3f4bcccd 3f4f6666 3f530000 3f56999a 3f5a3333 3f5dcccd 3f616666 3f650000
-    3f68999a 3f6c3333 3f6fcccd 3f736666 3f770000 3f7a999a 3f7e3333 3f800000
-"""
-#: The signed 8-bit dynamic map (bitsandbytes ``create_dynamic_map()``): 256 sorted float32 values
-#: from -0.99296874 to 1.0, stored as their exact IEEE-754 bit patterns.
-DYNAMIC_CODE = np.array([int(h, 16) for h in _DYNAMIC_CODE_BITS.split()], dtype=np.uint32).view(np.float32)
-
-SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256)
-NESTED_BLOCK_SIZE = 256
 _LUT_SIZE = 65536
 _TINY = np.float32(1e-38)
 _F0 = np.float32(0.0)
@@ -119,74 +68,6 @@ def _build_dynamic_lut(code: np.ndarray) -> np.ndarray:
 
 
 DYNAMIC_LUT = _build_dynamic_lut(DYNAMIC_CODE)
-
-
-@dataclass(frozen=True)
-class NF4Tensor:
-    """A weight quantized to NF4: codes, scales and (with double quantization) nested scales.
-
-    ``packed``         uint8 ``[ceil(n/2)]``: two codes a byte, first element in the high nibble.
-    ``scales``         per ``block_size`` block: uint8 codes into ``DYNAMIC_CODE`` when
-                       ``double_quant`` (bitsandbytes ``state.absmax``), else float32 absmaxes.
-    ``nested_scales``  float32 ``[ceil(blocks/256)]`` (bitsandbytes ``state.state2.absmax``);
-                       empty without double quantization.
-    ``offset``         float32 mean subtracted before the 8-bit step (``state.offset``); 0 without.
-    ``shape``          the original tensor shape.
-    """
-
-    packed: np.ndarray
-    scales: np.ndarray
-    nested_scales: np.ndarray
-    offset: np.float32
-    shape: tuple
-    block_size: int = 64
-    nested_block_size: int = NESTED_BLOCK_SIZE
-
-    @property
-    def double_quant(self) -> bool:
-        return self.scales.dtype == np.uint8
-
-    @property
-    def numel(self) -> int:
-        return int(math.prod(self.shape))
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.block_size)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of quantized data (codes, scales, nested scales and offset)."""
-        extra = self.nested_scales.nbytes + 4 if self.double_quant else 0
-        return self.packed.nbytes + self.scales.nbytes + extra
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / max(self.numel, 1)
-
-    def absmax(self) -> np.ndarray:
-        """The float32 per-block scales (after undoing double quantization)."""
-        if not self.double_quant:
-            return np.asarray(self.scales, dtype=np.float32)
-        return dequantize_scales(self.scales, self.nested_scales, self.offset, self.nested_block_size)
-
-    def dequantize(self) -> np.ndarray:
-        """The float32 weights, shaped like the original tensor."""
-        flat = _nf4_dequantize_nb(self.packed, self.absmax(), self.numel, self.block_size)
-        return flat.reshape(self.shape)
-
-    def dequantize_blocks(self, first: int, last: int, absmax: np.ndarray | None = None) -> np.ndarray:
-        """Flat float32 values of blocks ``first`` to ``last - 1`` (pass ``absmax`` to reuse it)."""
-        absmax = self.absmax() if absmax is None else absmax
-        start = first * self.block_size
-        n = min(last * self.block_size, self.numel) - start
-        return _nf4_dequantize_nb(self.packed[start // 2:], absmax[first:last], n, self.block_size)
-
-    def dequantize_reference(self) -> np.ndarray:
-        """Plain-NumPy twin of :meth:`dequantize`."""
-        absmax = self.absmax() if not self.double_quant else dequantize_scales_reference(
-            self.scales, self.nested_scales, self.offset, self.nested_block_size)
-        return nf4_dequantize_reference(self.packed, absmax, self.numel, self.block_size).reshape(self.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +234,6 @@ def torch_mean_reference(x: np.ndarray, threads: int = 1, lanes: int = SUM_LANES
 
 def _check_lanes(lanes: int) -> int:
     if lanes not in (4, 8, 16):
-        from edgelora.errors import UsageError
         raise UsageError(f"sum_lanes must be 4, 8 or 16 (PyTorch's float vector width), got {lanes!r}")
     return lanes
 
@@ -414,30 +294,6 @@ def nf4_quantize_reference(x: np.ndarray, block_size: int) -> tuple[np.ndarray, 
     return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8), absmax.astype(np.float32)
 
 
-@njit(cache=True, parallel=True)
-def _nf4_dequantize_nb(packed, absmax, n, block_size):
-    out = np.empty(n, np.float32)
-    code = NF4_CODE
-    for b in prange(absmax.size):
-        s = b * block_size
-        e = min(s + block_size, n)
-        scale = absmax[b]
-        for i in range(s, e):
-            byte = np.int64(packed[i >> 1])
-            c = (byte >> 4) if (i & 1) == 0 else (byte & 15)
-            out[i] = code[c] * scale
-    return out
-
-
-def nf4_dequantize_reference(packed: np.ndarray, absmax: np.ndarray, n: int, block_size: int) -> np.ndarray:
-    codes = np.empty(packed.size * 2, np.uint8)
-    codes[0::2] = packed >> 4
-    codes[1::2] = packed & 15
-    values = NF4_CODE[codes[:n]]
-    scale = np.repeat(np.asarray(absmax, np.float32), block_size)[:n]
-    return (values * scale).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # 8-bit step (double quantization of the absmaxes)
 # ---------------------------------------------------------------------------------------------
@@ -478,27 +334,6 @@ def dynamic_quantize_reference(x: np.ndarray, block_size: int) -> tuple[np.ndarr
     codes = DYNAMIC_LUT[j]
     codes[absmax == 0] = 0
     return codes.ravel()[:n].copy(), absmax
-
-
-@njit(cache=True, parallel=True)
-def _dequantize_scales_nb(q, nested, offset, nested_block):
-    out = np.empty(q.size, np.float32)
-    code = DYNAMIC_CODE
-    for i in prange(q.size):
-        out[i] = code[q[i]] * nested[i // nested_block] + offset
-    return out
-
-
-def dequantize_scales(q, nested, offset, nested_block_size=NESTED_BLOCK_SIZE) -> np.ndarray:
-    """float32 absmaxes from their 8-bit codes, nested scales and offset."""
-    return _dequantize_scales_nb(np.asarray(q, np.uint8), np.asarray(nested, np.float32),
-                                 np.float32(offset), nested_block_size)
-
-
-def dequantize_scales_reference(q, nested, offset, nested_block_size=NESTED_BLOCK_SIZE) -> np.ndarray:
-    q = np.asarray(q, np.uint8)
-    scale = np.repeat(np.asarray(nested, np.float32), nested_block_size)[: q.size]
-    return (DYNAMIC_CODE[q] * scale + np.float32(offset)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

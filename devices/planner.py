@@ -219,7 +219,7 @@ import numpy as np
 import edgelora
 from edgelora.memory import peak_rss_bytes
 from edgelora.runtime.kernels import NF4Linear, F16Linear
-from edgelora.converters.nf4 import NF4Tensor
+from edgelora.storage import NF4Tensor
 bundle, threads, adapter = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 model = edgelora.load(bundle, threads=threads, max_context=64)
 model.eos_ids = set()
@@ -403,14 +403,16 @@ def plan(bundle, device, context: int | None = None, adapters: dict | None = Non
 
 def _float16_savings(bundle_path: Path) -> int:
     """Bytes saved by storing the bundle's float16 embeddings and head in NF4 instead (0 if none)."""
-    from edgelora.bundle import Bundle, nf4_entries
+    from edgelora.bundle import Bundle
     from edgelora.safetensors_io import DTYPES
+    from edgelora.storage import NF4Storage
     with Bundle(bundle_path, verify=False) as b:
         block, dq = b.quantization["block_size"], b.quantization["double_quant"]
         saved = 0
         for e in b.entries.values():
             if e.role in ("embedding", "head") and e.storage == "float16":
-                nf4 = sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in nf4_entries(e.name, e.shape, block, dq))
+                entries = NF4Storage(block, dq).entries(e.name, e.shape)
+                nf4 = sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in entries)
                 saved += 2 * math.prod(e.shape) - nf4
     return saved
 

@@ -21,7 +21,7 @@ from edgelora.errors import EdgeLoraError  # noqa: E402
 
 
 _LAZY = {  # public name -> module that defines it
-    "quantize_nf4": "edgelora.converters.nf4", "NF4Tensor": "edgelora.converters.nf4",
+    "quantize_nf4": "edgelora.converters.nf4", "NF4Tensor": "edgelora.storage",
     "convert": "edgelora.converters.convert", "ConversionSummary": "edgelora.converters.convert",
     "inspect": "edgelora.inspection",
     "load": "edgelora.runtime.model", "Model": "edgelora.runtime.model",

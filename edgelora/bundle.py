@@ -6,44 +6,31 @@
     config.json            the source's Hugging Face config, unchanged
     tokenizer.json, tokenizer_config.json, generation_config.json (when the source has them)
 
-An NF4 tensor ``W`` is stored as ``W.nf4_codes`` (U8, packed codes, high nibble first),
-``W.nf4_scales`` (U8 with double quantization, else F32), ``W.nf4_nested`` (F32),
-``W.nf4_offset`` (F32, one value) and ``W.nf4_shape`` (I64). The two code books are stored once
-as ``edgelora.nf4_code`` (F32[16]) and ``edgelora.dynamic_code`` (F32[256]).
+How each tensor is laid out in ``model.safetensors`` is ``edgelora/storage.py``'s: an NF4 tensor
+``W`` as ``W.nf4_codes``, ``W.nf4_scales``, ``W.nf4_nested``, ``W.nf4_offset`` and ``W.nf4_shape``,
+the two code books once as ``edgelora.nf4_code`` and ``edgelora.dynamic_code``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgelora.architectures import tensor_map
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.config import ModelArgs, read_json
-from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, SUPPORTED_BLOCK_SIZES, NF4Tensor
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
-from edgelora.safetensors_io import SafetensorsFile, bf16_to_float32
+from edgelora.safetensors_io import SafetensorsFile
+from edgelora.storage import (FLOAT_STORAGES, KINDS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, FloatStorage,
+                              NF4Storage, NF4Tensor)
 
 FORMAT_NAME = "edgelora-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-NF4_PARTS = ("nf4_codes", "nf4_scales", "nf4_nested", "nf4_offset", "nf4_shape")
-CODE_TENSORS = {"edgelora.nf4_code": NF4_CODE, "edgelora.dynamic_code": DYNAMIC_CODE}
-
-
-def nf4_entries(name: str, shape, block_size: int, double_quant: bool) -> list[tuple[str, str, tuple]]:
-    """The safetensors entries ``(name, dtype, shape)`` that store one NF4 tensor."""
-    n = int(np.prod(shape))
-    blocks = -(-n // block_size)
-    return [(f"{name}.nf4_codes", "U8", (-(-n // 2),)),
-            (f"{name}.nf4_scales", "U8" if double_quant else "F32", (blocks,)),
-            (f"{name}.nf4_nested", "F32", (-(-blocks // 256) if double_quant else 0,)),
-            (f"{name}.nf4_offset", "F32", (1,)),
-            (f"{name}.nf4_shape", "I64", (len(shape),))]
 
 
 def is_bundle(path) -> bool:
@@ -85,38 +72,14 @@ class Bundle:
             raise
 
     def _check_weights(self) -> None:
-        """Every tensor the manifest lists is in the weights file with the dtypes and sizes its storage and
-        shape imply (and the shape the config implies), so that no kernel ever reads past an array."""
-        from edgelora.architectures import tensor_map
+        """Every tensor the manifest lists is in the weights file as its storage lays it out, with the
+        shape the config implies, so that no kernel ever reads past an array."""
         specs = tensor_map(self.args)
-        st = self.weights
-        nb = self.quantization.get("nested_block_size", 256)
         for name, e in self.entries.items():
             if name in specs and e.shape != specs[name].shape:
                 raise FormatError(f"manifest gives tensor {name!r} shape {list(e.shape)}, but config.json implies "
                                   f"{list(specs[name].shape)}", self.path / MANIFEST)
-            needed = [f"{name}.{p}" for p in NF4_PARTS] if e.storage == "nf4" else [name]
-            for key in needed:
-                if key not in st:
-                    raise FormatError(f"manifest lists {name!r} but {key!r} is not in {WEIGHTS}", st.path)
-            if e.storage == "nf4":
-                n = math.prod(e.shape)
-                blocks = -(-n // self.quantization["block_size"])
-                dq = st.tensors[f"{name}.nf4_scales"].dtype == "U8"
-                want = {"nf4_codes": ("U8", (-(-n // 2),)), "nf4_scales": ("U8" if dq else "F32", (blocks,)),
-                        "nf4_nested": ("F32", (-(-blocks // nb) if dq else 0,)), "nf4_offset": ("F32", (1,)),
-                        "nf4_shape": ("I64", (len(e.shape),))}
-            else:
-                want = {None: ("F16" if e.storage == "float16" else "F32", e.shape)}
-            for part, (dtype, shape) in want.items():
-                key = name if part is None else f"{name}.{part}"
-                info = st.tensors[key]
-                if (info.dtype, info.shape) != (dtype, shape):
-                    raise FormatError(f"tensor {key!r} is {info.dtype}{list(info.shape)}, but the manifest's "
-                                      f"{e.storage} {list(e.shape)} needs {dtype}{list(shape)}", st.path)
-            if e.storage == "nf4" and tuple(int(d) for d in st.raw(f"{name}.nf4_shape")) != e.shape:
-                raise FormatError(f"tensor {name + '.nf4_shape'!r} disagrees with the manifest's shape "
-                                  f"{list(e.shape)}", st.path)
+            self.storage(name).check(self.weights, name, e.shape)
 
     def _check_manifest(self, mpath: Path) -> None:
         m = self.manifest
@@ -135,7 +98,7 @@ class Bundle:
         if not isinstance(q.get("block_size"), int) or q.get("block_size") not in SUPPORTED_BLOCK_SIZES:
             raise FormatError(f"quantization block_size {q.get('block_size')!r} is not one of {SUPPORTED_BLOCK_SIZES}",
                               mpath)
-        nb = q.get("nested_block_size", 256)
+        nb = q.get("nested_block_size", NESTED_BLOCK_SIZE)
         if not isinstance(nb, int) or not 1 <= nb <= 1 << 20 or nb & (nb - 1):
             raise FormatError(f"quantization nested_block_size {nb!r} is not a power of two", mpath)
         for name, info in m["files"].items():
@@ -145,35 +108,16 @@ class Bundle:
                     or not isinstance(info.get("sha256"), str):
                 raise FormatError(f"manifest entry for file {name!r} is malformed", mpath)
         for name, e in m["tensors"].items():
-            if not isinstance(e, dict) or e.get("storage") not in ("nf4", "float16", "float32") \
+            if not isinstance(e, dict) or e.get("storage") not in KINDS \
                     or not isinstance(e.get("role"), str) or not isinstance(e.get("shape"), list) \
                     or not 1 <= len(e["shape"]) <= 8 \
                     or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in e["shape"]):
                 raise FormatError(f"manifest entry for tensor {name!r} is malformed", mpath)
 
     def verify(self, full: bool = False) -> None:
-        """Check that every file the manifest lists is present with its size and sha256.
-
-        A file whose sha256 was already checked and whose identity has not changed since (size,
-        modification and inode-change times, inode, device: the kernel updates the change time on
-        any write, and it cannot be set back) is not hashed again, so reopening a 1 GB bundle costs
-        a ``stat``, not a second of hashing. ``full=True`` hashes every file regardless.
-        """
-        stamps = _VerifiedStamps.load()
-        for name, info in self.manifest["files"].items():
-            p = self.path / name
-            if not p.is_file():
-                raise FormatError("file listed in the manifest is missing", p)
-            st = p.stat()
-            if st.st_size != info.get("size"):
-                raise ChecksumError(f"size {st.st_size} differs from the manifest's {info.get('size')}; "
-                                    f"the file is truncated or was modified", p)
-            if not full and stamps.matches(p, st, info.get("sha256")):
-                continue
-            if sha256_file(p) != info.get("sha256"):
-                raise ChecksumError("sha256 differs from the manifest; the file is corrupt or was modified", p)
-            stamps.record(p, st, info["sha256"])
-        stamps.save()
+        """Check that every file the manifest lists is present with its size and sha256
+        (:func:`verify_files`; ``full=True`` hashes every file again)."""
+        verify_files(self.path, self.manifest["files"], full)
 
     @property
     def quantization(self) -> dict:
@@ -182,28 +126,27 @@ class Bundle:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def storage(self, name: str) -> NF4Storage | FloatStorage:
+        """How tensor ``name`` is stored (``edgelora/storage.py``): its manifest storage, for NF4 in the
+        bundle's block sizes and double-quantized or not as its scales are."""
+        e = self.entries[name]
+        if e.storage != NF4Storage.kind:
+            return FLOAT_STORAGES[e.storage]
+        q = self.quantization
+        return NF4Storage.stored(self.weights, name, int(q["block_size"]),
+                                 int(q.get("nested_block_size", NESTED_BLOCK_SIZE)))
+
     def nf4(self, name: str) -> NF4Tensor:
         """The stored NF4 tensor, its arrays being views into the mapped file."""
         e = self.entries[name]
-        if e.storage != "nf4":
+        if e.storage != NF4Storage.kind:
             raise KeyError(f"{name} is stored as {e.storage}, not NF4")
-        w = self.weights
-        shape = tuple(int(d) for d in w.raw(f"{name}.nf4_shape"))
-        q = self.quantization
-        return NF4Tensor(packed=w.raw(f"{name}.nf4_codes"), scales=w.raw(f"{name}.nf4_scales"),
-                         nested_scales=w.raw(f"{name}.nf4_nested"), offset=np.float32(w.raw(f"{name}.nf4_offset")[0]),
-                         shape=shape, block_size=int(q["block_size"]),
-                         nested_block_size=int(q.get("nested_block_size", 256)))
+        return self.storage(name).read(self.weights, name)
 
     def tensor(self, name: str) -> np.ndarray:
         """Any tensor as float32 (NF4 ones dequantized)."""
-        e = self.entries[name]
-        if e.storage == "nf4":
-            return self.nf4(name).dequantize()
-        raw = self.weights.raw(name)
-        if self.weights.tensors[name].dtype == "BF16":
-            return bf16_to_float32(raw)
-        return raw.astype(np.float32)
+        stored = self.storage(name)
+        return stored.dequantize(stored.read(self.weights, name))
 
     def close(self) -> None:
         self.weights.close()
@@ -213,6 +156,45 @@ class Bundle:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def file_table(paths, root: Path | None = None) -> dict:
+    """A manifest's ``files`` table of ``paths``, in path order: each one's path relative to ``root``
+    (without ``root``, its file name) -> ``{"size": bytes, "sha256": lower-case hex}``."""
+    return {(p.relative_to(root).as_posix() if root else p.name): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(paths)}
+
+
+def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "the manifest",
+                 confined: bool = False) -> None:
+    """Check that every file of a manifest's ``files`` table (:func:`file_table`, relative to
+    ``root``) is present with its size and sha256; ``manifest`` names the manifest in errors.
+    ``confined`` (deploy folders, which may come from an archive): each must also be a regular
+    file, not a link, and lie inside ``root``.
+
+    A file whose sha256 was already checked and whose identity has not changed since (size,
+    modification and inode-change times, inode, device: the kernel updates the change time on
+    any write, and it cannot be set back) is not hashed again, so reopening a 1 GB bundle costs
+    a ``stat``, not a second of hashing. ``full=True`` hashes every file regardless.
+    """
+    stamps = _VerifiedStamps.load()
+    real_root = root.resolve()
+    for rel, info in files.items():
+        p = root / rel
+        if not p.is_file() or confined and p.is_symlink():
+            raise FormatError(f"file listed in {manifest} is missing{' (or not a regular file)' if confined else ''}", p)
+        if confined and real_root not in p.resolve().parents:
+            raise FormatError(f"file listed in {manifest} lies outside its folder", p)
+        st = p.stat()
+        if st.st_size != info["size"]:
+            raise ChecksumError(f"size {st.st_size} differs from {manifest}'s {info['size']}; "
+                                f"the file is truncated or was modified", p)
+        if not full and stamps.matches(p, st, info["sha256"]):
+            continue
+        if sha256_file(p) != info["sha256"]:
+            raise ChecksumError(f"sha256 differs from {manifest}; the file is corrupt or was modified", p)
+        stamps.record(p, st, info["sha256"])
+    stamps.save()
 
 
 class _VerifiedStamps:

@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error, sha256_file
+from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UnsupportedError, UsageError
 
 FORMAT_NAME = "edgelora-deploy"
@@ -95,15 +95,6 @@ def compact_adapter(src, dst: Path) -> None:
     write_safetensors(dst / weights.name, tensors, {"format": "pt"})
 
 
-def _file_table(root: Path) -> dict:
-    files = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel != MANIFEST:
-            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    return files
-
-
 def deploy(bundle, device, out, adapters: dict | None = None, context: int | None = None,
            threads: int | None = None, archive: bool = False, overwrite: bool = False,
            overhead: int | None = None) -> DeployResult:
@@ -111,7 +102,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
     :class:`PlanError` with the plan's numbers and what to change."""
     from edgelora import __version__
-    from edgelora.bundle import Bundle
+    from edgelora.bundle import Bundle, file_table
     from edgelora.devices.planner import plan as make_plan
     adapters = dict(adapters or {})
     for name in adapters:
@@ -136,7 +127,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
             compact_adapter(path, tmp / ADAPTERS_DIR / name)
         (tmp / DEVICE_FILE).write_text(p.device.to_toml())
         (tmp / PLAN_FILE).write_text(json.dumps(p.to_dict(), indent=1) + "\n")
-        files = _file_table(tmp)
+        files = file_table((p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST), tmp)
         for name, info in src.manifest["files"].items():  # what was copied is what the bundle lists
             if files[f"{MODEL_DIR}/{name}"]["sha256"] != info["sha256"]:
                 raise ChecksumError("sha256 differs from the bundle's manifest; the file is corrupt or was "
@@ -292,32 +283,10 @@ class Deployment:
         return read_json(self.path / PLAN_FILE)
 
 
-def verify_files(root: Path, files: dict, full: bool = False) -> None:
-    """Every listed file present, a regular file inside ``root``, with its size and sha256."""
-    from edgelora.bundle import _VerifiedStamps
-    stamps = _VerifiedStamps.load()
-    real_root = root.resolve()
-    for rel, info in files.items():
-        p = root / rel
-        if p.is_symlink() or not p.is_file():
-            raise FormatError("file listed in the deploy manifest is missing (or not a regular file)", p)
-        if real_root not in p.resolve().parents:
-            raise FormatError("file listed in the deploy manifest lies outside the deploy folder", p)
-        st = p.stat()
-        if st.st_size != info["size"]:
-            raise ChecksumError(f"size {st.st_size} differs from the deploy manifest's {info['size']}; "
-                                f"the file is truncated or was modified", p)
-        if not full and stamps.matches(p, st, info["sha256"]):
-            continue
-        if sha256_file(p) != info["sha256"]:
-            raise ChecksumError("sha256 differs from the deploy manifest; the file is corrupt or was modified", p)
-        stamps.record(p, st, info["sha256"])
-    stamps.save()
-
-
 def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> Deployment:
     """Read and verify a deploy folder: format, checksums of every file, and (``device_check``)
     that this machine has the planned CPU architecture and at least the planned memory."""
+    from edgelora.bundle import verify_files
     from edgelora.devices.profiles import Device, host_arch, host_ram_bytes
     root = Path(path)
     m = read_manifest(root)
@@ -326,7 +295,7 @@ def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> D
     if missing:
         raise FormatError(f"the deploy manifest does not list {missing}", root / MANIFEST)
     if verify:
-        verify_files(root, m["files"], full=verify == "full")
+        verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest", confined=True)
     device = Device.from_file(root / DEVICE_FILE)
     dep = Deployment(root, m, device)
     if device_check:

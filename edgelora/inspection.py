@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from edgelora.atomic import sha256_file
-from edgelora.bundle import Bundle, is_bundle
+from edgelora.bundle import Bundle, file_table, is_bundle
 from edgelora.errors import ChecksumError, FormatError
 
 
@@ -47,8 +46,7 @@ def _describe_source(kind: str, ckpt, path: Path) -> dict:
     with ckpt as c:
         params = sum(math.prod(s.shape) for s in c.specs.values())
         config = [c.config_path] if c.config_path else []
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(c.shard_paths + c.tokenizer_files() + config)}
+        files = file_table(c.shard_paths + c.tokenizer_files() + config)
         meta = {k: v for k, v in c.source_meta.items() if k != "format"}
         return {"kind": kind, "path": str(path), "architecture": _args_dict(c.args), "parameters": params,
                 "dtypes": sorted(c.dtypes), "bytes": c.source_bytes(),

@@ -2,20 +2,21 @@
 
 * ``NF4Linear`` multiplies by a weight kept as packed NF4 codes and double-quantized block
   scales (``docs/format.md``): the block scales ``dynamic_code[q] * nested + offset`` are formed
-  for the rows at hand, so no float copy of a weight matrix ever exists. Decode (one token) is a
-  fused dequantize-and-dot over output rows (``vpermps`` lookups on x86-64, ``runtime/simd.py``),
-  one slice of rows per thread. Prefill (many tokens) dequantizes a tile of rows at a time into
-  a small float32 buffer and multiplies it with the whole chunk of tokens through BLAS, so each
-  dequantized tile is reused by every token (the tiling idea of llama.cpp's
-  ``ggml_compute_forward_mul_mat``).
+  for the rows at hand (by ``storage.block_scale``, the format's one definition of them), so no
+  float copy of a weight matrix ever exists. Decode (one token) is a fused dequantize-and-dot
+  over output rows (``vpermps`` lookups on x86-64, ``runtime/simd.py``), one slice of rows per
+  thread. Prefill (many tokens) dequantizes a tile of rows at a time into a small float32 buffer
+  and multiplies it with the whole chunk of tokens through BLAS, so each dequantized tile is
+  reused by every token (the tiling idea of llama.cpp's ``ggml_compute_forward_mul_mat``).
 * Decode of several sequences at once (``matvec_batch``, X [B, in]: LoRA multi-sequence batches
   share the base product) is a batched matrix-vector product, as Punica's BGMV or llama.cpp's
   ``mul_mat`` with more than one column in ``src1``: on x86-64 each weight byte is read and
   decoded once per call and FMA'd into every sequence's accumulators. Row b is bit for bit
   ``matvec(X[b])``: the one-vector kernel is the one-vector case of the same code, and each
   (row, vector) pair gets the same operations in the same order whatever the batch, so a sequence
-  decodes to the same tokens in a batch as alone. The portable kernel and rows that straddle
-  blocks run the one-vector code per vector on each row while it is in cache.
+  decodes to the same tokens in a batch as alone. The portable kernel runs the one-vector code per
+  vector on each row while it is in cache; a row that straddles blocks is dequantized once and
+  dotted with each vector in order, the one-vector kernel being the case of one vector.
 * ``F16Linear`` does the same for float16 matrices (embeddings, output head), four rows at a time
   with prefetching (``f16_rows_dot``, ``runtime/simd.py``); its batched product dots each row with
   every vector while the row is in cache, through the row function ``matvec`` uses. Numba has no
@@ -25,7 +26,7 @@
   from the page cache in 4 KB pages, at whose edges the hardware prefetchers stop.
 
 Without double quantization a bundle's float32 block absmaxes are fed to the same kernel as
-``nested`` with a shift of 0 and codes of 255 (``dynamic_code[255] == 1.0``), so one kernel serves
+``nested`` with a shift of 0 and codes of 255 (``NF4Tensor.scale_args``), so one kernel serves
 both layouts exactly. Every kernel has a plain-NumPy twin (``*_reference``) used by the tests.
 """
 
@@ -40,10 +41,10 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgelora.converters.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor
 from edgelora.runtime.simd import AVAILABLE as SIMD_AVAILABLE
 from edgelora.runtime.simd import (F16_CHUNK, ISAS, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_dequant_blocks,
                                    nf4_tile_dot, prefetch)
+from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, block_scales
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
 TILE_ELEMENTS = 1 << 20  # float32 elements of a dequantized prefill tile (4 MB)
@@ -82,16 +83,6 @@ def half_to_float(typingctx, bits):
 # NF4
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True)
-def _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, out):
-    """Block absmaxes ``b0 .. b0 + out.size``, computed exactly as ``NF4Tensor.dequantize``."""
-    for i in range(out.size):  # two passes: the product is rounded to float32 before the offset
-        b = b0 + i             # is added, as in the reference (never fused into one FMA)
-        out[i] = dyn[qscale[b]] * nested[b >> nshift]
-    for i in range(out.size):
-        out[i] += offset
-
-
 # The aligned kernels' arguments: ``code`` and ``dyn`` the NF4 and dynamic-map tables; ``packed``
 # exactly these rows' bytes, whose block i has the scale of the tensor's block ``b0 + i`` (from
 # ``qscale``, ``nested``, ``nshift``, ``offset``: the whole tensor's); ``xe``/``xo`` the even/odd
@@ -129,7 +120,7 @@ def _nf4_dot_aligned_portable(code, dyn, packed, qscale, nested, nshift, offset,
     scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
         _prefetch_row(packed, r, row_bytes)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
+        block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
         out[r] = _nf4_row_dot_portable(code, packed[r * row_bytes:(r + 1) * row_bytes], scales, half, xe, xo)
 
 
@@ -146,7 +137,7 @@ def _nf4_dot_aligned_batch_portable(code, dyn, packed, qscale, nested, nshift, o
     scales = np.empty(per_row, np.float32)
     for r in range(n_rows):
         _prefetch_row(packed, r, row_bytes)
-        _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
+        block_scales(dyn, qscale, nested, nshift, offset, b0 + r * per_row, scales)
         p = packed[r * row_bytes:(r + 1) * row_bytes]
         for b in range(XE.shape[0]):
             OUT[b, o0 + r] = _nf4_row_dot_portable(code, p, scales, half, XE[b], XO[b])
@@ -294,27 +285,27 @@ def _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r
         half = bs // 2
         _nf4_dot_aligned(code, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset, r0 * per_row,
                          half, r1 - r0, xe, xo, out[r0:r1])
-    else:  # rows that straddle blocks (e.g. 172 columns): element by element
-        _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out)
+    else:  # rows that straddle blocks (e.g. 172 columns): the batched code for the one vector
+        _nf4_dot_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x.reshape((1, k)),
+                           out.reshape((1, out.size)))
 
 
-@njit(cache=True)  # no fastmath: the sum runs strictly in order, so it gives the same bits wherever LLVM
-def _nf4_matvec_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, x, out):  # inlines it
-    """out[r0:r1] = W[r0:r1] @ x for rows that straddle NF4 blocks. Reassociation would let each
-    compilation (this function inlined into the one-vector or the batched kernel, compiled now or
-    loaded from Numba's cache) vectorise the sum its own way, and the batched rows would no longer
-    equal the one-vector rows bit for bit."""
+@njit(cache=True, fastmath=False)
+def _nf4_dot_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, X, OUT):
+    """OUT[:, r0:r1] = X @ W[r0:r1].T, X [B, in], for rows that straddle NF4 blocks: each row
+    dequantized once by the prefill's code (:func:`_nf4_dequant_rows`), then dotted with every
+    vector strictly in order. ``fastmath=False`` is stated so that no fastmath caller's is
+    inherited: reassociation would let each compilation (for the one-vector or the batched kernel,
+    compiled now or loaded from Numba's cache) vectorise the sum its own way, and the batched rows
+    would no longer equal the one-vector rows bit for bit."""
+    row = np.empty((1, k), np.float32)
     for r in range(r0, r1):
-        acc = np.float32(0.0)
-        start = r * k
-        for c in range(k):
-            e = start + c
-            b = e // bs
-            s = dyn[qscale[b]] * nested[b >> nshift] + offset
-            byte = np.int64(packed[e >> 1])
-            cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
-            acc += code[cv] * s * x[c]
-        out[r] = acc
+        _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r, r + 1, row)
+        for b in range(X.shape[0]):
+            acc = np.float32(0.0)
+            for c in range(k):
+                acc += row[0, c] * X[b, c]
+            OUT[b, r] = acc
 
 
 @njit(cache=True, parallel=True)
@@ -337,11 +328,8 @@ def _nf4_matvec_batch_rows(code, dyn, packed, qscale, nested, nshift, offset, bs
         half = bs // 2
         _nf4_dot_aligned_batch(code, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset,
                                r0 * per_row, half, r1 - r0, XE, XO, OUT, r0)
-    else:  # the one-vector code on each row for each vector, while the row is in cache
-        for r in range(r0, r1):
-            for b in range(X.shape[0]):
-                _nf4_matvec_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r, r + 1, X[b], XE[b], XO[b],
-                                 OUT[b])
+    else:
+        _nf4_dot_unaligned(code, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, X, OUT)
 
 
 @njit(cache=True, parallel=True)
@@ -360,7 +348,7 @@ def _nf4_matvec_batch_parallel(code, dyn, packed, qscale, nested, nshift, offset
 @njit(cache=True, nogil=True)
 def _nf4_dequant_blocks_portable(code, dyn, packed, qscale, nested, nshift, offset, b0, n_blocks, half, out):
     scales = np.empty(n_blocks, np.float32)
-    _nf4_block_scales(dyn, qscale, nested, nshift, offset, b0, scales)
+    block_scales(dyn, qscale, nested, nshift, offset, b0, scales)
     for j in range(n_blocks):
         s = scales[j]
         for i in range(half):
@@ -410,7 +398,7 @@ def _nf4_dequant_rows(code, dyn, packed, qscale, nested, nshift, offset, bs, k, 
                 e = start + c
                 b = e // bs
                 if b != b_prev:
-                    s = dyn[qscale[b]] * nested[b >> nshift] + offset
+                    s = block_scale(dyn, qscale, nested, nshift, offset, b)
                     b_prev = b
                 byte = np.int64(packed[e >> 1])
                 cv = (byte >> 4) if (e & 1) == 0 else (byte & 15)
@@ -505,12 +493,7 @@ class NF4Linear(_StoredLinear):
         self.out_features, self.in_features = (int(d) for d in q.shape)
         self.block_size = q.block_size
         self.packed = q.packed
-        if q.double_quant:
-            self.qscale, self.nested, self.offset = q.scales, q.nested_scales, np.float32(q.offset)
-            self.nshift = int(np.log2(q.nested_block_size))
-        else:
-            self.qscale = np.full(q.scales.size, 255, np.uint8)  # DYNAMIC_CODE[255] == 1.0
-            self.nested, self.offset, self.nshift = np.asarray(q.scales, np.float32), np.float32(0.0), 0
+        self.qscale, self.nested, self.nshift, self.offset = q.scale_args()
         # the leading arguments of every NF4 kernel, built once rather than per call
         self._kargs = (NF4_CODE, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
                        self.block_size)

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edgelora.converters.nf4 import NF4Tensor
+from edgelora.storage import NF4Tensor
 from edgelora.runtime.kernels import F16Linear, NF4Linear
 
 

@@ -7,9 +7,10 @@ values. (The same idea as llama.cpp's ``vpshufb`` decoding of IQ4_NL's 16-value 
 lanes here so the product stays exact float32 arithmetic.) Per block the 16-entry table is first
 multiplied by the block's scale, so a lookup yields the dequantized weight ``code[c] * scale``,
 rounded exactly as ``NF4Tensor.dequantize`` rounds it. The block scale itself is formed in the
-loop from the double-quantized bytes, ``dyn[qscale[b]] * nested[b >> nshift] + offset``
-(scalar work beside the vector lookups: a separate pass writing float scales had cost a fifth
-of the kernel's time).
+loop from the double-quantized bytes by a call to ``storage.block_scale``, the format's one
+definition of ``dyn[qscale[b]] * nested[b >> nshift] + offset``, which LLVM inlines (scalar work
+beside the vector lookups: a separate pass writing float scales had cost a fifth of the kernel's
+time).
 
 ``nf4_tile_dot(code, dyn, packed, qscale, nested, xi, acc, nshift, offset, b0, r0, r1, per_row,
 j0, n_blocks, half, v0, n_vec, nvec, isa)`` multiplies a tile of the weight by a group of
@@ -42,8 +43,9 @@ same four rows at a time: the weights are mapped from the page cache in 4 KB pag
 hardware prefetchers stop, so without it each row tile waited on memory (bench/README.md).
 
 Numba's on-disk cache of the kernels that use these intrinsics is keyed on the text of
-``kernels.py`` alone: after editing this file, delete ``runtime/__pycache__/kernels.*`` (or run
-with a fresh ``NUMBA_CACHE_DIR``) so that they are compiled again.
+``kernels.py`` alone: after editing this file (or ``storage.block_scale``), delete
+``runtime/__pycache__/kernels.*`` (or run with a fresh ``NUMBA_CACHE_DIR``) so that they are
+compiled again.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+from edgelora.storage import block_scale
 
 _FEATURES = llvm.get_host_cpu_features()
 _AARCH64 = llvm.get_process_triple().startswith(("aarch64", "arm64"))
@@ -96,25 +100,26 @@ def _prefetch(builder, ptr):
     builder.call(fn, [builder.bitcast(ptr, _I8.as_pointer()), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _opaque(builder, value):
-    """``value`` through an empty inline-asm statement: LLVM cannot see through it, so it never
-    fuses the product before it into an FMA with what follows. The block scale must be rounded
-    twice, as ``NF4Tensor.dequantize`` rounds it, and without this it came out fused (one ulp off)
-    when the kernel had first been compiled for a fastmath caller such as ``_nf4_matvec_rows``
-    (the tests check every scale bit for bit)."""
-    fn = ir.InlineAsm(ir.FunctionType(value.type, [value.type]), "", "=w,0" if _AARCH64 else "=x,0")
-    return builder.call(fn, [value])
+def _scale_call(typingctx, dyn, qscale, nested):
+    """:func:`edgelora.storage.block_scale` compiled for these arrays: ``(function type, signature)``
+    for :func:`_block_scale`. The shift and the block numbers are passed unsigned (they are never
+    negative), so Numba adds no negative-index wraparound to the loads."""
+    fnty = typingctx.resolve_value_type(block_scale)
+    return fnty, typingctx.resolve_function_type(fnty, (dyn, qscale, nested, types.uint64, types.float32,
+                                                        types.uint64), {})
 
 
-def _block_scale(builder, dyn_p, qscale_p, nested_p, nshift, offset, b0):
-    """``scale(b)``: block b's absmax (counted from ``b0``: ``B = b0 + b``), ``dynamic_code[qscale[B]]
-    * nested[B >> nshift] + offset``, rounded as ``NF4Tensor.dequantize`` rounds it (a product,
-    then a sum: no FMA)."""
+def _block_scale(context, builder, call, dyn, qscale, nested, nshift, offset, b0):
+    """``scale(b)``: block b's absmax (counted from ``b0``: ``B = b0 + b``), a call of
+    ``storage.block_scale`` (``call`` from :func:`_scale_call`; ``dyn``, ``qscale``, ``nested`` the
+    arrays) that LLVM inlines. It is compiled on its own without fastmath, so its product and sum
+    carry no ``contract`` flag and are never fused into an FMA, though this IR lands in kernels
+    compiled for fastmath callers such as ``_nf4_matvec_rows`` (the tests check every scale bit
+    for bit)."""
+    impl = context.get_function(*call)
+
     def scale(b):
-        b = builder.add(b0, b)
-        q = builder.zext(builder.load(builder.gep(qscale_p, [b])), _I64)
-        nested = builder.load(builder.gep(nested_p, [builder.lshr(b, nshift)]))
-        return builder.fadd(_opaque(builder, builder.fmul(builder.load(builder.gep(dyn_p, [q])), nested)), offset)
+        return impl(builder, (dyn, qscale, nested, nshift, offset, builder.add(b0, b)))
 
     return scale
 
@@ -221,7 +226,7 @@ def _emit_tile(builder, isa, code_p, rows, xload, n_blocks, half, row_bytes, sca
                         builder.store(builder.call(fma, [ws[nib], xs[v][nib], builder.load(a)]), a)
 
 
-def _tile_codegen(isa: str, nvec: int):
+def _tile_codegen(isa: str, nvec: int, call):
     """``xi`` holds x interleaved as [in/2/width, n_vec, 2, width]: for each chunk of ``width``
     bytes, each vector's even then odd entries side by side, so one pointer serves all vectors.
     Row r's accumulators for vector v: ``acc[((r - r0) * n_vec + v) * 2 * width:]``, acc_h then
@@ -232,12 +237,12 @@ def _tile_codegen(isa: str, nvec: int):
     vp = vf.as_pointer()
 
     def codegen(context, builder, sig, args):
-        code_p, dyn_p, packed_p, qscale_p, nested_p, xi_p, acc_p = (
-            context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:7], args[:7]))
+        code_p, packed_p, xi_p, acc_p = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                                         for i in (0, 2, 5, 6))
         nshift, offset, b0, r0, r1, per_row, j0, n_blocks, half, v0, n_vec = args[7:18]
         c = lambda n: ir.Constant(_I64, n)
 
-        scale = _block_scale(builder, dyn_p, qscale_p, nested_p, nshift, offset, b0)
+        scale = _block_scale(context, builder, call, args[1], args[3], args[4], nshift, offset, b0)
 
         # x of column j0 * half, vector v0; chunk q of the tile is n_vec * 2 * width floats further
         x_base = builder.gep(xi_p, [builder.mul(builder.add(builder.mul(builder.udiv(builder.mul(j0, half), c(width)),
@@ -307,7 +312,7 @@ def nf4_tile_dot(typingctx, code, dyn, packed, qscale, nested, xi, acc, nshift, 
     if sig is None:
         return None
     name = {v: k for k, v in ISAS.items()}[isa.literal_value]
-    return sig, _tile_codegen(name, nvec.literal_value)
+    return sig, _tile_codegen(name, nvec.literal_value, _scale_call(typingctx, dyn, qscale, nested))
 
 
 @intrinsic
@@ -324,15 +329,15 @@ def nf4_dequant_blocks(typingctx, code, dyn, packed, qscale, nested, buf, nshift
             and isinstance(isa, types.IntegerLiteral) and isa.literal_value in ISAS.values()):
         return None
     name = {v: k for k, v in ISAS.items()}[isa.literal_value]
+    call = _scale_call(typingctx, dyn, qscale, nested)
     width = WIDTH[name]
     vf2 = ir.VectorType(_F32, 2 * width)
     interleave = ir.Constant(ir.VectorType(_I32, 2 * width), [m // 2 + (m % 2) * width for m in range(2 * width)])
 
     def codegen(context, builder, sig, args):
-        code_p, dyn_p, packed_p, qscale_p, nested_p, buf_p = (
-            context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:6], args[:6]))
+        code_p, packed_p, buf_p = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 5))
         nshift, offset, b0, n_blocks, half = args[6:11]
-        scale = _block_scale(builder, dyn_p, qscale_p, nested_p, nshift, offset, b0)
+        scale = _block_scale(context, builder, call, args[1], args[3], args[4], nshift, offset, b0)
         prepare, decode = _decoder(builder, name, code_p)
         with cgutils.for_range(builder, n_blocks) as blk:
             tab = prepare(scale(blk.index))

@@ -125,7 +125,7 @@ def test_every_nf4_dot_variant_equals_reference(variant, block):
     lin = K.NF4Linear(q)
     x = rng.standard_normal(k).astype(np.float32)
     scales = np.empty(n * k // block, np.float32)
-    K._nf4_block_scales(K.DYNAMIC_CODE, lin.qscale, lin.nested, lin.nshift, lin.offset, 0, scales)
+    K.block_scales(K.DYNAMIC_CODE, lin.qscale, lin.nested, lin.nshift, lin.offset, 0, scales)
     np.testing.assert_array_equal(scales, q.absmax())  # the kernels' block scales are exact
     out = np.empty(n, np.float32)
     K.NF4_DOT_VARIANTS[variant](*_scale_args(lin), block // 2, n, np.ascontiguousarray(x[0::2]),

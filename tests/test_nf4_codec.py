@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from edgelora import storage
 from edgelora.converters import nf4
 from edgelora.errors import QuantizationError
 
@@ -28,7 +29,7 @@ def _weights(kind: str, shape, seed: int) -> np.ndarray:
     elif kind == "uniform":
         x = rng.uniform(-1, 1, size=shape)
     elif kind == "ties":  # values on NF4 midpoints and on exact code values
-        vals = np.concatenate([nf4.NF4_CODE, nf4.NF4_MIDPOINTS])
+        vals = np.concatenate([storage.NF4_CODE, nf4.NF4_MIDPOINTS])
         x = rng.choice(vals, size=shape)
         x.ravel()[::64] = 1.0  # absmax 1 so the scaled values are the values themselves
     else:
@@ -60,7 +61,7 @@ def bnb_dequantize_flat(packed, state) -> np.ndarray:
     return bnbf.dequantize_4bit(packed, flat_state).numpy().ravel()
 
 
-def _assert_same_as_bnb(q: nf4.NF4Tensor, packed, state, float_input: bool = True):
+def _assert_same_as_bnb(q: storage.NF4Tensor, packed, state, float_input: bool = True):
     assert np.array_equal(q.packed, packed.numpy().ravel())
     if q.double_quant:
         assert np.array_equal(q.scales, state.absmax.numpy())
@@ -74,8 +75,8 @@ def _assert_same_as_bnb(q: nf4.NF4Tensor, packed, state, float_input: bool = Tru
 
 
 def test_code_tables_match_bitsandbytes():
-    assert np.array_equal(nf4.NF4_CODE, bnbf.get_4bit_type("nf4", device="cpu").numpy())
-    assert nf4.DYNAMIC_CODE.tobytes() == bnbf.create_dynamic_map().numpy().tobytes()
+    assert np.array_equal(storage.NF4_CODE, bnbf.get_4bit_type("nf4", device="cpu").numpy())
+    assert storage.DYNAMIC_CODE.tobytes() == bnbf.create_dynamic_map().numpy().tobytes()
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy", "zeros", "uniform", "ties"])
@@ -149,7 +150,7 @@ def test_default_vector_width_is_the_same_on_every_machine():
 
 
 @settings(max_examples=80, deadline=None)
-@given(n=st.integers(1, 5000), block=st.sampled_from(nf4.SUPPORTED_BLOCK_SIZES),
+@given(n=st.integers(1, 5000), block=st.sampled_from(storage.SUPPORTED_BLOCK_SIZES),
        dq=st.booleans(), scale=st.floats(1e-6, 1e3), seed=st.integers(0, 2**32 - 1))
 def test_numba_kernels_equal_numpy_twins(n, block, dq, scale, seed):
     x = (np.random.default_rng(seed).standard_t(3, size=n) * scale).astype(np.float32)
@@ -159,7 +160,7 @@ def test_numba_kernels_equal_numpy_twins(n, block, dq, scale, seed):
     assert np.array_equal(fast.scales, ref.scales)
     assert np.array_equal(fast.nested_scales, ref.nested_scales)
     assert fast.offset.tobytes() == ref.offset.tobytes()
-    ref_absmax = nf4.dequantize_scales_reference(ref.scales, ref.nested_scales, ref.offset) if dq else ref.scales
+    ref_absmax = storage.dequantize_scales_reference(ref.scales, ref.nested_scales, ref.offset) if dq else ref.scales
     assert np.array_equal(fast.absmax(), ref_absmax)
     assert np.array_equal(fast.dequantize(), ref.dequantize_reference())
 
