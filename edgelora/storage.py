@@ -29,7 +29,10 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora.errors import FormatError
+from edgelora.kernel_cache import install as _install_kernel_cache
 from edgelora.safetensors_io import DTYPES
+
+_install_kernel_cache()  # before the kernels below are defined: they are cached in the user's cache folder
 
 #: The 16 NormalFloat values (QLoRA appendix; bitsandbytes ``get_4bit_type("nf4")``), as float32.
 NF4_CODE = np.array(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgelora.runtime import kernel_cache
+from edgelora import kernel_cache
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX
 from edgelora.runtime.lora import BASE, lora_matvec_add
 from edgelora.runtime.threads import thread_count
@@ -29,11 +29,11 @@ from edgelora.runtime.threads import thread_count
 
 def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
-    thread or several, and the kernels' sources."""
+    thread or several."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
-    return f"{storages}|{mapped}|{threads}|{kernel_cache.sources_stamp()}"
+    return f"{storages}|{mapped}|{threads}"
 
 
 def _passes(net) -> None:
@@ -91,7 +91,7 @@ class WarmupReport:
         return dict(self.__dict__)
 
     def text(self) -> str:
-        return (f"kernels ready for {self.bundle} ({self.configuration.rsplit('|', 1)[0]}) in {self.seconds:.1f} s\n"
+        return (f"kernels ready for {self.bundle} ({self.configuration}) in {self.seconds:.1f} s\n"
                 f"kernel cache: {self.kernel_cache}")
 
 

@@ -4,11 +4,11 @@ Numba's ``cache=True`` writes beside the source file (``__pycache__``), which fo
 package means ``site-packages``: a read-only install cannot cache, ``pip uninstall`` leaves the files
 behind, and a folder left there shadows a later editable install. edgelora's kernels are cached in
 ``$EDGELORA_HOME/kernels`` (else ``~/.cache/edgelora/kernels``) instead, in a folder per edgelora
-version, Numba version and CPU, so a shared home folder never mixes machines or versions and
-removing the folder is always safe. ``NUMBA_CACHE_DIR``, when set, is the user's own choice and wins.
+version (and sources), Numba version and CPU, so a shared home folder never mixes machines or
+versions and removing the folder is always safe. ``NUMBA_CACHE_DIR``, when set, is the user's own choice and wins.
 
-:func:`install` adds the locator that does this; ``edgelora.runtime`` (and the converter's NF4
-kernels) call it before any kernel is defined. Compiling every kernel takes tens of seconds the
+:func:`install` adds the locator that does this; every package or module that defines kernels
+(``edgelora.runtime``, ``edgelora.converters``, ``edgelora.storage``) calls it before it defines them. Compiling every kernel takes tens of seconds the
 first time on a machine: ``runtime/warmup.py`` says so in one line and compiles them when a model is
 loaded, and ``edgelora warmup`` does it ahead of time (at install time on a device).
 """
@@ -47,10 +47,25 @@ def cpu_key() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def sources_digest() -> str:
+    """A digest of the contents of edgelora's Python files. Numba checks only the time stamp of the
+    file a kernel is defined in, not of the files whose functions it inlines (``storage.block_scale``
+    into ``runtime/kernels.py``): keying the folder by every source keeps an edited source tree from
+    running stale machine code. The same release installed anywhere has the same digest."""
+    h = hashlib.sha256()
+    for folder in sorted(_OURS):
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+@functools.lru_cache(maxsize=None)
 def kernel_cache_dir() -> Path:
-    """This edgelora's, this Numba's and this CPU's kernel folder (fixed when first asked: kernels
-    defined at import and the compile notes later must agree even if ``EDGELORA_HOME`` changes)."""
-    return edgelora_home() / "kernels" / f"edgelora-{__version__}-numba-{numba.__version__}-{cpu_key()}"
+    """This edgelora's (version and sources), this Numba's and this CPU's kernel folder (fixed when
+    first asked: kernels defined at import and the compile notes later must agree even if
+    ``EDGELORA_HOME`` changes)."""
+    return edgelora_home() / "kernels" / (f"edgelora-{__version__}-{sources_digest()}-numba-{numba.__version__}-"
+                                          f"{cpu_key()}")
 
 
 def _ours(py_file: str) -> bool:
@@ -119,14 +134,3 @@ def expected_compile_seconds() -> float:
     """How long a first compilation takes here: the longest one recorded, else a typical figure."""
     seconds = [v for v in compiled_configurations().values() if isinstance(v, (int, float)) and v > 0]
     return max(seconds) if seconds else DEFAULT_COMPILE_SECONDS
-
-
-def sources_stamp() -> str:
-    """A digest of the kernels' source files (name, size, modification time): editing a kernel in a
-    source checkout makes its configurations count as not compiled again."""
-    h = hashlib.sha256()
-    for folder in sorted(_OURS):
-        for f in sorted(folder.glob("*.py")):
-            st = f.stat()
-            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:12]
