@@ -75,10 +75,22 @@ def _load_model(ns):
     return model
 
 
+def _draft_options(ns, model) -> dict:
+    """``--draft``/``--num-draft`` as generation options: ``prompt-lookup``, or a draft bundle loaded
+    beside the model (same threads and context)."""
+    options = {} if ns.num_draft is None else {"num_draft": ns.num_draft}
+    if ns.draft is None or ns.draft == "prompt-lookup":
+        return {"draft": ns.draft, **options}
+    import edgelora
+    return {"draft": edgelora.load(ns.draft, threads=ns.threads, max_context=model.max_context,
+                                   device_check=not ns.any_device, mmap=not ns.no_mmap), **options}
+
+
 def _cmd_run(ns) -> int:
     model = _load_model(ns)
     pieces = []
-    for chunk in model.stream_generate(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None, **_sampling(ns)):
+    for chunk in model.stream_generate(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None,
+                                       **_draft_options(ns, model), **_sampling(ns)):
         pieces.append(chunk.text)
         if not ns.json and chunk.text:
             sys.stdout.write(chunk.text)
@@ -89,7 +101,8 @@ def _cmd_run(ns) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_second:.1f} tok/s, {s.generated_tokens} "
-              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}]",
+              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}"
+              + (f", drafted {s.drafted_tokens}, kept {s.accepted_tokens}" if ns.draft else "") + "]",
               file=sys.stderr)
     return 0
 
@@ -298,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", "--prompt", required=True)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--json", action="store_true", help="print prompt/generated ids, text and timings as JSON")
+    r.add_argument("--draft", default=None, metavar="prompt-lookup|BUNDLE",
+                   help="speculative decoding: guess tokens from earlier text, or with a smaller bundle of the same "
+                        "tokenizer; the output is exactly that of plain decoding")
+    r.add_argument("--num-draft", type=int, default=None, metavar="K", help="guesses verified per step (4)")
     r.set_defaults(func=_cmd_run)
 
     ch = sub.add_parser("chat", help="interactive chat with the model's chat template")
