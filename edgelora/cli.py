@@ -107,6 +107,13 @@ def _cmd_run(ns) -> int:
     return 0
 
 
+def _cmd_eval(ns) -> int:
+    from edgelora.evaluation import evaluate
+    result = evaluate(_load_model(ns), text_file=ns.text, data=ns.data, window=ns.window)
+    print(json.dumps(result.to_dict(), indent=1) if ns.json else result.format())
+    return 0
+
+
 CHAT_HELP = ("commands: /adapters lists resident adapters; /use NAME or /use a=0.5,b=0.5 switches; /base uses "
              "the plain base; /load NAME=PATH and /unload NAME change what is resident; /reset clears the "
              "conversation; /exit quits")
@@ -316,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer; the output is exactly that of plain decoding")
     r.add_argument("--num-draft", type=int, default=None, metavar="K", help="guesses verified per step (4)")
     r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser("eval", help="perplexity of a text, answer-only loss on JSONL data, and the weights' "
+                                    "quantization error per layer")
+    e.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
+    e.add_argument("--text", default=None, metavar="FILE", help="text file: perplexity over non-overlapping windows")
+    e.add_argument("--data", default=None, metavar="JSONL",
+                   help='lines {"prompt", "completion"} or {"messages"}: loss on the answer tokens only')
+    e.add_argument("--window", type=int, default=None, help="tokens per perplexity window (the max context)")
+    e.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
+    e.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="LoRA adapter to load (repeatable)")
+    e.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base", help="adapter selection to evaluate")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_eval, any_device=False, no_mmap=False)
 
     ch = sub.add_parser("chat", help="interactive chat with the model's chat template")
     _add_generation_options(ch)

@@ -421,6 +421,22 @@ class Model:
         ids = self._check_ids(token_ids)
         return self._prefill(ids, self.net.new_cache(), True, self._pin(adapter))
 
+    def token_logprobs(self, token_ids, adapter=CURRENT) -> np.ndarray:
+        """float64 ``[T - 1]``: the log-probability of each of ``token_ids`` after the ones before it
+        (``log_softmax`` of the model's final logits), computed one prefill chunk at a time so that
+        no ``[T, vocab]`` array is held (``edgelora.evaluate``'s perplexity and answer loss)."""
+        ids = self._check_ids(token_ids)
+        cache, lora = self.net.new_cache(), self._pin(adapter)
+        out = []
+        for s in range(0, len(ids) - 1, PREFILL_CHUNK):
+            chunk = ids[s:min(s + PREFILL_CHUNK, len(ids) - 1)]  # [C]: the last token predicts nothing
+            logits = self._forward(chunk, cache, True, lora).astype(np.float64)  # [C, V]
+            top = logits.max(axis=-1, keepdims=True)  # [C, 1]
+            lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))  # [C]
+            nxt = ids[s + 1:s + 1 + len(chunk)]  # [C]: the tokens they predict
+            out.append(logits[np.arange(len(chunk)), nxt] - lse)
+        return np.concatenate(out) if out else np.empty(0)
+
     # --- generation ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
