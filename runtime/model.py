@@ -539,7 +539,10 @@ class Model:
         tokens = np.array([s.history[-1]] + guesses)  # [1 + g]
         start = s.cache.length
         with self._running(decode_rows=len(tokens)):
-            out = self.net.forward_steps(tokens, s.cache, s.lora)  # [1 + g, V]
+            if guesses:
+                out = self.net.forward_steps(tokens, s.cache, s.lora)  # [1 + g, V]
+            else:
+                out = self.net.forward(tokens, s.cache, lora=s.lora)  # [1, V]: a plain step
         s.cache.length = start + 1
         s.logits, s.rows, s.guesses, s.draft_probs = out[0], list(out[1:]), guesses, probs
         s.stats.drafted_tokens += len(guesses)

@@ -41,7 +41,9 @@ NUM_DRAFT = 4  # guesses per step by default: 5 rows, each weight still read onc
 class PromptLookup:
     """Guesses the continuation of the last ``n`` tokens (``max_ngram`` down to ``min_ngram``) by
     what followed their latest earlier occurrence in the prompt and the text so far: text that
-    repeats (summaries, quotes, code edits, chat that restates) is guessed right."""
+    repeats (summaries, quotes, code edits, chat that restates) is guessed right. A continuation
+    that reaches the end of the text goes on copying itself, as LZ77 copies overlap (a loop of
+    period ``p`` is guessed ``k`` tokens ahead, not only to the end of the text)."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -58,9 +60,11 @@ class PromptLookup:
             windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)  # [L-n, n]: every earlier n-gram
             hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
             if hits.size:
-                j = int(hits[-1]) + n  # the latest occurrence's continuation
-                guess = h[j:j + k].tolist()
-                return guess, [None] * len(guess)
+                j = int(hits[-1]) + n  # the latest occurrence's continuation starts at h[j], j < L
+                text = h.tolist()
+                for i in range(k):
+                    text.append(text[j + i])  # (j + i may reach the guesses already made)
+                return text[len(h):], [None] * k
         return [], []
 
 

@@ -51,6 +51,8 @@ def test_prompt_lookup_guesses_what_followed_the_latest_match():
     assert pl.propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == ([7, 5, 1], [None] * 3)  # the latest "1 2 3"
     assert pl.propose([4, 2, 3, 8, 8, 6, 2, 3], 4) == ([8, 8, 6, 2], [None] * 4)  # "2 3" when "6 2 3" never came
     assert pl.propose([5, 6, 7, 6], 2) == ([7, 6], [None] * 2)  # one token when no two-token match
+    assert pl.propose([9, 4, 4, 4], 3) == ([4, 4, 4], [None] * 3)  # a loop goes on copying itself
+    assert pl.propose([1, 2, 3, 1, 2], 5) == ([3, 1, 2, 3, 1], [None] * 5)
     assert pl.propose([1, 2, 3], 4) == ([], [])  # nothing repeats
     with pytest.raises(UsageError):
         PromptLookup(max_ngram=1, min_ngram=2)
