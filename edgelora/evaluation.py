@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,28 +179,29 @@ def evaluate(model, text: str | None = None, data=None, *, adapters: dict | None
     """Measure a bundle: perplexity of ``text`` (or of the file ``text_file``), answer-only loss on
     the JSONL file ``data``, and the weights' quantization error (always).
 
-    ``model``: a bundle path (loaded with ``max_context`` and ``adapters`` ``{name: path}``) or a
-    loaded :class:`~edgelora.runtime.model.Model`. ``use``: the adapter selection to measure (a
-    name, a ``{name: weight}`` mix, ``None`` for the model's current one; a single adapter loaded
-    here is used). ``window``: tokens per perplexity window (default: ``max_context``).
+    ``model``: a bundle path (loaded with ``max_context`` and ``adapters`` ``{name: path}``; a
+    single adapter is used) or a loaded :class:`~edgelora.runtime.model.Model` (its resident
+    adapters). ``use``: the adapter selection to measure (a name, a ``{name: weight}`` mix,
+    ``"base"``; default: the model's current one), in force for this call only. ``window``: tokens
+    per perplexity window (default: the model's ``max_context``).
     """
-    if not isinstance(model, Model):
+    if isinstance(model, Model):
+        if adapters or max_context is not None:
+            raise UsageError("adapters and max_context are load options: give them to edgelora.load, or give "
+                             "evaluate the bundle's path")
+    else:
         model = load(model, max_context=max_context, adapters=adapters)
         if use is None and len(model.adapters) == 1:
             use = model.adapters.names[0]
-    elif adapters:
-        for name, p in adapters.items():
-            model.adapters.load(name, p)
-    if use is not None:
-        model.use(use)
     if window is not None and not 2 <= window <= model.max_context:
         raise UsageError(f"window must be 2 to max_context={model.max_context}, got {window}")
     if text_file is not None:
         text = Path(text_file).read_text(encoding="utf-8")
-    result = Evaluation(str(model.path), model.active_adapter, window or model.max_context,
-                        weights=weight_report(model.bundle.manifest))
-    if text is not None:
-        result.perplexity, result.text_tokens, result.text_nll = perplexity(model, text, window)
-    if data is not None:
-        result.answer_loss, result.answer_tokens, result.examples = answer_loss(model, data)
+    with nullcontext() if use is None else model.using(use):
+        result = Evaluation(str(model.path), model.active_adapter, window or model.max_context,
+                            weights=weight_report(model.bundle.manifest))
+        if text is not None:
+            result.perplexity, result.text_tokens, result.text_nll = perplexity(model, text, window)
+        if data is not None:
+            result.answer_loss, result.answer_tokens, result.examples = answer_loss(model, data)
     return result

@@ -120,6 +120,10 @@ def test_answer_loss_is_masked_cross_entropy_with_an_adapter(tiny, tmp_path):
     assert abs(r.answer_perplexity - math.exp(loss)) <= 1e-4 * math.exp(loss)
     base = edgelora.evaluate(bundle, data=data, max_context=64)  # the base differs: the adapter counts
     assert base.adapter == "base" and abs(base.answer_loss - r.answer_loss) > 1e-3
+    model = edgelora.load(bundle, max_context=64, adapters={"a": str(adapter)})
+    assert edgelora.evaluate(model, data=data, use="a").answer_loss == r.answer_loss
+    assert model.active_adapter == "base"  # ``use`` for the call only
+    assert edgelora.evaluate(model, data=data).answer_loss == base.answer_loss
 
 
 def test_answer_loss_on_messages_counts_every_assistant_turn(tiny, tmp_path):
@@ -183,6 +187,8 @@ def test_usage_errors(tiny, tmp_path):
     model = edgelora.load(bundle, max_context=16)
     with pytest.raises(UsageError):
         edgelora.evaluate(model, text="the cat sat", window=1)
+    with pytest.raises(UsageError):
+        edgelora.evaluate(model, text="the cat sat", max_context=8)
     with pytest.raises(UsageError):
         edgelora.evaluate(model, text="the")  # one token: nothing to predict
     long = tmp_path / "long.jsonl"
