@@ -13,6 +13,7 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     p = edgelora.plan("bundle/", "raspberry-pi-4-4gb", context=2048, adapters={"pirate": "adapters/pirate"})
     edgelora.deploy("bundle/", "raspberry-pi-4-4gb", "deploy/", adapters={...}, context=2048)
     model = edgelora.load("deploy/")               # verified; its memory plan enforced
+    r = edgelora.evaluate("bundle/", text_file="wiki.txt", data="qa.jsonl")  # Evaluation: perplexity, loss
 """
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ _LAZY = {  # public name -> module that defines it
     "measure_peak_rss": "edgelora.devices.planner",
     "list_devices": "edgelora.devices.profiles", "get_device": "edgelora.devices.profiles",
     "Device": "edgelora.devices.profiles",
+    "evaluate": "edgelora.evaluation", "Evaluation": "edgelora.evaluation",
     "deploy": "edgelora.deployment", "open_deploy": "edgelora.deployment", "unpack": "edgelora.deployment",
 }
 

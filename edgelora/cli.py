@@ -75,10 +75,22 @@ def _load_model(ns):
     return model
 
 
+def _draft_options(ns, model) -> dict:
+    """``--draft``/``--num-draft`` as generation options: ``prompt-lookup``, or a draft bundle loaded
+    beside the model (same threads and context)."""
+    options = {} if ns.num_draft is None else {"num_draft": ns.num_draft}
+    if ns.draft is None or ns.draft == "prompt-lookup":
+        return {"draft": ns.draft, **options}
+    import edgelora
+    return {"draft": edgelora.load(ns.draft, threads=ns.threads, max_context=model.max_context,
+                                   device_check=not ns.any_device, mmap=not ns.no_mmap), **options}
+
+
 def _cmd_run(ns) -> int:
     model = _load_model(ns)
     pieces = []
-    for chunk in model.stream_generate(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None, **_sampling(ns)):
+    for chunk in model.stream_generate(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None,
+                                       **_draft_options(ns, model), **_sampling(ns)):
         pieces.append(chunk.text)
         if not ns.json and chunk.text:
             sys.stdout.write(chunk.text)
@@ -89,8 +101,16 @@ def _cmd_run(ns) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_second:.1f} tok/s, {s.generated_tokens} "
-              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}]",
+              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}"
+              + (f", drafted {s.drafted_tokens}, kept {s.accepted_tokens}" if ns.draft else "") + "]",
               file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(ns) -> int:
+    from edgelora.evaluation import evaluate
+    result = evaluate(_load_model(ns), text_file=ns.text, data=ns.data, window=ns.window)
+    print(json.dumps(result.to_dict(), indent=1) if ns.json else result.format())
     return 0
 
 
@@ -298,7 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", "--prompt", required=True)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--json", action="store_true", help="print prompt/generated ids, text and timings as JSON")
+    r.add_argument("--draft", default=None, metavar="prompt-lookup|BUNDLE",
+                   help="speculative decoding: guess tokens from earlier text, or with a smaller bundle of the same "
+                        "tokenizer; the output is exactly that of plain decoding")
+    r.add_argument("--num-draft", type=int, default=None, metavar="K", help="guesses verified per step (4)")
     r.set_defaults(func=_cmd_run)
+
+    e = sub.add_parser("eval", help="perplexity of a text, answer-only loss on JSONL data, and the weights' "
+                                    "quantization error per layer")
+    e.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
+    e.add_argument("--text", default=None, metavar="FILE", help="text file: perplexity over non-overlapping windows")
+    e.add_argument("--data", default=None, metavar="JSONL",
+                   help='lines {"prompt", "completion"} or {"messages"}: loss on the answer tokens only')
+    e.add_argument("--window", type=int, default=None, help="tokens per perplexity window (the max context)")
+    e.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
+    e.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="LoRA adapter to load (repeatable)")
+    e.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base", help="adapter selection to evaluate")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_eval, any_device=False, no_mmap=False)
 
     ch = sub.add_parser("chat", help="interactive chat with the model's chat template")
     _add_generation_options(ch)

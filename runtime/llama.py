@@ -366,20 +366,39 @@ class LlamaModel:
         """One decode step for B sequences, each with its own cache and adapter selection: every
         base product is computed once for the batch. Row b equals ``forward(tokens[b:b+1],
         caches[b], lora=loras[b])`` bit for bit."""
-        a = self.args
+        out = self.decode_rows(tokens, caches, [c.length for c in caches], loras)  # [B, V]
+        for c in caches:
+            c.length += 1
+        return out
+
+    def forward_steps(self, tokens: np.ndarray, cache: KVCache, lora: Selection = BASE) -> np.ndarray:
+        """T tokens of one sequence after the cache's contents, each row computed as its own decode
+        step (``forward`` of that one token after the ones before it) would, bit for bit: the rows
+        of a speculative step's verification (``runtime/speculative.py``), whose greedy tokens must
+        be those of decoding one token at a time. The base products are read once for the T rows
+        (``matvec_batch``); each row attends to the cache up to its own position
+        (``attention_reference``, as a decode step). Logits of every position [T, V]."""
+        start = cache.length
+        T = len(tokens)
+        out = self.decode_rows(tokens, [cache] * T, list(range(start, start + T)), [lora] * T)  # [T, V]
+        cache.length = start + T
+        return out
+
+    def decode_rows(self, tokens: np.ndarray, caches: list, starts: list, loras: list) -> np.ndarray:
+        """Rows of decode steps: token b at position ``starts[b]`` of ``caches[b]`` with selection
+        ``loras[b]``, each row exactly its one-row ``forward``. Rows sharing a cache are run in
+        order, each seeing the keys the rows before it stored. Lengths are the caller's to set."""
         x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
-        for i in range(a.num_hidden_layers):
+        for i in range(self.args.num_hidden_layers):
             L, n = self.w.layers[i], self.names[i]
 
             def proj(k, inp):  # the base product once for the batch, each row its own adapters
                 return apply_batch(loras, n[k], getattr(L, k), inp, L.biases.get(k))
 
-            def attend(q, k, v):  # q: [B, nh, hd]; k, v: [B, nkv, hd]; each sequence its own cache
-                return np.concatenate([self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, c.length)
-                                       for b, c in enumerate(caches)])  # [B, nh*hd]
+            def attend(q, k, v):  # q: [B, nh, hd]; k, v: [B, nkv, hd]; each row at its own position
+                return np.concatenate([self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, s)
+                                       for b, (c, s) in enumerate(zip(caches, starts))])  # [B, nh*hd]
 
             x = self.layer(L, x, proj, attend)  # [B, H]
-        for c in caches:
-            c.length += 1
         x = self.norm(x, self.w.norm)  # [B, H]
         return self.capped(apply_batch(loras, "lm_head", self.w.head, x))  # [B, V]

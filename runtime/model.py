@@ -30,6 +30,7 @@ from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
 from edgelora.runtime.sampling import Sampler, SamplingParams, log_softmax, most_likely
+from edgelora.runtime.speculative import NUM_DRAFT, make_drafter, verify
 from edgelora.runtime.threads import ThreadGovernor, set_threads, thread_count
 from edgelora.runtime.warmup import ensure_compiled
 
@@ -80,6 +81,12 @@ class GenerationStats:
     generated_ids: list = field(default_factory=list)
     stop_reason: str = ""
     adapter: str = "base"  # the adapter selection the generation ran with
+    drafted_tokens: int = 0  # speculative decoding: tokens the drafter guessed
+    accepted_tokens: int = 0  # ... and of those, the ones the model kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -97,7 +104,8 @@ class GenerationStats:
                 "prefill_tokens_per_second": self.prefill_tokens_per_second,
                 "decode_tokens_per_second": self.decode_tokens_per_second,
                 "prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "stop_reason": self.stop_reason,
-                "adapter": self.adapter}
+                "adapter": self.adapter, "drafted_tokens": self.drafted_tokens,
+                "accepted_tokens": self.accepted_tokens}
 
 
 @dataclass(frozen=True)
@@ -177,10 +185,15 @@ class Generation:
 class _Sequence:
     """One generation in progress: its prompt ids, KV cache, sampler, text, adapter selection, stop
     rules and statistics. The decode loop samples a token from ``logits`` and hands it to
-    :meth:`accept`; a forward step then sets ``logits`` again unless the sequence is ``done``."""
+    :meth:`accept`; a forward step then sets ``logits`` again unless the sequence is ``done``.
+
+    With a ``drafter`` (speculative decoding, ``runtime/speculative.py``) a forward step also runs
+    the drafter's guesses: ``guesses`` are those not yet decided, ``rows`` the logits after each
+    (already in the cache, past ``cache.length``), ``draft_probs`` their draft probabilities; a
+    sampled token that keeps the next guess takes its row as the next logits with no forward."""
 
     def __init__(self, model: "Model", ids: np.ndarray, lora: Selection, params: SamplingParams, stops: list,
-                 max_new_tokens: int, logprobs: int | None):
+                 max_new_tokens: int, logprobs: int | None, drafter=None, num_draft: int = NUM_DRAFT):
         self.ids, self.lora, self.max_new_tokens, self.top = ids, lora, max_new_tokens, logprobs
         self.cache = model.net.new_cache()
         self.sampler = Sampler(params)
@@ -192,9 +205,36 @@ class _Sequence:
         self.logprobs = None if logprobs is None else []
         self.logits = None  # float32 [V]: the next token's
         self.done = False
+        self.drafter = None if drafter is None else drafter.start(params)
+        self.num_draft = num_draft
+        self.guesses, self.rows, self.draft_probs = [], [], []
+        self.kept = False  # the last sampled token is the next guess (its row is computed)
 
     def sample(self) -> int:
-        return self.sampler.sample(self.logits, self.history)
+        if not self.guesses:
+            self.kept = False
+            return self.sampler.sample(self.logits, self.history)
+        token, self.kept = verify(self.sampler, self.logits, self.history, self.guesses[0], self.draft_probs[0])
+        return token
+
+    def next_from_guesses(self) -> bool:
+        """After a token was accepted: when it kept the next guess, that guess's row becomes the next
+        logits (its keys are in the cache already) and True; otherwise the guesses left are dropped
+        (their keys past ``cache.length`` are overwritten by the next forward) and False."""
+        if not self.kept:
+            self.guesses, self.rows, self.draft_probs = [], [], []
+            return False
+        self.logits = self.rows.pop(0)
+        del self.guesses[0], self.draft_probs[0]
+        self.cache.length += 1
+        self.stats.accepted_tokens += 1
+        return True
+
+    def draft_room(self) -> int:
+        """How many guesses the next step may verify: ``num_draft``, within the cache (the last token
+        and the guesses must fit) and ``max_new_tokens`` (the step yields at most guesses + 1)."""
+        return max(0, min(self.num_draft, self.max_context - self.cache.length - 1,
+                          self.max_new_tokens - self.stats.generated_tokens - 1))
 
     def accept(self, token: int) -> GenerationChunk:
         """Take the sampled ``token``: EOS ends the sequence without output; any other token is
@@ -381,6 +421,22 @@ class Model:
         ids = self._check_ids(token_ids)
         return self._prefill(ids, self.net.new_cache(), True, self._pin(adapter))
 
+    def token_logprobs(self, token_ids, adapter=CURRENT) -> np.ndarray:
+        """float64 ``[T - 1]``: the log-probability of each of ``token_ids`` after the ones before it
+        (``log_softmax`` of the model's final logits), computed one prefill chunk at a time so that
+        no ``[T, vocab]`` array is held (``edgelora.evaluate``'s perplexity and answer loss)."""
+        ids = self._check_ids(token_ids)
+        cache, lora = self.net.new_cache(), self._pin(adapter)
+        out = []
+        for s in range(0, len(ids) - 1, PREFILL_CHUNK):
+            chunk = ids[s:min(s + PREFILL_CHUNK, len(ids) - 1)]  # [C]: the last token predicts nothing
+            logits = self._forward(chunk, cache, True, lora).astype(np.float64)  # [C, V]
+            top = logits.max(axis=-1, keepdims=True)  # [C, 1]
+            lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))  # [C]
+            nxt = ids[s + 1:s + 1 + len(chunk)]  # [C]: the tokens they predict
+            out.append(logits[np.arange(len(chunk)), nxt] - lse)
+        return np.concatenate(out) if out else np.empty(0)
+
     # --- generation ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -404,14 +460,18 @@ class Model:
     def _prompt_ids(self, prompt) -> np.ndarray:
         return self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
 
-    def _sequence(self, prompt, max_new_tokens, stop, adapter, logprobs, sampling) -> _Sequence:
+    def _sequence(self, prompt, max_new_tokens, stop, adapter, logprobs, sampling, draft=None,
+                  num_draft=NUM_DRAFT) -> _Sequence:
         """A generation of ``prompt``, its options checked and its adapter selection pinned; this
         thread's ``last_stats``."""
         params = SamplingParams.from_kwargs(**sampling)
         stops = self._stops(stop, max_new_tokens)
         top = self._top_logprobs(logprobs)
         lora = self._pin(adapter)
-        seq = _Sequence(self, self._prompt_ids(prompt), lora, params, stops, max_new_tokens, top)
+        if isinstance(num_draft, bool) or not isinstance(num_draft, numbers.Integral) or num_draft < 1:
+            raise UsageError(f"num_draft must be a positive integer, got {num_draft!r}")
+        seq = _Sequence(self, self._prompt_ids(prompt), lora, params, stops, max_new_tokens, top,
+                        make_drafter(draft, self), int(num_draft))
         self.last_stats = seq.stats
         return seq
 
@@ -436,20 +496,31 @@ class Model:
         live = [s for s in seqs if not s.done]
         first = True
         while live:
+            ready = []  # sequences whose next logits a kept guess already gave
             for s in live:
                 token = s.sample()
                 if first:
                     s.stats.time_to_first_token = time.perf_counter() - t0
                 chunk = s.accept(token)
                 s.stats.decode_seconds = time.perf_counter() - t1
+                if not s.done and s.next_from_guesses():
+                    ready.append(s)
                 yield chunk
             first = False
             live = [s for s in live if not s.done]
-            if live:
-                self._advance(live)
+            step = [s for s in live if s not in ready]
+            if step:
+                self._advance(step)
 
     def _advance(self, seqs: list) -> None:
-        """One decode step: each sequence's last token through the model, its next logits kept."""
+        """One decode step: each sequence's last token through the model, its next logits kept.
+        A sequence with a drafter runs its step with guesses (:meth:`_speculate`)."""
+        for s in seqs:
+            if s.drafter is not None:
+                self._speculate(s)
+        seqs = [s for s in seqs if s.drafter is None]
+        if not seqs:
+            return
         tokens = np.array([s.history[-1] for s in seqs])  # [B]
         with self._running(decode_rows=len(seqs)):
             if len(seqs) == 1:
@@ -459,13 +530,30 @@ class Model:
         for s, logits in zip(seqs, out):
             s.logits = logits
 
+    def _speculate(self, s: _Sequence) -> None:
+        """A speculative step: the last token and the drafter's guesses through one forward whose
+        rows are each exactly a one-token decode step (``forward_steps``); the cache's ``length``
+        counts only the last token, each kept guess adds its own (``_Sequence.next_from_guesses``)."""
+        room = s.draft_room()
+        guesses, probs = s.drafter.propose(s.history, room) if room else ([], [])
+        tokens = np.array([s.history[-1]] + guesses)  # [1 + g]
+        start = s.cache.length
+        with self._running(decode_rows=len(tokens)):
+            if guesses:
+                out = self.net.forward_steps(tokens, s.cache, s.lora)  # [1 + g, V]
+            else:
+                out = self.net.forward(tokens, s.cache, lora=s.lora)  # [1, V]: a plain step
+        s.cache.length = start + 1
+        s.logits, s.rows, s.guesses, s.draft_probs = out[0], list(out[1:]), guesses, probs
+        s.stats.drafted_tokens += len(guesses)
+
     @staticmethod
     def _needs_result(logprobs, return_result: bool) -> None:
         if logprobs is not None and not return_result:
             raise UsageError("logprobs are returned in the result: pass return_result=True")
 
     def stream_generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, logprobs=None,
-                        **sampling):
+                        draft=None, num_draft: int = NUM_DRAFT, **sampling):
         """Yield a :class:`GenerationChunk` per generated token (as mlx-lm's ``stream_generate``):
         its text piece, token id, log-probabilities with ``logprobs=k``, and this generation's
         running statistics; the last item has the ``finish_reason``.
@@ -475,10 +563,11 @@ class Model:
         the sampling transforms (repetition penalty, temperature, filters). Other options as
         :meth:`stream`.
         """
-        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling)
+        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling, draft, num_draft)
         yield from self._decode([seq])
 
-    def stream(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling):
+    def stream(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, draft=None,
+               num_draft: int = NUM_DRAFT, **sampling):
         """Yield text pieces as they are generated. ``prompt`` is text or a list of token ids.
 
         ``adapter``: a resident adapter's name, ``None`` (the base) or a ``{name: weight}`` mix for
@@ -486,32 +575,43 @@ class Model:
         generation starts: switching adapters meanwhile does not affect it.
         Sampling options: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
         Per-token data and this call's statistics: :meth:`stream_generate`.
+
+        ``draft``: speculative decoding (README, *Speculative decoding*): ``"prompt-lookup"``
+        guesses the next tokens from earlier text (no second model), a loaded smaller model with the
+        same tokenizer drafts them itself; ``num_draft`` guesses are verified per forward. Greedy
+        text is exactly that of plain decoding, sampled text has exactly its distribution (and, with
+        prompt lookup or a greedy draft, a seed gives plain decoding's tokens); the statistics count
+        ``drafted_tokens`` and ``accepted_tokens``.
         """
-        for chunk in self.stream_generate(prompt, max_new_tokens, stop=stop, adapter=adapter, **sampling):
+        for chunk in self.stream_generate(prompt, max_new_tokens, stop=stop, adapter=adapter, draft=draft,
+                                          num_draft=num_draft, **sampling):
             if chunk.text:
                 yield chunk.text
 
     def generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, return_result: bool = False,
-                 logprobs=None, **sampling):
+                 logprobs=None, draft=None, num_draft: int = NUM_DRAFT, **sampling):
         """The generated text (without the prompt); with ``return_result=True`` a :class:`Generation`
         (text, token ids, finish reason, this call's statistics, and the per-token log-probabilities
         with ``logprobs=k``, as :meth:`stream_generate` computes them). Options as :meth:`stream`."""
         self._needs_result(logprobs, return_result)
-        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling)
+        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling, draft, num_draft)
         for _ in self._decode([seq]):
             pass
         result = seq.result()
         return result if return_result else result.text
 
     def chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, return_result: bool = False,
-             logprobs=None, **sampling):
+             logprobs=None, draft=None, num_draft: int = NUM_DRAFT, **sampling):
         """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the chat template;
         the text, or a :class:`Generation` with ``return_result=True`` (as :meth:`generate`)."""
         return self.generate(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter,
-                             return_result=return_result, logprobs=logprobs, **sampling)
+                             return_result=return_result, logprobs=logprobs, draft=draft, num_draft=num_draft,
+                             **sampling)
 
-    def stream_chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, **sampling):
-        yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter, **sampling)
+    def stream_chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, draft=None,
+                    num_draft: int = NUM_DRAFT, **sampling):
+        yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter, draft=draft,
+                               num_draft=num_draft, **sampling)
 
     def chat_ids(self, messages) -> list[int]:
         """The token ids of a conversation rendered by the chat template, ready for the answer."""

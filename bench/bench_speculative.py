@@ -1,0 +1,83 @@
+"""Speculative decoding: decode tokens/s of greedy generation with and without prompt-lookup
+drafting (and a draft model when ``--draft-model`` names one of the models), on prompts whose
+answers repeat their text (a summary, a chat answer that restates), in one process per model.
+
+Each figure is the best of 3 runs of ``generate`` (decode time only: after the prefill), the
+drafted run checked to give the very tokens of the plain one; ``kept`` is accepted/drafted.
+
+    python bench/bench_speculative.py --models stories260K tinyllama-1.1b --json bench/results/speculative.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from bench_common import parse_args, write_report
+
+HERE = Path(__file__).resolve().parent
+PASSAGE = ("Once upon a time, there was a little girl named Lily. She loved to play in the park with her dog, "
+           "Max. One day, Lily and Max found a big red ball under a tree. Lily threw the ball and Max ran to "
+           "get it. They played with the red ball all day, and when the sun went down they went home happy.")
+PROMPTS = {
+    "summary": f"{PASSAGE}\n\nRetell the story in your own words.\nOnce upon a time, there was a little girl",
+    "chat": (f"User: Here is my story. {PASSAGE}\nUser: What did Lily and Max find?\n"
+             f"Assistant: Lily and Max found a big red ball under a tree. Lily threw the ball and"),
+}
+
+
+def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None) -> dict:
+    import edgelora
+    model = edgelora.load(bundle, threads=threads, max_context=512)
+    drafts = {"prompt-lookup": "prompt-lookup"}
+    if draft_bundle is not None:
+        drafts["draft model"] = edgelora.load(draft_bundle, threads=threads, max_context=512)
+    model.eos_ids = set()  # the same number of tokens every run
+
+    def best(**kw):
+        runs = [model.generate(prompt, n, return_result=True, **kw) for _ in range(3)]
+        return max(runs, key=lambda r: r.decode_tokens_per_second)
+
+    out = {}
+    for name, prompt in PROMPTS.items():
+        plain = best()
+        row = {"plain_tokens_per_second": plain.decode_tokens_per_second}
+        for label, draft in drafts.items():
+            r = best(draft=draft)
+            assert r.token_ids == plain.token_ids, f"{label}: tokens differ from plain decoding"
+            row[label] = {"tokens_per_second": r.decode_tokens_per_second,
+                          "speedup": r.decode_tokens_per_second / plain.decode_tokens_per_second,
+                          "drafted": r.stats.drafted_tokens, "accepted": r.stats.accepted_tokens}
+        out[name] = row
+    return out
+
+
+def main():
+    a, work = parse_args(__doc__, ["stories260K", "tinyllama-1.1b"], lambda p: (
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)"),
+        p.add_argument("--tokens", type=int, default=128, help="tokens generated per run (128)"),
+        p.add_argument("--draft-model", default=None, help="one of the models, used as the draft of the others")))
+    sys.path.insert(0, str(HERE))
+    from bench_runtime import prepare
+    threads = a.threads or os.cpu_count()
+    bundles = {name: prepare(name, work)[1] for name in a.models}
+    draft = None if a.draft_model is None else prepare(a.draft_model, work)[1]
+    report = {"cores": os.cpu_count(), "threads": threads, "tokens": a.tokens, "models": {}}
+    for name, bundle in bundles.items():
+        if bundle == draft:
+            continue
+        report["models"][name] = rows = measure(bundle, threads, a.tokens, draft)
+        print(f"\n{name}: greedy decode tok/s, {threads} threads, {a.tokens} tokens (best of 3)")
+        labels = [k for k in rows["summary"] if k != "plain_tokens_per_second"]
+        print("| prompt | plain | " + " | ".join(f"{k} (speedup, kept)" for k in labels) + " |")
+        print("|---|---|" + "---|" * len(labels))
+        for prompt, row in rows.items():
+            cells = [f"{row[k]['tokens_per_second']:.1f} ({row[k]['speedup']:.2f}x, "
+                     f"{row[k]['accepted']}/{row[k]['drafted']})" for k in labels]
+            print(f"| {prompt} | {row['plain_tokens_per_second']:.1f} | " + " | ".join(cells) + " |")
+    write_report(a.json, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""``edgelora eval`` / :func:`evaluate`: how good a bundle is, measured.
+
+* **Perplexity of a text**: the text is tokenized once (with the tokenizer's special tokens, as
+  ``encode`` does), then cut into consecutive, non-overlapping windows of ``window`` tokens
+  (default: the model's ``max_context``); each window runs from an empty cache and every token of
+  it after its first is predicted from those before it in the window. Perplexity is
+  ``exp(sum of negative log-likelihoods / tokens predicted)``: transformers' perplexity guide
+  ("Perplexity of fixed-length models") with ``stride = max_length``, so its numbers compare.
+* **Answer-only loss** on JSONL data: a line ``{"prompt": ..., "completion": ...}`` is the prompt's
+  tokens (with special tokens) joined to the completion's (without), the loss counted on the
+  completion's tokens only; a line ``{"messages": [...]}`` is the conversation rendered by the chat
+  template, the loss counted on every assistant turn's tokens (each turn's span is what the
+  template adds after the conversation before it with ``add_generation_prompt=True``). The loss
+  is the mean negative log-likelihood per counted token over the whole file (as TRL's
+  completion-only loss), and its ``exp`` is reported too.
+* **Weight quantization report**: each stored tensor's ``‖W − Q(W)‖ / ‖W‖`` as the converter
+  measured it against the source weights (the bundle manifest's ``rel_error``, rounded to 6
+  digits; an imported NF4 tensor's codes are the source's, so its error is 0), per layer.
+
+The model is loaded with :func:`edgelora.load` (or given loaded): its products are the ones the
+runtime uses, so the numbers are those of the runtime as loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgelora.errors import FormatError, UsageError
+from edgelora.runtime.model import Model, load
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured (``None``: not asked)."""
+
+    bundle: str
+    adapter: str  # the adapter selection: base, a name, or a mix
+    window: int  # tokens per perplexity window
+    perplexity: float | None = None
+    text_tokens: int = 0  # tokens predicted in the text
+    text_nll: float | None = None  # mean negative log-likelihood per predicted token (nats)
+    answer_loss: float | None = None  # mean negative log-likelihood per answer token (nats)
+    answer_tokens: int = 0
+    examples: int = 0
+    weights: list = field(default_factory=list)  # one dict per layer (None: the tensors outside layers)
+
+    @property
+    def answer_perplexity(self) -> float | None:
+        return None if self.answer_loss is None else math.exp(self.answer_loss)
+
+    def to_dict(self) -> dict:
+        return {"bundle": self.bundle, "adapter": self.adapter, "window": self.window,
+                "perplexity": self.perplexity, "text_tokens": self.text_tokens, "text_nll": self.text_nll,
+                "answer_loss": self.answer_loss, "answer_perplexity": self.answer_perplexity,
+                "answer_tokens": self.answer_tokens, "examples": self.examples, "weights": self.weights}
+
+    def format(self) -> str:
+        lines = [f"bundle       {self.bundle} (adapter: {self.adapter})"]
+        if self.perplexity is not None:
+            lines.append(f"perplexity   {self.perplexity:.4f} over {self.text_tokens} tokens "
+                         f"(windows of {self.window}, NLL {self.text_nll:.4f})")
+        if self.answer_loss is not None:
+            lines.append(f"answer loss  {self.answer_loss:.4f} over {self.answer_tokens} answer tokens of "
+                         f"{self.examples} examples (perplexity {self.answer_perplexity:.4f})")
+        lines.append("weights      ||W - Q(W)|| / ||W|| per tensor (mean and worst per layer)")
+        for row in self.weights:
+            where = "outside layers" if row["layer"] is None else f"layer {row['layer']}"
+            lines.append(f"  {where:<15} mean {row['mean_rel_error']:.6f}  worst {row['worst_rel_error']:.6f} "
+                         f"({row['worst_tensor']})")
+        return "\n".join(lines)
+
+
+def weight_report(manifest: dict) -> list:
+    """Per layer (``layer`` None: embeddings, head, final norm): each quantized tensor's
+    ``‖W − Q(W)‖/‖W‖`` as the manifest records it, their mean and the worst. Tensors stored in
+    float32 (norms, biases) are exact and left out."""
+    layers: dict = {}
+    for name, t in manifest["tensors"].items():
+        if t.get("storage") == "float32" or t.get("rel_error") is None:
+            continue
+        m = _LAYER.search(name)
+        layers.setdefault(None if m is None else int(m.group(1)), {})[name] = float(t["rel_error"])
+    rows = []
+    for layer in sorted(layers, key=lambda i: -1 if i is None else i):
+        errors = layers[layer]
+        worst = max(errors, key=errors.get)
+        rows.append({"layer": layer, "tensors": errors, "mean_rel_error": sum(errors.values()) / len(errors),
+                     "worst_rel_error": errors[worst], "worst_tensor": worst})
+    return rows
+
+
+def text_windows(ids: list, window: int) -> list:
+    """Consecutive, non-overlapping windows of ``window`` ids; a last window of one id is dropped
+    (it predicts nothing)."""
+    return [ids[s:s + window] for s in range(0, len(ids), window) if len(ids[s:s + window]) > 1]
+
+
+def perplexity(model: Model, text: str, window: int | None = None) -> tuple[float, int, float]:
+    """``(perplexity, tokens predicted, mean NLL)`` of ``text`` over non-overlapping windows, with
+    the model's current adapter selection."""
+    window = model.max_context if window is None else window
+    ids = model.tokenizer.encode(text)
+    total, count = 0.0, 0
+    for w in text_windows(ids, window):
+        lp = model.token_logprobs(w)  # [len(w) - 1]
+        total, count = total - float(lp.sum()), count + lp.size
+    if count == 0:
+        raise UsageError("the text has fewer than two tokens: nothing to predict")
+    return math.exp(total / count), count, total / count
+
+
+def answer_spans(model: Model, record: dict, where: str) -> tuple[list, list]:
+    """A data line's token ids and the ``[start, end)`` spans whose tokens the loss counts."""
+    tok = model.tokenizer
+    if "messages" in record:
+        messages = record["messages"]
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False), add_special_tokens=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") != "assistant":
+                continue
+            before = tok.encode(tok.apply_chat_template(messages[:i], add_generation_prompt=True),
+                                add_special_tokens=False)
+            upto = tok.encode(tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False),
+                              add_special_tokens=False)
+            if ids[:len(before)] != before or ids[:len(upto)] != upto:
+                raise FormatError(f"{where}: the chat template does not render the conversation before assistant "
+                                  f"turn {i} as a prefix of the whole; its answer tokens cannot be located")
+            spans.append((len(before), len(upto)))
+        return ids, spans
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise FormatError(f"{where}: expected {{\"prompt\": str, \"completion\": str}} or {{\"messages\": [...]}}")
+    p = tok.encode(prompt)
+    c = tok.encode(completion, add_special_tokens=False)
+    return p + c, [(len(p), len(p) + len(c))]
+
+
+def answer_loss(model: Model, path) -> tuple[float, int, int]:
+    """``(mean NLL per answer token, answer tokens, examples)`` of a JSONL file, with the model's
+    current adapter selection."""
+    path = Path(path)
+    total, count, examples = 0.0, 0, 0
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise FormatError(f"{where}: expected a JSON object")
+        ids, spans = answer_spans(model, record, where)
+        if len(ids) > model.max_context:
+            raise UsageError(f"{where}: {len(ids)} tokens exceed max_context={model.max_context}; evaluate with a "
+                             f"larger --max-context")
+        lp = model.token_logprobs(ids)  # [T - 1]: lp[t - 1] is token t's
+        for a, b in spans:
+            a = max(a, 1)  # the first token of a sequence predicts from nothing
+            total, count = total - float(lp[a - 1:b - 1].sum()), count + max(b - a, 0)
+        examples += 1
+    if count == 0:
+        raise UsageError(f"{path}: no answer tokens to score")
+    return total / count, count, examples
+
+
+def evaluate(model, text: str | None = None, data=None, *, adapters: dict | None = None, use=None,
+             window: int | None = None, max_context: int | None = None, text_file=None) -> Evaluation:
+    """Measure a bundle: perplexity of ``text`` (or of the file ``text_file``), answer-only loss on
+    the JSONL file ``data``, and the weights' quantization error (always).
+
+    ``model``: a bundle path (loaded with ``max_context`` and ``adapters`` ``{name: path}``; a
+    single adapter is used) or a loaded :class:`~edgelora.runtime.model.Model` (its resident
+    adapters). ``use``: the adapter selection to measure (a name, a ``{name: weight}`` mix,
+    ``"base"``; default: the model's current one), in force for this call only. ``window``: tokens
+    per perplexity window (default: the model's ``max_context``).
+    """
+    if isinstance(model, Model):
+        if adapters or max_context is not None:
+            raise UsageError("adapters and max_context are load options: give them to edgelora.load, or give "
+                             "evaluate the bundle's path")
+    else:
+        model = load(model, max_context=max_context, adapters=adapters)
+        if use is None and len(model.adapters) == 1:
+            use = model.adapters.names[0]
+    if window is not None and not 2 <= window <= model.max_context:
+        raise UsageError(f"window must be 2 to max_context={model.max_context}, got {window}")
+    if text_file is not None:
+        text = Path(text_file).read_text(encoding="utf-8")
+    with nullcontext() if use is None else model.using(use):
+        result = Evaluation(str(model.path), model.active_adapter, window or model.max_context,
+                            weights=weight_report(model.bundle.manifest))
+        if text is not None:
+            result.perplexity, result.text_tokens, result.text_nll = perplexity(model, text, window)
+        if data is not None:
+            result.answer_loss, result.answer_tokens, result.examples = answer_loss(model, data)
+    return result

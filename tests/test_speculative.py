@@ -1,0 +1,208 @@
+"""Speculative decoding (``runtime/speculative.py``): the verification forward's rows are one-token
+decode steps bit for bit on every architecture; greedy text with prompt lookup or a draft model is
+plain decoding's, with adapters and mixes too; seeded sampling with certain guesses gives plain
+sampling's tokens; sampling with a draft model's guesses has plain sampling's distribution (a
+chi-square over many seeded draws against the probabilities computed from the model's logits)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora.cli import main
+from edgelora.errors import UsageError
+from edgelora.runtime.sampling import SamplingParams, process_logits, softmax
+from edgelora.runtime.speculative import PromptLookup
+from tiny_models import CONFIGS, Adapters, Converted
+
+pytest.importorskip("transformers")  # writes the tiny checkpoints
+
+ARCHS = [a for a in CONFIGS if a != "long_context"]
+PROMPT = [1, 5, 9, 3, 7, 4, 5, 9, 3, 7, 4, 5, 9, 3, 8, 6, 5, 9]  # repeats, and longer than the sliding windows
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return Converted(tmp_path_factory, seed=7)
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory):
+    """The same tiny architectures with other weights: draft models that guess wrong at times."""
+    return Converted(tmp_path_factory, seed=8, bundle_name="draft")
+
+
+@pytest.fixture(scope="module")
+def adapters(converted, tmp_path_factory):
+    return Adapters(converted, tmp_path_factory)
+
+
+def load(path, **kw):
+    model = edgelora.load(path, max_context=kw.pop("max_context", 64), **kw)
+    model.eos_ids = set()  # random weights: run to the length asked
+    return model
+
+
+def test_prompt_lookup_guesses_what_followed_the_latest_match():
+    pl = PromptLookup(max_ngram=3)
+    assert pl.propose([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == ([7, 5, 1], [None] * 3)  # the latest "1 2 3"
+    assert pl.propose([4, 2, 3, 8, 8, 6, 2, 3], 4) == ([8, 8, 6, 2], [None] * 4)  # "2 3" when "6 2 3" never came
+    assert pl.propose([5, 6, 7, 6], 2) == ([7, 6], [None] * 2)  # one token when no two-token match
+    assert pl.propose([9, 4, 4, 4], 3) == ([4, 4, 4], [None] * 3)  # a loop goes on copying itself
+    assert pl.propose([1, 2, 3, 1, 2], 5) == ([3, 1, 2, 3, 1], [None] * 5)
+    assert pl.propose([1, 2, 3], 4) == ([], [])  # nothing repeats
+    with pytest.raises(UsageError):
+        PromptLookup(max_ngram=1, min_ngram=2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verification_rows_are_decode_steps_bit_for_bit(converted, arch):
+    """``forward_steps`` of T tokens gives each row the bits of decoding the tokens one at a time
+    (the prefill path, tiles and blockwise attention, would not), and leaves the same cache."""
+    model = load(converted(arch)[1])
+    net, steps = model.net, np.array([4, 8, 2, 6, 5, 9, 3])
+    one, many = net.new_cache(), net.new_cache()
+    net.forward(np.array(PROMPT), one)
+    net.forward(np.array(PROMPT), many)
+    seq = np.stack([net.forward(steps[t:t + 1], one)[0] for t in range(len(steps))])  # [T, V]
+    rows = net.forward_steps(steps, many)  # [T, V]
+    assert np.array_equal(seq, rows)
+    assert one.length == many.length and np.array_equal(one.k[:, :one.length], many.k[:, :many.length])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_text_is_plain_decoding(converted, drafts, arch):
+    model = load(converted(arch)[1])
+    draft = load(drafts(arch)[1])
+    plain = model.generate(PROMPT, 30, return_result=True)
+    lookup = model.generate(PROMPT, 30, return_result=True, draft="prompt-lookup", num_draft=3)
+    drafted = model.generate(PROMPT, 30, return_result=True, draft=draft, num_draft=4)
+    for r in (lookup, drafted):
+        assert r.token_ids == plain.token_ids and r.text == plain.text and r.finish_reason == plain.finish_reason
+        assert r.stats.drafted_tokens > 0 and r.stats.accepted_tokens <= r.stats.drafted_tokens
+    # a draft with the model's own weights guesses every token right: every guess kept, every step
+    # yields num_draft + 1 tokens
+    same = model.generate(PROMPT, 30, return_result=True, draft=load(converted(arch)[1]), num_draft=4)
+    assert same.token_ids == plain.token_ids
+    assert same.stats.accepted_tokens == same.stats.drafted_tokens == 23  # 5 steps of 4 guesses, then 3 (the budget)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "gemma2"])
+def test_greedy_with_adapters_and_mixes(converted, drafts, adapters, arch):
+    model = load(converted(arch)[1])
+    model.adapters.load("a", adapters(arch, 1, r=8, target_modules="all-linear"))
+    model.adapters.load("b", adapters(arch, 2, r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    draft = load(drafts(arch)[1])
+    for sel in ("a", {"a": 0.6, "b": 0.4}):
+        plain = model.generate(PROMPT, 24, adapter=sel, return_result=True)
+        for d in ("prompt-lookup", draft):
+            r = model.generate(PROMPT, 24, adapter=sel, return_result=True, draft=d, num_draft=5)
+            assert r.token_ids == plain.token_ids and r.adapter == plain.adapter
+    # the draft model drafts with its own selection; the model's mix still decides every token
+    with model.using({"a": 0.3, "b": 0.7}):
+        plain = model.generate(PROMPT, 24, return_result=True)
+        assert model.generate(PROMPT, 24, return_result=True, draft=draft).token_ids == plain.token_ids
+
+
+def test_the_stop_rules_of_plain_decoding(converted, drafts):
+    """A full cache, a token budget that ends mid-step, a stop string, streaming and log-probabilities:
+    each the same as plain decoding."""
+    model = load(converted("llama3")[1], max_context=len(PROMPT) + 9)
+    draft = load(drafts("llama3")[1], max_context=len(PROMPT) + 9)
+    for d in ("prompt-lookup", draft):
+        plain = model.generate(PROMPT, 50, return_result=True, logprobs=2)
+        r = model.generate(PROMPT, 50, return_result=True, logprobs=2, draft=d, num_draft=4)
+        assert r.finish_reason == plain.finish_reason == "context" and r.token_ids == plain.token_ids
+        assert r.logprobs == plain.logprobs
+        for n in (1, 2, 7):
+            assert model.generate(PROMPT, n, draft=d, return_result=True).token_ids == plain.token_ids[:n]
+        stop = model.tokenizer.decode(plain.token_ids[3:5])
+        cut = model.generate(PROMPT, 50, stop=stop, return_result=True)
+        r = model.generate(PROMPT, 50, stop=stop, draft=d, return_result=True)
+        assert (r.text, r.token_ids, r.finish_reason) == (cut.text, cut.token_ids, "stop")
+        assert "".join(model.stream(PROMPT, 6, draft=d)) == model.generate(PROMPT, 6)
+
+
+def test_seeded_sampling_with_certain_guesses_is_plain_sampling(converted):
+    """Prompt lookup's guesses are certain: the acceptance rule becomes "draw as plain sampling does,
+    keep the guess if the draw is it", so a seed gives plain sampling's very tokens."""
+    model = load(converted("llama3")[1])
+    opts = dict(temperature=0.4, top_p=0.95, repetition_penalty=0.5)  # (a penalty < 1 favours repeats: guesses kept)
+    kept = 0
+    for seed in range(4):
+        plain = model.generate(PROMPT, 24, seed=seed, return_result=True, **opts)
+        r = model.generate(PROMPT, 24, seed=seed, return_result=True, draft="prompt-lookup", **opts)
+        assert r.token_ids == plain.token_ids
+        kept += r.stats.accepted_tokens
+    assert kept > 0
+
+
+def test_sampling_with_a_draft_model_keeps_the_distribution(converted, drafts):
+    """Chi-square of the first three sampled tokens over many seeds against their exact joint
+    probabilities (each step's from the model's decode logits, after the penalty, temperature and
+    top-k): tokens 2 and 3 pass through the acceptance rule with a draft model whose top-k
+    differs from the model's (guesses rejected and tokens drawn from the residual)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    model = load(converted("llama3")[1])
+    draft = load(drafts("llama3")[1])
+    opts = dict(temperature=0.5, top_k=3, repetition_penalty=1.2)
+    prompt = PROMPT[:6]
+    params = SamplingParams(**opts)
+
+    def probs(history):  # the plain sampler's distribution after ``history``, from decode logits
+        cache = model.net.new_cache()
+        logits = model.net.forward(np.array(history[:len(prompt)]), cache)[0]
+        for t in history[len(prompt):]:
+            logits = model.net.forward(np.array([t]), cache)[0]
+        return softmax(process_logits(logits, params, history))
+
+    exact = {}
+    p1 = probs(prompt)
+    for a in np.flatnonzero(p1):
+        p2 = probs(prompt + [int(a)])
+        for b in np.flatnonzero(p2):
+            p3 = probs(prompt + [int(a), int(b)])
+            for c in np.flatnonzero(p3):
+                exact[(int(a), int(b), int(c))] = p1[a] * p2[b] * p3[c]
+    n = 3000
+    counts = dict.fromkeys(exact, 0)
+    drafted = accepted = 0
+    for seed in range(n):
+        r = model.generate(prompt, 3, seed=seed, return_result=True, draft=draft, num_draft=2, **opts)
+        counts[tuple(r.token_ids)] += 1  # (a KeyError would be a path of probability 0)
+        drafted, accepted = drafted + r.stats.drafted_tokens, accepted + r.stats.accepted_tokens
+    assert 0 < accepted < drafted  # guesses both kept and rejected
+    keys = sorted(exact, key=exact.get)
+    expected = np.array([exact[k] for k in keys]) * n
+    observed = np.array([counts[k] for k in keys], np.float64)
+    small = expected < 5  # rare paths pooled into one bin
+    if small.any():
+        expected = np.append(expected[~small], expected[small].sum())
+        observed = np.append(observed[~small], observed[small].sum())
+    assert scipy_stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+
+
+def test_usage_errors(converted, drafts):
+    model = load(converted("llama3")[1])
+    with pytest.raises(UsageError):
+        model.generate(PROMPT, 4, draft="n-gram")
+    with pytest.raises(UsageError):
+        model.generate(PROMPT, 4, draft="prompt-lookup", num_draft=0)
+    with pytest.raises(UsageError):
+        model.generate(PROMPT, 4, draft=model)
+    with pytest.raises(UsageError):  # another vocabulary
+        model.generate(PROMPT, 4, draft=load(drafts("mistral")[1]))
+
+
+def test_cli_run_with_a_draft(converted, drafts, capsys):
+    bundle = str(converted("llama3")[1])
+    common = ["run", bundle, "-p", "the cat sat on the mat . the cat", "-n", "12", "--json", "--max-context", "64"]
+    outs = []
+    for extra in ([], ["--draft", "prompt-lookup", "--num-draft", "3"], ["--draft", str(drafts("llama3")[1])]):
+        assert main(common + extra) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["generated_ids"] == outs[1]["generated_ids"] == outs[2]["generated_ids"]
+    assert outs[0]["drafted_tokens"] == 0 and outs[1]["drafted_tokens"] > 0 and outs[2]["drafted_tokens"] > 0
