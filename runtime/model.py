@@ -38,11 +38,12 @@ CURRENT = object()  # ``adapter=`` not given: use the model's current selection
 
 
 class _TextOut:
-    """Turns generated token ids into text pieces: complete UTF-8 only, stop strings cut off and
-    never shown, text that might begin a stop string held back until it is known not to."""
+    """Turns generated token ids into text pieces: complete UTF-8 only, special tokens left out
+    (transformers' ``skip_special_tokens=True``: their ids stay in ``token_ids``), stop strings cut
+    off and never shown, text that might begin a stop string held back until it is known not to."""
 
     def __init__(self, tokenizer, stops):
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.stops = stops
         self.held = ""
         self.hold = max((len(s) for s in stops), default=1) - 1
