@@ -29,6 +29,7 @@ of it, and ``bench/bench_plan.py`` reports both on a 1B-parameter shape.
 
 from __future__ import annotations
 
+import os
 import json
 import math
 import platform
@@ -313,7 +314,7 @@ print(json.dumps(peak_rss_bytes()))
 """
 
 
-def measure_peak_rss(bundle, context: int, adapters: dict | None = None, threads: int = 1,
+def measure_peak_rss(bundle: str | os.PathLike, context: int, adapters: dict | None = None, threads: int = 1,
                      timeout: float | None = None) -> int:
     """Run a plan for real on this machine and return the peak resident memory, in bytes: a fresh
     process loads ``bundle`` with ``adapters`` ``{name: folder}`` resident (the first in use) and
@@ -352,8 +353,8 @@ def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dic
     return items
 
 
-def plan(bundle, device, context: int | None = None, adapters: dict | None = None, threads: int | None = None,
-         overhead: int | None = None) -> Plan:
+def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = None, adapters: dict | None = None,
+         threads: int | None = None, overhead: int | None = None) -> Plan:
     """Plan running ``bundle`` on ``device`` (a profile name, a ``.toml`` path or a ``Device``) with
     a KV cache of ``context`` positions (default: the runtime's default, min(model limit, 2048))
     and the LoRA ``adapters`` ``{name: folder}`` resident. ``threads`` defaults to the device's cores.

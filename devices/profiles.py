@@ -157,7 +157,7 @@ def list_devices() -> dict[str, Device]:
     return found
 
 
-def get_device(name_or_path) -> Device:
+def get_device(name_or_path: str | os.PathLike | Device) -> Device:
     """A profile by name, or from a ``.toml`` file path; ``"host"`` describes this machine."""
     if isinstance(name_or_path, Device):
         return name_or_path

@@ -76,7 +76,7 @@ def check_output_dir(out, overwrite: bool) -> Path:
     """Refuse an existing output (unless ``overwrite``) before any work is done."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UsageError("output already exists; choose a new path or pass --overwrite", out)
+        raise UsageError("output already exists; choose a new path or pass overwrite=True (--overwrite)", out)
     if out.exists() and not out.is_dir():
         raise UsageError("output exists and is not a directory", out)
     parent = out.parent if str(out.parent) else Path(".")

@@ -3,6 +3,7 @@ LoRA adapter folder holds."""
 
 from __future__ import annotations
 
+import os
 import math
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _describe_source(kind: str, ckpt, path: Path) -> dict:
                 "bits_per_weight": round(8 * c.source_bytes() / params, 3), **meta, "files": files}
 
 
-def inspect(path) -> dict:
+def inspect(path: str | os.PathLike) -> dict:
     """A JSON-ready description of a bundle or a deploy folder (checksums verified), a Hugging
     Face checkpoint or a PEFT adapter folder."""
     from edgelora.deployment import is_deploy
