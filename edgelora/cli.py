@@ -85,8 +85,7 @@ def printable(text: str) -> str:
 
 def _load_model(ns):
     """The bundle, with every ``--adapter [NAME=]PATH`` resident and ``--use`` selected (a single
-    adapter is used by default). Generation ends at the end-of-text tokens and at the
-    beginning-of-text token (a model that writes one starts another, unrelated text)."""
+    adapter is used by default)."""
     import edgelora
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
                           device_check=not ns.any_device, mmap=not ns.no_mmap)
@@ -98,8 +97,6 @@ def _load_model(ns):
         seen.add(name)
         if name not in model.adapters.names:  # a deploy folder's own adapters are resident already
             model.adapters.load(name, path)
-    if model.tokenizer.bos_token_id is not None:
-        model.eos_ids.add(model.tokenizer.bos_token_id)
     n = len(model.adapters)
     if ns.use is not None:
         model.use(ns.use)  # the text as given: the model parses a mix
@@ -251,7 +248,8 @@ def _cmd_chat(ns) -> int:
             print(json.dumps({"prompt": line, "text": "".join(answer), **s.to_dict()}), flush=True)
         else:
             print()
-            print(_stats_line(s), file=sys.stderr)
+            print(f"[{s.adapter}: prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
+                  f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 
 def _cmd_bench(ns) -> int:
@@ -529,20 +527,18 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
     try:
         ns = build_parser().parse_args(argv)
-    except _ArgumentError as e:
+    except _ArgumentError as e:  # (with --json, also as JSON on standard output)
         if as_json:
             print(json.dumps(json_error(UsageError(str(e)))))
-        else:
-            e.parser.print_usage(sys.stderr)
-            print(f"{e.parser.prog}: error: {e}", file=sys.stderr)
+        e.parser.print_usage(sys.stderr)
+        print(f"{e.parser.prog}: error: {e}", file=sys.stderr)
         return 2
     try:
         return ns.func(ns)
     except EdgeLoraError as e:
         if getattr(ns, "json", False):
             print(json.dumps(json_error(e)))
-        else:
-            print(f"edgelora: error: {e}", file=sys.stderr)
+        print(f"edgelora: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("edgelora: interrupted", file=sys.stderr)

@@ -170,13 +170,6 @@ def test_text_leaves_out_special_tokens_and_control_bytes():
     assert printable("a\x00b\ufffd\x1b[2J\nc\td\x7f\x85") == "ab[2J\nc\td"
 
 
-def test_cli_generation_ends_at_beginning_of_text():
-    ns = build_parser().parse_args(["run", str(demo_bundle_path()), "-p", "x"])
-    from edgelora.cli import _load_model
-    model = _load_model(ns)
-    assert model.tokenizer.bos_token_id in model.eos_ids and model.tokenizer.eos_token_ids <= model.eos_ids
-
-
 # --- 6. chat commands ----------------------------------------------------------------------
 
 def test_chat_commands_usage_unknown_and_exit_status(tmp_path):
