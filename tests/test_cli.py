@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 import edgelora
-from conftest import demo_adapter_paths, demo_bundle_path
+from conftest import ROOT, demo_adapter_paths, demo_bundle_path
 from edgelora.benchmark import token_counts
 from edgelora.cli import build_parser, drops_system_message, main, printable
 from edgelora.devices.profiles import parse_cpuinfo
@@ -208,3 +208,23 @@ def test_bench_defaults_on_a_small_context_model_and_bad_threads():
     assert r.returncode == 2 and "threads must be between 1 and" in r.stderr and "Traceback" not in r.stderr
     r = _cli("bench", bundle, "--threads", "4096", "--json")
     assert json.loads(r.stdout)["error"]["exit_code"] == 2
+
+
+# --- 14. slim install ----------------------------------------------------------------------
+
+def test_runtime_needs_no_converter_only_packages(tmp_path):
+    """Without onnx installed (it is the ``onnx`` extra), the runtime works and converting an
+    ONNX model names the extra to install."""
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    code = (f"import sys; sys.modules['onnx'] = None\n"
+            f"import edgelora\n"
+            f"m = edgelora.load({str(demo_bundle_path())!r}, max_context=32)\n"
+            f"assert m.generate('Hello', max_new_tokens=2) is not None\n"
+            f"from edgelora.cli import main\n"
+            f"sys.exit(main(['convert', {str(tmp_path / 'model.onnx')!r}, '-o', {str(tmp_path / 'out')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert "pip install 'edgelora[onnx]'" in r.stderr and "Traceback" not in r.stderr
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("onnx") for d in deps["dependencies"])
+    assert "onnx>=1.15" in deps["optional-dependencies"]["onnx"]
