@@ -438,7 +438,7 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
         if p.adapters:
             out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
     saved = _float16_savings(Path(p.bundle))
-    if saved:
+    if saved >= 0.05 * MB:  # (what prints as 0.0 MB is no suggestion)
         out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "
                    f"({'enough' if saved >= over else 'not enough alone'}; at some cost in quality, see README)")
     out.append("or choose a device with more memory, or a smaller model")

@@ -329,7 +329,7 @@ def _module_of(tensor: str) -> tuple[str, str]:
 def _layer_hint(module: str, base: BaseModules) -> str:
     i = layer_index(module)
     if i is not None and i >= base.num_layers:
-        return f" (the adapter has layer {i}, the base has {base.num_layers} layers)"
+        return f" (the adapter has layer {i}, the base has {base.num_layers} layers: 0-{base.num_layers - 1})"
     return ""
 
 

@@ -81,7 +81,8 @@ def check_output_dir(out, overwrite: bool) -> Path:
         raise UsageError("output exists and is not a directory", out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise UsageError(f"parent folder {parent} does not exist", out)
+        raise UsageError(f"{parent} is not a folder" if parent.exists() or any(
+            q.exists() and not q.is_dir() for q in parent.parents) else f"parent folder {parent} does not exist", out)
     return out
 
 

@@ -381,8 +381,10 @@ class Model:
         if bad.size:
             raise UsageError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.args.vocab_size - 1})")
         if ids.size > self.max_context:
-            raise UsageError(f"{ids.size} tokens exceed max_context={self.max_context}; load with a larger "
-                             f"max_context (model limit {self.args.max_position_embeddings}) or shorten the prompt")
+            limit = self.args.max_position_embeddings
+            raise UsageError(f"{ids.size} tokens exceed max_context={self.max_context}; " + (
+                f"load with a larger max_context (model limit {limit}) or shorten the prompt"
+                if self.max_context < limit else f"the model holds at most {limit} positions: shorten the prompt"))
         return ids.astype(np.int64)
 
     def _prefill(self, ids: np.ndarray, cache, all_logits: bool, lora: Selection = BASE) -> np.ndarray:

@@ -228,3 +228,28 @@ def test_runtime_needs_no_converter_only_packages(tmp_path):
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(d.startswith("onnx") for d in deps["dependencies"])
     assert "onnx>=1.15" in deps["optional-dependencies"]["onnx"]
+
+
+# --- 7. wording ----------------------------------------------------------------------------
+
+def test_wording(tmp_path):
+    from edgelora.atomic import check_output_dir
+    from edgelora.inspection import format_inspect
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is not a folder"):
+        check_output_dir(tmp_path / "file" / "x", overwrite=False)
+    with pytest.raises(UsageError, match="parent folder .* does not exist"):
+        check_output_dir(tmp_path / "none" / "x", overwrite=False)
+    model = edgelora.load(demo_bundle_path())  # max_context is the model's limit, 512
+    with pytest.raises(UsageError, match="at most 512 positions: shorten the prompt") as e:
+        model.generate([5] * 600, max_new_tokens=1)
+    assert "larger max_context" not in str(e.value)
+    with pytest.raises(UsageError, match="load with a larger max_context"):
+        edgelora.load(demo_bundle_path(), max_context=16).generate([5] * 20, max_new_tokens=1)
+    info = edgelora.inspect(demo_bundle_path())
+    info["source"] = dict(info["source"], merged_adapter={"path": "adapters/pirate", "ranks": [8], "modules": 28,
+                                                          "sha256": "ab" * 32})
+    assert "merged        LoRA adapter adapters/pirate (rank 8, 28 modules" in format_inspect(info)
+    dep = tmp_path / "dep"
+    edgelora.deploy(demo_bundle_path(), "host", dep, context=32, threads=1)
+    assert "context 32, 1 thread, " in format_inspect(edgelora.inspect(dep))
