@@ -46,6 +46,7 @@ from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
 from edgelora.runtime.llama import KEY_BLOCK, KVCache
 from edgelora.runtime.model import PREFILL_CHUNK
+from edgelora.runtime.warmup import status_line
 
 F32 = 4
 MB = 1e6
@@ -275,6 +276,7 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     bundle, _ = demo_bundle(edgelora_home() / "demo", quiet=True)
     adapter = next(iter(packaged_demo_adapters().values()))
     args = python_command(_PROBE, bundle, threads, adapter)
+    status_line(f"edgelora: measuring the runtime's memory on this machine ({threads} threads; once, some seconds)")
     for _ in range(2):  # the first run may compile kernels (more memory): measure a warm one
         done = subprocess.run(args, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:

@@ -18,6 +18,7 @@ import numpy as np
 from edgelora.child import python_command
 from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.memory import peak_rss_bytes
+from edgelora.runtime.warmup import status_line
 
 
 def memory_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -122,6 +123,8 @@ def bench(path, threads_list: list[int] | None = None, prompt_tokens: int | None
     measure = "\n".join(inspect.getsource(f) for f in (bytes_per_token, run_one))
     rows = []
     for th in threads_list:
+        status_line(f"edgelora bench: {th} thread{'s' * (th != 1)}: loading, one warm-up and {runs} runs "
+                    f"of {prompt_tokens} + {decode_tokens} tokens...")
         code = ("import json, sys, time\nimport numpy as np\nfrom edgelora.memory import peak_rss_bytes\n" + measure +
                 f"\nprint(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r}, {runs})))")
         r = subprocess.run(python_command(code, path), capture_output=True, text=True, env=env)

@@ -302,6 +302,8 @@ def _cmd_plan(ns) -> int:
 
 def _cmd_deploy(ns) -> int:
     from edgelora.deployment import deploy
+    from edgelora.runtime.warmup import status_line  # (the CLI imports what each command needs when it runs)
+    status_line(f"edgelora deploy: planning for {ns.device}, then writing and hashing {ns.output}...")
     r = deploy(ns.bundle, ns.device, ns.output, adapters=_adapters_arg(ns.adapter), context=ns.context,
                threads=ns.threads, archive=ns.archive, overwrite=ns.overwrite)
     if ns.json:

@@ -253,3 +253,37 @@ def test_wording(tmp_path):
     dep = tmp_path / "dep"
     edgelora.deploy(demo_bundle_path(), "host", dep, context=32, threads=1)
     assert "context 32, 1 thread, " in format_inspect(edgelora.inspect(dep))
+
+
+# --- 8. progress only on a terminal --------------------------------------------------------
+
+class _Terminal:
+    """A stderr that says it is a terminal, keeping what is written."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+
+def test_status_lines_on_a_terminal_only(tmp_path, monkeypatch, capsys):
+    from edgelora.runtime.warmup import status_line
+    status_line("edgelora: working")
+    assert capsys.readouterr().err == ""  # not a terminal: nothing
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    status_line("edgelora: working")
+    assert term.text == "edgelora: working\n"
+
+
+def test_demo_written_to_a_log_has_no_progress_bar(tmp_path):
+    r = _cli("demo", "--workdir", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "%|" not in r.stderr and "quantizing" not in r.stderr and "it/s" not in r.stderr
