@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
 from edgelora.errors import UsageError
 from edgelora.runtime.llama import KVCache
@@ -602,9 +603,13 @@ class Model:
 
 def load(path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,
          verify: bool | str = True, adapters: Mapping[str, str | os.PathLike] | None = None,
-         device_check: bool = True, mmap: bool = True, warmup: bool = True) -> Model:
+         device_check: bool = True, mmap: bool = True, warmup: bool = True,
+         convert_options: Mapping[str, Any] | None = None) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
-    generate.
+    generate. A Hugging Face checkpoint folder or hub id, a GGUF file or an ONNX model is converted
+    once into ``$EDGELORA_HOME/bundles/`` (``convert_options``: :func:`edgelora.convert`'s
+    ``block_size``, ``double_quant``, ``embeddings``, ``head``) and loaded from there
+    (:mod:`edgelora.autoconvert`).
 
     ``verify``: ``True`` checks every file's sha256, skipping files already verified whose
     identity (size, times, inode) is unchanged; ``"full"`` hashes every file again; ``False``
@@ -627,7 +632,7 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     planned for them are refused.
     """
     from edgelora.deployment import is_deploy, open_deploy
-    path = Path(path)
+    path = bundle_path(path, convert_options)
     dep = None
     if is_deploy(path):
         from edgelora.errors import PlanError

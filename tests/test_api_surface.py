@@ -96,3 +96,31 @@ def test_python_errors_name_python_parameters(tmp_path):
     with pytest.raises(edgelora.EdgeLoraError) as e:
         edgelora.convert(demo_bundle_path(), out)
     assert "overwrite=True" in str(e.value)  # the parameter (and the CLI flag)
+
+
+def test_load_converts_a_checkpoint_once_into_the_cache(tmp_path):
+    """``edgelora.load`` of a Hugging Face folder converts it once into $EDGELORA_HOME/bundles and
+    gives the same model as converting it explicitly; the second load reuses the bundle, other
+    options convert again, and ``edgelora run`` takes the folder too."""
+    from edgelora.autoconvert import cache_dir
+    from edgelora.demo import demo_checkpoint
+    ckpt = demo_checkpoint(tmp_path / "demo")
+    model = edgelora.load(ckpt, max_context=64)
+    assert model.path.parent == cache_dir()
+    edgelora.convert(ckpt, tmp_path / "explicit")
+    explicit = edgelora.load(tmp_path / "explicit", max_context=64)
+    ids = model.encode("Once upon a time")
+    assert (model.logits(ids) == explicit.logits(ids)).all()  # the same bundle, byte for byte
+    stamp = (model.path / "manifest.json").stat().st_mtime_ns
+    again = edgelora.load(ckpt, max_context=64)
+    assert again.path == model.path and (again.path / "manifest.json").stat().st_mtime_ns == stamp
+    other = edgelora.load(ckpt, max_context=64, convert_options={"block_size": 32})
+    assert other.path != model.path and other.bundle.quantization["block_size"] == 32
+    with pytest.raises(UsageError, match="unknown convert option 'merge'"):
+        edgelora.load(ckpt, convert_options={"merge": "x"})
+    r = subprocess.run([sys.executable, "-m", "edgelora", "run", str(ckpt), "-p", "Once upon a time", "-n", "5",
+                        "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+    assert json.loads(r.stdout)["generated_ids"] == again.generate("Once upon a time", max_new_tokens=5,
+                                                                   return_result=True).token_ids
