@@ -51,6 +51,13 @@ CURRENT = _Current()
 AdapterSpec = Union[str, None, Mapping[str, float], _Current]
 
 
+def _refuse_unknown(options: dict) -> None:
+    """A mistyped keyword (``temprature=0.5``) is a usage error naming it and the valid sampling
+    options (the generation methods take ``**unknown`` only for this message)."""
+    if options:
+        SamplingParams.from_kwargs(**options)  # raises: every key is unknown
+
+
 class _TextOut:
     """Turns generated token ids into text pieces: complete UTF-8 only, special tokens left out
     (transformers' ``skip_special_tokens=True``: their ids stay in ``token_ids``), stop strings cut
@@ -491,7 +498,7 @@ class Model:
                         adapter: AdapterSpec = CURRENT, *, logprobs: int | None = None,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                         min_p: float = 0.0, repetition_penalty: float = 1.0,
-                        seed: int | None = None) -> Iterator[GenerationChunk]:
+                        seed: int | None = None, **unknown) -> Iterator[GenerationChunk]:
         """Yield a :class:`GenerationChunk` per generated token (as mlx-lm's ``stream_generate``):
         its text piece, token id, log-probabilities with ``logprobs=k``, and this generation's
         running statistics; the last item has the ``finish_reason``.
@@ -501,13 +508,15 @@ class Model:
         the sampling transforms (repetition penalty, temperature, filters). Other options as
         :meth:`stream`.
         """
+        _refuse_unknown(unknown)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, params)
         yield from self._decode([seq])
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, stop: str | Sequence[str] | None = None,
                adapter: AdapterSpec = CURRENT, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[str]:
+               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               **unknown) -> Iterator[str]:
         """Yield text pieces as they are generated. ``prompt`` is text or a list of token ids.
 
         ``adapter``: a resident adapter's name, ``None`` (the base) or a ``{name: weight}`` mix for
@@ -520,18 +529,20 @@ class Model:
         """
         for chunk in self.stream_generate(prompt, max_new_tokens, stop=stop, adapter=adapter,
                                           temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                          repetition_penalty=repetition_penalty, seed=seed):
+                                          repetition_penalty=repetition_penalty, seed=seed, **unknown):
             if chunk.text:
                 yield chunk.text
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, stop: str | Sequence[str] | None = None,
                  adapter: AdapterSpec = CURRENT, *, return_result: bool = False, logprobs: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> str | Generation:
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 **unknown) -> str | Generation:
         """The generated text (without the prompt); with ``return_result=True`` a :class:`Generation`
         (text, token ids, finish reason, this call's statistics, and the per-token log-probabilities
         with ``logprobs=k``, as :meth:`stream_generate` computes them). Options as :meth:`stream`."""
         self._needs_result(logprobs, return_result)
+        _refuse_unknown(unknown)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, params)
         for _ in self._decode([seq]):
@@ -542,21 +553,23 @@ class Model:
     def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256,
              stop: str | Sequence[str] | None = None, adapter: AdapterSpec = CURRENT, *, return_result: bool = False,
              logprobs: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> str | Generation:
+             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             **unknown) -> str | Generation:
         """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the chat template;
         the text, or a :class:`Generation` with ``return_result=True`` (as :meth:`generate`)."""
         return self.generate(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter,
                              return_result=return_result, logprobs=logprobs, temperature=temperature, top_k=top_k,
-                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, **unknown)
 
     def stream_chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256,
                     stop: str | Sequence[str] | None = None, adapter: AdapterSpec = CURRENT, *,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> Iterator[str]:
+                    min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                    **unknown) -> Iterator[str]:
         """Yield the answer to a conversation as text pieces (:meth:`chat`, streamed as :meth:`stream`)."""
         yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter,
                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               repetition_penalty=repetition_penalty, seed=seed)
+                               repetition_penalty=repetition_penalty, seed=seed, **unknown)
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The token ids of a conversation rendered by the chat template, ready for the answer."""
@@ -569,7 +582,7 @@ class Model:
                        return_result: bool = False, logprobs: int | None = None,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                        min_p: float = 0.0, repetition_penalty: float = 1.0,
-                       seed: int | None = None) -> list[str] | list[Generation]:
+                       seed: int | None = None, **unknown) -> list[str] | list[Generation]:
         """Generate for several prompts together, each with its own adapter: their texts, or with
         ``return_result=True`` their :class:`Generation` results (as :meth:`generate`).
 
@@ -583,6 +596,7 @@ class Model:
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise UsageError("prompts must be a non-empty list of texts or token-id lists")
         self._needs_result(logprobs, return_result)
+        _refuse_unknown(unknown)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         stops = self._stops(stop, max_new_tokens)
         top = self._top_logprobs(logprobs)
@@ -647,7 +661,7 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
-    if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `edgelora run`)
+    if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `run`)
         model.use(next(iter(dep.adapters)))
     if warmup:
         ensure_compiled(model)

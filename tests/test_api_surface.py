@@ -42,7 +42,7 @@ def test_sampling_options_are_named_parameters(method):
     for name, default in (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("min_p", 0.0),
                           ("repetition_penalty", 1.0), ("seed", None)):
         assert params[name].default == default and params[name].kind is inspect.Parameter.KEYWORD_ONLY
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert [p for p, v in params.items() if v.kind is inspect.Parameter.VAR_KEYWORD] == ["unknown"]  # typos only
     assert "object at 0x" not in str(sig)  # the "current selection" default has a readable repr
 
 
@@ -53,8 +53,14 @@ def test_named_sampling_parameters_reach_the_sampler():
     assert list(model.stream("Once upon a time", max_new_tokens=8, temperature=1.5, top_k=20, seed=7)) != []
     with pytest.raises(UsageError, match="top_p"):
         model.generate("x", top_p=0.0)
-    with pytest.raises(TypeError):
-        model.generate("x", top_q=0.5)
+    for call in (model.generate, model.stream, model.stream_generate, model.generate_batch):
+        with pytest.raises(UsageError, match="unknown sampling option 'top_q'; valid options: temperature"):
+            out = call(["x"] if call == model.generate_batch else "x", top_q=0.5)
+            list(out)  # (the streams check when they start)
+    with pytest.raises(UsageError, match="'top_q'"):
+        model.chat([{"role": "user", "content": "hi"}], top_q=0.5)
+    with pytest.raises(UsageError, match="'top_q'"):
+        list(model.stream_chat([{"role": "user", "content": "hi"}], top_q=0.5))
 
 
 def test_model_repr():
