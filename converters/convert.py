@@ -8,6 +8,7 @@ is built in a temporary sibling folder and renamed into place only when complete
 
 from __future__ import annotations
 
+import os
 import datetime as _dt
 import math
 import re
@@ -198,9 +199,9 @@ def _layout(ckpt, block_size, double_quant) -> tuple[int, bool]:
     return have
 
 
-def convert(src, out, block_size: int | None = None, double_quant: bool | None = None, embeddings: str = "float16",
-            head: str = "float16", overwrite: bool = False, progress: bool = False,
-            merge_adapter=None) -> ConversionSummary:
+def convert(src: str | os.PathLike, out: str | os.PathLike, block_size: int | None = None, double_quant: bool | None = None,
+            embeddings: str = "float16", head: str = "float16", overwrite: bool = False, progress: bool = False,
+            merge_adapter: str | os.PathLike | None = None) -> ConversionSummary:
     """Convert a Hugging Face checkpoint folder (or hub id), an ONNX decoder model
     (``converters/onnx.py``) or a GGUF file (``converters/gguf.py``) into an edgelora NF4 bundle at ``out``.
 

@@ -411,7 +411,7 @@ def double_quantize(absmax: np.ndarray, sum_threads: int = 1,
     return codes, nested, offset
 
 
-def quantize_nf4(weights, block_size: int = 64, double_quant: bool = True, sum_threads: int = 1,
+def quantize_nf4(weights: np.ndarray, block_size: int = 64, double_quant: bool = True, sum_threads: int = 1,
                  sum_lanes: int = SUM_LANES) -> NF4Tensor:
     """Quantize a float array to NF4, optionally double-quantizing the block scales.
 

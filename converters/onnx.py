@@ -44,7 +44,7 @@ import numpy as np
 from edgelora.architectures import EMBED, HEAD, NORM, Llama, TensorSpec
 from edgelora.config import ModelArgs, read_json
 from edgelora.converters.source import DerivedCheckpoint, SourceTensor, find_source_file
-from edgelora.errors import FormatError, UnsupportedError
+from edgelora.errors import FormatError, UnsupportedError, UsageError
 from edgelora.safetensors_io import bf16_to_float32
 
 #: ONNX TensorProto data types the weights may have: safetensors-style name and the raw numpy type
@@ -706,11 +706,15 @@ class ONNXCheckpoint(DerivedCheckpoint):
     :class:`~edgelora.converters.hf.HFCheckpoint`."""
 
     def __init__(self, path):
-        import onnx
         p = Path(path)
         model_path = find_model(p)
         if model_path is None:
             raise FormatError("no ONNX model here (a .onnx file, or a folder holding one)", p)
+        try:
+            import onnx
+        except ImportError:  # a converter-only dependency (the runtime never needs it)
+            raise UsageError("reading ONNX models needs the onnx package: pip install 'edgelora[onnx]'",
+                             model_path) from None
         self.model_path = model_path
         self.path = model_path.parent  # the folder: config.json, tokenizer.json, external data
         size = model_path.stat().st_size

@@ -29,6 +29,7 @@ of it, and ``bench/bench_plan.py`` reports both on a 1B-parameter shape.
 
 from __future__ import annotations
 
+import os
 import json
 import math
 import platform
@@ -45,6 +46,7 @@ from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
 from edgelora.runtime.llama import KEY_BLOCK, KVCache
 from edgelora.runtime.model import PREFILL_CHUNK
+from edgelora.runtime.warmup import status_line
 
 F32 = 4
 MB = 1e6
@@ -274,6 +276,7 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     bundle, _ = demo_bundle(edgelora_home() / "demo", quiet=True)
     adapter = next(iter(packaged_demo_adapters().values()))
     args = python_command(_PROBE, bundle, threads, adapter)
+    status_line(f"edgelora: measuring the runtime's memory on this machine ({threads} threads; once, some seconds)")
     for _ in range(2):  # the first run may compile kernels (more memory): measure a warm one
         done = subprocess.run(args, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
@@ -313,7 +316,7 @@ print(json.dumps(peak_rss_bytes()))
 """
 
 
-def measure_peak_rss(bundle, context: int, adapters: dict | None = None, threads: int = 1,
+def measure_peak_rss(bundle: str | os.PathLike, context: int, adapters: dict | None = None, threads: int = 1,
                      timeout: float | None = None) -> int:
     """Run a plan for real on this machine and return the peak resident memory, in bytes: a fresh
     process loads ``bundle`` with ``adapters`` ``{name: folder}`` resident (the first in use) and
@@ -352,8 +355,8 @@ def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dic
     return items
 
 
-def plan(bundle, device, context: int | None = None, adapters: dict | None = None, threads: int | None = None,
-         overhead: int | None = None) -> Plan:
+def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = None, adapters: dict | None = None,
+         threads: int | None = None, overhead: int | None = None) -> Plan:
     """Plan running ``bundle`` on ``device`` (a profile name, a ``.toml`` path or a ``Device``) with
     a KV cache of ``context`` positions (default: the runtime's default, min(model limit, 2048))
     and the LoRA ``adapters`` ``{name: folder}`` resident. ``threads`` defaults to the device's cores.
@@ -437,7 +440,7 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
         if p.adapters:
             out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
     saved = _float16_savings(Path(p.bundle))
-    if saved:
+    if saved >= 0.05 * MB:  # (what prints as 0.0 MB is no suggestion)
         out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "
                    f"({'enough' if saved >= over else 'not enough alone'}; at some cost in quality, see README)")
     out.append("or choose a device with more memory, or a smaller model")

@@ -146,8 +146,9 @@ def user_dirs() -> list[Path]:
 
 
 def list_devices() -> dict[str, Device]:
-    """Every profile by name: the shipped ones, then the user's (which replace same-named ones)."""
-    found: dict[str, Device] = {}
+    """Every profile by name: ``host`` (this machine, detected), the shipped ones, then the user's
+    (which replace same-named ones)."""
+    found: dict[str, Device] = {"host": host_device()}
     for folder in [shipped_dir(), *user_dirs()]:
         if folder.is_dir():
             for p in sorted(folder.glob("*.toml")):
@@ -156,7 +157,7 @@ def list_devices() -> dict[str, Device]:
     return found
 
 
-def get_device(name_or_path) -> Device:
+def get_device(name_or_path: str | os.PathLike | Device) -> Device:
     """A profile by name, or from a ``.toml`` file path; ``"host"`` describes this machine."""
     if isinstance(name_or_path, Device):
         return name_or_path
@@ -183,13 +184,44 @@ def host_ram_bytes() -> int | None:
         return None
 
 
+# /proc/cpuinfo feature flags -> the SIMD names profiles use (x86 ``flags``, Arm ``Features``)
+SIMD_FLAGS = {"sse4_2": "sse4.2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+              "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16",
+              "avx_vnni": "avxvnni", "amx_int8": "amx-int8",
+              "asimd": "neon", "neon": "neon", "asimddp": "dotprod", "asimdhp": "fp16", "i8mm": "i8mm",
+              "sve": "sve", "sve2": "sve2", "bf16": "bf16"}
+
+
+def parse_cpuinfo(text: str) -> tuple[str, tuple]:
+    """``(cpu description, SIMD features)`` from the text of Linux's ``/proc/cpuinfo``: the model
+    name (x86's ``model name``; Arm's ``Hardware`` or ``Model``, else its implementer/part ids)
+    and the first processor's feature flags named as in :data:`SIMD_FLAGS`."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    cpu = (fields.get("model name") or fields.get("hardware") or fields.get("model")
+           or (f"Arm CPU implementer {fields['cpu implementer']} part {fields['cpu part']}"
+               if "cpu part" in fields and "cpu implementer" in fields else ""))
+    flags = (fields.get("flags") or fields.get("features") or "").split()
+    simd = tuple(dict.fromkeys(SIMD_FLAGS[f] for f in flags if f in SIMD_FLAGS))
+    return cpu, simd
+
+
 def host_device(app_share: float = 0.8) -> Device:
-    """This machine as a profile (its RAM, cores and architecture)."""
+    """This machine as a profile (its RAM, cores, architecture, CPU model and SIMD features, read
+    from ``/proc/cpuinfo`` on Linux)."""
     ram = host_ram_bytes() or 0
     arch = host_arch()
+    try:
+        cpu, simd = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        cpu, simd = "", ()
     return Device(name="host", title=f"this machine ({platform.node() or 'unknown'})",
                   arch=arch if arch in ("aarch64", "x86_64") else "x86_64", cores=os.cpu_count() or 1,
-                  ram_mib=max(16, ram // MIB), app_share=app_share, cpu=platform.processor() or "")
+                  ram_mib=max(16, ram // MIB), app_share=app_share, cpu=cpu or platform.processor() or "",
+                  simd=simd)
 
 
 def format_devices(devices: dict[str, Device]) -> str:

@@ -7,13 +7,15 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     q = edgelora.quantize_nf4(weights)            # NF4Tensor: .packed, .scales, .dequantize()
     summary = edgelora.convert("ckpt/", "bundle/") # ConversionSummary
     info = edgelora.inspect("bundle/")             # dict (bundles, checkpoints, adapter folders)
-    model = edgelora.load("bundle/")               # Model: generate, stream(_generate), chat, generate_batch
+    model = edgelora.load("bundle/")               # Model: generate, stream(_generate), chat, stream_chat, generate_batch
     edgelora.warmup("bundle/")                     # compile its kernels on this machine ahead of first use
     model.adapters.load("pirate", "adapters/pirate"); model.use("pirate")
     p = edgelora.plan("bundle/", "raspberry-pi-4-4gb", context=2048, adapters={"pirate": "adapters/pirate"})
     edgelora.deploy("bundle/", "raspberry-pi-4-4gb", "deploy/", adapters={...}, context=2048)
     model = edgelora.load("deploy/")               # verified; its memory plan enforced
     r = edgelora.evaluate("bundle/", text_file="wiki.txt", data="qa.jsonl")  # Evaluation: perplexity, loss
+
+Every public name is documented in docs/api.md (written from these docstrings by scripts/api_docs.py).
 """
 
 __version__ = "0.1.0"
@@ -47,6 +49,11 @@ def __getattr__(name):
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # found directly from now on
     return value
+
+
+def __dir__():
+    # the lazy names too, so that dir(edgelora) and completion show the whole API
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["EdgeLoraError", "__version__", *_LAZY]

@@ -27,6 +27,7 @@ Pickle files (``adapter_model.bin``) are never unpickled.
 
 from __future__ import annotations
 
+import os
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -328,11 +329,11 @@ def _module_of(tensor: str) -> tuple[str, str]:
 def _layer_hint(module: str, base: BaseModules) -> str:
     i = layer_index(module)
     if i is not None and i >= base.num_layers:
-        return f" (the adapter has layer {i}, the base has {base.num_layers} layers)"
+        return f" (the adapter has layer {i}, the base has {base.num_layers} layers: 0-{base.num_layers - 1})"
     return ""
 
 
-def read_adapter(path, base) -> Adapter:
+def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs) -> Adapter:
     """Read and check an adapter folder against ``base`` (``BaseModules`` or the base's ``ModelArgs``);
     every problem is an ``EdgeLoraError``."""
     path = Path(path)
@@ -477,7 +478,7 @@ def _shape_hint(what: str, got, want, base: BaseModules) -> str:
     return ""
 
 
-def describe_adapter(path) -> dict:
+def describe_adapter(path: str | os.PathLike) -> dict:
     """What an adapter folder holds, from its config and the weights' header (no base needed)."""
     cfg_path, weights_path = adapter_files(path)
     config = LoraConfig.from_dict(read_json(cfg_path), cfg_path)

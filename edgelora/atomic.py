@@ -76,12 +76,13 @@ def check_output_dir(out, overwrite: bool) -> Path:
     """Refuse an existing output (unless ``overwrite``) before any work is done."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise UsageError("output already exists; choose a new path or pass --overwrite", out)
+        raise UsageError("output already exists; choose a new path or pass overwrite=True (--overwrite)", out)
     if out.exists() and not out.is_dir():
         raise UsageError("output exists and is not a directory", out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise UsageError(f"parent folder {parent} does not exist", out)
+        raise UsageError(f"{parent} is not a folder" if parent.exists() or any(
+            q.exists() and not q.is_dir() for q in parent.parents) else f"parent folder {parent} does not exist", out)
     return out
 
 

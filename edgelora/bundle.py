@@ -13,6 +13,7 @@ the two code books once as ``edgelora.nf4_code`` and ``edgelora.dynamic_code``.
 
 from __future__ import annotations
 
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,5 +240,5 @@ class _VerifiedStamps:
             pass
 
 
-def open_bundle(path, verify: bool | str = True, mmap: bool = True) -> Bundle:
+def open_bundle(path: str | os.PathLike, verify: bool | str = True, mmap: bool = True) -> Bundle:
     return Bundle(path, verify=verify, mmap=mmap)

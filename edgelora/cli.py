@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from pathlib import Path
 
 from edgelora import __version__
-from edgelora.errors import EdgeLoraError
+from edgelora.errors import EdgeLoraError, FormatError, UsageError
 
 
 def _cmd_convert(ns) -> int:
@@ -48,22 +50,53 @@ def _sampling(ns) -> dict:
 
 
 def _split_adapter(spec: str) -> tuple[str, str]:
+    """``NAME=PATH``, or a bare ``PATH`` named after its folder (``adapters/pirate/`` -> ``pirate``)."""
     name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        from edgelora.errors import UsageError
-        raise UsageError(f"--adapter {spec!r}: expected NAME=PATH")
+    if not sep:
+        name, path = Path(spec).name, spec
+    if not name or not path:
+        raise UsageError(f"--adapter {spec!r}: expected PATH or NAME=PATH")
     return name, path
 
 
+def _read_prompt(ns) -> str:
+    """The prompt: ``--prompt TEXT`` (``-`` reads standard input) or ``--prompt-file FILE``."""
+    if ns.prompt_file is not None:
+        try:
+            return Path(ns.prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FormatError("prompt file does not exist", ns.prompt_file) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(f"cannot read the prompt file: {e}", ns.prompt_file) from None
+    if ns.prompt == "-":
+        return sys.stdin.read()
+    return ns.prompt
+
+
+#: C0/C1 control characters other than newline and tab, and U+FFFD (an undecodable byte run):
+#: never written to a terminal as generated text
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
+
+
+def printable(text: str) -> str:
+    """``text`` without control bytes (but newlines and tabs) or replacement characters."""
+    return _UNPRINTABLE.sub("", text)
+
+
 def _load_model(ns):
-    """The bundle, with every ``--adapter NAME=PATH`` resident and ``--use`` selected (a single
+    """The bundle, with every ``--adapter [NAME=]PATH`` resident and ``--use`` selected (a single
     adapter is used by default)."""
     import edgelora
-    from edgelora.errors import UsageError
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
                           device_check=not ns.any_device, mmap=not ns.no_mmap)
+    seen = set()
     for spec in ns.adapter:
-        model.adapters.load(*_split_adapter(spec))
+        name, path = _split_adapter(spec)
+        if name in seen:
+            raise UsageError(f"--adapter {name!r} given twice; name them apart with NAME=PATH")
+        seen.add(name)
+        if name not in model.adapters.names:  # a deploy folder's own adapters are resident already
+            model.adapters.load(name, path)
     n = len(model.adapters)
     if ns.use is not None:
         model.use(ns.use)  # the text as given: the model parses a mix
@@ -86,24 +119,29 @@ def _draft_options(ns, model) -> dict:
                                    device_check=not ns.any_device, mmap=not ns.no_mmap), **options}
 
 
+def _stats_line(s) -> str:
+    drafted = f", drafted {s.drafted_tokens}, kept {s.accepted_tokens}" if s.drafted_tokens else ""
+    return (f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_second:.1f} tok/s, {s.generated_tokens} "
+            f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}"
+            f"{drafted}]")
+
+
 def _cmd_run(ns) -> int:
+    prompt = _read_prompt(ns)
     model = _load_model(ns)
     pieces = []
-    for chunk in model.stream_generate(ns.prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None,
+    for chunk in model.stream_generate(prompt, max_new_tokens=ns.max_tokens, stop=ns.stop or None,
                                        **_draft_options(ns, model), **_sampling(ns)):
         pieces.append(chunk.text)
         if not ns.json and chunk.text:
-            sys.stdout.write(chunk.text)
+            sys.stdout.write(printable(chunk.text))
             sys.stdout.flush()
     s = chunk.stats  # this generation's (the last item always comes, with its finish reason)
     if ns.json:
-        print(json.dumps({"prompt": ns.prompt, "text": "".join(pieces), **s.to_dict()}, indent=1))
+        print(json.dumps({"prompt": prompt, "text": "".join(pieces), **s.to_dict()}, indent=1))
     else:
         sys.stdout.write("\n")
-        print(f"[{s.prompt_tokens} prompt tokens at {s.prefill_tokens_per_second:.1f} tok/s, {s.generated_tokens} "
-              f"generated at {s.decode_tokens_per_second:.1f} tok/s, stop: {s.stop_reason}, adapter: {s.adapter}"
-              + (f", drafted {s.drafted_tokens}, kept {s.accepted_tokens}" if ns.draft else "") + "]",
-              file=sys.stderr)
+        print(_stats_line(s), file=sys.stderr)
     return 0
 
 
@@ -115,18 +153,27 @@ def _cmd_eval(ns) -> int:
 
 
 CHAT_HELP = ("commands: /adapters lists resident adapters; /use NAME or /use a=0.5,b=0.5 switches; /base uses "
-             "the plain base; /load NAME=PATH and /unload NAME change what is resident; /reset clears the "
-             "conversation; /exit quits")
+             "the plain base; /load [NAME=]PATH and /unload NAME change what is resident; /reset clears the "
+             "conversation; /help shows this; /exit quits")
+
+#: each chat command with an argument, and its usage line
+CHAT_USAGE = {"/use": "usage: /use NAME, /use a=0.5,b=0.5 or /use base", "/load": "usage: /load [NAME=]PATH",
+              "/unload": "usage: /unload NAME"}
 
 
 def _chat_command(model, cmd: str) -> str:
-    """Run one chat slash-command on ``model``; the line to print."""
+    """Run one chat slash-command on ``model``; the line to print (a ``UsageError`` for an unknown
+    command or a missing argument)."""
     import time
     word, _, arg = cmd.partition(" ")
     arg = arg.strip()
+    if word in CHAT_USAGE and not arg:
+        raise UsageError(CHAT_USAGE[word])
+    if word == "/help":
+        return CHAT_HELP
     if word == "/adapters":
         if not model.adapters.names:
-            return "(no adapters loaded; /load NAME=PATH)"
+            return "(no adapters loaded; /load [NAME=]PATH)"
         rows = []
         for name in model.adapters.names:
             r = model.adapters[name].info()
@@ -144,23 +191,56 @@ def _chat_command(model, cmd: str) -> str:
     if word == "/unload":
         model.adapters.unload(arg)
         return f"(unloaded {arg}; using {model.active_adapter})"
-    return CHAT_HELP
+    raise UsageError(f"unknown command {word}; {CHAT_HELP}")
+
+
+def _read_template(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError("chat template file does not exist", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"cannot read the chat template: {e}", path) from None
+
+
+def drops_system_message(tokenizer, template: str | None = None) -> bool:
+    """Whether the chat template leaves a system message out of the prompt it renders."""
+    mark = "edgelora-system-7f3a"
+    text = tokenizer.apply_chat_template([{"role": "system", "content": mark}, {"role": "user", "content": "hi"}],
+                                         chat_template=template)
+    return mark not in text
 
 
 def _cmd_chat(ns) -> int:
+    template = None if ns.chat_template is None else _read_template(ns.chat_template)
     model = _load_model(ns)
+    tok = model.tokenizer
+    if template is None and not tok.has_chat_template:
+        raise UsageError("this model has no chat template: give one with --chat-template FILE (a Jinja file as "
+                         "in transformers), or use `edgelora run -p TEXT` with a plain prompt", model.path)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     history = list(system)
-    model.tokenizer.apply_chat_template(history + [{"role": "user", "content": "hi"}])  # fail early without a template
+    tok.apply_chat_template(history + [{"role": "user", "content": "hi"}], chat_template=template)  # fail early
+    if system and drops_system_message(tok, template):
+        print("edgelora: warning: this model's chat template leaves the system message out; --system has no "
+              "effect (give a template that uses it with --chat-template FILE)", file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # Windows
+            pass
     print(f"edgelora chat (adapter: {model.active_adapter}). {CHAT_HELP}", file=sys.stderr)
+    failed = 0  # with piped input, the exit code of the last error: the session's when its input ends
     while True:
         try:
-            line = input("> ")
+            line = input("> " if interactive else "")
         except EOFError:
-            print()
-            return 0
+            if interactive:
+                print(file=sys.stderr)
+            return failed
         cmd = line.strip()
-        if cmd in ("/exit", "/quit"):
+        if cmd in ("/exit", "/quit"):  # a deliberate end: success
             return 0
         if cmd == "/reset":
             history = list(system)
@@ -173,23 +253,29 @@ def _cmd_chat(ns) -> int:
                 print(_chat_command(model, cmd), file=sys.stderr)
             except EdgeLoraError as e:
                 print(f"edgelora: error: {e}", file=sys.stderr)
+                failed = 0 if interactive else e.exit_code
             continue
         history.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(history, chat_template=template), add_special_tokens=False)
         answer = []
-        for chunk in model.stream_generate(model.chat_ids(history), max_new_tokens=ns.max_tokens, **_sampling(ns)):
+        for chunk in model.stream_generate(ids, max_new_tokens=ns.max_tokens, **_sampling(ns)):
             answer.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        print()
+            if not ns.json:
+                sys.stdout.write(printable(chunk.text))
+                sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(answer)})
         s = chunk.stats
-        print(f"[{s.adapter}: prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
-              f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
+        if ns.json:  # one object per turn
+            print(json.dumps({"prompt": line, "text": "".join(answer), **s.to_dict()}), flush=True)
+        else:
+            print()
+            print(f"[{s.adapter}: prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
+                  f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 
 def _cmd_bench(ns) -> int:
     from edgelora.benchmark import bench, format_bench
-    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap)
+    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap, runs=ns.runs)
     print(json.dumps(report, indent=1) if ns.json else format_bench(report))
     return 0
 
@@ -199,24 +285,24 @@ def _adapters_arg(specs) -> dict:
     for spec in specs:
         name, path = _split_adapter(spec)
         if name in out:
-            from edgelora.errors import UsageError
-            raise UsageError(f"--adapter {name!r} given twice")
+            raise UsageError(f"--adapter {name!r} given twice; name them apart with NAME=PATH")
         out[name] = path
     return out
 
 
 def _cmd_devices(ns) -> int:
-    from edgelora.devices.profiles import format_devices, list_devices, user_dirs
+    from edgelora.devices.profiles import format_devices, get_device, list_devices, user_dirs
+    if ns.show:
+        d = get_device(ns.show)
+        print(json.dumps(d.to_dict(), indent=1) if ns.json else (f"# {d.path}\n" if d.path else "") + d.to_toml(),
+              end="\n" if ns.json else "")
+        return 0
     devices = list_devices()
     if ns.json:
         print(json.dumps({n: d.to_dict() for n, d in devices.items()}, indent=1))
     else:
         print(format_devices(devices))
         print(f"\n(add your own profile as a .toml file in {user_dirs()[0]}; see `edgelora devices --show NAME`)")
-    if ns.show:
-        from edgelora.devices.profiles import get_device
-        d = get_device(ns.show)
-        print(f"\n# {d.path}\n{d.to_toml()}", end="")
     return 0
 
 
@@ -237,39 +323,24 @@ def _cmd_plan(ns) -> int:
 
 def _cmd_deploy(ns) -> int:
     from edgelora.deployment import deploy
+    from edgelora.runtime.warmup import status_line  # (the CLI imports what each command needs when it runs)
+    status_line(f"edgelora deploy: planning for {ns.device}, then writing and hashing {ns.output}...")
     r = deploy(ns.bundle, ns.device, ns.output, adapters=_adapters_arg(ns.adapter), context=ns.context,
                threads=ns.threads, archive=ns.archive, overwrite=ns.overwrite)
-    print(r.text())
+    if ns.json:
+        print(json.dumps({"path": str(r.path), "archive": None if r.archive is None else str(r.archive),
+                          "files": len(r.files) + 1, "total_file_bytes": r.total_file_bytes,
+                          "plan": r.plan.to_dict()}, indent=1))
+    else:
+        print(r.text())
     return 0
 
 
 def _cmd_unpack(ns) -> int:
     from edgelora.deployment import unpack
     out = unpack(ns.archive, ns.output, overwrite=ns.overwrite)
-    print(f"unpacked and verified {out}")
+    print(json.dumps({"path": str(out), "verified": True}, indent=1) if ns.json else f"unpacked and verified {out}")
     return 0
-
-
-def _add_generation_options(p) -> None:
-    p.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
-    p.add_argument("--any-device", action="store_true",
-                   help="run a deploy folder even on a machine unlike the device it was planned for")
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
-    p.add_argument("--no-mmap", action="store_true",
-                   help="read the weights into memory instead of mapping the file (slower start; faster decode "
-                        "where huge pages apply)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="load a PEFT LoRA adapter folder as NAME (repeatable)")
-    p.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base",
-                   help="adapter to use, or a weighted mix (default: the only --adapter, else required)")
 
 
 def _cmd_warmup(ns) -> int:
@@ -284,91 +355,167 @@ def _cmd_demo(ns) -> int:
     return run_demo(ns.workdir, quiet=ns.quiet)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgelora", description="Fine-tuned language models on small devices.")
-    p.add_argument("--version", action="version", version=f"edgelora {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help (none for flags and options without one); examples
+    in the epilog kept on their own lines."""
 
-    c = sub.add_parser("convert", help="quantize a Hugging Face checkpoint or an ONNX model to an NF4 bundle")
-    c.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer.json), hub id org/name, "
-                               "or an ONNX decoder model.onnx (tokenizer.json and config.json beside it)")
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or d == [] or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _ArgumentError(Exception):
+    """A command line argparse refuses (reported by :func:`main`, as JSON with ``--json``)."""
+
+    def __init__(self, parser, message):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _ArgumentError(self, message)
+
+
+def _add_generation_options(p) -> None:
+    p.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
+    p.add_argument("--any-device", action="store_true",
+                   help="run a deploy folder even on a machine unlike the device it was planned for")
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens whose probabilities sum to p (nucleus); 1 = all")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than min_p times the most likely one; 0 = none")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this (as transformers); 1 = none")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one per run)")
+    p.add_argument("--threads", type=int, default=None, help="most CPU threads (default: every core)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV cache length (default: min(model limit, 2048); a deploy folder's planned context)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory instead of mapping the file (slower start; faster decode "
+                        "where huge pages apply)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="load a PEFT LoRA adapter folder, named NAME or after its folder (repeatable)")
+    p.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base",
+                   help="adapter to use, or a weighted mix (default: the only adapter, else required)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edgelora", description="Fine-tuned language models on small devices.",
+                formatter_class=_HelpFormatter, epilog="start with: edgelora demo\n"
+                                                      "each command's options: edgelora COMMAND --help")
+    p.add_argument("--version", action="version", version=f"edgelora {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, example, **kw):
+        return sub.add_parser(name, help=help, description=kw.pop("description", help[:1].upper() + help[1:] + "."),
+                              epilog=f"example:\n  {example}", formatter_class=_HelpFormatter, **kw)
+
+    c = command("convert", "quantize a Hugging Face checkpoint (float or bitsandbytes 4-bit), a GGUF file or an "
+                           "ONNX model to an NF4 bundle", "edgelora convert TinyLlama/TinyLlama-1.1B-Chat-v1.0 -o tinyllama-nf4")
+    c.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer.json; float or saved from a "
+                               "bitsandbytes 4-bit model), hub id org/name, a GGUF file (model.gguf), or an ONNX "
+                               "decoder model.onnx (tokenizer.json and config.json beside it)")
     c.add_argument("-o", "--output", required=True, help="bundle folder to create")
     c.add_argument("--block-size", type=int, default=None, choices=(32, 64, 128, 256),
-                   help="NF4 block size (64; a bitsandbytes 4-bit checkpoint keeps its own)")
+                   help="NF4 block size (default: 64; a bitsandbytes 4-bit checkpoint keeps its own)")
     c.add_argument("--no-double-quant", action="store_true", help="keep block scales in float32")
     c.add_argument("--embeddings", choices=("float16", "nf4"), default="float16",
-                   help="storage of the token embeddings (float16)")
+                   help="storage of the token embeddings")
     c.add_argument("--head", choices=("float16", "nf4"), default="float16",
-                   help="storage of an untied output head (float16)")
+                   help="storage of an untied output head")
     c.add_argument("--merge-adapter", default=None, metavar="ADAPTER_DIR",
                    help="fold one PEFT LoRA adapter into the weights before quantizing (base speed, not switchable)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("--json", action="store_true", help="print the summary (and errors) as JSON")
     c.add_argument("-v", "--verbose", action="store_true", help="per-tensor errors")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar (none either when not on a terminal)")
     c.set_defaults(func=_cmd_convert)
 
-    i = sub.add_parser("inspect", help="describe a bundle, a checkpoint or a LoRA adapter folder")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
+    i = command("inspect", "describe a bundle, a deploy folder, a checkpoint or a LoRA adapter folder",
+                "edgelora inspect tinyllama-nf4")
+    i.add_argument("path", help="the folder (or GGUF/ONNX file) to describe; bundles are checked against their "
+                                "checksums (exit 3 when one fails)")
+    i.add_argument("--json", action="store_true", help="print the description (and errors) as JSON")
     i.set_defaults(func=_cmd_inspect)
 
-    r = sub.add_parser("run", help="generate text from a prompt, streamed")
+    r = command("run", "generate text from a prompt, streamed", 'edgelora run tinyllama-nf4 -p "Once upon a time" -n 64')
     _add_generation_options(r)
-    r.add_argument("-p", "--prompt", required=True)
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="the prompt text; - reads it from standard input")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
-    r.add_argument("--json", action="store_true", help="print prompt/generated ids, text and timings as JSON")
+    r.add_argument("--json", action="store_true", help="print prompt/generated ids, text and timings (and errors) as JSON")
     r.add_argument("--draft", default=None, metavar="prompt-lookup|BUNDLE",
                    help="speculative decoding: guess tokens from earlier text, or with a smaller bundle of the same "
-                        "tokenizer; the output is exactly that of plain decoding")
-    r.add_argument("--num-draft", type=int, default=None, metavar="K", help="guesses verified per step (4)")
+                        "tokenizer; the output is exactly that of plain decoding (default: none)")
+    r.add_argument("--num-draft", type=int, default=None, metavar="K", help="guesses verified per step (default: 4)")
     r.set_defaults(func=_cmd_run)
 
-    e = sub.add_parser("eval", help="perplexity of a text, answer-only loss on JSONL data, and the weights' "
-                                    "quantization error per layer")
+    e = command("eval", "perplexity of a text, answer-only loss on JSONL data, and the weights' quantization error "
+                        "per layer", "edgelora eval tinyllama-nf4 --text wiki.txt --data qa.jsonl --json")
     e.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
     e.add_argument("--text", default=None, metavar="FILE", help="text file: perplexity over non-overlapping windows")
     e.add_argument("--data", default=None, metavar="JSONL",
                    help='lines {"prompt", "completion"} or {"messages"}: loss on the answer tokens only')
-    e.add_argument("--window", type=int, default=None, help="tokens per perplexity window (the max context)")
-    e.add_argument("--max-context", type=int, default=None, help="KV cache length (min(model limit, 2048))")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
-    e.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+    e.add_argument("--window", type=int, default=None, help="tokens per perplexity window (default: the max context)")
+    e.add_argument("--max-context", type=int, default=None, help="KV cache length (default: min(model limit, 2048))")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
+    e.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="LoRA adapter to load (repeatable)")
     e.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base", help="adapter selection to evaluate")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval, any_device=False, no_mmap=False)
 
-    ch = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    ch = command("chat", "interactive chat with the model's chat template (commands: /help)",
+                 'edgelora chat tinyllama-nf4 --system "You are terse."')
     _add_generation_options(ch)
     ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="a Jinja chat template file (as transformers' chat_template.jinja) to use instead of the "
+                         "model's, or for a model without one")
+    ch.add_argument("--json", action="store_true", help="print each turn (prompt, text, timings) as one JSON line")
     ch.set_defaults(func=_cmd_chat)
 
-    b = sub.add_parser("bench", help="prefill/decode speed, time to first token, peak RSS, bandwidth bound")
-    b.add_argument("bundle")
-    b.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (1 and all cores)")
-    b.add_argument("--prompt-tokens", type=int, default=512)
-    b.add_argument("--decode-tokens", type=int, default=128)
+    b = command("bench", "prefill/decode speed, time to first token, peak RSS, bandwidth bound",
+                "edgelora bench tinyllama-nf4 --threads 1 4")
+    b.add_argument("bundle", help="bundle or deploy folder to measure")
+    b.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts, one fresh process each (default: 1 and every core)")
+    b.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompt length of the prefill measurement (default: 512, less to fit the model's context)")
+    b.add_argument("--decode-tokens", type=int, default=None,
+                   help="tokens generated in the decode measurement (default: 128, less to fit the model's context)")
+    b.add_argument("--runs", type=int, default=3, help="measurements after one warm-up; the median is reported")
     b.add_argument("--no-mmap", action="store_true", help="read the weights into memory (as `run --no-mmap`)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the results (and errors) as JSON")
     b.set_defaults(func=_cmd_bench)
 
-    dv = sub.add_parser("devices", help="list the device profiles (shipped and your own)")
-    dv.add_argument("--json", action="store_true")
-    dv.add_argument("--show", default=None, metavar="NAME", help="print one profile's file")
+    dv = command("devices", "list the device profiles (this machine as `host`, the shipped ones and your own)",
+                 "edgelora devices --show raspberry-pi-4-4gb")
+    dv.add_argument("--json", action="store_true", help="print the profiles (and errors) as JSON")
+    dv.add_argument("--show", default=None, metavar="NAME", help="print only this profile, as its TOML file")
     dv.set_defaults(func=_cmd_devices)
 
-    for cmd, text in (("plan", "will a bundle, its context and its adapters fit a device? (exit 6 when not)"),
-                      ("deploy", "plan, then write a verified deploy folder for a device (refused when it does not fit)")):
-        x = sub.add_parser(cmd, help=text)
+    for cmd, text, example in (
+            ("plan", "will a bundle, its context and its adapters fit a device? (exit 6 when not)",
+             "edgelora plan tinyllama-nf4 --device raspberry-pi-4-4gb --context 2048 --adapter adapters/pirate"),
+            ("deploy", "plan, then write a verified deploy folder for a device (refused when it does not fit)",
+             "edgelora deploy tinyllama-nf4 --device raspberry-pi-4-4gb --adapter adapters/pirate -o pi4 --archive")):
+        x = command(cmd, text, example)
         x.add_argument("bundle", help="bundle folder written by `edgelora convert`")
         x.add_argument("--device", required=True, help="device profile name (see `edgelora devices`) or a .toml file")
-        x.add_argument("--context", type=int, default=None, help="KV cache positions (min(model limit, 2048))")
-        x.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                       help="a PEFT LoRA adapter to keep resident (repeatable)")
-        x.add_argument("--threads", type=int, default=None, help="threads to plan for (the device's cores)")
+        x.add_argument("--context", type=int, default=None, help="KV cache positions (default: min(model limit, 2048))")
+        x.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                       help="a PEFT LoRA adapter to keep resident, named NAME or after its folder (repeatable)")
+        x.add_argument("--threads", type=int, default=None, help="threads to plan for (default: the device's cores)")
+        x.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
         if cmd == "plan":
-            x.add_argument("--json", action="store_true")
             x.add_argument("--measure", action="store_true",
                            help="also run the plan on this machine (context filled to its end) and report its peak RSS")
             x.set_defaults(func=_cmd_plan)
@@ -378,36 +525,61 @@ def build_parser() -> argparse.ArgumentParser:
             x.add_argument("--overwrite", action="store_true", help="replace an existing output")
             x.set_defaults(func=_cmd_deploy)
 
-    u = sub.add_parser("unpack", help="extract and verify a deploy archive (edgelora deploy --archive)")
-    u.add_argument("archive")
+    u = command("unpack", "extract and verify a deploy archive (edgelora deploy --archive)",
+                "edgelora unpack pi4.tar -o pi4")
+    u.add_argument("archive", help="the .tar written by `edgelora deploy --archive`")
     u.add_argument("-o", "--output", required=True, help="folder to create")
-    u.add_argument("--overwrite", action="store_true")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    u.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
     u.set_defaults(func=_cmd_unpack)
 
-    w = sub.add_parser("warmup", help="compile the kernels a bundle needs on this machine, ahead of its first use",
-                       description="Compile (once per machine, edgelora version and CPU) every kernel a bundle or "
-                                   "deploy folder runs, so that later loads start without compiling: e.g. when a "
-                                   "device is set up. Example: edgelora warmup model-nf4")
+    w = command("warmup", "compile the kernels a bundle needs on this machine, ahead of its first use",
+                "edgelora warmup tinyllama-nf4",
+                description="Compile (once per machine, edgelora version and CPU) every kernel a bundle or "
+                            "deploy folder runs, so that later loads start without compiling: e.g. when a "
+                            "device is set up.")
     w.add_argument("bundle", nargs="?", default=None,
                    help="bundle or deploy folder (default: the built-in demo model, whose kernels are those of any "
                         "bundle written with convert's default options)")
     w.add_argument("--threads", type=int, default=None, help="the thread count it will run with (default: every core)")
     w.add_argument("--no-mmap", action="store_true", help="for running with the weights read into memory")
-    w.add_argument("--json", action="store_true", help="print the result as JSON")
+    w.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
     w.set_defaults(func=_cmd_warmup)
 
-    d = sub.add_parser("demo", help="build and convert the built-in demo model (offline)")
+    d = command("demo", "build and convert the built-in demo model (offline), then run, plan and swap adapters",
+                "edgelora demo")
     d.add_argument("--workdir", default=None, help="where to put the demo files (default: a user cache folder)")
-    d.add_argument("-q", "--quiet", action="store_true")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_demo)
     return p
 
 
-def main(argv=None) -> int:
-    ns = build_parser().parse_args(argv)
+def json_error(e: EdgeLoraError) -> dict:
+    """An error as ``--json`` prints it: its class, the file it names (or null), the message and
+    the exit code."""
+    message = str(e)
+    if e.path and message.startswith(f"{e.path}: "):
+        message = message[len(e.path) + 2:]  # the file has its own field
+    return {"error": {"type": type(e).__name__, "file": e.path, "message": message, "exit_code": e.exit_code}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    try:
+        ns = build_parser().parse_args(argv)
+    except _ArgumentError as e:  # (with --json, also as JSON on standard output)
+        if as_json:
+            print(json.dumps(json_error(UsageError(str(e)))))
+        e.parser.print_usage(sys.stderr)
+        print(f"{e.parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return ns.func(ns)
     except EdgeLoraError as e:
+        if getattr(ns, "json", False):
+            print(json.dumps(json_error(e)))
         print(f"edgelora: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -77,7 +77,7 @@ def demo_bundle(workdir: Path, quiet: bool = True):
 def run_demo(workdir=None, quiet: bool = False) -> int:
     from edgelora.inspection import format_inspect, inspect
     workdir = Path(workdir) if workdir else default_workdir()
-    out, summary = demo_bundle(workdir, quiet=quiet)
+    out, summary = demo_bundle(workdir, quiet=quiet or not sys.stderr.isatty())  # a progress bar on a terminal only
     print(f"edgelora demo: built-in model {demo_checkpoint(workdir)}")
     if summary is not None:
         print(summary.text())

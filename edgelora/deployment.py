@@ -32,11 +32,15 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UnsupportedError, UsageError
+
+if TYPE_CHECKING:  # (imported where used: planning pulls in the runtime)
+    from edgelora.devices.profiles import Device
 
 FORMAT_NAME = "edgelora-deploy"
 FORMAT_VERSION = 1
@@ -95,8 +99,8 @@ def compact_adapter(src, dst: Path) -> None:
     write_safetensors(dst / weights.name, tensors, {"format": "pt"})
 
 
-def deploy(bundle, device, out, adapters: dict | None = None, context: int | None = None,
-           threads: int | None = None, archive: bool = False, overwrite: bool = False,
+def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLike, adapters: dict | None = None,
+           context: int | None = None, threads: int | None = None, archive: bool = False, overwrite: bool = False,
            overhead: int | None = None) -> DeployResult:
     """Plan ``bundle`` with ``adapters`` ``{name: folder}`` on ``device`` and, when it fits, write
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
@@ -110,7 +114,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
     out = check_output_dir(out, overwrite)
     tar_path = out.with_name(out.name + ".tar") if archive else None
     if tar_path is not None and tar_path.exists() and not overwrite:
-        raise UsageError("the archive already exists; pass --overwrite to replace it", tar_path)
+        raise UsageError("the archive already exists; pass overwrite=True (--overwrite) to replace it", tar_path)
     p = make_plan(bundle, device, context=context, adapters=adapters, threads=threads, overhead=overhead)
     if not p.fits:
         raise PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
@@ -283,7 +287,7 @@ class Deployment:
         return read_json(self.path / PLAN_FILE)
 
 
-def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> Deployment:
+def open_deploy(path: str | os.PathLike, verify: bool | str = True, device_check: bool = True) -> Deployment:
     """Read and verify a deploy folder: format, checksums of every file, and (``device_check``)
     that this machine has the planned CPU architecture and at least the planned memory."""
     from edgelora.bundle import verify_files
@@ -311,7 +315,7 @@ def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> D
     return dep
 
 
-def unpack(archive, out, overwrite: bool = False) -> Path:
+def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Extract a deploy archive written by ``edgelora deploy --archive`` into ``out`` and verify it.
     Only plain files and folders under one top folder are accepted; links, devices, absolute
     paths and ``..`` are refused before anything is written."""

@@ -3,6 +3,7 @@ LoRA adapter folder holds."""
 
 from __future__ import annotations
 
+import os
 import math
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _describe_source(kind: str, ckpt, path: Path) -> dict:
                 "bits_per_weight": round(8 * c.source_bytes() / params, 3), **meta, "files": files}
 
 
-def inspect(path) -> dict:
+def inspect(path: str | os.PathLike) -> dict:
     """A JSON-ready description of a bundle or a deploy folder (checksums verified), a Hugging
     Face checkpoint or a PEFT adapter folder."""
     from edgelora.deployment import is_deploy
@@ -112,7 +113,8 @@ def format_inspect(info: dict) -> str:
                   f"  quantization  NF4, blocks of {q['block_size']}, embeddings {q['embeddings']}, head {q['lm_head']}",
                   f"  device        {d['name']} ({d['arch']}, {d['cores']} cores, {d['ram_mib']} MiB RAM, "
                   f"budget {d['budget_bytes'] / 1e6:.1f} MB)",
-                  f"  plan          context {p['context']}, {p['threads']} threads, {p['total_bytes'] / 1e6:.1f} MB "
+                  f"  plan          context {p['context']}, {p['threads']} thread{'s' * (p['threads'] != 1)}, "
+                  f"{p['total_bytes'] / 1e6:.1f} MB "
                   f"(adapters {p['adapter_bytes'] / 1e6:.1f} MB)",
                   f"  adapters      {', '.join(info['adapters']) or 'none'}",
                   f"  checksums     {info['checksums']}",
@@ -124,8 +126,12 @@ def format_inspect(info: dict) -> str:
                   f"embeddings {q['embeddings']}, head {q['lm_head']}",
                   f"  parameters    {s.get('parameters', 0):,} ({', '.join(f'{k} {v:,}' for k, v in info['parameters_by_storage'].items())})",
                   f"  bits/weight   {s.get('bits_per_weight')}",
-                  f"  source        {info['source'].get('name')} ({', '.join(info['source'].get('dtypes', []))})",
-                  f"  checksums     {info['checksums']}"]
+                  f"  source        {info['source'].get('name')} ({', '.join(info['source'].get('dtypes', []))})"]
+        merged = info["source"].get("merged_adapter")
+        if merged:
+            lines.append(f"  merged        LoRA adapter {merged['path']} (rank {','.join(map(str, merged['ranks']))}, "
+                         f"{merged['modules']} modules, sha256 {merged['sha256'][:16]}…) folded into the weights")
+        lines.append(f"  checksums     {info['checksums']}")
     else:
         lines += [f"  parameters    {info['parameters']:,} in {', '.join(info['dtypes'])} "
                   f"({info['bytes'] / 1e6:,.1f} MB, {info['bits_per_weight']} bits/weight)"]

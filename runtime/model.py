@@ -15,15 +15,17 @@ rules, statistics) run by one decode loop: ``stream`` and ``generate`` are a bat
 from __future__ import annotations
 
 import numbers
+import os
 import threading
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
+from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
 from edgelora.errors import UsageError
 from edgelora.runtime.llama import KVCache
@@ -35,15 +37,34 @@ from edgelora.runtime.threads import ThreadGovernor, set_threads, thread_count
 from edgelora.runtime.warmup import ensure_compiled
 
 PREFILL_CHUNK = 256
-CURRENT = object()  # ``adapter=`` not given: use the model's current selection
+
+
+class _Current:
+    """``adapter=`` not given: use the model's current selection."""
+
+    def __repr__(self) -> str:
+        return "CURRENT"
+
+
+CURRENT = _Current()
+#: an adapter selection: a resident adapter's name, None (the base), {name: weight} or "a=0.7,b=0.3"
+AdapterSpec = Union[str, None, Mapping[str, float], _Current]
+
+
+def _refuse_unknown(options: dict) -> None:
+    """A mistyped keyword (``temprature=0.5``) is a usage error naming it and the valid sampling
+    options (the generation methods take ``**unknown`` only for this message)."""
+    if options:
+        SamplingParams.from_kwargs(**options)  # raises: every key is unknown
 
 
 class _TextOut:
-    """Turns generated token ids into text pieces: complete UTF-8 only, stop strings cut off and
-    never shown, text that might begin a stop string held back until it is known not to."""
+    """Turns generated token ids into text pieces: complete UTF-8 only, special tokens left out
+    (transformers' ``skip_special_tokens=True``: their ids stay in ``token_ids``), stop strings cut
+    off and never shown, text that might begin a stop string held back until it is known not to."""
 
     def __init__(self, tokenizer, stops):
-        self.decoder = tokenizer.stream_decoder()
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self.stops = stops
         self.held = ""
         self.hold = max((len(s) for s in stops), default=1) - 1
@@ -322,6 +343,12 @@ class Model:
     def last_batch_stats(self, stats: list) -> None:
         self._local.batch = stats
 
+    def __repr__(self) -> str:
+        a = self.args
+        return (f"Model(path={str(self.path)!r}, model_type={a.model_type!r}, layers={a.num_hidden_layers}, "
+                f"hidden_size={a.hidden_size}, vocab_size={a.vocab_size}, max_context={self.max_context}, "
+                f"threads={self.threads}, adapters={self.adapters.names!r}, active_adapter={self.active_adapter!r})")
+
     # --- adapters --------------------------------------------------------------------------
     def use(self, adapter) -> Selection:
         """Make ``adapter`` the current selection: a resident adapter's name, ``None`` for the plain
@@ -401,8 +428,10 @@ class Model:
         if bad.size:
             raise UsageError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.args.vocab_size - 1})")
         if ids.size > self.max_context:
-            raise UsageError(f"{ids.size} tokens exceed max_context={self.max_context}; load with a larger "
-                             f"max_context (model limit {self.args.max_position_embeddings}) or shorten the prompt")
+            limit = self.args.max_position_embeddings
+            raise UsageError(f"{ids.size} tokens exceed max_context={self.max_context}; " + (
+                f"load with a larger max_context (model limit {limit}) or shorten the prompt"
+                if self.max_context < limit else f"the model holds at most {limit} positions: shorten the prompt"))
         return ids.astype(np.int64)
 
     def _prefill(self, ids: np.ndarray, cache, all_logits: bool, lora: Selection = BASE) -> np.ndarray:
@@ -460,11 +489,10 @@ class Model:
     def _prompt_ids(self, prompt) -> np.ndarray:
         return self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
 
-    def _sequence(self, prompt, max_new_tokens, stop, adapter, logprobs, sampling, draft=None,
+    def _sequence(self, prompt, max_new_tokens, stop, adapter, logprobs, params: SamplingParams, draft=None,
                   num_draft=NUM_DRAFT) -> _Sequence:
         """A generation of ``prompt``, its options checked and its adapter selection pinned; this
         thread's ``last_stats``."""
-        params = SamplingParams.from_kwargs(**sampling)
         stops = self._stops(stop, max_new_tokens)
         top = self._top_logprobs(logprobs)
         lora = self._pin(adapter)
@@ -552,8 +580,13 @@ class Model:
         if logprobs is not None and not return_result:
             raise UsageError("logprobs are returned in the result: pass return_result=True")
 
-    def stream_generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, logprobs=None,
-                        draft=None, num_draft: int = NUM_DRAFT, **sampling):
+    def stream_generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256,
+                        stop: str | Sequence[str] | None = None,
+                        adapter: AdapterSpec = CURRENT, *, logprobs: int | None = None,
+                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                        min_p: float = 0.0, repetition_penalty: float = 1.0,
+                        seed: int | None = None, draft=None, num_draft: int = NUM_DRAFT,
+                        **unknown) -> Iterator[GenerationChunk]:
         """Yield a :class:`GenerationChunk` per generated token (as mlx-lm's ``stream_generate``):
         its text piece, token id, log-probabilities with ``logprobs=k``, and this generation's
         running statistics; the last item has the ``finish_reason``.
@@ -563,17 +596,23 @@ class Model:
         the sampling transforms (repetition penalty, temperature, filters). Other options as
         :meth:`stream`.
         """
-        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling, draft, num_draft)
+        _refuse_unknown(unknown)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, params, draft, num_draft)
         yield from self._decode([seq])
 
-    def stream(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, draft=None,
-               num_draft: int = NUM_DRAFT, **sampling):
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, stop: str | Sequence[str] | None = None,
+               adapter: AdapterSpec = CURRENT, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               draft=None, num_draft: int = NUM_DRAFT, **unknown) -> Iterator[str]:
         """Yield text pieces as they are generated. ``prompt`` is text or a list of token ids.
 
         ``adapter``: a resident adapter's name, ``None`` (the base) or a ``{name: weight}`` mix for
         this call; by default the model's current selection. The selection is pinned when the
         generation starts: switching adapters meanwhile does not affect it.
-        Sampling options: temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed.
+        Sampling (:class:`~edgelora.runtime.sampling.SamplingParams`): ``temperature`` (0 = greedy),
+        ``top_k`` (0 = off), ``top_p`` (1 = off), ``min_p`` (0 = off), ``repetition_penalty`` (1 = off),
+        ``seed`` (None = a fresh one).
         Per-token data and this call's statistics: :meth:`stream_generate`.
 
         ``draft``: speculative decoding (README, *Speculative decoding*): ``"prompt-lookup"``
@@ -583,43 +622,65 @@ class Model:
         prompt lookup or a greedy draft, a seed gives plain decoding's tokens); the statistics count
         ``drafted_tokens`` and ``accepted_tokens``.
         """
-        for chunk in self.stream_generate(prompt, max_new_tokens, stop=stop, adapter=adapter, draft=draft,
-                                          num_draft=num_draft, **sampling):
+        for chunk in self.stream_generate(prompt, max_new_tokens, stop=stop, adapter=adapter,
+                                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                          repetition_penalty=repetition_penalty, seed=seed, draft=draft,
+                                          num_draft=num_draft, **unknown):
             if chunk.text:
                 yield chunk.text
 
-    def generate(self, prompt, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, return_result: bool = False,
-                 logprobs=None, draft=None, num_draft: int = NUM_DRAFT, **sampling):
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 256, stop: str | Sequence[str] | None = None,
+                 adapter: AdapterSpec = CURRENT, *, return_result: bool = False, logprobs: int | None = None,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 draft=None, num_draft: int = NUM_DRAFT, **unknown) -> str | Generation:
         """The generated text (without the prompt); with ``return_result=True`` a :class:`Generation`
         (text, token ids, finish reason, this call's statistics, and the per-token log-probabilities
         with ``logprobs=k``, as :meth:`stream_generate` computes them). Options as :meth:`stream`."""
         self._needs_result(logprobs, return_result)
-        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, sampling, draft, num_draft)
+        _refuse_unknown(unknown)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        seq = self._sequence(prompt, max_new_tokens, stop, adapter, logprobs, params, draft, num_draft)
         for _ in self._decode([seq]):
             pass
         result = seq.result()
         return result if return_result else result.text
 
-    def chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, return_result: bool = False,
-             logprobs=None, draft=None, num_draft: int = NUM_DRAFT, **sampling):
+    def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256,
+             stop: str | Sequence[str] | None = None, adapter: AdapterSpec = CURRENT, *, return_result: bool = False,
+             logprobs: int | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             draft=None, num_draft: int = NUM_DRAFT, **unknown) -> str | Generation:
         """Answer a conversation (``[{"role": "user", "content": ...}, ...]``) with the chat template;
         the text, or a :class:`Generation` with ``return_result=True`` (as :meth:`generate`)."""
         return self.generate(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter,
-                             return_result=return_result, logprobs=logprobs, draft=draft, num_draft=num_draft,
-                             **sampling)
+                             return_result=return_result, logprobs=logprobs, temperature=temperature, top_k=top_k,
+                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                             draft=draft, num_draft=num_draft, **unknown)
 
-    def stream_chat(self, messages, max_new_tokens: int = 256, stop=None, adapter=CURRENT, *, draft=None,
-                    num_draft: int = NUM_DRAFT, **sampling):
-        yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter, draft=draft,
-                               num_draft=num_draft, **sampling)
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256,
+                    stop: str | Sequence[str] | None = None, adapter: AdapterSpec = CURRENT, *,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                    draft=None, num_draft: int = NUM_DRAFT, **unknown) -> Iterator[str]:
+        """Yield the answer to a conversation as text pieces (:meth:`chat`, streamed as :meth:`stream`)."""
+        yield from self.stream(self.chat_ids(messages), max_new_tokens, stop=stop, adapter=adapter,
+                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repetition_penalty=repetition_penalty, seed=seed, draft=draft,
+                               num_draft=num_draft, **unknown)
 
-    def chat_ids(self, messages) -> list[int]:
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The token ids of a conversation rendered by the chat template, ready for the answer."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def generate_batch(self, prompts, adapters=CURRENT, max_new_tokens: int = 256, stop=None, *,
-                       return_result: bool = False, logprobs=None, **sampling) -> list:
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]],
+                       adapters: AdapterSpec | Sequence[AdapterSpec] = CURRENT,
+                       max_new_tokens: int = 256, stop: str | Sequence[str] | None = None, *,
+                       return_result: bool = False, logprobs: int | None = None,
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       min_p: float = 0.0, repetition_penalty: float = 1.0,
+                       seed: int | None = None, **unknown) -> list[str] | list[Generation]:
         """Generate for several prompts together, each with its own adapter: their texts, or with
         ``return_result=True`` their :class:`Generation` results (as :meth:`generate`).
 
@@ -633,7 +694,8 @@ class Model:
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
             raise UsageError("prompts must be a non-empty list of texts or token-id lists")
         self._needs_result(logprobs, return_result)
-        params = SamplingParams.from_kwargs(**sampling)
+        _refuse_unknown(unknown)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         stops = self._stops(stop, max_new_tokens)
         top = self._top_logprobs(logprobs)
         if isinstance(adapters, (list, tuple)):
@@ -651,10 +713,15 @@ class Model:
         return results if return_result else [r.text for r in results]
 
 
-def load(path, threads: int | None = None, max_context: int | None = None, verify: bool | str = True,
-         adapters: dict | None = None, device_check: bool = True, mmap: bool = True, warmup: bool = True) -> Model:
+def load(path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,
+         verify: bool | str = True, adapters: Mapping[str, str | os.PathLike] | None = None,
+         device_check: bool = True, mmap: bool = True, warmup: bool = True,
+         convert_options: Mapping[str, Any] | None = None) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
-    generate.
+    generate. A Hugging Face checkpoint folder or hub id, a GGUF file or an ONNX model is converted
+    once into ``$EDGELORA_HOME/bundles/`` (``convert_options``: :func:`edgelora.convert`'s
+    ``block_size``, ``double_quant``, ``embeddings``, ``head``) and loaded from there
+    (:mod:`edgelora.autoconvert`).
 
     ``verify``: ``True`` checks every file's sha256, skipping files already verified whose
     identity (size, times, inode) is unchanged; ``"full"`` hashes every file again; ``False``
@@ -673,17 +740,18 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
     cache holds the planned context (a larger ``max_context`` is refused), its adapters are
-    loaded, and adapters beyond the bytes planned for them are refused.
+    loaded (a single one is also put in use, as ``edgelora run`` does), and adapters beyond the bytes
+    planned for them are refused.
     """
     from edgelora.deployment import is_deploy, open_deploy
-    path = Path(path)
+    path = bundle_path(path, convert_options)
     dep = None
     if is_deploy(path):
         from edgelora.errors import PlanError
         dep = open_deploy(path, verify=verify, device_check=device_check)
         if max_context is not None and max_context > dep.context:
             raise PlanError(f"max_context {max_context} is more than the {dep.context} positions this deploy folder "
-                            f"was planned for; deploy again with --context {max_context}", path)
+                            f"was planned for; deploy again with context={max_context} (--context)", path)
         max_context = dep.context if max_context is None else max_context
         model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap), threads=threads, max_context=max_context,
                       deployment=dep)
@@ -691,6 +759,8 @@ def load(path, threads: int | None = None, max_context: int | None = None, verif
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
+    if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `run`)
+        model.use(next(iter(dep.adapters)))
     if warmup:
         ensure_compiled(model)
     return model

@@ -15,6 +15,7 @@ compilation; :func:`warmup` (``edgelora warmup``) does it ahead of time, e.g. wh
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class WarmupReport:
                 f"kernel cache: {self.kernel_cache}")
 
 
-def warmup(path=None, threads: int | None = None, mmap: bool = True) -> WarmupReport:
+def warmup(path: str | os.PathLike | None = None, threads: int | None = None, mmap: bool = True) -> WarmupReport:
     """Compile every kernel a bundle or deploy folder needs on this machine, ahead of its first use
     (``path=None``: the built-in demo model, whose kernels are those of every bundle stored as
     convert's defaults write it). Later loads with the same options start without compiling."""
