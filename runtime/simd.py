@@ -491,42 +491,62 @@ def _i8_codegen(isa: str, nvec: int, call):
         t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
         table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
         four, fifteen = ir.Constant(v32, [4] * 32), ir.Constant(v32, [15] * 32)
-        k = builder.mul(per_row, builder.mul(half, c(2)))
+        k = builder.mul(per_row, builder.mul(half, c(2)))  # entries of a row of x
         row_bytes = builder.mul(per_row, half)
         load32 = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), v32.as_pointer()), align=1)
         accs = [cgutils.alloca_once(builder, v8f) for _ in range(nvec)]
         sums = [cgutils.alloca_once(builder, v8i) for _ in range(nvec)]
-        vecs = [builder.add(v0, c(v)) for v in range(nvec)]
-        with cgutils.for_range(builder, n_rows) as row:
-            r = row.index
-            p_row = builder.gep(packed_p, [builder.mul(r, row_bytes)])
-            for a in accs:
-                builder.store(ir.Constant(v8f, [0.0] * 8), a)
-            with cgutils.for_range(builder, per_row) as blk:
-                j = blk.index
-                start = builder.mul(j, half)
-                _prefetch(builder, builder.gep(p_row, [builder.add(start, row_bytes)]))  # the next row's block
-                for s in sums:
-                    builder.store(ir.Constant(v8i, [0] * 8), s)
-                with cgutils.for_range_slice(builder, c(0), half, c(INT8_CHUNK)) as (i, _):
-                    w = load32(p_row, builder.add(start, i))
-                    wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # int8 codes of the high nibbles
-                    wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])
-                    for vec, s in zip(vecs, sums):
-                        at = builder.add(builder.add(builder.mul(vec, k), builder.mul(start, c(2))), i)  # even entries
-                        at_o = builder.add(at, half)  # odd entries
-                        acc = dot(builder.load(s), load32(xa_p, at), builder.call(psign, [wh, load32(xq_p, at)]))
-                        builder.store(dot(acc, load32(xa_p, at_o), builder.call(psign, [wl, load32(xq_p, at_o)])), s)
-                sw = scale(builder.add(builder.mul(r, per_row), j))
-                for vec, s, a in zip(vecs, sums, accs):
-                    sx = builder.load(builder.gep(xs_p, [builder.add(builder.mul(vec, per_row), j)]))
-                    f = builder.fmul(sx, sw)
-                    fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), f, c(0)),
-                                                ir.Constant(v8f, ir.Undefined), ir.Constant(v8i, [0] * 8))
-                    builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(builder.load(s), v8f), fv)), a)
-            for vec, a in zip(vecs, accs):
-                dst = builder.gep(out_p, [builder.add(builder.mul(vec, n_out), builder.add(o0, r))])
-                builder.store(_hsum(builder, builder.load(a), 8), dst)
+        xq_v = [builder.gep(xq_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]  # vector v's x
+        xa_v = [builder.gep(xa_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]
+        xs_v = [builder.gep(xs_p, [builder.mul(builder.add(v0, c(v)), per_row)]) for v in range(nvec)]
+        out_v = [builder.gep(out_p, [builder.add(builder.mul(builder.add(v0, c(v)), n_out), o0)]) for v in range(nvec)]
+
+        def rows(half):
+            """The row loop for blocks of ``half`` bytes (a constant for 64-weight blocks, so one
+            chunk a block and no inner loop)."""
+            with cgutils.for_range(builder, n_rows) as row:
+                r = row.index
+                p_row = builder.gep(packed_p, [builder.mul(r, row_bytes)])
+                for a in accs:
+                    builder.store(ir.Constant(v8f, [0.0] * 8), a)
+                with cgutils.for_range(builder, per_row) as blk:
+                    j = blk.index
+                    start = builder.mul(j, half)
+                    _prefetch(builder, builder.gep(p_row, [builder.add(start, row_bytes)]))  # the next row's block
+                    for s in sums:
+                        builder.store(ir.Constant(v8i, [0] * 8), s)
+
+                    def chunk(i):
+                        w = load32(p_row, builder.add(start, i))
+                        wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # int8 codes of the high nibbles
+                        wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])
+                        at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
+                        at_o = builder.add(at, half)
+                        for xq, xa, s in zip(xq_v, xa_v, sums):
+                            acc = dot(builder.load(s), load32(xa, at), builder.call(psign, [wh, load32(xq, at)]))
+                            builder.store(dot(acc, load32(xa, at_o), builder.call(psign, [wl, load32(xq, at_o)])), s)
+
+                    if isinstance(half, ir.Constant):
+                        for i in range(0, half.constant, INT8_CHUNK):
+                            chunk(c(i))
+                    else:
+                        with cgutils.for_range_slice(builder, c(0), half, c(INT8_CHUNK)) as (i, _):
+                            chunk(i)
+                    sw = scale(builder.add(builder.mul(r, per_row), j))
+                    for xs, s, a in zip(xs_v, sums, accs):
+                        f = builder.fmul(builder.load(builder.gep(xs, [j])), sw)
+                        fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), f, c(0)),
+                                                    ir.Constant(v8f, ir.Undefined), ir.Constant(v8i, [0] * 8))
+                        builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(builder.load(s), v8f),
+                                                                                 fv)), a)
+                for out, a in zip(out_v, accs):
+                    builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [r]))
+
+        with builder.if_else(builder.icmp_unsigned("==", half, c(INT8_CHUNK))) as (one_chunk, general):
+            with one_chunk:
+                rows(c(INT8_CHUNK))
+            with general:
+                rows(half)
         return context.get_dummy_value()
 
     return codegen
