@@ -43,11 +43,14 @@ def bytes_per_token(model) -> int:
     return int(total)
 
 
-def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bool = True) -> dict:
+def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bool = True,
+            products: str = "exact") -> dict:
     """One measurement in this process (call in a fresh process for a clean peak RSS)."""
     import edgelora
     t = time.perf_counter()
     kw = {} if mmap else {"mmap": False}  # (earlier versions, run by ``bench(env=...)``, have no mmap option)
+    if products != "exact":
+        kw["products"] = products  # (nor a products option)
     model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8, **kw)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
@@ -60,7 +63,8 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
     short = model.last_stats
     list(model.stream(prompt[:8], max_new_tokens=decode_tokens, temperature=0))  # as the PyTorch benchmark decodes
     decode = model.last_stats
-    return {"threads": threads, "mmap": mmap, "load_seconds": load_s, "prompt_tokens": prompt_tokens,
+    return {"threads": threads, "mmap": mmap, "products": products, "load_seconds": load_s,
+            "prompt_tokens": prompt_tokens,
             "prefill_tokens_per_second": long.prefill_tokens_per_second,
             "prefill_128_tokens_per_second": short.prefill_tokens_per_second,
             "decode_tokens": decode_tokens, "decode_tokens_per_second": decode.decode_tokens_per_second,
@@ -70,7 +74,7 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
 
 
 def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int = 128, mmap: bool = True,
-          env: dict | None = None) -> dict:
+          env: dict | None = None, products: str = "exact") -> dict:
     """One fresh process per thread count (``env``: their environment, e.g. a ``PYTHONPATH`` that
     puts another edgelora version first, for before/after comparisons in one run: the children run
     this module's measurement, :func:`run_one`, on whichever edgelora they import)."""
@@ -82,7 +86,8 @@ def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int 
     rows = []
     for th in threads_list:
         code = ("import json, sys, time\nimport numpy as np\nfrom edgelora.memory import peak_rss_bytes\n" + measure +
-                f"\nprint(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r})))")
+                f"\nprint(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r}, "
+                f"{products!r})))")
         r = subprocess.run(python_command(code, path), capture_output=True, text=True, env=env)
         if r.returncode:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "benchmark failed")

@@ -61,7 +61,7 @@ def _load_model(ns):
     import edgelora
     from edgelora.errors import UsageError
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
-                          device_check=not ns.any_device, mmap=not ns.no_mmap)
+                          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products)
     for spec in ns.adapter:
         model.adapters.load(*_split_adapter(spec))
     n = len(model.adapters)
@@ -169,7 +169,8 @@ def _cmd_chat(ns) -> int:
 
 def _cmd_bench(ns) -> int:
     from edgelora.benchmark import bench, format_bench
-    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap)
+    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap,
+                   products=ns.products)
     print(json.dumps(report, indent=1) if ns.json else format_bench(report))
     return 0
 
@@ -230,6 +231,12 @@ def _cmd_unpack(ns) -> int:
     return 0
 
 
+def _add_products_option(p) -> None:
+    p.add_argument("--products", choices=("exact", "int8"), default="exact",
+                   help="NF4 products: exact float32 (default) or int8 activations with int32 sums (faster, "
+                        "approximate; README, The int8 product path)")
+
+
 def _add_generation_options(p) -> None:
     p.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
     p.add_argument("--any-device", action="store_true",
@@ -248,6 +255,7 @@ def _add_generation_options(p) -> None:
                         "where huge pages apply)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="load a PEFT LoRA adapter folder as NAME (repeatable)")
+    _add_products_option(p)
     p.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base",
                    help="adapter to use, or a weighted mix (default: the only --adapter, else required)")
 
@@ -311,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--no-mmap", action="store_true", help="read the weights into memory (as `run --no-mmap`)")
+    _add_products_option(b)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_bench)
 

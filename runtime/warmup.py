@@ -29,11 +29,12 @@ from edgelora.runtime.threads import thread_count
 
 def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
-    thread or several."""
+    thread or several, and the int8 product path when it is chosen."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
-    return f"{storages}|{mapped}|{threads}"
+    products = "|int8" if getattr(model, "products", "exact") == "int8" else ""
+    return f"{storages}|{mapped}|{threads}{products}"
 
 
 def _passes(net) -> None:
