@@ -203,8 +203,11 @@ class NF4Int8Linear(NF4Linear):
         """x: f32 [in] -> f32 [out]"""
         if not self.int8:
             return super().matvec(x, out)
-        x = np.ascontiguousarray(x, np.float32).reshape(1, self.in_features)
-        return self.matvec_batch(x, None if out is None else out.reshape(1, self.out_features))[0]
+        if out is None:
+            out = np.empty(self.out_features, np.float32)
+        self.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, self.in_features),
+                          out.reshape(1, self.out_features))
+        return out
 
     def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``: x quantized once per
