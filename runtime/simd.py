@@ -459,6 +459,7 @@ INT8_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | 
 INT8_SIMD = "vnni" if "vnni" in INT8_AVAILABLE else "avx2" if "avx2" in INT8_AVAILABLE else None
 INT8_CHUNK = 32  # bytes of a row a step reads (one 256-bit register: 32 high and 32 low nibbles)
 INT8_LANES = 8  # int32 lanes of a step; lane l sums the products of bytes 4l .. 4l + 3 of each chunk
+INT8_TILE_ROWS = {1: 2, 2: 2, 3: 1, 4: 1}  # rows a step takes side by side (sharing x loads), by vector count
 
 
 def _i8_codegen(isa: str, nvec: int, call):
@@ -494,53 +495,69 @@ def _i8_codegen(isa: str, nvec: int, call):
         k = builder.mul(per_row, builder.mul(half, c(2)))  # entries of a row of x
         row_bytes = builder.mul(per_row, half)
         load32 = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), v32.as_pointer()), align=1)
-        accs = [cgutils.alloca_once(builder, v8f) for _ in range(nvec)]
-        sums = [cgutils.alloca_once(builder, v8i) for _ in range(nvec)]
+        tile = INT8_TILE_ROWS[nvec]
+        accs = [[cgutils.alloca_once(builder, v8f) for _ in range(nvec)] for _ in range(tile)]  # [row][vector]
+        sums = [[cgutils.alloca_once(builder, v8i) for _ in range(nvec)] for _ in range(tile)]
         xq_v = [builder.gep(xq_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]  # vector v's x
         xa_v = [builder.gep(xa_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]
         xs_v = [builder.gep(xs_p, [builder.mul(builder.add(v0, c(v)), per_row)]) for v in range(nvec)]
         out_v = [builder.gep(out_p, [builder.add(builder.mul(builder.add(v0, c(v)), n_out), o0)]) for v in range(nvec)]
 
-        def rows(half):
-            """The row loop for blocks of ``half`` bytes (a constant for 64-weight blocks, so one
-            chunk a block and no inner loop)."""
-            with cgutils.for_range(builder, n_rows) as row:
-                r = row.index
-                p_row = builder.gep(packed_p, [builder.mul(r, row_bytes)])
-                for a in accs:
+        def run_rows(first, count, half):
+            """IR for rows ``first .. first + count`` (``count`` a Python int: they share each x load)
+            with blocks of ``half`` bytes (a constant for 64-weight blocks: one chunk a block)."""
+            rs = [builder.add(first, c(t)) for t in range(count)]
+            p_rows = [builder.gep(packed_p, [builder.mul(r, row_bytes)]) for r in rs]
+            ahead = builder.mul(row_bytes, c(count))  # the same bytes of the next rows
+            for t in range(count):
+                for a in accs[t]:
                     builder.store(ir.Constant(v8f, [0.0] * 8), a)
-                with cgutils.for_range(builder, per_row) as blk:
-                    j = blk.index
-                    start = builder.mul(j, half)
-                    _prefetch(builder, builder.gep(p_row, [builder.add(start, row_bytes)]))  # the next row's block
-                    for s in sums:
+            with cgutils.for_range(builder, per_row) as blk:
+                j = blk.index
+                start = builder.mul(j, half)
+                for t in range(count):
+                    _prefetch(builder, builder.gep(p_rows[t], [builder.add(start, ahead)]))
+                    for s in sums[t]:
                         builder.store(ir.Constant(v8i, [0] * 8), s)
 
-                    def chunk(i):
-                        w = load32(p_row, builder.add(start, i))
+                def chunk(i):
+                    at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
+                    at_o = builder.add(at, half)
+                    xs = [[load32(xa, at), load32(xq, at), load32(xa, at_o), load32(xq, at_o)]
+                          for xq, xa in zip(xq_v, xa_v)]  # shared by the rows
+                    for t in range(count):
+                        w = load32(p_rows[t], builder.add(start, i))
                         wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # int8 codes of the high nibbles
                         wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])
-                        at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
-                        at_o = builder.add(at, half)
-                        for xq, xa, s in zip(xq_v, xa_v, sums):
-                            acc = dot(builder.load(s), load32(xa, at), builder.call(psign, [wh, load32(xq, at)]))
-                            builder.store(dot(acc, load32(xa, at_o), builder.call(psign, [wl, load32(xq, at_o)])), s)
+                        for (ae, qe, ao, qo), s in zip(xs, sums[t]):
+                            acc = dot(builder.load(s), ae, builder.call(psign, [wh, qe]))
+                            builder.store(dot(acc, ao, builder.call(psign, [wl, qo])), s)
 
-                    if isinstance(half, ir.Constant):
-                        for i in range(0, half.constant, INT8_CHUNK):
-                            chunk(c(i))
-                    else:
-                        with cgutils.for_range_slice(builder, c(0), half, c(INT8_CHUNK)) as (i, _):
-                            chunk(i)
-                    sw = scale(builder.add(builder.mul(r, per_row), j))
-                    for xs, s, a in zip(xs_v, sums, accs):
+                if isinstance(half, ir.Constant):
+                    for i in range(0, half.constant, INT8_CHUNK):
+                        chunk(c(i))
+                else:
+                    with cgutils.for_range_slice(builder, c(0), half, c(INT8_CHUNK)) as (i, _):
+                        chunk(i)
+                for t in range(count):
+                    sw = scale(builder.add(builder.mul(rs[t], per_row), j))
+                    for xs, s, a in zip(xs_v, sums[t], accs[t]):
                         f = builder.fmul(builder.load(builder.gep(xs, [j])), sw)
                         fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), f, c(0)),
                                                     ir.Constant(v8f, ir.Undefined), ir.Constant(v8i, [0] * 8))
                         builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(builder.load(s), v8f),
                                                                                  fv)), a)
-                for out, a in zip(out_v, accs):
-                    builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [r]))
+            for t in range(count):
+                for out, a in zip(out_v, accs[t]):
+                    builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [rs[t]]))
+
+        def rows(half):
+            tiled = builder.mul(builder.udiv(n_rows, c(tile)), c(tile))
+            with cgutils.for_range_slice(builder, c(0), tiled, c(tile)) as (r, _):
+                run_rows(r, tile, half)
+            if tile > 1:
+                with cgutils.for_range_slice(builder, tiled, n_rows, c(1)) as (r, _):
+                    run_rows(r, 1, half)
 
         with builder.if_else(builder.icmp_unsigned("==", half, c(INT8_CHUNK))) as (one_chunk, general):
             with one_chunk:
