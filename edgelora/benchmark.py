@@ -77,7 +77,8 @@ def bench(path, threads_list=None, prompt_tokens: int = 512, decode_tokens: int 
           env: dict | None = None, products: str = "exact") -> dict:
     """One fresh process per thread count (``env``: their environment, e.g. a ``PYTHONPATH`` that
     puts another edgelora version first, for before/after comparisons in one run: the children run
-    this module's measurement, :func:`run_one`, on whichever edgelora they import)."""
+    this module's measurement, :func:`run_one`, on whichever edgelora they import). ``products``:
+    ``"exact"`` or ``"int8"``, as ``edgelora.load`` takes it."""
     import inspect
     import numba
     cores = numba.config.NUMBA_NUM_THREADS

@@ -37,6 +37,10 @@ variant with :data:`SIMD` (from the host CPU) and keep the portable loop for eve
 (older x86, other CPUs); the tests prove every available variant equal to the NumPy reference,
 and ``scripts/arm64_proof.sh`` runs them on aarch64.
 
+:func:`i8_rows_dot` is the int8 product path's kernel (``runtime/int8.py``): NF4 codes as int8
+looked up by ``vpshufb``, int8 activations, int32 sums by ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` and
+``vpmaddwd`` (AVX2), :data:`INT8_AVAILABLE` the variants this CPU runs.
+
 The NF4 kernels prefetch (``llvm.prefetch``) the bytes one row tile ahead, and
 ``f16_rows_dot`` (the float16 head and embeddings, plain LLVM vector IR for any CPU) does the
 same four rows at a time: the weights are mapped from the page cache in 4 KB pages, where the
