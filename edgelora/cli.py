@@ -262,7 +262,7 @@ def _add_generation_options(p) -> None:
 
 def _cmd_warmup(ns) -> int:
     from edgelora.runtime.warmup import warmup
-    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap)
+    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap, products=ns.products)
     print(json.dumps(report.to_dict(), indent=1) if ns.json else report.text())
     return 0
 
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bundle written with convert's default options)")
     w.add_argument("--threads", type=int, default=None, help="the thread count it will run with (default: every core)")
     w.add_argument("--no-mmap", action="store_true", help="for running with the weights read into memory")
+    _add_products_option(w)
     w.add_argument("--json", action="store_true", help="print the result as JSON")
     w.set_defaults(func=_cmd_warmup)
 

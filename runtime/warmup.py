@@ -96,14 +96,15 @@ class WarmupReport:
                 f"kernel cache: {self.kernel_cache}")
 
 
-def warmup(path=None, threads: int | None = None, mmap: bool = True) -> WarmupReport:
+def warmup(path=None, threads: int | None = None, mmap: bool = True, products: str = "exact") -> WarmupReport:
     """Compile every kernel a bundle or deploy folder needs on this machine, ahead of its first use
     (``path=None``: the built-in demo model, whose kernels are those of every bundle stored as
-    convert's defaults write it). Later loads with the same options start without compiling."""
+    convert's defaults write it). Later loads with the same options (``products`` among them) start
+    without compiling."""
     import edgelora
     if path is None:
         from edgelora.demo import default_workdir, demo_bundle
         path = demo_bundle(default_workdir(), quiet=True)[0]
-    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False)
+    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False, products=products)
     seconds = ensure_compiled(model, force=True)
     return WarmupReport(str(path), signature(model), seconds, str(kernel_cache.kernel_cache_dir()))

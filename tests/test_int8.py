@@ -4,6 +4,7 @@ the stated tolerance of its exact ones on every architecture and on stories260K.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -215,7 +216,39 @@ def test_int8_generation_from_the_cli_and_the_api(converted):
                                       "run", str(bundle), "-p", "hello", "-n", "6", "--products", "int8", "--json"),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    import json
     assert json.loads(r.stdout)["text"] == text
     with pytest.raises(UsageError):
         edgelora.load(bundle, products="fast")
+
+
+GENERATE = r"""
+import json, sys
+import edgelora
+from numba.core.registry import CPUDispatcher
+import edgelora.runtime.int8, edgelora.runtime.kernels
+
+def compiled():  # kernels compiled (not loaded from the cache) so far
+    return {f"{m.__name__}.{n}": sum(f.stats.cache_misses.values()) for m in (edgelora.runtime.int8,
+            edgelora.runtime.kernels) for n, f in vars(m).items() if isinstance(f, CPUDispatcher)}
+
+model = edgelora.load(sys.argv[1], threads=2, products="int8")
+before = compiled()
+model.generate("Once upon a time", max_new_tokens=6, temperature=0)
+model.generate_batch(["Hi", "Once"], max_new_tokens=4)
+after = compiled()
+print(json.dumps({"loaded": sum(before[k] > 0 for k in before if k.startswith("edgelora.runtime.int8")),
+                  "during": {k: after[k] - before[k] for k in after if after[k] != before[k]}}))
+"""
+
+
+def test_int8_kernels_compile_at_load_not_while_generating(converted, tmp_path):
+    """``load(products="int8")`` on a machine where nothing is compiled compiles the int8 kernels
+    (its own warm-up configuration) before it returns, so no generation times compilation."""
+    import os
+    _, bundle = converted("llama3")
+    env = dict(os.environ, EDGELORA_HOME=str(tmp_path / "home"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    r = subprocess.run([sys.executable, "-c", GENERATE, str(bundle)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["loaded"] > 0 and report["during"] == {}
