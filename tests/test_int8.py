@@ -252,3 +252,23 @@ def test_int8_kernels_compile_at_load_not_while_generating(converted, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["loaded"] > 0 and report["during"] == {}
+
+
+@pytest.mark.parametrize("cmd", ["run", "chat", "bench", "warmup"])
+def test_products_option_on_the_commands(cmd):
+    from edgelora.cli import build_parser
+    extra = ["-p", "x"] if cmd == "run" else []
+    parse = lambda *a: build_parser().parse_args([cmd, "b", *extra, *a])
+    assert parse().products == "exact" and parse("--products", "int8").products == "int8"
+    with pytest.raises(SystemExit):
+        parse("--products", "int4")
+
+
+def test_bench_measures_the_int8_path(converted, monkeypatch):
+    from edgelora import benchmark
+    _, bundle = converted("llama3")
+    seen = []
+    real = edgelora.load
+    monkeypatch.setattr(edgelora, "load", lambda *a, **kw: seen.append(kw.get("products")) or real(*a, **kw))
+    row = benchmark.run_one(bundle, 1, 16, 4, products="int8")
+    assert seen == ["int8"] and row["products"] == "int8" and row["decode_tokens_per_second"] > 0
