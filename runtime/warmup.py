@@ -33,7 +33,7 @@ def signature(model) -> str:
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
-    products = "|int8" if getattr(model, "products", "exact") == "int8" else ""
+    products = "|int8" if model.products == "int8" else ""
     return f"{storages}|{mapped}|{threads}{products}"
 
 
