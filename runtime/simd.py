@@ -463,7 +463,7 @@ INT8_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | 
 INT8_SIMD = "vnni" if "vnni" in INT8_AVAILABLE else "avx2" if "avx2" in INT8_AVAILABLE else None
 INT8_CHUNK = 32  # bytes of a row a step reads (one 256-bit register: 32 high and 32 low nibbles)
 INT8_LANES = 8  # int32 lanes of a step; lane l sums the products of bytes 4l .. 4l + 3 of each chunk
-INT8_TILE_ROWS = {1: 2, 2: 2, 3: 1, 4: 1}  # rows a step takes side by side (sharing x loads), by vector count
+INT8_TILE_ROWS = {1: 2, 2: 2, 3: 2, 4: 2}  # rows a step takes side by side (sharing x loads), by vector count
 
 
 def _i8_codegen(isa: str, nvec: int, call):
