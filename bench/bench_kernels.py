@@ -9,6 +9,10 @@ sequence through every matrix in turn, as B separate decodes would run) on the 2
 5632x2048 NF4 shapes, in weight-vector products per second (each weight counted once per vector)
 and the ratio batch / sequential.
 
+Then the two product paths side by side (``load(products=...)``): ``matvec`` and ``matvec_batch``
+of 4 vectors on 5632x2048 NF4 matrices (gate/up of TinyLlama), exact float32 against the int8
+path (``runtime/int8.py``), in G weights/s (each weight counted once per vector).
+
     python bench/bench_kernels.py --threads 1 2 --json bench/results/kernels.json
 """
 
@@ -25,11 +29,14 @@ import numpy as np
 from bench_common import write_report
 from edgelora.benchmark import memory_bandwidth
 from edgelora.converters.nf4 import quantize_nf4
+from edgelora.runtime.int8 import INT8_SIMD, NF4Int8Linear
 from edgelora.runtime.kernels import NF4Linear
 
 # (out, in) of q, k, v, o, gate, up, down in Llama-3.2-1B
 LAYER = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)]
 BATCH_SHAPES = [(2048, 5632), (5632, 2048)]  # (out, in): down and gate/up of a 2048-wide model with a 5632 MLP
+PRODUCTS_SHAPE = (5632, 2048)  # (out, in) of the exact / int8 comparison
+PRODUCTS = {"exact": NF4Linear, "int8": NF4Int8Linear}
 
 
 def time_layer(lins, xs, repeats: int) -> float:
@@ -107,8 +114,19 @@ def main():
                                    "batch_gweights_per_s": products / t_batch / 1e9,
                                    "sequential_gweights_per_s": products / t_seq / 1e9,
                                    "batch_over_sequential": t_seq / t_batch})
+    tensors = [quantize_nf4((rng.standard_normal(PRODUCTS_SHAPE) * 0.02).astype(np.float32)) for _ in range(a.layers)]
+    product_rows = []
+    for th in threads:
+        numba.set_num_threads(th)
+        for path, cls in PRODUCTS.items():
+            plins = [cls(q) for q in tensors]
+            for b in (1, 4):
+                X = rng.standard_normal((b, PRODUCTS_SHAPE[1])).astype(np.float32)
+                dt = time_layer(plins, [X[0]] * len(plins), a.repeats) if b == 1 else time_batch(plins, X, a.repeats)[0]
+                product_rows.append({"threads": th, "products": path, "batch": b,
+                                     "gweights_per_s": b * PRODUCTS_SHAPE[0] * PRODUCTS_SHAPE[1] * len(plins) / dt / 1e9})
     report = {"cpu_count": os.cpu_count(), "weights": weights, "bytes": nbytes, "results": rows,
-              "batch_results": batch_rows}
+              "batch_results": batch_rows, "int8_kernel": INT8_SIMD or "portable", "product_results": product_rows}
     write_report(a.json, report)
     print(f"{weights / 1e6:.0f}M NF4 weights ({nbytes / 1e6:.0f} MB), {a.layers} Llama-3.2-1B layers")
     print("| threads | G weights/s | GB/s read | streaming read GB/s | fraction |")
@@ -122,6 +140,15 @@ def main():
     for r in batch_rows:
         print(f"| {r['threads']} | {r['shape'][0]}x{r['shape'][1]} | {r['batch']} | {r['batch_gweights_per_s']:.2f} | "
               f"{r['sequential_gweights_per_s']:.2f} | {r['batch_over_sequential']:.2f} |")
+    print(f"\nExact vs int8 products ({INT8_SIMD or 'portable'} kernel), {PRODUCTS_SHAPE[0]}x{PRODUCTS_SHAPE[1]}, "
+          f"{a.layers} matrices")
+    print("| threads | vectors | exact G weights/s | int8 G weights/s | int8 / exact |")
+    print("|---|---|---|---|---|")
+    by = {(r["threads"], r["batch"], r["products"]): r["gweights_per_s"] for r in product_rows}
+    for th in threads:
+        for b in (1, 4):
+            e, i = by[th, b, "exact"], by[th, b, "int8"]
+            print(f"| {th} | {b} | {e:.2f} | {i:.2f} | {i / e:.2f} |")
 
 
 if __name__ == "__main__":

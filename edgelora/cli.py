@@ -88,7 +88,7 @@ def _load_model(ns):
     adapter is used by default)."""
     import edgelora
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
-                          device_check=not ns.any_device, mmap=not ns.no_mmap)
+                          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products)
     seen = set()
     for spec in ns.adapter:
         name, path = _split_adapter(spec)
@@ -275,7 +275,8 @@ def _cmd_chat(ns) -> int:
 
 def _cmd_bench(ns) -> int:
     from edgelora.benchmark import bench, format_bench
-    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap, runs=ns.runs)
+    report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap, runs=ns.runs,
+                   products=ns.products)
     print(json.dumps(report, indent=1) if ns.json else format_bench(report))
     return 0
 
@@ -343,9 +344,15 @@ def _cmd_unpack(ns) -> int:
     return 0
 
 
+def _add_products_option(p) -> None:
+    p.add_argument("--products", choices=("exact", "int8"), default="exact",
+                   help="NF4 products: exact float32, or int8 activations with int32 sums (faster, approximate; "
+                        "README, The int8 product path)")
+
+
 def _cmd_warmup(ns) -> int:
     from edgelora.runtime.warmup import warmup
-    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap)
+    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap, products=ns.products)
     print(json.dumps(report.to_dict(), indent=1) if ns.json else report.text())
     return 0
 
@@ -403,6 +410,7 @@ def _add_generation_options(p) -> None:
                    help="load a PEFT LoRA adapter folder, named NAME or after its folder (repeatable)")
     p.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base",
                    help="adapter to use, or a weighted mix (default: the only adapter, else required)")
+    _add_products_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated in the decode measurement (default: 128, less to fit the model's context)")
     b.add_argument("--runs", type=int, default=3, help="measurements after one warm-up; the median is reported")
     b.add_argument("--no-mmap", action="store_true", help="read the weights into memory (as `run --no-mmap`)")
+    _add_products_option(b)
     b.add_argument("--json", action="store_true", help="print the results (and errors) as JSON")
     b.set_defaults(func=_cmd_bench)
 
@@ -543,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bundle written with convert's default options)")
     w.add_argument("--threads", type=int, default=None, help="the thread count it will run with (default: every core)")
     w.add_argument("--no-mmap", action="store_true", help="for running with the weights read into memory")
+    _add_products_option(w)
     w.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
     w.set_defaults(func=_cmd_warmup)
 

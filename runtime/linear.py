@@ -16,8 +16,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from edgelora.errors import UsageError
 from edgelora.storage import NF4Tensor
+from edgelora.runtime.int8 import NF4Int8Linear
 from edgelora.runtime.kernels import F16Linear, NF4Linear
+
+#: how NF4 weights multiply: ``exact`` (float32 products of the dequantized weights, bit-true against
+#: the references) or ``int8`` (int8 codes and activations, int32 sums: ``runtime/int8.py``)
+PRODUCTS = ("exact", "int8")
 
 
 @runtime_checkable
@@ -85,11 +91,19 @@ class DenseLinear:
         return self.weight[np.asarray(ids, np.int64)]
 
 
-def make_linear(weight: NF4Tensor | np.ndarray) -> Linear:
-    """The linear-layer object for a weight as stored: an NF4 tensor, a float16 array (read in
-    place), or anything else as float32."""
+def check_products(products: str) -> str:
+    """``products`` if it is one of :data:`PRODUCTS`, else a :class:`UsageError`."""
+    if products not in PRODUCTS:
+        raise UsageError(f"products must be one of {', '.join(PRODUCTS)}, got {products!r}")
+    return products
+
+
+def make_linear(weight: NF4Tensor | np.ndarray, products: str = "exact") -> Linear:
+    """The linear-layer object for a weight as stored: an NF4 tensor (its decode products exact, or
+    through int8 with ``products="int8"``), a float16 array (read in place), or anything else as
+    float32."""
     if isinstance(weight, NF4Tensor):
-        return NF4Linear(weight)
+        return NF4Int8Linear(weight) if check_products(products) == "int8" else NF4Linear(weight)
     if weight.dtype == np.float16:
         return F16Linear(weight)
     return DenseLinear(weight)

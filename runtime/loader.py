@@ -7,7 +7,7 @@ import numpy as np
 from edgelora.architectures import EMBED, HEAD, NORM
 from edgelora.bundle import Bundle
 from edgelora.errors import FormatError, UnsupportedError, UsageError
-from edgelora.runtime.linear import make_linear
+from edgelora.runtime.linear import check_products, make_linear
 from edgelora.runtime.llama import LlamaModel, Weights
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
 from edgelora.runtime.phi3 import Phi3Model
@@ -25,9 +25,10 @@ def vector(bundle: Bundle, name: str) -> np.ndarray:
     return np.ascontiguousarray(bundle.tensor(name), np.float32)
 
 
-def build_weights(bundle: Bundle) -> Weights:
+def build_weights(bundle: Bundle, products: str = "exact") -> Weights:
     """The model's weights: per layer, its family's projections (``arch.PROJECTIONS``: field -> module)
-    and norms (``arch.NORMS``, as stored: a family that adds to them does so when it runs)."""
+    and norms (``arch.NORMS``, as stored: a family that adds to them does so when it runs); NF4
+    weights multiply as ``products`` says (``linear.PRODUCTS``)."""
     a = bundle.args
     model_cls = FAMILIES[a.family]
     arch = model_cls.arch
@@ -35,16 +36,16 @@ def build_weights(bundle: Bundle) -> Weights:
     layers = []
     for i in range(a.num_hidden_layers):
         modules = {field: arch.module(i, field) for field in arch.PROJECTIONS}
-        linears = {field: make_linear(stored(bundle, m + ".weight")) for field, m in modules.items()}
+        linears = {field: make_linear(stored(bundle, m + ".weight"), products) for field, m in modules.items()}
         biases = {field: vector(bundle, m + ".bias") for field, m in modules.items() if m + ".bias" in names}
         norms = {field: vector(bundle, arch.module(i, field) + ".weight") for field in arch.NORMS}
         layers.append(model_cls.Layer(biases=biases, **norms, **linears))
-    embed = make_linear(stored(bundle, f"{EMBED}.weight"))
-    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, f"{HEAD}.weight"))
+    embed = make_linear(stored(bundle, f"{EMBED}.weight"), products)
+    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, f"{HEAD}.weight"), products)
     return Weights(embed=embed, layers=layers, norm=vector(bundle, f"{NORM}.weight"), head=head)
 
 
-def build_model(bundle: Bundle, max_context: int | None):
+def build_model(bundle: Bundle, max_context: int | None, products: str = "exact"):
     a = bundle.args
     if a.family not in FAMILIES:
         raise UnsupportedError(f"no runtime for architecture family {a.family!r}", bundle.path)
@@ -52,11 +53,12 @@ def build_model(bundle: Bundle, max_context: int | None):
     if max_context is None:
         max_context = min(FAMILIES[a.family].context_limit(a), DEFAULT_MAX_CONTEXT)
     max_context = int(max_context)
+    check_products(products)
     if not 1 <= max_context <= limit:
         raise UsageError(f"max_context must be between 1 and the model's max_position_embeddings ({limit}), "
                          f"got {max_context}")
     try:
-        weights = build_weights(bundle)
+        weights = build_weights(bundle, products)
     except KeyError as e:
         raise FormatError(f"bundle lacks tensor {e}", bundle.path) from None
     return FAMILIES[a.family](a, weights, max_context)

@@ -300,17 +300,19 @@ class Model:
     """A loaded bundle, ready to generate. Create with :func:`edgelora.load`.
 
     ``deployment``: the :class:`~edgelora.deployment.Deployment` when the bundle comes from a
-    deploy folder: its adapters are made resident, and no more adapter bytes than it planned."""
+    deploy folder: its adapters are made resident, and no more adapter bytes than it planned.
+    ``products``: how NF4 weights multiply, ``"exact"`` or ``"int8"`` (:func:`edgelora.load`)."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
-                 deployment=None):
+                 deployment=None, products: str = "exact"):
         from edgelora.runtime.tokenizer import Tokenizer
         self.bundle = bundle
         self.path = bundle.path
         self.args = bundle.args
         self.threads = set_threads(threads)  # the most every forward runs on, from whichever thread (``_running``)
         self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
-        self.net = build_model(bundle, max_context)
+        self.products = products
+        self.net = build_model(bundle, max_context, products)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
@@ -716,7 +718,7 @@ class Model:
 def load(path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,
          verify: bool | str = True, adapters: Mapping[str, str | os.PathLike] | None = None,
          device_check: bool = True, mmap: bool = True, warmup: bool = True,
-         convert_options: Mapping[str, Any] | None = None) -> Model:
+         convert_options: Mapping[str, Any] | None = None, products: str = "exact") -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
     generate. A Hugging Face checkpoint folder or hub id, a GGUF file or an ONNX model is converted
     once into ``$EDGELORA_HOME/bundles/`` (``convert_options``: :func:`edgelora.convert`'s
@@ -736,6 +738,10 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     ``warmup``: the first time this configuration runs on this machine, compile its kernels now
     (after a one-line notice on a terminal: tens of seconds, once) rather than during the first
     generation, whose speeds would then include compiling (``edgelora warmup`` does it ahead).
+    ``products``: how NF4 weights multiply in decode steps and short prompts: ``"exact"`` (the
+    default: float32 products of the dequantized weights, bit-true against the references) or
+    ``"int8"`` (int8 codes and activations, int32 sums by VNNI/AVX2 byte dot products; logits
+    within a stated tolerance of exact: README, *The int8 product path*).
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
@@ -754,9 +760,10 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
                             f"was planned for; deploy again with context={max_context} (--context)", path)
         max_context = dep.context if max_context is None else max_context
         model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap), threads=threads, max_context=max_context,
-                      deployment=dep)
+                      deployment=dep, products=products)
     else:
-        model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context)
+        model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context,
+                      products=products)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
     if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `run`)

@@ -37,6 +37,10 @@ variant with :data:`SIMD` (from the host CPU) and keep the portable loop for eve
 (older x86, other CPUs); the tests prove every available variant equal to the NumPy reference,
 and ``scripts/arm64_proof.sh`` runs them on aarch64.
 
+:func:`i8_rows_dot` is the int8 product path's kernel (``runtime/int8.py``): NF4 codes as int8
+looked up by ``vpshufb``, int8 activations, int32 sums by ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` and
+``vpmaddwd`` (AVX2), :data:`INT8_AVAILABLE` the variants this CPU runs.
+
 The NF4 kernels prefetch (``llvm.prefetch``) the bytes one row tile ahead, and
 ``f16_rows_dot`` (the float16 head and embeddings, plain LLVM vector IR for any CPU) does the
 same four rows at a time: the weights are mapped from the page cache in 4 KB pages, where the
@@ -444,3 +448,152 @@ def f16_rows_dot(typingctx, bits, x, out, r0, r1, k):
 
     i64 = types.int64
     return types.none(bits, x, out, i64, i64, i64), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# The int8 product path (``runtime/int8.py``): NF4 codes as int8, activations as int8, int32 sums
+# ---------------------------------------------------------------------------------------------
+
+#: the int8 kernels this CPU runs, by the code ``i8_rows_dot`` takes as ``isa``: ``vnni`` is
+#: ``vpdpbusd`` on 256-bit registers (AVX-512 VNNI with VL, or AVX-VNNI), ``avx2`` the same sums
+#: through ``vpmaddubsw`` and ``vpmaddwd``
+INT8_ISAS = {"vnni": 0, "avx2": 1}
+INT8_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
+    {"vnni"} if _FEATURES.get("avxvnni") or (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")) else set())
+INT8_SIMD = "vnni" if "vnni" in INT8_AVAILABLE else "avx2" if "avx2" in INT8_AVAILABLE else None
+INT8_CHUNK = 32  # bytes of a row a step reads (one 256-bit register: 32 high and 32 low nibbles)
+INT8_LANES = 8  # int32 lanes of a step; lane l sums the products of bytes 4l .. 4l + 3 of each chunk
+INT8_TILE_ROWS = 2  # rows a step takes side by side (they share each x load; 1.2x for 4 vectors)
+
+
+def _i8_codegen(isa: str, nvec: int, call):
+    """IR of :func:`i8_rows_dot` for ``isa`` and ``nvec`` vectors. Per row, block and vector the
+    chunks' products go into eight int32 lanes (exact, in any order); per block those lanes, as
+    floats, times ``xs[j] * scale(j)`` are added to eight float lanes (a product, then a sum: no
+    FMA, so the NumPy twin rounds alike); the row's result is the pairwise sum of the lanes."""
+    v32, v16i, v8i, v8f = (ir.VectorType(_I8, 32), ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8),
+                           ir.VectorType(_F32, 8))
+    c = lambda n: ir.Constant(_I64, n)
+
+    def codegen(context, builder, sig, args):
+        table_p, packed_p, xq_p, xa_p, xs_p, out_p = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                                                      for i in (0, 2, 5, 6, 7, 8))
+        nshift, offset, b0, n_rows, per_row, half, v0, n_out, o0 = args[9:18]
+        mod = builder.module
+        fn = lambda name, ret, params: cgutils.get_or_insert_function(mod, ir.FunctionType(ret, params), name)
+        pshufb = fn("llvm.x86.avx2.pshuf.b", v32, [v32, v32])
+        psign = fn("llvm.x86.avx2.psign.b", v32, [v32, v32])
+        if isa == "vnni":
+            dpbusd = fn("llvm.x86.avx512.vpdpbusd.256", v8i, [v8i, v8i, v8i])
+            dot = lambda acc, u, s: builder.call(dpbusd, [acc, builder.bitcast(u, v8i), builder.bitcast(s, v8i)])
+        else:
+            maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [v32, v32])
+            maddwd = fn("llvm.x86.avx2.pmadd.wd", v8i, [v16i, v16i])
+            ones = ir.Constant(v16i, [1] * 16)
+            # |x| . (w signed by x): pairs at most 2 * 127 * 127, so vpmaddubsw never saturates
+            dot = lambda acc, u, s: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [u, s]), ones]))
+        scale = _block_scale(context, builder, call, args[1], args[3], args[4], nshift, offset, b0)
+        t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
+        table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+        four, fifteen = ir.Constant(v32, [4] * 32), ir.Constant(v32, [15] * 32)
+        k = builder.mul(per_row, builder.mul(half, c(2)))  # entries of a row of x
+        row_bytes = builder.mul(per_row, half)
+        load32 = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), v32.as_pointer()), align=1)
+        tile = INT8_TILE_ROWS
+        accs = [[cgutils.alloca_once(builder, v8f) for _ in range(nvec)] for _ in range(tile)]  # [row][vector]
+        sums = [[cgutils.alloca_once(builder, v8i) for _ in range(nvec)] for _ in range(tile)]
+        xq_v = [builder.gep(xq_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]  # vector v's x
+        xa_v = [builder.gep(xa_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]
+        xs_v = [builder.gep(xs_p, [builder.mul(builder.add(v0, c(v)), per_row)]) for v in range(nvec)]
+        out_v = [builder.gep(out_p, [builder.add(builder.mul(builder.add(v0, c(v)), n_out), o0)]) for v in range(nvec)]
+
+        def run_rows(first, count, half):
+            """IR for rows ``first .. first + count`` (``count`` a Python int: they share each x load)
+            with blocks of ``half`` bytes (a constant for 64-weight blocks: one chunk a block)."""
+            rs = [builder.add(first, c(t)) for t in range(count)]
+            p_rows = [builder.gep(packed_p, [builder.mul(r, row_bytes)]) for r in rs]
+            ahead = builder.mul(row_bytes, c(count))  # the same bytes of the next rows
+            for t in range(count):
+                for a in accs[t]:
+                    builder.store(ir.Constant(v8f, [0.0] * 8), a)
+            with cgutils.for_range(builder, per_row) as blk:
+                j = blk.index
+                start = builder.mul(j, half)
+                for t in range(count):
+                    _prefetch(builder, builder.gep(p_rows[t], [builder.add(start, ahead)]))
+                    for s in sums[t]:
+                        builder.store(ir.Constant(v8i, [0] * 8), s)
+
+                def chunk(i):
+                    at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
+                    at_o = builder.add(at, half)
+                    xs = [[load32(xa, at), load32(xq, at), load32(xa, at_o), load32(xq, at_o)]
+                          for xq, xa in zip(xq_v, xa_v)]  # shared by the rows
+                    for t in range(count):
+                        w = load32(p_rows[t], builder.add(start, i))
+                        wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # int8 codes of the high nibbles
+                        wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])
+                        for (ae, qe, ao, qo), s in zip(xs, sums[t]):
+                            acc = dot(builder.load(s), ae, builder.call(psign, [wh, qe]))
+                            builder.store(dot(acc, ao, builder.call(psign, [wl, qo])), s)
+
+                if isinstance(half, ir.Constant):
+                    for i in range(0, half.constant, INT8_CHUNK):
+                        chunk(c(i))
+                else:
+                    with cgutils.for_range_slice(builder, c(0), half, c(INT8_CHUNK)) as (i, _):
+                        chunk(i)
+                for t in range(count):
+                    sw = scale(builder.add(builder.mul(rs[t], per_row), j))
+                    for xs, s, a in zip(xs_v, sums[t], accs[t]):
+                        f = builder.fmul(builder.load(builder.gep(xs, [j])), sw)
+                        fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), f, c(0)),
+                                                    ir.Constant(v8f, ir.Undefined), ir.Constant(v8i, [0] * 8))
+                        builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(builder.load(s), v8f),
+                                                                                 fv)), a)
+            for t in range(count):
+                for out, a in zip(out_v, accs[t]):
+                    builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [rs[t]]))
+
+        def rows(half):
+            tiled = builder.mul(builder.udiv(n_rows, c(tile)), c(tile))
+            with cgutils.for_range_slice(builder, c(0), tiled, c(tile)) as (r, _):
+                run_rows(r, tile, half)
+            with cgutils.for_range_slice(builder, tiled, n_rows, c(1)) as (r, _):
+                run_rows(r, 1, half)
+
+        with builder.if_else(builder.icmp_unsigned("==", half, c(INT8_CHUNK))) as (one_chunk, general):
+            with one_chunk:
+                rows(c(INT8_CHUNK))
+            with general:
+                rows(half)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row,
+                half, v0, n_out, o0, nvec, isa):
+    """``out[v * n_out + o0 + r]`` = row r . x_v for rows ``0 .. n_rows`` of ``packed`` (``per_row``
+    blocks of ``half`` bytes, ``half`` a multiple of :data:`INT8_CHUNK`; block i of ``packed``
+    scaled as the tensor's block ``b0 + i``) and vectors ``v = v0 .. v0 + nvec``, in the int8
+    path's arithmetic (``runtime/int8.py``): ``table`` the 16 NF4 values as int8 (held twice in a
+    register and looked up by ``vpshufb``), ``xq`` the vectors quantized to int8 (each block's
+    even entries, then its odd ones), ``xa`` their absolute values (uint8), ``xs`` [vectors,
+    per_row] their float scales. The signs of x move onto the weights (``vpsignb``) so that the
+    unsigned-times-signed byte products see ``|x|``. ``nvec`` (1 .. MAX_VECTORS) and ``isa``
+    (:data:`INT8_ISAS`) are literals: a chunk's bytes are decoded once for all the vectors."""
+    arrays = (table, dyn, packed, qscale, nested, xq, xa, xs, out)
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
+            and table.dtype == types.int8 and xq.dtype == types.int8 and xa.dtype == types.uint8
+            and packed.dtype == types.uint8 and qscale.dtype == types.uint8 and out.mutable
+            and all(a.dtype == types.float32 for a in (dyn, nested, xs, out))
+            and isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= MAX_VECTORS
+            and isinstance(isa, types.IntegerLiteral) and isa.literal_value in INT8_ISAS.values()):
+        return None
+    name = {v: k for k, v in INT8_ISAS.items()}[isa.literal_value]
+    i64 = types.int64
+    sig = types.none(table, dyn, packed, qscale, nested, xq, xa, xs, out, i64, types.float32, i64, i64, i64, i64, i64,
+                     i64, i64, nvec, isa)
+    return sig, _i8_codegen(name, nvec.literal_value, _scale_call(typingctx, dyn, qscale, nested))

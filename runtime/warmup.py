@@ -30,11 +30,12 @@ from edgelora.runtime.threads import thread_count
 
 def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
-    thread or several."""
+    thread or several, and the int8 product path when it is chosen."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
-    return f"{storages}|{mapped}|{threads}"
+    products = "|int8" if model.products == "int8" else ""
+    return f"{storages}|{mapped}|{threads}{products}"
 
 
 def _passes(net) -> None:
@@ -96,14 +97,16 @@ class WarmupReport:
                 f"kernel cache: {self.kernel_cache}")
 
 
-def warmup(path: str | os.PathLike | None = None, threads: int | None = None, mmap: bool = True) -> WarmupReport:
+def warmup(path: str | os.PathLike | None = None, threads: int | None = None, mmap: bool = True,
+           products: str = "exact") -> WarmupReport:
     """Compile every kernel a bundle or deploy folder needs on this machine, ahead of its first use
     (``path=None``: the built-in demo model, whose kernels are those of every bundle stored as
-    convert's defaults write it). Later loads with the same options start without compiling."""
+    convert's defaults write it). Later loads with the same options (``products`` among them) start
+    without compiling."""
     import edgelora
     if path is None:
         from edgelora.demo import default_workdir, demo_bundle
         path = demo_bundle(default_workdir(), quiet=True)[0]
-    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False)
+    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False, products=products)
     seconds = ensure_compiled(model, force=True)
     return WarmupReport(str(path), signature(model), seconds, str(kernel_cache.kernel_cache_dir()))

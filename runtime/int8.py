@@ -1,0 +1,250 @@
+"""The int8 product path for NF4 weights (``load(..., products="int8")``): integer dot products.
+
+The exact path (``runtime/kernels.py``) multiplies each dequantized weight ``code[c] * scale`` with
+x in float32. This path does what llama.cpp does for its IQ4_NL codebook: the 16 NF4 values are
+held as int8, ``NF4_I8 = round(127 * code)`` (every value within 0.5/127 = 0.0039 of
+``127 * code``; -1 and 1 are exact), x is quantized to int8 per weight block, and the products
+are summed in int32 by byte dot-product instructions: ``vpdpbusd`` (AVX-512 VNNI or AVX-VNNI) or
+``vpmaddubsw`` + ``vpmaddwd`` (AVX2), codes looked up 32 at a time by ``vpshufb``
+(``simd.i8_rows_dot``), or a portable Numba loop elsewhere.
+
+The arithmetic, which every variant and the NumPy twin share bit for bit:
+
+* **activations**, per vector and per block of ``bs`` entries (the weight's NF4 block, 64 by
+  default): ``amax = max|x|``, ``d = amax / 127``, ``q = rint(x * (1 / d))`` (0 when amax is 0),
+  all float32; stored as the block's even entries then its odd ones (the high and low nibbles of
+  its bytes); the block's float scale ``xs = d / 127`` (the 127 of the codes folded in);
+* **block j of row r**, lanes ``l = 0 .. 7``: ``S[l] = sum of NF4_I8[c] * q`` over the bytes
+  ``4l .. 4l + 3`` of every 32-byte chunk of the block, both nibbles (int32, exact);
+* **row r**: float32 lanes ``acc[l] += float(S[l]) * (xs[j] * scale(j))`` block after block (the
+  block scale from the double-quantized bytes, ``storage.block_scale``; a product then a sum, no
+  FMA), and ``y[r]`` the pairwise sum of the eight lanes (``(0..3 + 4..7)``, then halves again).
+
+So ``y ~ sum_j scale_j * d_j / 127^2 * sum NF4_I8 * q``, an approximation of the exact product
+whose error comes from the int8 codes (at most 0.39 % of a block's absmax per weight) and the
+int8 activations (at most half a step, ``d / 2``, per entry). A vector's result does not depend
+on the other vectors of a batch, so ``matvec_batch`` row b is bit for bit ``matvec(X[b])``.
+
+The path serves weights whose rows are whole blocks of a multiple of 64 (every projection of the
+models edgelora converts); others keep the exact kernels, as do prefills longer than
+``kernels.MATVEC_ROWS_MAX`` rows (the dequantized-tile BLAS path). The bundle's bytes are read in
+place, as bitsandbytes wrote them: no repacked copy.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from edgelora.runtime.kernels import NF4Linear, _batch_args
+from edgelora.runtime.simd import INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_SIMD, MAX_VECTORS, i8_rows_dot
+from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
+
+NF4_I8 = np.rint(NF4_CODE.astype(np.float64) * 127).astype(np.int8)  # [16]: -127, -88, ..., 92, 127
+INT8_BLOCK_MULTIPLE = 2 * INT8_CHUNK  # block sizes the path takes: whole 32-byte chunks of codes
+_127 = np.float32(127.0)
+
+
+def supports_int8(q: NF4Tensor) -> bool:
+    """Whether the int8 path can multiply by ``q``: 2-D, rows of whole blocks, blocks a multiple of 64."""
+    return len(q.shape) == 2 and q.shape[1] % q.block_size == 0 and q.block_size % INT8_BLOCK_MULTIPLE == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=False)
+def _quantize_x(X, bs, XQ, XA, XS):
+    """X f32 [B, k] -> XQ int8 [B, k] (per block: the even entries' codes, then the odd ones'),
+    XA = |XQ| as uint8, XS f32 [B, k / bs] (module docstring). ``fastmath=False``: the divisions
+    and the rounding are IEEE float32, as the twin's."""
+    half = bs // 2
+    for b in range(X.shape[0]):
+        for j in range(X.shape[1] // bs):
+            amax = np.float32(0.0)
+            for i in range(bs):
+                amax = max(amax, abs(X[b, j * bs + i]))
+            d = amax / _127
+            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+            XS[b, j] = d / _127
+            for i in range(bs):
+                v = min(max(np.rint(X[b, j * bs + i] * inv), np.float32(-127.0)), _127)
+                at = j * bs + (i >> 1) + (i & 1) * half
+                XQ[b, at] = np.int8(v)
+                XA[b, at] = np.uint8(abs(v))
+
+
+def quantize_activations(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(XQ, XA, XS)`` for X f32 [B, k], blocks of ``bs``: see :func:`_quantize_x`."""
+    B, k = X.shape
+    XQ, XA = np.empty((B, k), np.int8), np.empty((B, k), np.uint8)
+    XS = np.empty((B, k // bs), np.float32)
+    _quantize_x(X, bs, XQ, XA, XS)
+    return XQ, XA, XS
+
+
+def quantize_activations_reference(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy twin of :func:`quantize_activations`."""
+    X = np.asarray(X, np.float32)
+    B, k = X.shape
+    blocks = X.reshape(B, k // bs, bs)
+    amax = np.abs(blocks).max(axis=2)
+    d = amax / _127
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv[:, :, None]), -_127, _127)
+    q = np.concatenate([q[:, :, 0::2], q[:, :, 1::2]], axis=2).reshape(B, k).astype(np.int8)
+    return q, np.abs(q).astype(np.uint8), d / _127
+
+
+# ---------------------------------------------------------------------------------------------
+# products
+# ---------------------------------------------------------------------------------------------
+
+# Every variant: ``OUT[v, o0 + r]`` = row r of ``packed`` (``n_rows`` rows of ``per_row`` blocks of
+# ``half`` bytes, block i scaled as the tensor's block ``b0 + i``) . x_v, for every vector of XQ.
+
+@njit(cache=True, fastmath=False)
+def _i8_rows_portable(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS,
+                      OUT, o0):
+    """The arithmetic of the module docstring in plain loops (any CPU)."""
+    lanes = np.zeros(INT8_LANES, np.int32)
+    acc = np.zeros(INT8_LANES, np.float32)
+    for r in range(n_rows):
+        row = packed[r * per_row * half:(r + 1) * per_row * half]
+        for v in range(XQ.shape[0]):
+            acc[:] = 0.0
+            for j in range(per_row):
+                lanes[:] = 0
+                for i in range(half):
+                    byte = row[j * half + i]
+                    xe, xo = XQ[v, 2 * j * half + i], XQ[v, 2 * j * half + half + i]
+                    lanes[(i % INT8_CHUNK) >> 2] += table[byte >> 4] * np.int32(xe) + table[byte & 15] * np.int32(xo)
+                s = XS[v, j] * block_scale(dyn, qscale, nested, nshift, offset, b0 + r * per_row + j)
+                for lane in range(INT8_LANES):
+                    acc[lane] = acc[lane] + np.float32(lanes[lane]) * s
+            OUT[v, o0 + r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+
+
+@njit(cache=True)
+def _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT,
+                  o0, isa):
+    """``simd.i8_rows_dot`` for groups of at most ``MAX_VECTORS`` vectors (the count a literal)."""
+    numba.literally(isa)
+    n_vec, n_out = XQ.shape[0], OUT.shape[1]
+    xq, xa, xs, out = XQ.reshape(-1), XA.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
+    for v0 in range(0, n_vec, MAX_VECTORS):
+        m = min(MAX_VECTORS, n_vec - v0)
+        if m == 4:
+            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
+                        v0, n_out, o0, 4, isa)
+        elif m == 3:
+            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
+                        v0, n_out, o0, 3, isa)
+        elif m == 2:
+            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
+                        v0, n_out, o0, 2, isa)
+        else:
+            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
+                        v0, n_out, o0, 1, isa)
+
+
+# One per ISA, its code (simd.INT8_ISAS: vnni 0, avx2 1) compiled in
+
+@njit(cache=True)
+def _i8_rows_vnni(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0):
+    _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0, 0)
+
+
+@njit(cache=True)
+def _i8_rows_avx2(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0):
+    _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0, 1)
+
+
+# Every variant this CPU runs (the tests prove each equal to the twin bit for bit); products use the best
+INT8_VARIANTS = {"portable": _i8_rows_portable}
+for _isa, _fn in (("vnni", _i8_rows_vnni), ("avx2", _i8_rows_avx2)):
+    if _isa in INT8_AVAILABLE:
+        INT8_VARIANTS[_isa] = _fn
+_i8_rows = INT8_VARIANTS[INT8_SIMD or "portable"]
+
+
+@njit(cache=True)
+def _i8_slice(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, XQ, XA, XS, OUT):
+    """OUT[:, r0:r1] for rows ``r0 .. r1`` of the whole tensor ``packed``."""
+    if r1 > r0:
+        per_row, half = k // bs, bs // 2
+        _i8_rows(table, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset, r0 * per_row, r1 - r0,
+                 per_row, half, XQ, XA, XS, OUT, r0)
+
+
+@njit(cache=True, parallel=True)
+def _i8_parallel(table, dyn, packed, qscale, nested, nshift, offset, bs, n_rows, k, XQ, XA, XS, OUT, chunks):
+    step = (n_rows + chunks - 1) // chunks  # one slice of rows per thread, as the exact kernels
+    for c in prange(chunks):
+        r0 = c * step
+        _i8_slice(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, min(n_rows, r0 + step), XQ, XA, XS, OUT)
+
+
+class NF4Int8Linear(NF4Linear):
+    """:class:`~edgelora.runtime.kernels.NF4Linear` whose decode products (``matvec``,
+    ``matvec_batch``, and so ``matmul`` up to ``MATVEC_ROWS_MAX`` rows) take the int8 path;
+    weights it cannot take (:func:`supports_int8`) keep the exact kernels."""
+
+    def __init__(self, q: NF4Tensor):
+        super().__init__(q)
+        self.int8 = supports_int8(q)
+        self._iargs = (NF4_I8, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
+                       self.block_size)
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x: f32 [in] -> f32 [out]"""
+        if not self.int8:
+            return super().matvec(x, out)
+        if out is None:
+            out = np.empty(self.out_features, np.float32)
+        self.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, self.in_features),
+                          out.reshape(1, self.out_features))
+        return out
+
+    def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``: x quantized once per
+        call, each weight byte read and decoded once for up to four vectors."""
+        if not self.int8:
+            return super().matvec_batch(X, out)
+        X, out = _batch_args(self, X, out)
+        if X.shape[0] == 0:
+            return out
+        XQ, XA, XS = quantize_activations(X, self.block_size)
+        n, k = self.out_features, self.in_features
+        if self._parallel(n * k):
+            _i8_parallel(*self._iargs, n, k, XQ, XA, XS, out, numba.get_num_threads())
+        else:
+            _i8_slice(*self._iargs, k, 0, n, XQ, XA, XS, out)
+        return out
+
+
+def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`NF4Int8Linear.matvec_batch` (the module docstring's arithmetic, integer
+    sums exact, float operations in the kernels' order): X [B, in] -> [B, out]."""
+    n, k = q.shape
+    bs, half = q.block_size, q.block_size // 2
+    per_row = k // bs
+    XQ, _, XS = quantize_activations_reference(X, bs)
+    codes = np.asarray(q.packed, np.uint8).reshape(n, per_row, half)
+    wh, wl = NF4_I8[codes >> 4].astype(np.int32), NF4_I8[codes & 15].astype(np.int32)  # [n, per_row, half]
+    xq = XQ.reshape(-1, per_row, 2, half).astype(np.int32)  # [B, per_row, (even, odd), half]
+    prod = wh[None] * xq[:, None, :, 0] + wl[None] * xq[:, None, :, 1]  # [B, n, per_row, half]
+    lanes = prod.reshape(*prod.shape[:3], half // INT8_CHUNK, INT8_LANES, 4).sum(axis=(3, 5))  # [B, n, per_row, 8]
+    scales = (q.absmax() if not q.double_quant else dequantize_scales_reference(
+        q.scales, q.nested_scales, q.offset, q.nested_block_size)).reshape(n, per_row)
+    acc = np.zeros((X.shape[0], n, INT8_LANES), np.float32)
+    for j in range(per_row):
+        s = XS[:, None, j] * scales[None, :, j]  # [B, n] f32
+        acc = acc + lanes[:, :, j].astype(np.float32) * s[:, :, None]
+    while acc.shape[2] > 1:
+        h = acc.shape[2] // 2
+        acc = acc[:, :, :h] + acc[:, :, h:]
+    return acc[:, :, 0]

@@ -1,0 +1,274 @@
+"""The int8 product path (runtime/int8.py): every kernel variant equals its NumPy twin bit for bit,
+the twin is within the derived bound of the exact product, and a model's int8 logits are within
+the stated tolerance of its exact ones on every architecture and on stories260K."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import edgelora
+from edgelora.child import python_command
+from edgelora.converters.nf4 import quantize_nf4
+from edgelora.errors import UsageError
+from edgelora.runtime import int8 as I8
+from edgelora.runtime import kernels as K
+from edgelora.runtime.linear import make_linear
+from edgelora.storage import DYNAMIC_CODE, NF4_CODE
+
+from tiny_models import CONFIGS, Converted
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def _activations(rng, B: int, k: int) -> np.ndarray:
+    """Activations with outliers, whole zero blocks and exact zeros (the corners of the quantizer)."""
+    X = rng.standard_normal((B, k)).astype(np.float32) * rng.choice([1e-3, 1.0, 30.0], (B, 1)).astype(np.float32)
+    X[:, rng.integers(0, k, 3)] *= 20
+    X[rng.random((B, k)) < 0.05] = 0.0
+    if k >= 64:
+        X[0, :64] = 0.0
+    return X
+
+
+def test_codes_are_rounded_127ths_of_the_nf4_values():
+    assert I8.NF4_I8.dtype == np.int8
+    assert np.array_equal(I8.NF4_I8, np.round(NF4_CODE.astype(np.float64) * 127))
+    assert I8.NF4_I8[0] == -127 and I8.NF4_I8[7] == 0 and I8.NF4_I8[15] == 127
+    assert np.abs(I8.NF4_I8 / 127 - NF4_CODE).max() <= 0.5 / 127
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 6), blocks=st.integers(1, 6), bs=st.sampled_from([64, 128, 256]), seed=st.integers(0, 2**32 - 1))
+def test_activation_quantization_equals_twin(B, blocks, bs, seed):
+    X = _activations(np.random.default_rng(seed), B, blocks * bs)
+    got, ref = I8.quantize_activations(X, bs), I8.quantize_activations_reference(X, bs)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and np.array_equal(g, r)
+    XQ, XA, XS = got
+    assert np.abs(XQ.astype(np.int32)).max() <= 127 and np.array_equal(XA, np.abs(XQ.astype(np.int32)))
+    # each entry within half a step of its block's float scale (xs * 127 is the step d)
+    q = XQ.reshape(B, blocks, 2, bs // 2)
+    deq = np.stack([q[:, :, 0], q[:, :, 1]], axis=3).reshape(B, blocks, bs) * (XS * 127)[:, :, None]
+    step = (XS * 127)[:, :, None]
+    assert (np.abs(deq - X.reshape(B, blocks, bs)) <= 0.5 * step * (1 + 1e-5) + 1e-30).all()
+
+
+@pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), per_row=st.integers(1, 5), bs=st.sampled_from([64, 128, 256]), dq=st.booleans(),
+       B=st.integers(1, 7), seed=st.integers(0, 2**32 - 1))
+def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, B, seed):
+    """The int32 block sums are exact and the float steps in the twin's order, so each variant
+    (portable, AVX2, VNNI: those this CPU has) gives the twin's bits, for any batch (1-4 vectors a
+    group, several groups)."""
+    rng = np.random.default_rng(seed)
+    k = per_row * bs
+    q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=bs, double_quant=dq)
+    X = _activations(rng, B, k)
+    qscale, nested, nshift, offset = q.scale_args()
+    out = np.full((B, n + 2), np.nan, np.float32)
+    I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 0, n, per_row, bs // 2,
+                              *I8.quantize_activations(X, bs), out, 1)
+    ref = I8.nf4_int8_matvec_batch_reference(q, X)
+    assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
+    assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()  # nothing written outside its rows
+
+
+def _error_bound(q, X: np.ndarray) -> np.ndarray:
+    """|int8 product - exact product| per output, derived: for weight ``code * s`` and entry x, the
+    int8 path multiplies ``(NF4_I8 / 127) * s`` by ``q * d``, so each term is off by at most
+    ``s * (0.5/127 * |x| + d/2)`` (codes within 0.5/127, |NF4_I8/127| <= 1, x within d/2); plus
+    float32 rounding of the sums."""
+    n, k = q.shape
+    bs = q.block_size
+    scale = q.absmax().reshape(n, k // bs)  # [n, blocks]
+    Xb = X.reshape(X.shape[0], k // bs, bs).astype(np.float64)
+    d = np.abs(Xb).max(axis=2) / 127  # [B, blocks]
+    per_block = 0.5 / 127 * np.abs(Xb).sum(axis=2) + bs * d / 2  # [B, blocks]
+    exact_mag = np.abs(q.dequantize_reference().astype(np.float64)) @ np.abs(X.astype(np.float64)).T  # [n, B]
+    return (per_block @ scale.T.astype(np.float64)).astype(np.float64) + 1e-5 * exact_mag.T + 1e-30
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 64), per_row=st.integers(1, 6), bs=st.sampled_from([64, 128]), dq=st.booleans(),
+       B=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+def test_int8_products_are_within_the_derived_bound_of_exact(n, per_row, bs, dq, B, seed):
+    rng = np.random.default_rng(seed)
+    k = per_row * bs
+    q = quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=bs, double_quant=dq)
+    X = _activations(rng, B, k)
+    exact = q.dequantize_reference().astype(np.float64) @ X.astype(np.float64).T  # [n, B]
+    got = I8.NF4Int8Linear(q).matvec_batch(X)
+    assert (np.abs(got.astype(np.float64) - exact.T) <= _error_bound(q, X)).all()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_linear_decode_products(monkeypatch, threaded):
+    """matvec, matvec_batch (any B) and matmul up to MATVEC_ROWS_MAX rows are the twin's bits, one
+    thread or the row slices of several; longer prompts take the exact tiles."""
+    if threaded:
+        monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
+    rng = np.random.default_rng(3)
+    q = quantize_nf4((rng.standard_normal((77, 384)) * 0.05).astype(np.float32))
+    lin = I8.NF4Int8Linear(q)
+    assert lin.int8
+    X = _activations(rng, 40, 384)
+    ref = I8.nf4_int8_matvec_batch_reference(q, X)
+    assert np.array_equal(_bits(lin.matvec_batch(X)), _bits(ref))
+    for b in (0, 1, 39):
+        assert np.array_equal(_bits(lin.matvec(X[b])), _bits(ref[b]))
+    out = np.empty(77, np.float32)
+    assert lin.matvec(X[2], out) is out and np.array_equal(_bits(out), _bits(ref[2]))
+    assert np.array_equal(_bits(lin.matmul(X[:K.MATVEC_ROWS_MAX])), _bits(ref[:K.MATVEC_ROWS_MAX]))
+    assert np.array_equal(lin.matmul(X), K.NF4Linear(q).matmul(X))  # the exact tile path
+    assert lin.matvec_batch(X[:0]).shape == (0, 77)
+
+
+@pytest.mark.parametrize("k,bs", [(172, 64), (96, 32), (320, 32)])
+def test_weights_the_path_cannot_take_stay_exact(k, bs):
+    rng = np.random.default_rng(k)
+    q = quantize_nf4((rng.standard_normal((20, k)) * 0.05).astype(np.float32), block_size=bs)
+    lin, exact = I8.NF4Int8Linear(q), K.NF4Linear(q)
+    assert not lin.int8 and not I8.supports_int8(q)
+    X = rng.standard_normal((3, k)).astype(np.float32)
+    assert np.array_equal(lin.matvec(X[0]), exact.matvec(X[0]))
+    assert np.array_equal(lin.matvec_batch(X), exact.matvec_batch(X))
+
+
+def test_make_linear_products_option():
+    q = quantize_nf4(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+    assert type(make_linear(q)) is K.NF4Linear
+    assert type(make_linear(q, "int8")) is I8.NF4Int8Linear
+    assert type(make_linear(np.zeros((2, 2), np.float16), "int8")) is K.F16Linear
+    with pytest.raises(UsageError):
+        make_linear(q, "int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# models: the tolerance
+# ---------------------------------------------------------------------------------------------
+
+# The stated tolerance. Per product the int8 path adds a relative error of about 0.8 % (codes
+# within 0.5/127, activations within half a step: sqrt(0.6 %^2 + 0.5 %^2) on Gaussian data) where
+# NF4 itself is off by about 9 %: a ratio near 0.09. Over a model's logits the RMS of (int8 - exact)
+# measured 0.02-0.12 of the RMS of (exact - float32) on every tiny architecture and on stories260K;
+# the tolerance is 0.25 of it (twice the worst measured), and the top token must agree wherever
+# exact's margin over the second exceeds twice the largest int8 deviation.
+RATIO_TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return Converted(tmp_path_factory, seed=0)
+
+
+def _assert_within_tolerance(bundle, src):
+    import torch
+    import transformers
+    exact = edgelora.load(bundle, max_context=64, warmup=False)
+    int8 = edgelora.load(bundle, max_context=64, warmup=False, products="int8")
+    assert int8.products == "int8" and exact.products == "exact"
+    takes = [lin.int8 for L in int8.net.w.layers for lin in vars(L).values() if isinstance(lin, I8.NF4Int8Linear)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    for seed in range(3):
+        ids = np.random.default_rng(seed).integers(0, exact.args.vocab_size, K.MATVEC_ROWS_MAX - 8)  # decode kernels
+        le, li = exact.logits(ids), int8.logits(ids)
+        if not any(takes):  # every projection falls back to the exact kernels
+            assert np.array_equal(le, li)
+            continue
+        with torch.no_grad():
+            lf = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+        ratio = np.linalg.norm(li - le) / np.linalg.norm(le - lf)
+        assert 0 < ratio <= RATIO_TOLERANCE, ratio
+        top2 = np.sort(le, axis=1)[:, -2:]
+        sure = top2[:, 1] - top2[:, 0] > 2 * np.abs(li - le).max()
+        assert np.array_equal(le.argmax(1)[sure], li.argmax(1)[sure])
+    return takes
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_int8_logits_within_tolerance_on_every_architecture(converted, arch):
+    src, bundle = converted(arch)
+    takes = _assert_within_tolerance(bundle, src)
+    assert any(takes) == (arch != "phi3_longrope")  # hidden 96: no projection of whole 64-blocks
+
+
+def test_int8_logits_within_tolerance_on_stories260k(stories260k, tmp_path):
+    edgelora.convert(stories260k, tmp_path / "b")
+    takes = _assert_within_tolerance(tmp_path / "b", stories260k)
+    assert sum(takes) == 6 * len(takes) // 7  # all but down_proj, whose rows (172) are not whole 64-blocks
+
+
+def test_int8_generation_from_the_cli_and_the_api(converted):
+    _, bundle = converted("llama3")
+    model = edgelora.load(bundle, max_context=64, products="int8")
+    text = model.generate("hello", max_new_tokens=6, temperature=0)
+    assert isinstance(text, str)
+    r = subprocess.run(python_command("import sys; from edgelora.cli import main; sys.exit(main(sys.argv[1:]))",
+                                      "run", str(bundle), "-p", "hello", "-n", "6", "--products", "int8", "--json"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == text
+    with pytest.raises(UsageError):
+        edgelora.load(bundle, products="fast")
+
+
+GENERATE = r"""
+import json, sys
+import edgelora
+from numba.core.registry import CPUDispatcher
+import edgelora.runtime.int8, edgelora.runtime.kernels
+
+def compiled():  # kernels compiled (not loaded from the cache) so far
+    return {f"{m.__name__}.{n}": sum(f.stats.cache_misses.values()) for m in (edgelora.runtime.int8,
+            edgelora.runtime.kernels) for n, f in vars(m).items() if isinstance(f, CPUDispatcher)}
+
+model = edgelora.load(sys.argv[1], threads=2, products="int8")
+before = compiled()
+model.generate("Once upon a time", max_new_tokens=6, temperature=0)
+model.generate_batch(["Hi", "Once"], max_new_tokens=4)
+after = compiled()
+print(json.dumps({"loaded": sum(before[k] > 0 for k in before if k.startswith("edgelora.runtime.int8")),
+                  "during": {k: after[k] - before[k] for k in after if after[k] != before[k]}}))
+"""
+
+
+def test_int8_kernels_compile_at_load_not_while_generating(converted, tmp_path):
+    """``load(products="int8")`` on a machine where nothing is compiled compiles the int8 kernels
+    (its own warm-up configuration) before it returns, so no generation times compilation."""
+    import os
+    _, bundle = converted("llama3")
+    env = dict(os.environ, EDGELORA_HOME=str(tmp_path / "home"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    r = subprocess.run([sys.executable, "-c", GENERATE, str(bundle)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["loaded"] > 0 and report["during"] == {}
+
+
+@pytest.mark.parametrize("cmd", ["run", "chat", "bench", "warmup"])
+def test_products_option_on_the_commands(cmd):
+    from edgelora.cli import build_parser
+    extra = ["-p", "x"] if cmd == "run" else []
+    parse = lambda *a: build_parser().parse_args([cmd, "b", *extra, *a])
+    assert parse().products == "exact" and parse("--products", "int8").products == "int8"
+    with pytest.raises(SystemExit):
+        parse("--products", "int4")
+
+
+def test_bench_measures_the_int8_path(converted, monkeypatch):
+    from edgelora import benchmark
+    _, bundle = converted("llama3")
+    seen = []
+    real = edgelora.load
+    monkeypatch.setattr(edgelora, "load", lambda *a, **kw: seen.append(kw.get("products")) or real(*a, **kw))
+    row = benchmark.run_one(bundle, 1, 16, 4, products="int8")
+    assert seen == ["int8"] and row["products"] == "int8" and row["decode_tokens_per_second"] > 0
