@@ -477,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
                    help="LoRA adapter to load (repeatable)")
     e.add_argument("--use", default=None, metavar="NAME|a=0.5,b=0.5|base", help="adapter selection to evaluate")
+    _add_products_option(e)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval, any_device=False, no_mmap=False)
 

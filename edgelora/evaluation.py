@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from edgelora.errors import FormatError, UsageError
 from edgelora.runtime.model import Model, load
@@ -174,8 +174,9 @@ def answer_loss(model: Model, path) -> tuple[float, int, int]:
     return total / count, count, examples
 
 
-def evaluate(model, text: str | None = None, data=None, *, adapters: dict | None = None, use=None,
-             window: int | None = None, max_context: int | None = None, text_file=None) -> Evaluation:
+def evaluate(model: Model | str | os.PathLike, text: str | None = None, data: str | os.PathLike | None = None, *,
+             adapters: dict | None = None, use: str | dict | None = None, window: int | None = None,
+             max_context: int | None = None, text_file: str | os.PathLike | None = None) -> Evaluation:
     """Measure a bundle: perplexity of ``text`` (or of the file ``text_file``), answer-only loss on
     the JSONL file ``data``, and the weights' quantization error (always).
 
