@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from edgelora import __version__
 from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, write_text_atomic
-from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table
+from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table, sealed_text
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
 from edgelora.errors import FormatError, QuantizationError, UnsupportedError, UsageError
@@ -254,7 +254,7 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
             manifest["source"].update(ckpt.source_meta)
             if merge is not None:
                 manifest["source"]["merged_adapter"] = merge.describe()
-            write_text_atomic(tmp / MANIFEST, _dumps(manifest))
+            write_text_atomic(tmp / MANIFEST, sealed_text(manifest))
         source_bytes = ckpt.source_bytes()
         model_type = ckpt.args.model_type
     return _summary(out, model_type, reports, source_bytes, time.perf_counter() - t0)
@@ -359,11 +359,6 @@ def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, em
                              "rel_error": round(r.rel_error, 6)} for r in reports},
         "files": files,
     }
-
-
-def _dumps(obj) -> str:
-    import json
-    return json.dumps(obj, indent=1) + "\n"
 
 
 def _summary(out: Path, model_type, reports, source_bytes, seconds) -> ConversionSummary:

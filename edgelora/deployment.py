@@ -102,7 +102,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
     :class:`PlanError` with the plan's numbers and what to change."""
     from edgelora import __version__
-    from edgelora.bundle import Bundle, file_table
+    from edgelora.bundle import Bundle, file_table, sealed_text
     from edgelora.devices.planner import plan as make_plan
     adapters = dict(adapters or {})
     for name in adapters:
@@ -143,7 +143,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
             "adapters": {name: {"path": f"{ADAPTERS_DIR}/{name}", "bytes": p.adapters[name]} for name in adapters},
             "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(sealed_text(manifest))
     if tar_path is not None:
         write_archive(out, tar_path)
     return DeployResult(out, tar_path, p, files)
@@ -191,30 +191,33 @@ def _safe_rel(rel, where) -> str:
     if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
         raise FormatError(f"invalid path {rel!r} in the manifest", where)
     parts = PurePosixPath(rel).parts
-    if rel.startswith("/") or any(x in ("", ".", "..") for x in parts) or ":" in parts[0]:
+    if rel.startswith("/") or not parts or rel in (".", "..") or any(x in ("", ".", "..") for x in parts) or ":" in parts[0]:
         raise FormatError(f"path {rel!r} in the manifest leaves the deploy folder", where)
     return rel
 
 
-def read_manifest(path) -> dict:
-    """The deploy manifest at ``path/manifest.json``, its fields type-checked."""
-    from edgelora.config import read_json
-    root = Path(path)
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise FormatError(f"no {MANIFEST}: not a deploy folder", root)
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise FormatError("manifest is larger than 16 MiB", mpath)
-    m = read_json(mpath)
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise FormatError(f"format is {m.get('format') if isinstance(m, dict) else None!r}, "
-                          f"expected {FORMAT_NAME!r}", mpath)
+def _check_format(m: dict, mpath: Path) -> None:
+    if m.get("format") != FORMAT_NAME:
+        raise FormatError(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}", mpath)
     v = m.get("format_version")
     if not isinstance(v, int) or isinstance(v, bool):
         raise FormatError("format_version missing or not an integer", mpath)
     if v > FORMAT_VERSION:
         raise UnsupportedError(f"deploy format version {v} is newer than this edgelora reads ({FORMAT_VERSION}); "
                                f"upgrade edgelora", mpath)
+
+
+def read_manifest(path) -> dict:
+    """The deploy manifest at ``path/manifest.json``, its integrity digest checked
+    (:func:`edgelora.bundle.read_sealed`) and its fields type-checked."""
+    from edgelora.bundle import read_sealed
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise FormatError(f"no {MANIFEST}: not a deploy folder", root)
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise FormatError("manifest is larger than 16 MiB", mpath)
+    m = read_sealed(mpath, _check_format)
     for key, kind in (("device", dict), ("plan", dict), ("adapters", dict), ("files", dict), ("model", str)):
         if not isinstance(m.get(key), kind):
             raise FormatError(f"manifest field {key!r} missing or not {'an object' if kind is dict else 'text'}", mpath)
@@ -254,21 +257,28 @@ def is_deploy(path) -> bool:
 
 @dataclass
 class Deployment:
+    """An opened deploy folder. Its limits (context, threads, adapter bytes, memory) come from the
+    checksummed ``plan.json``; the manifest's summary of them must agree (:func:`open_deploy`)."""
     path: Path
     manifest: dict
     device: object  # devices.profiles.Device
+    planned: dict  # plan.json
 
     @property
     def context(self) -> int:
-        return self.manifest["plan"]["context"]
+        return self.planned["context"]
 
     @property
     def threads(self) -> int:
-        return self.manifest["plan"]["threads"]
+        return self.planned["threads"]
 
     @property
     def adapter_bytes(self) -> int:
-        return self.manifest["plan"]["adapter_bytes"]
+        return self.planned["adapter_bytes"]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.planned["total_bytes"]
 
     @property
     def bundle_path(self) -> Path:
@@ -279,13 +289,49 @@ class Deployment:
         return {name: self.path / a["path"] for name, a in self.manifest["adapters"].items()}
 
     def plan(self) -> dict:
-        from edgelora.config import read_json
-        return read_json(self.path / PLAN_FILE)
+        return dict(self.planned)
+
+
+def _read_plan(root: Path, m: dict) -> dict:
+    """``plan.json``, whose numbers the manifest's ``plan`` summary and adapter budgets must repeat."""
+    from edgelora.config import read_json
+    path = root / PLAN_FILE
+    planned = read_json(path)
+    for key in ("context", "threads", "total_bytes", "adapter_bytes"):
+        v = planned.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "context" else 0):
+            raise FormatError(f"plan field {key!r} missing or not a non-negative integer", path)
+        if m["plan"][key] != v:
+            raise FormatError(f"the manifest's plan {key} {m['plan'][key]} differs from plan.json's {v}; "
+                              f"the folder was edited, deploy again", root / MANIFEST)
+    adapters = planned.get("adapters")
+    if not isinstance(adapters, dict) or {n: a["bytes"] for n, a in m["adapters"].items()} != adapters:
+        raise FormatError("the manifest's adapters differ from plan.json's; the folder was edited, deploy again",
+                          root / MANIFEST)
+    return planned
+
+
+def _check_bundle_listed(root: Path, m: dict) -> None:
+    """Every file of the inner bundle is listed in the deploy manifest with the same checksum, so that
+    verifying the deploy folder verifies the bundle the loader then opens."""
+    from edgelora.bundle import Bundle, read_sealed
+    mpath = root / m["model"] / MANIFEST
+    inner = read_sealed(mpath, Bundle._check_format)
+    files = inner.get("files")
+    if not isinstance(files, dict):
+        raise FormatError("manifest field 'files' missing or not an object", mpath)
+    for name, info in files.items():
+        outer = m["files"].get(f"{m['model']}/{name}") if isinstance(name, str) else None
+        if outer is None or not isinstance(info, dict) or outer.get("sha256") != info.get("sha256") \
+                or outer.get("size") != info.get("size"):
+            raise FormatError(f"the bundle's file {name!r} is not listed with the same checksum in the deploy "
+                              f"manifest", root / MANIFEST)
 
 
 def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> Deployment:
-    """Read and verify a deploy folder: format, checksums of every file, and (``device_check``)
-    that this machine has the planned CPU architecture and at least the planned memory."""
+    """Read and verify a deploy folder: format, checksums of every file (the inner bundle's included:
+    each must be listed), the plan's limits as ``plan.json`` has them, and (``device_check``) that
+    this machine has the planned CPU architecture and at least the planned memory."""
     from edgelora.bundle import verify_files
     from edgelora.devices.profiles import Device, host_arch, host_ram_bytes
     root = Path(path)
@@ -295,16 +341,18 @@ def open_deploy(path, verify: bool | str = True, device_check: bool = True) -> D
     if missing:
         raise FormatError(f"the deploy manifest does not list {missing}", root / MANIFEST)
     if verify:
-        verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest", confined=True)
+        verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest")
+    _check_bundle_listed(root, m)
+    planned = _read_plan(root, m)
     device = Device.from_file(root / DEVICE_FILE)
-    dep = Deployment(root, m, device)
+    dep = Deployment(root, m, device, planned)
     if device_check:
         arch = host_arch()
         if device.arch != arch:
             raise PlanError(f"planned for {device.name} ({device.arch}); this machine is {arch}. Deploy again for "
                             f"this device, or pass --any-device (device_check=False) to run it here anyway", root)
         ram = host_ram_bytes()
-        need = m["plan"]["total_bytes"]
+        need = dep.total_bytes
         if ram is not None and ram < need:
             raise PlanError(f"the plan needs {need / 1e6:.1f} MB and this machine has {ram / 1e6:.1f} MB of RAM; "
                             f"deploy again for this device", root)
@@ -364,7 +412,12 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
                                           f"({e.strerror})", archive) from None
                     raise
             try:
-                open_deploy(tmp, verify="full", device_check=False)
+                m = open_deploy(tmp, verify="full", device_check=False).manifest
+                listed = {*m["files"], MANIFEST}
+                extra = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                               if not p.is_dir() and p.relative_to(tmp).as_posix() not in listed)
+                if extra:
+                    raise FormatError(f"archive members {extra[:5]} are not listed in the manifest", tmp)
             except EdgeLoraError as e:  # name the archive and the member, not the temporary folder
                 msg = str(e).replace(str(tmp), tops.pop())
                 raise type(e)(f"the archive does not hold a valid deploy folder: {msg}", archive) from None

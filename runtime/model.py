@@ -251,7 +251,7 @@ class Model:
         self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
         self.net = build_model(bundle, max_context)
         self.max_context = self.net.max_context
-        self.tokenizer = Tokenizer.from_dir(bundle.path)
+        self.tokenizer = Tokenizer.from_dir(bundle.path, listed=bundle.listed)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._local = threading.local()  # statistics of the last generation, per thread
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``

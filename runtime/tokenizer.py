@@ -100,8 +100,14 @@ def _read_text(path: Path, limit: int = _MAX_TOKENIZER_BYTES) -> str:
         raise FormatError(f"not UTF-8 text ({e})", path) from None
 
 
-def _optional_json(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+def _optional_json(path: Path, listed=None) -> dict:
+    return read_json(path) if _present(path, listed) else {}
+
+
+def _present(path: Path, listed) -> bool:
+    """Whether the folder's file ``path`` is to be read: it exists and, when the folder has a manifest
+    (``listed``: the names it lists and checksums), is listed; an unlisted file is never read."""
+    return (listed is None or path.name in listed) and path.is_file()
 
 
 def _added_token(value: Any, path: Path, what: str) -> AddedToken | str | None:
@@ -202,7 +208,8 @@ def _qwen2_backend(tj: dict, tok_cfg: dict, path: Path) -> BackendTokenizer:
     return backend
 
 
-def _special_tokens(tok_cfg: dict, cls_name: str, dirpath: Path, cfg_path: Path, file_added: list[dict]):
+def _special_tokens(tok_cfg: dict, cls_name: str, dirpath: Path, cfg_path: Path, file_added: list[dict],
+                    listed=None):
     """Named, model-specific and extra special tokens, and ``added_tokens_decoder``, the way
     ``PreTrainedTokenizerBase.from_pretrained`` collects them from the configuration files."""
     cfg = dict(tok_cfg)
@@ -219,7 +226,7 @@ def _special_tokens(tok_cfg: dict, cls_name: str, dirpath: Path, cfg_path: Path,
                 raise FormatError(f"added_tokens_decoder key {idx!r} is not a token id", cfg_path) from None
     else:
         stm_path = dirpath / SPECIAL_TOKENS_MAP_FILE
-        for key, value in _optional_json(stm_path).items():
+        for key, value in _optional_json(stm_path, listed).items():
             if key == "extra_special_tokens" and isinstance(value, list):
                 existing = list(cfg.get("extra_special_tokens") or [])
                 cfg["extra_special_tokens"] = existing + [v for v in value if v not in existing]
@@ -289,18 +296,20 @@ def _token_ids(cfg: dict, key: str, path: Path) -> list[int] | None:
     return values or None
 
 
-def _load_chat_templates(dirpath: Path, tok_cfg: dict) -> tuple[str | dict[str, str] | None, Path | None]:
-    """The chat template(s) and the file they come from; ``.jinja`` files win over tokenizer_config.json."""
+def _load_chat_templates(dirpath: Path, tok_cfg: dict, listed=None) -> tuple[str | dict[str, str] | None, Path | None]:
+    """The chat template(s) and the file they come from; ``.jinja`` files win over tokenizer_config.json.
+    With ``listed`` (a bundle's manifest), only listed files count: a bundle lists no sub-folder, so
+    ``additional_chat_templates/`` is never read from one."""
     files: dict[str, str] = {}
     single = dirpath / CHAT_TEMPLATE_FILE
-    if single.is_file():
+    if _present(single, listed):
         files["default"] = _read_text(single, 16 << 20)
     extra_dir = dirpath / CHAT_TEMPLATE_DIR
-    if extra_dir.is_dir():
+    if listed is None and extra_dir.is_dir():
         for f in sorted(extra_dir.glob("*.jinja")):
             files[f.stem] = _read_text(f, 16 << 20)
     if files:
-        source = single if single.is_file() else extra_dir
+        source = single if "default" in files else extra_dir
         return (files["default"] if list(files) == ["default"] else files), source
     cfg_path = dirpath / TOKENIZER_CONFIG_FILE
     template = tok_cfg.get("chat_template")
@@ -475,11 +484,16 @@ class Tokenizer:
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path) -> "Tokenizer":
+    def from_dir(cls, path, listed=None) -> "Tokenizer":
         """Load ``tokenizer.json`` and, when present, ``tokenizer_config.json``, ``special_tokens_map.json``,
-        ``generation_config.json``, ``config.json`` and ``chat_template.jinja`` from a model or bundle folder."""
+        ``generation_config.json``, ``config.json`` and ``chat_template.jinja`` from a model or bundle folder.
+        ``listed``: the file names a bundle's manifest lists (``Bundle.listed``); a file not among them
+        is not read even when it is there, since nothing verified it."""
         dirpath = Path(path)
         tj_path = dirpath / TOKENIZER_FILE
+        if listed is not None and TOKENIZER_FILE not in listed:
+            raise FormatError(f"the manifest does not list {TOKENIZER_FILE}; every file the loader opens must have "
+                              f"a checksum", dirpath)
         if not tj_path.is_file():
             raise FormatError("no tokenizer.json in the model folder (save the tokenizer with transformers' "
                               "save_pretrained, which writes it)", dirpath)
@@ -491,11 +505,11 @@ class Tokenizer:
         if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
             raise FormatError("not a tokenizers file (no \"model\" object)", tj_path)
         cfg_path = dirpath / TOKENIZER_CONFIG_FILE
-        tok_cfg = _optional_json(cfg_path)
+        tok_cfg = _optional_json(cfg_path, listed)
         gen_path = dirpath / GENERATION_CONFIG_FILE
-        gen_cfg = _optional_json(gen_path)
+        gen_cfg = _optional_json(gen_path, listed)
         model_path = dirpath / MODEL_CONFIG_FILE
-        model_cfg = _optional_json(model_path)
+        model_cfg = _optional_json(model_path, listed)
 
         cls_name = _transformers_class(tok_cfg, model_cfg, text)
         rebuild = {"LlamaTokenizer": _llama_backend, "Qwen2Tokenizer": _qwen2_backend}.get(cls_name)
@@ -511,7 +525,7 @@ class Tokenizer:
                 isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)
                 for t in file_added):
             raise FormatError("added_tokens must be a list of {\"id\", \"content\", ...} objects", tj_path)
-        named, extra, decoder = _special_tokens(tok_cfg, cls_name, dirpath, cfg_path, file_added)
+        named, extra, decoder = _special_tokens(tok_cfg, cls_name, dirpath, cfg_path, file_added, listed)
         _add_special_tokens(backend, named, extra, decoder)
         if cls_name == "Qwen2Tokenizer":  # Qwen2Tokenizer.__init__ ends by adding all its special tokens
             backend.add_tokens([AddedToken(t, special=True) for t in
@@ -529,7 +543,7 @@ class Tokenizer:
         if bos is None and "bos_token" in special_tokens:
             bos_id = backend.token_to_id(special_tokens["bos_token"])
             bos = None if bos_id is None else [bos_id]
-        chat_template, template_path = _load_chat_templates(dirpath, tok_cfg)
+        chat_template, template_path = _load_chat_templates(dirpath, tok_cfg, listed)
         # transformers' _decode skips the clean-up for BPE models unless forced
         clean_up = bool(tok_cfg.get("clean_up_tokenization_spaces", False)) and (
             type(backend.model).__name__ != "BPE"
