@@ -215,7 +215,7 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
     for what, v in (("embeddings", embeddings), ("head", head)):
         if v not in STORAGE_CHOICES:
             raise UsageError(f"--{what} must be one of {STORAGE_CHOICES}, got {v!r}")
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, owner=FORMAT_NAME)
     src_path = resolve_source(src)
     with open_checkpoint(src_path) as ckpt:
         tok = ckpt.path / "tokenizer.json"
@@ -237,7 +237,7 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
                 "double_quant": str(double_quant).lower(), "nested_block_size": str(NESTED_BLOCK_SIZE)}
         reports: list[TensorReport] = []
         total = sum(math.prod(s.shape) for s in specs.values())
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, owner=FORMAT_NAME) as tmp:
             writer = SafetensorsWriter(tmp / WEIGHTS, entries, meta)
             for k, v in CODE_TENSORS.items():
                 writer.write(k, v)

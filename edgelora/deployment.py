@@ -12,8 +12,10 @@
     OUT/plan.json              the whole plan, item by item
 
 all written in a temporary sibling folder renamed into place (``edgelora.atomic``), so a kill at
-any moment leaves the old folder or none. ``--archive`` also writes ``OUT.tar`` (plain files and
-folders only) the same way; ``edgelora unpack`` extracts one, refusing links, absolute paths and
+any moment leaves the old folder or the new one. ``--archive`` also writes ``OUT.tar`` (plain files
+and folders only): built from the new folder before either is in place, the old archive removed
+just before the folder is replaced, then renamed in, so that an archive that exists always holds
+the folder beside it (a kill in between leaves no archive); ``edgelora unpack`` extracts one, refusing links, absolute paths and
 ``..``, then verifies it.
 
 ``edgelora.load``/``edgelora run`` on a deploy folder check the format and version, every file's
@@ -35,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error
+from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, clean_stale, os_error
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UnsupportedError, UsageError
 
 FORMAT_NAME = "edgelora-deploy"
@@ -107,7 +109,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
     adapters = dict(adapters or {})
     for name in adapters:
         _check_name(name)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, owner=FORMAT_NAME)
     tar_path = out.with_name(out.name + ".tar") if archive else None
     if tar_path is not None and tar_path.exists() and not overwrite:
         raise UsageError("the archive already exists; pass --overwrite to replace it", tar_path)
@@ -118,7 +120,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
                         + "".join(f"; {s}" for s in p.suggestions) + "\n" + p.text())
     src = Bundle(bundle, verify=False)  # the manifest and the weights' layout checked; hashes below
     src.close()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, owner=FORMAT_NAME) as tmp:
         model_dir = tmp / MODEL_DIR
         model_dir.mkdir()
         for name in [*src.manifest["files"], "manifest.json"]:
@@ -144,18 +146,26 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
             "files": files,
         }
         (tmp / MANIFEST).write_text(sealed_text(manifest))
+        if tar_path is not None:  # the archive of the new folder, ready before either is in place
+            clean_stale(tar_path)
+            tar_tmp = _tmp_sibling(tar_path, "tmp")
+            _write_tar(tmp, tar_tmp, out.name)
+            tar_path.unlink(missing_ok=True)  # an archive that exists always matches the folder beside it
     if tar_path is not None:
-        write_archive(out, tar_path)
+        try:
+            os.replace(tar_tmp, tar_path)
+        except OSError as e:
+            tar_tmp.unlink(missing_ok=True)
+            raise os_error(e, tar_path) from None
     return DeployResult(out, tar_path, p, files)
 
 
-def write_archive(folder: Path, tar_path: Path) -> None:
-    """``folder`` as one uncompressed tar (members under ``folder.name/``), written atomically."""
-    tmp = _tmp_sibling(tar_path, "tmp")
+def _write_tar(folder: Path, tmp: Path, top: str) -> None:
+    """``folder`` as the tar ``tmp`` with members under ``top/``, fsynced; ``tmp`` removed on failure."""
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for p in [folder, *sorted(folder.rglob("*"))]:
-                arc = p.relative_to(folder.parent).as_posix()
+                arc = PurePosixPath(top, p.relative_to(folder).as_posix()).as_posix() if p != folder else top
                 info = tar.gettarinfo(str(p), arcname=arc)
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
@@ -166,10 +176,9 @@ def write_archive(folder: Path, tar_path: Path) -> None:
                     tar.addfile(info)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, tar_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise os_error(e, tar_path) from None
+        raise os_error(e, tmp) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -384,7 +393,7 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
             tops.add(parts[0])
         if len(tops) != 1:
             raise FormatError(f"a deploy archive holds one top folder, this one has {sorted(tops)[:5]}", archive)
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, owner=FORMAT_NAME) as tmp:
             for mem in members:
                 rel = PurePosixPath(mem.name).parts[1:]
                 if not rel:
