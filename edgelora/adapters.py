@@ -618,6 +618,15 @@ def _shape_hint(what: str, got, want, base: BaseModules) -> str:
     return ""
 
 
+def min_resident_bytes(path) -> int:
+    """The fewest bytes the adapter at ``path`` can take once loaded (two per parameter: no tensor
+    is kept in fewer), from its weights file's header alone, so that a budget can refuse an adapter
+    before it is read (a sparse file of 10 GB costs nothing to size)."""
+    _, weights_path = adapter_files(path)
+    with SafetensorsFile(weights_path) as st:
+        return sum(2 * info.numel for info in st.tensors.values())
+
+
 def describe_adapter(path) -> dict:
     """What an adapter folder holds, from its config and the weights' header (no base needed)."""
     cfg_path, weights_path = adapter_files(path)

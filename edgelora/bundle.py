@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.architectures import tensor_map
+from edgelora.architectures import layer_index, tensor_map
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.config import ModelArgs, read_bounded
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
@@ -71,6 +71,7 @@ class Bundle:
         if verify:  # True: checksums (cached by file identity); "full": hash every file again
             self.verify(full=verify == "full")
         self.args = ModelArgs.from_file(self.path / CONFIG)
+        self._check_layers(mpath)
         self.weights = SafetensorsFile(self.path / WEIGHTS, mmap=mmap)
         try:
             self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
@@ -79,6 +80,15 @@ class Bundle:
         except BaseException:
             self.weights.close()
             raise
+
+    def _check_layers(self, mpath: Path) -> None:
+        """config.json's layer count is that of the tensors the manifest lists, checked before the
+        tensor map of the config is built (a hostile config of 10^6 layers would cost minutes and GBs)."""
+        layers = {layer_index(name) for name in self.manifest["tensors"]} - {None}
+        n = self.args.num_hidden_layers
+        if layers != set(range(n)):
+            raise FormatError(f"config.json has {n} layers but the manifest lists tensors of "
+                              f"{len(layers)} layers{f' (up to {max(layers)})' if layers else ''}", mpath)
 
     def _check_weights(self) -> None:
         """Every tensor the manifest lists is in the weights file as its storage lays it out, with the

@@ -97,6 +97,18 @@ def compact_adapter(src, dst: Path) -> None:
     write_safetensors(dst / weights.name, tensors, {"format": "pt"})
 
 
+def _check_adapters_fit(adapters: dict, device) -> None:
+    """Adapters that could not fit the device even alone are refused from their headers, before the
+    planner reads them (a sparse 10 GB file would otherwise be read whole)."""
+    from edgelora.adapters import min_resident_bytes
+    from edgelora.devices.profiles import get_device
+    dev = get_device(device)
+    need = sum(min_resident_bytes(path) for path in adapters.values())
+    if need > dev.budget_bytes:
+        raise PlanError(f"the adapters need at least {need / 1e6:.1f} MB, more than {dev.name}'s whole budget of "
+                        f"{dev.budget_bytes / 1e6:.1f} MB; nothing was read or written")
+
+
 def deploy(bundle, device, out, adapters: dict | None = None, context: int | None = None,
            threads: int | None = None, archive: bool = False, overwrite: bool = False,
            overhead: int | None = None) -> DeployResult:
@@ -113,6 +125,7 @@ def deploy(bundle, device, out, adapters: dict | None = None, context: int | Non
     tar_path = out.with_name(out.name + ".tar") if archive else None
     if tar_path is not None and tar_path.exists() and not overwrite:
         raise UsageError("the archive already exists; pass --overwrite to replace it", tar_path)
+    _check_adapters_fit(adapters, device)
     p = make_plan(bundle, device, context=context, adapters=adapters, threads=threads, overhead=overhead)
     if not p.fits:
         raise PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
@@ -313,6 +326,10 @@ def _read_plan(root: Path, m: dict) -> dict:
         if m["plan"][key] != v:
             raise FormatError(f"the manifest's plan {key} {m['plan'][key]} differs from plan.json's {v}; "
                               f"the folder was edited, deploy again", root / MANIFEST)
+    budget = planned.get("budget_bytes")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget != m["device"].get("budget_bytes"):
+        raise FormatError("plan.json's budget_bytes is missing or differs from the manifest's device budget; the "
+                          "folder was edited, deploy again", root / MANIFEST)
     adapters = planned.get("adapters")
     if not isinstance(adapters, dict) or {n: a["bytes"] for n, a in m["adapters"].items()} != adapters:
         raise FormatError("the manifest's adapters differ from plan.json's; the folder was edited, deploy again",
