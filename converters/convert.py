@@ -25,6 +25,7 @@ from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
 from edgelora.errors import FormatError, QuantizationError, UnsupportedError, UsageError
+from edgelora.runtime.tokenizer import Tokenizer
 from edgelora.safetensors_io import SafetensorsWriter, bf16_to_float32
 from edgelora.storage import CODE_TENSORS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, NF4Tensor, storages
 
@@ -222,6 +223,7 @@ def convert(src, out, block_size: int | None = None, double_quant: bool | None =
         if not tok.is_file():
             raise FormatError("no tokenizer.json in the checkpoint folder; save the tokenizer with transformers "
                               "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", ckpt.path)
+        Tokenizer.from_dir(ckpt.path)  # the files the bundle will copy load: a malformed one fails here, not later
         specs = ckpt.specs
         block_size, double_quant = _layout(ckpt, block_size, double_quant)
         if merge_adapter is not None and ckpt.nf4:

@@ -55,6 +55,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # modules_to_save this runtime can hold as full replacement matrices
 SAVEABLE = (EMBED, HEAD)
+F32_MAX = float(np.finfo(np.float32).max)
 #: the longest regular expression a config may hold
 MAX_PATTERN = 2048
 #: how long the child that matches a config's regular expressions may run
@@ -555,6 +556,10 @@ def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModul
                                        f"{'lora_A' if a_name is None else 'lora_B'} weight for it", st.path)
         A = tensor(a_name, (r, in_f), module, "lora_A")
         B = tensor(b_name, (out_f, r), module, "lora_B")
+        bound = abs(config.scale(module, found)) * r * float(np.abs(A).max(initial=0)) * float(np.abs(B).max(initial=0))
+        if not bound <= F32_MAX:  # a bound on every entry of scale * B A
+            raise FormatError(f"{module}: lora_A and lora_B values are so large that their product overflows "
+                              f"float32 (non-finite outputs)", st.path)
         bias = magnitude = None
         if config.lora_bias:
             b = take(module, "lora_B.bias")

@@ -48,6 +48,7 @@ ADAPTERS_DIR = "adapters"
 DEVICE_FILE = "device.toml"
 PLAN_FILE = "plan.json"
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_DEPTH = 16  # a deploy archive's members lie at most this many folders deep (they use 4)
 F16_MAX = 65504.0
 
 
@@ -397,7 +398,7 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
     with tar:
         try:
             members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # ValueError: a malformed PAX sparse map
             raise FormatError(f"archive is truncated or corrupt: {e}", archive) from None
         tops = set()
         for mem in members:
@@ -407,6 +408,9 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
             parts = PurePosixPath(name).parts
             if name.startswith("/") or "\\" in name or not parts or any(x in ("..", "") for x in parts):
                 raise FormatError(f"archive member {name!r} would be written outside the output folder", archive)
+            if len(parts) > MAX_DEPTH or len(name.encode(errors="surrogateescape")) > 4096:
+                raise FormatError(f"archive member {name[:80]!r}... is nested more than {MAX_DEPTH} folders deep or "
+                                  f"its name is longer than 4096 bytes", archive)
             tops.add(parts[0])
         if len(tops) != 1:
             raise FormatError(f"a deploy archive holds one top folder, this one has {sorted(tops)[:5]}", archive)
