@@ -393,7 +393,7 @@ def unpack(archive, out, overwrite: bool = False) -> Path:
     archive = Path(archive)
     try:
         tar = tarfile.open(archive, "r:")
-    except (OSError, tarfile.TarError) as e:
+    except (OSError, tarfile.TarError, ValueError) as e:  # ValueError: a malformed PAX sparse map
         raise FormatError(f"not a readable tar archive: {e}", archive) from None
     with tar:
         try:
