@@ -628,7 +628,7 @@ def min_resident_bytes(path) -> int:
     is kept in fewer), from its weights file's header alone, so that a budget can refuse an adapter
     before it is read (a sparse file of 10 GB costs nothing to size)."""
     _, weights_path = adapter_files(path)
-    with SafetensorsFile(weights_path) as st:
+    with SafetensorsFile(weights_path, mmap=False) as st:  # the header only: nothing mapped, nothing read
         return sum(2 * info.numel for info in st.tensors.values())
 
 

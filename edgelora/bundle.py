@@ -86,7 +86,7 @@ class Bundle:
         tensor map of the config is built (a hostile config of 10^6 layers would cost minutes and GBs)."""
         layers = {layer_index(name) for name in self.manifest["tensors"]} - {None}
         n = self.args.num_hidden_layers
-        if layers != set(range(n)):
+        if len(layers) != n or layers != set(range(n)):  # (the count first: no set of n elements)
             raise FormatError(f"config.json has {n} layers but the manifest lists tensors of "
                               f"{len(layers)} layers{f' (up to {max(layers)})' if layers else ''}", mpath)
 

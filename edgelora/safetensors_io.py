@@ -148,7 +148,11 @@ class SafetensorsFile:
             raw = self._fh.read(n)
             self.data_start = 8 + n
             self.metadata, self.tensors = parse_header(raw, size - self.data_start, self.path)
-            self._mm = _mmap.mmap(self._fh.fileno(), 0, access=_mmap.ACCESS_READ) if size and mmap else None
+            try:
+                self._mm = _mmap.mmap(self._fh.fileno(), 0, access=_mmap.ACCESS_READ) if size and mmap else None
+            except OSError as e:  # ENOMEM: an address space limit (ulimit -v) smaller than the file
+                raise FormatError(f"cannot map the file ({e.strerror or e}); load with mmap=False (--no-mmap) to "
+                                  f"read tensors as they are used instead", self.path) from None
         except BaseException:
             self._fh.close()
             raise
