@@ -211,7 +211,7 @@ class LoraConfig:
                 m = found.match(_layer_pattern(p), "match", key)
                 if m is not None:
                     break
-        if m is None:
+        if m is None or m.get("idx") is None:  # (a pattern's own alternation can leave the group unset)
             return False
         idx = int(m["idx"])
         return idx == lt if isinstance(lt, int) else idx in lt
