@@ -22,10 +22,11 @@ from tqdm import tqdm
 
 from edgelora import __version__
 from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, write_text_atomic
-from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table
+from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table, sealed_text
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
 from edgelora.errors import FormatError, QuantizationError, UnsupportedError, UsageError
+from edgelora.runtime.tokenizer import Tokenizer
 from edgelora.safetensors_io import SafetensorsWriter, bf16_to_float32
 from edgelora.storage import CODE_TENSORS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, NF4Tensor, storages
 
@@ -216,13 +217,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, block_size: int | No
     for what, v in (("embeddings", embeddings), ("head", head)):
         if v not in STORAGE_CHOICES:
             raise UsageError(f"--{what} must be one of {STORAGE_CHOICES}, got {v!r}")
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, owner=FORMAT_NAME)
     src_path = resolve_source(src)
     with open_checkpoint(src_path) as ckpt:
         tok = ckpt.path / "tokenizer.json"
         if not tok.is_file():
             raise FormatError("no tokenizer.json in the checkpoint folder; save the tokenizer with transformers "
                               "(AutoTokenizer.from_pretrained(SRC).save_pretrained(SRC)) to create it", ckpt.path)
+        Tokenizer.from_dir(ckpt.path)  # the files the bundle will copy load: a malformed one fails here, not later
         specs = ckpt.specs
         block_size, double_quant = _layout(ckpt, block_size, double_quant)
         if merge_adapter is not None and ckpt.nf4:
@@ -238,7 +240,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, block_size: int | No
                 "double_quant": str(double_quant).lower(), "nested_block_size": str(NESTED_BLOCK_SIZE)}
         reports: list[TensorReport] = []
         total = sum(math.prod(s.shape) for s in specs.values())
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, owner=FORMAT_NAME) as tmp:
             writer = SafetensorsWriter(tmp / WEIGHTS, entries, meta)
             for k, v in CODE_TENSORS.items():
                 writer.write(k, v)
@@ -255,7 +257,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, block_size: int | No
             manifest["source"].update(ckpt.source_meta)
             if merge is not None:
                 manifest["source"]["merged_adapter"] = merge.describe()
-            write_text_atomic(tmp / MANIFEST, _dumps(manifest))
+            write_text_atomic(tmp / MANIFEST, sealed_text(manifest))
         source_bytes = ckpt.source_bytes()
         model_type = ckpt.args.model_type
     return _summary(out, model_type, reports, source_bytes, time.perf_counter() - t0)
@@ -360,11 +362,6 @@ def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, em
                              "rel_error": round(r.rel_error, 6)} for r in reports},
         "files": files,
     }
-
-
-def _dumps(obj) -> str:
-    import json
-    return json.dumps(obj, indent=1) + "\n"
 
 
 def _summary(out: Path, model_type, reports, source_bytes, seconds) -> ConversionSummary:

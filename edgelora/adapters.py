@@ -23,13 +23,24 @@ the runtime divides it by the column norms of the dequantized base plus the LoRA
 load). LoRA on the embedding layer itself, and the PEFT options that change the model's structure
 (``layer_replication``, ``trainable_token_indices``, ``target_parameters``, aLoRA), are refused.
 Pickle files (``adapter_model.bin``) are never unpickled.
+
+Every regular expression of a config (``target_modules`` as a string, ``exclude_modules``,
+``rank_pattern``/``alpha_pattern`` keys, and ``modules_to_save`` entries and ``layers_pattern``,
+which PEFT interpolates into patterns) is matched once, ahead, against the base's module names, a
+known and bounded list (:class:`PatternMatches`). Python's ``re`` backtracks and cannot be
+interrupted, so ``(.*.*)*q`` would spin for ever in-process: a pattern that is a plain name (word
+characters, dots, dashes: no repetition, hence no backtracking) is matched here, any other in a
+child Python that is killed after :data:`REGEX_SECONDS`, and the field is named in the error.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -45,6 +56,13 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # modules_to_save this runtime can hold as full replacement matrices
 SAVEABLE = (EMBED, HEAD)
+F32_MAX = float(np.finfo(np.float32).max)
+#: the longest regular expression a config may hold
+MAX_PATTERN = 2048
+#: how long the child that matches a config's regular expressions may run
+REGEX_SECONDS = 5.0
+# patterns without repetition or alternation: matched in-process, in time linear in the name
+_PLAIN = re.compile(r"[\w.\-]*", re.ASCII)
 # PEFT options that change the model's structure: a value other than these defaults is refused
 REFUSED_OPTIONS = ("layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
                    "use_qalora", "fan_in_fan_out")
@@ -93,21 +111,20 @@ class LoraConfig:
     def validate(self, path=None) -> None:
         def bad(msg):
             raise FormatError(f"adapter_config.json: {msg}", path)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            bad(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) \
-                or not math.isfinite(self.lora_alpha):
-            bad(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or not 1 <= self.r <= 1 << 20:
+            bad(f"r must be a positive integer, got {_short(self.r)}")
+        if not _finite(self.lora_alpha):
+            bad(f"lora_alpha must be a finite number, got {_short(self.lora_alpha)}")
         for name in ("rank_pattern", "alpha_pattern"):
             pat = getattr(self, name)
             if not isinstance(pat, dict):
                 bad(f"{name} must be an object, got {pat!r}")
             for k, v in pat.items():
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (
-                        name == "rank_pattern" and (not isinstance(v, int) or v < 1)):
-                    bad(f"{name}[{k!r}] = {v!r} is not a valid {'rank' if name == 'rank_pattern' else 'alpha'}")
+                if not _finite(v) or (name == "rank_pattern" and (not isinstance(v, int) or not 1 <= v <= 1 << 20)):
+                    bad(f"{name}[{_short(k)}] = {_short(v)} is not a valid "
+                        f"{'rank' if name == 'rank_pattern' else 'alpha'}")
                 _compile(k, f"{name} key", path)
-                _compile(rf"(.*\.)?({k})$", f"{name} key", path)  # as _pattern_value uses it
+                _compile(_suffix_pattern(k), f"{name} key", path)  # as _pattern_value uses it
         if not isinstance(self.bias, str) or self.bias not in ("none", "all", "lora_only"):
             bad(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         t = self.target_modules
@@ -128,12 +145,12 @@ class LoraConfig:
                                                  or not all(isinstance(m, str) for m in self.modules_to_save)):
             bad(f"modules_to_save must be a list of names, got {self.modules_to_save!r}")
         for m in self.modules_to_save or []:  # matched as a regex, as PEFT does
-            _compile(rf"(^|.*\.){m}($|\..*)", "modules_to_save entry", path)
+            _compile(_saved_pattern(m), "modules_to_save entry", path)
         lp = self.layers_pattern
         if lp is not None and not isinstance(lp, str) and not (isinstance(lp, list) and all(isinstance(p, str) for p in lp)):
             bad(f"layers_pattern must be a name or a list of names, got {lp!r}")
         for p in [lp] if isinstance(lp, str) else lp or []:
-            _compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern", path)
+            _compile(_layer_pattern(p), "layers_pattern", path)
         ex = self.exclude_modules
         if isinstance(ex, str):
             _compile(ex, "exclude_modules", path)
@@ -143,25 +160,42 @@ class LoraConfig:
             bad("use_dora and lora_bias cannot be combined (PEFT refuses this too)")
 
     # --- which modules, which rank ---------------------------------------------------------
-    def is_excluded(self, key: str) -> bool:
+    def regexes(self) -> list[tuple[str, str, str]]:
+        """Every regular expression PEFT's rules match module names against, as ``(field, pattern,
+        mode)``, ``mode`` being ``re.Pattern``'s method (``match`` or ``fullmatch``)."""
+        jobs = [("layers_to_transform", _DEFAULT_LAYER, "match")]
+        t, ex = self.target_modules, self.exclude_modules
+        if isinstance(t, str) and t.lower() != "all-linear":
+            jobs.append(("target_modules", t, "fullmatch"))
+        if isinstance(ex, str):
+            jobs.append(("exclude_modules", ex, "fullmatch"))
+        jobs += [("modules_to_save", _saved_pattern(m), "match") for m in self.modules_to_save or []]
+        lp = self.layers_pattern
+        jobs += [("layers_pattern", _layer_pattern(p), "match") for p in ([lp] if isinstance(lp, str) else lp or [])]
+        jobs += [(name, _suffix_pattern(k), "match") for name in ("rank_pattern", "alpha_pattern")
+                 for k in getattr(self, name)]
+        return jobs
+
+    def is_excluded(self, key: str, found: "PatternMatches") -> bool:
         ex = self.exclude_modules
         if ex:
             if isinstance(ex, str):
-                if re.fullmatch(ex, key):
+                if found.match(ex, "fullmatch", key) is not None:
                     return True
             elif key in ex or any(key.endswith("." + e) for e in ex):
                 return True
-        return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in (self.modules_to_save or []))
+        return any(found.match(_saved_pattern(m), "match", key) is not None for m in self.modules_to_save or [])
 
-    def is_target(self, key: str, linear_modules) -> bool:
-        """PEFT's rule for whether module ``key`` gets a LoRA pair."""
-        if self.is_excluded(key):
+    def is_target(self, key: str, linear_modules, found: "PatternMatches") -> bool:
+        """PEFT's rule for whether module ``key`` gets a LoRA pair (``found``: the config's patterns
+        matched against the base's module names)."""
+        if self.is_excluded(key, found):
             return False
         t = self.target_modules
         if isinstance(t, str):
             if t.lower() == "all-linear":
                 return key in linear_modules and key != HEAD
-            return re.fullmatch(t, key) is not None
+            return found.match(t, "fullmatch", key) is not None
         if key in t:
             return True
         if not any(key.endswith("." + x) for x in t):
@@ -171,40 +205,146 @@ class LoraConfig:
             return True
         patterns = self.layers_pattern
         if not patterns:
-            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+            m = found.match(_DEFAULT_LAYER, "match", key)
         else:
             m = None
             for p in [patterns] if isinstance(patterns, str) else patterns:
-                m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
-                if m:
+                m = found.match(_layer_pattern(p), "match", key)
+                if m is not None:
                     break
-        if m is None:
+        if m is None or m.get("idx") is None:  # (a pattern's own alternation can leave the group unset)
             return False
-        idx = int(m.group("idx"))
+        idx = int(m["idx"])
         return idx == lt if isinstance(lt, int) else idx in lt
 
-    def rank_alpha(self, key: str) -> tuple[int, float]:
-        return (_pattern_value(self.rank_pattern, key, self.r),
-                float(_pattern_value(self.alpha_pattern, key, self.lora_alpha)))
+    def rank_alpha(self, key: str, found: "PatternMatches") -> tuple[int, float]:
+        return (_pattern_value(self.rank_pattern, key, self.r, found),
+                float(_pattern_value(self.alpha_pattern, key, self.lora_alpha, found)))
 
-    def scale(self, key: str) -> float:
-        r, alpha = self.rank_alpha(key)
+    def scale(self, key: str, found: "PatternMatches") -> float:
+        r, alpha = self.rank_alpha(key, found)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+_DEFAULT_LAYER = r".*?\.[^.]*\.(?P<idx>\d+)\."
+
+
+def _saved_pattern(name: str) -> str:
+    return rf"(^|.*\.){name}($|\..*)"
+
+
+def _layer_pattern(name: str) -> str:
+    return rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\."
+
+
+def _suffix_pattern(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
+def _finite(v) -> bool:
+    """A finite int or float (a 400-digit integer is not: it has no float value)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _compile(pattern: str, what: str, path):
+    if len(pattern) > MAX_PATTERN:
+        raise FormatError(f"adapter_config.json: {what} is a pattern of {len(pattern)} characters, more than "
+                          f"{MAX_PATTERN}", path)
     try:
         return re.compile(pattern)
     except (re.error, OverflowError, RecursionError) as e:  # OverflowError: a{99999999999}
-        raise FormatError(f"adapter_config.json: {what} {pattern!r} is not a valid regular expression ({e})",
+        raise FormatError(f"adapter_config.json: {what} {_short(pattern)} is not a valid regular expression ({e})",
                           path) from None
 
 
-def _pattern_value(patterns: dict, key: str, default):
+def _pattern_value(patterns: dict, key: str, default, found: "PatternMatches"):
     for pat, value in patterns.items():
-        if re.match(rf"(.*\.)?({pat})$", key):
+        if found.match(_suffix_pattern(pat), "match", key) is not None:
             return value
     return default
+
+
+# The child that matches patterns which could backtrack: stdlib only (``-I -S``), its address space
+# capped, one line on stderr before each pattern so that the one that ran out of time can be named.
+_MATCHER = r"""
+import json, re, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+jobs, names = json.load(sys.stdin)
+out = []
+for i, (pattern, mode) in enumerate(jobs):
+    print(i, file=sys.stderr, flush=True)
+    f = getattr(re.compile(pattern), mode)
+    out.append([m.groupdict() if m else None for m in map(f, names)])
+json.dump(out, sys.stdout)
+"""
+
+
+class PatternMatches:
+    """A config's regular expressions (:meth:`LoraConfig.regexes`) matched against the bounded list of
+    module ``names``: plain names in-process, the others in a child Python given
+    :data:`REGEX_SECONDS`. A pattern that runs out of time (catastrophic backtracking) or memory is
+    refused with its field named, so no config can hang a loader."""
+
+    def __init__(self, config: LoraConfig, names, path=None):
+        self.names = list(names)
+        self.found: dict[tuple[str, str], dict[str, dict | None]] = {}
+        jobs = list(dict.fromkeys(config.regexes()))
+        slow = []
+        for field_name, pattern, mode in jobs:
+            if (pattern, mode) in self.found:
+                continue
+            if _PLAIN.fullmatch(pattern) or pattern == _DEFAULT_LAYER or self._plain_template(pattern):
+                f = getattr(re.compile(pattern), mode)
+                self.found[(pattern, mode)] = {n: (m.groupdict() if m else None) for n in self.names
+                                               for m in [f(n)]}
+            else:
+                slow.append((field_name, pattern, mode))
+        if slow:
+            self._match_in_child(slow, path)
+
+    @staticmethod
+    def _plain_template(pattern: str) -> bool:
+        """Whether ``pattern`` is one of PEFT's templates around a plain name."""
+        for template in (_saved_pattern, _layer_pattern, _suffix_pattern):
+            head, tail = template("\\0").split("\\0")
+            if pattern.startswith(head) and pattern.endswith(tail) and len(pattern) >= len(head) + len(tail) \
+                    and _PLAIN.fullmatch(pattern[len(head):len(pattern) - len(tail)]):
+                return True
+        return False
+
+    def _match_in_child(self, slow: list, path) -> None:
+        cmd = [sys.executable, "-I", "-S", "-c", _MATCHER]
+        request = json.dumps([[[p, m] for _, p, m in slow], self.names])
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(request.encode(), timeout=REGEX_SECONDS)
+            why = "ran out of memory" if proc.returncode else None
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            why = f"takes more than {REGEX_SECONDS:g} s"
+        if why is None:
+            for (_, pattern, mode), hits in zip(slow, json.loads(out)):
+                self.found[(pattern, mode)] = dict(zip(self.names, hits))
+            return
+        started = [int(x) for x in err.decode(errors="replace").split() if x.isdigit()]
+        field_name, pattern, _ = slow[started[-1] if started else 0]
+        raise FormatError(f"adapter_config.json: {field_name} pattern {_short(pattern)} {why} to match the base's "
+                          f"{len(self.names)} module names (it backtracks catastrophically); simplify it", path)
+
+    def match(self, pattern: str, mode: str, key: str) -> dict | None:
+        """``re.<mode>(pattern, key)``'s groups, or None when it does not match."""
+        return self.found[(pattern, mode)][key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,9 +482,10 @@ def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs) -> Adap
     cfg_path, weights_path = adapter_files(path)
     config = LoraConfig.from_dict(read_json(cfg_path), cfg_path)
     candidates = list(base.linear) + [EMBED]
+    found = PatternMatches(config, candidates, cfg_path)
 
     # the targets the config selects, and config entries that name nothing in this architecture
-    targets = [m for m in candidates if config.is_target(m, base.linear)]
+    targets = [m for m in candidates if config.is_target(m, base.linear, found)]
     if EMBED in targets:
         raise UnsupportedError("LoRA on the embedding layer (embed_tokens) is not supported; train with "
                                "modules_to_save=['embed_tokens'] or target linear layers only", cfg_path)
@@ -360,17 +501,18 @@ def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs) -> Adap
                                    f"{config.layers_to_transform!r}) match no linear module of the base", cfg_path)
     saved_wanted = []
     for m in config.modules_to_save or []:
-        hits = [c for c in (EMBED, HEAD) if re.match(rf"(^|.*\.){m}($|\..*)", c)]
+        hits = [c for c in (EMBED, HEAD) if found.match(_saved_pattern(m), "match", c) is not None]
         if not hits:
             raise UnsupportedError(f"modules_to_save entry {m!r}: edgelora keeps only the output head "
                                    f"(lm_head) and the embeddings (embed_tokens) as saved modules", cfg_path)
         saved_wanted += hits
 
     with SafetensorsFile(weights_path) as st:
-        return _read_tensors(path, st, config, base, targets, saved_wanted)
+        return _read_tensors(path, st, config, base, targets, saved_wanted, found)
 
 
-def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModules, targets, saved_wanted):
+def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModules, targets, saved_wanted,
+                  found: PatternMatches):
     def tensor(name, shape, module, what):
         info = st.tensors[name]
         if info.dtype not in FLOAT_DTYPES:
@@ -408,13 +550,17 @@ def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModul
     pairs = {}
     for module in targets:
         out_f, in_f = base.linear[module]
-        r, _ = config.rank_alpha(module)
+        r, _ = config.rank_alpha(module, found)
         a_name, b_name = take(module, "lora_A.weight"), take(module, "lora_B.weight")
         if a_name is None or b_name is None:
             raise AdapterMismatchError(f"the config targets {module!r} but the file has no "
                                        f"{'lora_A' if a_name is None else 'lora_B'} weight for it", st.path)
         A = tensor(a_name, (r, in_f), module, "lora_A")
         B = tensor(b_name, (out_f, r), module, "lora_B")
+        bound = abs(config.scale(module, found)) * r * float(np.abs(A).max(initial=0)) * float(np.abs(B).max(initial=0))
+        if not bound <= F32_MAX:  # a bound on every entry of scale * B A
+            raise FormatError(f"{module}: lora_A and lora_B values are so large that their product overflows "
+                              f"float32 (non-finite outputs)", st.path)
         bias = magnitude = None
         if config.lora_bias:
             b = take(module, "lora_B.bias")
@@ -426,7 +572,7 @@ def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModul
             if mv is None:
                 raise FormatError(f"use_dora is set but {module}.lora_magnitude_vector is missing", st.path)
             magnitude = tensor(mv, (out_f,), module, "DoRA magnitude")
-        pairs[module] = LoraPair(A, B, config.scale(module), bias, magnitude)
+        pairs[module] = LoraPair(A, B, config.scale(module, found), bias, magnitude)
 
     biases = {}
     if config.bias != "none":
@@ -478,7 +624,17 @@ def _shape_hint(what: str, got, want, base: BaseModules) -> str:
     return ""
 
 
+def min_resident_bytes(path: str | os.PathLike) -> int:
+    """The fewest bytes the adapter at ``path`` can take once loaded (two per parameter: no tensor
+    is kept in fewer), from its weights file's header alone, so that a budget can refuse an adapter
+    before it is read (a sparse file of 10 GB costs nothing to size)."""
+    _, weights_path = adapter_files(path)
+    with SafetensorsFile(weights_path, mmap=False) as st:  # the header only: nothing mapped, nothing read
+        return sum(2 * info.numel for info in st.tensors.values())
+
+
 def describe_adapter(path: str | os.PathLike) -> dict:
+
     """What an adapter folder holds, from its config and the weights' header (no base needed)."""
     cfg_path, weights_path = adapter_files(path)
     config = LoraConfig.from_dict(read_json(cfg_path), cfg_path)

@@ -13,16 +13,18 @@ the two code books once as ``edgelora.nf4_code`` and ``edgelora.dynamic_code``.
 
 from __future__ import annotations
 
-import os
+import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgelora.architectures import tensor_map
+from edgelora.architectures import layer_index, tensor_map
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
-from edgelora.config import ModelArgs, read_json
+from edgelora.config import ModelArgs, read_bounded
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
 from edgelora.safetensors_io import SafetensorsFile
 from edgelora.storage import (FLOAT_STORAGES, KINDS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, FloatStorage,
@@ -32,6 +34,13 @@ FORMAT_NAME = "edgelora-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+#: Files every bundle's manifest must list: the loader opens them (the tokenizer's files it opens only
+#: when listed, see :meth:`Bundle.listed`).
+REQUIRED_FILES = (WEIGHTS, CONFIG)
+#: The manifest's own integrity field: the sha256 of the manifest's text without it (:func:`sealed_text`).
+SEAL = "manifest_sha256"
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 def is_bundle(path) -> bool:
@@ -58,11 +67,12 @@ class Bundle:
         if not mpath.is_file():
             raise FormatError(f"no {MANIFEST}: not an edgelora bundle (convert a checkpoint with "
                               f"`edgelora convert SRC -o OUT`)", self.path)
-        self.manifest = read_json(mpath)
+        self.manifest = read_sealed(mpath, self._check_format)
         self._check_manifest(mpath)
         if verify:  # True: checksums (cached by file identity); "full": hash every file again
             self.verify(full=verify == "full")
-        self.args = ModelArgs.from_file(self.path / "config.json")
+        self.args = ModelArgs.from_file(self.path / CONFIG)
+        self._check_layers(mpath)
         self.weights = SafetensorsFile(self.path / WEIGHTS, mmap=mmap)
         try:
             self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
@@ -71,6 +81,15 @@ class Bundle:
         except BaseException:
             self.weights.close()
             raise
+
+    def _check_layers(self, mpath: Path) -> None:
+        """config.json's layer count is that of the tensors the manifest lists, checked before the
+        tensor map of the config is built (a hostile config of 10^6 layers would cost minutes and GBs)."""
+        layers = {layer_index(name) for name in self.manifest["tensors"]} - {None}
+        n = self.args.num_hidden_layers
+        if len(layers) != n or layers != set(range(n)):  # (the count first: no set of n elements)
+            raise FormatError(f"config.json has {n} layers but the manifest lists tensors of "
+                              f"{len(layers)} layers{f' (up to {max(layers)})' if layers else ''}", mpath)
 
     def _check_weights(self) -> None:
         """Every tensor the manifest lists is in the weights file as its storage lays it out, with the
@@ -82,16 +101,19 @@ class Bundle:
                                   f"{list(specs[name].shape)}", self.path / MANIFEST)
             self.storage(name).check(self.weights, name, e.shape)
 
-    def _check_manifest(self, mpath: Path) -> None:
-        m = self.manifest
+    @staticmethod
+    def _check_format(m: dict, mpath: Path) -> None:
         if m.get("format") != FORMAT_NAME:
             raise FormatError(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}", mpath)
         version = m.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise FormatError("format_version missing or not an integer", mpath)
         if version > FORMAT_VERSION:
             raise UnsupportedError(f"bundle format version {version} is newer than this edgelora reads "
                                    f"({FORMAT_VERSION}); upgrade edgelora", mpath)
+
+    def _check_manifest(self, mpath: Path) -> None:
+        m = self.manifest
         for key in ("quantization", "files", "tensors"):
             if not isinstance(m.get(key), dict):
                 raise FormatError(f"manifest field {key!r} missing or not an object", mpath)
@@ -108,6 +130,10 @@ class Bundle:
             if not isinstance(info, dict) or not isinstance(info.get("size"), int) \
                     or not isinstance(info.get("sha256"), str):
                 raise FormatError(f"manifest entry for file {name!r} is malformed", mpath)
+        unlisted = [f for f in REQUIRED_FILES if f not in m["files"]]
+        if unlisted:
+            raise FormatError(f"the manifest does not list {unlisted}; every file the loader opens must have "
+                              f"a checksum (convert the checkpoint again)", mpath)
         for name, e in m["tensors"].items():
             if not isinstance(e, dict) or e.get("storage") not in KINDS \
                     or not isinstance(e.get("role"), str) or not isinstance(e.get("shape"), list) \
@@ -119,6 +145,11 @@ class Bundle:
         """Check that every file the manifest lists is present with its size and sha256
         (:func:`verify_files`; ``full=True`` hashes every file again)."""
         verify_files(self.path, self.manifest["files"], full)
+
+    @property
+    def listed(self) -> frozenset:
+        """The names of the files the manifest lists (and checksums): the only files read from the folder."""
+        return frozenset(self.manifest["files"])
 
     @property
     def quantization(self) -> dict:
@@ -166,12 +197,11 @@ def file_table(paths, root: Path | None = None) -> dict:
             for p in sorted(paths)}
 
 
-def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "the manifest",
-                 confined: bool = False) -> None:
+def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "the manifest") -> None:
     """Check that every file of a manifest's ``files`` table (:func:`file_table`, relative to
     ``root``) is present with its size and sha256; ``manifest`` names the manifest in errors.
-    ``confined`` (deploy folders, which may come from an archive): each must also be a regular
-    file, not a link, and lie inside ``root``.
+    Bundles and deploy folders follow one rule: each file must be a regular file, not a link (nor a
+    FIFO or device, which would block or never end), and lie inside ``root``.
 
     A file whose sha256 was already checked and whose identity has not changed since (size,
     modification and inode-change times, inode, device: the kernel updates the change time on
@@ -182,11 +212,15 @@ def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "t
     real_root = root.resolve()
     for rel, info in files.items():
         p = root / rel
-        if not p.is_file() or confined and p.is_symlink():
-            raise FormatError(f"file listed in {manifest} is missing{' (or not a regular file)' if confined else ''}", p)
-        if confined and real_root not in p.resolve().parents:
+        try:
+            st = p.lstat()
+            inside = real_root in p.resolve().parents
+        except OSError as e:  # ENAMETOOLONG, ENOENT, ELOOP, ...
+            raise FormatError(f"file listed in {manifest} cannot be opened ({e.strerror or e})", p) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"file listed in {manifest} is missing (or not a regular file: links are refused)", p)
+        if not inside:
             raise FormatError(f"file listed in {manifest} lies outside its folder", p)
-        st = p.stat()
         if st.st_size != info["size"]:
             raise ChecksumError(f"size {st.st_size} differs from {manifest}'s {info['size']}; "
                                 f"the file is truncated or was modified", p)
@@ -238,6 +272,51 @@ class _VerifiedStamps:
             write_text_atomic(self.path, json.dumps(keep))
         except (OSError, EdgeLoraError):
             pass
+
+
+def sealed_text(manifest: dict) -> str:
+    """The text of ``manifest`` as written, with its integrity field :data:`SEAL` last: the sha256
+    of the same text without it. :func:`read_sealed` accepts exactly this text, so a changed byte
+    anywhere in the file (a value, a key, the digest, even white space) is refused."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    digest = hashlib.sha256(_render(body).encode()).hexdigest()
+    return _render({**body, SEAL: digest})
+
+
+def _render(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1) + "\n"
+
+
+def read_sealed(path: Path, check_format=None) -> dict:
+    """A manifest written by :func:`sealed_text`, refused (``FormatError``) unless it is that text
+    byte for byte with a matching digest. ``check_format(manifest, path)`` runs first, so a newer
+    format version is reported as such rather than as a damaged manifest."""
+    raw = read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
+        raise FormatError(f"malformed JSON ({str(e)[:200]})", path) from None
+    if not isinstance(m, dict):
+        raise FormatError("expected a JSON object", path)
+    if check_format is not None:
+        check_format(m, path)
+    digest = m.get(SEAL)
+    if not isinstance(digest, str):
+        raise FormatError(f"the manifest has no {SEAL!r} integrity digest (written by an older edgelora, or "
+                          f"edited); write it again", path)
+    body = _render({k: v for k, v in m.items() if k != SEAL})
+    if hashlib.sha256(body.encode()).hexdigest() != digest or raw.decode("utf-8") != sealed_text(m):
+        raise ChecksumError(f"the manifest does not match its {SEAL!r} digest; it is corrupt or was edited", path)
+    return m
+
+
+def manifest_digest(path) -> str | None:
+    """The integrity digest a manifest records for itself (shown by ``edgelora inspect``), or None."""
+    try:
+        m = json.loads(read_bounded(Path(path), MAX_MANIFEST_BYTES, "manifest"))
+    except (EdgeLoraError, ValueError, RecursionError, UnicodeDecodeError):
+        return None
+    return m.get(SEAL) if isinstance(m, dict) and isinstance(m.get(SEAL), str) else None
 
 
 def open_bundle(path: str | os.PathLike, verify: bool | str = True, mmap: bool = True) -> Bundle:

@@ -233,19 +233,36 @@ class ModelArgs:
         return SUPPORTED_MODEL_TYPES[self.model_type]
 
 
+def open_regular(path):
+    """``path`` opened for reading in binary, refused (``FormatError``) unless it is a regular file: a
+    FIFO would block for ever and a device never end. Opened without blocking, then checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FormatError("file not found", path) from None
+    except OSError as e:  # ENAMETOOLONG, EACCES, ELOOP, ...
+        raise FormatError(f"cannot open: {e.strerror or e}", path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError("not a regular file (a FIFO, device or folder)", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bounded(path, limit: int, what: str = "file") -> bytes:
     """The bytes of a small file, refused (``FormatError``) when it is missing, unreadable or larger
     than ``limit`` bytes (``what`` names it then). Reads one byte more than the file holds, at most
     ``limit + 1``: ``read(n)`` allocates ``n`` bytes up front, so never the whole limit for a small
     file, and a file that grows while read is still caught."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read((min(st.st_size, limit) if stat.S_ISREG(st.st_mode) else limit) + 1)
-    except FileNotFoundError:
-        raise FormatError("file not found", path) from None
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", path) from None
+    with open_regular(path) as f:
+        try:
+            raw = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+        except OSError as e:
+            raise FormatError(f"cannot read: {e.strerror or e}", path) from None
     if len(raw) > limit:
         raise FormatError(f"{what} larger than {limit >> 20} MiB; refusing to parse", path)
     return raw

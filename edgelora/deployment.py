@@ -12,8 +12,10 @@
     OUT/plan.json              the whole plan, item by item
 
 all written in a temporary sibling folder renamed into place (``edgelora.atomic``), so a kill at
-any moment leaves the old folder or none. ``--archive`` also writes ``OUT.tar`` (plain files and
-folders only) the same way; ``edgelora unpack`` extracts one, refusing links, absolute paths and
+any moment leaves the old folder or the new one. ``--archive`` also writes ``OUT.tar`` (plain files
+and folders only): built from the new folder before either is in place, the old archive removed
+just before the folder is replaced, then renamed in, so that an archive that exists always holds
+the folder beside it (a kill in between leaves no archive); ``edgelora unpack`` extracts one, refusing links, absolute paths and
 ``..``, then verifies it.
 
 ``edgelora.load``/``edgelora run`` on a deploy folder check the format and version, every file's
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, os_error
+from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, clean_stale, os_error
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UnsupportedError, UsageError
 
 if TYPE_CHECKING:  # (imported where used: planning pulls in the runtime)
@@ -50,6 +52,7 @@ ADAPTERS_DIR = "adapters"
 DEVICE_FILE = "device.toml"
 PLAN_FILE = "plan.json"
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_DEPTH = 16  # a deploy archive's members lie at most this many folders deep (they use 4)
 F16_MAX = 65504.0
 
 
@@ -99,6 +102,18 @@ def compact_adapter(src, dst: Path) -> None:
     write_safetensors(dst / weights.name, tensors, {"format": "pt"})
 
 
+def _check_adapters_fit(adapters: dict, device) -> None:
+    """Adapters that could not fit the device even alone are refused from their headers, before the
+    planner reads them (a sparse 10 GB file would otherwise be read whole)."""
+    from edgelora.adapters import min_resident_bytes
+    from edgelora.devices.profiles import get_device
+    dev = get_device(device)
+    need = sum(min_resident_bytes(path) for path in adapters.values())
+    if need > dev.budget_bytes:
+        raise PlanError(f"the adapters need at least {need / 1e6:.1f} MB, more than {dev.name}'s whole budget of "
+                        f"{dev.budget_bytes / 1e6:.1f} MB; nothing was read or written")
+
+
 def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLike, adapters: dict | None = None,
            context: int | None = None, threads: int | None = None, archive: bool = False, overwrite: bool = False,
            overhead: int | None = None) -> DeployResult:
@@ -106,15 +121,16 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
     :class:`PlanError` with the plan's numbers and what to change."""
     from edgelora import __version__
-    from edgelora.bundle import Bundle, file_table
+    from edgelora.bundle import Bundle, file_table, sealed_text
     from edgelora.devices.planner import plan as make_plan
     adapters = dict(adapters or {})
     for name in adapters:
         _check_name(name)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, owner=FORMAT_NAME)
     tar_path = out.with_name(out.name + ".tar") if archive else None
     if tar_path is not None and tar_path.exists() and not overwrite:
         raise UsageError("the archive already exists; pass overwrite=True (--overwrite) to replace it", tar_path)
+    _check_adapters_fit(adapters, device)
     p = make_plan(bundle, device, context=context, adapters=adapters, threads=threads, overhead=overhead)
     if not p.fits:
         raise PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
@@ -122,7 +138,7 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
                         + "".join(f"; {s}" for s in p.suggestions) + "\n" + p.text())
     src = Bundle(bundle, verify=False)  # the manifest and the weights' layout checked; hashes below
     src.close()
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, owner=FORMAT_NAME) as tmp:
         model_dir = tmp / MODEL_DIR
         model_dir.mkdir()
         for name in [*src.manifest["files"], "manifest.json"]:
@@ -147,19 +163,27 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
             "adapters": {name: {"path": f"{ADAPTERS_DIR}/{name}", "bytes": p.adapters[name]} for name in adapters},
             "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(sealed_text(manifest))
+        if tar_path is not None:  # the archive of the new folder, ready before either is in place
+            clean_stale(tar_path)
+            tar_tmp = _tmp_sibling(tar_path, "tmp")
+            _write_tar(tmp, tar_tmp, out.name)
+            tar_path.unlink(missing_ok=True)  # an archive that exists always matches the folder beside it
     if tar_path is not None:
-        write_archive(out, tar_path)
+        try:
+            os.replace(tar_tmp, tar_path)
+        except OSError as e:
+            tar_tmp.unlink(missing_ok=True)
+            raise os_error(e, tar_path) from None
     return DeployResult(out, tar_path, p, files)
 
 
-def write_archive(folder: Path, tar_path: Path) -> None:
-    """``folder`` as one uncompressed tar (members under ``folder.name/``), written atomically."""
-    tmp = _tmp_sibling(tar_path, "tmp")
+def _write_tar(folder: Path, tmp: Path, top: str) -> None:
+    """``folder`` as the tar ``tmp`` with members under ``top/``, fsynced; ``tmp`` removed on failure."""
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for p in [folder, *sorted(folder.rglob("*"))]:
-                arc = p.relative_to(folder.parent).as_posix()
+                arc = PurePosixPath(top, p.relative_to(folder).as_posix()).as_posix() if p != folder else top
                 info = tar.gettarinfo(str(p), arcname=arc)
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
@@ -170,10 +194,9 @@ def write_archive(folder: Path, tar_path: Path) -> None:
                     tar.addfile(info)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, tar_path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise os_error(e, tar_path) from None
+        raise os_error(e, tmp) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -195,30 +218,33 @@ def _safe_rel(rel, where) -> str:
     if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
         raise FormatError(f"invalid path {rel!r} in the manifest", where)
     parts = PurePosixPath(rel).parts
-    if rel.startswith("/") or any(x in ("", ".", "..") for x in parts) or ":" in parts[0]:
+    if rel.startswith("/") or not parts or rel in (".", "..") or any(x in ("", ".", "..") for x in parts) or ":" in parts[0]:
         raise FormatError(f"path {rel!r} in the manifest leaves the deploy folder", where)
     return rel
 
 
-def read_manifest(path) -> dict:
-    """The deploy manifest at ``path/manifest.json``, its fields type-checked."""
-    from edgelora.config import read_json
-    root = Path(path)
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise FormatError(f"no {MANIFEST}: not a deploy folder", root)
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
-        raise FormatError("manifest is larger than 16 MiB", mpath)
-    m = read_json(mpath)
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise FormatError(f"format is {m.get('format') if isinstance(m, dict) else None!r}, "
-                          f"expected {FORMAT_NAME!r}", mpath)
+def _check_format(m: dict, mpath: Path) -> None:
+    if m.get("format") != FORMAT_NAME:
+        raise FormatError(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}", mpath)
     v = m.get("format_version")
     if not isinstance(v, int) or isinstance(v, bool):
         raise FormatError("format_version missing or not an integer", mpath)
     if v > FORMAT_VERSION:
         raise UnsupportedError(f"deploy format version {v} is newer than this edgelora reads ({FORMAT_VERSION}); "
                                f"upgrade edgelora", mpath)
+
+
+def read_manifest(path) -> dict:
+    """The deploy manifest at ``path/manifest.json``, its integrity digest checked
+    (:func:`edgelora.bundle.read_sealed`) and its fields type-checked."""
+    from edgelora.bundle import read_sealed
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise FormatError(f"no {MANIFEST}: not a deploy folder", root)
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise FormatError("manifest is larger than 16 MiB", mpath)
+    m = read_sealed(mpath, _check_format)
     for key, kind in (("device", dict), ("plan", dict), ("adapters", dict), ("files", dict), ("model", str)):
         if not isinstance(m.get(key), kind):
             raise FormatError(f"manifest field {key!r} missing or not {'an object' if kind is dict else 'text'}", mpath)
@@ -258,21 +284,28 @@ def is_deploy(path) -> bool:
 
 @dataclass
 class Deployment:
+    """An opened deploy folder. Its limits (context, threads, adapter bytes, memory) come from the
+    checksummed ``plan.json``; the manifest's summary of them must agree (:func:`open_deploy`)."""
     path: Path
     manifest: dict
     device: object  # devices.profiles.Device
+    planned: dict  # plan.json
 
     @property
     def context(self) -> int:
-        return self.manifest["plan"]["context"]
+        return self.planned["context"]
 
     @property
     def threads(self) -> int:
-        return self.manifest["plan"]["threads"]
+        return self.planned["threads"]
 
     @property
     def adapter_bytes(self) -> int:
-        return self.manifest["plan"]["adapter_bytes"]
+        return self.planned["adapter_bytes"]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.planned["total_bytes"]
 
     @property
     def bundle_path(self) -> Path:
@@ -283,13 +316,53 @@ class Deployment:
         return {name: self.path / a["path"] for name, a in self.manifest["adapters"].items()}
 
     def plan(self) -> dict:
-        from edgelora.config import read_json
-        return read_json(self.path / PLAN_FILE)
+        return dict(self.planned)
+
+
+def _read_plan(root: Path, m: dict) -> dict:
+    """``plan.json``, whose numbers the manifest's ``plan`` summary and adapter budgets must repeat."""
+    from edgelora.config import read_json
+    path = root / PLAN_FILE
+    planned = read_json(path)
+    for key in ("context", "threads", "total_bytes", "adapter_bytes"):
+        v = planned.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "context" else 0):
+            raise FormatError(f"plan field {key!r} missing or not a non-negative integer", path)
+        if m["plan"][key] != v:
+            raise FormatError(f"the manifest's plan {key} {m['plan'][key]} differs from plan.json's {v}; "
+                              f"the folder was edited, deploy again", root / MANIFEST)
+    budget = planned.get("budget_bytes")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget != m["device"].get("budget_bytes"):
+        raise FormatError("plan.json's budget_bytes is missing or differs from the manifest's device budget; the "
+                          "folder was edited, deploy again", root / MANIFEST)
+    adapters = planned.get("adapters")
+    if not isinstance(adapters, dict) or {n: a["bytes"] for n, a in m["adapters"].items()} != adapters:
+        raise FormatError("the manifest's adapters differ from plan.json's; the folder was edited, deploy again",
+                          root / MANIFEST)
+    return planned
+
+
+def _check_bundle_listed(root: Path, m: dict) -> None:
+    """Every file of the inner bundle is listed in the deploy manifest with the same checksum, so that
+    verifying the deploy folder verifies the bundle the loader then opens."""
+    from edgelora.bundle import Bundle, read_sealed
+    mpath = root / m["model"] / MANIFEST
+    inner = read_sealed(mpath, Bundle._check_format)
+    files = inner.get("files")
+    if not isinstance(files, dict):
+        raise FormatError("manifest field 'files' missing or not an object", mpath)
+    for name, info in files.items():
+        outer = m["files"].get(f"{m['model']}/{name}") if isinstance(name, str) else None
+        if outer is None or not isinstance(info, dict) or outer.get("sha256") != info.get("sha256") \
+                or outer.get("size") != info.get("size"):
+            raise FormatError(f"the bundle's file {name!r} is not listed with the same checksum in the deploy "
+                              f"manifest", root / MANIFEST)
 
 
 def open_deploy(path: str | os.PathLike, verify: bool | str = True, device_check: bool = True) -> Deployment:
-    """Read and verify a deploy folder: format, checksums of every file, and (``device_check``)
-    that this machine has the planned CPU architecture and at least the planned memory."""
+    """Read and verify a deploy folder: format, checksums of every file (the inner bundle's included:
+    each must be listed), the plan's limits as ``plan.json`` has them, and (``device_check``) that
+    this machine has the planned CPU architecture and at least the planned memory."""
     from edgelora.bundle import verify_files
     from edgelora.devices.profiles import Device, host_arch, host_ram_bytes
     root = Path(path)
@@ -299,16 +372,18 @@ def open_deploy(path: str | os.PathLike, verify: bool | str = True, device_check
     if missing:
         raise FormatError(f"the deploy manifest does not list {missing}", root / MANIFEST)
     if verify:
-        verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest", confined=True)
+        verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest")
+    _check_bundle_listed(root, m)
+    planned = _read_plan(root, m)
     device = Device.from_file(root / DEVICE_FILE)
-    dep = Deployment(root, m, device)
+    dep = Deployment(root, m, device, planned)
     if device_check:
         arch = host_arch()
         if device.arch != arch:
             raise PlanError(f"planned for {device.name} ({device.arch}); this machine is {arch}. Deploy again for "
                             f"this device, or pass --any-device (device_check=False) to run it here anyway", root)
         ram = host_ram_bytes()
-        need = m["plan"]["total_bytes"]
+        need = dep.total_bytes
         if ram is not None and ram < need:
             raise PlanError(f"the plan needs {need / 1e6:.1f} MB and this machine has {ram / 1e6:.1f} MB of RAM; "
                             f"deploy again for this device", root)
@@ -322,12 +397,12 @@ def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
     archive = Path(archive)
     try:
         tar = tarfile.open(archive, "r:")
-    except (OSError, tarfile.TarError) as e:
+    except (OSError, tarfile.TarError, ValueError) as e:  # ValueError: a malformed PAX sparse map
         raise FormatError(f"not a readable tar archive: {e}", archive) from None
     with tar:
         try:
             members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # ValueError: a malformed PAX sparse map
             raise FormatError(f"archive is truncated or corrupt: {e}", archive) from None
         tops = set()
         for mem in members:
@@ -337,10 +412,13 @@ def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
             parts = PurePosixPath(name).parts
             if name.startswith("/") or "\\" in name or not parts or any(x in ("..", "") for x in parts):
                 raise FormatError(f"archive member {name!r} would be written outside the output folder", archive)
+            if len(parts) > MAX_DEPTH or len(name.encode(errors="surrogateescape")) > 4096:
+                raise FormatError(f"archive member {name[:80]!r}... is nested more than {MAX_DEPTH} folders deep or "
+                                  f"its name is longer than 4096 bytes", archive)
             tops.add(parts[0])
         if len(tops) != 1:
             raise FormatError(f"a deploy archive holds one top folder, this one has {sorted(tops)[:5]}", archive)
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, owner=FORMAT_NAME) as tmp:
             for mem in members:
                 rel = PurePosixPath(mem.name).parts[1:]
                 if not rel:
@@ -368,7 +446,12 @@ def unpack(archive: str | os.PathLike, out: str | os.PathLike, overwrite: bool =
                                           f"({e.strerror})", archive) from None
                     raise
             try:
-                open_deploy(tmp, verify="full", device_check=False)
+                m = open_deploy(tmp, verify="full", device_check=False).manifest
+                listed = {*m["files"], MANIFEST}
+                extra = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                               if not p.is_dir() and p.relative_to(tmp).as_posix() not in listed)
+                if extra:
+                    raise FormatError(f"archive members {extra[:5]} are not listed in the manifest", tmp)
             except EdgeLoraError as e:  # name the archive and the member, not the temporary folder
                 msg = str(e).replace(str(tmp), tops.pop())
                 raise type(e)(f"the archive does not hold a valid deploy folder: {msg}", archive) from None

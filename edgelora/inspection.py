@@ -7,7 +7,7 @@ import os
 import math
 from pathlib import Path
 
-from edgelora.bundle import Bundle, file_table, is_bundle
+from edgelora.bundle import MANIFEST, Bundle, file_table, is_bundle, manifest_digest
 from edgelora.errors import ChecksumError, FormatError
 
 
@@ -17,6 +17,14 @@ def _args_dict(a) -> dict:
             "kv_heads": a.num_key_value_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
             "tie_word_embeddings": a.tie_word_embeddings, "rope_theta": a.rope_theta,
             "rope_scaling": a.rope_scaling, "max_position_embeddings": a.max_position_embeddings}
+
+
+def _get(d, *keys):
+    """``d[k0][k1]...``, or None where a level is missing or not an object: optional manifest fields
+    describe, they are not trusted to be well formed."""
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def _inspect_deploy(path: Path) -> dict:
@@ -39,7 +47,7 @@ def _inspect_deploy(path: Path) -> dict:
             "edgelora_version": m.get("edgelora_version"), "created": m.get("created"), "device": m["device"],
             "plan": m["plan"], "adapters": m["adapters"], "architecture": model["architecture"],
             "quantization": model["quantization"], "files": m["files"], "checksums": checksums,
-            "runs_here": runs_here}
+            "manifest_sha256": manifest_digest(path / MANIFEST), "runs_here": runs_here}
 
 
 def _describe_source(kind: str, ckpt, path: Path) -> dict:
@@ -77,7 +85,7 @@ def inspect(path: str | os.PathLike) -> dict:
                     "format_version": m["format_version"], "edgelora_version": m.get("edgelora_version"),
                     "architecture": _args_dict(b.args), "quantization": m["quantization"],
                     "source": m.get("source"), "stats": m.get("stats"), "parameters_by_storage": counts,
-                    "files": m["files"], "checksums": checksums}
+                    "files": m["files"], "checksums": checksums, "manifest_sha256": manifest_digest(path / MANIFEST)}
         finally:
             b.close()
     if (path / "adapter_config.json").is_file():
@@ -108,30 +116,40 @@ def format_inspect(info: dict) -> str:
     if info["kind"] == "deploy":
         d, p = info["device"], info["plan"]
         q = info["quantization"]
+        budget = _get(d, "budget_bytes")
         lines += [f"  format        {info['format']} v{info['format_version']} (edgelora {info['edgelora_version']}, "
                   f"{info['created']})",
-                  f"  quantization  NF4, blocks of {q['block_size']}, embeddings {q['embeddings']}, head {q['lm_head']}",
-                  f"  device        {d['name']} ({d['arch']}, {d['cores']} cores, {d['ram_mib']} MiB RAM, "
-                  f"budget {d['budget_bytes'] / 1e6:.1f} MB)",
+                  f"  quantization  NF4, blocks of {q['block_size']}, embeddings {_get(q, 'embeddings')}, "
+                  f"head {_get(q, 'lm_head')}",
+                  f"  device        {_get(d, 'name')} ({_get(d, 'arch')}, {_get(d, 'cores')} cores, "
+                  f"{_get(d, 'ram_mib')} MiB RAM, budget "
+                  f"{f'{budget / 1e6:.1f} MB' if isinstance(budget, (int, float)) else None})",
                   f"  plan          context {p['context']}, {p['threads']} thread{'s' * (p['threads'] != 1)}, "
                   f"{p['total_bytes'] / 1e6:.1f} MB "
                   f"(adapters {p['adapter_bytes'] / 1e6:.1f} MB)",
                   f"  adapters      {', '.join(info['adapters']) or 'none'}",
                   f"  checksums     {info['checksums']}",
+                  f"  manifest      sha256 {info['manifest_sha256']}",
                   f"  runs here     {info['runs_here']}"]
     elif info["kind"] == "bundle":
-        q, s = info["quantization"], info["stats"] or {}
+        q = info["quantization"]
+        params, dtypes = _get(info, "stats", "parameters"), _get(info, "source", "dtypes")
         lines += [f"  format        {info['format']} v{info['format_version']} (edgelora {info['edgelora_version']})",
-                  f"  quantization  NF4, blocks of {q['block_size']}, double quant {'on' if q['double_quant'] else 'off'}, "
-                  f"embeddings {q['embeddings']}, head {q['lm_head']}",
-                  f"  parameters    {s.get('parameters', 0):,} ({', '.join(f'{k} {v:,}' for k, v in info['parameters_by_storage'].items())})",
-                  f"  bits/weight   {s.get('bits_per_weight')}",
-                  f"  source        {info['source'].get('name')} ({', '.join(info['source'].get('dtypes', []))})"]
-        merged = info["source"].get("merged_adapter")
-        if merged:
-            lines.append(f"  merged        LoRA adapter {merged['path']} (rank {','.join(map(str, merged['ranks']))}, "
-                         f"{merged['modules']} modules, sha256 {merged['sha256'][:16]}…) folded into the weights")
-        lines.append(f"  checksums     {info['checksums']}")
+                  f"  quantization  NF4, blocks of {q['block_size']}, double quant "
+                  f"{'on' if _get(q, 'double_quant') else 'off'}, embeddings {_get(q, 'embeddings')}, "
+                  f"head {_get(q, 'lm_head')}",
+                  f"  parameters    {params if isinstance(params, int) else 0:,} "
+                  f"({', '.join(f'{k} {v:,}' for k, v in info['parameters_by_storage'].items())})",
+                  f"  bits/weight   {_get(info, 'stats', 'bits_per_weight')}",
+                  f"  source        {_get(info, 'source', 'name')} "
+                  f"({', '.join(map(str, dtypes)) if isinstance(dtypes, list) else None})"]
+        merged = _get(info, "source", "merged_adapter")
+        if isinstance(merged, dict):
+            lines.append(f"  merged        LoRA adapter {_get(merged, 'path')} (rank "
+                         f"{','.join(map(str, _get(merged, 'ranks') or []))}, {_get(merged, 'modules')} modules, "
+                         f"sha256 {str(_get(merged, 'sha256'))[:16]}…) folded into the weights")
+        lines += [f"  checksums     {info['checksums']}",
+                  f"  manifest      sha256 {info['manifest_sha256']}"]
     else:
         lines += [f"  parameters    {info['parameters']:,} in {', '.join(info['dtypes'])} "
                   f"({info['bytes'] / 1e6:,.1f} MB, {info['bits_per_weight']} bits/weight)"]

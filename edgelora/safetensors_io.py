@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.config import open_regular
 from edgelora.errors import FormatError, UnsupportedError
 
 # safetensors dtype name -> (numpy dtype used for the raw view, item size)
@@ -38,6 +39,9 @@ NUMPY_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): 
                np.dtype("<u8"): "U64", np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
                np.dtype("?"): "BOOL"}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+#: the most tensors a file may declare (a 70B model's NF4 bundle has under 4,000): counted in the raw
+#: header before it is parsed, so a legal 95 MiB header of a million empty tensors costs no parse
+MAX_TENSORS = 1 << 16
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -72,12 +76,17 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 def parse_header(raw: bytes, data_size: int, path) -> tuple[dict, dict[str, TensorInfo]]:
     """Validate a safetensors JSON header against a data buffer of ``data_size`` bytes."""
+    declared = raw.count(b"data_offsets")
+    if declared > MAX_TENSORS:
+        raise FormatError(f"header declares {declared:,} tensors, more than the {MAX_TENSORS:,} edgelora reads", path)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
         raise FormatError(f"safetensors header is not valid JSON ({str(e)[:200]}); the file is corrupt", path) from None
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object; the file is corrupt", path)
+    if len(header) > MAX_TENSORS + 1:  # names whose keys were escaped past the count above
+        raise FormatError(f"header declares {len(header):,} tensors, more than the {MAX_TENSORS:,} edgelora reads", path)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise FormatError("safetensors __metadata__ must map strings to strings", path)
@@ -127,12 +136,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.mapped = bool(mmap)
         self._copies: dict[str, np.ndarray] = {}
-        try:
-            self._fh = open(self.path, "rb")
-        except FileNotFoundError:
-            raise FormatError("file not found", self.path) from None
-        except OSError as e:
-            raise FormatError(f"cannot open: {e.strerror}", self.path) from None
+        self._fh = open_regular(self.path)
         try:
             size = os.fstat(self._fh.fileno()).st_size
             if size < 8:
@@ -144,7 +148,11 @@ class SafetensorsFile:
             raw = self._fh.read(n)
             self.data_start = 8 + n
             self.metadata, self.tensors = parse_header(raw, size - self.data_start, self.path)
-            self._mm = _mmap.mmap(self._fh.fileno(), 0, access=_mmap.ACCESS_READ) if size and mmap else None
+            try:
+                self._mm = _mmap.mmap(self._fh.fileno(), 0, access=_mmap.ACCESS_READ) if size and mmap else None
+            except OSError as e:  # ENOMEM: an address space limit (ulimit -v) smaller than the file
+                raise FormatError(f"cannot map the file ({e.strerror or e}); load with mmap=False (--no-mmap) to "
+                                  f"read tensors as they are used instead", self.path) from None
         except BaseException:
             self._fh.close()
             raise

@@ -285,6 +285,10 @@ class NF4Storage:
         key = self.keys(name)[-1]  # the stored shape
         if tuple(int(d) for d in st.raw(key)) != shape:
             raise FormatError(f"tensor {key!r} disagrees with the manifest's shape {list(shape)}", st.path)
+        _, scales, nested, offset, _ = self.keys(name)  # the scales' float parts, small: finite, or every
+        for key in (nested, offset) if self.double_quant else (scales, offset):  # weight of a block is NaN
+            if not np.isfinite(st.raw(key)).all():
+                raise FormatError(f"tensor {key!r} holds NaN or infinite scales; the file is corrupt", st.path)
 
     def write(self, writer, name: str, q: NF4Tensor) -> None:
         parts = (q.packed, q.scales, q.nested_scales, np.array([q.offset], np.float32), np.array(q.shape, np.int64))

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, read_adapter
+from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, min_resident_bytes, read_adapter
 from edgelora.errors import UsageError, PlanError
 from edgelora.runtime.linear import Linear, make_linear
 
@@ -313,6 +313,14 @@ class AdapterSet:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self._resident.values())
 
+    def _check_budget(self, name: str, nbytes: int) -> None:
+        if self.nbytes + nbytes > self.budget_bytes:
+            raise PlanError(
+                f"adapter {name!r} needs {nbytes / 1e6:.1f} MB but the memory plan leaves "
+                f"{(self.budget_bytes - self.nbytes) / 1e6:.1f} MB of its {self.budget_bytes / 1e6:.1f} MB "
+                f"for adapters ({len(self._resident)} loaded: {', '.join(self._resident) or 'none'}); unload one, "
+                f"or plan and deploy again with this adapter (edgelora deploy ... --adapter {name}=PATH)")
+
     def load(self, name: str, path, scale: float = 1.0) -> Resident:
         """Read the PEFT adapter at ``path``, check it against the base, and keep it resident as ``name``."""
         if not isinstance(name, str) or not name or any(c in name for c in ",=/\\") or name.strip() != name:
@@ -322,6 +330,8 @@ class AdapterSet:
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
             raise UsageError(f"scale must be a finite number, got {scale!r}")
         t0 = time.perf_counter()
+        if self.budget_bytes is not None:  # sized from its header first: nothing is read beyond the budget
+            self._check_budget(name, min_resident_bytes(Path(path)))
         adapter = read_adapter(Path(path), self.base)
         if adapter.is_dora and scale != 1.0:
             raise UsageError(f"DoRA adapter {name!r} can only be loaded with scale 1.0 (got {scale:g})")
@@ -331,12 +341,8 @@ class AdapterSet:
         with self._lock:
             if name in self._resident:
                 raise UsageError(f"an adapter named {name!r} is already loaded; unload it first")
-            if self.budget_bytes is not None and self.nbytes + res.nbytes > self.budget_bytes:
-                raise PlanError(
-                    f"adapter {name!r} needs {res.nbytes / 1e6:.1f} MB but the memory plan leaves "
-                    f"{(self.budget_bytes - self.nbytes) / 1e6:.1f} MB of its {self.budget_bytes / 1e6:.1f} MB "
-                    f"for adapters ({len(self._resident)} loaded: {', '.join(self._resident) or 'none'}); unload one, "
-                    f"or plan and deploy again with this adapter (edgelora deploy ... --adapter {name}=PATH)")
+            if self.budget_bytes is not None:
+                self._check_budget(name, res.nbytes)
             self._resident[name] = res
         return res
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
-from edgelora.errors import UsageError
+from edgelora.devices.profiles import host_ram_bytes
+from edgelora.errors import PlanError, UsageError
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
@@ -312,9 +313,10 @@ class Model:
         self.threads = set_threads(threads)  # the most every forward runs on, from whichever thread (``_running``)
         self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
         self.products = products
+        _check_cache_fits(bundle, max_context)
         self.net = build_model(bundle, max_context, products)
         self.max_context = self.net.max_context
-        self.tokenizer = Tokenizer.from_dir(bundle.path)
+        self.tokenizer = Tokenizer.from_dir(bundle.path, listed=bundle.listed)
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._local = threading.local()  # statistics of the last generation, per thread
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
@@ -706,6 +708,7 @@ class Model:
             loras = [self._pin(a) for a in adapters]
         else:
             loras = [self._pin(adapters)] * len(prompts)
+        self._check_batch_planned(len(prompts))
         seqs = [_Sequence(self, ids, lora, params, stops, max_new_tokens, top)
                 for ids, lora in zip([self._prompt_ids(p) for p in prompts], loras)]
         self.last_batch_stats = [s.stats for s in seqs]
@@ -713,6 +716,34 @@ class Model:
             pass
         results = [s.result() for s in seqs]
         return results if return_result else [r.text for r in results]
+
+
+    def _check_batch_planned(self, n: int) -> None:
+        """A deploy folder's plan holds one sequence's KV cache; a batch of ``n`` needs ``n - 1`` more,
+        which must fit in the plan's headroom (its budget less its total)."""
+        if self.deployment is None or n <= 1:
+            return
+        planned = self.deployment.planned
+        per_sequence = KVCache.planned_bytes(self.args, self.max_context)
+        headroom = planned["budget_bytes"] - planned["total_bytes"]
+        most = 1 + max(headroom, 0) // per_sequence
+        if n > most:
+            raise PlanError(f"a batch of {n} sequences needs {(n - 1) * per_sequence / 1e6:.1f} MB of KV cache beyond "
+                            f"this deploy folder's plan, which has {headroom / 1e6:.1f} MB to spare: at most {most} "
+                            f"sequences at once", self.path)
+
+
+def _check_cache_fits(bundle: Bundle, max_context: int | None) -> None:
+    """A ``max_context`` whose KV cache and rope tables alone exceed this machine's memory is refused
+    before anything is allocated (NumPy would fail with a raw allocation error, or the OS kill us)."""
+    ram = host_ram_bytes()
+    if max_context is None or ram is None or not isinstance(max_context, numbers.Integral) or max_context < 1:
+        return
+    a = bundle.args
+    need = KVCache.planned_bytes(a, int(max_context)) + 2 * int(max_context) * a.head_dim * 4
+    if need > ram:
+        raise UsageError(f"max_context {max_context} needs {need / 1e9:.1f} GB for its KV cache, more than this "
+                         f"machine's {ram / 1e9:.1f} GB of RAM; lower --max-context", bundle.path)
 
 
 def load(path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,

@@ -40,7 +40,10 @@ tokenization_llama.py``, ``models/auto/tokenization_auto.py``, ``utils/chat_temp
   caller's extra keyword arguments. A ``chat_template.jinja`` file (and ``additional_chat_templates/
   *.jinja``) takes priority over ``chat_template`` in tokenizer_config.json, which may be a string or a
   list of ``{"name", "template"}``; with several, ``"tool_use"`` is used when tools are given, else
-  ``"default"``.
+  ``"default"``. Rendering has limits a hostile template cannot pass (:func:`_render_limited`): at most
+  :data:`TEMPLATE_OUTPUT` characters out, no operator, format width or call argument that would build
+  more, at most :data:`TEMPLATE_STEPS` executed lines (loops) and :data:`TEMPLATE_SECONDS` seconds;
+  beyond them rendering stops with a ``FormatError`` naming the template's file.
 * **Streaming** (:class:`StreamDecoder`) follows the prefix/read-offset scheme of text-generation-
   inference and ``tokenizers.decoders.DecodeStream``: decode the last emitted piece's tokens with and
   without the new ones and emit the difference once it does not end in U+FFFD (an incomplete UTF-8
@@ -51,6 +54,10 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import string
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -79,6 +86,12 @@ _CLASS_DEFAULT_TOKENS = {
 }
 _MAX_TOKENIZER_BYTES = 512 * 1024 * 1024
 _REPLACEMENT_CHAR = "\ufffd"
+#: the most characters a chat template may render (a prompt, not a book)
+TEMPLATE_OUTPUT = 1 << 24
+#: the most Python lines one rendering may execute (a nested loop of 10^5 x 10^5 stops here)
+TEMPLATE_STEPS = 20_000_000
+#: the longest one rendering may take
+TEMPLATE_SECONDS = 10.0
 #: names a message's reasoning is passed under (transformers' ``_REASONING_FIELDS``)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
@@ -100,8 +113,14 @@ def _read_text(path: Path, limit: int = _MAX_TOKENIZER_BYTES) -> str:
         raise FormatError(f"not UTF-8 text ({e})", path) from None
 
 
-def _optional_json(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+def _optional_json(path: Path, listed=None) -> dict:
+    return read_json(path) if _present(path, listed) else {}
+
+
+def _present(path: Path, listed) -> bool:
+    """Whether the folder's file ``path`` is to be read: it exists and, when the folder has a manifest
+    (``listed``: the names it lists and checksums), is listed; an unlisted file is never read."""
+    return (listed is None or path.name in listed) and path.is_file()
 
 
 def _added_token(value: Any, path: Path, what: str) -> AddedToken | str | None:
@@ -202,7 +221,8 @@ def _qwen2_backend(tj: dict, tok_cfg: dict, path: Path) -> BackendTokenizer:
     return backend
 
 
-def _special_tokens(tok_cfg: dict, cls_name: str, dirpath: Path, cfg_path: Path, file_added: list[dict]):
+def _special_tokens(tok_cfg: dict, cls_name: str, dirpath: Path, cfg_path: Path, file_added: list[dict],
+                    listed=None):
     """Named, model-specific and extra special tokens, and ``added_tokens_decoder``, the way
     ``PreTrainedTokenizerBase.from_pretrained`` collects them from the configuration files."""
     cfg = dict(tok_cfg)
@@ -219,7 +239,7 @@ def _special_tokens(tok_cfg: dict, cls_name: str, dirpath: Path, cfg_path: Path,
                 raise FormatError(f"added_tokens_decoder key {idx!r} is not a token id", cfg_path) from None
     else:
         stm_path = dirpath / SPECIAL_TOKENS_MAP_FILE
-        for key, value in _optional_json(stm_path).items():
+        for key, value in _optional_json(stm_path, listed).items():
             if key == "extra_special_tokens" and isinstance(value, list):
                 existing = list(cfg.get("extra_special_tokens") or [])
                 cfg["extra_special_tokens"] = existing + [v for v in value if v not in existing]
@@ -289,18 +309,20 @@ def _token_ids(cfg: dict, key: str, path: Path) -> list[int] | None:
     return values or None
 
 
-def _load_chat_templates(dirpath: Path, tok_cfg: dict) -> tuple[str | dict[str, str] | None, Path | None]:
-    """The chat template(s) and the file they come from; ``.jinja`` files win over tokenizer_config.json."""
+def _load_chat_templates(dirpath: Path, tok_cfg: dict, listed=None) -> tuple[str | dict[str, str] | None, Path | None]:
+    """The chat template(s) and the file they come from; ``.jinja`` files win over tokenizer_config.json.
+    With ``listed`` (a bundle's manifest), only listed files count: a bundle lists no sub-folder, so
+    ``additional_chat_templates/`` is never read from one."""
     files: dict[str, str] = {}
     single = dirpath / CHAT_TEMPLATE_FILE
-    if single.is_file():
+    if _present(single, listed):
         files["default"] = _read_text(single, 16 << 20)
     extra_dir = dirpath / CHAT_TEMPLATE_DIR
-    if extra_dir.is_dir():
+    if listed is None and extra_dir.is_dir():
         for f in sorted(extra_dir.glob("*.jinja")):
             files[f.stem] = _read_text(f, 16 << 20)
     if files:
-        source = single if single.is_file() else extra_dir
+        source = single if "default" in files else extra_dir
         return (files["default"] if list(files) == ["default"] else files), source
     cfg_path = dirpath / TOKENIZER_CONFIG_FILE
     template = tok_cfg.get("chat_template")
@@ -321,6 +343,80 @@ def _load_chat_templates(dirpath: Path, tok_cfg: dict) -> tuple[str | dict[str, 
 
 class _TemplateRaised(Exception):
     """Raised by a template's ``raise_exception(message)``: the template rejects its input."""
+
+
+class _TemplateLimit(BaseException):
+    """A rendering went past a limit. A BaseException, so that no ``except Exception`` in code the
+    template calls can swallow it."""
+
+
+_PRINTF_SPEC = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > TEMPLATE_OUTPUT:
+        raise _TemplateLimit(f"{what} would build {n:,} items, more than the {TEMPLATE_OUTPUT:,} a chat template "
+                             f"may render")
+
+
+def _check_printf(fmt: str) -> None:
+    """A ``%`` format whose widths and precisions are bounded (``*`` would take them from the data)."""
+    for m in _PRINTF_SPEC.finditer(fmt):
+        for g in m.groups():
+            if g == "*":
+                raise _TemplateLimit("'%*' widths taken from data are not allowed in chat templates")
+            if g is not None:
+                _check_size(int(g), "a % format width")
+
+
+def _check_format(fmt: str) -> None:
+    """A ``str.format`` string whose specs are literal and bounded."""
+    try:
+        fields = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return  # malformed: format() itself raises
+    for _, _, spec, _ in fields:
+        if spec and "{" in spec:
+            raise _TemplateLimit("nested format specs ('{:{}}') are not allowed in chat templates")
+        for digits in re.findall(r"\d+", spec or ""):
+            _check_size(int(digits), "a format width")
+
+
+def _check_args(args, kwargs) -> None:
+    """No integer argument that could make a result larger than a template may render
+    (``'x'.center(10**9)``, ``lipsum(10**9)``, ``'x'|indent(10**9)``)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > TEMPLATE_OUTPUT:
+            _check_size(abs(a), "a call argument")
+
+
+def _render_limited(template, variables: dict) -> str:
+    """``template.render(**variables)`` within the limits: output size counted as it is produced, and
+    executed lines and time counted by a trace function on this thread (rendering is Python code
+    that jinja2 compiled; nothing else can interrupt it). The caller's own tracer is put back after."""
+    deadline = time.monotonic() + TEMPLATE_SECONDS
+    steps = 0
+
+    def tracer(frame, event, arg):
+        nonlocal steps
+        steps += 1
+        if steps > TEMPLATE_STEPS:
+            raise _TemplateLimit(f"rendering ran more than {TEMPLATE_STEPS:,} steps (a loop too long)")
+        if steps % 1024 == 0 and time.monotonic() > deadline:
+            raise _TemplateLimit(f"rendering took more than {TEMPLATE_SECONDS:g} s")
+        return tracer
+
+    previous = sys.gettrace()
+    pieces, size = [], 0
+    sys.settrace(tracer)
+    try:
+        for piece in template.generate(**variables):
+            size += len(piece)
+            _check_size(size, "the rendered prompt")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 @functools.lru_cache(maxsize=1)
@@ -391,8 +487,44 @@ def _jinja_environment():
                 raise jinja2.exceptions.SecurityError(
                     f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox with resource limits: ``*``, ``**``, ``+`` and ``%`` refuse results beyond what a
+        template may render, as do format widths and integer arguments of calls and filters."""
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        _check_size(len(seq) * n, "'*'")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+                _check_size(max(left.bit_length(), 1) * right // 8, "'**'")
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                _check_size(len(left) + len(right), "'+'")
+            elif operator == "%" and isinstance(left, str):
+                _check_printf(left)
+            return super().call_binop(context, operator, left, right)
+
+        def getattr(self, obj, attribute):
+            if isinstance(obj, str) and attribute in ("format", "format_map"):
+                _check_format(obj)
+            return super().getattr(obj, attribute)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+            _check_args(args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+    def limited_filter(f):
+        @functools.wraps(f)  # keeps jinja2's pass_context/pass_environment marks
+        def wrapper(*args, **kwargs):
+            _check_args(args, kwargs)
+            if f.__name__ == "do_format" and args and isinstance(args[0], str):
+                _check_printf(args[0])
+            return f(*args, **kwargs)
+        return wrapper
+
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters = {name: limited_filter(f) for name, f in env.filters.items()}
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -475,11 +607,16 @@ class Tokenizer:
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path) -> "Tokenizer":
+    def from_dir(cls, path, listed=None) -> "Tokenizer":
         """Load ``tokenizer.json`` and, when present, ``tokenizer_config.json``, ``special_tokens_map.json``,
-        ``generation_config.json``, ``config.json`` and ``chat_template.jinja`` from a model or bundle folder."""
+        ``generation_config.json``, ``config.json`` and ``chat_template.jinja`` from a model or bundle folder.
+        ``listed``: the file names a bundle's manifest lists (``Bundle.listed``); a file not among them
+        is not read even when it is there, since nothing verified it."""
         dirpath = Path(path)
         tj_path = dirpath / TOKENIZER_FILE
+        if listed is not None and TOKENIZER_FILE not in listed:
+            raise FormatError(f"the manifest does not list {TOKENIZER_FILE}; every file the loader opens must have "
+                              f"a checksum", dirpath)
         if not tj_path.is_file():
             raise FormatError("no tokenizer.json in the model folder (save the tokenizer with transformers' "
                               "save_pretrained, which writes it)", dirpath)
@@ -491,11 +628,11 @@ class Tokenizer:
         if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
             raise FormatError("not a tokenizers file (no \"model\" object)", tj_path)
         cfg_path = dirpath / TOKENIZER_CONFIG_FILE
-        tok_cfg = _optional_json(cfg_path)
+        tok_cfg = _optional_json(cfg_path, listed)
         gen_path = dirpath / GENERATION_CONFIG_FILE
-        gen_cfg = _optional_json(gen_path)
+        gen_cfg = _optional_json(gen_path, listed)
         model_path = dirpath / MODEL_CONFIG_FILE
-        model_cfg = _optional_json(model_path)
+        model_cfg = _optional_json(model_path, listed)
 
         cls_name = _transformers_class(tok_cfg, model_cfg, text)
         rebuild = {"LlamaTokenizer": _llama_backend, "Qwen2Tokenizer": _qwen2_backend}.get(cls_name)
@@ -511,7 +648,7 @@ class Tokenizer:
                 isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str)
                 for t in file_added):
             raise FormatError("added_tokens must be a list of {\"id\", \"content\", ...} objects", tj_path)
-        named, extra, decoder = _special_tokens(tok_cfg, cls_name, dirpath, cfg_path, file_added)
+        named, extra, decoder = _special_tokens(tok_cfg, cls_name, dirpath, cfg_path, file_added, listed)
         _add_special_tokens(backend, named, extra, decoder)
         if cls_name == "Qwen2Tokenizer":  # Qwen2Tokenizer.__init__ ends by adding all its special tokens
             backend.add_tokens([AddedToken(t, special=True) for t in
@@ -529,7 +666,7 @@ class Tokenizer:
         if bos is None and "bos_token" in special_tokens:
             bos_id = backend.token_to_id(special_tokens["bos_token"])
             bos = None if bos_id is None else [bos_id]
-        chat_template, template_path = _load_chat_templates(dirpath, tok_cfg)
+        chat_template, template_path = _load_chat_templates(dirpath, tok_cfg, listed)
         # transformers' _decode skips the clean-up for BPE models unless forced
         clean_up = bool(tok_cfg.get("clean_up_tokenization_spaces", False)) and (
             type(backend.model).__name__ != "BPE"
@@ -656,12 +793,17 @@ class Tokenizer:
             except jinja2.TemplateSyntaxError as e:
                 raise FormatError(f"chat template has a syntax error at line {e.lineno}: {_one_line(e.message)}",
                                   where) from None
+            except _TemplateLimit as e:  # raised while the compiler folds constants
+                raise FormatError(f"chat template stopped: {e}", where) from None
             self._compiled[key] = template
         variables = {**self.special_tokens, **_plain(kwargs)}
         try:
-            return template.render(messages=checked, tools=_plain(None if tools is None else list(tools)),
-                                   documents=_plain(None if documents is None else list(documents)),
-                                   add_generation_prompt=bool(add_generation_prompt), **variables)
+            return _render_limited(template, dict(
+                messages=checked, tools=_plain(None if tools is None else list(tools)),
+                documents=_plain(None if documents is None else list(documents)),
+                add_generation_prompt=bool(add_generation_prompt), **variables))
+        except _TemplateLimit as e:
+            raise FormatError(f"chat template stopped: {e}", where) from None
         except _TemplateRaised as e:
             raise UsageError(f"the chat template rejected the messages: {_one_line(e)}") from None
         except jinja2.TemplateError as e:

@@ -9,7 +9,13 @@ and explicit checks that lengths, offsets and shapes are refused before anything
 
 Inputs are random bytes, truncations and byte flips of valid files written by edgelora itself (a
 converted demo bundle, the demo adapters, a real deploy folder and archive), and JSON/TOML structures
-with wrong types, huge numbers, NaN, deep nesting, unicode, path traversal and absolute paths. Every
+with wrong types, huge numbers, NaN, deep nesting, unicode, path traversal and absolute paths.
+Manifests are mutated both as they are (every change must be caught by their digest) and resealed
+(to reach the checks behind the digest). Hostile configurations (issue 16) get their own tests:
+catastrophic regular expressions in every adapter field matched as one, chat templates built to
+exhaust memory or time, single flipped bytes of manifests (each must be refused), and size bombs
+(headers of many tensors, configs of many layers, adapters and contexts beyond memory), each
+within a deadline. Every
 reader call is counted; the last test checks that the file threw at least ``MIN_INPUTS`` of them.
 Hypothesis runs derandomized (the same inputs on every run) without an example database, so CI is
 reproducible; set ``EDGELORA_FUZZ_SCALE=10`` (say) to run ten times as many.
@@ -35,6 +41,7 @@ from hypothesis import strategies as st
 
 from edgelora.errors import EdgeLoraError
 from conftest import demo_adapter_paths, demo_bundle_path
+from tiny_models import reseal
 
 MIN_INPUTS = 10_000
 SCALE = float(os.environ.get("EDGELORA_FUZZ_SCALE", "1"))
@@ -474,6 +481,22 @@ MANIFEST_KEYS = ["format", "format_version", "quantization", "files", "tensors",
                  "size", "sha256", "storage", "shape", "role"]
 
 
+def _maybe_resealed(data, raw: bytes) -> bytes:
+    """``raw`` as it is, or (half the time, when it is a JSON object) resealed with a valid digest, so
+    that the structural checks behind the digest are reached too."""
+    from edgelora.bundle import sealed_text
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw
+    if isinstance(value, dict) and data.draw(st.booleans()):
+        try:
+            return sealed_text(value).encode()
+        except (ValueError, RecursionError):
+            return raw
+    return raw
+
+
 def _open_bundle(path, verify):
     from edgelora.bundle import Bundle
     with Bundle(path, verify=verify) as b:
@@ -491,7 +514,7 @@ def test_bundle_manifest(bundle_copy, data):
     mpath = bundle_copy / "manifest.json"
     base = json.loads(mpath.read_text())
     small = dict(base, tensors=dict(list(base["tensors"].items())[:3]))  # mutations then hit real entries
-    raw = data.draw(json_inputs(data.draw(st.sampled_from([base, small])), MANIFEST_KEYS))
+    raw = _maybe_resealed(data, data.draw(json_inputs(data.draw(st.sampled_from([base, small])), MANIFEST_KEYS)))
     verify = data.draw(st.sampled_from([False, True]))
     with replaced(mpath, raw):
         check("test_bundle_manifest", lambda: _open_bundle(bundle_copy, verify), bundle_copy)
@@ -515,7 +538,8 @@ def test_bundle_weights_and_config(bundle_copy, data):
     manifest = json.loads(mpath.read_text())
     with replaced(path, raw):
         manifest["files"][which] = {"size": len(raw), "sha256": sha256_file(path)}
-        with replaced(mpath, json.dumps(manifest).encode()):
+        from edgelora.bundle import sealed_text
+        with replaced(mpath, sealed_text(manifest).encode()):
             check("test_bundle_weights_and_config", lambda: _open_bundle(bundle_copy, True), bundle_copy)
 
 
@@ -536,7 +560,7 @@ def test_bundle_inconsistent_nf4_sizes_refused(bundle_copy, work):
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["files"]["model.safetensors"] = {"size": (bad / "model.safetensors").stat().st_size,
                                               "sha256": sha256_file(bad / "model.safetensors")}
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    reseal(bad / "manifest.json", manifest)
     with pytest.raises(FormatError, match="nf4_codes"):
         Bundle(bad)
 
@@ -555,7 +579,7 @@ def test_deploy_manifest(deploy_copy, data):
     from edgelora.deployment import is_deploy, open_deploy
     mpath = deploy_copy / "manifest.json"
     base = json.loads(mpath.read_text())
-    raw = data.draw(json_inputs(base, DEPLOY_KEYS))
+    raw = _maybe_resealed(data, data.draw(json_inputs(base, DEPLOY_KEYS)))
     verify = data.draw(st.sampled_from([False, False, True]))
     with replaced(mpath, raw):
         assert is_deploy(deploy_copy) in (True, False)
@@ -799,6 +823,154 @@ def test_pickle_checkpoint_refused_never_loaded(work):
     with pytest.raises(PickleRefusedError, match=str(d)):
         HFCheckpoint(d)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile configurations (issue 16): regexes, templates, manifest flips, size bombs
+# ---------------------------------------------------------------------------------------------
+
+REGEX_ATOMS = ["q_proj", "v_proj", "lm_head", "layers", r"\.", ".", ".*", ".+", "a", "x", r"\d", r"\d+", "[a-z]",
+               "[^.]", "(", ")", "(?:", "|", "*", "+", "?", "{2,}", "{0,99}", "$", "^", r"\1", "(.*.*)*", "(a+)+",
+               "(x|x)*", "(.*)*", "(\\w+\\.?)+", "(?=q)", "(?P<idx>\\d+)", "mlp", "self_attn"]
+REGEX_FIELDS = ["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save",
+                "layers_pattern"]
+regexes = st.lists(st.sampled_from(REGEX_ATOMS), min_size=1, max_size=8).map("".join) | st.sampled_from(
+    ["(.*.*)*q", "(.*a){25}", "(a|a?)+$", "((.*)*)*z", "(\\w|\\.)*X", ".*" * 30 + "Q"])
+
+
+@pytest.fixture(scope="module")
+def short_regex_budget():
+    import edgelora.adapters as adapters
+    before, adapters.REGEX_SECONDS = adapters.REGEX_SECONDS, 0.5
+    yield
+    adapters.REGEX_SECONDS = before
+
+
+@fuzz(250, deadline_ms=20_000)
+@given(st.data())
+def test_adapter_regexes(adapter_copy, base_modules, short_regex_budget, data):
+    """A regular expression in any field matched as one: the reader answers (or refuses, naming the
+    config) within the deadline, however the pattern backtracks."""
+    from edgelora.adapters import read_adapter
+    cfg_path = adapter_copy / "adapter_config.json"
+    base = json.loads(cfg_path.read_text())
+    field, pattern = data.draw(st.sampled_from(REGEX_FIELDS)), data.draw(regexes)
+    value = {"rank_pattern": {pattern: 4}, "alpha_pattern": {pattern: 8.0}, "modules_to_save": [pattern]}.get(
+        field, pattern)
+    cfg = dict(base, **{field: value})
+    if field == "layers_pattern":
+        cfg["layers_to_transform"] = [0]
+        cfg["target_modules"] = ["q_proj"]
+    with replaced(cfg_path, json.dumps(cfg).encode()):
+        check("test_adapter_regexes", lambda: read_adapter(adapter_copy, base_modules), adapter_copy)
+
+
+TEMPLATE_PIECES = ["{{ messages[0]['content'] }}", "{% for m in messages %}{{ m.content }}{% endfor %}",
+                   "{{ 'x' * 300000000 }}", "{{ [1] * 10**9 }}", "{{ '{:>2000000000}'.format(1) }}",
+                   "{{ '{:{}}'.format(1, 10**9) }}", "{{ (2**100000)|string }}", "{{ 10**10**10 }}",
+                   "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                   "{{ lipsum(10**6) }}", "{{ 'x'|center(2000000000) }}", "{{ '%2000000000d' % 1 }}",
+                   "{{ '%*d' % (10**9, 1) }}", "{{ 'x'.ljust(10**9) }}", "{{ 'ab'|indent(10**9) }}",
+                   "{{ '%s'|format(1) }}", "{{ 'a'|wordwrap(10**9) }}", "{{ 'ab'.replace('a', 'a' * 5000) }}",
+                   "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                   "{{ range(10**9)|list }}", "{{ raise_exception('no') }}", "{{ messages|tojson }}", "{{ x.__class__ }}",
+                   "{% if add_generation_prompt %}A:{% endif %}", "{{ bos_token }}", "{{", "{% for %}", "{{ 1/0 }}"]
+
+
+@pytest.fixture(scope="module")
+def small_template_budget():
+    import edgelora.runtime.tokenizer as tk
+    before = tk.TEMPLATE_STEPS, tk.TEMPLATE_SECONDS
+    tk.TEMPLATE_STEPS, tk.TEMPLATE_SECONDS = 300_000, 2.0
+    yield
+    tk.TEMPLATE_STEPS, tk.TEMPLATE_SECONDS = before
+
+
+@fuzz(600, deadline_ms=20_000)
+@given(st.data())
+def test_chat_templates(tokenizer_copy, small_template_budget, data):
+    """Chat templates assembled from pieces built to exhaust memory or time: rendering answers or
+    refuses (a FormatError naming the template file) within the deadline and never aborts."""
+    from edgelora.runtime.tokenizer import Tokenizer
+    template = "".join(data.draw(st.lists(st.sampled_from(TEMPLATE_PIECES), min_size=1, max_size=3)))
+    with replaced(tokenizer_copy / "chat_template.jinja", template.encode()):
+        tok = Tokenizer.from_dir(tokenizer_copy)
+        check("test_chat_templates",
+              lambda: tok.apply_chat_template([{"role": "user", "content": "hi"}]), "chat_template.jinja", "template")
+
+
+@fuzz(600)
+@given(st.data())
+def test_manifest_byte_flips(bundle_copy, deploy_copy, data):
+    """One flipped byte anywhere in a bundle's or a deploy folder's manifest is always refused."""
+    folder = data.draw(st.sampled_from([bundle_copy, deploy_copy]))
+    mpath = folder / "manifest.json"
+    raw = mpath.read_bytes()
+    pos, bit = data.draw(st.integers(0, len(raw) - 1)), data.draw(st.integers(0, 7))
+    flipped = bytearray(raw)
+    flipped[pos] ^= 1 << bit
+
+    def open_it():
+        if folder == deploy_copy:
+            from edgelora.deployment import open_deploy
+            open_deploy(folder, verify=False, device_check=False)
+        else:
+            _open_bundle(folder, False)
+    with replaced(mpath, bytes(flipped)):
+        e = check("test_manifest_byte_flips", open_it, folder)
+    assert isinstance(e, EdgeLoraError), f"a flip of bit {bit} at byte {pos} went undetected"
+
+
+@fuzz(120, deadline_ms=20_000)
+@given(st.data())
+def test_size_bombs(work, bundle_copy, adapter_copy, base_modules, data):
+    """Inputs that declare enormous sizes cheaply: refused before the work or memory they declare."""
+    from edgelora.atomic import sha256_file
+    from edgelora.bundle import sealed_text
+    from edgelora.safetensors_io import MAX_TENSORS, SafetensorsFile
+    kind = data.draw(st.sampled_from(["tensors", "layers", "adapter", "context"]))
+    if kind == "tensors":  # a legal header of many empty tensors
+        n = data.draw(st.sampled_from([MAX_TENSORS + 1, 2 * MAX_TENSORS, 300_000]))
+        header = "{" + ",".join(f'"t{i}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}' for i in range(n)) + "}"
+        path = work / "many.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+        with traced():
+            check("test_size_bombs", lambda: SafetensorsFile(path), path, peak=MAX_PEAK + 4 * len(header))
+    elif kind in ("layers", "context"):  # a config of many layers, or a context beyond memory
+        cpath, mpath = bundle_copy / "config.json", bundle_copy / "manifest.json"
+        cfg, manifest = json.loads(cpath.read_text()), json.loads(mpath.read_text())
+        if kind == "layers":
+            cfg["num_hidden_layers"] = data.draw(st.sampled_from([10**6, 2**31 - 1, 5000]))
+        else:
+            cfg["max_position_embeddings"] = 2**31 - 1
+        raw = json.dumps(cfg).encode()
+        with replaced(cpath, raw):
+            manifest["files"]["config.json"] = {"size": len(raw), "sha256": sha256_file(cpath)}
+            with replaced(mpath, sealed_text(manifest).encode()):
+                if kind == "layers":
+                    check("test_size_bombs", lambda: _open_bundle(bundle_copy, True), bundle_copy)
+                else:
+                    import edgelora
+                    ctx = data.draw(st.sampled_from([10**9, 2 * 10**9, 2**31 - 1]))
+                    check("test_size_bombs", lambda: edgelora.load(bundle_copy, max_context=ctx, warmup=False),
+                          bundle_copy)
+    else:  # an adapter whose header declares gigabytes, sparse on disk, against a budget
+        from edgelora.adapters import min_resident_bytes
+        wpath = adapter_copy / "adapter_model.safetensors"
+        n = data.draw(st.sampled_from([10**9, 5 * 10**9, 2**40 // 2]))
+        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        header = json.dumps({name: {"dtype": "F16", "shape": [n], "data_offsets": [0, 2 * n]}}).encode()
+        original = wpath.read_bytes()
+        try:
+            with open(wpath, "wb") as f:
+                f.write(struct.pack("<Q", len(header)) + header)
+                f.truncate(8 + len(header) + 2 * n)
+            with traced():
+                sized = check("test_size_bombs", lambda: min_resident_bytes(adapter_copy), adapter_copy,
+                              peak=MAX_PEAK)
+            assert sized == 2 * n
+        finally:
+            wpath.write_bytes(original)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import edgelora
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
 from edgelora.runtime.lora import BASE, lora_delta_reference, lora_matvec_add, parse_mix
-from tiny_models import Adapters, Converted, close, hf_dequantized
+from tiny_models import Adapters, Converted, close, hf_dequantized, put_bundle_file
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -469,8 +469,8 @@ def test_cli_run_chat_inspect_with_adapters(bases, adapters, tmp_path):
 
     # chat: list, switch, mix, base, load, unload, all on the device, between turns
     bundle = shutil.copytree(bundle, tmp_path / "with-template")
-    (bundle / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the{% endif %}")
+    put_bundle_file(bundle, "chat_template.jinja",
+                    "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the{% endif %}")
     session = "\n".join(["/adapters", "hello", "/use a", "hello", "/use a=0.5,b=0.5", "/base", f"/load c={a}",
                          "/unload b", "/adapters", "/use nope", "/exit"]) + "\n"
     r = _cli("chat", bundle, "--adapter", f"a={a}", "--adapter", f"b={b}", "--use", "b", "-n", 3, stdin=session)

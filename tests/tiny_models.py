@@ -211,3 +211,21 @@ def assert_logits_match(bundle, src, n: int = 40) -> None:
     mine = model.logits(ids)
     assert mine.shape == ref.shape
     assert close(mine, ref), np.abs(mine - ref).max()
+
+
+def reseal(manifest_path: Path, manifest: dict) -> None:
+    """Write an edited bundle or deploy manifest with its integrity digest recomputed, as edgelora writes
+    one (tests that edit a manifest on purpose, to reach the checks behind its digest)."""
+    from edgelora.bundle import sealed_text
+    Path(manifest_path).write_text(sealed_text(manifest))
+
+
+def put_bundle_file(bundle: Path, name: str, data) -> None:
+    """Write file ``name`` into a bundle and list it in its manifest (with its checksum, the manifest
+    resealed), as `edgelora convert` would have written it."""
+    from edgelora.bundle import file_table
+    path = Path(bundle) / name
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    manifest["files"].update(file_table([path]))
+    reseal(Path(bundle) / "manifest.json", manifest)
