@@ -88,7 +88,9 @@ class ThreadGovernor:
     ``n`` there and brings the next probe forward; a probe that is not doubles the interval (up to
     ``max_interval``), so a steady machine pays for a probe rarely. Steps that become ``slower``
     times slower than at the last decision (another process took a core) probe at once. Steps are
-    only compared with steps of the same batch size."""
+    only compared with steps of the same batch size. A probe step ``slower`` times slower than the
+    current count's ends the probe at once (a core owned by another process makes such steps
+    several times slower: each failed probe then costs one of them, not ``probe_steps``)."""
 
     def __init__(self, max_threads: int, interval: int = 8, max_interval: int = 1024, probe_steps: int = 3,
                  margin: float = 0.9, slower: float = 1.5):
@@ -118,8 +120,8 @@ class ThreadGovernor:
             self._reference = None
         if self._probing is not None and threads == self._probing:
             self._probe.append(seconds)
-            if len(self._probe) >= self.probe_steps:
-                self._decide()
+            if len(self._probe) >= self.probe_steps or seconds > self.slower * statistics.median(self._recent):
+                self._decide()  # enough steps, or one so slow that more would only cost
             return
         if threads != self.n:
             return

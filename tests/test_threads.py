@@ -27,6 +27,8 @@ def test_a_busy_core_moves_decode_to_fewer_threads_and_a_free_one_back():
     assert gov.n == 2 and used.count(1) <= 24 and used[1000:].count(1) <= 3  # probes, ever rarer
     used = _drive(gov, busy, 200)
     assert gov.n == 1 and used[:8].count(2) <= 6 and used[-100:].count(2) <= 6  # found at once: steps got slower
+    used = _drive(gov, busy, 1000)
+    assert gov.n == 1 and used.count(2) <= 8  # each failed probe upwards costs one slow step, ever rarer
     used = _drive(gov, free, 2000)
     assert gov.n == 2 and used[-500:].count(1) <= 3
 
