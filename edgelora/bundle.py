@@ -24,7 +24,7 @@ import numpy as np
 
 from edgelora.architectures import layer_index, tensor_map
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
-from edgelora.config import ModelArgs, read_bounded
+from edgelora.config import ModelArgs, parse_json_object, read_bounded
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
 from edgelora.safetensors_io import SafetensorsFile
 from edgelora.storage import (FLOAT_STORAGES, KINDS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, FloatStorage,
@@ -292,12 +292,7 @@ def read_sealed(path: Path, check_format=None) -> dict:
     byte for byte with a matching digest. ``check_format(manifest, path)`` runs first, so a newer
     format version is reported as such rather than as a damaged manifest."""
     raw = read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
-    try:
-        m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
-        raise FormatError(f"malformed JSON ({str(e)[:200]})", path) from None
-    if not isinstance(m, dict):
-        raise FormatError("expected a JSON object", path)
+    m = parse_json_object(raw, path)
     if check_format is not None:
         check_format(m, path)
     digest = m.get(SEAL)

@@ -268,13 +268,18 @@ def read_bounded(path, limit: int, what: str = "file") -> bytes:
     return raw
 
 
-def read_json(path) -> dict:
-    path = Path(path)
-    raw = read_bounded(path, 64 * 1024 * 1024, "JSON file")
+def parse_json_object(raw: bytes, path, what: str = "JSON", fix: str = "") -> dict:
+    """``raw`` (UTF-8 JSON) as a dict, or a FormatError naming ``path``: malformed text, deep
+    nesting, over-long integers and anything but an object alike (``fix`` is added to the message)."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
-        raise FormatError(f"malformed JSON ({str(e)[:200]})", path) from None
+        raise FormatError(f"malformed {what} ({str(e)[:200]}){fix}", path) from None
     if not isinstance(value, dict):
-        raise FormatError("expected a JSON object", path)
+        raise FormatError(f"expected a JSON object{'' if what == 'JSON' else ' as the ' + what}{fix}", path)
     return value
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    return parse_json_object(read_bounded(path, 64 * 1024 * 1024, "JSON file"), path)

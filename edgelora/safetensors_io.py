@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.config import open_regular
+from edgelora.config import open_regular, parse_json_object
 from edgelora.errors import FormatError, UnsupportedError
 
 # safetensors dtype name -> (numpy dtype used for the raw view, item size)
@@ -79,12 +79,7 @@ def parse_header(raw: bytes, data_size: int, path) -> tuple[dict, dict[str, Tens
     declared = raw.count(b"data_offsets")
     if declared > MAX_TENSORS:
         raise FormatError(f"header declares {declared:,} tensors, more than the {MAX_TENSORS:,} edgelora reads", path)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also over-long integers
-        raise FormatError(f"safetensors header is not valid JSON ({str(e)[:200]}); the file is corrupt", path) from None
-    if not isinstance(header, dict):
-        raise FormatError("safetensors header is not a JSON object; the file is corrupt", path)
+    header = parse_json_object(raw, path, "safetensors header", "; the file is corrupt")
     if len(header) > MAX_TENSORS + 1:  # names whose keys were escaped past the count above
         raise FormatError(f"header declares {len(header):,} tensors, more than the {MAX_TENSORS:,} edgelora reads", path)
     meta = header.pop("__metadata__", None) or {}
