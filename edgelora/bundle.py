@@ -67,7 +67,7 @@ class Bundle:
         if not mpath.is_file():
             raise FormatError(f"no {MANIFEST}: not an edgelora bundle (convert a checkpoint with "
                               f"`edgelora convert SRC -o OUT`)", self.path)
-        self.manifest = read_sealed(mpath, self._check_format)
+        self.manifest = read_sealed(mpath, FORMAT_NAME, FORMAT_VERSION, "bundle")
         self._check_manifest(mpath)
         if verify:  # True: checksums (cached by file identity); "full": hash every file again
             self.verify(full=verify == "full")
@@ -100,17 +100,6 @@ class Bundle:
                 raise FormatError(f"manifest gives tensor {name!r} shape {list(e.shape)}, but config.json implies "
                                   f"{list(specs[name].shape)}", self.path / MANIFEST)
             self.storage(name).check(self.weights, name, e.shape)
-
-    @staticmethod
-    def _check_format(m: dict, mpath: Path) -> None:
-        if m.get("format") != FORMAT_NAME:
-            raise FormatError(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}", mpath)
-        version = m.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise FormatError("format_version missing or not an integer", mpath)
-        if version > FORMAT_VERSION:
-            raise UnsupportedError(f"bundle format version {version} is newer than this edgelora reads "
-                                   f"({FORMAT_VERSION}); upgrade edgelora", mpath)
 
     def _check_manifest(self, mpath: Path) -> None:
         m = self.manifest
@@ -287,14 +276,25 @@ def _render(manifest: dict) -> str:
     return json.dumps(manifest, indent=1) + "\n"
 
 
-def read_sealed(path: Path, check_format=None) -> dict:
+def check_format(m: dict, mpath: Path, name: str, version: int, kind: str) -> None:
+    """The manifest ``m`` declares format ``name`` at a version this edgelora reads (``version`` or older)."""
+    if m.get("format") != name:
+        raise FormatError(f"format is {m.get('format')!r}, expected {name!r}", mpath)
+    v = m.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise FormatError("format_version missing or not an integer", mpath)
+    if v > version:
+        raise UnsupportedError(f"{kind} format version {v} is newer than this edgelora reads ({version}); "
+                               f"upgrade edgelora", mpath)
+
+
+def read_sealed(path: Path, name: str, version: int, kind: str) -> dict:
     """A manifest written by :func:`sealed_text`, refused (``FormatError``) unless it is that text
-    byte for byte with a matching digest. ``check_format(manifest, path)`` runs first, so a newer
-    format version is reported as such rather than as a damaged manifest."""
+    byte for byte with a matching digest. Its format is checked first (:func:`check_format`), so a
+    newer format version is reported as such rather than as a damaged manifest."""
     raw = read_bounded(path, MAX_MANIFEST_BYTES, "manifest")
     m = parse_json_object(raw, path)
-    if check_format is not None:
-        check_format(m, path)
+    check_format(m, path, name, version, kind)
     digest = m.get(SEAL)
     if not isinstance(digest, str):
         raise FormatError(f"the manifest has no {SEAL!r} integrity digest (written by an older edgelora, or "

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, clean_stale, os_error
-from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UnsupportedError, UsageError
+from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UsageError
 
 if TYPE_CHECKING:  # (imported where used: planning pulls in the runtime)
     from edgelora.devices.profiles import Device
@@ -223,17 +223,6 @@ def _safe_rel(rel, where) -> str:
     return rel
 
 
-def _check_format(m: dict, mpath: Path) -> None:
-    if m.get("format") != FORMAT_NAME:
-        raise FormatError(f"format is {m.get('format')!r}, expected {FORMAT_NAME!r}", mpath)
-    v = m.get("format_version")
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise FormatError("format_version missing or not an integer", mpath)
-    if v > FORMAT_VERSION:
-        raise UnsupportedError(f"deploy format version {v} is newer than this edgelora reads ({FORMAT_VERSION}); "
-                               f"upgrade edgelora", mpath)
-
-
 def read_manifest(path) -> dict:
     """The deploy manifest at ``path/manifest.json``, its integrity digest checked
     (:func:`edgelora.bundle.read_sealed`) and its fields type-checked."""
@@ -244,7 +233,7 @@ def read_manifest(path) -> dict:
         raise FormatError(f"no {MANIFEST}: not a deploy folder", root)
     if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise FormatError("manifest is larger than 16 MiB", mpath)
-    m = read_sealed(mpath, _check_format)
+    m = read_sealed(mpath, FORMAT_NAME, FORMAT_VERSION, "deploy")
     for key, kind in (("device", dict), ("plan", dict), ("adapters", dict), ("files", dict), ("model", str)):
         if not isinstance(m.get(key), kind):
             raise FormatError(f"manifest field {key!r} missing or not {'an object' if kind is dict else 'text'}", mpath)
@@ -345,9 +334,9 @@ def _read_plan(root: Path, m: dict) -> dict:
 def _check_bundle_listed(root: Path, m: dict) -> None:
     """Every file of the inner bundle is listed in the deploy manifest with the same checksum, so that
     verifying the deploy folder verifies the bundle the loader then opens."""
-    from edgelora.bundle import Bundle, read_sealed
+    from edgelora.bundle import FORMAT_NAME as BUNDLE_FORMAT, FORMAT_VERSION as BUNDLE_VERSION, read_sealed
     mpath = root / m["model"] / MANIFEST
-    inner = read_sealed(mpath, Bundle._check_format)
+    inner = read_sealed(mpath, BUNDLE_FORMAT, BUNDLE_VERSION, "bundle")
     files = inner.get("files")
     if not isinstance(files, dict):
         raise FormatError("manifest field 'files' missing or not an object", mpath)
