@@ -1,0 +1,357 @@
+"""Head to head with llama.cpp on the same CPU, the same random checkpoint, in one run.
+
+llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the bar. This script
+(benchmarks only: never an install or CI dependency)
+
+1. finds llama.cpp's tools in the user's cache, or with ``--build`` builds them there from the tree
+   vendored in the llama-cpp-python sdist on PyPI (CPU only, native; ~18 minutes on 2 cores);
+2. makes a random checkpoint of a real model's shape (``make_random_model.py``), converts it to an
+   edgelora bundle (default float16 head, and ``--embeddings nf4``), and writes the same weights as
+   an F16 GGUF, quantized by llama.cpp's own ``llama-quantize`` to IQ4_NL (a 16-value non-uniform
+   codebook like NF4) and Q4_0;
+3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
+4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (so its
+   peak RSS is its own): prefill of 128 and 512 tokens, decode of 128 tokens, decode with the
+   adapter; medians are reported, with every round kept in the JSON.
+
+    python bench/bench_llamacpp.py --build --models tinyllama-1.1b --workdir /tmp/h2h \\
+        --json bench/results/llamacpp.json
+
+llama.cpp's decode (``llama-bench`` tg128) starts from an empty context and edgelora's after an
+8-token prompt; with an adapter both decode 128 tokens after the same short prompt
+(``llama-completion --lora``, its ``eval time`` line). llama.cpp's threads busy-wait, so any other
+load on the machine hurts it more than edgelora: run this on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_common import parse_args, write_report
+
+HERE = Path(__file__).resolve().parent
+SDIST = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
+TOOLS = ("llama-bench", "llama-quantize", "llama-completion")
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp: found in the cache or built there
+# ---------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edgelora-bench" / "llama.cpp-0.3.36"
+
+
+def find_llama_cpp(given: Path | None) -> Path | None:
+    """The folder holding llama.cpp's tools: ``given``, else the cache's build."""
+    for d in ([given] if given else []) + [cache_dir() / "build" / "bin"]:
+        if d is not None and all((d / t).is_file() for t in TOOLS):
+            return d
+    return None
+
+
+def build_llama_cpp() -> Path:
+    """Download the sdist with pip, build the tools in the cache; return their folder."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    src = root / "src"
+    if not (src / "CMakeLists.txt").is_file():
+        dl = root / "download"
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST,
+                        "-d", str(dl)], check=True)
+        archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(archive) as tf:
+            top = tf.getnames()[0].split("/")[0]
+            tf.extractall(root / "unpacked", filter="data")
+        if src.exists():
+            shutil.rmtree(src)
+        (root / "unpacked" / top / "vendor" / "llama.cpp").rename(src)
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DGGML_BLAS=OFF",
+             "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_OPENSSL=OFF",
+             "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"]
+    if "amx_tile" in Path("/proc/cpuinfo").read_text():  # its AMX kernels crashed in these VMs
+        flags += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), *flags], check=True)
+    subprocess.run(["cmake", "--build", str(root / "build"), f"-j{os.cpu_count()}", "--target", *TOOLS], check=True)
+    return root / "build" / "bin"
+
+
+# ---------------------------------------------------------------------------------------------
+# the same weights for llama.cpp
+# ---------------------------------------------------------------------------------------------
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's rotary layout for q/k rows (pairs of halves interleaved per head), as its
+    converter writes them (the inverse of converters/gguf.py's ``_unpermute``)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def vocab(vocab_size: int) -> tuple[list, list]:
+    """A SentencePiece-style vocabulary for the random model's ids: the three specials, the 256
+    byte tokens (llama.cpp's tokenizer falls back to them, so any prompt encodes) and word tokens."""
+    import gguf
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    tokens += [f"\u2581w{i}" for i in range(len(tokens), vocab_size)]
+    types += [gguf.TokenType.NORMAL] * (vocab_size - len(types))
+    return tokens, types
+
+
+def _vocab(gguf, w, vocab_size: int) -> None:
+    tokens, types = vocab(vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab_size)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+
+def write_gguf_f16(src: Path, out: Path) -> Path:
+    """``src`` (a Hugging Face Llama folder) as an F16 GGUF, laid out as llama.cpp's converter does."""
+    import gguf
+    from edgelora.safetensors_io import SafetensorsFile
+    if out.exists():
+        return out
+    cfg = json.loads((src / "config.json").read_text())
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg["hidden_size"] // n_head
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("random " + src.name)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(head_dim)
+    _vocab(gguf, w, cfg["vocab_size"])
+    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":  # would need llama.cpp's rope_freqs tensor
+        raise SystemExit(f"{src.name}: llama3 rope scaling is not written here; use a shape without it")
+    with SafetensorsFile(src / "model.safetensors") as f:  # a tied head: llama.cpp reuses token_embd
+        for name in f.keys():
+            a = f.float32(name)
+            if name.endswith("q_proj.weight"):
+                a = _permute(a, n_head)
+            elif name.endswith("k_proj.weight"):
+                a = _permute(a, n_kv)
+            new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+            w.add_tensor(new, a if a.ndim <= 1 else a.astype(np.float16))  # norms stay F32, as the converter
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.rename(out)
+    return out
+
+
+def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:
+    """A PEFT adapter folder as llama.cpp's LoRA GGUF (``convert_lora_to_gguf.py``'s layout:
+    ``<tensor>.lora_a`` [r, in] and ``.lora_b`` [out, r], q/k B rows permuted as the base's)."""
+    import gguf
+    from edgelora.safetensors_io import SafetensorsFile
+    if out.exists():
+        return out
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(acfg["lora_alpha"]))
+    with SafetensorsFile(adapter / "adapter_model.safetensors") as f:
+        tensors = {name: f.float32(name) for name in sorted(f.keys())}
+    for name, a in tensors.items():
+        m = re.match(r"base_model\.model\.(.+)\.lora_([AB])\.weight$", name)
+        module, which = m.group(1), m.group(2)
+        if which == "B" and module.endswith("q_proj"):
+            a = _permute(a, cfg["num_attention_heads"])
+        elif which == "B" and module.endswith("k_proj"):
+            a = _permute(a, cfg["num_key_value_heads"])
+        base = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
+        w.add_tensor(f"{base}.lora_{which.lower()}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements, each in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+def _popen_rss(cmd: list, env=None) -> tuple[str, int]:
+    """Run ``cmd``; its output (standard output and error) and its own peak RSS in bytes, from
+    ``wait4`` on the child (so other children's memory does not count)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    out = p.stdout.read().decode("utf-8", "replace")
+    p.stdout.close()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({p.returncode}):\n{out[-3000:]}")
+    return out, usage.ru_maxrss * 1024
+
+
+def llama_bench(bin_dir: Path, gguf_path: Path, threads: int) -> dict:
+    out, rss = _popen_rss([str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", str(threads),
+                           "-p", "128,512", "-n", "128", "-r", "3", "-o", "json"])
+    rows = json.loads(out[out.index("["):out.rindex("]") + 1])
+    res = {"peak_rss_bytes": rss}
+    for r in rows:
+        key = f"prefill_{r['n_prompt']}" if r["n_prompt"] else f"decode_{r['n_gen']}"
+        res[key] = r["avg_ts"]
+    return res
+
+
+def llama_lora_decode(bin_dir: Path, gguf_path: Path, lora: Path | None, threads: int, n: int) -> dict:
+    prompt = " ".join(f"w{i}" for i in range(100, 108))
+    cmd = [str(bin_dir / "llama-completion"), "-m", str(gguf_path), "-t", str(threads), "-c", "1024", "-n", str(n),
+           "--ignore-eos", "--temp", "0", "-no-cnv", "--no-display-prompt", "-p", prompt]
+    if lora is not None:
+        cmd += ["--lora", str(lora)]
+    out, rss = _popen_rss(cmd)
+    m = re.search(r"eval time =\s*[\d.]+ ms /\s*(\d+) runs.*?([\d.]+) tokens per second", out.split("prompt eval time")[-1])
+    return {"decode": float(m.group(2)), "peak_rss_bytes": rss}
+
+
+EDGELORA_CHILD = r"""
+import json, statistics, sys
+import numpy as np
+import edgelora
+from edgelora.memory import peak_rss_bytes
+path, threads, products, adapter, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+model = edgelora.load(path, threads=threads, max_context=512 + 16, products=products)
+model.eos_ids = set()
+if adapter != "-":
+    model.adapters.load("a", adapter)
+name = "a" if adapter != "-" else None
+prompt = np.random.default_rng(0).integers(3, model.args.vocab_size, 512).tolist()
+model.generate(prompt, max_new_tokens=2, adapter=name)  # compile, fault in
+res = {}
+if adapter == "-":
+    for T in (128, 512):
+        runs = []
+        for _ in range(3):
+            model.generate(prompt[:T], max_new_tokens=1, adapter=name)
+            runs.append(model.last_stats.prefill_tokens_per_second)
+        res[f"prefill_{T}"] = statistics.median(runs)
+runs = []
+for _ in range(2):
+    model.generate(prompt[:8], max_new_tokens=n, adapter=name)
+    runs.append(model.last_stats.decode_tokens_per_second)
+res["decode"] = statistics.median(runs)
+res["peak_rss_bytes"] = peak_rss_bytes()
+print(json.dumps(res))
+"""
+
+
+def edgelora_run(bundle: Path, threads: int, products: str, adapter: Path | None, n: int) -> dict:
+    from edgelora.child import python_command
+    out, rss = _popen_rss(python_command(EDGELORA_CHILD, str(bundle), str(threads), products,
+                                         str(adapter) if adapter else "-", str(n)))
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_bytes"] = rss
+    return res
+
+
+def main():
+    def add(p):
+        p.add_argument("--build", action="store_true", help="build llama.cpp in the cache if it is not there")
+        p.add_argument("--llama-cpp", type=Path, default=None, help="folder holding llama-bench & co")
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--decode-tokens", type=int, default=128)
+        p.add_argument("--products", nargs="+", default=["exact", "int8"])
+
+    a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
+    bin_dir = find_llama_cpp(a.llama_cpp)
+    if bin_dir is None:
+        if not a.build:
+            raise SystemExit("llama.cpp's tools are not built: pass --build (about 18 minutes on 2 cores)")
+        bin_dir = build_llama_cpp()
+    sys.path.insert(0, str(HERE))
+    from bench_lora import make_random_adapter
+    from bench_runtime import prepare
+    from edgelora.benchmark import memory_bandwidth
+    report = {"cores": os.cpu_count(), "threads": a.threads, "llama_cpp": SDIST, "repeats": a.repeats,
+              "bandwidth_bytes_per_second": memory_bandwidth(a.threads), "models": {}}
+    for name in a.models:
+        src, bundle = prepare(name, work)
+        _, bundle_nf4 = prepare(name, work, embeddings="nf4")
+        cfg = json.loads((src / "config.json").read_text())
+        ggufs = {}
+        for q in ("IQ4_NL", "Q4_0"):  # --pure: every 2-D tensor in that type, the head included
+            dst = work / f"{name}-{q.lower()}.gguf"
+            if not dst.exists():
+                f16 = write_gguf_f16(src, work / f"{name}-f16.gguf")
+                subprocess.run([str(bin_dir / "llama-quantize"), "--pure", str(f16), str(dst), q], check=True,
+                               capture_output=True)
+            ggufs[q] = dst
+        adapter = make_random_adapter(work / f"{name}-adapter-r16", bundle, r=16)
+        lora = write_lora_gguf(adapter, cfg, work / f"{name}-lora-r16.gguf")
+        systems = {f"llama.cpp {q}": ("llama", g) for q, g in ggufs.items()}
+        for p in a.products:
+            systems[f"edgelora {p}"] = ("edgelora", (bundle, p))
+            systems[f"edgelora {p}, nf4 embeddings"] = ("edgelora", (bundle_nf4, p))
+        rounds = {k: [] for k in systems}
+        lora_rounds = {"llama.cpp IQ4_NL": [], "llama.cpp IQ4_NL, no adapter": []}
+        lora_rounds.update({f"edgelora {p}": [] for p in a.products})
+        lora_rounds.update({f"edgelora {p}, no adapter": [] for p in a.products})
+        for r in range(a.repeats):  # interleaved rounds
+            for k, (kind, what) in systems.items():
+                t = time.perf_counter()
+                res = llama_bench(bin_dir, what, a.threads) if kind == "llama" else \
+                    edgelora_run(what[0], a.threads, what[1], None, a.decode_tokens)
+                res["wall_seconds"] = time.perf_counter() - t
+                rounds[k].append(res)
+                print(f"[{name} round {r + 1}] {k}: {res}", flush=True)
+            for k in lora_rounds:
+                ad = None if k.endswith("no adapter") else adapter
+                if k.startswith("llama.cpp"):
+                    res = llama_lora_decode(bin_dir, ggufs["IQ4_NL"], None if ad is None else lora, a.threads,
+                                            a.decode_tokens)
+                else:
+                    res = edgelora_run(bundle, a.threads, k.split()[1].rstrip(","), ad, a.decode_tokens)
+                lora_rounds[k].append(res)
+                print(f"[{name} round {r + 1}] adapter {k}: {res}", flush=True)
+        med = {k: {m: statistics.median(x[m] for x in v) for m in v[0] if m != "wall_seconds"}
+               for k, v in rounds.items()}
+        lmed = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in lora_rounds.items()}
+        report["models"][name] = {"median": med, "adapter_median": lmed, "rounds": rounds, "adapter_rounds": lora_rounds}
+        ref = med["llama.cpp IQ4_NL"]
+        print(f"\n{name}, {a.threads} threads, medians of {a.repeats} interleaved rounds")
+        print(f"{'system':38} {'prefill-128':>12} {'prefill-512':>12} {'decode':>8} {'peak RSS MB':>12}")
+        for k, m in med.items():
+            print(f"{k:38} {m['prefill_128']:8.1f} ({m['prefill_128'] / ref['prefill_128']:.2f}x) "
+                  f"{m['prefill_512']:7.1f} ({m['prefill_512'] / ref['prefill_512']:.2f}x) "
+                  f"{m.get('decode_128', m.get('decode')):6.1f} "
+                  f"({m.get('decode_128', m.get('decode')) / ref['decode_128']:.2f}x) {m['peak_rss_bytes'] / 1e6:10.0f}")
+        for k, m in lmed.items():
+            print(f"adapter: {k:38} decode {m['decode']:6.1f} tok/s, peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB")
+    write_report(a.json, report)
+
+
+if __name__ == "__main__":
+    main()
