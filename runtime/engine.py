@@ -28,9 +28,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from edgelora.errors import EngineClosed, QueueFull, UsageError
+from edgelora.errors import EngineClosed, PlanError, QueueFull, UsageError
 from edgelora.runtime.model import PREFILL_CHUNK, Generation, GenerationChunk, Model, _refuse_unknown, _Sequence
-from edgelora.runtime.prompt_cache import PromptCache
+from edgelora.runtime.prompt_cache import PromptCache, planned_room
 from edgelora.runtime.sampling import SamplingParams
 
 _ids = itertools.count(1)
@@ -166,6 +166,11 @@ class Engine:
         self.model, self.max_batch, self.max_queue, self.prefill_chunk = model, max_batch, max_queue, chunk
         self.prompt_cache = (model.prompt_cache if prompt_cache_bytes is None
                              else PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None)
+        room = planned_room(model, max_batch)
+        if room is not None and self.prompt_cache is not None and self.prompt_cache.max_bytes > room:
+            raise PlanError(f"a prompt cache of {self.prompt_cache.max_bytes / 1e6:.1f} MB does not fit this deploy "
+                            f"folder's plan beside {max_batch} sequences' KV caches: {room / 1e6:.1f} MB are left",
+                            model.path)
         self._queue: deque[Request] = deque()
         self._running: list[Request] = []  # admitted, in admission order
         self._free: list = []  # KV caches of finished sequences, for the next ones

@@ -181,3 +181,23 @@ class PromptCache:
         """Drop entries of adapters no longer alive (unloaded, and no generation holds them)."""
         for slot in [s for s, e in self._entries.items() if not e.alive()]:
             self._drop(slot)
+
+
+def planned_room(model, sequences: int = 1) -> int | None:
+    """Bytes a deploy folder's memory plan leaves beside ``sequences`` KV caches (the plan holds
+    one; its budget less its total is the headroom): what a prompt cache may take there. None when
+    the model is not from a deploy folder (no plan to respect)."""
+    if model.deployment is None:
+        return None
+    planned = model.deployment.planned
+    headroom = max(planned["budget_bytes"] - planned["total_bytes"], 0)
+    return max(headroom - (sequences - 1) * model.kv_cache_bytes, 0)
+
+
+def conversation_cache(model) -> PromptCache | None:
+    """A prompt cache for a conversation (``edgelora chat``): every position reused (``exact=False``:
+    a turn prefills only what is new), one context's keys and values at most (within a deploy
+    folder's plan; None where the plan has no room)."""
+    room = planned_room(model)
+    size = model.kv_cache_bytes if room is None else min(room, model.kv_cache_bytes)
+    return PromptCache(size, exact=False) if size > 0 else None
