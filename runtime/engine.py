@@ -304,21 +304,26 @@ class Engine:
                         self._release([r], "length")
         live = [r for r in self._running if r._seq.logits is not None and not r._seq.done]
         if live:
-            by_seq = {id(r._seq): r for r in live}
+            by_seq, last = {id(r._seq): r for r in live}, []
             for s, chunk in m._step([r._seq for r in live], self.prompt_cache):
-                by_seq[id(s)]._push(chunk)
-            self._release([r for r in live if r._seq.done])
+                if chunk.finish_reason is None:
+                    by_seq[id(s)]._push(chunk)  # at once: the client has it while the forward step runs
+                else:
+                    last.append((by_seq[id(s)], chunk))
+            self._release([r for r, _ in last])  # out of the batch before their callers hear they ended
+            for r, chunk in last:
+                r._push(chunk)
         self.steps += 1
 
     def _release(self, reqs: list, reason: str | None = None) -> None:
         """Take finished requests out of the batch (first finishing them with ``reason``), their caches kept."""
         now = time.perf_counter()
         for r in reqs:
-            if reason is not None and not r._seq.done:
-                r._push(r._seq.finish(reason))
             with self._cv:
                 self._running.remove(r)
                 self.completed += 1
+            if reason is not None and not r._seq.done:
+                r._push(r._seq.finish(reason))
             if len(self._free) < self.max_batch:
                 self._free.append(r._seq.cache)
             r._seq.cache = _Unallocated()
