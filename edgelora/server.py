@@ -417,12 +417,30 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _serve_until_stopped(server, sock) -> None:
+    """Run uvicorn in this thread until SIGINT or SIGTERM; running requests finish first (uvicorn's
+    graceful shutdown, then the engine drains), and the signal ends the call, not the program."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, stop) if main else None  # uvicorn raises it again once stopped
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, before)
+
+
 def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None, host: str = "127.0.0.1",
           port: int = 8080, threads: int | None = None, max_context: int | None = None, max_batch: int = 8,
           max_queue: int = 64, api_key: str | None = None, model_name: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, prompt_cache_bytes: int | None = None,
           allow_adapter_loading: bool = True, log_level: str = "info", background: bool = False,
-          **load_options: Any) -> Server:
+          engine: Any = None, **load_options: Any) -> Server:
     """Serve a model over the OpenAI API (module docstring; README, *Serve*).
 
     ``model``: a loaded :class:`~edgelora.runtime.model.Model`, or a bundle / deploy folder to load
@@ -432,6 +450,8 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
     token every ``/v1`` route needs (default: the ``EDGELORA_API_KEY`` environment variable; none
     when unset). ``max_batch``: sequences decoded together; ``max_queue``: requests waiting beyond
     those (more are refused with 429). ``max_body_bytes``: the largest request body (413 beyond).
+    ``engine``: an :class:`~edgelora.runtime.engine.Engine` of ``model`` to share (default: one made
+    for the server, closed with it).
 
     ``background=False`` (the command line) serves until SIGINT/SIGTERM, then lets running requests
     finish and returns the stopped :class:`Server`; ``background=True`` serves from a thread and
@@ -454,7 +474,7 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
     if model.deployment is not None:
         paths.update({k: str(v) for k, v in model.deployment.adapters.items() if k not in paths})
     api_key = api_key if api_key is not None else (os.environ.get("EDGELORA_API_KEY") or None)
-    app = create_app(model, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+    app = create_app(model, engine=engine, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      prompt_cache_bytes=prompt_cache_bytes, max_body_bytes=max_body_bytes, adapter_paths=paths,
                      allow_adapter_loading=allow_adapter_loading)
     sock = _listen(host, port)
@@ -465,7 +485,7 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
         if log_level in ("info", "debug", "trace"):
             print(f"edgelora: serving {app.state.model_name} on {handle.url} (chat page: {handle.url}/ ; "
                   f"OpenAI API: {handle.url}/v1{'; API key required' if api_key else ''})", flush=True)
-        server.run(sockets=[sock])
+        _serve_until_stopped(server, sock)
         return handle
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="edgelora-serve", daemon=True)
     thread.start()
