@@ -211,9 +211,22 @@ def drops_system_message(tokenizer, template: str | None = None) -> bool:
     return mark not in text
 
 
+def fit_history(history: list, keep: int, count, limit: int) -> int:
+    """Drop the oldest turns of ``history`` (after its first ``keep`` messages, the system's; never
+    the last message) until ``count(history) <= limit``; how many messages were dropped."""
+    dropped = 0
+    while count(history) > limit and len(history) - keep > 1:
+        pair = len(history) - keep > 2 and history[keep + 1]["role"] == "assistant"  # a question and its answer
+        del history[keep:keep + 1 + pair]
+        dropped += 1 + pair
+    return dropped
+
+
 def _cmd_chat(ns) -> int:
+    from edgelora.runtime.prompt_cache import conversation_cache
     template = None if ns.chat_template is None else _read_template(ns.chat_template)
     model = _load_model(ns)
+    model.prompt_cache = conversation_cache(model)  # each turn prefills only what is new
     tok = model.tokenizer
     if template is None and not tok.has_chat_template:
         raise UsageError("this model has no chat template: give one with --chat-template FILE (a Jinja file as "
@@ -232,6 +245,10 @@ def _cmd_chat(ns) -> int:
             pass
     print(f"edgelora chat (adapter: {model.active_adapter}). {CHAT_HELP}", file=sys.stderr)
     failed = 0  # with piped input, the exit code of the last error: the session's when its input ends
+
+    def encode(messages):
+        return tok.encode(tok.apply_chat_template(messages, chat_template=template), add_special_tokens=False)
+
     while True:
         try:
             line = input("> " if interactive else "")
@@ -256,7 +273,19 @@ def _cmd_chat(ns) -> int:
                 failed = 0 if interactive else e.exit_code
             continue
         history.append({"role": "user", "content": line})
-        ids = tok.encode(tok.apply_chat_template(history, chat_template=template), add_special_tokens=False)
+        room = min(ns.max_tokens, model.max_context // 2)  # kept for the answer when old turns must go
+        dropped = fit_history(history, len(system), lambda h: len(encode(h)), model.max_context - room)
+        if dropped:
+            print(f"(the conversation outgrew the {model.max_context}-token context: dropped its oldest "
+                  f"{dropped} message{'s' * (dropped > 1)})", file=sys.stderr)
+        ids = encode(history)
+        if len(ids) > model.max_context:
+            print(f"edgelora: error: this message makes a prompt of {len(ids)} tokens, more than the "
+                  f"{model.max_context}-token context; say it shorter (or load with a larger --max-context)",
+                  file=sys.stderr)
+            history.pop()
+            failed = 0 if interactive else UsageError.exit_code
+            continue
         answer = []
         for chunk in model.stream_generate(ids, max_new_tokens=ns.max_tokens, **_sampling(ns)):
             answer.append(chunk.text)
@@ -269,7 +298,8 @@ def _cmd_chat(ns) -> int:
             print(json.dumps({"prompt": line, "text": "".join(answer), **s.to_dict()}), flush=True)
         else:
             print()
-            print(f"[{s.adapter}: prefill {s.prompt_tokens} tok at {s.prefill_tokens_per_second:.1f} tok/s, decode "
+            cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
+            print(f"[{s.adapter}: prefill {s.prompt_tokens} tok{cached} at {s.prefill_tokens_per_second:.1f} tok/s, decode "
                   f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 

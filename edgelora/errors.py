@@ -62,3 +62,20 @@ class PlanError(EdgeLoraError):
     device unlike the one it was planned for."""
 
     exit_code = 6
+
+
+class QueueFull(EdgeLoraError):
+    """The batching engine's queue holds ``max_queue`` waiting requests already (an HTTP server's
+    429): try again in ``retry_after`` seconds (a guess from the recent requests' durations)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = float(retry_after)
+
+
+class EngineClosed(EdgeLoraError):
+    """A request submitted to a batching engine after ``close()`` (an HTTP server's 503)."""
+
+    exit_code = 7

@@ -105,6 +105,7 @@ class GenerationStats:
     adapter: str = "base"  # the adapter selection the generation ran with
     drafted_tokens: int = 0  # speculative decoding: tokens the drafter guessed
     accepted_tokens: int = 0  # ... and of those, the ones the model kept
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prompt cache (not prefilled)
 
     @property
     def acceptance_rate(self) -> float:
@@ -112,7 +113,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        done = self.prompt_tokens - self.cached_tokens  # (those from the prompt cache were not prefilled)
+        return done / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -127,7 +129,7 @@ class GenerationStats:
                 "decode_tokens_per_second": self.decode_tokens_per_second,
                 "prompt_ids": self.prompt_ids, "generated_ids": self.generated_ids, "stop_reason": self.stop_reason,
                 "adapter": self.adapter, "drafted_tokens": self.drafted_tokens,
-                "accepted_tokens": self.accepted_tokens}
+                "accepted_tokens": self.accepted_tokens, "cached_tokens": self.cached_tokens}
 
 
 @dataclass(frozen=True)
@@ -215,9 +217,12 @@ class _Sequence:
     sampled token that keeps the next guess takes its row as the next logits with no forward."""
 
     def __init__(self, model: "Model", ids: np.ndarray, lora: Selection, params: SamplingParams, stops: list,
-                 max_new_tokens: int, logprobs: int | None, drafter=None, num_draft: int = NUM_DRAFT):
+                 max_new_tokens: int, logprobs: int | None, drafter=None, num_draft: int = NUM_DRAFT, cache=None):
         self.ids, self.lora, self.max_new_tokens, self.top = ids, lora, max_new_tokens, logprobs
-        self.cache = model.net.new_cache()
+        self.cache = model.net.new_cache() if cache is None else cache  # (the engine's: from its pool, when admitted)
+        self.filled = 0  # prompt positions in the cache (the prefill's progress)
+        self.t0 = self.t1 = 0.0  # clocks: the request (time to first token counts from it), the prefill's end
+        self.first = True  # no token sampled yet
         self.sampler = Sampler(params)
         self.text = _TextOut(model.tokenizer, stops)
         self.eos_ids, self.max_context = model.eos_ids, model.max_context
@@ -320,7 +325,10 @@ class Model:
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._local = threading.local()  # statistics of the last generation, per thread
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
-        self._step = threading.Lock()  # one forward step at a time (kernels share thread pools)
+        self._lock = threading.Lock()  # one forward step at a time (kernels share thread pools)
+        #: a :class:`~edgelora.runtime.prompt_cache.PromptCache`: generations reuse the keys and values of
+        #: the prompt prefixes it holds (None: every prompt is prefilled in full)
+        self.prompt_cache = None
         self.deployment = deployment  # the Deployment when loaded from a deploy folder (edgelora.deployment)
         self.adapters = AdapterSet(self.net, self._unloaded,
                                    budget_bytes=None if deployment is None else deployment.adapter_bytes)
@@ -406,7 +414,7 @@ class Model:
         Numba's count belongs to each calling thread, so it is set on entry and the caller's put
         back after: a generation from any thread runs on the model's threads. A decode step of
         ``decode_rows`` sequences reports its time to the governor."""
-        with self._step:
+        with self._lock:
             n = self.governor.current()
             with thread_count(n):
                 t = time.perf_counter()
@@ -448,6 +456,28 @@ class Model:
             else:
                 self._forward(chunk, cache, False, lora)
         return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def _start_prefill(self, s: _Sequence, prompt_cache=None) -> None:
+        """Before ``s``'s prefill: what ``prompt_cache`` (``runtime/prompt_cache.py``) holds of its
+        prompt under its adapter selection is copied into its cache, and the prefill goes on from there."""
+        if prompt_cache is not None:
+            s.filled = s.stats.cached_tokens = prompt_cache.restore(s.ids, s.lora, s.cache)
+
+    def _prefill_step(self, s: _Sequence, prompt_cache=None) -> bool:
+        """One chunk of ``s``'s prefill, up to the next multiple of ``PREFILL_CHUNK`` (the chunks of
+        :meth:`_prefill`, wherever the prefill started: the same bits); True when the prompt is in,
+        ``s.logits`` then set and the prompt's keys and values offered to ``prompt_cache``."""
+        t = time.perf_counter()
+        end = min(len(s.ids), (s.filled // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+        out = self._forward(s.ids[s.filled:end], s.cache, False, s.lora)  # [1, V]
+        s.filled = end
+        s.stats.prefill_seconds += time.perf_counter() - t
+        if end < len(s.ids):
+            return False
+        s.logits = out[-1]
+        if prompt_cache is not None:
+            prompt_cache.store(s.ids, s.lora, s.cache, len(s.ids))
+        return True
 
     def logits(self, token_ids, adapter=CURRENT) -> np.ndarray:
         """float32 ``[T, vocab]``: the next-token logits after each of ``token_ids``."""
@@ -510,39 +540,48 @@ class Model:
     def _decode(self, seqs: list):
         """The decode loop of every generation; yields each sequence's :class:`GenerationChunk` items.
 
-        Each sequence is prefilled on its own; then, until all are done, each live sequence samples
-        its next token and accepts it, and one forward step computes the next logits of those still
-        live: the one-row forward for a single sequence (the faster decode), the batched step for
-        several (its row b equals sequence b's one-row forward bit for bit, so a sequence's tokens
-        never depend on its batch). Times count from the call (time to first token) and from the
-        end of the prefills (decode)."""
+        Each sequence is prefilled on its own (from what ``prompt_cache`` holds of its prompt);
+        then, until all are done, :meth:`_step`. Times count from the call (time to first token)
+        and from the end of the prefills (decode)."""
         t0 = time.perf_counter()
         for s in seqs:
-            t = time.perf_counter()
-            s.logits = self._prefill(s.ids, s.cache, False, s.lora)
-            s.stats.prefill_seconds = time.perf_counter() - t
+            s.t0 = t0
+            self._start_prefill(s, self.prompt_cache)
+            while not self._prefill_step(s, self.prompt_cache):
+                pass
         t1 = time.perf_counter()
         for s in seqs:
+            s.t1 = t1
             if s.max_new_tokens == 0:
                 yield s.finish("length")
         live = [s for s in seqs if not s.done]
-        first = True
         while live:
-            ready = []  # sequences whose next logits a kept guess already gave
-            for s in live:
-                token = s.sample()
-                if first:
-                    s.stats.time_to_first_token = time.perf_counter() - t0
-                chunk = s.accept(token)
-                s.stats.decode_seconds = time.perf_counter() - t1
-                if not s.done and s.next_from_guesses():
-                    ready.append(s)
+            for _, chunk in self._step(live, self.prompt_cache):
                 yield chunk
-            first = False
             live = [s for s in live if not s.done]
-            step = [s for s in live if s not in ready]
-            if step:
-                self._advance(step)
+
+    def _step(self, live: list, prompt_cache=None):
+        """One step of the token loop (generations and the batching engine, ``runtime/engine.py``):
+        each live sequence samples its next token and accepts it (yielding ``(sequence, chunk)``),
+        then one forward step computes the next logits of those still live: the one-row forward
+        for a single sequence (the faster decode), the batched step for several (its row b equals
+        sequence b's one-row forward bit for bit, so a sequence's tokens never depend on its
+        batch). A sequence that ends offers its keys and values to ``prompt_cache``."""
+        ready = []  # sequences whose next logits a kept guess already gave
+        for s in live:
+            token = s.sample()
+            if s.first:
+                s.stats.time_to_first_token, s.first = time.perf_counter() - s.t0, False
+            chunk = s.accept(token)
+            s.stats.decode_seconds = time.perf_counter() - s.t1
+            if not s.done and s.next_from_guesses():
+                ready.append(s)
+            if s.done and prompt_cache is not None:
+                prompt_cache.store(s.history[:s.cache.length], s.lora, s.cache, len(s.ids))
+            yield s, chunk
+        step = [s for s in live if not s.done and s not in ready]
+        if step:
+            self._advance(step)
 
     def _advance(self, seqs: list) -> None:
         """One decode step: each sequence's last token through the model, its next logits kept.
