@@ -40,7 +40,6 @@ from edgelora.openai_api import (APIError, Job, error_body, model_list, parse_re
                                  usage_chunk)
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
-_END = object()
 
 
 def _require_serve_extra():
@@ -56,39 +55,24 @@ def _chat_page() -> bytes:
     return (resources.files("edgelora") / "static" / "chat.html").read_bytes()
 
 
-# --- the engine's blocking iterator as an async one -----------------------------------------------------
+# --- the engine's requests, read from the event loop ----------------------------------------------------
 
 async def _chunks(req):
-    """The :class:`GenerationChunk` items of an engine request, read by a thread of their own and
-    handed to the event loop; leaving early (a disconnected client) cancels the request."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is reading
-            pass
-
-    def pump():
-        try:
-            for chunk in req:
-                put(chunk)
-        except BaseException as e:  # noqa: BLE001 (handed to the reader)
-            put(e)
-        put(_END)
-
-    threading.Thread(target=pump, name="edgelora-serve-pump", daemon=True).start()
+    """The :class:`GenerationChunk` items of an engine request as they come (``async for`` over the
+    request, which never blocks the event loop); leaving early (a disconnected client) cancels it."""
     try:
-        while True:
-            item = await queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        async for chunk in req:
+            yield chunk
     finally:
         req.cancel()
+
+
+def default_prompt_cache_bytes(model, max_batch: int) -> int:
+    """The server's prompt cache by default: one context's keys and values, within a deploy folder's
+    plan beside ``max_batch`` sequences (0, none, where the plan has no room)."""
+    from edgelora.runtime.prompt_cache import planned_room
+    room = planned_room(model, max_batch)
+    return model.kv_cache_bytes if room is None else min(room, model.kv_cache_bytes)
 
 
 async def _watch_disconnect(receive, req) -> None:
@@ -138,7 +122,8 @@ def create_app(model, *, engine=None, model_name: str | None = None, api_key: st
     """The server as a Starlette app for a loaded ``model`` (run it with uvicorn, or
     :func:`serve`). ``engine``: an :class:`edgelora.runtime.engine.Engine` to use (default: one
     made here with ``max_batch``, ``max_queue`` and ``prompt_cache_bytes``, closed when the app
-    shuts down). ``model_name``: the id of the base model in the API (default: the bundle's folder
+    shuts down; the prompt cache reuses only what keeps every answer exactly ``model.generate``'s,
+    by default one context's keys and values: :func:`default_prompt_cache_bytes`). ``model_name``: the id of the base model in the API (default: the bundle's folder
     name). ``api_key``: the bearer token every ``/v1`` route needs (None: none).
     ``adapter_paths``: ``{name: folder}`` of adapters already resident, shown by ``/v1/models``."""
     _require_serve_extra()
@@ -150,12 +135,15 @@ def create_app(model, *, engine=None, model_name: str | None = None, api_key: st
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    from edgelora.runtime.engine import Engine, QueueFull
+    from edgelora.errors import EngineClosed, QueueFull
+    from edgelora.runtime.engine import Engine
 
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise UsageError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
     owned = engine is None
     if owned:
+        if prompt_cache_bytes is None:
+            prompt_cache_bytes = default_prompt_cache_bytes(model, max_batch)
         engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes)
     base_name = model_name or Path(str(model.path)).name
     adapters = _Adapters(model)
@@ -189,8 +177,19 @@ def create_app(model, *, engine=None, model_name: str | None = None, api_key: st
             wait = max(1, math.ceil(getattr(e, "retry_after", 1) or 1))
             raise APIError(429, f"the server is busy ({e}); retry after {wait} s", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(wait)}) from None
+        except EngineClosed as e:
+            raise APIError(503, f"the server is shutting down ({e})", type="server_error",
+                           code="shutting_down") from None
         except EdgeLoraError as e:
+            gone = _unloaded(job)
+            if gone:  # unloaded between the request's check and its submission
+                raise APIError(404, f"the adapter {gone!r} was unloaded", param="model",
+                               code="model_not_found") from None
             raise APIError(_status_of(e), str(e)) from None
+
+    def _unloaded(job: Job) -> str | None:
+        wanted = [job.adapter] if isinstance(job.adapter, str) else list(job.adapter or {})
+        return next((n for n in wanted if n not in model.adapters), None)
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

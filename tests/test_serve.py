@@ -60,8 +60,9 @@ def ref():
 @pytest.fixture(scope="module")
 def served():
     from edgelora.runtime.engine import Engine
+    from edgelora.server import default_prompt_cache_bytes
     model = edgelora.load(demo_bundle_path(), max_context=CONTEXT)
-    engine = Recorder(Engine(model, max_batch=4, max_queue=2))
+    engine = Recorder(Engine(model, max_batch=4, max_queue=4, prompt_cache_bytes=default_prompt_cache_bytes(model, 4)))
     server = edgelora.serve(model, adapters=demo_adapter_paths(), port=0, api_key=KEY, background=True,
                             log_level="warning", max_body_bytes=64 * 1024, engine=engine)
     yield server, model, engine
@@ -83,6 +84,17 @@ def options(adapter) -> dict:
     if isinstance(adapter, dict):
         return {"model": "base", "extra_body": {"adapters": adapter}}
     return {"model": adapter or "demo-llama-nf4"}
+
+
+def post(url: str, body: dict):
+    """POST with the key, again after a short wait while the queue is full (429)."""
+    for _ in range(400):
+        r = httpx.post(url, json=body, headers=auth(), timeout=120)
+        if r.status_code != 429:
+            return r
+        assert int(r.headers["Retry-After"]) >= 1
+        time.sleep(0.05)
+    raise AssertionError("the queue never had room")
 
 
 def sse_events(lines) -> list:
@@ -221,11 +233,7 @@ def test_32_concurrent_requests_across_adapters_each_equal_its_sequential_refere
                     assert r.status_code == 200
                     events = sse_events(r.iter_lines())
                 return "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
-            r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth(), timeout=120)
-            if r.status_code == 429:
-                assert int(r.headers["Retry-After"]) >= 1
-                time.sleep(0.05)
-                continue
+            r = post(url + "/v1/chat/completions", body)
             assert r.status_code == 200, r.text
             return r.json()["choices"][0]["message"]["content"]
         raise AssertionError("the queue never had room")
@@ -244,8 +252,7 @@ def test_adapters_load_and_unload_through_the_api_while_requests_run(served, ref
     want_base = ref.chat(msgs, max_new_tokens=40, adapter=None)
 
     def ask(name):
-        r = httpx.post(url + "/v1/chat/completions", headers=auth(), timeout=120,
-                       json={"model": name, "messages": msgs, "max_tokens": 40, "temperature": 0})
+        r = post(url + "/v1/chat/completions", {"model": name, "messages": msgs, "max_tokens": 40, "temperature": 0})
         return r.status_code, r.json()
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -266,7 +273,7 @@ def test_adapters_load_and_unload_through_the_api_while_requests_run(served, ref
                 status == 404 and body["error"]["code"] == "model_not_found"), body
     assert "arr" not in model.adapters.names
     status, body = ask("arr")
-    assert status == 404 and "'arr' does not exist" in body["error"]["message"]
+    assert status == 404 and "'arr' does not exist" in body["error"]["message"] and body["error"]["param"] == "model"
 
     # a bad path, an adapter folder that is broken, a duplicate name: clear errors, and the server goes on
     r = httpx.post(url + "/v1/adapters", headers=auth(), json={"name": "nope", "path": str(tmp_path / "missing")})
@@ -352,11 +359,11 @@ def test_full_queue_is_429_with_retry_after_and_the_queued_ones_still_finish(ser
     held = model._running()  # the model's step lock: the engine stops at its first forward
     held.__enter__()
     try:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
             accepted = [pool.submit(httpx.post, chat, json=body, headers=auth(), timeout=120)]
             until(lambda: engine.stats()["running"] == 1)  # admitted, its prefill waiting for the lock
-            accepted += [pool.submit(httpx.post, chat, json=body, headers=auth(), timeout=120) for _ in range(2)]
-            until(lambda: engine.stats()["queued"] == 2)  # max_queue
+            accepted += [pool.submit(httpx.post, chat, json=body, headers=auth(), timeout=120) for _ in range(4)]
+            until(lambda: engine.stats()["queued"] == 4)  # max_queue
             r = httpx.post(chat, json=body, headers=auth(), timeout=30)
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["Retry-After"]) >= 1
@@ -517,7 +524,7 @@ def test_cli_serves_and_sigint_lets_running_requests_finish(ref, tmp_path):
 class WebDriver:
     """The few W3C WebDriver commands the test needs, spoken to chromedriver over HTTP."""
 
-    ELEMENT = "element-6066-11e4-a52f-4d5e5aadc3f5"
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 
     def __init__(self, driver: str, browser: str, profile: Path):
         self.port = _free_port()
@@ -556,7 +563,9 @@ class WebDriver:
         self.cmd("POST", "/url", {"url": url})
 
     def find(self, css):
-        return self.cmd("POST", "/element", {"using": "css selector", "value": css})[self.ELEMENT]
+        found = self.cmd("POST", "/element", {"using": "css selector", "value": css})
+        assert self.ELEMENT in found, found
+        return found[self.ELEMENT]
 
     def type(self, css, text):
         self.cmd("POST", f"/element/{self.find(css)}/value", {"text": text})
