@@ -1,7 +1,7 @@
 """``edgelora serve`` under load: concurrent clients with different adapters, adapter loading by path.
 
 The server runs as ``edgelora serve`` in its own process (so the clients' Python does not share
-its interpreter); the clients stream greedy chat completions over HTTP with httpx. On one bundle
+its interpreter); the clients stream greedy completions over HTTP with httpx. On one bundle
 (the random-weight 1B-shape model by default) with four random rank-16 PEFT adapters on all linear
 layers (``bench_lora.make_random_adapter``), in one run:
 
@@ -70,14 +70,15 @@ def start_server(bundle: Path, adapters: dict, threads: int | None, max_batch: i
 
 
 def stream_one(url: str, model: str, max_tokens: int) -> dict:
-    """One streamed greedy chat request: its start, first token and end times, tokens, error."""
+    """One streamed greedy completion (a text prompt: a random-weight bundle has no chat template):
+    its start, first token and end times, tokens, error."""
     import httpx
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model, "prompt": QUESTION, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, tokens, error = None, 0, None
     try:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as r:
             if r.status_code != 200:
                 r.read()
                 return {"start": t0, "end": time.perf_counter(), "error": f"{r.status_code} {r.text[:200]}"}
@@ -89,7 +90,7 @@ def stream_one(url: str, model: str, max_tokens: int) -> dict:
                     error = ev["error"]["message"]
                 if ev.get("usage"):
                     tokens = ev["usage"]["completion_tokens"]
-                elif ev.get("choices") and ev["choices"][0]["delta"].get("content") and first is None:
+                elif ev.get("choices") and ev["choices"][0]["text"] and first is None:
                     first = time.perf_counter()
     except httpx.HTTPError as e:
         error = f"{type(e).__name__}: {e}"

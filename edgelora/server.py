@@ -380,7 +380,7 @@ class Server:
     """A running server (``serve(..., background=True)``): its ``url``, and ``close()`` to stop it
     (running requests finish first). Also a context manager."""
 
-    def __init__(self, uvicorn_server, sock: socket.socket, thread: threading.Thread | None):
+    def __init__(self, uvicorn_server: Any, sock: socket.socket, thread: threading.Thread | None):
         self._server, self._sock, self._thread = uvicorn_server, sock, thread
         host, port = sock.getsockname()[:2]
         self.host, self.port = host, port
