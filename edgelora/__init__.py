@@ -14,6 +14,7 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     edgelora.deploy("bundle/", "raspberry-pi-4-4gb", "deploy/", adapters={...}, context=2048)
     model = edgelora.load("deploy/")               # verified; its memory plan enforced
     r = edgelora.evaluate("bundle/", text_file="wiki.txt", data="qa.jsonl")  # Evaluation: perplexity, loss
+    eng = edgelora.Engine(model, max_batch=8); req = eng.submit("Hi", adapter="pirate")  # continuous batching
     server = edgelora.serve("bundle/", port=8080, background=True)  # the OpenAI API and a chat page (edgelora[serve])
 
 Every public name is documented in docs/api.md (written from these docstrings by scripts/api_docs.py).
@@ -39,6 +40,7 @@ _LAZY = {  # public name -> module that defines it
     "Device": "edgelora.devices.profiles",
     "evaluate": "edgelora.evaluation", "Evaluation": "edgelora.evaluation",
     "deploy": "edgelora.deployment", "open_deploy": "edgelora.deployment", "unpack": "edgelora.deployment",
+    "Engine": "edgelora.runtime.engine", "Request": "edgelora.runtime.engine", "PromptCache": "edgelora.runtime.prompt_cache",
     "serve": "edgelora.server", "Server": "edgelora.server",
 }
 

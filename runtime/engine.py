@@ -150,11 +150,15 @@ class Engine:
     ``PREFILL_CHUNK``, 256, whose chunks keep prefill results exact; at least one chunk runs per
     step): smaller keeps the others' decode steps coming more often, larger fills newcomers faster.
     ``prompt_cache_bytes``: keys and values of earlier prompts kept for reuse
-    (:class:`~edgelora.runtime.prompt_cache.PromptCache`, exact policy: tokens unchanged); None
-    uses ``model.prompt_cache`` (if any), 0 none. The worker thread starts at once (a daemon)."""
+    (:class:`~edgelora.runtime.prompt_cache.PromptCache`); None uses ``model.prompt_cache`` (if
+    any), 0 none; ``prompt_cache_exact``: its policy, True reuses whole prefill chunks of earlier
+    prompts only (tokens exactly those without a cache), False every common position, generated
+    tokens' too (a conversation's next turn prefills only what is new; logits within float32
+    rounding). Within a deploy folder's plan, beside ``max_batch`` KV caches. The worker thread
+    starts at once (a daemon)."""
 
     def __init__(self, model: Model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = None,
-                 prompt_cache_bytes: int | None = None):
+                 prompt_cache_bytes: int | None = None, prompt_cache_exact: bool = True):
         for name, value, least in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -165,7 +169,7 @@ class Engine:
         model._check_batch_planned(max_batch)
         self.model, self.max_batch, self.max_queue, self.prefill_chunk = model, max_batch, max_queue, chunk
         self.prompt_cache = (model.prompt_cache if prompt_cache_bytes is None
-                             else PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None)
+                             else PromptCache(prompt_cache_bytes, prompt_cache_exact) if prompt_cache_bytes else None)
         room = planned_room(model, max_batch)
         if room is not None and self.prompt_cache is not None and self.prompt_cache.max_bytes > room:
             raise PlanError(f"a prompt cache of {self.prompt_cache.max_bytes / 1e6:.1f} MB does not fit this deploy "
@@ -280,10 +284,15 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         s = req._seq
-        s.cache = self._free.pop() if self._free else self.model.net.new_cache()
-        s.cache.reset()
-        s.t0 = req.submitted
-        self.model._start_prefill(s, self.prompt_cache)
+        try:
+            s.cache = self._free.pop() if self._free else self.model.net.new_cache()
+            s.cache.reset()
+            s.t0 = req.submitted
+            self.model._start_prefill(s, self.prompt_cache)
+        except Exception as e:  # (no memory for its cache): this request fails, the engine goes on
+            s.cache = _Unallocated()
+            req._push(e)
+            return
         self._running.append(req)
 
     def _step(self) -> None:
@@ -304,21 +313,26 @@ class Engine:
                         self._release([r], "length")
         live = [r for r in self._running if r._seq.logits is not None and not r._seq.done]
         if live:
-            by_seq = {id(r._seq): r for r in live}
+            by_seq, last = {id(r._seq): r for r in live}, []
             for s, chunk in m._step([r._seq for r in live], self.prompt_cache):
-                by_seq[id(s)]._push(chunk)
-            self._release([r for r in live if r._seq.done])
+                if chunk.finish_reason is None:
+                    by_seq[id(s)]._push(chunk)  # at once: the client has it while the forward step runs
+                else:
+                    last.append((by_seq[id(s)], chunk))
+            self._release([r for r, _ in last])  # out of the batch before their callers hear they ended
+            for r, chunk in last:
+                r._push(chunk)
         self.steps += 1
 
     def _release(self, reqs: list, reason: str | None = None) -> None:
         """Take finished requests out of the batch (first finishing them with ``reason``), their caches kept."""
         now = time.perf_counter()
         for r in reqs:
-            if reason is not None and not r._seq.done:
-                r._push(r._seq.finish(reason))
             with self._cv:
                 self._running.remove(r)
                 self.completed += 1
+            if reason is not None and not r._seq.done:
+                r._push(r._seq.finish(reason))
             if len(self._free) < self.max_batch:
                 self._free.append(r._seq.cache)
             r._seq.cache = _Unallocated()

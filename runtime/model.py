@@ -307,7 +307,9 @@ class Model:
 
     ``deployment``: the :class:`~edgelora.deployment.Deployment` when the bundle comes from a
     deploy folder: its adapters are made resident, and no more adapter bytes than it planned.
-    ``products``: how NF4 weights multiply, ``"exact"`` or ``"int8"`` (:func:`edgelora.load`)."""
+    ``products``: how NF4 weights multiply, ``"exact"`` or ``"int8"`` (:func:`edgelora.load`).
+    ``prompt_cache``: None, or a :class:`~edgelora.runtime.prompt_cache.PromptCache` whose kept
+    prompt prefixes generations reuse (``model.prompt_cache = edgelora.PromptCache(256 << 20)``)."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
                  deployment=None, products: str = "exact"):
