@@ -438,7 +438,7 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
           port: int = 8080, threads: int | None = None, max_context: int | None = None, max_batch: int = 8,
           max_queue: int = 64, api_key: str | None = None, model_name: str | None = None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, prompt_cache_bytes: int | None = None,
-          allow_adapter_loading: bool = True, log_level: str = "info", background: bool = False,
+          allow_adapter_loading: bool = True, log_level: str | None = None, background: bool = False,
           engine: Any = None, **load_options: Any) -> Server:
     """Serve a model over the OpenAI API (module docstring; README, *Serve*).
 
@@ -450,7 +450,8 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
     when unset). ``max_batch``: sequences decoded together; ``max_queue``: requests waiting beyond
     those (more are refused with 429). ``max_body_bytes``: the largest request body (413 beyond).
     ``engine``: an :class:`~edgelora.runtime.engine.Engine` of ``model`` to share (default: one made
-    for the server, closed with it).
+    for the server, closed with it). ``log_level``: uvicorn's (default: ``info``, a line per request,
+    in the foreground; ``warning`` in the background).
 
     ``background=False`` (the command line) serves until SIGINT/SIGTERM, then lets running requests
     finish and returns the stopped :class:`Server`; ``background=True`` serves from a thread and
@@ -477,6 +478,7 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
                      prompt_cache_bytes=prompt_cache_bytes, max_body_bytes=max_body_bytes, adapter_paths=paths,
                      allow_adapter_loading=allow_adapter_loading)
     sock = _listen(host, port)
+    log_level = log_level or ("warning" if background else "info")
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=5)
     server = uvicorn.Server(config)
     if not background:
