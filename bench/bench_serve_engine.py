@@ -127,8 +127,9 @@ def main():
         b, c = row["batch"], row["chat"]
         print(f"\n{name}, {model.threads} threads (load average {os.getloadavg()[0]:.1f})")
         print(f"batch: {b['requests']} requests x {b['decode_tokens']} tokens over {b['adapters']} adapters: "
-              f"{b['aggregate_decode_tokens_per_second']:.1f} tok/s decode vs {b['one_request_decode_tokens_per_second']:.1f} "
-              f"alone ({b['aggregate_vs_one']:.2f}x); end to end {b['end_to_end_tokens_per_second']:.1f} vs "
+              f"{b['aggregate_decode_tokens_per_second']:.1f} tok/s decode vs "
+              f"{b['one_request_decode_tokens_per_second']:.1f} alone ({b['aggregate_vs_one']:.2f}x); "
+              f"end to end {b['end_to_end_tokens_per_second']:.1f} vs "
               f"{b['one_by_one_end_to_end_tokens_per_second']:.1f} one by one; TTFT p50 {b['ttft_p50_seconds']:.2f} s, "
               f"p99 {b['ttft_p99_seconds']:.2f} s (alone {b['ttft_alone_seconds']:.3f} s); errors {b['errors']}")
         for policy in ("none", "exact", "conversation"):

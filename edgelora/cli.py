@@ -299,8 +299,8 @@ def _cmd_chat(ns) -> int:
         else:
             print()
             cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
-            print(f"[{s.adapter}: prefill {s.prompt_tokens} tok{cached} at {s.prefill_tokens_per_second:.1f} tok/s, decode "
-                  f"{s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
+            print(f"[{s.adapter}: prefill {s.prompt_tokens} tok{cached} at {s.prefill_tokens_per_second:.1f} tok/s, "
+                  f"decode {s.generated_tokens} tok at {s.decode_tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 
 def _cmd_bench(ns) -> int:

@@ -161,7 +161,7 @@ class GenerationChunk:
     text: str  # the text this item completes ("" while held back: half a character, a possible stop string)
     token: int | None  # the generated token id
     logprobs: TokenLogprobs | None  # with ``logprobs=k``
-    finish_reason: str | None  # None until the last item: then stop, length, eos or context
+    finish_reason: str | None  # None until the last item: stop, length, eos, context (cancelled: an Engine request)
     stats: GenerationStats  # this generation's statistics, running: the same object, updated as it goes
 
 

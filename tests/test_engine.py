@@ -212,24 +212,20 @@ def test_close_drains_or_cancels(model):
     assert eng.stats()["running"] == eng.stats()["queued"] == 0
 
 
-def test_a_batch_beyond_a_deploy_plan_is_refused_at_construction(tmp_path):
-    from edgelora.devices.planner import plan
-    from edgelora.devices.profiles import host_device
-    from edgelora.runtime.llama import KVCache
-    host = host_device()
-    p = plan(demo_bundle_path(), host, context=64)
-    with edgelora.open_bundle(demo_bundle_path(), verify=False) as b:
-        per_seq = KVCache.planned_bytes(b.args, 64)
-    ram_mib = -(-int((p.total_bytes + 2.5 * per_seq) / host.app_share) // (1 << 20))
-    toml = tmp_path / "tight.toml"
-    toml.write_text(host.to_toml().replace(f"ram_mib = {host.ram_mib}", f"ram_mib = {ram_mib}"))
-    edgelora.deploy(demo_bundle_path(), toml, tmp_path / "tight", context=64)
-    model = edgelora.load(tmp_path / "tight", device_check=False, warmup=False)
-    with pytest.raises(PlanError, match="sequences at once"):
-        Engine(model, max_batch=400)
-    with pytest.raises(PlanError, match="prompt cache"):
-        Engine(model, max_batch=2, prompt_cache_bytes=1 << 40)
-    Engine(model, max_batch=2).close()
+def test_a_batch_beyond_a_deploy_plan_is_refused_at_construction(model):
+    """A deploy folder's plan holds one sequence's KV cache; its headroom (budget less total) bounds
+    the engine's batch and its prompt cache together (the check ``generate_batch`` makes, on a
+    real deploy folder in tests/test_hardening.py; here a plan with room for 2.5 more caches)."""
+    from types import SimpleNamespace
+    per_seq = model.kv_cache_bytes
+    model.deployment = SimpleNamespace(planned={"budget_bytes": 10 * per_seq + int(2.5 * per_seq),
+                                                "total_bytes": 10 * per_seq}, adapters={}, adapter_bytes=None)
+    with pytest.raises(PlanError, match="at most 3 sequences"):
+        Engine(model, max_batch=4)
+    with pytest.raises(PlanError, match="prompt cache of .* 3 sequences"):
+        Engine(model, max_batch=3, prompt_cache_bytes=per_seq)
+    Engine(model, max_batch=3, prompt_cache_bytes=per_seq // 2).close()  # what is left: half a cache
+    Engine(model, max_batch=2, prompt_cache_bytes=per_seq).close()
 
 
 # --- the prompt cache ----------------------------------------------------------------------------
