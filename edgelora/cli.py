@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest request body (413 beyond)")
     sv.add_argument("--prompt-cache-mb", type=float, default=None, metavar="MB",
                     help="memory for cached prompt prefixes (default: the engine's; 0: none)")
-    sv.add_argument("--model-name", default=None, help="the base model's id in the API (default: the bundle's folder name)")
+    sv.add_argument("--model-name", default=None,
+                    help="the base model's id in the API (default: the bundle's folder name)")
     sv.add_argument("--no-adapter-loading", action="store_true",
                     help="refuse POST/DELETE /v1/adapters (adapters only from --adapter)")
     sv.add_argument("--any-device", action="store_true",

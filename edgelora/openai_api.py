@@ -135,7 +135,8 @@ def _adapter_mix(value, names: list, param: str) -> dict:
         items = []
         for entry in value:
             if not isinstance(entry, dict):
-                raise APIError(400, f"{param}: each entry must be an object {{\"id\"|\"name\", \"scale\"}}", param=param)
+                raise APIError(400, f"{param}: each entry must be an object {{\"id\"|\"name\", \"scale\"}}",
+                               param=param)
             key = entry.get("name", entry.get("id"))
             if isinstance(key, int) and not isinstance(key, bool):
                 if not 0 <= key < len(names):
@@ -384,7 +385,8 @@ def stream_chunk(job: Job, text: str | None, reason: str | None, items: list, to
                   "finish_reason": finish_reason(reason)}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": _logprobs(job, items, tokenizer, offset) if items else None,
+        choice = {"index": 0, "text": text or "",
+                  "logprobs": _logprobs(job, items, tokenizer, offset) if items else None,
                   "finish_reason": finish_reason(reason)}
         obj = "text_completion"
     out = {"id": job.response_id, "object": obj, "created": job.created, "model": job.model, "choices": [choice]}

@@ -123,8 +123,9 @@ def create_app(model, *, engine=None, model_name: str | None = None, api_key: st
     :func:`serve`). ``engine``: an :class:`edgelora.runtime.engine.Engine` to use (default: one
     made here with ``max_batch``, ``max_queue`` and ``prompt_cache_bytes``, closed when the app
     shuts down; the prompt cache reuses only what keeps every answer exactly ``model.generate``'s,
-    by default one context's keys and values: :func:`default_prompt_cache_bytes`). ``model_name``: the id of the base model in the API (default: the bundle's folder
-    name). ``api_key``: the bearer token every ``/v1`` route needs (None: none).
+    by default one context's keys and values: :func:`default_prompt_cache_bytes`). ``model_name``:
+    the id of the base model in the API (default: the bundle's folder name). ``api_key``: the
+    bearer token every ``/v1`` route needs (None: none).
     ``adapter_paths``: ``{name: folder}`` of adapters already resident, shown by ``/v1/models``."""
     _require_serve_extra()
     from contextlib import asynccontextmanager
@@ -474,7 +475,8 @@ def serve(model: Any, *, adapters: Mapping[str, str | os.PathLike] | None = None
     if model.deployment is not None:
         paths.update({k: str(v) for k, v in model.deployment.adapters.items() if k not in paths})
     api_key = api_key if api_key is not None else (os.environ.get("EDGELORA_API_KEY") or None)
-    app = create_app(model, engine=engine, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+    app = create_app(model, engine=engine, model_name=model_name, api_key=api_key, max_batch=max_batch,
+                     max_queue=max_queue,
                      prompt_cache_bytes=prompt_cache_bytes, max_body_bytes=max_body_bytes, adapter_paths=paths,
                      allow_adapter_loading=allow_adapter_loading)
     sock = _listen(host, port)

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -634,9 +633,9 @@ def test_chat_page_in_headless_chromium(served, ref, tmp_path):
                                                   adapter="pirate")]
         first = ref.chat([{"role": "user", "content": q}], max_new_tokens=128, adapter="pirate")
         q2 = QUESTIONS[1]  # a second turn: the conversation so far goes with it
-        assert ask(q2, "shout") == ["1", ref.chat([{"role": "user", "content": q}, {"role": "assistant", "content": first},
-                                                   {"role": "user", "content": q2}], max_new_tokens=128,
-                                                  adapter="shout")]
+        history = [{"role": "user", "content": q}, {"role": "assistant", "content": first},
+                   {"role": "user", "content": q2}]
+        assert ask(q2, "shout") == ["1", ref.chat(history, max_new_tokens=128, adapter="shout")]
         wd.click("#new")
         assert ask(q, "__mix__", "pirate=0.5,shout=0.5") == [
             "1", ref.chat([{"role": "user", "content": q}], max_new_tokens=128, adapter=MIX)]
