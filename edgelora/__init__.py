@@ -15,6 +15,7 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     model = edgelora.load("deploy/")               # verified; its memory plan enforced
     r = edgelora.evaluate("bundle/", text_file="wiki.txt", data="qa.jsonl")  # Evaluation: perplexity, loss
     eng = edgelora.Engine(model, max_batch=8); req = eng.submit("Hi", adapter="pirate")  # continuous batching
+    server = edgelora.serve("bundle/", port=8080, background=True)  # the OpenAI API and a chat page (edgelora[serve])
 
 Every public name is documented in docs/api.md (written from these docstrings by scripts/api_docs.py).
 """
@@ -40,6 +41,7 @@ _LAZY = {  # public name -> module that defines it
     "evaluate": "edgelora.evaluation", "Evaluation": "edgelora.evaluation",
     "deploy": "edgelora.deployment", "open_deploy": "edgelora.deployment", "unpack": "edgelora.deployment",
     "Engine": "edgelora.runtime.engine", "Request": "edgelora.runtime.engine", "PromptCache": "edgelora.runtime.prompt_cache",
+    "serve": "edgelora.server", "Server": "edgelora.server",
 }
 
 

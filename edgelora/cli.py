@@ -387,6 +387,23 @@ def _cmd_warmup(ns) -> int:
     return 0
 
 
+def _cmd_serve(ns) -> int:
+    from edgelora.server import serve
+    adapters = {}
+    for spec in ns.adapter:
+        name, path = _split_adapter(spec)
+        if name in adapters:
+            raise UsageError(f"--adapter {name!r} given twice; name them apart with NAME=PATH")
+        adapters[name] = path
+    serve(ns.bundle, adapters=adapters, host=ns.host, port=ns.port, threads=ns.threads, max_context=ns.max_context,
+          max_batch=ns.max_batch, max_queue=ns.max_queue, api_key=ns.api_key, model_name=ns.model_name,
+          max_body_bytes=ns.max_body_bytes,
+          prompt_cache_bytes=None if ns.prompt_cache_mb is None else int(ns.prompt_cache_mb * 1e6),
+          allow_adapter_loading=not ns.no_adapter_loading, log_level=ns.log_level,
+          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products)
+    return 0
+
+
 def _cmd_demo(ns) -> int:
     from edgelora.demo import run_demo
     return run_demo(ns.workdir, quiet=ns.quiet)
@@ -586,6 +603,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_products_option(w)
     w.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
     w.set_defaults(func=_cmd_warmup)
+
+    sv = command("serve", "serve a model over the OpenAI API (per-request adapters batched together, a chat page at /)",
+                 "edgelora serve tinyllama-nf4 --adapter pirate=adapters/pirate --port 8080")
+    sv.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
+    sv.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                    help="a PEFT LoRA adapter to make resident, named NAME or after its folder (repeatable); "
+                         "requests choose it with model=NAME")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8080, help="port to listen on (0: a free one)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="bearer token every /v1 route needs (default: $EDGELORA_API_KEY; none when unset)")
+    sv.add_argument("--threads", type=int, default=None, help="most CPU threads (default: every core)")
+    sv.add_argument("--max-context", type=int, default=None,
+                    help="KV cache length per sequence (default: min(model limit, 2048); a deploy folder's planned "
+                         "context)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a slot; more are refused with 429 and Retry-After")
+    sv.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                    help="largest request body (413 beyond)")
+    sv.add_argument("--prompt-cache-mb", type=float, default=None, metavar="MB",
+                    help="memory for cached prompt prefixes (default: the engine's; 0: none)")
+    sv.add_argument("--model-name", default=None,
+                    help="the base model's id in the API (default: the bundle's folder name)")
+    sv.add_argument("--no-adapter-loading", action="store_true",
+                    help="refuse POST/DELETE /v1/adapters (adapters only from --adapter)")
+    sv.add_argument("--any-device", action="store_true",
+                    help="serve a deploy folder even on a machine unlike the device it was planned for")
+    sv.add_argument("--no-mmap", action="store_true", help="read the weights into memory (as `run --no-mmap`)")
+    _add_products_option(sv)
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                    help="server log detail (info: one line per request)")
+    sv.set_defaults(func=_cmd_serve)
 
     d = command("demo", "build and convert the built-in demo model (offline), then run, plan and swap adapters",
                 "edgelora demo")
