@@ -176,10 +176,11 @@ def read_dataset(tok, path, max_length: int, overflow: str = "truncate", eos: bo
                 ds.skipped.append(where)
                 continue
             ex = Example(ids[:max_length], ex.labels[:max_length], where, truncated=True)
-            ds.truncated.append(where)
         if ex.trained_tokens == 0:
             ds.skipped.append(where)
             continue
+        if ex.truncated:
+            ds.truncated.append(where)
         ds.examples.append(ex)
     if not ds.examples:
         why = (f"all {len(ds.skipped)} examples were left out (longer than --max-length {max_length}, or no answer "

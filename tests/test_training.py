@@ -1,0 +1,269 @@
+"""``edgelora train``'s parts: the data and its answer-only mask, the optimizer, clipping and
+schedule against PyTorch / transformers, the PEFT adapter it writes against PEFT, the order of
+examples, the loss curve; and (with the gradients of ``runtime/backward.py``) training itself:
+5 steps equal PEFT + torch.optim.AdamW, resume is bit for bit, the model learns."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora.config import ModelArgs
+from edgelora.errors import FormatError, UsageError
+from edgelora.runtime.tokenizer import Tokenizer
+from edgelora.training import (AdamW, History, TrainStep, clip_grad_norm, cosine_with_warmup, loss_svg,
+                               module_order, resolve_targets, write_adapter_files)
+from edgelora.training_data import (IGNORE, answer_spans, epoch_batches, labels_for, micro_batches, read_dataset,
+                                    render_example)
+
+from conftest import ROOT
+from tiny_models import CONFIGS, Converted, close, hf_dequantized
+
+torch = pytest.importorskip("torch")
+
+DEMO = ROOT / "edgelora" / "demo_model"
+
+
+@pytest.fixture(scope="module")
+def demo_tok():
+    return Tokenizer.from_dir(DEMO)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    return Converted(tmp_path_factory, seed=5, bundle_name="nf4")
+
+
+def _args(arch: str) -> ModelArgs:
+    spec = {k: v for k, v in CONFIGS[arch].items() if k != "cls"}
+    return ModelArgs.from_dict(spec)
+
+
+def _write(path: Path, lines) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# data and the mask
+# ---------------------------------------------------------------------------------------------
+
+def test_prompt_and_completion_are_tokenized_apart_so_a_merge_cannot_move_the_mask(demo_tok):
+    tok = demo_tok
+    prompt, completion = "Once upon a ti", "me"
+    joined = tok.encode(prompt + completion)
+    p, c = tok.encode(prompt), tok.encode(completion, add_special_tokens=False)
+    assert joined != p + c  # this prompt's last token merges with the answer's first when tokenized together
+    ids, spans = answer_spans(tok, {"prompt": prompt, "completion": completion}, "x:1", eos=True)
+    eos = min(tok.eos_token_ids)
+    assert ids == p + c + [eos] and spans == [(len(p), len(ids))]
+    labels = labels_for(ids, spans)
+    assert labels == [IGNORE] * len(p) + c + [eos]
+    # without eos (eval), exactly the completion's tokens
+    ids, spans = answer_spans(tok, {"prompt": prompt, "completion": completion}, "x:1")
+    assert ids == p + c and spans == [(len(p), len(p) + len(c))]
+
+
+def test_every_assistant_turn_is_trained_and_nothing_else(demo_tok):
+    tok = demo_tok
+    messages = [{"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello friend"}, {"role": "user", "content": "Who is Tom?"},
+                {"role": "assistant", "content": "A boy with a red ball."}]
+    ids, spans = answer_spans(tok, {"messages": messages}, "x:1", eos=True)
+    text = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    labels = labels_for(ids, spans)
+    trained = [[i for i, lab in zip(ids[a:b], labels[a:b]) if lab != IGNORE] for a, b in spans]
+    eot = tok.decode([min(tok.eos_token_ids)])
+    # each assistant turn's tokens, with the end-of-turn token the template writes after it, and only them
+    assert [tok.decode(t) for t in trained] == ["Hello friend" + eot, "A boy with a red ball." + eot]
+    assert sum(lab != IGNORE for lab in labels) == sum(len(t) for t in trained)
+    masked = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE])
+    assert "Who is Tom?" in masked and "Hi there" in masked
+    assert "friend" not in masked and "ball" not in masked
+    shown = render_example(tok, SimpleNamespace(ids=ids, labels=labels))
+    assert "]]Hello friend" in shown and shown.startswith("[[")
+
+
+def test_text_lines_train_every_token_after_the_first(demo_tok):
+    ids, spans = answer_spans(demo_tok, {"text": "The cat sat."}, "x:1", eos=True)
+    labels = labels_for(ids, spans)
+    assert labels[0] == IGNORE and labels[1:] == ids[1:] and ids[-1] in demo_tok.eos_token_ids
+
+
+def test_bad_data_is_refused_naming_file_and_line(demo_tok, tmp_path):
+    good = {"prompt": "a", "completion": "b"}
+    bad = _write(tmp_path / "bad.jsonl", [good, "", '{"prompt": "x", "completion": ', good])
+    with pytest.raises(FormatError, match=r"bad\.jsonl:3: not JSON"):
+        read_dataset(demo_tok, bad, 64)
+    for line, what in (("[1, 2]", "expected a JSON object"), ('{"prompt": "x"}', "expected"),
+                       ('{"messages": []}', "non-empty list"), ('{"text": 3}', "must be a string")):
+        f = _write(tmp_path / "one.jsonl", [good, line])
+        with pytest.raises(FormatError, match=rf"one\.jsonl:2: .*{what}"):
+            read_dataset(demo_tok, f, 64)
+    with pytest.raises(UsageError, match="nothing to train on: it holds no examples"):
+        read_dataset(demo_tok, _write(tmp_path / "empty.jsonl", ["", "  "]), 64)
+    with pytest.raises(FormatError, match="does not exist"):
+        read_dataset(demo_tok, tmp_path / "missing.jsonl", 64)
+    stories = Tokenizer.from_dir(DEMO)
+    stories.chat_template = None
+    with pytest.raises(UsageError, match=r"chat\.jsonl:1: .*needs a chat template"):
+        read_dataset(stories, _write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"}]}]), 64)
+
+
+def test_long_examples_are_truncated_or_skipped_and_counted(demo_tok, tmp_path):
+    long = {"prompt": "Tom", "completion": " had a red ball and a blue ball and a big dog." * 3}
+    short = {"prompt": "Tom", "completion": " ran."}
+    prompt_only = {"prompt": "Once upon a time there was a little girl named Lily", "completion": " She"}
+    f = _write(tmp_path / "d.jsonl", [short, long, prompt_only])
+    n_long = len(answer_spans(demo_tok, long, "", eos=True)[0])
+    n_prompt = len(demo_tok.encode(prompt_only["prompt"]))
+    L = 12
+    assert n_long > L and n_prompt > L
+    ds = read_dataset(demo_tok, f, L)
+    assert [e.where for e in ds.examples] == [f"{f}:1", f"{f}:2"] and ds.examples[1].truncated
+    assert len(ds.examples[1].ids) == L and ds.truncated == [f"{f}:2"]
+    assert ds.skipped == [f"{f}:3"]  # its answer lies beyond the cut: nothing left to learn
+    ds = read_dataset(demo_tok, f, L, overflow="skip")
+    assert [e.where for e in ds.examples] == [f"{f}:1"] and ds.skipped == [f"{f}:2", f"{f}:3"]
+    with pytest.raises(UsageError, match="all 2 examples were left out"):
+        read_dataset(demo_tok, _write(tmp_path / "l.jsonl", [long, prompt_only]), L, overflow="skip")
+
+
+def test_epoch_order_packing_and_resume_position():
+    lengths = [5, 9, 3, 7, 2, 8, 4, 6]
+    b0 = epoch_batches(lengths, 3, 0, 12)
+    assert sorted(i for b in b0 for i in b) == list(range(8))  # every example once per epoch
+    assert all(sum(lengths[i] for i in b) <= 12 or len(b) == 1 for b in b0)
+    assert epoch_batches(lengths, 3, 1, 12) != b0 or epoch_batches(lengths, 3, 2, 12) != b0  # reshuffled
+    stream = micro_batches(lengths, 3, 12)
+    first = [next(stream) for _ in range(25)]
+    assert [p for p, _, _ in first] == list(range(25))
+    for start in (0, 1, len(b0), 17):
+        again = micro_batches(lengths, 3, 12, start=start)
+        assert [next(again) for _ in range(25 - start)] == first[start:]
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------------------------
+
+def test_targets_map_to_each_architectures_modules():
+    llama, phi3 = _args("llama_untied"), _args("phi3")
+    assert resolve_targets(llama, "all-linear") == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert resolve_targets(llama, "v,q") == ["q", "v"]
+    assert resolve_targets(llama, ["q_proj", "mlp.down_proj", "q"]) == ["q", "down"]
+    assert resolve_targets(phi3, "all-linear") == ["qkv", "o", "gate_up", "down"]
+    assert resolve_targets(phi3, "qkv_proj,o") == ["qkv", "o"]
+    with pytest.raises(UsageError, match=r"target 'q' is not a linear module of this phi3 model.*qkv \(qkv_proj\)"):
+        resolve_targets(phi3, "q,v")
+    with pytest.raises(UsageError, match="target 'lm_head'"):
+        resolve_targets(llama, "q,lm_head")
+    assert module_order(llama, ["q", "down"]) == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                                                  "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer against PyTorch
+# ---------------------------------------------------------------------------------------------
+
+def test_adamw_clip_and_schedule_equal_torch_over_5_steps():
+    from transformers import get_cosine_schedule_with_warmup
+    rng = np.random.default_rng(0)
+    shapes = {"a.lora_A": (4, 24), "a.lora_B": (16, 4), "b.lora_A": (4, 16), "b.lora_B": (24, 4)}
+    mine = {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in shapes.items()}
+    ref = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in mine.values()]
+    lr, wd, total, warmup = 3e-3, 0.05, 7, 2
+    opt_t = torch.optim.AdamW(ref, lr=lr, weight_decay=wd)
+    sched = get_cosine_schedule_with_warmup(opt_t, warmup, total)
+    opt = AdamW(mine, weight_decay=wd)
+    for step in range(5):
+        grads = {k: rng.standard_normal(s).astype(np.float32) * (3.0 if step % 2 else 0.01) for k, s in shapes.items()}
+        for p, g in zip(ref, grads.values()):
+            p.grad = torch.from_numpy(g.copy())
+        norm_t = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        norm = clip_grad_norm(grads, 1.0)
+        assert abs(norm - float(norm_t)) <= 1e-6 * float(norm_t)
+        for p, g in zip(ref, grads.values()):
+            np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-6, atol=1e-9)
+        rate = lr * cosine_with_warmup(step, warmup, total)
+        assert abs(rate - sched.get_last_lr()[0]) <= 1e-15
+        opt_t.step()
+        sched.step()
+        opt.step(grads, rate)
+        for p, v in zip(ref, mine.values()):
+            np.testing.assert_allclose(v, p.detach().numpy(), rtol=0, atol=1e-6)
+    assert opt.t == 5 and cosine_with_warmup(0, warmup, total) == 0.0  # the first warm-up step has lr 0
+
+
+def test_schedule_equals_transformers_everywhere():
+    from transformers import get_cosine_schedule_with_warmup
+    for warmup, total in ((0, 1), (0, 10), (3, 10), (10, 10), (5, 37)):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        s = get_cosine_schedule_with_warmup(opt, warmup, total)
+        for step in range(total):
+            assert abs(cosine_with_warmup(step, warmup, total) - s.get_last_lr()[0]) <= 1e-12, (warmup, total, step)
+            opt.step()
+            s.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter folder
+# ---------------------------------------------------------------------------------------------
+
+def _random_lora(model, fields, rank, alpha, rslora, seed=0):
+    rng = np.random.default_rng(seed)
+    A, B, scaling = {}, {}, {}
+    base = model.adapters.base.linear
+    for m in module_order(model.args, fields):
+        out, inp = base[m]
+        A[m] = (rng.standard_normal((rank, inp)) * 0.2).astype(np.float32)
+        B[m] = (rng.standard_normal((out, rank)) * 0.2).astype(np.float32)
+        scaling[m] = alpha / (math.sqrt(rank) if rslora else rank)
+    return SimpleNamespace(A=A, B=B, scaling=scaling)
+
+
+@pytest.mark.parametrize("arch,targets,rslora", [("llama_untied", "all-linear", False), ("phi3", "qkv,down", True)])
+def test_written_adapter_loads_in_peft_and_edgelora_with_the_same_logits(bases, tmp_path, arch, targets, rslora):
+    peft = pytest.importorskip("peft")
+    from edgelora.training import selection_of, target_modules
+    src, bundle = bases(arch)
+    model = edgelora.load(bundle, max_context=64)
+    fields = resolve_targets(model.args, targets)
+    lora = _random_lora(model, fields, 4, 8, rslora)
+    cfg = dict(output=str(tmp_path / "ad"), base_model="tiny", rank=4, alpha=8, rslora=rslora,
+               target_modules=target_modules(model.args, fields), dropout=0.0)
+    (tmp_path / "ad").mkdir()
+    write_adapter_files(tmp_path / "ad", lora, cfg)
+    conf = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["task_type"] == "CAUSAL_LM" and conf["r"] == 4
+    assert conf["use_rslora"] is rslora and conf["base_model_name_or_path"] == "tiny"
+    ids = np.random.default_rng(2).integers(0, model.args.vocab_size, 20)
+    model.adapters.load("t", tmp_path / "ad")
+    mine = model.logits(ids, adapter="t")
+    assert np.abs(mine - model.logits(ids, adapter=None)).max() > 0.05  # the adapter counts
+    ref_model = peft.PeftModel.from_pretrained(hf_dequantized(bundle, src), tmp_path / "ad").eval()
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert close(mine, ref), np.abs(mine - ref).max()
+    # the in-memory selection used for eval during training is the same adapter
+    np.testing.assert_array_equal(model.logits(ids, adapter=selection_of(model, lora, cfg)), mine)
+
+
+def test_loss_curve_svg_and_history_round_trip():
+    h = History("out", "b", [TrainStep(i + 1, 3.0 / (i + 1), 1e-3, 0.5, 100, 40, 0.1) for i in range(6)],
+                [[3, 1.2], [6, 0.9]], total_steps=6)
+    svg = loss_svg(h)
+    assert svg.startswith("<svg") and svg.count("<circle") == 2 and "<polyline" in svg
+    import xml.dom.minidom
+    xml.dom.minidom.parseString(svg)  # well-formed
+    again = History.from_dict(json.loads(json.dumps(h.to_dict())))
+    assert again.loss == h.loss and again.evals == h.evals and again.tokens_per_second == h.tokens_per_second
+    assert abs(h.tokens_per_second - 1000.0) < 1e-9
