@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.architectures import architecture
+from edgelora.architectures import HEAD, architecture
 from edgelora.atomic import atomic_output_dir, clean_stale, write_text_atomic, _tmp_sibling
 from edgelora.errors import FormatError, PlanError, UsageError
 from edgelora.training_data import (Dataset, count_micro_batches, default_max_length, micro_batches, read_dataset,
@@ -56,13 +56,14 @@ def resolve_targets(args, targets) -> list:
     """The projections (the runtime's Layer fields: ``q``, ``up``, Phi-3's ``qkv``) that
     ``targets`` names: ``"all-linear"`` (every projection of every layer), or a list or a
     comma-separated text of short names (``q,k,v``) or module names (``q_proj``,
-    ``self_attn.q_proj``). A name this architecture does not have is refused."""
+    ``self_attn.q_proj``), and ``lm_head`` (the output head, as PEFT can target it). A name this
+    architecture does not have is refused."""
     arch = architecture(args)
     fields = list(arch.PROJECTIONS)
     if targets is None or targets == "all-linear":
         return fields
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
-    by_name = {}
+    by_name = {HEAD: HEAD}
     for f, module in arch.PROJECTIONS.items():
         by_name[f] = by_name[module] = by_name[module.rsplit(".", 1)[-1]] = f
     out = []
@@ -70,25 +71,30 @@ def resolve_targets(args, targets) -> list:
         if not isinstance(n, str) or n not in by_name:
             known = ", ".join(f"{f} ({m.rsplit('.', 1)[-1]})" for f, m in arch.PROJECTIONS.items())
             raise UsageError(f"target {n!r} is not a linear module of this {args.model_type} model; its modules: "
-                             f"{known}, or all-linear")
+                             f"{known}, lm_head, or all-linear")
         if by_name[n] not in out:
             out.append(by_name[n])
     if not out:
         raise UsageError("no target modules given; use all-linear or names like q,k,v")
-    return [f for f in fields if f in out]
+    return [f for f in fields + [HEAD] if f in out]
 
 
 def target_modules(args, fields: list) -> list:
     """PEFT's ``target_modules`` for the fields: the modules' last names (``q_proj``), sorted."""
-    arch = architecture(args)
-    return sorted(arch.PROJECTIONS[f].rsplit(".", 1)[-1] for f in fields)
+    return sorted(module_name(args, f) for f in fields)
+
+
+def module_name(args, field: str) -> str:
+    """A field's module name as PEFT's ``target_modules`` lists it (``q`` -> ``q_proj``)."""
+    return HEAD if field == HEAD else architecture(args).PROJECTIONS[field].rsplit(".", 1)[-1]
 
 
 def module_order(args, fields: list) -> list:
     """Every targeted module's full name (``model.layers.3.self_attn.q_proj``), layer by layer in
     the architecture's order of projections (the order PyTorch lists the parameters in)."""
     arch = architecture(args)
-    return [arch.module(i, f) for i in range(args.num_hidden_layers) for f in arch.PROJECTIONS if f in fields]
+    return [arch.module(i, f) for i in range(args.num_hidden_layers) for f in arch.PROJECTIONS if f in fields] + \
+        ([HEAD] if HEAD in fields else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,20 +180,11 @@ def adapter_config(cfg: dict) -> dict:
             "use_dora": False, "lora_bias": False, "revision": None, "exclude_modules": None}
 
 
-def peft_tensors(lora) -> dict:
-    """The adapter's tensors by PEFT's saved names (``base_model.model.<module>.lora_A.weight``)."""
-    out = {}
-    for m in lora.A:
-        out[f"base_model.model.{m}.lora_A.weight"] = np.ascontiguousarray(lora.A[m], np.float32)
-        out[f"base_model.model.{m}.lora_B.weight"] = np.ascontiguousarray(lora.B[m], np.float32)
-    return out
-
-
 def write_adapter_files(folder: Path, lora, cfg: dict) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder`` (each file
     atomically)."""
     from edgelora.safetensors_io import write_safetensors
-    write_safetensors(folder / "adapter_model.safetensors", peft_tensors(lora), metadata={"format": "pt"})
+    write_safetensors(folder / "adapter_model.safetensors", lora.peft_tensors(), metadata={"format": "pt"})
     write_text_atomic(folder / "adapter_config.json", json.dumps(adapter_config(cfg), indent=2) + "\n")
 
 
@@ -396,10 +393,14 @@ class DryRun:
     memory: dict
     eval_data: dict | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    example_color: str = ""  # the same, the masked tokens dimmed (for a terminal)
 
-    def text(self, color_example: str | None = None) -> str:
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("example_color")
+        return d
+
+    def text(self, color: bool = False) -> str:
         d = self.data
         lines = [f"data      {d['path']}: {d['lines']} lines -> {d['examples']} examples, {d['tokens']} tokens, "
                  f"{d['trained_tokens']} trained ({d['trained_tokens'] / max(1, d['tokens']):.0%})",
@@ -409,11 +410,11 @@ class DryRun:
             lines.append(f"eval      {e['path']}: {e['examples']} examples, {e['trained_tokens']} answer tokens")
         lines.append(f"steps     {self.total_steps} ({self.micro_batches_per_step} micro-batches each)")
         lines.append(f"targets   {', '.join(self.targets)}")
-        lines.append(f"memory    {self.memory.get('total', 0) / 1e6:.1f} MB for training (weights, adapter, "
-                     f"optimizer state, activations)")
+        lines.append(f"memory    {self.memory.get('total', 0) / 1e6:.1f} MB beside the base weights (adapter, "
+                     f"gradients, optimizer state, activations for the longest example)")
         lines.append(f"example   {self.example_where} (masked tokens, not trained, "
-                     f"{'dimmed' if color_example else 'in [[ ]]'}):")
-        lines.append(color_example or self.example)
+                     f"{'dimmed' if color else 'in [[ ]]'}):")
+        lines.append(self.example_color if color else self.example)
         return "\n".join(lines)
 
 
@@ -531,7 +532,8 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
     warmup = int(math.ceil(warmup_ratio * total))
     eval_every = eval_every or max(1, total // 10)
     longest = max(len(e.ids) for e in ds.examples)
-    memory = backward.training_memory(model, {"rank": rank, "targets": fields}, longest)
+    modules = [module_name(model.args, f) for f in fields]
+    memory = backward.training_memory(model, (rank, modules), longest)
     _check_fits(model, memory)
     source = model.bundle.manifest.get("source", {}).get("name") or str(model.path)
     cfg = dict(output=str(out), base_model=source, rank=rank, alpha=alpha, rslora=bool(rslora),
@@ -539,7 +541,8 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
     if dry_run:
         ex = ds.examples[0]
         return DryRun(ds.summary(), total, grad_accum, render_example(model.tokenizer, ex), ex.where,
-                      target_modules(model.args, fields), memory, None if ev is None else ev.summary())
+                      target_modules(model.args, fields), memory, None if ev is None else ev.summary(),
+                      render_example(model.tokenizer, ex, color=True))
 
     fingerprint = dict(rank=rank, alpha=alpha, targets=fields, rslora=bool(rslora), dropout=float(dropout),
                        lr=float(lr), total_steps=total, batch_tokens=batch_tokens, grad_accum=grad_accum,
@@ -547,25 +550,19 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
                        weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm), data_sha256=ds.sha256,
                        base_model=model.bundle.manifest.get("manifest_sha256", source),
                        eval_sha256=None if ev is None else ev.sha256, eval_every=eval_every)
-    lora = backward.init_lora(model, [architecture(model.args).PROJECTIONS[f].rsplit(".", 1)[-1] for f in fields],
-                              rank, alpha, bool(rslora), seed)
-    params = flat_params(lora)
-    opt = AdamW(params, weight_decay=weight_decay)
+    lora = backward.init_lora(model, modules, rank, alpha, bool(rslora), seed)
     drop_rng = np.random.default_rng([seed, 1])
     history = History(str(out), str(model.path), total_steps=total, data=ds.summary())
-    position, start = 0, 0
+    position, start, moments = 0, 0, None
     if resume:
         step0, folder = checkpoint_dirs(out)[-1]
-        state, tensors, arrays = load_checkpoint(folder)
+        state, tensors, moments = load_checkpoint(folder)
         changed = [k for k in RESUME_KEYS if state["options"].get(k) != json.loads(json.dumps(fingerprint[k]))]
         if changed:
             k = changed[0]
             raise UsageError(f"--resume continues a run with the options it was started with; {k} was "
                              f"{state['options'].get(k)!r} and is now {fingerprint[k]!r}", folder)
-        for m in lora.A:
-            lora.A[m][...] = tensors[f"base_model.model.{m}.lora_A.weight"]
-            lora.B[m][...] = tensors[f"base_model.model.{m}.lora_B.weight"]
-        opt.load_state_arrays(arrays, state["optimizer_step"])
+        lora.set_from_peft(tensors)
         drop_rng.bit_generator.state = state["dropout_rng"]
         history = History.from_dict(state["history"])
         history.resumed_from = step0
@@ -574,6 +571,10 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
         if out.exists():
             shutil.rmtree(out)
         out.mkdir()
+    params = flat_params(lora)
+    opt = AdamW(params, weight_decay=weight_decay)
+    if moments is not None:
+        opt.load_state_arrays(moments, state["optimizer_step"])
 
     def save(step: int) -> None:
         save_checkpoint(out, step, lora, opt, {"position": position, "dropout_rng": drop_rng.bit_generator.state,

@@ -16,6 +16,7 @@ import pytest
 import edgelora
 from edgelora.config import ModelArgs
 from edgelora.errors import FormatError, UsageError
+from edgelora.runtime.backward import LoraParams
 from edgelora.runtime.tokenizer import Tokenizer
 from edgelora.training import (AdamW, History, TrainStep, clip_grad_norm, cosine_with_warmup, loss_svg,
                                module_order, resolve_targets, write_adapter_files)
@@ -163,8 +164,9 @@ def test_targets_map_to_each_architectures_modules():
     assert resolve_targets(phi3, "qkv_proj,o") == ["qkv", "o"]
     with pytest.raises(UsageError, match=r"target 'q' is not a linear module of this phi3 model.*qkv \(qkv_proj\)"):
         resolve_targets(phi3, "q,v")
-    with pytest.raises(UsageError, match="target 'lm_head'"):
-        resolve_targets(llama, "q,lm_head")
+    assert resolve_targets(llama, "lm_head,q") == ["q", "lm_head"]
+    with pytest.raises(UsageError, match="target 'embed_tokens'"):
+        resolve_targets(llama, "q,embed_tokens")
     assert module_order(llama, ["q", "down"]) == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
                                                   "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 
@@ -227,7 +229,7 @@ def _random_lora(model, fields, rank, alpha, rslora, seed=0):
         A[m] = (rng.standard_normal((rank, inp)) * 0.2).astype(np.float32)
         B[m] = (rng.standard_normal((out, rank)) * 0.2).astype(np.float32)
         scaling[m] = alpha / (math.sqrt(rank) if rslora else rank)
-    return SimpleNamespace(A=A, B=B, scaling=scaling)
+    return LoraParams(A, B, scaling)
 
 
 @pytest.mark.parametrize("arch,targets,rslora", [("llama_untied", "all-linear", False), ("phi3", "qkv,down", True)])
