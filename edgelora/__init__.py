@@ -14,6 +14,7 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     edgelora.deploy("bundle/", "raspberry-pi-4-4gb", "deploy/", adapters={...}, context=2048)
     model = edgelora.load("deploy/")               # verified; its memory plan enforced
     r = edgelora.evaluate("bundle/", text_file="wiki.txt", data="qa.jsonl")  # Evaluation: perplexity, loss
+    h = edgelora.train("bundle/", "qa.jsonl", "adapters/mine", rank=16)  # TrainHistory; a PEFT adapter folder
 
 Every public name is documented in docs/api.md (written from these docstrings by scripts/api_docs.py).
 """
@@ -38,6 +39,8 @@ _LAZY = {  # public name -> module that defines it
     "Device": "edgelora.devices.profiles",
     "evaluate": "edgelora.evaluation", "Evaluation": "edgelora.evaluation",
     "deploy": "edgelora.deployment", "open_deploy": "edgelora.deployment", "unpack": "edgelora.deployment",
+    "train": "edgelora.training", "TrainHistory": "edgelora.training", "TrainStep": "edgelora.training",
+    "TrainDryRun": "edgelora.training",
 }
 
 

@@ -208,7 +208,7 @@ class TrainStep:
 
 
 @dataclass
-class History:
+class TrainHistory:
     """What :func:`train` did: per step the loss, learning rate, gradient norm and speed; the eval
     losses ``[(step, loss)]``; where the adapter is."""
 
@@ -246,13 +246,13 @@ class History:
                 "evals": [{"step": s, "loss": v} for s, v in self.evals]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "History":
+    def from_dict(cls, d: dict) -> "TrainHistory":
         steps = [TrainStep(**{k: s[k] for k in TrainStep.__dataclass_fields__}) for s in d["steps"]]
         return cls(d["adapter_dir"], d["bundle"], steps, [[e["step"], e["loss"]] for e in d["evals"]],
                    d["total_steps"], d.get("data", {}), d.get("resumed_from", 0), d.get("seconds", 0.0))
 
 
-def loss_svg(history: History, width: int = 640, height: int = 360) -> str:
+def loss_svg(history: TrainHistory, width: int = 640, height: int = 360) -> str:
     """The training loss per step (and the eval losses as dots) as a small standalone SVG."""
     pad_l, pad_r, pad_t, pad_b = 56, 16, 28, 40
     pts = [(s.step, s.loss) for s in history.steps]
@@ -380,7 +380,7 @@ def eval_loss(model, examples: list, selection) -> float:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
-class DryRun:
+class TrainDryRun:
     """What :func:`train` would do (``dry_run=True``): the data, the steps, one example with its
     mask, and the memory it needs."""
 
@@ -492,7 +492,7 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
           weight_decay: float = 0.0, max_grad_norm: float = 1.0, dry_run: bool = False, overwrite: bool = False,
           progress: bool | None = None, on_step=None):
     """Fine-tune a LoRA adapter on ``bundle``'s frozen NF4 base with the JSONL file ``data``;
-    write it to ``output`` as a PEFT adapter folder and return the :class:`History`.
+    write it to ``output`` as a PEFT adapter folder and return the :class:`TrainHistory`.
 
     ``bundle``: a bundle path or a loaded :class:`~edgelora.runtime.model.Model` (its resident
     adapters are left alone). ``rank``, ``alpha``, ``rslora`` (scale ``alpha / sqrt(rank)``
@@ -505,7 +505,7 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
     ``eval_every`` steps (default: 10 times in the run) and at the end. ``save_every``: write a
     checkpoint every N steps (and at the end); ``resume``: continue from the last one in
     ``output``. ``warmup_ratio``: share of the steps spent warming the learning rate up.
-    ``dry_run``: read and check everything, train nothing, return a :class:`DryRun`.
+    ``dry_run``: read and check everything, train nothing, return a :class:`TrainDryRun`.
     ``progress``: a progress bar (default: on a terminal). ``on_step(history)``: called after
     every step."""
     from edgelora.runtime.model import Model, load
@@ -540,7 +540,7 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
                target_modules=target_modules(model.args, fields), dropout=float(dropout))
     if dry_run:
         ex = ds.examples[0]
-        return DryRun(ds.summary(), total, grad_accum, render_example(model.tokenizer, ex), ex.where,
+        return TrainDryRun(ds.summary(), total, grad_accum, render_example(model.tokenizer, ex), ex.where,
                       target_modules(model.args, fields), memory, None if ev is None else ev.summary(),
                       render_example(model.tokenizer, ex, color=True))
 
@@ -552,7 +552,7 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
                        eval_sha256=None if ev is None else ev.sha256, eval_every=eval_every)
     lora = backward.init_lora(model, modules, rank, alpha, bool(rslora), seed)
     drop_rng = np.random.default_rng([seed, 1])
-    history = History(str(out), str(model.path), total_steps=total, data=ds.summary())
+    history = TrainHistory(str(out), str(model.path), total_steps=total, data=ds.summary())
     position, start, moments = 0, 0, None
     if resume:
         step0, folder = checkpoint_dirs(out)[-1]
@@ -564,7 +564,7 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
                              f"{state['options'].get(k)!r} and is now {fingerprint[k]!r}", folder)
         lora.set_from_peft(tensors)
         drop_rng.bit_generator.state = state["dropout_rng"]
-        history = History.from_dict(state["history"])
+        history = TrainHistory.from_dict(state["history"])
         history.resumed_from = step0
         position, start = state["position"], step0
     else:
@@ -643,7 +643,7 @@ def _check_fits(model, memory: dict) -> None:
                         f"or target fewer modules", model.path)
 
 
-def summary_text(history: History, bundle: str, name: str | None = None) -> str:
+def summary_text(history: TrainHistory, bundle: str, name: str | None = None) -> str:
     """The end of ``edgelora train``: what was done and the command to try the adapter."""
     h = history
     name = name or Path(h.adapter_dir).name
@@ -659,5 +659,5 @@ def summary_text(history: History, bundle: str, name: str | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["train", "History", "TrainStep", "DryRun", "AdamW", "clip_grad_norm", "cosine_with_warmup",
+__all__ = ["train", "TrainHistory", "TrainStep", "TrainDryRun", "AdamW", "clip_grad_norm", "cosine_with_warmup",
            "resolve_targets"]

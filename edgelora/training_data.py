@@ -258,9 +258,14 @@ def render_example(tok, ex: Example, color: bool = False) -> str:
             runs[-1][1].append(i)
         else:
             runs.append((masked, [i]))
-    out = []
+    out, done, shown = [], [], ""
     for masked, ids in runs:
-        text = printable(tok.decode(ids))
+        done += ids
+        whole = tok.decode(done)
+        # the run's text as it reads inside the whole (a BPE run's leading space belongs to it)
+        text = whole[len(shown):] if whole.startswith(shown) else tok.decode(ids)
+        shown = whole
+        text = printable(text)
         if masked:
             out.append(f"{DIM}{text}{RESET}" if color else f"[[{text}]]")
         else:

@@ -18,7 +18,7 @@ from edgelora.config import ModelArgs
 from edgelora.errors import FormatError, UsageError
 from edgelora.runtime.backward import LoraParams
 from edgelora.runtime.tokenizer import Tokenizer
-from edgelora.training import (AdamW, History, TrainStep, clip_grad_norm, cosine_with_warmup, loss_svg,
+from edgelora.training import (AdamW, TrainHistory, TrainStep, clip_grad_norm, cosine_with_warmup, loss_svg,
                                module_order, resolve_targets, write_adapter_files)
 from edgelora.training_data import (IGNORE, answer_spans, epoch_batches, labels_for, micro_batches, read_dataset,
                                     render_example)
@@ -260,12 +260,183 @@ def test_written_adapter_loads_in_peft_and_edgelora_with_the_same_logits(bases, 
 
 
 def test_loss_curve_svg_and_history_round_trip():
-    h = History("out", "b", [TrainStep(i + 1, 3.0 / (i + 1), 1e-3, 0.5, 100, 40, 0.1) for i in range(6)],
+    h = TrainHistory("out", "b", [TrainStep(i + 1, 3.0 / (i + 1), 1e-3, 0.5, 100, 40, 0.1) for i in range(6)],
                 [[3, 1.2], [6, 0.9]], total_steps=6)
     svg = loss_svg(h)
     assert svg.startswith("<svg") and svg.count("<circle") == 2 and "<polyline" in svg
     import xml.dom.minidom
     xml.dom.minidom.parseString(svg)  # well-formed
-    again = History.from_dict(json.loads(json.dumps(h.to_dict())))
+    again = TrainHistory.from_dict(json.loads(json.dumps(h.to_dict())))
     assert again.loss == h.loss and again.evals == h.evals and again.tokens_per_second == h.tokens_per_second
     assert abs(h.tokens_per_second - 1000.0) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# training (with runtime/backward.py's gradients)
+# ---------------------------------------------------------------------------------------------
+
+TINY_LINES = [{"prompt": "the cat sat on", "completion": " the mat ."},
+              {"prompt": "a dog", "completion": " ran to the park . the dog sat"},
+              {"prompt": "the", "completion": " cat"},
+              {"messages": None},  # replaced below when the tokenizer has no template
+              {"text": "the dog ran to the mat . a cat sat"},
+              {"prompt": "a cat ran to", "completion": " the park"}]
+
+
+def _tiny_data(tmp_path: Path) -> Path:
+    lines = [x for x in TINY_LINES if "messages" not in x]
+    return _write(tmp_path / "tiny.jsonl", lines)
+
+
+def _peft_reference(bundle, src, lora0, data, opts, steps):
+    """PEFT on the dequantized base + torch.optim.AdamW + clip_grad_norm_ + transformers' schedule,
+    over the same micro-batches, from the same initial A and B: per-step losses and final tensors."""
+    peft = pytest.importorskip("peft")
+    from transformers import get_cosine_schedule_with_warmup
+    model = edgelora.load(bundle, max_context=64)
+    ds = read_dataset(model.tokenizer, data, 64)
+    cfg = peft.LoraConfig(r=opts["rank"], lora_alpha=opts["alpha"], target_modules=opts["targets"], lora_dropout=0.0)
+    pm = peft.get_peft_model(hf_dequantized(bundle, src), cfg)
+    named = {}
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            for part, mine in (("lora_A", lora0.A), ("lora_B", lora0.B)):
+                if f".{part}." in name:
+                    module = name.split(f".{part}.")[0][len("base_model.model."):]
+                    p.copy_(torch.from_numpy(mine[module]))
+                    named[(module, part)] = p
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=opts["lr"], weight_decay=opts["weight_decay"])
+    warmup = math.ceil(opts["warmup_ratio"] * steps)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
+    stream = micro_batches([len(e.ids) for e in ds.examples], opts["seed"], opts["batch_tokens"])
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        total, count = 0.0, 0
+        for _ in range(opts["grad_accum"]):
+            for i in next(stream)[2]:
+                ex = ds.examples[i]
+                logits = pm(torch.tensor([ex.ids])).logits[0]
+                labels = torch.tensor(ex.labels)
+                total = total + torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
+                                                                  reduction="sum")
+                count += int((labels[1:] != -100).sum())
+        loss = total / count
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, opts["max_grad_norm"])
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses, {k: p.detach().numpy().copy() for k, p in named.items()}
+
+
+def test_five_steps_equal_peft_and_torch_adamw(bases, tmp_path):
+    from edgelora.runtime.backward import init_lora
+    src, bundle = bases("llama3")
+    data = _tiny_data(tmp_path)
+    opts = dict(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"], lr=2e-2, batch_tokens=20, grad_accum=2,
+                seed=3, warmup_ratio=0.2, weight_decay=0.01, max_grad_norm=0.5)
+    model = edgelora.load(bundle, max_context=64, threads=1)
+    h = edgelora.train(model, data, tmp_path / "ad", steps=5, progress=False, **opts)
+    assert len(h.steps) == 5 and h.total_steps == 5
+    assert any(s.grad_norm > opts["max_grad_norm"] for s in h.steps)  # clipping bites
+    lora0 = init_lora(model, opts["targets"], 4, 8, False, 3)
+    ref_losses, ref = _peft_reference(bundle, src, lora0, data, opts, 5)
+    np.testing.assert_allclose(h.loss, ref_losses, rtol=1e-4)
+    from safetensors.numpy import load_file
+    mine = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert len(mine) == 2 * len(lora0.A) == len(ref)
+    for (module, part), want in ref.items():
+        got = mine[f"base_model.model.{module}.{part}.weight"]
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), (module, part)
+    assert np.abs(mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]).max() > 1e-3  # it moved
+
+
+def test_resume_continues_bit_for_bit(bases, tmp_path):
+    src, bundle = bases("llama3")
+    data = _tiny_data(tmp_path)
+    model = edgelora.load(bundle, max_context=64, threads=1)
+    opts = dict(rank=4, alpha=8, steps=6, lr=1e-2, batch_tokens=16, dropout=0.1, seed=1, save_every=2,
+                progress=False, eval_data=data, eval_every=3)
+    whole = edgelora.train(model, data, tmp_path / "whole", **opts)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(h):
+        if len(h.steps) == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        edgelora.train(model, data, tmp_path / "cut", on_step=stop_after_3, **opts)
+    assert [s for s, _ in __import__("edgelora.training", fromlist=["x"]).checkpoint_dirs(tmp_path / "cut")] == [2]
+    again = edgelora.train(model, data, tmp_path / "cut", resume=True, **opts)
+    assert again.resumed_from == 2
+    assert again.loss == whole.loss and again.evals == whole.evals  # the same curve, to the bit
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    curve = json.loads((tmp_path / "cut" / "loss_curve.json").read_text())
+    assert [s["loss"] for s in curve["steps"]] == whole.loss
+    # resuming with another option is refused, naming it
+    with pytest.raises(UsageError, match="lr was 0.01 and is now 0.02"):
+        edgelora.train(model, data, tmp_path / "cut", resume=True, **dict(opts, lr=2e-2))
+
+
+def test_bad_runs_are_refused_before_training(bases, tmp_path, monkeypatch):
+    src, bundle = bases("llama3")
+    data = _tiny_data(tmp_path)
+    model = edgelora.load(bundle, max_context=64, threads=1)
+    out = tmp_path / "ad"
+    calls = []
+    import edgelora.runtime.backward as backward
+    real = backward.loss_and_grads
+    monkeypatch.setattr(backward, "loss_and_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(UsageError, match="target 'gate_up'"):
+        edgelora.train(model, data, out, targets="q,gate_up", steps=1)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        edgelora.train(model, data, out, resume=True, steps=1)
+    with pytest.raises(UsageError, match="--epochs or --steps"):
+        edgelora.train(model, data, out, epochs=1, steps=1)
+    with pytest.raises(UsageError, match="max_length 100 is more than the model's context"):
+        edgelora.train(model, data, out, max_length=100)
+    monkeypatch.setattr("edgelora.devices.profiles.host_ram_bytes", lambda: 1 << 20)
+    from edgelora.errors import PlanError
+    with pytest.raises(PlanError, match="training needs about"):
+        edgelora.train(model, data, out, steps=1)
+    assert calls == [] and not out.exists()
+    monkeypatch.undo()
+    edgelora.train(model, data, out, steps=1, rank=2, progress=False)
+    with pytest.raises(UsageError, match="output already exists"):
+        edgelora.train(model, data, out, steps=1)
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(UsageError, match="holds 'mine.txt'"):
+        edgelora.train(model, data, out, steps=1, overwrite=True)
+    (out / "mine.txt").unlink()
+    edgelora.train(model, data, out, steps=1, overwrite=True, rank=3, progress=False)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+
+
+def test_dry_run_counts_and_shows_the_mask(bases, tmp_path):
+    src, bundle = bases("llama3")
+    data = _tiny_data(tmp_path)
+    d = edgelora.train(bundle, data, tmp_path / "ad", dry_run=True, batch_tokens=20, grad_accum=2, epochs=2)
+    assert not (tmp_path / "ad").exists()
+    assert d.data["examples"] == 5 and d.data["skipped"] == 0
+    assert d.example == "[[the cat sat on]] the mat . </s>"
+    assert d.total_steps >= 2 and d.memory["total"] > 0 and "lora" not in d.to_dict()
+    text = d.text()
+    assert "5 examples" in text and "[[" in text
+
+
+def test_hot_hand_off_to_a_running_model(bases, tmp_path):
+    src, bundle = bases("llama3")
+    data = _tiny_data(tmp_path)
+    running = edgelora.load(bundle, max_context=64)
+    ids = running.encode("the cat sat on")
+    before = running.logits(ids)
+    edgelora.train(bundle, data, tmp_path / "fresh", steps=3, lr=5e-2, rank=4, progress=False)
+    res = running.adapters.load("fresh", tmp_path / "fresh")  # no restart
+    assert res.name == "fresh"
+    after = running.logits(ids, adapter="fresh")
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_array_equal(running.logits(ids, adapter=None), before)
