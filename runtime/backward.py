@@ -22,8 +22,10 @@ Cost"): the forward keeps only each layer's input [T, H]; the backward runs the 
 first, recomputing one layer's forward with its intermediate values kept, then its backward. The
 attention's [T, T] probabilities are recomputed one key/value head at a time in the backward, so
 they never exist for every head at once. The head runs on the rows whose next label counts only,
-a chunk of rows at a time. ``recompute=False`` keeps every layer's values from the first forward
-instead (the same bits, more memory, one forward less: the reference the tests compare with).
+a chunk of rows at a time. ``checkpoint="projections"`` keeps the projections' outputs too, so the
+backward recomputes only the cheap parts (norms, rotary, attention, activations) and runs no base
+product twice; ``checkpoint="none"`` keeps every value of every layer (the reference the tests compare
+with). All three give the same bits.
 
 Dropout (PEFT's ``lora_dropout``, on the adapter's input only) draws its masks from a generator
 seeded per layer from the caller's ``rng``, so a recomputed layer draws the same masks.
@@ -49,6 +51,9 @@ IGNORE_INDEX = -100  # labels not counted (transformers' / PyTorch's ignore_inde
 HEAD = "lm_head"
 #: float32 elements of a dequantized tile of the transposed product (4 MB), as the forward's tiles
 TILE_ELEMENTS = 1 << 20
+#: rows of W a tile has at least (a wide W's tiles get longer): each tile's product adds a [T, in]
+#: partial sum to the thread's own, so a tile must carry enough rows to make that addition small
+TILE_ROWS_MIN = 256
 #: float32 elements of one chunk of logits [rows, V] (8 MB): the head runs this many at a time
 LOGIT_ELEMENTS = 1 << 21
 #: the decoders this module differentiates (exact classes: a new subclass must be added knowingly)
@@ -205,7 +210,7 @@ def matmul_t(lin, dy: np.ndarray, threads: int | None = None) -> np.ndarray:
     at the end. W is never held whole in float32 (the NumPy twin is :func:`matmul_t_reference`)."""
     n, k = lin.out_features, lin.in_features
     T = dy.shape[0]
-    tile = max(1, TILE_ELEMENTS // k)
+    tile = max(1, TILE_ELEMENTS // k, min(n, TILE_ROWS_MIN))  # rows a tile
     threads = numba.get_num_threads() if threads is None else threads
     threads = max(1, min(threads, -(-n // tile)))  # no thread without a tile of its own
     step = -(-n // threads)
@@ -355,14 +360,19 @@ class _Proj:
     """The projections of one pass through one layer: ``y = x W^T + b + s B(A(drop(x)))``, keeping
     what each backward needs (``keep``) in ``saved[name]``."""
 
-    def __init__(self, params: LoraParams, dropout: float, rng: np.random.Generator | None, keep: bool):
+    def __init__(self, params: LoraParams, dropout: float, rng: np.random.Generator | None, keep: bool,
+                 outputs: dict | None = None):
         self.params, self.dropout, self.rng, self.keep = params, dropout, rng, keep
         self.saved = {}
+        self.outputs = outputs  # name -> (y, u) of an earlier forward: replayed, not recomputed
 
     def __call__(self, name: str, lin, x: np.ndarray, bias) -> np.ndarray:
+        if self.outputs is not None and name in self.outputs:
+            return self._replay(name, lin, x)
         y = lin.matmul(x)  # [T, out]
         if bias is not None:
             y += bias
+        u = None
         if name in self.params.A:
             A, B, s = self.params.A[name], self.params.B[name], np.float32(self.params.scaling[name])
             m = None
@@ -378,6 +388,21 @@ class _Proj:
                 self.saved[name] = (lin, xd, u, m)
         elif self.keep:
             self.saved[name] = (lin, None, None, None)
+        if self.outputs is not None:
+            self.outputs[name] = (y, u)
+        return y
+
+    def _replay(self, name: str, lin, x: np.ndarray) -> np.ndarray:
+        """The output kept by the first forward; the dropout mask drawn again, in the same order."""
+        y, u = self.outputs.pop(name)
+        m, xd = None, None
+        if name in self.params.A:
+            xd = x
+            if self.dropout > 0.0:
+                keep = self.rng.random(x.shape, np.float32) >= np.float32(self.dropout)
+                m = keep.astype(np.float32) / np.float32(1.0 - self.dropout)
+                xd = x * m
+        self.saved[name] = (lin, xd, u, m)
         return y
 
     def backward(self, name: str, dy: np.ndarray, grads: dict) -> np.ndarray:
@@ -399,12 +424,13 @@ class _Proj:
 # a decoder layer, forward (optionally keeping its values) and backward
 # ---------------------------------------------------------------------------------------------
 
-def _layer_forward(net, i: int, x: np.ndarray, params, dropout, seed, cos, sin, keep: bool):
-    """Layer ``i`` on x [T, H] -> (out [T, H], its kept values or None)."""
+def _layer_forward(net, i: int, x: np.ndarray, params, dropout, seed, cos, sin, keep: bool,
+                   outputs: dict | None = None):
+    """Layer ``i`` on x [T, H] -> (out [T, H], its kept values or None). ``outputs``: an empty dict
+    to keep every projection's output in, or one filled by an earlier call to replay them from."""
     a, L, names = net.args, net.w.layers[i], net.names[i]
-    T = x.shape[0]
     rng = np.random.default_rng(seed) if dropout > 0.0 else None
-    P = _Proj(params, dropout, rng, keep)
+    P = _Proj(params, dropout, rng, keep, outputs)
 
     def proj(k, inp):
         return P(names[k], getattr(L, k), inp, L.biases.get(k))
@@ -543,8 +569,12 @@ def _check(net, params: LoraParams, input_ids: np.ndarray, labels: np.ndarray):
     return ids.astype(np.int64), lab.astype(np.int64)
 
 
+#: what the forward keeps for the backward (:func:`loss_and_grads`'s ``checkpoint``)
+CHECKPOINTS = ("layer", "projections", "none")
+
+
 def loss_and_grads(model, params: LoraParams, input_ids: np.ndarray, labels: np.ndarray, *, dropout: float = 0.0,
-                   rng: np.random.Generator | None = None, recompute: bool = True):
+                   rng: np.random.Generator | None = None, checkpoint: str = "layer"):
     """The summed cross-entropy of one sequence and its gradients w.r.t. each adapter module's A, B.
 
     ``input_ids`` int [T]; ``labels`` int [T], ``-100`` where not counted, in transformers'
@@ -552,21 +582,32 @@ def loss_and_grads(model, params: LoraParams, input_ids: np.ndarray, labels: np.
     ``(loss_sum, n_counted, {module: (dA [r, in], dB [out, r])})``, the gradients of the SUM (a
     batch's mean is the caller's: sum over the sequences, divide by the total count). ``dropout``:
     PEFT's ``lora_dropout`` on the adapters' inputs, its masks drawn from ``rng`` (required when
-    ``dropout > 0``). ``recompute=False`` keeps every layer's values instead of recomputing them
-    (same result, more memory)."""
+    ``dropout > 0``).
+
+    ``checkpoint``: what the forward keeps for the backward, all giving the same bits:
+
+    * ``"layer"``: each layer's input [T, H]; the backward recomputes the layer (one forward more,
+      the least memory);
+    * ``"projections"``: each layer's input and its projections' outputs; the backward recomputes
+      only the norms, rotary embeddings, attention and activations (no base product twice);
+    * ``"none"``: every value of every layer (the reference; the most memory).
+
+    :func:`training_memory` says what each takes."""
     net = _net(model)
     ids, lab = _check(net, params, input_ids, labels)
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"dropout must be in [0, 1), got {dropout}")
+    if checkpoint not in CHECKPOINTS:
+        raise UsageError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
     if dropout > 0.0 and rng is None:
         raise UsageError("dropout > 0 needs an rng (numpy.random.Generator) to draw its masks from")
     threads = getattr(model, "threads", None)
     from edgelora.runtime.threads import thread_count
     with thread_count(threads) if threads else nullcontext():
-        return _loss_and_grads(net, params, ids, lab, dropout, rng, recompute)
+        return _loss_and_grads(net, params, ids, lab, dropout, rng, checkpoint)
 
 
-def _loss_and_grads(net, params, ids, lab, dropout, rng, recompute):
+def _loss_and_grads(net, params, ids, lab, dropout, rng, checkpoint):
     a = net.args
     T, nL = len(ids), a.num_hidden_layers
     grads = {m: (np.zeros_like(params.A[m]), np.zeros_like(params.B[m])) for m in params.A}
@@ -577,10 +618,11 @@ def _loss_and_grads(net, params, ids, lab, dropout, rng, recompute):
         return 0.0, 0, grads
     cos, sin = _rope_for(net, T)
     x = net.embed(ids, BASE)  # [T, H]
-    inputs, kept = [], []
+    inputs, kept, outputs = [], [], []
     for i in range(nL):
         inputs.append(x)
-        x, k = _layer_forward(net, i, x, params, dropout, seeds[i], cos, sin, keep=not recompute)
+        outputs.append({} if checkpoint == "projections" else None)
+        x, k = _layer_forward(net, i, x, params, dropout, seeds[i], cos, sin, checkpoint == "none", outputs[i])
         kept.append(k)
     hn = net.norm(x[rows], net.w.norm)  # [N, H]
     loss, dhn = _head_loss_backward(net, params, hn, shifted[rows], dropout, seeds[nL], grads)
@@ -590,10 +632,9 @@ def _loss_and_grads(net, params, ids, lab, dropout, rng, recompute):
     for i in reversed(range(nL)):
         k = kept[i]
         if k is None:
-            _, k = _layer_forward(net, i, inputs[i], params, dropout, seeds[i], cos, sin, keep=True)
+            _, k = _layer_forward(net, i, inputs[i], params, dropout, seeds[i], cos, sin, True, outputs[i])
         dx = _layer_backward(net, i, k, dx, cos, sin, grads)
-        kept[i] = None
-        inputs[i] = None
+        kept[i] = inputs[i] = outputs[i] = k = None
     return loss, int(len(rows)), grads
 
 
@@ -601,13 +642,14 @@ def _loss_and_grads(net, params, ids, lab, dropout, rng, recompute):
 # the memory a training step takes (``edgelora plan --train``)
 # ---------------------------------------------------------------------------------------------
 
-def training_memory(model, params, tokens: int, threads: int | None = None) -> dict:
+def training_memory(model, params, tokens: int, threads: int | None = None, checkpoint: str = "layer") -> dict:
     """Bytes a training step of ``tokens`` tokens (one sequence, or a batch run one sequence after
     another) holds beside the base weights, by part:
 
     * ``adapter``, ``grads``: A and B, and a gradient of each; ``optimizer``: AdamW's two moments;
     * ``checkpoints``: each layer's input [T, H] (the recomputation's checkpoints) and the last
-      layer's output;
+      layer's output; with ``checkpoint="projections"`` also every projection's output, with
+      ``"none"`` every layer's kept values;
     * ``layer``: one layer recomputed with its values kept and its backward's working arrays (the
       larger of its attention part and its MLP part), with the transposed product's per-thread sums
       and dequantized tiles;
@@ -634,10 +676,17 @@ def training_memory(model, params, tokens: int, threads: int | None = None) -> d
     attn_work = (4 * (nh // nkv) * T * T + 3 * T * (q_dim + 2 * kv_dim)) * f  # p, dp, ds, mask; dq dk dv
     mlp_work = 4 * T * I * f  # dact, dup, dgate, a fused copy
     width = max(H, I, q_dim + 2 * kv_dim)
-    tiles = threads * (2 * T * width + TILE_ELEMENTS) * f  # per-thread sums and a tile each
+    tiles = threads * (2 * T * width + max(TILE_ELEMENTS, TILE_ROWS_MIN * width)) * f  # per-thread sums, a tile each
     layer = kept + max(attn_work, mlp_work) + tiles + 4 * T * H * f  # dx, dx2, dh, the norm backward's temporaries
     rows = min(T, max(1, LOGIT_ELEMENTS // V))
     head = 4 * rows * V * f + 3 * T * H * f + threads * (2 * rows * H * f + TILE_ELEMENTS * f)
-    parts = dict(adapter=n, grads=n, optimizer=2 * n, checkpoints=(L + 1) * T * H * f, layer=layer, head=head)
+    ckpt = (L + 1) * T * H * f
+    if checkpoint == "projections":
+        ckpt += L * T * (2 * H + q_dim + 2 * kv_dim + 2 * I) * f
+    elif checkpoint == "none":
+        ckpt += L * kept
+    elif checkpoint != "layer":
+        raise UsageError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+    parts = dict(adapter=n, grads=n, optimizer=2 * n, checkpoints=ckpt, layer=layer, head=head)
     parts["total"] = sum(parts.values())
     return parts

@@ -114,20 +114,23 @@ def test_grads_match_peft_on_stories260k(stories260k, tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["llama3", "gemma2", "phi3"])
 def test_recompute_equals_keeping_everything(arch, bases):
-    """Recomputing each layer in the backward gives the bits of keeping its values from the forward,
-    with dropout too (the recomputed layer draws the same masks)."""
+    """Recomputing each layer in the backward (from its input, or from its projections' outputs)
+    gives the bits of keeping its values from the forward, with dropout too (the recomputed layer
+    draws the same masks)."""
     _, bundle = bases(arch)
     model = edgelora.load(bundle, max_context=64)
     params = random_params(model, dict(r=4, lora_alpha=8, target_modules="all-linear"))
     ids, labels = batch(model.args.vocab_size, 20, 5, seed=1)
     for dropout in (0.0, 0.3):
-        a = loss_and_grads(model, params, ids, labels, dropout=dropout, rng=np.random.default_rng(7))
-        b = loss_and_grads(model, params, ids, labels, dropout=dropout, rng=np.random.default_rng(7),
-                           recompute=False)
-        assert a[:2] == b[:2]
-        for m in a[2]:
-            np.testing.assert_array_equal(a[2][m][0], b[2][m][0])
-            np.testing.assert_array_equal(a[2][m][1], b[2][m][1])
+        ref = loss_and_grads(model, params, ids, labels, dropout=dropout, rng=np.random.default_rng(7),
+                             checkpoint="none")
+        for checkpoint in ("layer", "projections"):
+            got = loss_and_grads(model, params, ids, labels, dropout=dropout, rng=np.random.default_rng(7),
+                                 checkpoint=checkpoint)
+            assert got[:2] == ref[:2]
+            for m in ref[2]:
+                np.testing.assert_array_equal(got[2][m][0], ref[2][m][0])
+                np.testing.assert_array_equal(got[2][m][1], ref[2][m][1])
 
 
 def test_dropout_grads_match_finite_differences(bases):
@@ -223,3 +226,8 @@ def test_training_memory_counts_the_parts(bases):
     assert mem["checkpoints"] == (a.num_hidden_layers + 1) * 256 * a.hidden_size * 4
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
     assert training_memory(model, p, 512)["layer"] > mem["layer"]
+    assert mem["checkpoints"] < training_memory(model, p, 256, checkpoint="projections")["checkpoints"] \
+        < training_memory(model, p, 256, checkpoint="none")["checkpoints"]
+    assert training_memory(model, (8, "all-linear"), 256) == mem
+    with pytest.raises(UsageError, match="checkpoint"):
+        loss_and_grads(model, p, *batch(model.args.vocab_size, 8, 2), checkpoint="some")
