@@ -357,7 +357,7 @@ def _cmd_train(ns) -> int:
                    overflow=ns.overflow, seed=ns.seed, resume=ns.resume, eval_data=ns.eval,
                    eval_every=ns.eval_every, save_every=ns.save_every, threads=ns.threads,
                    warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay, max_grad_norm=ns.max_grad_norm,
-                   dry_run=ns.dry_run, overwrite=ns.overwrite, progress=None if not ns.quiet else False)
+                   recompute=ns.recompute, dry_run=ns.dry_run, overwrite=ns.overwrite, progress=None if not ns.quiet else False)
     if ns.json:
         print(json.dumps(result.to_dict(), indent=1))
     elif ns.dry_run:
@@ -564,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
     t.add_argument("--overwrite", action="store_true", help="replace an output folder edgelora train wrote")
     t.add_argument("--threads", type=int, default=None, help="most CPU threads (default: every core)")
+    t.add_argument("--recompute", choices=("layer", "projections", "none"), default="layer",
+                   help="what the backward recomputes instead of keeping: each layer (least memory), all but the "
+                        "base products (faster), nothing (most memory); the same result each way")
     t.add_argument("--dry-run", action="store_true",
                    help="read and check the data, show one example with its mask and the memory needed; train nothing")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar (none either when not on a terminal)")

@@ -489,8 +489,8 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
           batch_tokens: int = 1024, grad_accum: int = 1, max_length: int | None = None, overflow: str = "truncate",
           seed: int = 0, resume: bool = False, eval_data=None, eval_every: int | None = None,
           save_every: int | None = None, threads: int | None = None, warmup_ratio: float = 0.05,
-          weight_decay: float = 0.0, max_grad_norm: float = 1.0, dry_run: bool = False, overwrite: bool = False,
-          progress: bool | None = None, on_step=None):
+          weight_decay: float = 0.0, max_grad_norm: float = 1.0, recompute: str = "layer", dry_run: bool = False,
+          overwrite: bool = False, progress: bool | None = None, on_step=None):
     """Fine-tune a LoRA adapter on ``bundle``'s frozen NF4 base with the JSONL file ``data``;
     write it to ``output`` as a PEFT adapter folder and return the :class:`TrainHistory`.
 
@@ -505,7 +505,10 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
     ``eval_every`` steps (default: 10 times in the run) and at the end. ``save_every``: write a
     checkpoint every N steps (and at the end); ``resume``: continue from the last one in
     ``output``. ``warmup_ratio``: share of the steps spent warming the learning rate up.
-    ``dry_run``: read and check everything, train nothing, return a :class:`TrainDryRun`.
+    ``recompute``: what the backward recomputes rather than keeps (``"layer"``: each layer, the
+    least memory; ``"projections"``: all but the base products, faster; ``"none"``: keeps all; the
+    same bits each way). ``dry_run``: read and check everything, train nothing, return a
+    :class:`TrainDryRun`.
     ``progress``: a progress bar (default: on a terminal). ``on_step(history)``: called after
     every step."""
     from edgelora.runtime.model import Model, load
@@ -533,7 +536,9 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
     eval_every = eval_every or max(1, total // 10)
     longest = max(len(e.ids) for e in ds.examples)
     modules = [module_name(model.args, f) for f in fields]
-    memory = backward.training_memory(model, (rank, modules), longest)
+    if recompute not in backward.CHECKPOINTS:
+        raise UsageError(f"recompute must be one of {', '.join(backward.CHECKPOINTS)}, got {recompute!r}")
+    memory = backward.training_memory(model, (rank, modules), longest, checkpoint=recompute)
     _check_fits(model, memory)
     source = model.bundle.manifest.get("source", {}).get("name") or str(model.path)
     cfg = dict(output=str(out), base_model=source, rank=rank, alpha=alpha, rslora=bool(rslora),
@@ -597,7 +602,8 @@ def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="a
                 for i in batch:
                     ex = ds.examples[i]
                     s, n, g = backward.loss_and_grads(model, lora, np.asarray(ex.ids, np.int64),
-                                                      np.asarray(ex.labels, np.int64), dropout=dropout, rng=drop_rng)
+                                                      np.asarray(ex.labels, np.int64), dropout=dropout, rng=drop_rng,
+                                                      checkpoint=recompute)
                     loss_sum, counted, tokens = loss_sum + s, counted + n, tokens + len(ex.ids)
                     for m, (dA, dB) in g.items():
                         grads[f"{m}.lora_A"] += dA
