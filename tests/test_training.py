@@ -440,3 +440,53 @@ def test_hot_hand_off_to_a_running_model(bases, tmp_path):
     after = running.logits(ids, adapter="fresh")
     assert np.abs(after - before).max() > 1e-3
     np.testing.assert_array_equal(running.logits(ids, adapter=None), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# it learns: stories260K taught a reply style
+# ---------------------------------------------------------------------------------------------
+
+NAMES = ["Tom", "Lily", "Sam", "Mia", "Ben", "Sue", "Max", "Anna"]
+ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck"]
+
+
+def style_task(seed: int = 0) -> tuple[list, list]:
+    """A small task in a reply style the base never uses: "NAME had a ANIMAL." answered " The ANIMAL
+    said hello to NAME."; 36 pairs to train on, 8 held out (each name and animal seen in training,
+    never together)."""
+    import random
+    pairs = [(n, a) for n in NAMES for a in ANIMALS]
+    random.Random(seed).shuffle(pairs)
+
+    def line(n, a):
+        return {"prompt": f"{n} had a {a}.", "completion": f" The {a} said hello to {n}."}
+    return [line(*p) for p in pairs[:36]], [line(*p) for p in pairs[36:44]]
+
+
+def test_stories260k_learns_a_reply_style_and_peft_agrees(stories260k, tmp_path):
+    peft = pytest.importorskip("peft")
+    bundle = tmp_path / "nf4"
+    edgelora.convert(stories260k, bundle)
+    train_lines, held_lines = style_task()
+    data, held = _write(tmp_path / "train.jsonl", train_lines), _write(tmp_path / "held.jsonl", held_lines)
+    model = edgelora.load(bundle, max_context=128)
+    before = edgelora.evaluate(model, data=held).answer_loss
+    h = edgelora.train(model, data, tmp_path / "style", steps=30, lr=1e-2, rank=8, alpha=16, batch_tokens=128,
+                       progress=False, eval_data=held, eval_every=10)
+    assert h.loss[-1] < 0.3 * h.loss[0] and h.evals[-1][1] < h.evals[0][1]
+    model.adapters.load("style", tmp_path / "style")
+    after = edgelora.evaluate(model, data=held, use="style").answer_loss
+    assert after < 0.1 * before, (before, after)  # held-out answers: a clear margin
+    right_before = right_after = 0
+    for x in held_lines:
+        want = x["completion"].strip()
+        right_before += model.generate(x["prompt"], max_new_tokens=12, temperature=0).strip().startswith(want)
+        right_after += model.generate(x["prompt"], max_new_tokens=12, temperature=0,
+                                      adapter="style").strip().startswith(want)
+    assert right_before == 0 and right_after >= 6, (right_before, right_after)  # greedy answers in the new style
+    ids = np.asarray(model.encode(held_lines[0]["prompt"] + held_lines[0]["completion"]))
+    ref_model = peft.PeftModel.from_pretrained(hf_dequantized(bundle, stories260k), tmp_path / "style").eval()
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
+    mine = model.logits(ids, adapter="style")
+    assert close(mine, ref), np.abs(mine - ref).max()
