@@ -308,13 +308,16 @@ def _cmd_devices(ns) -> int:
 
 
 def _cmd_plan(ns) -> int:
-    from edgelora.devices.planner import measure_peak_rss, plan
+    from edgelora.devices.planner import measure_peak_rss, measure_train_peak_rss, plan
     adapters = _adapters_arg(ns.adapter)
-    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads)
+    train = ({"rank": ns.rank, "targets": ns.targets, "tokens": ns.tokens, "recompute": ns.recompute}
+             if ns.train else None)
+    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads, train=train)
     out = p.to_dict()
     text = p.text()
     if ns.measure:
-        peak = measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads)
+        peak = (measure_train_peak_rss(ns.bundle, train, threads=p.threads) if train
+                else measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads))
         out["measured_peak_rss_bytes"] = peak
         text += (f"\nmeasured on this machine: peak RSS {peak / 1e6:.1f} MB "
                  f"(the plan's total is {p.total_bytes / peak - 1:+.1%} off it)")
@@ -595,6 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd == "plan":
             x.add_argument("--measure", action="store_true",
                            help="also run the plan on this machine (context filled to its end) and report its peak RSS")
+            x.add_argument("--train", action="store_true",
+                           help="plan `edgelora train` instead: base, adapter, gradients, optimizer state and "
+                                "activations for sequences of --tokens tokens")
+            x.add_argument("--rank", type=int, default=16, help="with --train: the LoRA rank")
+            x.add_argument("--targets", default="all-linear", help="with --train: the modules adapted")
+            x.add_argument("--tokens", type=int, default=256, help="with --train: tokens of the longest sequence")
+            x.add_argument("--recompute", choices=("layer", "projections", "none"), default="layer",
+                           help="with --train: what the backward recomputes (as `edgelora train --recompute`)")
             x.set_defaults(func=_cmd_plan)
         else:
             x.add_argument("-o", "--output", required=True, help="deploy folder to create")
