@@ -490,3 +490,34 @@ def test_stories260k_learns_a_reply_style_and_peft_agrees(stories260k, tmp_path)
         ref = ref_model(torch.from_numpy(ids)[None]).logits[0].numpy()
     mine = model.logits(ids, adapter="style")
     assert close(mine, ref), np.abs(mine - ref).max()
+
+
+# ---------------------------------------------------------------------------------------------
+# the training plan
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS needs Linux /proc")
+def test_training_plan_is_within_10_percent_of_a_measured_run(capsys):
+    from conftest import demo_bundle_path
+    from edgelora.cli import main
+    from edgelora.devices.planner import measure_train_peak_rss, plan
+    bundle = demo_bundle_path()
+    train = {"rank": 8, "tokens": 256, "targets": "q,v,down"}
+    p = plan(bundle, "raspberry-pi-4-4gb", threads=1, train=train)
+    items = {i.name: i.bytes for i in p.items}
+    assert "KV cache" not in items and items["optimizer"] == 2 * items["adapter"] == items["gradients"]
+    assert p.context == 256 and p.fits and p.train["rank"] == 8
+    peak = measure_train_peak_rss(bundle, train, threads=1, timeout=600)
+    assert abs(p.total_bytes / peak - 1) < 0.10, (p.total_bytes, peak)
+    small = plan(bundle, "raspberry-pi-4-4gb", threads=1, train=train, overhead=0)
+    import dataclasses
+    pi = edgelora.get_device("raspberry-pi-4-4gb")
+    tight = dataclasses.replace(pi, app_share=(small.total_bytes - items["layer"] // 2) / (pi.ram_mib * 2 ** 20))
+    over = plan(bundle, tight, threads=1, train=train, overhead=0)
+    assert not over.fits and 1 <= over.max_context < 256 and "--max-length" in over.suggestions[0]
+    assert main(["plan", str(bundle), "--device", "raspberry-pi-4-4gb", "--train", "--tokens", "64", "--threads", "1",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train"]["tokens"] == 64 and out["context"] == 64
+    with pytest.raises(UsageError, match="leave out adapters"):
+        plan(bundle, "raspberry-pi-4-4gb", train=True, adapters={"a": "x"})
