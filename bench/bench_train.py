@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,15 @@ def data(vocab: int, tokens: int, seed: int = 0):
     return ids, labels
 
 
+def adapter_values(module: str, rank: int, n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same A [r, in] (PEFT's initial range) and a small non-zero B [out, r] for a module on both sides,
+    from a generator seeded by the module's name, so that both compute the same loss."""
+    rng = np.random.default_rng(zlib.crc32(module.encode()))
+    bound = 1.0 / np.sqrt(n_in)
+    A = rng.uniform(-bound, bound, (rank, n_in)).astype(np.float32)
+    return A, (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32)
+
+
 def run_edgelora(bundle: Path, threads: int, tokens: int, steps: int, rank: int, checkpoint: str) -> dict:
     import edgelora
     from edgelora.memory import peak_rss_bytes
@@ -49,9 +59,8 @@ def run_edgelora(bundle: Path, threads: int, tokens: int, steps: int, rank: int,
     model = edgelora.load(bundle, threads=threads, max_context=tokens)
     load_s = time.perf_counter() - t0
     params = init_lora(model, "all-linear", rank, 2 * rank, False, 0)
-    rng = np.random.default_rng(1)
-    for m in params.B:  # non-zero B: every product of the backward really runs
-        params.B[m] = (rng.standard_normal(params.B[m].shape) * 0.01).astype(np.float32)
+    for m in params.A:  # non-zero B: every product of the backward really runs
+        params.A[m], params.B[m] = adapter_values(m, rank, params.A[m].shape[1], params.B[m].shape[0])
     ids, labels = data(model.args.vocab_size, tokens)
     times, losses = [], []
     for _ in range(steps + 1):
@@ -80,9 +89,12 @@ def run_torch(ckpt: Path, threads: int, tokens: int, steps: int, rank: int) -> d
                                                     lora_dropout=0.0))
     load_s = time.perf_counter() - t0
     with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.01)
+        for n, mod in pm.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                m = n[len("base_model.model."):]
+                A, B = adapter_values(m, rank, mod.in_features, mod.out_features)
+                mod.lora_A["default"].weight.copy_(torch.from_numpy(A))
+                mod.lora_B["default"].weight.copy_(torch.from_numpy(B))
     ids, labels = data(model.config.vocab_size, tokens)
     ids, labels = torch.from_numpy(ids)[None], torch.from_numpy(labels)[None]
     times, losses = [], []

@@ -405,18 +405,20 @@ class _Proj:
         self.saved[name] = (lin, xd, u, m)
         return y
 
-    def backward(self, name: str, dy: np.ndarray, grads: dict) -> np.ndarray:
-        """dx of projection ``name`` given dy [T, out]; adds its dA, dB to ``grads``."""
+    def backward(self, name: str, dy: np.ndarray, grads: dict, need_dx: bool = True) -> np.ndarray | None:
+        """dx of projection ``name`` given dy [T, out] (None when not ``need_dx``); adds its dA, dB to
+        ``grads``."""
         lin, xd, u, m = self.saved.pop(name)
-        dx = matmul_t(lin, dy)  # [T, in]
+        dx = matmul_t(lin, dy) if need_dx else None  # [T, in]
         if xd is not None:
             A, B, s = self.params.A[name], self.params.B[name], np.float32(self.params.scaling[name])
             dyb = dy @ B  # [T, r]
             dA, dB = grads[name]
             dB += (dy.T @ u) * s  # [out, r]
             dA += (dyb.T @ xd) * s  # [r, in]
-            dxl = (dyb @ A) * s  # [T, in]
-            dx += dxl if m is None else dxl * m
+            if need_dx:
+                dxl = (dyb @ A) * s  # [T, in]
+                dx += dxl if m is None else dxl * m
         return dx
 
 
@@ -465,8 +467,9 @@ def _layer_forward(net, i: int, x: np.ndarray, params, dropout, seed, cos, sin, 
     return out, kept
 
 
-def _layer_backward(net, i: int, kept: dict, dout: np.ndarray, cos, sin, grads: dict) -> np.ndarray:
-    """dx [T, H] of layer ``i`` given dout [T, H] and its kept values; adds the adapters' gradients."""
+def _layer_backward(net, i: int, kept: dict, dout: np.ndarray, cos, sin, grads: dict) -> np.ndarray | None:
+    """dx [T, H] of layer ``i`` given dout [T, H] and its kept values; adds the adapters' gradients.
+    The first layer's input is the embeddings, which train nothing: its dx is not computed (None)."""
     a, L, names = net.args, net.w.layers[i], net.names[i]
     P, nw, eps = kept["P"], kept["nw"], kept["eps"]
     post = isinstance(net, Gemma2Model)
@@ -487,13 +490,17 @@ def _layer_backward(net, i: int, kept: dict, dout: np.ndarray, cos, sin, grads: 
     dq, dk, dv = attention_backward(kept["q"], kept["k"], kept["v"], datt, kept["scale"], net.attn_cap,
                                     kept["window"])
     dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
+    need = i > 0
     if isinstance(net, Phi3Model):
         fused = np.concatenate([dq.reshape(T, -1), dk.reshape(T, -1), dv.reshape(T, -1)], axis=1)
-        dh1 = P.backward(names["qkv"], fused, grads)  # [T, H]
+        dh1 = P.backward(names["qkv"], fused, grads, need)  # [T, H]
     else:
-        dh1 = P.backward(names["q"], dq.reshape(T, -1), grads)
-        dh1 += P.backward(names["k"], dk.reshape(T, -1), grads)
-        dh1 += P.backward(names["v"], dv.reshape(T, -1), grads)
+        dh1 = P.backward(names["q"], dq.reshape(T, -1), grads, need)
+        for k, d in (("k", dk), ("v", dv)):
+            dk_ = P.backward(names[k], d.reshape(T, -1), grads, need)
+            dh1 = None if dh1 is None else dh1 + dk_
+    if not need:
+        return None
     return dx2 + rmsnorm_backward(kept["x"], nw(L.attn_norm), eps, dh1)  # [T, H]
 
 
@@ -622,7 +629,9 @@ def _loss_and_grads(net, params, ids, lab, dropout, rng, checkpoint):
     for i in range(nL):
         inputs.append(x)
         outputs.append({} if checkpoint == "projections" else None)
-        x, k = _layer_forward(net, i, x, params, dropout, seeds[i], cos, sin, checkpoint == "none", outputs[i])
+        last = i == nL - 1  # the backward starts with it: its values are kept, whatever the policy
+        x, k = _layer_forward(net, i, x, params, dropout, seeds[i], cos, sin, checkpoint == "none" or last,
+                              None if last else outputs[i])
         kept.append(k)
     hn = net.norm(x[rows], net.w.norm)  # [N, H]
     loss, dhn = _head_loss_backward(net, params, hn, shifted[rows], dropout, seeds[nL], grads)
