@@ -353,8 +353,8 @@ import json, sys
 import edgelora
 from edgelora.memory import peak_rss_bytes
 bundle, out, data, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-edgelora.train(bundle, data, out, progress=False, **opts)
-print(json.dumps(peak_rss_bytes()))
+h = edgelora.train(bundle, data, out, progress=False, **opts)
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "tokens_per_second": h.tokens_per_second}))
 """
 
 
@@ -364,6 +364,12 @@ def measure_train_peak_rss(bundle: str | os.PathLike, train: dict | None = None,
     a fresh process trains ``steps`` steps with :func:`edgelora.train` on random text examples of
     exactly ``train["tokens"]`` tokens each (one a step), with the plan's rank, targets and
     recomputation."""
+    return measure_train_run(bundle, train, threads, steps, timeout)["peak_rss_bytes"]
+
+
+def measure_train_run(bundle: str | os.PathLike, train: dict | None = None, threads: int = 1,
+                      steps: int = 2, timeout: float | None = None) -> dict:
+    """:func:`measure_train_peak_rss`'s run: ``{"peak_rss_bytes", "tokens_per_second"}``."""
     import tempfile
     import numpy as np
     from edgelora.bundle import Bundle
@@ -389,7 +395,7 @@ def measure_train_peak_rss(bundle: str | os.PathLike, train: dict | None = None,
             raise EdgeLoraError(f"running the training plan took more than {timeout:.0f} s", bundle) from None
     if done.returncode != 0:
         raise EdgeLoraError(f"running the training plan failed: {done.stderr.strip()[-800:]}", bundle)
-    return int(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 TRAIN_DEFAULTS = {"rank": 16, "targets": "all-linear", "tokens": 256, "recompute": "layer"}

@@ -33,14 +33,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from edgelora.architectures import HEAD, architecture
-from edgelora.atomic import atomic_output_dir, clean_stale, write_text_atomic, _tmp_sibling
+from edgelora.atomic import _tmp_sibling, atomic_output_dir, clean_stale, os_error, write_text_atomic
 from edgelora.errors import FormatError, PlanError, UsageError
 from edgelora.training_data import (Dataset, count_micro_batches, default_max_length, micro_batches, read_dataset,
                                     render_example)
+
+if TYPE_CHECKING:
+    from edgelora.runtime.model import Model
 
 CHECKPOINT_FORMAT = "edgelora-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -181,11 +185,22 @@ def adapter_config(cfg: dict) -> dict:
 
 
 def write_adapter_files(folder: Path, lora, cfg: dict) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder`` (each file
-    atomically)."""
-    from edgelora.safetensors_io import write_safetensors
-    write_safetensors(folder / "adapter_model.safetensors", lora.peft_tensors(), metadata={"format": "pt"})
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``folder``, each file
+    atomically."""
+    write_safetensors_atomic(folder / "adapter_model.safetensors", lora.peft_tensors(), {"format": "pt"})
     write_text_atomic(folder / "adapter_config.json", json.dumps(adapter_config(cfg), indent=2) + "\n")
+
+
+def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict) -> None:
+    """A safetensors file written to a temporary sibling, then renamed into place."""
+    from edgelora.safetensors_io import write_safetensors
+    tmp = _tmp_sibling(path, "tmp")
+    try:
+        write_safetensors(tmp, tensors, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error(e, path) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,13 +499,15 @@ def _progress_bar(total: int, start: int, enabled: bool):
     return tqdm(total=total, initial=start, unit="step", desc="training", leave=False, dynamic_ncols=True)
 
 
-def train(bundle, data, output, *, rank: int = 16, alpha: float = 32, targets="all-linear", rslora: bool = False,
+def train(bundle: "str | os.PathLike | Model", data: str | os.PathLike, output: str | os.PathLike, *, rank: int = 16,
+          alpha: float = 32, targets: str | list = "all-linear", rslora: bool = False,
           dropout: float = 0.0, lr: float = 2e-4, epochs: int | None = None, steps: int | None = None,
           batch_tokens: int = 1024, grad_accum: int = 1, max_length: int | None = None, overflow: str = "truncate",
-          seed: int = 0, resume: bool = False, eval_data=None, eval_every: int | None = None,
+          seed: int = 0, resume: bool = False, eval_data: str | os.PathLike | None = None, eval_every: int | None = None,
           save_every: int | None = None, threads: int | None = None, warmup_ratio: float = 0.05,
           weight_decay: float = 0.0, max_grad_norm: float = 1.0, recompute: str = "layer", dry_run: bool = False,
-          overwrite: bool = False, progress: bool | None = None, on_step=None):
+          overwrite: bool = False, progress: bool | None = None,
+          on_step: "Callable[[TrainHistory], None] | None" = None) -> "TrainHistory | TrainDryRun":
     """Fine-tune a LoRA adapter on ``bundle``'s frozen NF4 base with the JSONL file ``data``;
     write it to ``output`` as a PEFT adapter folder and return the :class:`TrainHistory`.
 
