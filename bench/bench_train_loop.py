@@ -4,7 +4,8 @@ fresh process running ``edgelora.train`` (``devices/planner.py``'s ``measure_tra
 
 The models: the built-in demo model and random-weight checkpoints of real shapes
 (``make_random_model.py``), converted once into the work folder. Rank 16, all-linear, sequences of
-``--tokens`` tokens of random text, ``--steps`` steps, ``--threads`` threads. Ratios are from one
+``--tokens`` tokens of random text, ``--steps`` steps, ``--threads`` threads, after one warm-up run
+(a first run may compile kernels, which takes more memory than running them). Ratios are from one
 run on whatever machine runs it (a shared one is noisy).
 
     python bench/bench_train_loop.py --models demo small-50m --tokens 256 --json bench/results/train_loop.json
@@ -48,6 +49,7 @@ def main() -> None:
         bundle = bundle_for(name, work)
         train = {"rank": a.rank, "tokens": a.tokens}
         p = plan(bundle, "host", threads=a.threads, train=train)
+        measure_train_run(bundle, train, threads=a.threads, steps=1)  # a first run may compile kernels (more memory)
         t0 = time.perf_counter()
         run = measure_train_run(bundle, train, threads=a.threads, steps=a.steps)
         peak = run["peak_rss_bytes"]
