@@ -209,6 +209,8 @@ def test_bad_inputs_are_refused(bases):
         loss_and_grads(model, p, ids + 1000, labels)
     with pytest.raises(UsageError, match="same shape"):
         loss_and_grads(model, p, ids, labels[:-1])
+    with pytest.raises(UsageError, match="longer than"):
+        loss_and_grads(model, p, *batch(model.args.vocab_size, model.args.max_position_embeddings + 1, 2))
     with pytest.raises(UsageError, match="rng"):
         loss_and_grads(model, p, ids, labels, dropout=0.1)
     # nothing counted: zero loss, zero gradients
