@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from edgelora import architectures
+from edgelora.config import ModelArgs
 from edgelora.errors import UnsupportedError, UsageError
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
 from edgelora.runtime.llama import LlamaModel, rope, rope_attention_scaling, rope_inv_freq, rope_tables
@@ -134,12 +136,25 @@ def linear_modules(model) -> dict[str, object]:
     return out
 
 
+def module_shapes(model) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every module an adapter may train, in the model's order (each layer's
+    projections, then ``lm_head``), from a loaded Model, its decoder, or just its
+    :class:`~edgelora.config.ModelArgs` (planning before anything is loaded)."""
+    if isinstance(model, ModelArgs):
+        arch = architectures.architecture(model)
+        shapes = arch.projection_shapes(model)
+        out = {arch.module(i, k): shapes[k] for i in range(model.num_hidden_layers) for k in arch.PROJECTIONS}
+        out[HEAD] = (model.vocab_size, model.hidden_size)
+        return out
+    return {m: (lin.out_features, lin.in_features) for m, lin in linear_modules(model).items()}
+
+
 def target_modules(model, targets) -> list[str]:
     """The module names ``targets`` selects, in the model's order: ``"all-linear"`` (every projection of
     every layer, not the head: PEFT's rule), or names matched as PEFT matches a list, a module whose
     name is the target or ends with ``.`` + target (``q_proj``, ``self_attn.q_proj``, ``lm_head``, or
     a full name). A target that matches nothing is a :class:`UsageError` naming it."""
-    mods = linear_modules(model)
+    mods = module_shapes(model)
     if targets == "all-linear":
         return [m for m in mods if m != HEAD]
     if isinstance(targets, str):
@@ -681,14 +696,13 @@ def training_memory(model, params, tokens: int, threads: int | None = None, chec
       and dequantized tiles;
     * ``head``: a chunk of logits with its softmax and gradient, and the final norm's rows.
 
-    ``model``: a loaded Model (or its decoder); ``params``: a :class:`LoraParams`, or ``(rank,
-    targets)`` for an adapter not made yet."""
-    net = _net(model)
-    a = net.args
+    ``model``: a loaded Model, its decoder, or its :class:`~edgelora.config.ModelArgs`; ``params``: a
+    :class:`LoraParams`, or ``(rank, targets)`` for an adapter not made yet."""
+    a = model if isinstance(model, ModelArgs) else _net(model).args
     if not isinstance(params, LoraParams):
         rank, targets = params
-        mods = linear_modules(net)
-        n = sum(rank * (mods[m].in_features + mods[m].out_features) * 4 for m in target_modules(net, targets))
+        shapes = module_shapes(model)
+        n = sum(rank * (shapes[m][0] + shapes[m][1]) * 4 for m in target_modules(model, targets))
     else:
         n = params.nbytes
     threads = threads or getattr(model, "threads", None) or numba.get_num_threads()
@@ -705,7 +719,7 @@ def training_memory(model, params, tokens: int, threads: int | None = None, chec
     tiles = threads * (2 * T * width + max(TILE_ELEMENTS, TILE_ROWS_MIN * width)) * f  # per-thread sums, a tile each
     layer = kept + max(attn_work, mlp_work) + tiles + 4 * T * H * f  # dx, dx2, dh, the norm backward's temporaries
     rows = min(T, head_rows(V))
-    cap = 2 if isinstance(net, Gemma2Model) else 1  # the tanh kept beside the logits
+    cap = 2 if a.family == "gemma2" else 1  # the tanh kept beside the logits
     head = cap * rows * V * f + 3 * T * H * f + threads * (2 * rows * H + max(TILE_ELEMENTS, TILE_ROWS_MIN * H)) * f
     ckpt = (L + 1) * T * H * f
     if checkpoint == "projections":

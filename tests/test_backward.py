@@ -231,5 +231,6 @@ def test_training_memory_counts_the_parts(bases):
     assert mem["checkpoints"] < training_memory(model, p, 256, checkpoint="projections")["checkpoints"] \
         < training_memory(model, p, 256, checkpoint="none")["checkpoints"]
     assert training_memory(model, (8, "all-linear"), 256) == mem
+    assert training_memory(model.args, (8, "all-linear"), 256, threads=model.threads) == mem  # before loading
     with pytest.raises(UsageError, match="checkpoint"):
         loss_and_grads(model, p, *batch(model.args.vocab_size, 8, 2), checkpoint="some")
