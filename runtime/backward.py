@@ -487,7 +487,7 @@ def _layer_forward(net, i: int, x: np.ndarray, params, dropout, seed, cos, sin, 
 def _layer_backward(net, i: int, kept: dict, dout: np.ndarray, cos, sin, grads: dict) -> np.ndarray | None:
     """dx [T, H] of layer ``i`` given dout [T, H] and its kept values; adds the adapters' gradients.
     The first layer's input is the embeddings, which train nothing: its dx is not computed (None)."""
-    a, L, names = net.args, net.w.layers[i], net.names[i]
+    L, names = net.w.layers[i], net.names[i]
     P, nw, eps = kept["P"], kept["nw"], kept["eps"]
     post = isinstance(net, Gemma2Model)
     T = dout.shape[0]
