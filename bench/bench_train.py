@@ -147,7 +147,7 @@ def child(kind: str, path: Path, threads: int, tokens: int, steps: int, rank: in
 
 def main():
     def add(p):
-        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--threads", type=int, nargs="+", default=[2])
         p.add_argument("--tokens", type=int, default=256, help="tokens per sequence (one sequence a step)")
         p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
         p.add_argument("--rank", type=int, default=16)
@@ -156,17 +156,18 @@ def main():
     a, work = parse_args(__doc__, ["llama-3.2-1b"], add)
     sys.path.insert(0, str(HERE))
     from bench_runtime import prepare
-    report = {"cores": os.cpu_count(), "threads": a.threads, "tokens": a.tokens, "rank": a.rank,
-              "targets": "all-linear", "models": {}}
-    for name in a.models:
+    report = {"cores": os.cpu_count(), "tokens": a.tokens, "rank": a.rank, "targets": "all-linear",
+              "load_average_at_start": os.getloadavg(), "models": {}}
+    for name, threads in [(n, t) for n in a.models for t in a.threads]:
         src, bundle = prepare(name, work)
         rows = {}
         for side in a.sides:
             if side == "torch":
                 ckpt = dequantized_checkpoint(bundle, src, work / f"dequantized-{name}")
-                rows[side] = child("torch", ckpt, a.threads, a.tokens, a.steps, a.rank)
+                rows[side] = child("torch", ckpt, threads, a.tokens, a.steps, a.rank)
             else:
-                rows[side] = child(side, bundle, a.threads, a.tokens, a.steps, a.rank)
+                rows[side] = child(side, bundle, threads, a.tokens, a.steps, a.rank)
+            rows[side]["load_average_after"] = os.getloadavg()
             print(json.dumps(rows[side]), flush=True)
         if "torch" in rows:
             t = rows["torch"]
@@ -174,8 +175,8 @@ def main():
                 if side != "torch":
                     r["speed_vs_torch"] = r["tokens_per_second"] / t["tokens_per_second"]
                     r["peak_rss_vs_torch"] = r["peak_rss_bytes"] / t["peak_rss_bytes"]
-        report["models"][name] = rows
-        print(f"\n{name}: rank {a.rank} all-linear, {a.tokens} tokens a step, {a.threads} threads")
+        report["models"].setdefault(name, {})[f"threads={threads}"] = rows
+        print(f"\n{name}: rank {a.rank} all-linear, {a.tokens} tokens a step, {threads} threads")
         print("| side | tokens/s | step s (median) | peak RSS MB | vs torch speed | vs torch RSS | loss |")
         print("|---|---|---|---|---|---|---|")
         for side, r in rows.items():

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from edgelora import architectures
+from edgelora.config import ModelArgs
 from edgelora.errors import UnsupportedError, UsageError
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
 from edgelora.runtime.llama import LlamaModel, rope, rope_attention_scaling, rope_inv_freq, rope_tables
@@ -54,8 +56,10 @@ TILE_ELEMENTS = 1 << 20
 #: rows of W a tile has at least (a wide W's tiles get longer): each tile's product adds a [T, in]
 #: partial sum to the thread's own, so a tile must carry enough rows to make that addition small
 TILE_ROWS_MIN = 256
-#: float32 elements of one chunk of logits [rows, V] (8 MB): the head runs this many at a time
+#: float32 elements of one chunk of logits [rows, V] (8 MB): the head runs this many at a time,
 LOGIT_ELEMENTS = 1 << 21
+#: and at least this many rows (a large vocabulary's chunk of 128 rows: 128 x 128256 x 4 = 66 MB)
+HEAD_ROWS_MIN = 128
 #: the decoders this module differentiates (exact classes: a new subclass must be added knowingly)
 SUPPORTED = (LlamaModel, Phi3Model, GemmaModel, Gemma2Model)
 
@@ -132,12 +136,25 @@ def linear_modules(model) -> dict[str, object]:
     return out
 
 
+def module_shapes(model) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every module an adapter may train, in the model's order (each layer's
+    projections, then ``lm_head``), from a loaded Model, its decoder, or just its
+    :class:`~edgelora.config.ModelArgs` (planning before anything is loaded)."""
+    if isinstance(model, ModelArgs):
+        arch = architectures.architecture(model)
+        shapes = arch.projection_shapes(model)
+        out = {arch.module(i, k): shapes[k] for i in range(model.num_hidden_layers) for k in arch.PROJECTIONS}
+        out[HEAD] = (model.vocab_size, model.hidden_size)
+        return out
+    return {m: (lin.out_features, lin.in_features) for m, lin in linear_modules(model).items()}
+
+
 def target_modules(model, targets) -> list[str]:
     """The module names ``targets`` selects, in the model's order: ``"all-linear"`` (every projection of
     every layer, not the head: PEFT's rule), or names matched as PEFT matches a list, a module whose
     name is the target or ends with ``.`` + target (``q_proj``, ``self_attn.q_proj``, ``lm_head``, or
     a full name). A target that matches nothing is a :class:`UsageError` naming it."""
-    mods = linear_modules(model)
+    mods = module_shapes(model)
     if targets == "all-linear":
         return [m for m in mods if m != HEAD]
     if isinstance(targets, str):
@@ -470,7 +487,7 @@ def _layer_forward(net, i: int, x: np.ndarray, params, dropout, seed, cos, sin, 
 def _layer_backward(net, i: int, kept: dict, dout: np.ndarray, cos, sin, grads: dict) -> np.ndarray | None:
     """dx [T, H] of layer ``i`` given dout [T, H] and its kept values; adds the adapters' gradients.
     The first layer's input is the embeddings, which train nothing: its dx is not computed (None)."""
-    a, L, names = net.args, net.w.layers[i], net.names[i]
+    L, names = net.w.layers[i], net.names[i]
     P, nw, eps = kept["P"], kept["nw"], kept["eps"]
     post = isinstance(net, Gemma2Model)
     T = dout.shape[0]
@@ -511,12 +528,12 @@ def _layer_backward(net, i: int, kept: dict, dout: np.ndarray, cos, sin, grads: 
 def _head_loss_backward(net, params: LoraParams, hn: np.ndarray, targets: np.ndarray, dropout, seed,
                         grads: dict) -> tuple[float, np.ndarray]:
     """Cross-entropy summed over rows hn [N, H] (the final norm's output at the counted positions)
-    with ``targets`` [N]; returns the sum and its gradient w.r.t. hn, a chunk of rows at a time."""
+    with ``targets`` [N]; returns the sum and its gradient w.r.t. hn. A chunk of rows at a time
+    (:func:`head_rows`), each chunk's logits turned into their gradient in place."""
     head = net.w.head
-    V = head.out_features
     cap = getattr(net, "final_cap", None) if isinstance(net, Gemma2Model) else None
     rng = np.random.default_rng(seed) if dropout > 0.0 else None
-    chunk = max(1, LOGIT_ELEMENTS // V)
+    chunk = head_rows(head.out_features)
     total = 0.0
     dh = np.empty_like(hn)
     for r0 in range(0, hn.shape[0], chunk):
@@ -524,21 +541,32 @@ def _head_loss_backward(net, params: LoraParams, hn: np.ndarray, targets: np.nda
         P = _Proj(params, dropout, rng, True)
         z = P(HEAD, head, hn[r0:r1], None)  # [n, V]
         t = None
-        if cap is not None:
-            t = np.tanh(z / np.float32(cap))
+        if cap is not None:  # Gemma 2: z = cap tanh(z / cap), and dz gets 1 - tanh^2
+            z /= np.float32(cap)
+            t = np.tanh(z, out=z)
             z = t * np.float32(cap)
-        zmax = z.max(axis=-1, keepdims=True)
-        e = np.exp(z - zmax)  # [n, V]
-        se = e.sum(axis=-1, keepdims=True)
         rows = np.arange(r1 - r0)
         tgt = targets[r0:r1]
-        total += float((np.log(se[:, 0].astype(np.float64)) + zmax[:, 0] - z[rows, tgt]).sum())
-        dz = e / se  # softmax [n, V]
-        dz[rows, tgt] -= np.float32(1.0)
+        picked = z[rows, tgt].astype(np.float64)  # [n]
+        zmax = z.max(axis=-1, keepdims=True)  # [n, 1]
+        z -= zmax
+        e = np.exp(z, out=z)  # [n, V]
+        se = e.sum(axis=-1, keepdims=True)  # [n, 1]
+        total += float((np.log(se[:, 0].astype(np.float64)) + zmax[:, 0] - picked).sum())
+        e /= se  # softmax
+        e[rows, tgt] -= np.float32(1.0)  # dz
         if t is not None:
-            dz *= np.float32(1.0) - t * t
-        dh[r0:r1] = P.backward(HEAD, dz, grads)
+            t *= t
+            np.subtract(np.float32(1.0), t, out=t)
+            e *= t
+        dh[r0:r1] = P.backward(HEAD, e, grads)
     return total, dh
+
+
+def head_rows(vocab: int) -> int:
+    """Rows of logits the head computes at a time: ``LOGIT_ELEMENTS`` of them, and at least
+    ``HEAD_ROWS_MIN`` rows (fewer rows would make the head's products slow, per-row kernels)."""
+    return max(1, LOGIT_ELEMENTS // vocab, HEAD_ROWS_MIN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +587,10 @@ def _check(net, params: LoraParams, input_ids: np.ndarray, labels: np.ndarray):
         raise UsageError(f"input_ids and labels must be integer arrays of the same shape [T], got "
                          f"{ids.dtype}{list(ids.shape)} and {lab.dtype}{list(lab.shape)}")
     V = net.args.vocab_size
+    limit = net.context_limit(net.args)
+    if len(ids) > limit:
+        raise UsageError(f"a sequence of {len(ids)} tokens is longer than this model runs exactly ({limit} "
+                         f"positions): shorten it (max_length)")
     if len(ids) and (ids.min() < 0 or ids.max() >= V):
         raise UsageError(f"input_ids outside the vocabulary (0..{V - 1})")
     bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= V))
@@ -664,14 +696,13 @@ def training_memory(model, params, tokens: int, threads: int | None = None, chec
       and dequantized tiles;
     * ``head``: a chunk of logits with its softmax and gradient, and the final norm's rows.
 
-    ``model``: a loaded Model (or its decoder); ``params``: a :class:`LoraParams`, or ``(rank,
-    targets)`` for an adapter not made yet."""
-    net = _net(model)
-    a = net.args
+    ``model``: a loaded Model, its decoder, or its :class:`~edgelora.config.ModelArgs`; ``params``: a
+    :class:`LoraParams`, or ``(rank, targets)`` for an adapter not made yet."""
+    a = model if isinstance(model, ModelArgs) else _net(model).args
     if not isinstance(params, LoraParams):
         rank, targets = params
-        mods = linear_modules(net)
-        n = sum(rank * (mods[m].in_features + mods[m].out_features) * 4 for m in target_modules(net, targets))
+        shapes = module_shapes(model)
+        n = sum(rank * (shapes[m][0] + shapes[m][1]) * 4 for m in target_modules(model, targets))
     else:
         n = params.nbytes
     threads = threads or getattr(model, "threads", None) or numba.get_num_threads()
@@ -687,8 +718,9 @@ def training_memory(model, params, tokens: int, threads: int | None = None, chec
     width = max(H, I, q_dim + 2 * kv_dim)
     tiles = threads * (2 * T * width + max(TILE_ELEMENTS, TILE_ROWS_MIN * width)) * f  # per-thread sums, a tile each
     layer = kept + max(attn_work, mlp_work) + tiles + 4 * T * H * f  # dx, dx2, dh, the norm backward's temporaries
-    rows = min(T, max(1, LOGIT_ELEMENTS // V))
-    head = 4 * rows * V * f + 3 * T * H * f + threads * (2 * rows * H * f + TILE_ELEMENTS * f)
+    rows = min(T, head_rows(V))
+    cap = 2 if a.family == "gemma2" else 1  # the tanh kept beside the logits
+    head = cap * rows * V * f + 3 * T * H * f + threads * (2 * rows * H + max(TILE_ELEMENTS, TILE_ROWS_MIN * H)) * f
     ckpt = (L + 1) * T * H * f
     if checkpoint == "projections":
         ckpt += L * T * (2 * H + q_dim + 2 * kv_dim + 2 * I) * f

@@ -209,6 +209,8 @@ def test_bad_inputs_are_refused(bases):
         loss_and_grads(model, p, ids + 1000, labels)
     with pytest.raises(UsageError, match="same shape"):
         loss_and_grads(model, p, ids, labels[:-1])
+    with pytest.raises(UsageError, match="longer than"):
+        loss_and_grads(model, p, *batch(model.args.vocab_size, model.args.max_position_embeddings + 1, 2))
     with pytest.raises(UsageError, match="rng"):
         loss_and_grads(model, p, ids, labels, dropout=0.1)
     # nothing counted: zero loss, zero gradients
@@ -229,5 +231,6 @@ def test_training_memory_counts_the_parts(bases):
     assert mem["checkpoints"] < training_memory(model, p, 256, checkpoint="projections")["checkpoints"] \
         < training_memory(model, p, 256, checkpoint="none")["checkpoints"]
     assert training_memory(model, (8, "all-linear"), 256) == mem
+    assert training_memory(model.args, (8, "all-linear"), 256, threads=model.threads) == mem  # before loading
     with pytest.raises(UsageError, match="checkpoint"):
         loss_and_grads(model, p, *batch(model.args.vocab_size, 8, 2), checkpoint="some")
