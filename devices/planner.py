@@ -22,6 +22,14 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
   and subtracting that run's own items; the figure is cached per software versions, machine
   architecture, thread count and LoRA use (``$EDGELORA_HOME/overhead.json``).
 
+A **training** plan (``train=``, ``edgelora plan --train``) holds, instead of the KV cache and the
+forward's scratch, what ``edgelora train`` holds at its peak for sequences of ``tokens`` tokens
+(``runtime/backward.py``'s ``training_memory``): the adapter, its gradients (the step's sums
+and one sequence's), AdamW's two moments, each layer's input kept for the recomputation, one
+layer recomputed with its backward's working arrays, and a chunk of the head's logits; the
+rotary tables of ``tokens`` positions; the tokenizer and the runtime as above.
+:func:`measure_train_peak_rss` runs such a plan (``plan --train --measure``).
+
 A plan's total is checked against the peak RSS of real runs: :func:`measure_peak_rss` runs a plan
 on this machine (``edgelora plan --measure``), ``tests/test_devices.py`` holds plans to within 10%
 of it, and ``bench/bench_plan.py`` reports both on a 1B-parameter shape.
@@ -71,6 +79,7 @@ class Plan:
     model_max_context: int
     suggestions: list = field(default_factory=list)
     overhead_source: str = ""
+    train: dict | None = None  # a training plan's options (context: its tokens per sequence)
 
     @property
     def total_bytes(self) -> int:
@@ -95,11 +104,14 @@ class Plan:
                 "items": [{"name": i.name, "bytes": i.bytes, "note": i.note} for i in self.items],
                 "adapters": dict(self.adapters), "adapter_bytes": self.adapter_bytes,
                 "max_context": self.max_context, "model_max_context": self.model_max_context,
-                "suggestions": list(self.suggestions), "overhead_source": self.overhead_source}
+                "suggestions": list(self.suggestions), "overhead_source": self.overhead_source,
+                "train": self.train}
 
     def text(self) -> str:
         d = self.device
-        lines = [f"plan: {self.bundle} on {d.name} ({d.title or d.arch}), context {self.context}, "
+        what = (f"training rank {self.train['rank']} on {self.train['targets']}, sequences of {self.context} tokens"
+                if self.train else f"context {self.context}")
+        lines = [f"plan: {self.bundle} on {d.name} ({d.title or d.arch}), {what}, "
                  f"{self.threads} thread{'s' if self.threads != 1 else ''}"]
         for i in self.items:
             lines.append(f"  {i.name:<14}{i.bytes / MB:>10.1f} MB  {i.note}")
@@ -107,9 +119,11 @@ class Plan:
         lines.append(f"  {'budget':<14}{self.budget_bytes / MB:>10.1f} MB  {d.app_share:.0%} of "
                      f"{d.ram_mib / 1024:g} GiB RAM")
         if self.fits:
-            largest = (f"every context up to the model's limit ({self.model_max_context}) fits"
+            unit = "sequence" if self.train else "context"
+            largest = (f"every {unit} up to the model's limit ({self.model_max_context}) fits"
                        if self.max_context == self.model_max_context
-                       else f"the largest context that fits is {self.max_context}")
+                       else f"the largest {unit} that fits is {self.max_context}"
+                       + (" tokens" if self.train else ""))
             lines.append(f"fits: {(self.budget_bytes - self.total_bytes) / MB:.1f} MB to spare; {largest}")
         else:
             lines.append(f"does not fit: {(self.total_bytes - self.budget_bytes) / MB:.1f} MB over the budget")
@@ -334,13 +348,113 @@ def measure_peak_rss(bundle: str | os.PathLike, context: int, adapters: dict | N
     return int(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+_TRAIN = r"""
+import json, sys
+import edgelora
+from edgelora.memory import peak_rss_bytes
+bundle, out, data, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+h = edgelora.train(bundle, data, out, progress=False, **opts)
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "tokens_per_second": h.tokens_per_second}))
+"""
+
+
+def measure_train_peak_rss(bundle: str | os.PathLike, train: dict | None = None, threads: int = 1,
+                           steps: int = 2, timeout: float | None = None) -> int:
+    """Run a training plan for real on this machine and return the peak resident memory, in bytes:
+    a fresh process trains ``steps`` steps with :func:`edgelora.train` on random text examples of
+    exactly ``train["tokens"]`` tokens each (one a step), with the plan's rank, targets and
+    recomputation."""
+    return measure_train_run(bundle, train, threads, steps, timeout)["peak_rss_bytes"]
+
+
+def measure_train_run(bundle: str | os.PathLike, train: dict | None = None, threads: int = 1,
+                      steps: int = 2, timeout: float | None = None) -> dict:
+    """:func:`measure_train_peak_rss`'s run: ``{"peak_rss_bytes", "tokens_per_second"}``."""
+    import tempfile
+    import numpy as np
+    from edgelora.bundle import Bundle
+    from edgelora.runtime.tokenizer import Tokenizer
+    t = train_options(train)
+    with Bundle(Path(bundle), verify=False) as b:
+        vocab = b.args.vocab_size
+    tok = Tokenizer.from_dir(Path(bundle))
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as work:
+        lines = []
+        for _ in range(steps):  # random text of more tokens than the plan's, cut to them by max_length
+            text = tok.decode(rng.integers(3, vocab, 3 * t["tokens"] + 8).tolist(), skip_special_tokens=True)
+            lines.append(json.dumps({"text": text}))
+        data = Path(work) / "data.jsonl"
+        data.write_text("\n".join(lines) + "\n")
+        opts = {"rank": t["rank"], "targets": t["targets"], "recompute": t["recompute"], "steps": steps,
+                "threads": threads, "batch_tokens": t["tokens"], "max_length": t["tokens"]}
+        args = python_command(_TRAIN, bundle, Path(work) / "out", data, json.dumps(opts))
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgeLoraError(f"running the training plan took more than {timeout:.0f} s", bundle) from None
+    if done.returncode != 0:
+        raise EdgeLoraError(f"running the training plan failed: {done.stderr.strip()[-800:]}", bundle)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+TRAIN_DEFAULTS = {"rank": 16, "targets": "all-linear", "tokens": 256, "recompute": "layer"}
+
+
+def train_options(train: dict | bool | None) -> dict:
+    """A training plan's options (``rank``, ``targets``, ``tokens`` per sequence, ``recompute``) with
+    ``edgelora train``'s defaults (256 tokens: a typical on-device example) for those not given."""
+    t = dict(TRAIN_DEFAULTS, **({} if train in (None, True) else dict(train)))
+    unknown = set(t) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise UsageError(f"train plan options are {', '.join(TRAIN_DEFAULTS)}; got {', '.join(sorted(unknown))}")
+    for k in ("rank", "tokens"):
+        if not isinstance(t[k], int) or isinstance(t[k], bool) or t[k] < 1:
+            raise UsageError(f"train {k} must be a positive integer, got {t[k]!r}")
+    return t
+
+
+class _TrainSizes:
+    """A training plan's items for any sequence length (the decoder built once, weights mapped)."""
+
+    def __init__(self, bundle_path: Path, t: dict, threads: int):
+        from edgelora.bundle import Bundle
+        from edgelora.runtime.backward import target_modules
+        from edgelora.runtime.loader import build_model
+        from edgelora.training import module_name, resolve_targets
+        self.t, self.threads = t, threads
+        with Bundle(bundle_path, verify=False) as b:
+            self.net = build_model(b, 1)
+            self.modules = [module_name(b.args, f) for f in resolve_targets(b.args, t["targets"])]
+            self.n_modules = len(target_modules(self.net, self.modules))
+
+    def items(self, tokens: int) -> list:
+        from edgelora.runtime.backward import training_memory
+        t = self.t
+        m = training_memory(self.net, (t["rank"], self.modules), tokens, threads=self.threads,
+                            checkpoint=t["recompute"])
+        return [Item("adapter", m["adapter"], f"rank {t['rank']} on {self.n_modules} modules, A and B in float32"),
+                Item("gradients", 2 * m["grads"], "a sequence's, and the step's sums"),
+                Item("optimizer", m["optimizer"], "AdamW's two moments, float32"),
+                Item("checkpoints", m["checkpoints"], f"each layer's input, {tokens} tokens (recompute: "
+                                                      f"{t['recompute']})"),
+                Item("layer", m["layer"], "one layer recomputed, its backward's working arrays and tiles"),
+                Item("head", m["head"], "a chunk of logits with its softmax and gradient")]
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan
 # ---------------------------------------------------------------------------------------------
 
 def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dict, tok: tuple,
-           overhead: tuple) -> list:
-    """``overhead``: (bytes, note) of the runtime itself."""
+           overhead: tuple, train: "_TrainSizes | None" = None) -> list:
+    """``overhead``: (bytes, note) of the runtime itself; ``train``: a training plan's sizes
+    (``context`` is then the tokens of a sequence)."""
+    if train is not None:
+        return ([Item("weights", weights, "model.safetensors, memory-mapped"),
+                 Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32")]
+                + train.items(context) + [Item("tokenizer", tok[0], tok[1]),
+                                          Item("runtime", overhead[0], f"Python, NumPy, Numba and kernels: {overhead[1]}")])
     scratch, scratch_note = scratch_bytes(a, context, threads)
     items = [Item("weights", weights, "model.safetensors, memory-mapped"),
              Item("KV cache", kv_cache_bytes(a, context),
@@ -356,11 +470,24 @@ def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dic
 
 
 def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = None, adapters: dict | None = None,
-         threads: int | None = None, overhead: int | None = None) -> Plan:
+         threads: int | None = None, overhead: int | None = None, train: dict | bool | None = None) -> Plan:
     """Plan running ``bundle`` on ``device`` (a profile name, a ``.toml`` path or a ``Device``) with
     a KV cache of ``context`` positions (default: the runtime's default, min(model limit, 2048))
     and the LoRA ``adapters`` ``{name: folder}`` resident. ``threads`` defaults to the device's cores.
-    ``overhead`` replaces the measured runtime overhead (bytes)."""
+    ``overhead`` replaces the measured runtime overhead (bytes).
+
+    ``train``: plan ``edgelora train`` instead: ``True`` or ``{"rank": 16, "targets": "all-linear",
+    "tokens": 256, "recompute": "layer"}`` (any of them; these are the defaults), ``tokens`` being
+    the longest sequence trained (its ``context``); ``max_context`` is then the longest that fits."""
+    if train is not None and train is not False:
+        if adapters:
+            raise UsageError("a training plan holds the adapter being trained; leave out adapters")
+        t = train_options(train)
+        if context is not None and context != t["tokens"]:
+            raise UsageError(f"a training plan's context is its tokens per sequence ({t['tokens']}); give one of them")
+        context = t["tokens"]
+    else:
+        t = None
     from edgelora.bundle import Bundle
     from edgelora.runtime.loader import DEFAULT_MAX_CONTEXT
     dev = get_device(device)
@@ -376,10 +503,11 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     if threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}")
     sizes = {name: adapter_resident_bytes(p, a) for name, p in (adapters or {}).items()}
+    training = None if t is None else _TrainSizes(bundle_path, t, threads)
     if overhead is None:
         m = measure_runtime_overhead(threads)
         parts = [m["base"]] + ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + \
-            ([m["lora"]] if sizes else [])
+            ([m["lora"]] if sizes or t is not None else [])
         note = m["source"] + ("" if dev.arch == host_arch() else f"; {dev.arch} assumed like {host_arch()}")
         over = (sum(parts), note)
     else:
@@ -388,7 +516,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     weights = _weights_bytes(bundle_path)
 
     def total(ctx: int) -> int:
-        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over))
+        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training))
 
     lo, hi = 0, limit  # the largest context whose total fits (totals grow with the context)
     while lo < hi:
@@ -398,8 +526,8 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
         else:
             hi = mid - 1
     p = Plan(device=dev, bundle=str(bundle_path), context=context, threads=threads,
-             items=_items(a, weights, context, threads, sizes, tok, over), adapters=sizes, max_context=lo,
-             model_max_context=limit, overhead_source=over[1])
+             items=_items(a, weights, context, threads, sizes, tok, over, training), adapters=sizes, max_context=lo,
+             model_max_context=limit, overhead_source=over[1], train=t)
     p.suggestions = _suggest(p, a)
     return p
 
@@ -426,7 +554,10 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
         return []
     over = p.total_bytes - p.budget_bytes
     out = []
-    if p.max_context >= 1:
+    if p.train and p.max_context >= 1:
+        out.append(f"train on sequences of at most {p.max_context} tokens (edgelora train --max-length "
+                   f"{p.max_context}), or with a lower --rank or fewer --targets")
+    elif p.max_context >= 1:
         out.append(f"use --context {p.max_context} (the largest that fits; {p.context} needs {over / MB:.1f} MB more)")
     else:
         fixed = sum(i.bytes for i in p.items if i.name in ("weights", "tokenizer", "runtime"))

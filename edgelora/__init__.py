@@ -16,6 +16,7 @@ bitsandbytes produces), inspect it, and run it on CPU with hot-swappable LoRA ad
     r = edgelora.evaluate("bundle/", text_file="wiki.txt", data="qa.jsonl")  # Evaluation: perplexity, loss
     eng = edgelora.Engine(model, max_batch=8); req = eng.submit("Hi", adapter="pirate")  # continuous batching
     server = edgelora.serve("bundle/", port=8080, background=True)  # the OpenAI API and a chat page (edgelora[serve])
+    h = edgelora.train("bundle/", "qa.jsonl", "adapters/mine", rank=16)  # TrainHistory; a PEFT adapter folder
 
 Every public name is documented in docs/api.md (written from these docstrings by scripts/api_docs.py).
 """
@@ -42,6 +43,8 @@ _LAZY = {  # public name -> module that defines it
     "deploy": "edgelora.deployment", "open_deploy": "edgelora.deployment", "unpack": "edgelora.deployment",
     "Engine": "edgelora.runtime.engine", "Request": "edgelora.runtime.engine", "PromptCache": "edgelora.runtime.prompt_cache",
     "serve": "edgelora.server", "Server": "edgelora.server",
+    "train": "edgelora.training", "TrainHistory": "edgelora.training", "TrainStep": "edgelora.training",
+    "TrainDryRun": "edgelora.training",
 }
 
 

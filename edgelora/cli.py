@@ -338,13 +338,16 @@ def _cmd_devices(ns) -> int:
 
 
 def _cmd_plan(ns) -> int:
-    from edgelora.devices.planner import measure_peak_rss, plan
+    from edgelora.devices.planner import measure_peak_rss, measure_train_peak_rss, plan
     adapters = _adapters_arg(ns.adapter)
-    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads)
+    train = ({"rank": ns.rank, "targets": ns.targets, "tokens": ns.tokens, "recompute": ns.recompute}
+             if ns.train else None)
+    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads, train=train)
     out = p.to_dict()
     text = p.text()
     if ns.measure:
-        peak = measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads)
+        peak = (measure_train_peak_rss(ns.bundle, train, threads=p.threads) if train
+                else measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads))
         out["measured_peak_rss_bytes"] = peak
         text += (f"\nmeasured on this machine: peak RSS {peak / 1e6:.1f} MB "
                  f"(the plan's total is {p.total_bytes / peak - 1:+.1%} off it)")
@@ -371,6 +374,29 @@ def _cmd_unpack(ns) -> int:
     from edgelora.deployment import unpack
     out = unpack(ns.archive, ns.output, overwrite=ns.overwrite)
     print(json.dumps({"path": str(out), "verified": True}, indent=1) if ns.json else f"unpacked and verified {out}")
+    return 0
+
+
+def _cmd_train(ns) -> int:
+    from edgelora.training import summary_text, train
+    from edgelora.runtime.warmup import status_line
+    if ns.eval_every is not None and ns.eval is None:
+        raise UsageError("--eval-every needs --eval DATA")
+    if not ns.dry_run:
+        status_line(f"edgelora train: reading {ns.data} and loading {ns.bundle}...")
+    result = train(ns.bundle, ns.data, ns.output, rank=ns.rank, alpha=ns.alpha, targets=ns.targets,
+                   rslora=ns.rslora, dropout=ns.dropout, lr=ns.lr, epochs=ns.epochs, steps=ns.steps,
+                   batch_tokens=ns.batch_tokens, grad_accum=ns.grad_accum, max_length=ns.max_length,
+                   overflow=ns.overflow, seed=ns.seed, resume=ns.resume, eval_data=ns.eval,
+                   eval_every=ns.eval_every, save_every=ns.save_every, threads=ns.threads,
+                   warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay, max_grad_norm=ns.max_grad_norm,
+                   recompute=ns.recompute, dry_run=ns.dry_run, overwrite=ns.overwrite, progress=None if not ns.quiet else False)
+    if ns.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    elif ns.dry_run:
+        print(result.text(color=sys.stdout.isatty()))
+    else:
+        print(summary_text(result, ns.bundle))
     return 0
 
 
@@ -553,6 +579,50 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the results (and errors) as JSON")
     b.set_defaults(func=_cmd_bench)
 
+    t = command("train", "fine-tune a LoRA adapter on the frozen NF4 base, the loss on the answers only",
+                "edgelora train tinyllama-nf4 --data chats.jsonl -o adapters/mine --rank 16 --epochs 2")
+    t.add_argument("bundle", help="bundle folder written by `edgelora convert`")
+    t.add_argument("--data", required=True, metavar="JSONL",
+                   help='training data: lines {"prompt", "completion"}, {"messages": [...]} (every assistant turn '
+                        'trained) or {"text"}')
+    t.add_argument("-o", "--output", required=True, metavar="ADAPTER_DIR",
+                   help="the PEFT adapter folder to write (with checkpoint-STEP/ folders and the loss curve)")
+    t.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    t.add_argument("--alpha", type=float, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
+    t.add_argument("--targets", default="all-linear", metavar="all-linear|q,k,v,...",
+                   help="modules to adapt: all-linear, or names such as q,k,v,o,gate,up,down (q_proj too), lm_head")
+    t.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    t.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' inputs")
+    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
+    how_long = t.add_mutually_exclusive_group()
+    how_long.add_argument("--epochs", type=int, default=None, help="passes over the data (default: 1)")
+    how_long.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
+    t.add_argument("--batch-tokens", type=int, default=1024, help="most tokens in a micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--max-length", type=int, default=None,
+                   help="longest example in tokens (default: min(1024, the model's context))")
+    t.add_argument("--overflow", choices=("truncate", "skip"), default="truncate",
+                   help="what to do with an example longer than --max-length (either way it is counted)")
+    t.add_argument("--warmup-ratio", type=float, default=0.05, help="share of the steps warming the learning rate up")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients to this global norm")
+    t.add_argument("--seed", type=int, default=0, help="seed of the adapter's initialisation, data order and dropout")
+    t.add_argument("--eval", default=None, metavar="JSONL", help="held-out data whose answer loss is measured")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: a tenth of the run)")
+    t.add_argument("--save-every", type=int, default=None,
+                   help="write a checkpoint every N steps (atomically; the last one kept) for --resume")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    t.add_argument("--overwrite", action="store_true", help="replace an output folder edgelora train wrote")
+    t.add_argument("--threads", type=int, default=None, help="most CPU threads (default: every core)")
+    t.add_argument("--recompute", choices=("layer", "projections", "none"), default="layer",
+                   help="what the backward recomputes instead of keeping: each layer (least memory), all but the "
+                        "base products (faster), nothing (most memory); the same result each way")
+    t.add_argument("--dry-run", action="store_true",
+                   help="read and check the data, show one example with its mask and the memory needed; train nothing")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar (none either when not on a terminal)")
+    t.add_argument("--json", action="store_true", help="print the history (or the dry run, and errors) as JSON")
+    t.set_defaults(func=_cmd_train)
+
     dv = command("devices", "list the device profiles (this machine as `host`, the shipped ones and your own)",
                  "edgelora devices --show raspberry-pi-4-4gb")
     dv.add_argument("--json", action="store_true", help="print the profiles (and errors) as JSON")
@@ -575,6 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
         if cmd == "plan":
             x.add_argument("--measure", action="store_true",
                            help="also run the plan on this machine (context filled to its end) and report its peak RSS")
+            x.add_argument("--train", action="store_true",
+                           help="plan `edgelora train` instead: base, adapter, gradients, optimizer state and "
+                                "activations for sequences of --tokens tokens")
+            x.add_argument("--rank", type=int, default=16, help="with --train: the LoRA rank")
+            x.add_argument("--targets", default="all-linear", help="with --train: the modules adapted")
+            x.add_argument("--tokens", type=int, default=256, help="with --train: tokens of the longest sequence")
+            x.add_argument("--recompute", choices=("layer", "projections", "none"), default="layer",
+                           help="with --train: what the backward recomputes (as `edgelora train --recompute`)")
             x.set_defaults(func=_cmd_plan)
         else:
             x.add_argument("-o", "--output", required=True, help="deploy folder to create")

@@ -101,7 +101,48 @@ def run_demo(workdir=None, quiet: bool = False) -> int:
     print(model.chat([{"role": "user", "content": question}], max_new_tokens=30, temperature=0))
     adapter_demo(model)
     device_demo(out)
+    train_demo(model, out, workdir)
     return 0
+
+
+#: the demo's training chats: a reply style of its own ("Beep boop! ... Beep!")
+ROBOT_CHATS = [(n, c) for n, c in zip(["Tom", "Sue", "Max", "Lily", "Ben", "Amy", "Sam", "Mia"],
+                                      ["red", "blue", "green", "yellow", "pink", "black", "white", "brown"])]
+
+
+def robot_data(path: Path) -> Path:
+    """Write the demo's training data (JSON Lines of chats) to ``path``."""
+    import json
+    lines = [{"messages": [{"role": "user", "content": f"{n} has a {c} ball. What colour is the ball?"},
+                           {"role": "assistant", "content": f"Beep boop! The ball is {c}. Beep!"}]}
+             for n, c in ROBOT_CHATS]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+def train_demo(model, bundle: Path, workdir: Path,
+               questions=("Zed has a purple ball. What colour is the ball?",
+                          "Kim has an orange kite. What colour is the kite?")) -> None:
+    """Fine-tune a tiny adapter on the device in a few seconds, hand it to the running model, use it."""
+    from edgelora.training import train
+    data = robot_data(workdir / "robot.jsonl")
+    out = workdir / "robot-adapter"
+    print(f"\nedgelora train: a new adapter on the resident base, from {len(ROBOT_CHATS)} chats ({data})")
+    h = train(model, data, out, steps=12, lr=2e-2, rank=4, alpha=8, batch_tokens=4096, overwrite=out.exists())
+    print(f"  {len(h.steps)} steps in {h.seconds:.1f} s ({h.tokens_per_second:.0f} tokens/s), answer loss "
+          f"{h.loss[0]:.2f} -> {h.loss[-1]:.2f}; adapter written to {out}")
+    if "robot" in model.adapters:
+        model.adapters.unload("robot")
+    res = model.adapters.load("robot", out)  # the running model picks it up: no restart
+    print(f"  loaded into the running model in {res.load_seconds * 1e3:.1f} ms; questions it was not trained on:")
+    for question in questions:
+        print(f"\n  Q: {question}")
+        for choice in (None, "robot"):
+            answer = model.chat([{"role": "user", "content": question}], max_new_tokens=30, temperature=0,
+                                adapter=choice)
+            print(f"  [{choice or 'base':<5}] {answer.strip()}")
+    print(f"\n  the same from the shell: edgelora train {bundle} --data {data} -o {out} --steps 12 --lr 2e-2 --rank 4 "
+          f"--alpha 8\n  then: edgelora chat {bundle} --adapter robot={out}")
 
 
 def device_demo(bundle: Path) -> None:

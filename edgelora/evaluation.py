@@ -10,7 +10,9 @@
   tokens (with special tokens) joined to the completion's (without), the loss counted on the
   completion's tokens only; a line ``{"messages": [...]}`` is the conversation rendered by the chat
   template, the loss counted on every assistant turn's tokens (each turn's span is what the
-  template adds after the conversation before it with ``add_generation_prompt=True``). The loss
+  template adds after the conversation before it with ``add_generation_prompt=True``); a line
+  ``{"text": ...}`` counts every token after the first. Lines are read as ``edgelora train``
+  reads them (:mod:`edgelora.training_data`, without the end of sequence training appends). The loss
   is the mean negative log-likelihood per counted token over the whole file (as TRL's
   completion-only loss), and its ``exp`` is reported too.
 * **Weight quantization report**: each stored tensor's ``‖W − Q(W)‖ / ‖W‖`` as the converter
@@ -23,7 +25,6 @@ runtime uses, so the numbers are those of the runtime as loaded.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from edgelora.errors import FormatError, UsageError
+from edgelora.errors import UsageError
 from edgelora.runtime.model import Model, load
+from edgelora.training_data import answer_spans, read_jsonl
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -118,49 +120,13 @@ def perplexity(model: Model, text: str, window: int | None = None) -> tuple[floa
     return math.exp(total / count), count, total / count
 
 
-def answer_spans(model: Model, record: dict, where: str) -> tuple[list, list]:
-    """A data line's token ids and the ``[start, end)`` spans whose tokens the loss counts."""
-    tok = model.tokenizer
-    if "messages" in record:
-        messages = record["messages"]
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False), add_special_tokens=False)
-        spans = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") != "assistant":
-                continue
-            before = tok.encode(tok.apply_chat_template(messages[:i], add_generation_prompt=True),
-                                add_special_tokens=False)
-            upto = tok.encode(tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False),
-                              add_special_tokens=False)
-            if ids[:len(before)] != before or ids[:len(upto)] != upto:
-                raise FormatError(f"{where}: the chat template does not render the conversation before assistant "
-                                  f"turn {i} as a prefix of the whole; its answer tokens cannot be located")
-            spans.append((len(before), len(upto)))
-        return ids, spans
-    prompt, completion = record.get("prompt"), record.get("completion")
-    if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise FormatError(f"{where}: expected {{\"prompt\": str, \"completion\": str}} or {{\"messages\": [...]}}")
-    p = tok.encode(prompt)
-    c = tok.encode(completion, add_special_tokens=False)
-    return p + c, [(len(p), len(p) + len(c))]
-
-
 def answer_loss(model: Model, path) -> tuple[float, int, int]:
     """``(mean NLL per answer token, answer tokens, examples)`` of a JSONL file, with the model's
-    current adapter selection."""
-    path = Path(path)
+    current adapter selection (lines read by :mod:`edgelora.training_data`, as training reads them
+    but without an end of sequence appended)."""
     total, count, examples = 0.0, 0, 0
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise FormatError(f"{where}: expected a JSON object")
-        ids, spans = answer_spans(model, record, where)
+    for where, record in read_jsonl(path):
+        ids, spans = answer_spans(model.tokenizer, record, where)
         if len(ids) > model.max_context:
             raise UsageError(f"{where}: {len(ids)} tokens exceed max_context={model.max_context}; evaluate with a "
                              f"larger --max-context")

@@ -25,6 +25,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     plans = re.findall(r"^  (\S+)\s+\d+ MB\s+[0-9.]+ MB  (yes|no)\s", out, re.M)  # every profile planned
     assert {d for d, _ in plans} >= {"raspberry-pi-4-4gb", "voxl2-qrb5165", "arm64-board-2gb"}
     assert all(fits == "yes" for _, fits in plans)  # the 0.9M-parameter demo fits every device
+    # it ends by training an adapter on the spot, handed to the running model: held-out questions in its style
+    trained = re.findall(r"^  \[(base |robot)\] (.*)$", out, re.M)
+    assert [who for who, _ in trained] == ["base ", "robot"] * 2
+    assert all(a.startswith("Beep boop!") != (who == "base ") for who, a in trained), trained
+    assert (tmp_path / "robot-adapter" / "adapter_model.safetensors").is_file()
 
     # a second run reuses the bundle and gives the same answers
     assert main(["demo", "--workdir", str(tmp_path), "-q"]) == 0
