@@ -104,8 +104,7 @@ def plan_items(fleet: Fleet, out: Path, hashes: HashCache) -> dict:
         device = get_device(g.profile).to_toml()
         key = item_key("deploy", {"base": base.key, "device": device, "context": g.context, "threads": g.threads,
                                   "archive": g.archive, "overhead": g.overhead, "folder": g.name,
-                                  "adapters": {n: [items[f"check:{n}"].key, str(fleet.adapters[n].path)]
-                                               for n in g.adapters}})
+                                  "adapters": {n: items[f"check:{n}"].key for n in g.adapters}})
         spec = {"profile": g.profile, "context": g.context, "threads": g.threads, "archive": g.archive,
                 "overhead": g.overhead}
         items[f"deploy:{g.name}"] = Item("deploy", g.name, key, spec,
@@ -297,27 +296,30 @@ def _run_graph(ray, fleet: Fleet, out: Path, items: dict, have: dict, max_retrie
     actors: dict = {}  # base -> [actor, outstanding requests]
 
     def start_evals(base: str) -> None:
-        wanted = evals_by_base.pop(base, [])
-        if not wanted:
+        """Start the base's evaluator once the base and the checks of its adapters are done (an actor
+        waiting for a check would hold a CPU the check needs)."""
+        wanted = evals_by_base.get(base, [])
+        if not wanted or f"base:{base}" not in results or any(f"check:{it.name}" not in results for it in wanted):
             return
+        del evals_by_base[base]
         b = results[f"base:{base}"]
         if b["status"] not in ("built", "reused"):
             for it in wanted:
                 done(it.id, tasks.run_item(it.spec, None, [b]))
             return
-        adapters = {n: a.path for n, a in fleet.adapters.items() if a.base == base}
+        adapters = {it.name: fleet.adapters[it.name].path for it in wanted
+                    if results[f"check:{it.name}"]["status"] in ("built", "reused")}
         mem = memory(_eval_memory(out, b, adapters, fleet))
         options = {**fleet.evaluation.to_dict(), "window": fleet.evaluation.window}
         actor = evaluator.options(num_cpus=fleet.evaluation.threads, memory=mem, max_restarts=max_retries,
                                   max_task_retries=max_retries).remote(str(out / b["result"]["bundle"]), options, hook)
         actors[base] = [actor, len(wanted)]
         for it in wanted:
-            ref = actor.evaluate.remote(it.spec, hook, values[f"check:{it.name}"])
+            ref = actor.evaluate.remote(it.spec, hook, results[f"check:{it.name}"])
             pending[ref] = it.id
 
     for base in list(evals_by_base):
-        if f"base:{base}" in results:
-            start_evals(base)
+        start_evals(base)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         ref = ready[0]
@@ -326,12 +328,13 @@ def _run_graph(ray, fleet: Fleet, out: Path, items: dict, have: dict, max_retrie
         try:
             r = ray.get(ref)
         except Exception as e:  # noqa: BLE001 (a worker that died more often than retried, an actor lost)
-            r = {"kind": it.kind, "name": it.name, "key": it.key, "status": "failed",
+            blocked = [results[d] for d in it.deps if results.get(d, {}).get("status") in ("failed", "skipped")]
+            r = tasks.run_item(it.spec, None, blocked) if blocked else {"kind": it.kind, "name": it.name, "key": it.key, "status": "failed",
                  "error": {"type": type(e).__name__, "exit_code": 1,
                            "message": f"the Ray worker failed: {str(e).strip().splitlines()[-1] if str(e) else e}"}}
         done(i, r)
-        if it.kind == "base":
-            start_evals(it.name)
+        if it.kind in ("base", "check"):
+            start_evals(it.name if it.kind == "base" else fleet.adapters[it.name].base)
         if it.kind == "eval":
             entry = actors[it.spec["base"]]
             entry[1] -= 1

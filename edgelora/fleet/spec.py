@@ -324,6 +324,18 @@ def _check_group(c: _Checker, name: str, t, root: Path, sections: dict, fleet: F
             c.bad(where, key, t[key], "must be at least 1")
     if "overhead" in t and t["overhead"] < 0:
         c.bad(where, "overhead", t["overhead"], "must be a number of bytes, at least 0")
+    profile = t.get("profile")
+    if profile is not None and (profile.endswith(".toml") or "/" in profile or "\\" in profile):
+        p = c.path_of(where, "profile", profile, root, "file")
+        profile = None if p is None else str(p)
+    from edgelora.devices.profiles import get_device
+    from edgelora.errors import EdgeLoraError
+    try:
+        if profile is not None:
+            get_device(profile)
+    except EdgeLoraError as e:
+        c.bad(where, "profile", t["profile"], str(e))
+        profile = None
     adapters = c.names(where, "adapters", t.get("adapters", []), sections["adapters"], "adapter")
     bases = {sections["adapters"][a].get("base") for a in adapters if isinstance(sections["adapters"][a], dict)}
     base = t.get("base")
@@ -340,23 +352,11 @@ def _check_group(c: _Checker, name: str, t, root: Path, sections: dict, fleet: F
                                                      f"a device group runs one base")
             return None
         if not bases and len(sections["bases"]) != 1:
-            c.bad(where, "base", _MISSING, "missing: say which base this group runs (it has no adapters to tell)")
+            if not t.get("adapters"):  # (unknown adapters are reported already)
+                c.bad(where, "base", _MISSING, "missing: say which base this group runs (it has no adapters to tell)")
             return None
         base = next(iter(bases)) if bases else next(iter(sections["bases"]))
-    profile = t.get("profile")
     if profile is None:
-        return None
-    if profile.endswith(".toml") or "/" in profile or "\\" in profile:
-        p = c.path_of(where, "profile", profile, root, "file")
-        if p is None:
-            return None
-        profile = str(p)
-    from edgelora.devices.profiles import get_device
-    from edgelora.errors import EdgeLoraError
-    try:
-        get_device(profile)
-    except EdgeLoraError as e:
-        c.bad(where, "profile", t["profile"], str(e))
         return None
     return DeviceGroup(name, profile, base, adapters, t.get("context"), t.get("threads"), t.get("archive", True),
                        t.get("overhead"))
