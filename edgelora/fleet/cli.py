@@ -30,7 +30,8 @@ def register(command) -> None:
     from edgelora.cli import _HelpFormatter
     f = command("fleet", "build, check and evaluate a fleet's models, adapters and device groups on Ray",
                 "edgelora fleet build examples/fleet.toml -o fleet-out")
-    sub = f.add_subparsers(dest="fleet_command", required=True, metavar="SUBCOMMAND")
+    sub = f.add_subparsers(dest="fleet_command", required=True, metavar="SUBCOMMAND",
+                           help="build: build the fleet into a folder; status: what of it is built, stale or failed")
 
     def subcommand(name, help, example):
         return sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",

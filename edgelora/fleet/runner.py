@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,7 @@ from pathlib import Path
 from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.fleet import tasks
 from edgelora.fleet.spec import Fleet, read_fleet
-from edgelora.fleet.store import (STATE, HashCache, edgelora_version, item_dir, item_key, prune, read_item,
-                                  relpath)
+from edgelora.fleet.store import HashCache, item_dir, item_key, prune, read_item, relpath
 
 MB = 1 << 20
 #: memory a worker holding a model needs beyond the planner's items for the model (Python, NumPy,

@@ -22,14 +22,6 @@ from edgelora.errors import EdgeLoraError, PlanError
 from edgelora.fleet.store import ITEM, edgelora_version, item_dir, read_item, relpath
 
 
-class ItemFailed(EdgeLoraError):
-    """An item's own failure, with data for the report (a plan that does not fit)."""
-
-    def __init__(self, message: str, path=None, details: dict | None = None):
-        super().__init__(message, path)
-        self.details = details or {}
-
-
 def limit_threads(n: int) -> None:
     """Numba's threads in this worker: the CPUs Ray gave the task (Ray sets OMP_NUM_THREADS alone)."""
     import numba
@@ -132,9 +124,10 @@ def deploy_group(spec: dict, hook, base: dict, *checks: dict) -> dict:
                    "context": p.context, "max_context": p.max_context, "model_max_context": p.model_max_context,
                    "threads": p.threads, "device": p.device.to_dict(), "items": p.to_dict()["items"]}
         if not p.fits:
-            raise ItemFailed(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
-                             f"{p.budget_bytes / 1e6:.1f} MB" + "".join(f"; {s}" for s in p.suggestions),
-                             details={"plan": summary})
+            e = PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
+                          f"{p.budget_bytes / 1e6:.1f} MB" + "".join(f"; {s}" for s in p.suggestions))
+            e.details = {"plan": summary}  # (in the report: the plan that did not fit)
+            raise e
         r = deploy(bundle, spec["profile"], tmp / spec["name"], adapters=adapters, archive=spec["archive"], **opts)
         result = {"folder": relpath(final / spec["name"], out), "plan": summary,
                   "files": r.files, "manifest_sha256": sha256_file(r.path / "manifest.json")}
