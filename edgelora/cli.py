@@ -720,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default=None, help="where to put the demo files (default: a user cache folder)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_demo)
+
+    from edgelora.fleet.cli import register as register_fleet  # edgelora fleet build / status
+    register_fleet(command)
     return p
 
 
