@@ -499,3 +499,19 @@ def test_15_overwrite_refuses_what_edgelora_did_not_write(bundle, tmp_path):
     with pytest.raises(UsageError, match="manifest"):
         edgelora.deploy(demo_bundle_path(), "host", other, overwrite=True)
     assert (other / "a.jpg").exists()
+
+
+# --- issue 18: wording ---------------------------------------------------------------------------
+
+def test_an_r_edit_says_the_file_disagrees_with_its_own_config(tmp_path):
+    """Issue 18 (7): an adapter whose adapter_config.json r was edited was said to be "made for another
+    base model"; the base fits, the weights file disagrees with its own config (both ranks, both files)."""
+    r = json.loads((Path(demo_adapter_paths()["pirate"]) / "adapter_config.json").read_text())["r"]
+    bad = _adapter(tmp_path, r=r * 2)
+    model = edgelora.load(demo_bundle_path(), warmup=False)
+    with pytest.raises(EdgeLoraError) as e:
+        model.adapters.load("edited", bad)
+    msg = str(e.value)
+    assert "another base model" not in msg
+    assert f"rank {r}" in msg and f"rank {r * 2}" in msg
+    assert "adapter_model.safetensors disagrees with its own config" in msg and "adapter_config.json" in msg
