@@ -259,7 +259,7 @@ class _Sequence:
                           self.max_new_tokens - self.stats.generated_tokens - 1))
 
     def accept(self, token: int) -> GenerationChunk:
-        """Take the sampled ``token``: EOS ends the sequence without output; any other token is
+        """Take the sampled ``token``: EOS or BOS (``eos_ids``) ends the sequence without output; any other token is
         generated, its text pushed and the stop rules checked (a stop string, ``max_new_tokens``,
         a full cache)."""
         if token in self.eos_ids:
@@ -317,7 +317,10 @@ class Model:
         self.net = build_model(bundle, max_context, products)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path, listed=bundle.listed)
-        self.eos_ids = set(self.tokenizer.eos_token_ids)
+        # the ids that end a generation (finish reason "eos"): EOS, and BOS, which starts a new document
+        # (transformers' eos_token_id lists, llama.cpp's end-of-generation tokens); never shown as text
+        bos = self.tokenizer.bos_token_id
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | ({bos} if bos is not None else set())
         self._local = threading.local()  # statistics of the last generation, per thread
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
         self._step = threading.Lock()  # one forward step at a time (kernels share thread pools)

@@ -515,3 +515,19 @@ def test_an_r_edit_says_the_file_disagrees_with_its_own_config(tmp_path):
     assert "another base model" not in msg
     assert f"rank {r}" in msg and f"rank {r * 2}" in msg
     assert "adapter_model.safetensors disagrees with its own config" in msg and "adapter_config.json" in msg
+
+
+def test_a_generated_bos_ends_the_generation(stories260k):
+    """Issue 18 (5): stories260K's greedy continuation of "Once upon a time" starts a new story with
+    BOS after some 200 tokens, and generation ran on into it (printed as "<s> Once upon a time").
+    BOS, like EOS, now ends it (finish reason "eos"), after exactly the tokens before it."""
+    model = edgelora.load(stories260k, max_context=512)
+    bos = model.tokenizer.bos_token_id
+    assert bos is not None and bos in model.eos_ids
+    stopped = model.generate("Once upon a time", max_new_tokens=400, return_result=True)
+    model.eos_ids = set(model.tokenizer.eos_token_ids)  # EOS only: what happened before
+    ran_on = model.generate("Once upon a time", max_new_tokens=400, return_result=True).stats.generated_ids
+    assert bos in ran_on, "the reference continuation no longer contains BOS; pick another prompt"
+    k = ran_on.index(bos)
+    assert stopped.finish_reason == "eos" and stopped.stats.generated_ids == ran_on[:k]
+    assert stopped.text == model.tokenizer.decode(ran_on[:k], skip_special_tokens=True)
