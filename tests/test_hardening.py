@@ -510,6 +510,28 @@ def test_9_non_finite_values_name_their_file(bundle, tmp_path):
         edgelora.load(bundle, warmup=False)
 
 
+def _under_256_mib():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (256 << 20, resource.RLIM_INFINITY))
+
+
+def test_9_an_address_space_limit_of_256_mib_is_a_clear_error(bundle):
+    """Under `ulimit -v` 256 MiB, Numba failed to load llvmlite (a raw OSError traceback) and NumPy's
+    OpenBLAS exited the process from C ("Memory allocation still failed"): now `import edgelora` and
+    `--version` work, and a real command or the first use of the API is an UnsupportedError."""
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                              preexec_fn=_under_256_mib)
+    assert run("-c", "import edgelora").returncode == 0
+    r = run("-m", "edgelora", "--version")
+    assert r.returncode == 0 and "edgelora" in r.stdout
+    r = run("-m", "edgelora", "run", str(bundle), "-p", "hi", "-n", "2")
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("edgelora: error: the address-space limit (ulimit -v) is 256 MiB")
+    r = run("-c", f"import edgelora; edgelora.load({str(bundle)!r})")
+    assert "edgelora.errors.UnsupportedError: the address-space limit" in r.stderr, r.stderr[-2000:]
+
+
 # --- 10. "base" as an adapter --------------------------------------------------------------------
 
 def test_10_base_is_an_adapter_name_everywhere():
