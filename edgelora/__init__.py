@@ -53,6 +53,8 @@ def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'edgelora' has no attribute {name!r}")
     import importlib
+    from edgelora.limits import check_address_space
+    check_address_space()  # a clear error where Numba and NumPy could not start (ulimit -v)
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # found directly from now on
     return value

@@ -519,6 +519,12 @@ def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModul
             raise FormatError(f"{name}: dtype {info.dtype}, expected F32, F16 or BF16", st.path)
         if tuple(info.shape) != tuple(shape):
             got = list(info.shape)
+            own = _rank_disagreement(what, got, shape)
+            if own is not None:  # the base fits; the file and its own config disagree on the rank
+                raise AdapterMismatchError(f"{module}: {what} has shape {got}, rank {own}, but {ADAPTER_CONFIG} gives "
+                                           f"it rank {shape[0] if what == 'lora_A' else shape[1]} (r or rank_pattern): "
+                                           f"{st.path.name} disagrees with its own config {Path(path) / ADAPTER_CONFIG}; "
+                                           f"was the config edited?", st.path)
             raise AdapterMismatchError(f"{module}: {what} has shape {got} but this base needs {list(shape)}"
                                        f"{_shape_hint(what, got, shape, base)}; the adapter was made for "
                                        f"another base model", st.path)
@@ -612,6 +618,18 @@ def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModul
                                    f"{config.target_modules!r}, layers_to_transform={config.layers_to_transform!r},"
                                    f" bias={config.bias!r}); config and weights disagree", st.path)
     return Adapter(Path(path), config, pairs, biases, saved)
+
+
+def _rank_disagreement(what: str, got, want) -> int | None:
+    """The rank a ``lora_A [r, in]`` / ``lora_B [out, r]`` tensor of shape ``got`` has when only its
+    rank differs from ``want`` (its sizes fit the base: the file disagrees with its own config), else None."""
+    if len(got) != 2:
+        return None
+    if what == "lora_A" and got[1] == want[1] and got[0] != want[0]:
+        return got[0]
+    if what == "lora_B" and got[0] == want[0] and got[1] != want[1]:
+        return got[1]
+    return None
 
 
 def _shape_hint(what: str, got, want, base: BaseModules) -> str:

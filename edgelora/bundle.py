@@ -17,15 +17,19 @@ import hashlib
 import json
 import os
 import stat
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgelora.architectures import layer_index, tensor_map
-from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
+from edgelora.atomic import sha256_file
 from edgelora.config import ModelArgs, parse_json_object, read_bounded
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, UnsupportedError
+from edgelora import sigbus
 from edgelora.safetensors_io import SafetensorsFile
 from edgelora.storage import (FLOAT_STORAGES, KINDS, NESTED_BLOCK_SIZE, SUPPORTED_BLOCK_SIZES, FloatStorage,
                               NF4Storage, NF4Tensor)
@@ -57,9 +61,16 @@ class TensorEntry:
 
 class Bundle:
     """An opened bundle. Weights are memory-mapped: nothing is read until a tensor is used
-    (``mmap=False``: each is read into memory when first used, see :class:`SafetensorsFile`)."""
+    (``mmap=False``: each is read into memory when first used, see :class:`SafetensorsFile`).
 
-    def __init__(self, path, verify: bool | str = True, mmap: bool = True):
+    ``verify``: ``True`` hashes every file but the weights before returning, and the weights in the
+    background (:attr:`verification`, a :class:`BackgroundCheck`); ``"full"`` hashes them all before
+    returning; ``False`` hashes nothing (the manifest's own digest, the files' sizes and layout are
+    still checked). ``verification``: a check of these weights already running (a deploy folder's).
+    :meth:`check` raises what the model must stop for."""
+
+    def __init__(self, path, verify: bool | str = True, mmap: bool = True,
+                 verification: BackgroundCheck | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FormatError("not a directory; a bundle is a folder written by `edgelora convert`", self.path)
@@ -69,11 +80,16 @@ class Bundle:
                               f"`edgelora convert SRC -o OUT`)", self.path)
         self.manifest = read_sealed(mpath, FORMAT_NAME, FORMAT_VERSION, "bundle")
         self._check_manifest(mpath)
-        if verify:  # True: checksums (cached by file identity); "full": hash every file again
-            self.verify(full=verify == "full")
+        #: the hashing of the weights still running in the background, or None (see :meth:`check`)
+        self.verification = verification
+        if verify:  # True: the weights hashed in the background; "full": before returning
+            self.verification = verify_files(self.path, self.manifest["files"], full=verify == "full",
+                                             background=(WEIGHTS,)) or verification
         self.args = ModelArgs.from_file(self.path / CONFIG)
         self._check_layers(mpath)
         self.weights = SafetensorsFile(self.path / WEIGHTS, mmap=mmap)
+        if mmap:
+            sigbus.watch(self.weights.path)  # a truncation under the mapping ends with a message naming it
         try:
             self.entries = {name: TensorEntry(name, e["role"], e["storage"], tuple(e["shape"]))
                             for name, e in self.manifest["tensors"].items()}
@@ -130,10 +146,18 @@ class Bundle:
                     or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in e["shape"]):
                 raise FormatError(f"manifest entry for tensor {name!r} is malformed", mpath)
 
-    def verify(self, full: bool = False) -> None:
-        """Check that every file the manifest lists is present with its size and sha256
-        (:func:`verify_files`; ``full=True`` hashes every file again)."""
-        verify_files(self.path, self.manifest["files"], full)
+    def verify(self) -> None:
+        """Check now that every file the manifest lists is present with its size and sha256, the
+        weights included (:func:`verify_files`)."""
+        verify_files(self.path, self.manifest["files"])
+
+    def check(self) -> None:
+        """Raise when a model of this bundle must stop: the background hash of the weights found a
+        mismatch (``ChecksumError``), or the mapped weights file shrank since it was opened (reading
+        it would end the process with SIGBUS). Costs an ``fstat``: called before every forward step."""
+        if self.verification is not None:
+            self.verification.check()
+        self.weights.check_unchanged()
 
     @property
     def listed(self) -> frozenset:
@@ -186,19 +210,20 @@ def file_table(paths, root: Path | None = None) -> dict:
             for p in sorted(paths)}
 
 
-def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "the manifest") -> None:
+def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "the manifest",
+                 background=()) -> "BackgroundCheck | None":
     """Check that every file of a manifest's ``files`` table (:func:`file_table`, relative to
     ``root``) is present with its size and sha256; ``manifest`` names the manifest in errors.
     Bundles and deploy folders follow one rule: each file must be a regular file, not a link (nor a
     FIFO or device, which would block or never end), and lie inside ``root``.
 
-    A file whose sha256 was already checked and whose identity has not changed since (size,
-    modification and inode-change times, inode, device: the kernel updates the change time on
-    any write, and it cannot be set back) is not hashed again, so reopening a 1 GB bundle costs
-    a ``stat``, not a second of hashing. ``full=True`` hashes every file regardless.
+    Every file is hashed, each time: no record of an earlier check is trusted (a file's identity
+    does not change when the storage beneath the file system flips a bit). The files named in
+    ``background`` (the weights a model maps) are hashed by a :class:`BackgroundCheck` started here
+    and returned, while the model already runs; ``full=True`` hashes them too before returning.
     """
-    stamps = _VerifiedStamps.load()
     real_root = root.resolve()
+    later = []
     for rel, info in files.items():
         p = root / rel
         try:
@@ -213,53 +238,73 @@ def verify_files(root: Path, files: dict, full: bool = False, manifest: str = "t
         if st.st_size != info["size"]:
             raise ChecksumError(f"size {st.st_size} differs from {manifest}'s {info['size']}; "
                                 f"the file is truncated or was modified", p)
-        if not full and stamps.matches(p, st, info["sha256"]):
-            continue
-        if sha256_file(p) != info["sha256"]:
+        if rel in background and not full:
+            later.append((p, info["sha256"]))
+        elif sha256_file(p) != info["sha256"]:
             raise ChecksumError(f"sha256 differs from {manifest}; the file is corrupt or was modified", p)
-        stamps.record(p, st, info["sha256"])
-    stamps.save()
+    return BackgroundCheck(later, manifest) if later else None
 
 
-class _VerifiedStamps:
-    """``edgelora_home()/verified.json``: files whose sha256 matched, with their identity then.
-    Best effort: an unreadable or unwritable cache only means hashing again."""
+class BackgroundCheck:
+    """The sha256 of files a model maps (its weights), computed by a thread of lowered priority while
+    the model already runs, so that a 1 GB bundle starts as fast as one verified ahead, and corruption
+    that leaves a file's size and times as they were (a flipped block on an SD card) is still found.
 
-    LIMIT = 512
+    :meth:`check` raises the mismatch once it is found: :class:`~edgelora.runtime.model.Model` calls
+    it before every forward step, so the next generation fails, and one in flight ends with the
+    error. :meth:`wait` waits for the result (``verify="full"`` waits before the load returns)."""
 
-    def __init__(self, path: Path, entries: dict):
-        self.path, self.entries, self.dirty = path, entries, False
+    NICE = 10  # the hashing thread's nice value on Linux: it takes idle cores, yields busy ones
 
-    @classmethod
-    def load(cls) -> "_VerifiedStamps":
-        path = edgelora_home() / "verified.json"
+    def __init__(self, files: list, manifest: str):
+        self.files = [(Path(p), sha) for p, sha in files]
+        self.manifest = manifest
+        self._failure: tuple | None = None  # (error class, message, path)
+        self._done = threading.Event()
+        self.seconds: float | None = None  # how long the hashing took, once done
+        threading.Thread(target=self._run, name="edgelora-verify", daemon=True).start()
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        _lower_thread_priority(self.NICE)
         try:
-            entries = json.loads(path.read_text()) if path.is_file() and path.stat().st_size < (1 << 20) else {}
-        except (OSError, ValueError):
-            entries = {}
-        return cls(path, entries if isinstance(entries, dict) else {})
+            for p, sha in self.files:
+                if sha256_file(p) != sha:
+                    self._failure = (ChecksumError, f"sha256 differs from {self.manifest} (found by the check that "
+                                     f"runs while the model does); the file is corrupt or was modified. The model "
+                                     f"is stopped: replace the file (convert or deploy again) and load it again", p)
+                    return
+        except OSError as e:
+            self._failure = (FormatError, f"cannot be read to verify it ({e.strerror or e}); the model is stopped", p)
+        finally:
+            self.seconds = time.perf_counter() - t
+            self._done.set()
 
-    @staticmethod
-    def _identity(st) -> list:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
-    def matches(self, p: Path, st, sha256: str) -> bool:
-        e = self.entries.get(str(p.resolve()))
-        return isinstance(e, dict) and e.get("sha256") == sha256 and e.get("identity") == self._identity(st)
+    def check(self) -> None:
+        """Raise the mismatch found so far (``ChecksumError`` naming the file), if any."""
+        if self._failure is not None:
+            cls, message, path = self._failure
+            raise cls(message, path)
 
-    def record(self, p: Path, st, sha256: str) -> None:
-        self.entries.pop(str(p.resolve()), None)
-        self.entries[str(p.resolve())] = {"sha256": sha256, "identity": self._identity(st)}
-        self.dirty = True
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every file is hashed (at most ``timeout`` seconds): True when done, False when
+        still hashing; raises the mismatch as :meth:`check`."""
+        done = self._done.wait(timeout)
+        self.check()
+        return done
 
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        keep = dict(list(self.entries.items())[-self.LIMIT:])
+
+def _lower_thread_priority(nice: int) -> None:
+    """Lower the calling thread's priority (Linux gives each thread its own nice value); elsewhere
+    ``setpriority`` would apply to the whole process, so nothing is done."""
+    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, json.dumps(keep))
-        except (OSError, EdgeLoraError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
             pass
 
 

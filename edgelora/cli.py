@@ -748,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e.parser.prog}: error: {e}", file=sys.stderr)
         return 2
     try:
+        from edgelora.limits import check_address_space
+        check_address_space()  # (before Numba or NumPy loads: under `ulimit -v 256M` they fail in C)
         return ns.func(ns)
     except EdgeLoraError as e:
         if getattr(ns, "json", False):

@@ -279,6 +279,8 @@ class Deployment:
     manifest: dict
     device: object  # devices.profiles.Device
     planned: dict  # plan.json
+    #: the bundle's weights being hashed in the background (``verify=True``), handed to its Bundle
+    verification: object = None  # bundle.BackgroundCheck | None
 
     @property
     def context(self) -> int:
@@ -352,7 +354,7 @@ def open_deploy(path: str | os.PathLike, verify: bool | str = True, device_check
     """Read and verify a deploy folder: format, checksums of every file (the inner bundle's included:
     each must be listed), the plan's limits as ``plan.json`` has them, and (``device_check``) that
     this machine has the planned CPU architecture and at least the planned memory."""
-    from edgelora.bundle import verify_files
+    from edgelora.bundle import WEIGHTS, verify_files
     from edgelora.devices.profiles import Device, host_arch, host_ram_bytes
     root = Path(path)
     m = read_manifest(root)
@@ -360,12 +362,14 @@ def open_deploy(path: str | os.PathLike, verify: bool | str = True, device_check
     missing = sorted(needed - set(m["files"]))
     if missing:
         raise FormatError(f"the deploy manifest does not list {missing}", root / MANIFEST)
-    if verify:
-        verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest")
+    check = None
+    if verify:  # one rule with bundles: every file hashed now but the bundle's weights, hashed in the background
+        check = verify_files(root, m["files"], full=verify == "full", manifest="the deploy manifest",
+                             background=(f"{m['model']}/{WEIGHTS}",))
     _check_bundle_listed(root, m)
     planned = _read_plan(root, m)
     device = Device.from_file(root / DEVICE_FILE)
-    dep = Deployment(root, m, device, planned)
+    dep = Deployment(root, m, device, planned, check)
     if device_check:
         arch = host_arch()
         if device.arch != arch:

@@ -142,6 +142,7 @@ class SafetensorsFile:
                                   f"not a safetensors file, or truncated", self.path)
             raw = self._fh.read(n)
             self.data_start = 8 + n
+            self.size = size
             self.metadata, self.tensors = parse_header(raw, size - self.data_start, self.path)
             try:
                 self._mm = _mmap.mmap(self._fh.fileno(), 0, access=_mmap.ACCESS_READ) if size and mmap else None
@@ -165,6 +166,19 @@ class SafetensorsFile:
         if self._fh:
             self._fh.close()
             self._fh = None
+
+    def check_unchanged(self) -> None:
+        """Raise ``FormatError`` when the mapped file has shrunk since it was opened: a read of a page
+        past its new end would end the process with SIGBUS (a file read into memory, ``mmap=False``,
+        is not at risk). One ``fstat``."""
+        if self._mm is None or self._fh is None:
+            return
+        size = os.fstat(self._fh.fileno()).st_size
+        if size < self.size:
+            raise FormatError(f"the file was truncated to {size} of its {self.size} bytes while this process has it "
+                              f"mapped; replace it and load again, or load with mmap=False (--no-mmap) to read the "
+                              f"weights into memory so that changes to the file cannot affect a running model",
+                              self.path)
 
     def __contains__(self, name) -> bool:
         return name in self.tensors

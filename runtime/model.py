@@ -264,7 +264,7 @@ class _Sequence:
                           self.max_new_tokens - self.stats.generated_tokens - 1))
 
     def accept(self, token: int) -> GenerationChunk:
-        """Take the sampled ``token``: EOS ends the sequence without output; any other token is
+        """Take the sampled ``token``: EOS or BOS (``eos_ids``) ends the sequence without output; any other token is
         generated, its text pushed and the stop rules checked (a stop string, ``max_new_tokens``,
         a full cache)."""
         if token in self.eos_ids:
@@ -324,7 +324,10 @@ class Model:
         self.net = build_model(bundle, max_context, products)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path, listed=bundle.listed)
-        self.eos_ids = set(self.tokenizer.eos_token_ids)
+        # the ids that end a generation (finish reason "eos"): EOS, and BOS, which starts a new document
+        # (transformers' eos_token_id lists, llama.cpp's end-of-generation tokens); never shown as text
+        bos = self.tokenizer.bos_token_id
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | ({bos} if bos is not None else set())
         self._local = threading.local()  # statistics of the last generation, per thread
         self.selection: Selection = BASE  # what generations use unless given ``adapter=``
         self._lock = threading.Lock()  # one forward step at a time (kernels share thread pools)
@@ -417,6 +420,7 @@ class Model:
         back after: a generation from any thread runs on the model's threads. A decode step of
         ``decode_rows`` sequences reports its time to the governor."""
         with self._lock:
+            self.bundle.check()  # a mismatch the background hash found, or weights truncated under the mapping
             n = self.governor.current()
             with thread_count(n):
                 t = time.perf_counter()
@@ -797,9 +801,11 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     ``block_size``, ``double_quant``, ``embeddings``, ``head``) and loaded from there
     (:mod:`edgelora.autoconvert`).
 
-    ``verify``: ``True`` checks every file's sha256, skipping files already verified whose
-    identity (size, times, inode) is unchanged; ``"full"`` hashes every file again; ``False``
-    checks only the manifest and sizes of what is read.
+    ``verify``: ``True`` checks every file's sha256: the weights' in the background while the
+    model already runs (a mismatch stops it: the next forward step raises ``ChecksumError`` naming
+    the file; ``model.bundle.verification.wait()`` waits for the result), every other file's before
+    ``load`` returns; ``"full"`` hashes the weights too before returning; ``False`` checks only the
+    manifest and sizes of what is read.
     ``adapters``: ``{name: path}`` of PEFT LoRA adapter folders to make resident (none is in use
     until ``model.use(name)`` or ``adapter=name``).
     ``mmap=False`` reads the weights into process memory instead of mapping the file (llama.cpp's
@@ -831,8 +837,8 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
             raise PlanError(f"max_context {max_context} is more than the {dep.context} positions this deploy folder "
                             f"was planned for; deploy again with context={max_context} (--context)", path)
         max_context = dep.context if max_context is None else max_context
-        model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap), threads=threads, max_context=max_context,
-                      deployment=dep, products=products)
+        model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap, verification=dep.verification),
+                      threads=threads, max_context=max_context, deployment=dep, products=products)
     else:
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context,
                       products=products)

@@ -152,6 +152,100 @@ def test_3_limits_come_from_the_checksummed_plan(dep):
     assert (d.context, d.adapter_bytes) == (planned["context"], planned["adapter_bytes"])
 
 
+# --- 4. the default check trusts no file identity -----------------------------------------------
+
+def _flip_beneath_the_stamp(f: Path) -> None:
+    """Flip one byte of ``f`` as storage rot would: the size and modification time unchanged, and any
+    record of the file's identity (``verified.json`` of earlier versions) brought up to date, since
+    rot below the file system would not change the change time either."""
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        b = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([b[0] ^ 0x10]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    stamps = Path(os.environ["EDGELORA_HOME"]) / "verified.json"
+    if stamps.is_file():  # the edited stamp cache: every entry says "verified, identity as now"
+        now = f.stat()
+        entries = json.loads(stamps.read_text())
+        for key, e in entries.items():
+            if Path(key).name == f.name:
+                e["identity"] = [now.st_size, now.st_mtime_ns, now.st_ctime_ns, now.st_ino, now.st_dev]
+        stamps.write_text(json.dumps(entries))
+
+
+def _generate_until_stopped(model, seconds: float = 60.0):
+    """Generate one token at a time until the model stops (the error), or fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        model.generate("Once upon a time", max_new_tokens=1)
+        time.sleep(0.02)
+    pytest.fail(f"the model still generates {seconds:.0f} s after loading corrupt weights")
+
+
+def test_4_a_flip_beneath_the_stamp_stops_the_model_under_the_default(bundle):
+    """One flipped block on a loop-mounted ext4 (identity unchanged) and an edited verified.json
+    both loaded silently under the default verify=True: now the weights are hashed while the model
+    runs, and the model stops with a ChecksumError naming the file."""
+    from edgelora.errors import ChecksumError
+    edgelora.load(bundle, warmup=False, max_context=32).bundle.verify()  # verified once (stamps, where kept)
+    _flip_beneath_the_stamp(bundle / "model.safetensors")
+    model = edgelora.load(bundle, warmup=False, max_context=32)  # starts at once: the weights hashed meanwhile
+    with pytest.raises(ChecksumError, match="model.safetensors"):
+        _generate_until_stopped(model)
+    with pytest.raises(ChecksumError, match="model.safetensors"):  # stopped for good
+        model.generate("Once", max_new_tokens=1)
+    with pytest.raises(ChecksumError, match="model.safetensors"):  # "full" before returning
+        edgelora.load(bundle, warmup=False, verify="full")
+    quiet = edgelora.load(bundle, warmup=False, max_context=32, verify=False)  # False: no hashing, as documented
+    assert quiet.bundle.verification is None
+    quiet.generate("Once", max_new_tokens=2)
+
+
+def test_4_a_generation_in_flight_ends_with_the_mismatch(bundle, monkeypatch):
+    """The background check's mismatch, found while a generation streams, ends it with the error."""
+    import threading
+    from edgelora import bundle as bundle_mod
+    from edgelora.errors import ChecksumError
+    go = threading.Event()
+    real = bundle_mod.sha256_file
+
+    def slow_bad(p, *a):
+        if Path(p).name != "model.safetensors":
+            return real(p, *a)
+        go.wait(60)
+        return "0" * 64
+
+    monkeypatch.setattr(bundle_mod, "sha256_file", slow_bad)
+    model = edgelora.load(bundle, warmup=False, max_context=64)
+    model.eos_ids = set()
+    stream = model.stream_generate("Once upon a time", max_new_tokens=40)
+    next(stream)
+    go.set()
+    while not model.bundle.verification.done:
+        time.sleep(0.01)
+    with pytest.raises(ChecksumError, match="model.safetensors"):
+        for _ in stream:
+            pass
+
+
+def test_4_deploy_folders_follow_the_same_rule(dep):
+    """A deploy folder's weights are hashed in the background as a bundle's, its other files before
+    load returns; "full" hashes the weights first."""
+    from edgelora.errors import ChecksumError
+    _flip_beneath_the_stamp(dep / "model" / "model.safetensors")
+    model = edgelora.load(dep, warmup=False, device_check=False)
+    with pytest.raises(ChecksumError, match="model.safetensors"):
+        _generate_until_stopped(model)
+    with pytest.raises(ChecksumError, match="model.safetensors"):
+        edgelora.load(dep, warmup=False, device_check=False, verify="full")
+    plan = dep / "plan.json"
+    _flip_beneath_the_stamp(plan)  # any other file: refused before load returns
+    with pytest.raises((ChecksumError, FormatError), match="plan.json"):
+        edgelora.load(dep, warmup=False, device_check=False)
+
+
 # --- 5. one rule for links -----------------------------------------------------------------------
 
 def test_5_bundles_refuse_symlinks_as_deploy_folders_do(bundle, tmp_path):
@@ -416,6 +510,28 @@ def test_9_non_finite_values_name_their_file(bundle, tmp_path):
         edgelora.load(bundle, warmup=False)
 
 
+def _under_256_mib():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (256 << 20, resource.RLIM_INFINITY))
+
+
+def test_9_an_address_space_limit_of_256_mib_is_a_clear_error(bundle):
+    """Under `ulimit -v` 256 MiB, Numba failed to load llvmlite (a raw OSError traceback) and NumPy's
+    OpenBLAS exited the process from C ("Memory allocation still failed"): now `import edgelora` and
+    `--version` work, and a real command or the first use of the API is an UnsupportedError."""
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                              preexec_fn=_under_256_mib)
+    assert run("-c", "import edgelora").returncode == 0
+    r = run("-m", "edgelora", "--version")
+    assert r.returncode == 0 and "edgelora" in r.stdout
+    r = run("-m", "edgelora", "run", str(bundle), "-p", "hi", "-n", "2")
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("edgelora: error: the address-space limit (ulimit -v) is 256 MiB")
+    r = run("-c", f"import edgelora; edgelora.load({str(bundle)!r})")
+    assert "edgelora.errors.UnsupportedError: the address-space limit" in r.stderr, r.stderr[-2000:]
+
+
 # --- 10. "base" as an adapter --------------------------------------------------------------------
 
 def test_10_base_is_an_adapter_name_everywhere():
@@ -426,6 +542,40 @@ def test_10_base_is_an_adapter_name_everywhere():
     assert model.generate("the", max_new_tokens=4, adapter="base") == base
     model.use("pirate")
     assert model.use("base").label == "base" and model.generate("the", max_new_tokens=4) == base
+
+
+# --- 11. weights truncated under the mapping ----------------------------------------------------
+
+TRUNCATE = """
+import os, sys
+import edgelora
+model = edgelora.load(sys.argv[1], max_context=32)
+model.generate("Once", max_new_tokens=2)
+os.truncate(model.bundle.weights.path, 4096)
+if sys.argv[2] == "generate":
+    try:
+        model.generate("Once", max_new_tokens=2)
+    except edgelora.EdgeLoraError as e:
+        print(type(e).__name__, e)
+else:  # inside a step: past the check, as when the file shrinks while a forward runs
+    model.net.forward(model.encode("Once upon a time"), model.net.new_cache())
+"""
+
+
+@pytest.mark.parametrize("when", ["generate", "mid-step"])
+def test_11_truncated_weights_say_so(bundle, when):
+    """Truncating the weights of a mapped model killed the process with SIGBUS, saying nothing.
+    Between steps it is now a FormatError naming the file with the mmap=False advice; inside a step
+    the process still ends with SIGBUS, after a message on stderr naming the file and the advice."""
+    r = subprocess.run([sys.executable, "-c", TRUNCATE, str(bundle), when], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PYTHONFAULTHANDLER": ""})
+    weights = str(bundle / "model.safetensors")
+    if when == "generate":
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.startswith("FormatError") and weights in r.stdout and "mmap=False" in r.stdout
+    else:
+        assert r.returncode != 0
+        assert "edgelora: bus error (SIGBUS)" in r.stderr and weights in r.stderr and "--no-mmap" in r.stderr
 
 
 # --- 12, 13, 14, 15. kill safety -----------------------------------------------------------------
@@ -499,3 +649,35 @@ def test_15_overwrite_refuses_what_edgelora_did_not_write(bundle, tmp_path):
     with pytest.raises(UsageError, match="manifest"):
         edgelora.deploy(demo_bundle_path(), "host", other, overwrite=True)
     assert (other / "a.jpg").exists()
+
+
+# --- issue 18: wording ---------------------------------------------------------------------------
+
+def test_an_r_edit_says_the_file_disagrees_with_its_own_config(tmp_path):
+    """Issue 18 (7): an adapter whose adapter_config.json r was edited was said to be "made for another
+    base model"; the base fits, the weights file disagrees with its own config (both ranks, both files)."""
+    r = json.loads((Path(demo_adapter_paths()["pirate"]) / "adapter_config.json").read_text())["r"]
+    bad = _adapter(tmp_path, r=r * 2)
+    model = edgelora.load(demo_bundle_path(), warmup=False)
+    with pytest.raises(EdgeLoraError) as e:
+        model.adapters.load("edited", bad)
+    msg = str(e.value)
+    assert "another base model" not in msg
+    assert f"rank {r}" in msg and f"rank {r * 2}" in msg
+    assert "adapter_model.safetensors disagrees with its own config" in msg and "adapter_config.json" in msg
+
+
+def test_a_generated_bos_ends_the_generation(stories260k):
+    """Issue 18 (5): stories260K's greedy continuation of "Once upon a time" starts a new story with
+    BOS after some 200 tokens, and generation ran on into it (printed as "<s> Once upon a time").
+    BOS, like EOS, now ends it (finish reason "eos"), after exactly the tokens before it."""
+    model = edgelora.load(stories260k, max_context=512)
+    bos = model.tokenizer.bos_token_id
+    assert bos is not None and bos in model.eos_ids
+    stopped = model.generate("Once upon a time", max_new_tokens=400, return_result=True)
+    model.eos_ids = set(model.tokenizer.eos_token_ids)  # EOS only: what happened before
+    ran_on = model.generate("Once upon a time", max_new_tokens=400, return_result=True).stats.generated_ids
+    assert bos in ran_on, "the reference continuation no longer contains BOS; pick another prompt"
+    k = ran_on.index(bos)
+    assert stopped.finish_reason == "eos" and stopped.stats.generated_ids == ran_on[:k]
+    assert stopped.text == model.tokenizer.decode(ran_on[:k], skip_special_tokens=True)
