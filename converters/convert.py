@@ -9,7 +9,6 @@ is built in a temporary sibling folder and renamed into place only when complete
 from __future__ import annotations
 
 import os
-import datetime as _dt
 import math
 import re
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from edgelora import __version__
-from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, write_text_atomic
+from edgelora.atomic import atomic_output_dir, check_output_dir, sha256_file, utc_stamp, write_text_atomic
 from edgelora.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, WEIGHTS, file_table, sealed_text
 from edgelora.converters import nf4
 from edgelora.converters.hf import HFCheckpoint
@@ -339,7 +338,7 @@ def _manifest(tmp: Path, src, src_path: Path, ckpt, block_size, double_quant, em
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "edgelora_version": __version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": utc_stamp(),  # SOURCE_DATE_EPOCH where set
         "architecture": {"model_type": a.model_type, "architectures": a.architectures,
                          "tie_word_embeddings": a.tie_word_embeddings},
         "source": {

@@ -37,6 +37,7 @@ of it, and ``bench/bench_plan.py`` reports both on a 1B-parameter shape.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import json
 import math
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelora.architectures import architecture
-from edgelora.atomic import edgelora_home, write_text_atomic
+from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.child import python_command
 from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch
@@ -200,29 +201,40 @@ def adapter_resident_bytes(path, args: ModelArgs) -> int:
     return ad.nbytes + dora
 
 
-_TOKENIZER_BYTES: dict = {}  # (tokenizer files' identity) -> the first measurement in this process
-
-
 def tokenizer_bytes(bundle_path: Path) -> tuple[int, str]:
-    """Memory a tokenizer built from the bundle holds, measured here (else 3x its file). Measured
-    once per process and tokenizer: building it again reuses memory the allocator kept from the
-    first build, so a second measurement would see almost nothing grow and plans would differ with
-    what the process did before."""
-    from edgelora.memory import current_rss_bytes
-    from edgelora.runtime.tokenizer import Tokenizer  # the library itself is part of the runtime item
+    """Memory a tokenizer built from the bundle holds, measured (else 3x its file). Measured once
+    per machine and tokenizer, in a fresh process, and kept in ``$EDGELORA_HOME/overhead.json`` by
+    the files' sha256 and the versions: building it again in a process reuses memory the allocator
+    kept from the first build, so a measurement in a busy process sees almost nothing grow, and
+    plans (which deploy folders keep as ``plan.json``) must not differ with what a process did
+    before."""
     files = [p for p in (bundle_path / "tokenizer.json", bundle_path / "tokenizer_config.json") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if key in _TOKENIZER_BYTES:
-        return _TOKENIZER_BYTES[key]
-    before = current_rss_bytes()
-    if before is None:
+    digest = hashlib.sha256(b"".join(sha256_file(p).encode() for p in files)).hexdigest()
+    key = f"tokenizer {digest}|{_overhead_key(1)}"
+    known = _read_overhead_cache()
+    if isinstance(known.get(key), int):
+        return known[key], "measured"
+    done = subprocess.run(python_command(_TOKENIZER_PROBE, bundle_path), capture_output=True, text=True, timeout=300)
+    try:
+        grown = int(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
         return 3 * size, "estimated as 3x tokenizer.json"
-    tok = Tokenizer.from_dir(bundle_path)
-    grown = current_rss_bytes() - before
-    del tok
-    _TOKENIZER_BYTES[key] = max(grown, size), "measured"
-    return _TOKENIZER_BYTES[key]
+    if grown < 0:  # no /proc here
+        return 3 * size, "estimated as 3x tokenizer.json"
+    _write_overhead_cache(key, max(grown, size))
+    return max(grown, size), "measured"
+
+
+_TOKENIZER_PROBE = r"""
+import sys
+from pathlib import Path
+from edgelora.memory import current_rss_bytes
+from edgelora.runtime.tokenizer import Tokenizer
+before = current_rss_bytes()
+tok = Tokenizer.from_dir(Path(sys.argv[1]))
+print(-1 if before is None else current_rss_bytes() - before)
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,14 +287,8 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     minus that run's own planned items. Cached per versions, architecture and thread count."""
     import numba
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    cache = edgelora_home() / "overhead.json"
     key = _overhead_key(threads)
-    try:
-        known = json.loads(cache.read_text())
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key)
+    entry = _read_overhead_cache().get(key)
     if not refresh and isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in ("base", "parallel", "lora")):
         return dict(entry, source=f"measured on this machine ({threads} threads, cached)")
     from edgelora.bundle import Bundle
@@ -301,12 +307,26 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
         own = _weights_bytes(Path(bundle)) + kv_cache_bytes(a, 64) + rope_bytes(a, 64) + scratch_bytes(a, 64, 1)[0]
     entry = {"base": max(0, peaks[0] - own), "parallel": max(0, peaks[1] - peaks[0]),
              "lora": max(0, peaks[2] - peaks[1] - adapter_resident_bytes(adapter, a))}
-    known[key] = entry
+    _write_overhead_cache(key, entry)
+    return dict(entry, source=f"measured on this machine ({threads} threads)")
+
+
+def _read_overhead_cache() -> dict:
+    """The measurements kept in ``$EDGELORA_HOME/overhead.json`` (empty when absent or unreadable)."""
     try:
-        write_text_atomic(cache, json.dumps(known, indent=1))
+        known = json.loads((edgelora_home() / "overhead.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_overhead_cache(key: str, value) -> None:
+    known = _read_overhead_cache()
+    known[key] = value
+    try:
+        write_text_atomic(edgelora_home() / "overhead.json", json.dumps(known, indent=1))
     except EdgeLoraError:
         pass  # an unwritable cache only costs a second measurement
-    return dict(entry, source=f"measured on this machine ({threads} threads)")
 
 
 def _weights_bytes(bundle_path: Path) -> int:

@@ -36,6 +36,26 @@ def edgelora_home() -> Path:
     return Path(base)
 
 
+def build_time() -> int:
+    """The time written into manifests and archives, in seconds since the epoch: now, or
+    ``SOURCE_DATE_EPOCH`` where set (the reproducible-builds convention), so that the same inputs
+    written twice give the same bytes (``edgelora fleet`` and byte-for-byte comparisons rely on it)."""
+    import time
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        try:
+            return max(0, int(epoch))
+        except ValueError:
+            raise UsageError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
+    return int(time.time())
+
+
+def utc_stamp() -> str:
+    """:func:`build_time` as ``YYYY-MM-DDTHH:MM:SSZ``."""
+    import time
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(build_time()))
+
+
 def _tmp_sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 

@@ -31,14 +31,14 @@ import json
 import os
 import shutil
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelora.atomic import _tmp_sibling, atomic_output_dir, check_output_dir, clean_stale, os_error
+from edgelora.atomic import (_tmp_sibling, atomic_output_dir, build_time, check_output_dir, clean_stale, os_error,
+                             utc_stamp)
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UsageError
 
 if TYPE_CHECKING:  # (imported where used: planning pulls in the runtime)
@@ -154,7 +154,7 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
                                     "modified, nothing was deployed", src.path / name)
         manifest = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgelora_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": utc_stamp(),  # SOURCE_DATE_EPOCH where set
             "device": {"name": p.device.name, "arch": p.device.arch, "cores": p.device.cores,
                        "ram_mib": p.device.ram_mib, "budget_bytes": p.budget_bytes},
             "plan": {"context": p.context, "threads": p.threads, "total_bytes": p.total_bytes,
@@ -180,6 +180,7 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
 
 def _write_tar(folder: Path, tmp: Path, top: str) -> None:
     """``folder`` as the tar ``tmp`` with members under ``top/``, fsynced; ``tmp`` removed on failure."""
+    stamp = build_time()
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for p in [folder, *sorted(folder.rglob("*"))]:
@@ -187,6 +188,7 @@ def _write_tar(folder: Path, tmp: Path, top: str) -> None:
                 info = tar.gettarinfo(str(p), arcname=arc)
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
+                info.mtime = stamp  # not the files' own times: the same folder gives the same archive
                 if p.is_file():
                     with open(p, "rb") as f:
                         tar.addfile(info, f)

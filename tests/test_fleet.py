@@ -1,6 +1,6 @@
 """edgelora fleet on a real local Ray cluster (one per module): 2 tiny bases x 3 adapters x 3
 device groups built and evaluated; every deploy folder verifies and equals a manual ``convert`` +
-``deploy`` byte for byte (the creation time stamps in the manifests aside); a second build reuses
+``deploy`` byte for byte (both with ``SOURCE_DATE_EPOCH`` set: the same time stamps); a second build reuses
 everything; changing one adapter rebuilds exactly its dependants; a worker killed mid-task is
 retried by Ray with the same result, and without retries its item fails leaving nothing behind
 and the next build resumes; an adapter made for another base fails its own check while the rest
@@ -39,11 +39,17 @@ DATA = [{"prompt": "the cat sat", "completion": " on the mat ."},
         {"prompt": "a cat ran to", "completion": " the mat ."}]
 
 
+EPOCH = "1767225600"  # SOURCE_DATE_EPOCH for the fleet's workers and the manual runs alike
+
+
 @pytest.fixture(scope="module")
 def cluster(compiled):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SOURCE_DATE_EPOCH", EPOCH)  # before ray.init: the workers inherit it
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
+    mp.undo()
 
 
 def fleet_text(adapters: dict, groups: dict, evals: bool = True, bases=("alpha", "beta")) -> str:
@@ -98,41 +104,12 @@ def first(fleet, cluster):
     return out, edgelora.fleet.build(fleet / "fleet.toml", out)
 
 
-MEASURED = 1 << 20  # the planner measures the tokenizer's memory in each process (RSS growth): a few kB apart
-
-
-def _normal(path: Path) -> dict:
-    """A manifest without its creation time and the seal over it; a plan without the figures that
-    depend on the tokenizer's measured memory (checked apart: within :data:`MEASURED`)."""
-    m = json.loads(path.read_text())
-    for k in ("created", "created_utc", "manifest_sha256"):
-        m.pop(k, None)
-    if path.name == "plan.json":
-        for k in ("total_bytes", "headroom_bytes"):
-            m.pop(k)
-        for item in m["items"]:
-            if item["name"] == "tokenizer" and item["note"] == "measured":
-                item.pop("bytes")
-    elif "plan" in m:  # a deploy manifest: its plan summary, the checksums of plan.json and the bundle's manifest
-        m["plan"].pop("total_bytes")
-        m["files"].pop("plan.json")
-        m["files"].pop("model/manifest.json")  # (compared as a manifest itself)
-    return m
-
-
 def assert_same_folder(a: Path, b: Path) -> None:
-    """Every file of ``a`` and ``b`` byte for byte the same, but for the manifests' time stamps
-    and, in deploy folders, the planner's measured tokenizer memory."""
+    """Every file of ``a`` and ``b`` byte for byte the same."""
     files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
     for rel in files:
-        if rel == "plan.json":
-            x, y = (json.loads((d / rel).read_text()) for d in (a, b))
-            assert abs(x["total_bytes"] - y["total_bytes"]) < MEASURED
-        if rel.endswith("manifest.json") or rel == "plan.json":
-            assert _normal(a / rel) == _normal(b / rel), rel
-        else:
-            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
 def test_fleet_builds_and_equals_manual_convert_and_deploy(fleet, first, tmp_path):
