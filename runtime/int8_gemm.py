@@ -132,29 +132,27 @@ def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k,
 
 @njit(cache=True, nogil=True)
 def _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, r0, groups, rep, sc):
-    """Rows ``r0 .. r0 + groups * GEMM_ROWS`` into the tile layout: ``rep`` bytes
-    [group, block, word s, lane, 4] = bytes ``4s .. 4s + 3`` of the block of row ``r0 + group * 16
-    + lane``; ``sc`` f32 [group, block, lane] its scale. Rows past n: code 7 (the value 0), scale 0."""
-    per_row, half = k // bs, bs // 2
-    nd = half // 4
+    """Rows ``r0 .. r0 + groups * GEMM_ROWS`` into the tile layout: ``rep`` 32-bit words
+    [group, block, word s, lane] = bytes ``4s .. 4s + 3`` of the block of row ``r0 + group * 16 +
+    lane`` (``packed`` as 32-bit words, ``rep`` likewise); ``sc`` f32 [group, block, lane] its
+    scale. Rows past n: code 7 (the value 0) and scale 0."""
+    per_row, nd = k // bs, bs // 8  # words of a block
+    row_words = k // 8
     for rr in range(groups * GEMM_ROWS):
         g, lane = rr // GEMM_ROWS, rr % GEMM_ROWS
         r = r0 + rr
         for j in range(per_row):
             gj = g * per_row + j
+            dst = gj * nd * GEMM_ROWS + lane
             if r < n:
                 sc[gj * GEMM_ROWS + lane] = block_scale(dyn, qscale, nested, nshift, offset, r * per_row + j)
-                src = r * (k // 2) + j * half
+                src = r * row_words + j * nd
                 for s in range(nd):
-                    dst = ((gj * nd + s) * GEMM_ROWS + lane) * 4
-                    for m in range(4):
-                        rep[dst + m] = packed[src + 4 * s + m]
+                    rep[dst + s * GEMM_ROWS] = packed[src + s]
             else:
                 sc[gj * GEMM_ROWS + lane] = 0.0
                 for s in range(nd):
-                    dst = ((gj * nd + s) * GEMM_ROWS + lane) * 4
-                    for m in range(4):
-                        rep[dst + m] = 0x77
+                    rep[dst + s * GEMM_ROWS] = 0x77777777
 
 
 def _splat(builder, v, ty, n):
@@ -246,7 +244,7 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k,
     ``vpshufb`` into the even and odd entries of 16 rows, each ``vpdpbusd``'d with every token."""
     arrays = (table, rep, sc, xq, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
-            and table.dtype == types.int8 and rep.dtype == types.uint8 and xq.dtype == types.int8
+            and table.dtype == types.int8 and rep.dtype == types.uint32 and xq.dtype == types.int8
             and xsum.dtype == types.int32 and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
             and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_TOKENS):
         return None
@@ -283,7 +281,7 @@ def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, 
     per_row, half = k // bs, bs // 2
     T, n_out = XQ.shape[0], OUT.shape[1]
     gbytes = per_row * half * GEMM_ROWS  # repacked bytes of a group
-    rep = np.empty(GEMM_GROUPS * gbytes, np.uint8)
+    rep = np.empty(GEMM_GROUPS * gbytes // 4, np.uint32)
     sc = np.empty(GEMM_GROUPS * per_row * GEMM_ROWS, np.float32)
     xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     for c0 in range(g0, g1, GEMM_GROUPS):
@@ -292,7 +290,7 @@ def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, 
         for t0 in range(0, T, GEMM_TOKENS):
             m = min(GEMM_TOKENS, T - t0)
             for g in range(groups):
-                _tile(table, rep[g * gbytes:(g + 1) * gbytes], sc[g * per_row * GEMM_ROWS:(g + 1) * per_row * GEMM_ROWS],
+                _tile(table, rep[g * gbytes // 4:(g + 1) * gbytes // 4], sc[g * per_row * GEMM_ROWS:(g + 1) * per_row * GEMM_ROWS],
                       xq, xsum, xs, out, per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS)
 
 
@@ -302,20 +300,24 @@ if "vnni512" in INT8_GEMM_AVAILABLE:
     INT8_GEMM_VARIANTS["vnni512"] = _gemm_vnni512
 
 
-def padded_rows(n: int) -> int:
-    """Columns of the output a variant writes for n rows: whole groups."""
-    return -(-n // GEMM_ROWS) * GEMM_ROWS
+def words(packed: np.ndarray) -> np.ndarray:
+    """The packed bytes as 32-bit words for the repack (in place where 4-byte aligned, else a copy)."""
+    if packed.ctypes.data % 4:
+        packed = packed.copy()
+    return packed.view(np.uint32)
 
 
 def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None) -> np.ndarray:
     """f32 [T, n] = the quantized activations (``XQ`` int8 [T, k], ``XS`` f32 [T, k / bs]) times
-    the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)``, rows
-    split in whole groups between ``threads`` threads of ``pool`` (GIL released)."""
+    the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)`` (SIMD
+    variants: ``packed`` as :func:`words` may be given), rows split in whole groups between ``threads`` threads of ``pool`` (GIL released)."""
     bs = args[-1]
     XSUM = block_sums(XQ, bs)
     groups = -(-n // GEMM_ROWS)
     OUT = np.empty((XQ.shape[0], groups * GEMM_ROWS), np.float32)
     fn = INT8_GEMM_VARIANTS[variant]
+    if variant != "portable" and args[2].dtype == np.uint8:  # the repack moves 32-bit words
+        args = args[:2] + (words(args[2]),) + args[3:]
     threads = max(1, min(threads, groups))
     bounds = [groups * i // threads for i in range(threads + 1)]
     work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XSUM, XS, OUT)

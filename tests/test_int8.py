@@ -112,8 +112,8 @@ def test_int8_products_are_within_the_derived_bound_of_exact(n, per_row, bs, dq,
 
 @pytest.mark.parametrize("threaded", [False, True])
 def test_linear_decode_products(monkeypatch, threaded):
-    """matvec, matvec_batch (any B) and matmul up to MATVEC_ROWS_MAX rows are the twin's bits, one
-    thread or the row slices of several; longer prompts take the exact tiles."""
+    """matvec, matvec_batch (any B) and short matmuls are the twin's bits, one thread or the row
+    slices of several; longer prompts take the GEMM (or, without its SIMD variant, the exact tiles)."""
     if threaded:
         monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(3)
@@ -127,8 +127,12 @@ def test_linear_decode_products(monkeypatch, threaded):
         assert np.array_equal(_bits(lin.matvec(X[b])), _bits(ref[b]))
     out = np.empty(77, np.float32)
     assert lin.matvec(X[2], out) is out and np.array_equal(_bits(out), _bits(ref[2]))
-    assert np.array_equal(_bits(lin.matmul(X[:K.MATVEC_ROWS_MAX])), _bits(ref[:K.MATVEC_ROWS_MAX]))
-    assert np.array_equal(lin.matmul(X), K.NF4Linear(q).matmul(X))  # the exact tile path
+    short = I8.GEMM_MIN_ROWS - 1 if I8.INT8_GEMM_SIMD else K.MATVEC_ROWS_MAX
+    assert np.array_equal(_bits(lin.matmul(X[:short])), _bits(ref[:short]))
+    if I8.INT8_GEMM_SIMD:  # longer prompts: the prefill GEMM (tests/test_int8_gemm.py)
+        assert np.array_equal(_bits(lin.matmul(X)), _bits(I8.nf4_int8_matmul_reference(q, X)))
+    else:  # the exact tile path
+        assert np.array_equal(lin.matmul(X), K.NF4Linear(q).matmul(X))
     assert lin.matvec_batch(X[:0]).shape == (0, 77)
 
 
