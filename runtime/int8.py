@@ -219,10 +219,10 @@ class NF4Int8Linear(NF4Linear):
         if not (self.int8 and INT8_GEMM_SIMD and x.shape[0] >= GEMM_MIN_ROWS):
             return super().matmul(x)
         X = np.ascontiguousarray(x, np.float32)
-        XQ, _, XS = quantize_activations(X, self.block_size)
+        XQ, XA, XS = quantize_activations(X, self.block_size)
         n, k = self.out_features, self.in_features
         threads = numba.get_num_threads() if self._parallel(n * k) else 1
-        return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XS, threads, _pool(threads) if threads > 1 else None)
+        return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XA, XS, threads, _pool(threads) if threads > 1 else None)
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""

@@ -49,9 +49,11 @@ GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit regi
 GEMM_TOKENS = 8  # tokens a tile: each decoded weight register serves this many (registers: 2 per token)
 GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
 
-INT8_GEMM_AVAILABLE = set() if _AARCH64 else (
-    {"vnni512"} if _FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw") else set())
-INT8_GEMM_SIMD = "vnni512" if "vnni512" in INT8_GEMM_AVAILABLE else None
+_VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
+INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
+    {"vnni512"} if _VNNI512 else set()) | (
+    {"vnni256"} if _FEATURES.get("avxvnni") or (_VNNI512 and _FEATURES.get("avx512vl")) else set())
+INT8_GEMM_SIMD = next((v for v in ("vnni512", "vnni256", "avx2") if v in INT8_GEMM_AVAILABLE), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def nf4_int8_gemm_reference(q: NF4Tensor, table: np.ndarray, XQ: np.ndarray, XS:
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
+def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
     """Rows of groups ``g0 .. g1`` (``GEMM_ROWS`` each, the last cut at n) for every token, read
     from the stored bytes in plain loops."""
     per_row, half = k // bs, bs // 2
@@ -160,51 +162,80 @@ def _splat(builder, v, ty, n):
     return builder.shuffle_vector(u, u, ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
-def _gemm_codegen(tokens: int):
-    """IR of :func:`i8_gemm_tile` for ``tokens`` tokens (a Python int: every accumulator a register)."""
-    v64b, v16i, v16f = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
+def _gemm_codegen(tokens: int, isa: str):
+    """IR of :func:`i8_gemm_tile` for ``tokens`` tokens and ``isa`` (Python values: every
+    accumulator a register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a
+    group's 16 rows are ``16 / lanes`` registers per token."""
+    lanes = 16 if isa == "vnni512" else 8
+    halves = GEMM_ROWS // lanes
+    vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     c = lambda x: ir.Constant(_I64, x)
 
     def codegen(context, builder, sig, args):
-        table_p, rep_p, sc_p, xq_p, xsum_p, xs_p, out_p = (context.make_array(sig.args[i])(context, builder, args[i]).data
-                                                          for i in range(7))
-        per_row, half, k, n_out, t0, o0 = args[7:13]
+        table_p, rep_p, sc_p, xq_p, xa_p, xsum_p, xs_p, out_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(8))
+        per_row, half, k, n_out, t0, o0 = args[8:14]
         fn = lambda name, ret, params: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
-        pshufb = fn("llvm.x86.avx512.pshuf.b.512", v64b, [v64b, v64b])
-        dpbusd = fn("llvm.x86.avx512.vpdpbusd.512", v16i, [v16i, v16i, v16i])
+        pshufb = fn("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b", vb, [vb, vb])
         t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
-        table = builder.xor(builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 64), list(range(16)) * 4)),
-                            ir.Constant(v64b, [0x80] * 64))  # NF4_I8 + 128 as unsigned bytes
-        four, fifteen = ir.Constant(v64b, [4] * 64), ir.Constant(v64b, [15] * 64)
+        table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes), list(range(16)) * (lanes // 4)))
+        if isa == "avx2":
+            psign = fn("llvm.x86.avx2.psign.b", vb, [vb, vb])
+            v16s = ir.VectorType(ir.IntType(16), 16)
+            maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16s, [vb, vb])
+            maddwd = fn("llvm.x86.avx2.pmadd.wd", vi, [v16s, v16s])
+            ones = ir.Constant(v16s, [1] * 16)
+
+            def dot(acc, w, t, at):  # |x| times w signed by x: pairs at most 2 * 127 * 127, no saturation
+                sw = builder.call(psign, [w, builder.bitcast(xword(xq_t[t], at), vb)])
+                prod = builder.call(maddubs, [builder.bitcast(xword(xa_t[t], at), vb), sw])
+                return builder.add(acc, builder.call(maddwd, [prod, ones]))
+        else:
+            table = builder.xor(table, ir.Constant(vb, [0x80] * 4 * lanes))  # NF4_I8 + 128 as unsigned bytes
+            dpbusd = fn("llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256", vi,
+                        [vi, vi, vi])
+
+            def dot(acc, w, t, at):
+                return builder.call(dpbusd, [acc, builder.bitcast(w, vi), xword(xq_t[t], at)])
+        four, fifteen = ir.Constant(vb, [4] * 4 * lanes), ir.Constant(vb, [15] * 4 * lanes)
         nd = builder.udiv(half, c(4))
         rep8 = builder.bitcast(rep_p, _I8.as_pointer())
         ts = [builder.add(t0, c(t)) for t in range(tokens)]
         xq_t = [builder.gep(xq_p, [builder.mul(t, k)]) for t in ts]
+        xa_t = [builder.gep(xa_p, [builder.mul(t, k)]) for t in ts]
         xsum_t = [builder.gep(xsum_p, [builder.mul(t, per_row)]) for t in ts]
         xs_t = [builder.gep(xs_p, [builder.mul(t, per_row)]) for t in ts]
         out_t = [builder.gep(out_p, [builder.add(builder.mul(t, n_out), o0)]) for t in ts]
-        facc = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * 16)) for _ in range(tokens)]
-        iacc = [cgutils.alloca_once(builder, v16i) for _ in range(tokens)]
+        facc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(halves)]
+                for _ in range(tokens)]  # [token][half]
+        iacc = [[cgutils.alloca_once(builder, vi) for _ in range(halves)] for _ in range(tokens)]
 
-        def xword(t, at):  # the four int8 codes of token t at byte ``at`` of its row, in every lane
-            w = builder.load(builder.bitcast(builder.gep(xq_t[t], [at]), _I32.as_pointer()), align=1)
-            return _splat(builder, w, _I32, 16)
+        def xword(base, at):  # the four bytes of a token's row at ``at``, in every lane
+            w = builder.load(builder.bitcast(builder.gep(base, [at]), _I32.as_pointer()), align=1)
+            return _splat(builder, w, _I32, lanes)
 
         def block(j, nd_v, half_v):
             x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
-            wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(64))])
+            wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(4 * GEMM_ROWS))])
             for t in range(tokens):
-                corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -128))
-                builder.store(_splat(builder, corr, _I32, 16), iacc[t])
+                if isa == "avx2":
+                    start = ir.Constant(vi, [0] * lanes)
+                else:  # the unsigned weights' excess, 128 * sum(q), taken off in advance
+                    corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -128))
+                    start = _splat(builder, corr, _I32, lanes)
+                for h in range(halves):
+                    builder.store(start, iacc[t][h])
 
             def word(s):
-                w = builder.load(builder.bitcast(builder.gep(wb, [builder.mul(s, c(64))]), v64b.as_pointer()), align=1)
-                wh = builder.bitcast(builder.call(pshufb, [table, builder.lshr(w, four)]), v16i)  # the even entries
-                wl = builder.bitcast(builder.call(pshufb, [table, builder.and_(w, fifteen)]), v16i)  # the odd ones
                 at = builder.add(x0, builder.mul(s, c(4)))
-                for t in range(tokens):
-                    a = builder.call(dpbusd, [builder.load(iacc[t]), wh, xword(t, at)])
-                    builder.store(builder.call(dpbusd, [a, wl, xword(t, builder.add(at, half_v))]), iacc[t])
+                for h in range(halves):
+                    ptr = builder.gep(wb, [builder.add(builder.mul(s, c(4 * GEMM_ROWS)), c(4 * lanes * h))])
+                    w = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
+                    wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # weights of the even entries
+                    wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])  # of the odd ones
+                    for t in range(tokens):
+                        a = dot(builder.load(iacc[t][h]), wh, t, at)
+                        builder.store(dot(a, wl, t, builder.add(at, half_v)), iacc[t][h])
 
             if isinstance(nd_v, ir.Constant):
                 for s in range(nd_v.constant):
@@ -212,12 +243,13 @@ def _gemm_codegen(tokens: int):
             else:
                 with cgutils.for_range(builder, nd_v) as loop:
                     word(loop.index)
-            scv = builder.load(builder.bitcast(builder.gep(sc_p, [builder.mul(j, c(GEMM_ROWS))]), v16f.as_pointer()),
-                               align=4)
-            for t in range(tokens):
-                s = builder.fmul(_splat(builder, builder.load(builder.gep(xs_t[t], [j])), _F32, 16), scv)
-                f = builder.sitofp(builder.load(iacc[t]), v16f)
-                builder.store(builder.fadd(builder.load(facc[t]), builder.fmul(f, s)), facc[t])
+            for h in range(halves):
+                at = builder.add(builder.mul(j, c(GEMM_ROWS)), c(lanes * h))
+                scv = builder.load(builder.bitcast(builder.gep(sc_p, [at]), vf.as_pointer()), align=4)
+                for t in range(tokens):
+                    sv = builder.fmul(_splat(builder, builder.load(builder.gep(xs_t[t], [j])), _F32, lanes), scv)
+                    f = builder.sitofp(builder.load(iacc[t][h]), vf)
+                    builder.store(builder.fadd(builder.load(facc[t][h]), builder.fmul(f, sv)), facc[t][h])
 
         def blocks(nd_v, half_v):
             with cgutils.for_range(builder, per_row) as loop:
@@ -229,75 +261,109 @@ def _gemm_codegen(tokens: int):
             with general:
                 blocks(nd, half)
         for t in range(tokens):
-            builder.store(builder.load(facc[t]), builder.bitcast(out_t[t], v16f.as_pointer()), align=4)
+            for h in range(halves):
+                dst = builder.bitcast(builder.gep(out_t[t], [c(lanes * h)]), vf.as_pointer())
+                builder.store(builder.load(facc[t][h]), dst, align=4)
         return context.get_dummy_value()
 
     return codegen
 
 
+#: the SIMD variants, by the code :func:`i8_gemm_tile` takes as ``isa``: ``vpdpbusd`` on 512-bit
+#: registers (AVX-512 VNNI) or 256-bit ones (AVX-512 VNNI with VL, or AVX-VNNI), and ``vpmaddubsw``
+#: + ``vpmaddwd`` (AVX2, the signs of x moved onto the weights by ``vpsignb``)
+GEMM_ISAS = {"vnni512": 0, "vnni256": 1, "avx2": 2}
+
+
 @intrinsic
-def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, tokens):
+def i8_gemm_tile(typingctx, table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, tokens, isa):
     """``out[(t0 + t) * n_out + o0 + lane]`` = row ``lane`` of one repacked group (``rep``, ``sc``:
     :func:`_repack`'s layout for one group) times token ``t0 + t`` for ``t < tokens`` (a literal,
-    1 .. ``GEMM_TOKENS``): ``xq`` int8 [T * k], ``xsum`` int32 and ``xs`` f32 [T * per_row] flat.
-    Per block of ``2 * half`` entries, ``half / 4`` loads of 64 weight bytes, each decoded by two
-    ``vpshufb`` into the even and odd entries of 16 rows, each ``vpdpbusd``'d with every token."""
-    arrays = (table, rep, sc, xq, xsum, xs, out)
+    1 .. ``GEMM_TOKENS``): ``xq`` int8 and ``xa`` (its absolute values, uint8) [T * k], ``xsum``
+    int32 and ``xs`` f32 [T * per_row] flat. Per block of ``2 * half`` entries, ``half / 4`` word
+    steps of the group's 64 weight bytes, each decoded by two ``vpshufb`` into the even and odd
+    entries of 16 rows and multiplied with every token's four entries (one 32-bit broadcast).
+    ``isa``: a literal code of :data:`GEMM_ISAS`."""
+    arrays = (table, rep, sc, xq, xa, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
             and table.dtype == types.int8 and rep.dtype == types.uint32 and xq.dtype == types.int8
-            and xsum.dtype == types.int32 and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
-            and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_TOKENS):
+            and xa.dtype == types.uint8 and xsum.dtype == types.int32
+            and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
+            and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_TOKENS
+            and isinstance(isa, types.IntegerLiteral) and isa.literal_value in GEMM_ISAS.values()):
         return None
     i64 = types.int64
-    return types.none(*arrays, i64, i64, i64, i64, i64, i64, tokens), _gemm_codegen(tokens.literal_value)
+    name = {v: n for n, v in GEMM_ISAS.items()}[isa.literal_value]
+    return types.none(*arrays, i64, i64, i64, i64, i64, i64, tokens, isa), _gemm_codegen(tokens.literal_value, name)
 
 
 @njit(cache=True, nogil=True)
-def _tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0):
+def _tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, isa):
     """:func:`i8_gemm_tile` for ``m`` tokens (each count its own literal)."""
+    numba.literally(isa)
     if m == 8:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
     elif m == 7:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 7)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 7, isa)
     elif m == 6:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 6)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 6, isa)
     elif m == 5:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 5)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 5, isa)
     elif m == 4:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 4)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 4, isa)
     elif m == 3:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 3)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 3, isa)
     elif m == 2:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 2)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 2, isa)
     else:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 1)
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 1, isa)
 
 
 @njit(cache=True, nogil=True)
-def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
+def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, isa):
     """Groups ``g0 .. g1`` of ``GEMM_ROWS`` rows: ``GEMM_GROUPS`` groups repacked at a time, then
     for each tile of ``GEMM_TOKENS`` tokens each group's tile product. ``OUT`` [T, n_out] with
     ``n_out`` >= ``g1 * GEMM_ROWS`` (lanes past n are written too, as zeros)."""
+    numba.literally(isa)
     per_row, half = k // bs, bs // 2
     T, n_out = XQ.shape[0], OUT.shape[1]
-    gbytes = per_row * half * GEMM_ROWS  # repacked bytes of a group
-    rep = np.empty(GEMM_GROUPS * gbytes // 4, np.uint32)
-    sc = np.empty(GEMM_GROUPS * per_row * GEMM_ROWS, np.float32)
-    xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
+    gwords = per_row * half * GEMM_ROWS // 4  # repacked words of a group
+    gsc = per_row * GEMM_ROWS
+    rep = np.empty(GEMM_GROUPS * gwords, np.uint32)
+    sc = np.empty(GEMM_GROUPS * gsc, np.float32)
+    xq, xa, xsum, xs, out = XQ.reshape(-1), XA.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     for c0 in range(g0, g1, GEMM_GROUPS):
         groups = min(GEMM_GROUPS, g1 - c0)
         _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, c0 * GEMM_ROWS, groups, rep, sc)
         for t0 in range(0, T, GEMM_TOKENS):
             m = min(GEMM_TOKENS, T - t0)
             for g in range(groups):
-                _tile(table, rep[g * gbytes // 4:(g + 1) * gbytes // 4], sc[g * per_row * GEMM_ROWS:(g + 1) * per_row * GEMM_ROWS],
-                      xq, xsum, xs, out, per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS)
+                _tile(table, rep[g * gwords:(g + 1) * gwords], sc[g * gsc:(g + 1) * gsc], xq, xa, xsum, xs, out,
+                      per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS, isa)
+
+
+# One per ISA, its code (GEMM_ISAS) compiled in
+
+@njit(cache=True, nogil=True)
+def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 0)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_vnni256(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 1)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_avx2(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 2)
 
 
 # Every variant this CPU runs (the tests prove each equal to the twin bit for bit)
 INT8_GEMM_VARIANTS = {"portable": _gemm_portable}
-if "vnni512" in INT8_GEMM_AVAILABLE:
-    INT8_GEMM_VARIANTS["vnni512"] = _gemm_vnni512
+for _isa, _fn in (("vnni512", _gemm_vnni512), ("vnni256", _gemm_vnni256), ("avx2", _gemm_avx2)):
+    if _isa in INT8_GEMM_AVAILABLE:
+        INT8_GEMM_VARIANTS[_isa] = _fn
 
 
 def words(packed: np.ndarray) -> np.ndarray:
@@ -307,8 +373,10 @@ def words(packed: np.ndarray) -> np.ndarray:
     return packed.view(np.uint32)
 
 
-def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None) -> np.ndarray:
-    """f32 [T, n] = the quantized activations (``XQ`` int8 [T, k], ``XS`` f32 [T, k / bs]) times
+def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XA: np.ndarray, XS: np.ndarray, threads: int,
+         pool=None) -> np.ndarray:
+    """f32 [T, n] = the quantized activations (``int8.quantize_activations``: ``XQ`` int8 [T, k],
+    ``XA`` its absolute values, ``XS`` f32 [T, k / bs]) times
     the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)`` (SIMD
     variants: ``packed`` as :func:`words` may be given), rows split in whole groups between ``threads`` threads of ``pool`` (GIL released)."""
     bs = args[-1]
@@ -320,7 +388,7 @@ def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XS: np.ndarray, threads:
         args = args[:2] + (words(args[2]),) + args[3:]
     threads = max(1, min(threads, groups))
     bounds = [groups * i // threads for i in range(threads + 1)]
-    work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XSUM, XS, OUT)
+    work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XA, XSUM, XS, OUT)
     if threads == 1 or pool is None:
         for i in range(threads):
             work(i)

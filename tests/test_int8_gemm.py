@@ -28,9 +28,9 @@ def _weight(rng, n: int, k: int, bs: int, dq: bool = True):
 def _run(variant: str, q, X: np.ndarray, threads: int = 1) -> np.ndarray:
     qscale, nested, nshift, offset = q.scale_args()
     args = (I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, q.block_size)
-    XQ, _, XS = I8.quantize_activations(X, q.block_size)
+    XQ, XA, XS = I8.quantize_activations(X, q.block_size)
     pool = K._pool(threads) if threads > 1 else None
-    return G.gemm(variant, args, q.shape[0], q.shape[1], XQ, XS, threads, pool)
+    return G.gemm(variant, args, q.shape[0], q.shape[1], XQ, XA, XS, threads, pool)
 
 
 def _twin(q, X: np.ndarray) -> np.ndarray:
