@@ -15,7 +15,7 @@ from __future__ import annotations
 from edgelora.errors import UsageError
 
 PRODUCTS = ("exact", "int8")
-DEFAULT_PRODUCTS = "exact"
+DEFAULT_PRODUCTS = "int8"
 
 
 def check_products(products: str) -> str:
