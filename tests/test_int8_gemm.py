@@ -46,7 +46,7 @@ def test_block_sums_equal_twin(T, blocks, bs, seed):
 
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 70), per_row=st.integers(1, 4), bs=st.sampled_from([64, 128, 256]), dq=st.booleans(),
        T=st.integers(1, 21), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**32 - 1))
 def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, T, threads, seed):
@@ -74,7 +74,7 @@ def test_long_prompts_and_row_independence(variant):
         assert np.array_equal(_bits(_run(variant, q, X[a:b])), _bits(whole[a:b]))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 48), per_row=st.integers(1, 5), bs=st.sampled_from([64, 128]), dq=st.booleans(),
        T=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
 def test_gemm_within_the_derived_bound_of_exact(n, per_row, bs, dq, T, seed):
