@@ -53,8 +53,12 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
     import edgelora
     t = time.perf_counter()
     kw = {} if mmap else {"mmap": False}  # (earlier versions, run by ``bench(env=...)``, have no mmap option)
-    if products != "exact":
-        kw["products"] = products  # (nor a products option)
+    try:
+        from edgelora.products import DEFAULT_PRODUCTS as default
+    except ImportError:  # (nor a products option: they multiply exactly)
+        default = "exact"
+    if products != default:
+        kw["products"] = products
     model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8, **kw)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)

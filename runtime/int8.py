@@ -25,10 +25,16 @@ whose error comes from the int8 codes (at most 0.39 % of a block's absmax per we
 int8 activations (at most half a step, ``d / 2``, per entry). A vector's result does not depend
 on the other vectors of a batch, so ``matvec_batch`` row b is bit for bit ``matvec(X[b])``.
 
+Prompts of ``GEMM_MIN_ROWS`` rows or more take the prefill GEMM (``runtime/int8_gemm.py``): the
+same quantized activations, the weight repacked a tile of rows at a time so that each decoded
+register serves many tokens, the int32 sums of a block whole rather than in eight lanes (so its
+bits are not those of ``matvec_batch``; each row's result still depends on that row alone). On
+CPUs without a SIMD variant of it, prompts longer than ``kernels.MATVEC_ROWS_MAX`` rows take the
+exact tiles.
+
 The path serves weights whose rows are whole blocks of a multiple of 64 (every projection of the
-models edgelora converts); others keep the exact kernels, as do prefills longer than
-``kernels.MATVEC_ROWS_MAX`` rows (the dequantized-tile BLAS path). The bundle's bytes are read in
-place, as bitsandbytes wrote them: no repacked copy.
+models edgelora converts); others keep the exact kernels. The bundle's bytes are read in place, as
+bitsandbytes wrote them: the GEMM's repacked tiles are made per call and dropped.
 """
 
 from __future__ import annotations
@@ -37,12 +43,16 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgelora.runtime.kernels import NF4Linear, _batch_args
+from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD, gemm, nf4_int8_gemm_reference, words
+from edgelora.runtime.kernels import NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_SIMD, MAX_VECTORS, i8_rows_dot
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
 NF4_I8 = np.rint(NF4_CODE.astype(np.float64) * 127).astype(np.int8)  # [16]: -127, -88, ..., 92, 127
 INT8_BLOCK_MULTIPLE = 2 * INT8_CHUNK  # block sizes the path takes: whole 32-byte chunks of codes
+# From this many rows ``matmul`` runs the prefill GEMM (``runtime/int8_gemm.py``: repacking a tile
+# costs about as much as the products of a few rows); fewer run ``matvec_batch``
+GEMM_MIN_ROWS = 8
 _127 = np.float32(127.0)
 
 
@@ -198,6 +208,21 @@ class NF4Int8Linear(NF4Linear):
         self.int8 = supports_int8(q)
         self._iargs = (NF4_I8, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
                        self.block_size)
+        if self.int8 and INT8_GEMM_SIMD:  # the GEMM's repack reads 32-bit words
+            self._gargs = self._iargs[:2] + (words(self.packed),) + self._iargs[3:]
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x: f32 [T, in] -> f32 [T, out]. From ``GEMM_MIN_ROWS`` rows, where this CPU has a SIMD
+        variant, the int8 GEMM (``runtime/int8_gemm.py``: x quantized as for ``matvec``, each row's
+        result independent of the others); otherwise as :class:`NF4Linear` (one row: ``matvec``'s
+        bits, up to ``MATVEC_ROWS_MAX``: ``matvec_batch``, more: the exact tiles)."""
+        if not (self.int8 and INT8_GEMM_SIMD and x.shape[0] >= GEMM_MIN_ROWS):
+            return super().matmul(x)
+        X = np.ascontiguousarray(x, np.float32)
+        XQ, XA, XS = quantize_activations(X, self.block_size)
+        n, k = self.out_features, self.in_features
+        threads = numba.get_num_threads() if self._parallel(n * k) else 1
+        return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XA, XS, threads, _pool(threads) if threads > 1 else None)
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""
@@ -248,3 +273,10 @@ def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
         h = acc.shape[2] // 2
         acc = acc[:, :, :h] + acc[:, :, h:]
     return acc[:, :, 0]
+
+
+def nf4_int8_matmul_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`NF4Int8Linear.matmul` for ``GEMM_MIN_ROWS`` rows or more on a CPU with
+    a SIMD variant of the GEMM: X [T, in] -> [T, out]."""
+    XQ, _, XS = quantize_activations_reference(X, q.block_size)
+    return nf4_int8_gemm_reference(q, NF4_I8, XQ, XS)

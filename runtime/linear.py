@@ -16,15 +16,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from edgelora.errors import UsageError
+from edgelora.products import DEFAULT_PRODUCTS, PRODUCTS, check_products  # noqa: F401 (re-exported)
 from edgelora.storage import NF4Tensor
 from edgelora.runtime.int8 import NF4Int8Linear
 from edgelora.runtime.kernels import F16Linear, NF4Linear
-
-#: how NF4 weights multiply: ``exact`` (float32 products of the dequantized weights, bit-true against
-#: the references) or ``int8`` (int8 codes and activations, int32 sums: ``runtime/int8.py``)
-PRODUCTS = ("exact", "int8")
-
 
 @runtime_checkable
 class Linear(Protocol):
@@ -91,14 +86,7 @@ class DenseLinear:
         return self.weight[np.asarray(ids, np.int64)]
 
 
-def check_products(products: str) -> str:
-    """``products`` if it is one of :data:`PRODUCTS`, else a :class:`UsageError`."""
-    if products not in PRODUCTS:
-        raise UsageError(f"products must be one of {', '.join(PRODUCTS)}, got {products!r}")
-    return products
-
-
-def make_linear(weight: NF4Tensor | np.ndarray, products: str = "exact") -> Linear:
+def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS) -> Linear:
     """The linear-layer object for a weight as stored: an NF4 tensor (its decode products exact, or
     through int8 with ``products="int8"``), a float16 array (read in place), or anything else as
     float32."""

@@ -7,6 +7,7 @@ import numpy as np
 from edgelora.architectures import EMBED, HEAD, NORM
 from edgelora.bundle import Bundle
 from edgelora.errors import FormatError, UnsupportedError, UsageError
+from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime.linear import check_products, make_linear
 from edgelora.runtime.llama import LlamaModel, Weights
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
@@ -25,7 +26,7 @@ def vector(bundle: Bundle, name: str) -> np.ndarray:
     return np.ascontiguousarray(bundle.tensor(name), np.float32)
 
 
-def build_weights(bundle: Bundle, products: str = "exact") -> Weights:
+def build_weights(bundle: Bundle, products: str = DEFAULT_PRODUCTS) -> Weights:
     """The model's weights: per layer, its family's projections (``arch.PROJECTIONS``: field -> module)
     and norms (``arch.NORMS``, as stored: a family that adds to them does so when it runs); NF4
     weights multiply as ``products`` says (``linear.PRODUCTS``)."""
@@ -45,7 +46,7 @@ def build_weights(bundle: Bundle, products: str = "exact") -> Weights:
     return Weights(embed=embed, layers=layers, norm=vector(bundle, f"{NORM}.weight"), head=head)
 
 
-def build_model(bundle: Bundle, max_context: int | None, products: str = "exact"):
+def build_model(bundle: Bundle, max_context: int | None, products: str = DEFAULT_PRODUCTS):
     a = bundle.args
     if a.family not in FAMILIES:
         raise UnsupportedError(f"no runtime for architecture family {a.family!r}", bundle.path)

@@ -29,6 +29,7 @@ from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
 from edgelora.devices.profiles import host_ram_bytes
 from edgelora.errors import PlanError, UsageError
+from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
@@ -312,7 +313,7 @@ class Model:
     prompt prefixes generations reuse (``model.prompt_cache = edgelora.PromptCache(256 << 20)``)."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
-                 deployment=None, products: str = "exact"):
+                 deployment=None, products: str = DEFAULT_PRODUCTS):
         from edgelora.runtime.tokenizer import Tokenizer
         self.bundle = bundle
         self.path = bundle.path
@@ -794,7 +795,7 @@ def _check_cache_fits(bundle: Bundle, max_context: int | None) -> None:
 def load(path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,
          verify: bool | str = True, adapters: Mapping[str, str | os.PathLike] | None = None,
          device_check: bool = True, mmap: bool = True, warmup: bool = True,
-         convert_options: Mapping[str, Any] | None = None, products: str = "exact") -> Model:
+         convert_options: Mapping[str, Any] | None = None, products: str = DEFAULT_PRODUCTS) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
     generate. A Hugging Face checkpoint folder or hub id, a GGUF file or an ONNX model is converted
     once into ``$EDGELORA_HOME/bundles/`` (``convert_options``: :func:`edgelora.convert`'s
@@ -816,10 +817,11 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     ``warmup``: the first time this configuration runs on this machine, compile its kernels now
     (after a one-line notice on a terminal: tens of seconds, once) rather than during the first
     generation, whose speeds would then include compiling (``edgelora warmup`` does it ahead).
-    ``products``: how NF4 weights multiply in decode steps and short prompts: ``"exact"`` (the
-    default: float32 products of the dequantized weights, bit-true against the references) or
-    ``"int8"`` (int8 codes and activations, int32 sums by VNNI/AVX2 byte dot products; logits
-    within a stated tolerance of exact: README, *The int8 product path*).
+    ``products``: how NF4 weights multiply: ``"exact"`` (float32 products of the dequantized
+    weights, bit-true against the references) or ``"int8"`` (int8 codes and activations, int32
+    sums by VNNI/AVX2 byte dot products, prompts by an int8 GEMM; logits within a stated tolerance
+    of exact); the default, ``edgelora.products.DEFAULT_PRODUCTS``, was chosen from measured
+    perplexity (README, *The int8 product path*).
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV

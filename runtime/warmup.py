@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgelora import kernel_cache
+from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX
 from edgelora.runtime.lora import BASE, lora_matvec_add
 from edgelora.runtime.threads import thread_count
@@ -98,7 +99,7 @@ class WarmupReport:
 
 
 def warmup(path: str | os.PathLike | None = None, threads: int | None = None, mmap: bool = True,
-           products: str = "exact") -> WarmupReport:
+           products: str = DEFAULT_PRODUCTS) -> WarmupReport:
     """Compile every kernel a bundle or deploy folder needs on this machine, ahead of its first use
     (``path=None``: the built-in demo model, whose kernels are those of every bundle stored as
     convert's defaults write it). Later loads with the same options (``products`` among them) start

@@ -103,7 +103,7 @@ def test_prefill_in_many_key_blocks_matches_transformers(converted, monkeypatch)
     longer than a block, skipped blocks, soft-capped scores, against transformers."""
     import torch
     src, out = converted
-    model = edgelora.load(out, max_context=64)
+    model = edgelora.load(out, max_context=64, products="exact")
     ids = np.random.default_rng(5).integers(0, model.args.vocab_size, 60)
     whole = model.logits(ids)  # one block: KEY_BLOCK > 60
     monkeypatch.setattr(llama, "KEY_BLOCK", 8)

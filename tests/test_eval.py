@@ -77,7 +77,7 @@ def test_perplexity_equals_transformers_on_stories260k(stories260k, tmp_path_fac
     out = tmp_path_factory.getbasetemp() / "stories-eval"
     if not out.exists():
         edgelora.convert(stories260k, out)
-    r = edgelora.evaluate(out, text=STORY, window=window)
+    r = edgelora.evaluate(out, text=STORY, window=window, products="exact")
     ids = transformers.AutoTokenizer.from_pretrained(stories260k)(STORY)["input_ids"]
     ref, count = hf_perplexity(hf_dequantized(out, stories260k), ids, window or len(ids) + 1)
     assert r.text_tokens == count
@@ -90,7 +90,7 @@ def test_perplexity_equals_transformers_on_a_tiny_model(tiny, tmp_path, window):
     src, bundle = tiny
     path = tmp_path / "text.txt"
     path.write_text(WORDS)
-    r = edgelora.evaluate(bundle, text_file=path, window=window, max_context=128)
+    r = edgelora.evaluate(bundle, text_file=path, window=window, max_context=128, products="exact")
     ids = transformers.AutoTokenizer.from_pretrained(src)(WORDS)["input_ids"]
     ref, count = hf_perplexity(hf_dequantized(bundle, src), ids, window or 128)
     assert r.text_tokens == count and abs(r.perplexity - ref) <= 1e-4 * ref, (r.perplexity, ref)

@@ -16,6 +16,7 @@ import edgelora
 from edgelora.child import python_command
 from edgelora.converters.nf4 import quantize_nf4
 from edgelora.errors import UsageError
+from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime import int8 as I8
 from edgelora.runtime import kernels as K
 from edgelora.runtime.linear import make_linear
@@ -112,8 +113,8 @@ def test_int8_products_are_within_the_derived_bound_of_exact(n, per_row, bs, dq,
 
 @pytest.mark.parametrize("threaded", [False, True])
 def test_linear_decode_products(monkeypatch, threaded):
-    """matvec, matvec_batch (any B) and matmul up to MATVEC_ROWS_MAX rows are the twin's bits, one
-    thread or the row slices of several; longer prompts take the exact tiles."""
+    """matvec, matvec_batch (any B) and short matmuls are the twin's bits, one thread or the row
+    slices of several; longer prompts take the GEMM (or, without its SIMD variant, the exact tiles)."""
     if threaded:
         monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(3)
@@ -127,8 +128,12 @@ def test_linear_decode_products(monkeypatch, threaded):
         assert np.array_equal(_bits(lin.matvec(X[b])), _bits(ref[b]))
     out = np.empty(77, np.float32)
     assert lin.matvec(X[2], out) is out and np.array_equal(_bits(out), _bits(ref[2]))
-    assert np.array_equal(_bits(lin.matmul(X[:K.MATVEC_ROWS_MAX])), _bits(ref[:K.MATVEC_ROWS_MAX]))
-    assert np.array_equal(lin.matmul(X), K.NF4Linear(q).matmul(X))  # the exact tile path
+    short = I8.GEMM_MIN_ROWS - 1 if I8.INT8_GEMM_SIMD else K.MATVEC_ROWS_MAX
+    assert np.array_equal(_bits(lin.matmul(X[:short])), _bits(ref[:short]))
+    if I8.INT8_GEMM_SIMD:  # longer prompts: the prefill GEMM (tests/test_int8_gemm.py)
+        assert np.array_equal(_bits(lin.matmul(X)), _bits(I8.nf4_int8_matmul_reference(q, X)))
+    else:  # the exact tile path
+        assert np.array_equal(lin.matmul(X), K.NF4Linear(q).matmul(X))
     assert lin.matvec_batch(X[:0]).shape == (0, 77)
 
 
@@ -145,7 +150,8 @@ def test_weights_the_path_cannot_take_stay_exact(k, bs):
 
 def test_make_linear_products_option():
     q = quantize_nf4(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
-    assert type(make_linear(q)) is K.NF4Linear
+    assert type(make_linear(q)) is (I8.NF4Int8Linear if DEFAULT_PRODUCTS == "int8" else K.NF4Linear)
+    assert type(make_linear(q, "exact")) is K.NF4Linear
     assert type(make_linear(q, "int8")) is I8.NF4Int8Linear
     assert type(make_linear(np.zeros((2, 2), np.float16), "int8")) is K.F16Linear
     with pytest.raises(UsageError):
@@ -173,7 +179,7 @@ def converted(tmp_path_factory):
 def _assert_within_tolerance(bundle, src):
     import torch
     import transformers
-    exact = edgelora.load(bundle, max_context=64, warmup=False)
+    exact = edgelora.load(bundle, max_context=64, warmup=False, products="exact")
     int8 = edgelora.load(bundle, max_context=64, warmup=False, products="int8")
     assert int8.products == "int8" and exact.products == "exact"
     takes = [lin.int8 for L in int8.net.w.layers for lin in vars(L).values() if isinstance(lin, I8.NF4Int8Linear)]
@@ -259,7 +265,8 @@ def test_products_option_on_the_commands(cmd):
     from edgelora.cli import build_parser
     extra = ["-p", "x"] if cmd == "run" else []
     parse = lambda *a: build_parser().parse_args([cmd, "b", *extra, *a])
-    assert parse().products == "exact" and parse("--products", "int8").products == "int8"
+    assert parse().products == DEFAULT_PRODUCTS and parse("--products", "exact").products == "exact"
+    assert parse("--products", "int8").products == "int8"
     from edgelora.cli import main
     assert main([cmd, "b", *extra, "--products", "int4"]) == 2  # a usage error, before anything loads
 

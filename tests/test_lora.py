@@ -91,7 +91,7 @@ def test_adapter_logits_match_peft(case, bases, adapters):
     arch, _ = CASES[case]
     src, bundle = bases(arch)
     ad = adapters(case)
-    model = edgelora.load(bundle, max_context=64)
+    model = edgelora.load(bundle, max_context=64, products="exact")
     ids = np.random.default_rng(1).integers(0, model.args.vocab_size, 24)
     base = model.logits(ids)
     model.adapters.load("x", ad)
@@ -111,7 +111,7 @@ def test_adapter_logits_match_peft(case, bases, adapters):
 def test_weighted_mix_matches_peft_cat(bases, adapters):
     src, bundle = bases("llama_untied")
     a, b = adapters("r16-all-linear", 1), adapters("r4-attention", 2)
-    model = edgelora.load(bundle, max_context=64)
+    model = edgelora.load(bundle, max_context=64, products="exact")
     model.adapters.load("a", a)
     model.adapters.load("b", b)
     ids = np.random.default_rng(2).integers(0, model.args.vocab_size, 20)

@@ -32,7 +32,7 @@ def test_logits_match_transformers_prefill_and_decode(converted):
     """Prefill, and one token at a time through the decode kernels, against transformers on the
     same dequantized weights (60 positions: past every tiny config's sliding window)."""
     src, out = converted
-    model = edgelora.load(out, max_context=MAX_CONTEXT)
+    model = edgelora.load(out, max_context=MAX_CONTEXT, products="exact")
     ids = np.random.default_rng(0).integers(0, model.args.vocab_size, 60)
     with torch.no_grad():
         ref = hf_dequantized(out, src)(torch.from_numpy(ids)[None]).logits[0].numpy()  # [60, V]
@@ -68,7 +68,7 @@ def test_every_weight_keeps_the_linear_contract(converted):
 
 def test_greedy_tokens_match_transformers(converted):
     src, out = converted
-    model = edgelora.load(out, max_context=MAX_CONTEXT)
+    model = edgelora.load(out, max_context=MAX_CONTEXT, products="exact")
     prompt = [1, 5, 9, 3, 7]
     model.eos_ids = set()  # transformers is told not to stop either
     list(model.stream(prompt, max_new_tokens=32, temperature=0))
@@ -79,7 +79,7 @@ def test_greedy_tokens_match_transformers(converted):
 def test_chunked_prefill_equals_one_pass(converted, monkeypatch):
     import edgelora.runtime.model as rm
     _, out = converted
-    model = edgelora.load(out, max_context=MAX_CONTEXT)
+    model = edgelora.load(out, max_context=MAX_CONTEXT, products="exact")
     ids = np.random.default_rng(3).integers(0, model.args.vocab_size, 50)
     whole = model.logits(ids)
     monkeypatch.setattr(rm, "PREFILL_CHUNK", 7)
@@ -88,7 +88,7 @@ def test_chunked_prefill_equals_one_pass(converted, monkeypatch):
 
 def test_real_small_model_matches_transformers(stories260k, tmp_path):
     edgelora.convert(stories260k, tmp_path / "out")
-    model = edgelora.load(tmp_path / "out")
+    model = edgelora.load(tmp_path / "out", products="exact")
     ids = model.encode("Once upon a time")
     assert ids[0] == 1  # BOS, as transformers adds it
     hf = hf_dequantized(tmp_path / "out", stories260k)

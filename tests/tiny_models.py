@@ -204,7 +204,7 @@ def assert_logits_match(bundle, src, n: int = 40) -> None:
     import numpy as np
     import torch
     import edgelora
-    model = edgelora.load(bundle, max_context=64)
+    model = edgelora.load(bundle, max_context=64, products="exact")  # the exact path: bit-true
     ids = np.random.default_rng(0).integers(0, model.args.vocab_size, n)
     with torch.no_grad():
         ref = hf_dequantized(bundle, src)(torch.from_numpy(ids)[None]).logits[0].numpy()

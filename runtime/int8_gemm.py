@@ -1,0 +1,397 @@
+"""The int8 path's prefill GEMM: many tokens times an NF4 weight in int8 codes, int32 sums.
+
+``load(..., products="int8")`` multiplies a decode step's one vector (or a few) by the bytes as
+bitsandbytes stores them (``runtime/int8.py``). A prompt of T tokens reuses each weight T times,
+so here the weight is first repacked, one tile of rows at a time, into the layout of llama.cpp's
+and ik_llama.cpp's repacked types: the 32-bit lanes of a register are ``GEMM_ROWS`` output rows
+and the 4 bytes of a lane four consecutive entries of its row. One ``vpdpbusd`` then multiplies
+four entries of one token (a 32-bit broadcast) by the same four entries of 16 rows, so a register
+of weights, decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``), and the
+int32 sums of a block are ready for the float epilogue 16 rows at a time, with no horizontal
+reduction. The repack only moves 4-byte words (a block's byte ``b`` holds entries ``2b`` and
+``2b + 1``, and the activations are already stored per block as their even entries then their odd
+ones, ``int8.quantize_activations``), so it costs a copy of the tile, made once for all T tokens.
+
+The arithmetic, which the NumPy twin and every variant share bit for bit (it is not the decode
+kernels': their int32 sums are split into eight lanes; both quantize x identically):
+
+* activations as the decode path quantizes them (``int8.quantize_activations``: per block of
+  ``bs`` entries int8 codes ``q`` and a float scale ``xs``);
+* ``S[t, r, j]`` = the sum over block j of ``NF4_I8[code] * q`` (int32, exact). ``vpdpbusd`` takes
+  unsigned bytes times signed ones: the weights enter as ``NF4_I8 + 128`` (the table's bytes with
+  the sign bit flipped), and the sum starts from ``-128 * sum(q of the block)`` so it is exactly S;
+* ``y[t, r]``: float32 ``acc = acc + float(S[t, r, j]) * (xs[t, j] * scale(r, j))`` block after
+  block from 0 (a product, a product, a sum: no FMA), ``scale`` the block's absmax
+  (``storage.block_scale``).
+
+A token's result does not depend on the other tokens or on how the rows are tiled, so a prompt
+gives the same bits in one chunk or many; the float steps are the decode kernels' per block, so
+the two paths differ only in how the int32 sums are split before them.
+
+Variants: ``vnni512`` (AVX-512 VNNI on 512-bit registers: 16 rows a register), ``portable``
+(plain loops, any CPU: the reference arithmetic, kept for the tests; prompts on CPUs without a
+SIMD variant keep the exact tiles). ``INT8_GEMM_SIMD`` is the variant this CPU runs, or None.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from edgelora.runtime.simd import _FEATURES, _AARCH64, _I8, _I32, _I64, _F32
+from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
+
+GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit register)
+GEMM_TOKENS = 8  # tokens a tile: each decoded weight register serves this many (registers: 2 per token)
+GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
+
+_VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
+INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
+    {"vnni512"} if _VNNI512 else set()) | (
+    {"vnni256"} if _FEATURES.get("avxvnni") or (_VNNI512 and _FEATURES.get("avx512vl")) else set())
+INT8_GEMM_SIMD = next((v for v in ("vnni512", "vnni256", "avx2") if v in INT8_GEMM_AVAILABLE), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the block sums of the activations (the correction of the unsigned weights)
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def block_sums(XQ, bs):
+    """XQ int8 [T, k] -> int32 [T, k / bs]: each block's sum of codes."""
+    T, k = XQ.shape
+    out = np.zeros((T, k // bs), np.int32)
+    for t in range(T):
+        for j in range(k // bs):
+            s = np.int32(0)
+            for i in range(bs):
+                s += np.int32(XQ[t, j * bs + i])
+            out[t, j] = s
+    return out
+
+
+def block_sums_reference(XQ: np.ndarray, bs: int) -> np.ndarray:
+    """NumPy twin of :func:`block_sums`."""
+    T, k = XQ.shape
+    return XQ.reshape(T, k // bs, bs).astype(np.int32).sum(axis=2, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the twin
+# ---------------------------------------------------------------------------------------------
+
+def nf4_int8_gemm_reference(q: NF4Tensor, table: np.ndarray, XQ: np.ndarray, XS: np.ndarray) -> np.ndarray:
+    """NumPy twin of every variant: ``q`` [n, k] NF4, ``table`` the 16 codes as int8, ``XQ`` int8
+    [T, k] and ``XS`` f32 [T, k / bs] the activations as ``int8.quantize_activations`` gives
+    them -> f32 [T, n] (module docstring: integer sums exact, the float steps in order)."""
+    n, k = q.shape
+    bs, half = q.block_size, q.block_size // 2
+    per_row = k // bs
+    codes = np.asarray(q.packed, np.uint8).reshape(n, per_row, half)
+    w = np.concatenate([table[codes >> 4], table[codes & 15]], axis=2).astype(np.int64)  # [n, per_row, bs]
+    x = XQ.reshape(XQ.shape[0], per_row, bs).astype(np.int64)  # [T, per_row, bs], same order
+    S = np.einsum("tjb,rjb->jtr", x, w).astype(np.int32)  # [per_row, T, n] exact
+    scales = (q.absmax() if not q.double_quant else dequantize_scales_reference(
+        q.scales, q.nested_scales, q.offset, q.nested_block_size)).reshape(n, per_row)
+    acc = np.zeros((XQ.shape[0], n), np.float32)
+    for j in range(per_row):
+        s = XS[:, j, None] * scales[None, :, j]  # [T, n] f32
+        acc = acc + S[j].astype(np.float32) * s
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# portable
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    """Rows of groups ``g0 .. g1`` (``GEMM_ROWS`` each, the last cut at n) for every token, read
+    from the stored bytes in plain loops."""
+    per_row, half = k // bs, bs // 2
+    for r in range(g0 * GEMM_ROWS, min(n, g1 * GEMM_ROWS)):
+        row = packed[r * (k // 2):(r + 1) * (k // 2)]
+        for t in range(XQ.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(per_row):
+                S = np.int32(0)
+                for i in range(half):
+                    byte = row[j * half + i]
+                    S += np.int32(table[byte >> 4]) * np.int32(XQ[t, j * bs + i]) + \
+                        np.int32(table[byte & 15]) * np.int32(XQ[t, j * bs + half + i])
+                acc = acc + np.float32(S) * (XS[t, j] * block_scale(dyn, qscale, nested, nshift, offset,
+                                                                    r * per_row + j))
+            OUT[t, r] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# AVX-512 VNNI
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, r0, groups, rep, sc):
+    """Rows ``r0 .. r0 + groups * GEMM_ROWS`` into the tile layout: ``rep`` 32-bit words
+    [group, block, word s, lane] = bytes ``4s .. 4s + 3`` of the block of row ``r0 + group * 16 +
+    lane`` (``packed`` as 32-bit words, ``rep`` likewise); ``sc`` f32 [group, block, lane] its
+    scale. Rows past n: code 7 (the value 0) and scale 0."""
+    per_row, nd = k // bs, bs // 8  # words of a block
+    row_words = k // 8
+    for rr in range(groups * GEMM_ROWS):
+        g, lane = rr // GEMM_ROWS, rr % GEMM_ROWS
+        r = r0 + rr
+        for j in range(per_row):
+            gj = g * per_row + j
+            dst = gj * nd * GEMM_ROWS + lane
+            if r < n:
+                sc[gj * GEMM_ROWS + lane] = block_scale(dyn, qscale, nested, nshift, offset, r * per_row + j)
+                src = r * row_words + j * nd
+                for s in range(nd):
+                    rep[dst + s * GEMM_ROWS] = packed[src + s]
+            else:
+                sc[gj * GEMM_ROWS + lane] = 0.0
+                for s in range(nd):
+                    rep[dst + s * GEMM_ROWS] = 0x77777777
+
+
+def _splat(builder, v, ty, n):
+    u = builder.insert_element(ir.Constant(ir.VectorType(ty, n), ir.Undefined), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(u, u, ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _gemm_codegen(tokens: int, isa: str):
+    """IR of :func:`i8_gemm_tile` for ``tokens`` tokens and ``isa`` (Python values: every
+    accumulator a register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a
+    group's 16 rows are ``16 / lanes`` registers per token."""
+    lanes = 16 if isa == "vnni512" else 8
+    halves = GEMM_ROWS // lanes
+    vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    c = lambda x: ir.Constant(_I64, x)
+
+    def codegen(context, builder, sig, args):
+        table_p, rep_p, sc_p, xq_p, xa_p, xsum_p, xs_p, out_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(8))
+        per_row, half, k, n_out, t0, o0 = args[8:14]
+        fn = lambda name, ret, params: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
+        pshufb = fn("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b", vb, [vb, vb])
+        t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
+        table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes), list(range(16)) * (lanes // 4)))
+        if isa == "avx2":
+            psign = fn("llvm.x86.avx2.psign.b", vb, [vb, vb])
+            v16s = ir.VectorType(ir.IntType(16), 16)
+            maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16s, [vb, vb])
+            maddwd = fn("llvm.x86.avx2.pmadd.wd", vi, [v16s, v16s])
+            ones = ir.Constant(v16s, [1] * 16)
+
+            def dot(acc, w, t, at):  # |x| times w signed by x: pairs at most 2 * 127 * 127, no saturation
+                sw = builder.call(psign, [w, builder.bitcast(xword(xq_t[t], at), vb)])
+                prod = builder.call(maddubs, [builder.bitcast(xword(xa_t[t], at), vb), sw])
+                return builder.add(acc, builder.call(maddwd, [prod, ones]))
+        else:
+            table = builder.xor(table, ir.Constant(vb, [0x80] * 4 * lanes))  # NF4_I8 + 128 as unsigned bytes
+            dpbusd = fn("llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256", vi,
+                        [vi, vi, vi])
+
+            def dot(acc, w, t, at):
+                return builder.call(dpbusd, [acc, builder.bitcast(w, vi), xword(xq_t[t], at)])
+        four, fifteen = ir.Constant(vb, [4] * 4 * lanes), ir.Constant(vb, [15] * 4 * lanes)
+        nd = builder.udiv(half, c(4))
+        rep8 = builder.bitcast(rep_p, _I8.as_pointer())
+        ts = [builder.add(t0, c(t)) for t in range(tokens)]
+        xq_t = [builder.gep(xq_p, [builder.mul(t, k)]) for t in ts]
+        xa_t = [builder.gep(xa_p, [builder.mul(t, k)]) for t in ts]
+        xsum_t = [builder.gep(xsum_p, [builder.mul(t, per_row)]) for t in ts]
+        xs_t = [builder.gep(xs_p, [builder.mul(t, per_row)]) for t in ts]
+        out_t = [builder.gep(out_p, [builder.add(builder.mul(t, n_out), o0)]) for t in ts]
+        facc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(halves)]
+                for _ in range(tokens)]  # [token][half]
+        iacc = [[cgutils.alloca_once(builder, vi) for _ in range(halves)] for _ in range(tokens)]
+
+        def xword(base, at):  # the four bytes of a token's row at ``at``, in every lane
+            w = builder.load(builder.bitcast(builder.gep(base, [at]), _I32.as_pointer()), align=1)
+            return _splat(builder, w, _I32, lanes)
+
+        def block(j, nd_v, half_v):
+            x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
+            wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(4 * GEMM_ROWS))])
+            for t in range(tokens):
+                if isa == "avx2":
+                    start = ir.Constant(vi, [0] * lanes)
+                else:  # the unsigned weights' excess, 128 * sum(q), taken off in advance
+                    corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -128))
+                    start = _splat(builder, corr, _I32, lanes)
+                for h in range(halves):
+                    builder.store(start, iacc[t][h])
+
+            def word(s):
+                at = builder.add(x0, builder.mul(s, c(4)))
+                for h in range(halves):
+                    ptr = builder.gep(wb, [builder.add(builder.mul(s, c(4 * GEMM_ROWS)), c(4 * lanes * h))])
+                    w = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
+                    wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # weights of the even entries
+                    wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])  # of the odd ones
+                    for t in range(tokens):
+                        a = dot(builder.load(iacc[t][h]), wh, t, at)
+                        builder.store(dot(a, wl, t, builder.add(at, half_v)), iacc[t][h])
+
+            if isinstance(nd_v, ir.Constant):
+                for s in range(nd_v.constant):
+                    word(c(s))
+            else:
+                with cgutils.for_range(builder, nd_v) as loop:
+                    word(loop.index)
+            for h in range(halves):
+                at = builder.add(builder.mul(j, c(GEMM_ROWS)), c(lanes * h))
+                scv = builder.load(builder.bitcast(builder.gep(sc_p, [at]), vf.as_pointer()), align=4)
+                for t in range(tokens):
+                    sv = builder.fmul(_splat(builder, builder.load(builder.gep(xs_t[t], [j])), _F32, lanes), scv)
+                    f = builder.sitofp(builder.load(iacc[t][h]), vf)
+                    builder.store(builder.fadd(builder.load(facc[t][h]), builder.fmul(f, sv)), facc[t][h])
+
+        def blocks(nd_v, half_v):
+            with cgutils.for_range(builder, per_row) as loop:
+                block(loop.index, nd_v, half_v)
+
+        with builder.if_else(builder.icmp_unsigned("==", half, c(32))) as (bs64, general):
+            with bs64:
+                blocks(c(8), c(32))
+            with general:
+                blocks(nd, half)
+        for t in range(tokens):
+            for h in range(halves):
+                dst = builder.bitcast(builder.gep(out_t[t], [c(lanes * h)]), vf.as_pointer())
+                builder.store(builder.load(facc[t][h]), dst, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+#: the SIMD variants, by the code :func:`i8_gemm_tile` takes as ``isa``: ``vpdpbusd`` on 512-bit
+#: registers (AVX-512 VNNI) or 256-bit ones (AVX-512 VNNI with VL, or AVX-VNNI), and ``vpmaddubsw``
+#: + ``vpmaddwd`` (AVX2, the signs of x moved onto the weights by ``vpsignb``)
+GEMM_ISAS = {"vnni512": 0, "vnni256": 1, "avx2": 2}
+
+
+@intrinsic
+def i8_gemm_tile(typingctx, table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, tokens, isa):
+    """``out[(t0 + t) * n_out + o0 + lane]`` = row ``lane`` of one repacked group (``rep``, ``sc``:
+    :func:`_repack`'s layout for one group) times token ``t0 + t`` for ``t < tokens`` (a literal,
+    1 .. ``GEMM_TOKENS``): ``xq`` int8 and ``xa`` (its absolute values, uint8) [T * k], ``xsum``
+    int32 and ``xs`` f32 [T * per_row] flat. Per block of ``2 * half`` entries, ``half / 4`` word
+    steps of the group's 64 weight bytes, each decoded by two ``vpshufb`` into the even and odd
+    entries of 16 rows and multiplied with every token's four entries (one 32-bit broadcast).
+    ``isa``: a literal code of :data:`GEMM_ISAS`."""
+    arrays = (table, rep, sc, xq, xa, xsum, xs, out)
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
+            and table.dtype == types.int8 and rep.dtype == types.uint32 and xq.dtype == types.int8
+            and xa.dtype == types.uint8 and xsum.dtype == types.int32
+            and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
+            and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_TOKENS
+            and isinstance(isa, types.IntegerLiteral) and isa.literal_value in GEMM_ISAS.values()):
+        return None
+    i64 = types.int64
+    name = {v: n for n, v in GEMM_ISAS.items()}[isa.literal_value]
+    return types.none(*arrays, i64, i64, i64, i64, i64, i64, tokens, isa), _gemm_codegen(tokens.literal_value, name)
+
+
+@njit(cache=True, nogil=True)
+def _tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, isa):
+    """:func:`i8_gemm_tile` for ``m`` tokens (each count its own literal)."""
+    numba.literally(isa)
+    if m == 8:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
+    elif m == 7:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 7, isa)
+    elif m == 6:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 6, isa)
+    elif m == 5:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 5, isa)
+    elif m == 4:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 4, isa)
+    elif m == 3:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 3, isa)
+    elif m == 2:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 2, isa)
+    else:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 1, isa)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, isa):
+    """Groups ``g0 .. g1`` of ``GEMM_ROWS`` rows: ``GEMM_GROUPS`` groups repacked at a time, then
+    for each tile of ``GEMM_TOKENS`` tokens each group's tile product. ``OUT`` [T, n_out] with
+    ``n_out`` >= ``g1 * GEMM_ROWS`` (lanes past n are written too, as zeros)."""
+    numba.literally(isa)
+    per_row, half = k // bs, bs // 2
+    T, n_out = XQ.shape[0], OUT.shape[1]
+    gwords = per_row * half * GEMM_ROWS // 4  # repacked words of a group
+    gsc = per_row * GEMM_ROWS
+    rep = np.empty(GEMM_GROUPS * gwords, np.uint32)
+    sc = np.empty(GEMM_GROUPS * gsc, np.float32)
+    xq, xa, xsum, xs, out = XQ.reshape(-1), XA.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
+    for c0 in range(g0, g1, GEMM_GROUPS):
+        groups = min(GEMM_GROUPS, g1 - c0)
+        _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, c0 * GEMM_ROWS, groups, rep, sc)
+        for t0 in range(0, T, GEMM_TOKENS):
+            m = min(GEMM_TOKENS, T - t0)
+            for g in range(groups):
+                _tile(table, rep[g * gwords:(g + 1) * gwords], sc[g * gsc:(g + 1) * gsc], xq, xa, xsum, xs, out,
+                      per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS, isa)
+
+
+# One per ISA, its code (GEMM_ISAS) compiled in
+
+@njit(cache=True, nogil=True)
+def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 0)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_vnni256(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 1)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_avx2(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 2)
+
+
+# Every variant this CPU runs (the tests prove each equal to the twin bit for bit)
+INT8_GEMM_VARIANTS = {"portable": _gemm_portable}
+for _isa, _fn in (("vnni512", _gemm_vnni512), ("vnni256", _gemm_vnni256), ("avx2", _gemm_avx2)):
+    if _isa in INT8_GEMM_AVAILABLE:
+        INT8_GEMM_VARIANTS[_isa] = _fn
+
+
+def words(packed: np.ndarray) -> np.ndarray:
+    """The packed bytes as 32-bit words for the repack (in place where 4-byte aligned, else a copy)."""
+    if packed.ctypes.data % 4:
+        packed = packed.copy()
+    return packed.view(np.uint32)
+
+
+def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XA: np.ndarray, XS: np.ndarray, threads: int,
+         pool=None) -> np.ndarray:
+    """f32 [T, n] = the quantized activations (``int8.quantize_activations``: ``XQ`` int8 [T, k],
+    ``XA`` its absolute values, ``XS`` f32 [T, k / bs]) times
+    the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)`` (SIMD
+    variants: ``packed`` as :func:`words` may be given), rows split in whole groups between ``threads`` threads of ``pool`` (GIL released)."""
+    bs = args[-1]
+    XSUM = block_sums(XQ, bs)
+    groups = -(-n // GEMM_ROWS)
+    OUT = np.empty((XQ.shape[0], groups * GEMM_ROWS), np.float32)
+    fn = INT8_GEMM_VARIANTS[variant]
+    if variant != "portable" and args[2].dtype == np.uint8:  # the repack moves 32-bit words
+        args = args[:2] + (words(args[2]),) + args[3:]
+    threads = max(1, min(threads, groups))
+    bounds = [groups * i // threads for i in range(threads + 1)]
+    work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XA, XSUM, XS, OUT)
+    if threads == 1 or pool is None:
+        for i in range(threads):
+            work(i)
+    else:
+        list(pool.map(work, range(threads)))
+    return OUT if OUT.shape[1] == n else np.ascontiguousarray(OUT[:, :n])
