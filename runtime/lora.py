@@ -27,6 +27,16 @@ adapters swaps one immutable :class:`Selection` object for another, nothing is c
   ``lora_delta_reference``); prefill uses two BLAS products. A sequence's decode step gives the
   same bits alone or in a batch, because each sequence's delta is computed by the same kernel on
   its own row (the batch gathers each sequence's adapter, as in Punica's BGMV / S-LoRA).
+* At the memory bound: a decode step's adapter product reads ``r (in + out)`` floats for as many
+  multiply-adds, so it costs what its bytes cost plus what each call costs. The projections
+  that read the same input (q, k, v; gate, up: :data:`SHARED_INPUT`) have their A matrices
+  stacked at load into one :class:`Stack` (the deltas keep views: nothing is copied), so the
+  model asks for the group (``Selection.apply_group``, ``apply_batch_group``) and each adapter
+  adds its deltas of the group in one call (``lora_stack_add``): one pass over x for the A
+  products, the B products after it. Above ``LORA_PARALLEL_MIN`` weights the product runs on
+  the model's threads in one parallel region (each thread forms the small A products itself
+  and adds its slice of the outputs), as the base kernels around it do; the threaded kernels
+  give the serial ones' bits (the tests check it).
 """
 
 from __future__ import annotations
