@@ -112,21 +112,18 @@ def _stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, u, o0, o1):
     """One thread's part of :func:`lora_stack_add`: all of ``u = coef * A x`` (each thread its own
     copy, the same bits), then the outputs ``o0 .. o1`` of the requested modules' concatenation."""
     for j in range(A.shape[0]):
-        acc = np.float32(0.0)
-        a = A[j]
-        for i in range(A.shape[1]):
-            acc += a[i] * x[i]
-        u[j] = acc * coef[j]
+        _lora_down(x, A, coef[j], u, j)
     for m in range(rows.size - 1):
         if y_off[m] < 0:
             continue
         n = (b_off[m + 1] - b_off[m]) // (rows[m + 1] - rows[m])  # the module's outputs
-        lo, hi = max(o0, y_off[m]), min(o1, y_off[m] + n)
+        y = Y[y_off[m]:y_off[m] + n]
+        lo, hi = max(o0, y_off[m]) - y_off[m], min(o1, y_off[m] + n) - y_off[m]
         for j in range(rows[m], rows[m + 1]):
             uj = u[j]
-            at = b_off[m] + (j - rows[m]) * n - y_off[m]  # Bt[j, o - y_off[m]] is Bt[at + o]
+            b = Bt[b_off[m] + (j - rows[m]) * n:b_off[m] + (j - rows[m] + 1) * n]  # B^T row j - rows[m]
             for o in range(lo, hi):
-                Y[o] += uj * Bt[at + o]
+                y[o] += uj * b[o]
 
 
 @njit(cache=True, fastmath=_FM)
