@@ -117,13 +117,16 @@ def _stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, u, o0, o1):
         if y_off[m] < 0:
             continue
         n = (b_off[m + 1] - b_off[m]) // (rows[m + 1] - rows[m])  # the module's outputs
-        y = Y[y_off[m]:y_off[m] + n]
-        lo, hi = max(o0, y_off[m]) - y_off[m], min(o1, y_off[m] + n) - y_off[m]
+        lo, hi = max(o0, y_off[m]) - y_off[m], min(o1, y_off[m] + n) - y_off[m]  # of the module's outputs
+        if hi <= lo:
+            continue
+        # unsigned indices: no negative-index wraparound in the loop, which then vectorizes
+        ys, lo_u, hi_u = np.uint64(y_off[m]), np.uint64(lo), np.uint64(hi)
         for j in range(rows[m], rows[m + 1]):
             uj = u[j]
-            b = Bt[b_off[m] + (j - rows[m]) * n:b_off[m] + (j - rows[m] + 1) * n]  # B^T row j - rows[m]
-            for o in range(lo, hi):
-                y[o] += uj * b[o]
+            bs = np.uint64(b_off[m] + (j - rows[m]) * n)  # B^T row j - rows[m]
+            for o in range(lo_u, hi_u):
+                Y[ys + o] += uj * Bt[bs + o]
 
 
 @njit(cache=True, fastmath=_FM)
