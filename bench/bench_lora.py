@@ -9,7 +9,10 @@ rank 16 on all linear layers written by :func:`make_random_adapter`, in one proc
 * decode: tokens/s of the plain base and with one adapter, same prompt, same threads; the ratio is
   the adapter's cost;
 * batch: four sequences with four different adapters through ``generate_batch`` against the same
-  four generations one after another; the ratio of decode throughputs.
+  four generations one after another; the ratio of decode throughputs;
+* interleaved: ``--repeats`` rounds of base, adapter, and adapter with each projection's delta on
+  its own on the calling thread (the path before the grouped, threaded one), one after another in
+  the same process; medians of tok/s and of the per-round ratios (for a shared machine).
 
     python bench/bench_lora.py --models llama-3.2-1b --json bench/results/lora.json
 """
@@ -60,7 +63,44 @@ def _decode(model, prompt, n, adapter):
     return model.last_stats
 
 
-def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int) -> dict:
+class per_module_deltas:
+    """The adapter path as it was before the grouped one (for the same-process before/after): each
+    projection's delta on its own, on the calling thread (``lora_matvec_add``), as ``apply_group``
+    falls back to for prefill rows."""
+
+    def __enter__(self):
+        from edgelora.runtime import lora
+        self.saved = lora.Selection.apply_group, lora.LORA_PARALLEL_MIN
+        lora.Selection.apply_group = lambda sel, modules, layers, x, biases: [
+            sel.apply(m, lin, x, b) for m, lin, b in zip(modules, layers, biases)]
+        lora.LORA_PARALLEL_MIN = 1 << 62
+        return self
+
+    def __exit__(self, *exc):
+        from edgelora.runtime import lora
+        lora.Selection.apply_group, lora.LORA_PARALLEL_MIN = self.saved
+
+
+def decode_interleaved(model, prompt, n: int, repeats: int, adapter: str) -> dict:
+    """Decode tok/s of the base, the adapter, and the adapter with :class:`per_module_deltas`, one
+    after another ``repeats`` times (a shared machine's drift hits all three alike): the medians,
+    and the medians of the per-round ratios."""
+    runs = {"base": [], "adapter": [], "adapter_per_module": []}
+    for _ in range(repeats):
+        runs["base"].append(_decode(model, prompt, n, None).decode_tokens_per_second)
+        runs["adapter"].append(_decode(model, prompt, n, adapter).decode_tokens_per_second)
+        with per_module_deltas():
+            runs["adapter_per_module"].append(_decode(model, prompt, n, adapter).decode_tokens_per_second)
+    out = {f"{k}_tokens_per_second_median": statistics.median(v) for k, v in runs.items()}
+    out.update({f"{k}_tokens_per_second_all": v for k, v in runs.items()})
+    for k in ("adapter", "adapter_per_module"):
+        out[f"{k}_over_base_median"] = statistics.median(a / b for a, b in zip(runs[k], runs["base"]))
+    out.update(repeats=repeats, decode_tokens=n)
+    return out
+
+
+def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, repeats: int = 5,
+        interleaved_only: bool = False) -> dict:
     import edgelora
     from edgelora.memory import peak_rss_bytes
     names = [f"a{i}" for i in range(4)]
@@ -71,6 +111,13 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int) -
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, model.args.vocab_size, 16).tolist() for _ in names]
 
+    if interleaved_only:
+        model.adapters.load(names[0], paths[names[0]])
+        _decode(model, prompts[0][:4], 4, names[0])  # compile / warm up every path
+        with per_module_deltas():
+            _decode(model, prompts[0][:4], 4, names[0])
+        return {"threads": threads, "rank": rank, "adapter_bytes": model.adapters[names[0]].nbytes,
+                "interleaved": decode_interleaved(model, prompts[0], decode_tokens, repeats, names[0])}
     loads = []
     for _ in range(5):
         t = time.perf_counter()
@@ -119,7 +166,8 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int) -
             "sequential_4_adapters_tokens_per_second": seq_tokens / seq_decode,
             "batch_4_adapters_tokens_per_second": batch_tokens / batch_decode,
             "batch_vs_sequential": (batch_tokens / batch_decode) / (seq_tokens / seq_decode),
-            "batch_tokens_equal_sequential": same, "peak_rss_bytes": peak_rss_bytes()}
+            "batch_tokens_equal_sequential": same, "peak_rss_bytes": peak_rss_bytes(),
+            "interleaved": decode_interleaved(model, prompts[0], decode_tokens, repeats, "a0")}
 
 
 def main():
@@ -127,6 +175,8 @@ def main():
         p.add_argument("--threads", type=int, nargs="+", default=None)
         p.add_argument("--rank", type=int, default=16)
         p.add_argument("--decode-tokens", type=int, default=48)
+        p.add_argument("--repeats", type=int, default=5, help="rounds of base / adapter / adapter per module, interleaved")
+        p.add_argument("--interleaved-only", action="store_true", help="only the interleaved decode comparison")
 
     a, work = parse_args(__doc__, ["llama-3.2-1b"], add)
     sys.path.insert(0, str(HERE))
@@ -140,13 +190,23 @@ def main():
             import subprocess
             code = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); from bench_lora import run; "
                     f"from pathlib import Path; print(json.dumps(run(Path({str(bundle)!r}), Path({str(work)!r}), "
-                    f"{th}, {a.decode_tokens}, {a.rank})))")
+                    f"{th}, {a.decode_tokens}, {a.rank}, {a.repeats}, {a.interleaved_only})))")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if r.returncode:
                 raise SystemExit(r.stderr)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         report["models"][name] = rows
         print(f"\n{name}: one rank-{a.rank} all-linear adapter ({rows[0]['adapter_bytes'] / 1e6:.1f} MB resident)")
+        print("| threads | rounds | base tok/s | adapter tok/s (grouped) | adapter / base | adapter per module tok/s "
+              "| per module / base |")
+        print("|---|---|---|---|---|---|---|")
+        for o in rows:
+            i = o["interleaved"]
+            print(f"| {o['threads']} | {i['repeats']} | {i['base_tokens_per_second_median']:.2f} | "
+                  f"{i['adapter_tokens_per_second_median']:.2f} | {i['adapter_over_base_median']:.3f} | "
+                  f"{i['adapter_per_module_tokens_per_second_median']:.2f} | {i['adapter_per_module_over_base_median']:.3f} |")
+        if a.interleaved_only:
+            continue
         print("| threads | load ms | swap µs (median / max) | mix build µs | decode base tok/s | with adapter "
               "| adapter / base | 4 seq. one by one tok/s | batch of 4 tok/s | batch / one by one | same tokens "
               "| peak RSS MB |")

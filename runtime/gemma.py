@@ -74,7 +74,8 @@ class GemmaModel(LlamaModel):
         return gemma_rmsnorm(x, w, self.args.rms_norm_eps)  # [T, H]
 
     def gated(self, proj, h: np.ndarray) -> np.ndarray:
-        return gelu_tanh(proj("gate", h)) * proj("up", h)  # [T, I]
+        gate, up = proj(("gate", "up"), h)  # one group: they read the same h
+        return gelu_tanh(gate) * up  # [T, I]
 
     def embed(self, tokens: np.ndarray, lora) -> np.ndarray:
         return super().embed(tokens, lora) * self.normalizer  # [T, H]

@@ -5,8 +5,9 @@ x in float32. This path does what llama.cpp does for its IQ4_NL codebook: the 16
 held as int8, ``NF4_I8 = round(127 * code)`` (every value within 0.5/127 = 0.0039 of
 ``127 * code``; -1 and 1 are exact), x is quantized to int8 per weight block, and the products
 are summed in int32 by byte dot-product instructions: ``vpdpbusd`` (AVX-512 VNNI or AVX-VNNI) or
-``vpmaddubsw`` + ``vpmaddwd`` (AVX2), codes looked up 32 at a time by ``vpshufb``
-(``simd.i8_rows_dot``), or a portable Numba loop elsewhere.
+``vpmaddubsw`` + ``vpmaddwd`` (AVX2), codes looked up 32 at a time by ``vpshufb``; on aarch64
+``sdot`` (dotprod), ``smmla`` (i8mm, batches) or widening NEON multiplies, codes looked up by
+``tbl`` (``simd.i8_rows_dot``); a portable Numba loop elsewhere.
 
 The arithmetic, which every variant and the NumPy twin share bit for bit:
 
@@ -161,7 +162,7 @@ def _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows
                         v0, n_out, o0, 1, isa)
 
 
-# One per ISA, its code (simd.INT8_ISAS: vnni 0, avx2 1) compiled in
+# One per ISA, its code (simd.INT8_ISAS: vnni 0, avx2 1, sdot 2, neon 3, smmla 4) compiled in
 
 @njit(cache=True)
 def _i8_rows_vnni(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0):
@@ -173,9 +174,25 @@ def _i8_rows_avx2(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows
     _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0, 1)
 
 
+@njit(cache=True)
+def _i8_rows_sdot(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0):
+    _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0, 2)
+
+
+@njit(cache=True)
+def _i8_rows_neon(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0):
+    _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0, 3)
+
+
+@njit(cache=True)
+def _i8_rows_smmla(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0):
+    _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT, o0, 4)
+
+
 # Every variant this CPU runs (the tests prove each equal to the twin bit for bit); products use the best
 INT8_VARIANTS = {"portable": _i8_rows_portable}
-for _isa, _fn in (("vnni", _i8_rows_vnni), ("avx2", _i8_rows_avx2)):
+for _isa, _fn in (("vnni", _i8_rows_vnni), ("avx2", _i8_rows_avx2), ("sdot", _i8_rows_sdot), ("neon", _i8_rows_neon),
+                  ("smmla", _i8_rows_smmla)):
     if _isa in INT8_AVAILABLE:
         INT8_VARIANTS[_isa] = _fn
 _i8_rows = INT8_VARIANTS[INT8_SIMD or "portable"]

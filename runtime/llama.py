@@ -32,7 +32,7 @@ import numpy as np
 
 from edgelora import architectures
 from edgelora.config import ModelArgs
-from edgelora.runtime.lora import BASE, Selection, apply_batch
+from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
 
 
 @dataclass
@@ -302,13 +302,15 @@ class LlamaModel:
 
     def qkv(self, proj, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, T = self.args, h.shape[0]
-        q = proj("q", h).reshape(T, a.num_attention_heads, a.head_dim)  # [T, nh, hd]
-        k = proj("k", h).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
-        v = proj("v", h).reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
+        q, k, v = proj(("q", "k", "v"), h)  # one group: they read the same h
+        q = q.reshape(T, a.num_attention_heads, a.head_dim)  # [T, nh, hd]
+        k = k.reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
+        v = v.reshape(T, a.num_key_value_heads, a.head_dim)  # [T, nkv, hd]
         return q, k, v
 
     def gated(self, proj, h: np.ndarray) -> np.ndarray:
-        return silu(proj("gate", h)) * proj("up", h)  # [T, I]
+        gate, up = proj(("gate", "up"), h)
+        return silu(gate) * up  # [T, I]
 
     def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return rmsnorm(x, w, self.args.rms_norm_eps)  # [T, H]
@@ -335,7 +337,9 @@ class LlamaModel:
     def block(self, i: int, x: np.ndarray, cache: KVCache, start: int, lora: Selection = BASE) -> np.ndarray:
         L, n = self.w.layers[i], self.names[i]
 
-        def proj(k, inp):  # the projection k of this layer, with the adapters' deltas
+        def proj(k, inp):  # the projection k of this layer (a tuple: a group reading inp), with the adapters' deltas
+            if isinstance(k, tuple):
+                return lora.apply_group([n[j] for j in k], [getattr(L, j) for j in k], inp, [L.biases.get(j) for j in k])
             return lora.apply(n[k], getattr(L, k), inp, L.biases.get(k))
 
         return self.layer(L, x, proj, lambda q, k, v: self.attend(i, q, k, v, cache, start))  # [T, H]
@@ -393,6 +397,9 @@ class LlamaModel:
             L, n = self.w.layers[i], self.names[i]
 
             def proj(k, inp):  # the base product once for the batch, each row its own adapters
+                if isinstance(k, tuple):
+                    return apply_batch_group(loras, [n[j] for j in k], [getattr(L, j) for j in k], inp,
+                                             [L.biases.get(j) for j in k])
                 return apply_batch(loras, n[k], getattr(L, k), inp, L.biases.get(k))
 
             def attend(q, k, v):  # q: [B, nh, hd]; k, v: [B, nkv, hd]; each row at its own position

@@ -27,6 +27,16 @@ adapters swaps one immutable :class:`Selection` object for another, nothing is c
   ``lora_delta_reference``); prefill uses two BLAS products. A sequence's decode step gives the
   same bits alone or in a batch, because each sequence's delta is computed by the same kernel on
   its own row (the batch gathers each sequence's adapter, as in Punica's BGMV / S-LoRA).
+* At the memory bound: a decode step's adapter product reads ``r (in + out)`` floats for as many
+  multiply-adds, so it costs what its bytes cost plus what each call costs. The projections
+  that read the same input (q, k, v; gate, up: :data:`SHARED_INPUT`) have their A matrices
+  stacked at load into one :class:`Stack` (the deltas keep views: nothing is copied), so the
+  model asks for the group (``Selection.apply_group``, ``apply_batch_group``) and each adapter
+  adds its deltas of the group in one call (``lora_stack_add``): one pass over x for the A
+  products, the B products after it. Above ``LORA_PARALLEL_MIN`` weights the product runs on
+  the model's threads in one parallel region (each thread forms the small A products itself
+  and adds its slice of the outputs), as the base kernels around it do; the threaded kernels
+  give the serial ones' bits (the tests check it).
 """
 
 from __future__ import annotations
@@ -36,8 +46,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, min_resident_bytes, read_adapter
 from edgelora.errors import UsageError, PlanError
@@ -50,19 +61,96 @@ _FM = {"reassoc", "contract", "nsz"}
 def lora_matvec_add(x, A, Bt, coef, y, u):
     """``y += coef * B (A x)`` for one token. x: [in], A: [r, in], Bt: [r, out] (B transposed),
     y: [out], u: scratch [r]."""
-    r, k = A.shape
-    for j in range(r):
-        acc = np.float32(0.0)
-        a = A[j]
-        for i in range(k):
-            acc += a[i] * x[i]
-        u[j] = acc * coef
-    n = y.size
-    for j in range(r):
+    for j in range(A.shape[0]):
+        _lora_down(x, A, coef, u, j)
+    _lora_up(u, Bt, y, 0, y.size)
+
+
+LORA_PARALLEL_MIN = 1 << 15  # adapter weights (r * (in + out)) from which a delta's decode product is threaded
+LORA_CHUNK = 16  # the output slices of the threaded product start at multiples of this many floats
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _lora_down(x, A, coef, u, j):
+    """``u[j] = coef * (A[j] . x)``."""
+    acc = np.float32(0.0)
+    a = A[j]
+    for i in range(A.shape[1]):
+        acc += a[i] * x[i]
+    u[j] = acc * coef
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _lora_up(u, Bt, y, o0, o1):
+    """``y[o0:o1] += sum_j u[j] Bt[j, o0:o1]``, j in order (the slice stays in L1 across the r passes)."""
+    for j in range(Bt.shape[0]):
         uj = u[j]
         b = Bt[j]
-        for o in range(n):
+        for o in range(o0, o1):
             y[o] += uj * b[o]
+
+
+@njit(cache=True, fastmath=_FM, parallel=True)
+def lora_matvec_add_parallel(x, A, Bt, coef, y, u, chunks):
+    """:func:`lora_matvec_add` on the model's threads: the ``r`` rows of ``A`` split between them,
+    then the outputs, in ``chunks`` slices (each starting at a multiple of :data:`LORA_CHUNK`).
+    An adapter's decode product is memory-bound (it reads ``r * (in + out)`` floats for
+    ``2 r (in + out)`` flops), so one thread leaves the other core's share of the bandwidth unused
+    while the base kernels around it use both."""
+    r = A.shape[0]
+    for j in prange(r):
+        _lora_down(x, A, coef, u, j)
+    n = y.size
+    step = ((n + chunks - 1) // chunks + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
+    for c in prange(chunks):
+        o0 = c * step
+        _lora_up(u, Bt, y, o0, min(n, o0 + step))
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, u, o0, o1):
+    """One thread's part of :func:`lora_stack_add`: all of ``u = coef * A x`` (each thread its own
+    copy, the same bits), then the outputs ``o0 .. o1`` of the requested modules' concatenation."""
+    for j in range(A.shape[0]):
+        _lora_down(x, A, coef[j], u, j)
+    for m in range(rows.size - 1):
+        if y_off[m] < 0:
+            continue
+        n = (b_off[m + 1] - b_off[m]) // (rows[m + 1] - rows[m])  # the module's outputs
+        lo, hi = max(o0, y_off[m]) - y_off[m], min(o1, y_off[m] + n) - y_off[m]  # of the module's outputs
+        if hi <= lo:
+            continue
+        # unsigned indices: no negative-index wraparound in the loop, which then vectorizes
+        ys, lo_u, hi_u = np.uint64(y_off[m]), np.uint64(lo), np.uint64(hi)
+        for j in range(rows[m], rows[m + 1]):
+            uj = u[j]
+            bs = np.uint64(b_off[m] + (j - rows[m]) * n)  # B^T row j - rows[m]
+            for o in range(lo_u, hi_u):
+                Y[ys + o] += uj * Bt[bs + o]
+
+
+@njit(cache=True, fastmath=_FM)
+def lora_stack_add(x, A, Bt, coef, rows, b_off, y_off, Y, U):
+    """``Y[y_off[m]:][:n_m] += B_m (coef * A_m x)`` for the modules m of one adapter that read the same
+    input ``x`` (q, k and v; gate and up), their A matrices stacked: ``A`` [R, in] (module m's rows
+    ``rows[m] .. rows[m+1]``), ``coef`` [R], ``Bt`` every module's ``B^T`` [r_m, n_m] flat, module m's
+    from ``b_off[m]``; ``y_off[m]`` where its outputs start in ``Y`` (-1: not requested). One pass
+    over x for all the A products, one call for the layer's group. ``U`` [threads, R] scratch;
+    with one row of U, the calling thread does it all."""
+    _stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[0], 0, Y.size)
+
+
+@njit(cache=True, fastmath=_FM, parallel=True)
+def lora_stack_add_parallel(x, A, Bt, coef, rows, b_off, y_off, Y, U):
+    """:func:`lora_stack_add` on ``U.shape[0]`` threads in one parallel region: each computes the
+    (small) A products itself and adds its slice of the outputs (slices start at multiples of
+    :data:`LORA_CHUNK`), so the group costs one thread wake-up, not two."""
+    chunks = U.shape[0]
+    n = Y.size
+    step = ((n + chunks - 1) // chunks + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
+    for c in prange(chunks):
+        o0 = c * step
+        _stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[c], o0, min(n, o0 + step))
 
 
 def lora_delta_reference(x: np.ndarray, A: np.ndarray, B: np.ndarray, coef: float) -> np.ndarray:
@@ -89,13 +177,62 @@ class Delta:
         if self.g is not None:
             y *= self.g  # DoRA: g * W x here, and Bt holds g * B, so the sum is g * (W x + s B A x)
         if x.shape[0] == 1:
-            u = np.empty(self.A.shape[0], np.float32)
-            lora_matvec_add(x[0], self.A, self.Bt, np.float32(self.coef), y[0], u)
+            r, k = self.A.shape
+            u = np.empty(r, np.float32)
+            threads = numba.get_num_threads()
+            if threads > 1 and r * (k + y.shape[1]) >= LORA_PARALLEL_MIN:  # by shape: a batch row is threaded alike
+                lora_matvec_add_parallel(x[0], self.A, self.Bt, np.float32(self.coef), y[0], u, threads)
+            else:
+                lora_matvec_add(x[0], self.A, self.Bt, np.float32(self.coef), y[0], u)
         else:
             y += (x @ self.A.T) @ (self.Bt * np.float32(self.coef))
         if self.bias is not None:
             y += self.bias
         return y
+
+
+#: projections that read the same input, by the last part of their module names (every
+#: architecture edgelora runs names them so): an adapter's A matrices of each group are stacked
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One adapter's deltas of the modules of a layer that read the same input, in one place: the
+    A matrices stacked ``A`` [R, in] and the ``B^T`` matrices back to back in ``Bt`` (flat); the
+    adapter's :class:`Delta` objects of these modules hold views of them (nothing is copied)."""
+
+    modules: tuple  # module names, in the order of their rows
+    A: np.ndarray  # [R, in] float32
+    Bt: np.ndarray  # [sum r_m * n_m] float32
+    rows: np.ndarray  # int64 [modules + 1]: module m's rows of A are rows[m] .. rows[m + 1]
+    b_off: np.ndarray  # int64 [modules + 1]: module m's B^T is Bt[b_off[m]:b_off[m + 1]] ([r_m, n_m])
+
+
+def stack_deltas(deltas: dict) -> tuple[dict, dict]:
+    """``(deltas, stacks)``: the deltas with those of each :data:`SHARED_INPUT` group of a layer
+    (plain LoRA, two or more modules) moved into one :class:`Stack`, and module -> its stack."""
+    groups: dict = {}
+    for module, d in deltas.items():
+        parent, _, leaf = module.rpartition(".")
+        for g, names in enumerate(SHARED_INPUT):
+            if leaf in names and d.g is None:
+                groups.setdefault((parent, g), []).append((names.index(leaf), module))
+    deltas, stacks = dict(deltas), {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        modules = tuple(m for _, m in sorted(members))
+        ds = [deltas[m] for m in modules]
+        A = np.concatenate([d.A for d in ds])  # [R, in]
+        Bt = np.concatenate([d.Bt.ravel() for d in ds])
+        rows = np.cumsum([0] + [d.A.shape[0] for d in ds]).astype(np.int64)
+        b_off = np.cumsum([0] + [d.Bt.size for d in ds]).astype(np.int64)
+        st = Stack(modules, A, Bt, rows, b_off)
+        for i, (m, d) in enumerate(zip(modules, ds)):
+            deltas[m] = Delta(A[rows[i]:rows[i + 1]], Bt[b_off[i]:b_off[i + 1]].reshape(d.Bt.shape), d.coef, d.bias, d.g)
+            stacks[m] = st
+    return deltas, stacks
 
 
 @dataclass(frozen=True)
@@ -107,6 +244,7 @@ class Selection:
     biases: dict = field(default_factory=dict)  # module -> float32 [out]: the bias to use instead
     replaced: dict = field(default_factory=dict)  # module -> (base weight, ((w, linear), ...))
     adapters: tuple = ()  # the Resident objects, held so their memory lives as long as this
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)  # apply_group's plans, by group
 
     @property
     def label(self) -> str:
@@ -132,6 +270,91 @@ class Selection:
             y = d.apply(x, y)  # y + c_i B_i (A_i x)
         b = self.biases.get(module, bias)
         return y if b is None else y + b
+
+    def apply_group(self, modules, layers, x: np.ndarray, biases) -> list:
+        """Projections ``modules`` (names, their base ``layers`` and own ``biases``) that read the
+        same rows x [T, in] -> their outputs [T, out_m], each what :meth:`apply` gives up to float
+        rounding. A decode step (T = 1) writes the base products side by side and adds each
+        adapter's deltas of the group (a :class:`Stack`: q, k and v; gate and up) in one call:
+        one pass over x for the stacked A products, the B products of the group after it, on the
+        model's threads. Longer rows go module by module through :meth:`apply` (BLAS)."""
+        if x.shape[0] != 1 or any(m in self.replaced for m in modules):
+            return [self.apply(m, lin, x, b) for m, lin, b in zip(modules, layers, biases)]
+        sizes = [lin.out_features for lin in layers]
+        off = np.cumsum([0] + sizes)
+        Y = np.empty(off[-1], np.float32)  # [sum out]: the modules' outputs side by side
+        for lin, o0, o1 in zip(layers, off, off[1:]):
+            lin.matvec(x[0], Y[o0:o1])
+        return self._finish_group(tuple(modules), x, Y, off, biases)
+
+    def _finish_group(self, modules: tuple, x: np.ndarray, Y: np.ndarray, off, biases) -> list:
+        """The outputs of :meth:`apply_group` from the base products ``Y`` [sum out] (changed in place)
+        of one row x [1, in]."""
+        ys = [Y[o0:o1].reshape(1, -1) for o0, o1 in zip(off, off[1:])]  # views of Y
+        for kind, item, extra in self._group_plan(modules, off):
+            if kind == "stack":
+                st, coef, y_off = item, extra[0], extra[1]
+                threads = numba.get_num_threads()
+                if threads > 1 and st.A.shape[0] * (st.A.shape[1] + Y.size) >= LORA_PARALLEL_MIN:
+                    lora_stack_add_parallel(x[0], st.A, st.Bt, coef, st.rows, st.b_off, y_off, Y,
+                                            np.empty((threads, st.A.shape[0]), np.float32))
+                else:
+                    lora_stack_add(x[0], st.A, st.Bt, coef, st.rows, st.b_off, y_off, Y,
+                                   np.empty((1, st.A.shape[0]), np.float32))
+            elif kind == "delta":  # a delta of no stack (DoRA, a lone module): in place
+                ys[item] = extra.apply(x, ys[item])
+            else:  # "bias": a stacked delta's trained bias
+                ys[item] += extra
+        out = []
+        for m, b, y in zip(modules, biases, ys):
+            b = self.biases.get(m, b)
+            out.append(y if b is None else y + b)
+        return out
+
+    def _group_plan(self, modules: tuple, off) -> list:
+        """What :meth:`_finish_group` does for ``modules``, member after member: ``("stack", Stack,
+        (coef [R], y_off))`` for a member's stacked deltas (coef per row: the member's weight in),
+        ``("delta", i, Delta)`` for a delta of module i in no stack, ``("bias", i, bias)``. Made once
+        per selection and group (the selection never changes)."""
+        key = (modules, tuple(int(o) for o in off))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = []
+        index = {m: i for i, m in enumerate(modules)}
+        residents = self.adapters if len(self.adapters) == len(self.members) else None
+        if residents is None:  # a selection built by hand: its deltas module by module
+            for i, m in enumerate(modules):
+                plan += [("delta", i, d) for d in self.deltas.get(m, ())]
+        else:
+            seen = {m: 0 for m in modules}  # how many of module m's deltas (one a member) are placed
+            for r, (_, w) in zip(residents, self.members):
+                stacks, loose, trained = [], [], []
+                for i, m in enumerate(modules):
+                    if m not in r.deltas:
+                        continue
+                    d = self.deltas[m][seen[m]]  # this member's delta (its weight in)
+                    seen[m] += 1
+                    st = r.stacks.get(m)
+                    if st is None:
+                        loose.append(("delta", i, d))
+                        continue
+                    if d.bias is not None:
+                        trained.append(("bias", i, d.bias))
+                    if all(s is not st for _, s, _ in stacks):
+                        coef = np.concatenate([np.full(st.rows[k + 1] - st.rows[k], self._coef(r, sm, w), np.float32)
+                                               for k, sm in enumerate(st.modules)])
+                        y_off = np.array([off[index[sm]] if sm in index else -1 for sm in st.modules], np.int64)
+                        stacks.append(("stack", st, (coef, y_off)))
+                plan += stacks + loose + trained
+        self._plans[key] = plan
+        return plan
+
+    @staticmethod
+    def _coef(r, module: str, w: float) -> np.float32:
+        """The float32 coefficient of member r's delta at ``module`` with weight w (as ``Delta.with_weight``)."""
+        d = r.deltas[module]
+        return np.float32(d.coef if w == 1.0 else d.coef * w)
 
     def embed(self, layer: Linear, ids: np.ndarray) -> np.ndarray:
         """The embeddings of token ids ``ids`` [T] -> [T, H] (a saved embedding mixed in)."""
@@ -179,6 +402,31 @@ def apply_batch(selections: list, module: str, layer: Linear, X: np.ndarray,
     return Y
 
 
+def apply_batch_group(selections: list, modules, layers, X: np.ndarray, biases) -> list:
+    """:func:`apply_batch` for projections that read the same rows X [B, in] (as
+    :meth:`Selection.apply_group`): the base products once for all rows, then each row finished
+    by its own selection's group step, on the same side-by-side outputs as a decode step alone,
+    so a row's bits are its step's alone. -> the modules' outputs [B, out_m]."""
+    outs = [lin.matvec_batch(X) for lin in layers]  # [B, out_m] each
+    off = np.cumsum([0] + [lin.out_features for lin in layers])
+    modules = tuple(modules)
+    for b, sel in enumerate(selections):
+        if not sel.members and not any(sel.biases.get(m) is not None for m in modules):
+            if any(bias is not None for bias in biases):
+                for y, bias in zip(outs, biases):
+                    if bias is not None:
+                        y[b] += bias
+            continue
+        if any(m in sel.replaced for m in modules):
+            for i, (m, lin, bias) in enumerate(zip(modules, layers, biases)):
+                outs[i][b] = sel.apply(m, lin, X[b:b + 1], bias, outs[i][b:b + 1].copy())[0]
+            continue
+        Y = np.concatenate([y[b] for y in outs])  # [sum out]
+        for y, r in zip(outs, sel._finish_group(modules, X[b:b + 1], Y, off, biases)):
+            y[b] = r[0]
+    return outs
+
+
 @dataclass
 class Resident:
     """An adapter held by a model: its deltas, trained biases and replaced modules, ready to use."""
@@ -191,6 +439,7 @@ class Resident:
     saved: dict  # module -> linear object
     load_seconds: float = 0.0
     selection: Selection | None = None
+    stacks: dict = field(default_factory=dict)  # module -> the Stack holding its delta (q, k, v; gate, up)
 
     @property
     def nbytes(self) -> int:
@@ -233,8 +482,12 @@ def make_resident(name: str, adapter: Adapter, scale: float, modules) -> Residen
             Bt = np.ascontiguousarray(Bt * g[None, :])
         bias = None if p.bias is None else (p.bias * np.float32(coef)).astype(np.float32)
         deltas[module] = Delta(p.A, Bt, float(coef), bias, g)
+    deltas, stacks = stack_deltas(deltas)
+    for module in stacks:  # the adapter's pairs keep views of the stacks, not the first copies
+        p = adapter.pairs[module]
+        p.A, p.B = deltas[module].A, deltas[module].Bt.T
     saved = {m: make_linear(arr) for m, arr in adapter.saved.items()}
-    return Resident(name, adapter, float(scale), deltas, dict(adapter.biases), saved)
+    return Resident(name, adapter, float(scale), deltas, dict(adapter.biases), saved, stacks=stacks)
 
 
 def build_selection(members: list[tuple[Resident, float]], base_biases) -> Selection:

@@ -454,119 +454,341 @@ def f16_rows_dot(typingctx, bits, x, out, r0, r1, k):
 # The int8 product path (``runtime/int8.py``): NF4 codes as int8, activations as int8, int32 sums
 # ---------------------------------------------------------------------------------------------
 
-#: the int8 kernels this CPU runs, by the code ``i8_rows_dot`` takes as ``isa``: ``vnni`` is
-#: ``vpdpbusd`` on 256-bit registers (AVX-512 VNNI with VL, or AVX-VNNI), ``avx2`` the same sums
-#: through ``vpmaddubsw`` and ``vpmaddwd``
-INT8_ISAS = {"vnni": 0, "avx2": 1}
-INT8_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
-    {"vnni"} if _FEATURES.get("avxvnni") or (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")) else set())
-INT8_SIMD = "vnni" if "vnni" in INT8_AVAILABLE else "avx2" if "avx2" in INT8_AVAILABLE else None
+def _aarch64_extensions() -> set[str]:
+    """The int8 extensions of this aarch64 CPU, of ``{"dotprod", "i8mm"}``, as its kernel reports
+    them: on Linux the auxiliary vector (``getauxval``: ``AT_HWCAP`` bit 20 ``asimddp``,
+    ``AT_HWCAP2`` bit 13 ``i8mm``, the bits /proc/cpuinfo's Features line prints; under qemu-user,
+    those of the emulated CPU), on macOS ``sysctl hw.optional.arm.FEAT_DotProd`` / ``FEAT_I8MM``;
+    none elsewhere. (LLVM's host features are not used: under qemu-user they are the host's.)"""
+    import ctypes
+    import sys
+
+    found = set()
+    try:
+        if sys.platform.startswith("linux"):
+            getauxval = ctypes.CDLL(None).getauxval
+            getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+            hwcap, hwcap2 = getauxval(16), getauxval(26)  # AT_HWCAP, AT_HWCAP2
+            found |= {"dotprod"} if hwcap & (1 << 20) else set()
+            found |= {"i8mm"} if hwcap2 & (1 << 13) else set()
+        elif sys.platform == "darwin":
+            libc = ctypes.CDLL(None)
+            for name, feature in ((b"hw.optional.arm.FEAT_DotProd", "dotprod"), (b"hw.optional.arm.FEAT_I8MM", "i8mm")):
+                value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+                if libc.sysctlbyname(name, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0 \
+                        and value.value:
+                    found.add(feature)
+    except (OSError, AttributeError):  # no libc symbol: the baseline kernels
+        pass
+    return found
+
+
+#: the int8 kernels ``i8_rows_dot`` has, by the code it takes as ``isa``: ``vnni`` is ``vpdpbusd``
+#: on 256-bit registers (AVX-512 VNNI with VL, or AVX-VNNI), ``avx2`` the same sums through
+#: ``vpmaddubsw`` and ``vpmaddwd``; on aarch64 ``sdot`` (ARMv8.2 dotprod), ``smmla`` (i8mm: 2 rows
+#: by 2 vectors a step, for batches) and ``neon`` (baseline Advanced SIMD: widening multiplies and
+#: adds); all look the codes up by byte shuffles (``vpshufb``, ``tbl``)
+INT8_ISAS = {"vnni": 0, "avx2": 1, "sdot": 2, "neon": 3, "smmla": 4}
+if _AARCH64:
+    AARCH64_EXTENSIONS = _aarch64_extensions()
+    INT8_AVAILABLE = {"neon"} | ({"sdot"} if "dotprod" in AARCH64_EXTENSIONS else set()) | (
+        {"smmla"} if {"dotprod", "i8mm"} <= AARCH64_EXTENSIONS else set())
+    # sdot and smmla are written as inline assembly (with ``.arch_extension``), so they compile
+    # whatever CPU Numba targets (``NUMBA_CPU_NAME=generic`` included); that needs the asm parser
+    llvm.initialize_native_asmparser()
+else:
+    AARCH64_EXTENSIONS = set()
+    INT8_AVAILABLE = set() if not _FEATURES.get("avx2") else {"avx2"} | (
+        {"vnni"} if _FEATURES.get("avxvnni") or (_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl")) else set())
+#: the variant products use: the first this CPU runs (smmla serves batches; one vector goes to sdot)
+INT8_SIMD = next((isa for isa in ("vnni", "avx2", "smmla", "sdot", "neon") if isa in INT8_AVAILABLE), None)
 INT8_CHUNK = 32  # bytes of a row a step reads (one 256-bit register: 32 high and 32 low nibbles)
 INT8_LANES = 8  # int32 lanes of a step; lane l sums the products of bytes 4l .. 4l + 3 of each chunk
 INT8_TILE_ROWS = 2  # rows a step takes side by side (they share each x load; 1.2x for 4 vectors)
 
 
+_V32, _V16, _V8I, _V4I = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I32, 8), ir.VectorType(_I32, 4)
+
+
+def _join(builder, a, b):
+    """Two vectors of n elements -> one of 2n (a's, then b's)."""
+    n = a.type.count
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+
+
+def _halves(builder, v):
+    """A vector of 2n elements -> its two halves of n."""
+    n = v.type.count // 2
+    return [builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(h * n, h * n + n))))
+            for h in (0, 1)]
+
+
+def _neon_asm(builder, mnemonic, extension, acc, a, b):
+    """``mnemonic acc.4s, a.16b, b.16b`` (``sdot``, ``smmla``) as inline assembly, with the
+    ``.arch_extension`` that lets the assembler take it whatever CPU Numba compiles for (the
+    intrinsics would abort LLVM where its target lacks the feature, as ``NUMBA_CPU_NAME=generic``
+    does); the caller checked that the CPU has it (:data:`INT8_AVAILABLE`)."""
+    return builder.asm(ir.FunctionType(_V4I, [_V4I, _V16, _V16]),
+                       f".arch_extension {extension}\n\t{mnemonic} $0.4s, $2.16b, $3.16b", "=w,0,w,w", [acc, a, b],
+                       False)
+
+
+def _i8_lookup(builder, isa, table_p):
+    """``lookup(idx)``: the int8 codes ``table[idx]`` of 32 nibbles (bytes 0 .. 15): ``vpshufb`` of
+    the 16-byte table held twice in a 256-bit register on x86-64, two ``tbl`` on aarch64."""
+    t16 = builder.load(builder.bitcast(table_p, _V16.as_pointer()), align=1)
+    if isa in ("vnni", "avx2"):
+        pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32, [_V32, _V32]),
+                                                "llvm.x86.avx2.pshuf.b")
+        table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+        return lambda idx: builder.call(pshufb, [table, idx])
+    tbl = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16, _V16]),
+                                         "llvm.aarch64.neon.tbl1.v16i8")
+    return lambda idx: _join(builder, *(builder.call(tbl, [t16, h]) for h in _halves(builder, idx)))
+
+
+def _i8_dot(builder, isa):
+    """``dot(acc, w, q, a)``: the 8 int32 lanes ``acc[l] + sum_{i<4} w[4l+i] * q[4l+i]`` of 32 int8
+    codes ``w`` and activations ``q`` (``a = |q|`` as uint8, which the x86 kernels use)."""
+    mod = builder.module
+    fn = lambda name, ret, params: cgutils.get_or_insert_function(mod, ir.FunctionType(ret, params), name)
+    if isa in ("vnni", "avx2"):
+        psign = fn("llvm.x86.avx2.psign.b", _V32, [_V32, _V32])
+        if isa == "vnni":
+            dpbusd = fn("llvm.x86.avx512.vpdpbusd.256", _V8I, [_V8I, _V8I, _V8I])
+            # |x| . (w signed by x): vpdpbusd multiplies unsigned by signed bytes
+            return lambda acc, w, q, a: builder.call(dpbusd, [acc, builder.bitcast(a, _V8I),
+                                                              builder.bitcast(builder.call(psign, [w, q]), _V8I)])
+        v16i = ir.VectorType(ir.IntType(16), 16)
+        maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [_V32, _V32])
+        maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I, [v16i, v16i])
+        ones = ir.Constant(v16i, [1] * 16)
+        # pairs at most 2 * 127 * 127, so vpmaddubsw never saturates
+        return lambda acc, w, q, a: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [a, builder.call(
+            psign, [w, q])]), ones]))
+    if isa == "sdot":
+        # sdot: lane l of a 4-lane accumulator += the 4 signed byte products 4l .. 4l + 3 of 16 bytes
+        def dot(acc, w, q, a):
+            parts = [_neon_asm(builder, "sdot", "dotprod", s, wh, qh)
+                     for s, wh, qh in zip(_halves(builder, acc), _halves(builder, w), _halves(builder, q))]
+            return _join(builder, *parts)
+
+        return dot
+    v32s, v8s = ir.VectorType(ir.IntType(16), 32), ir.VectorType(ir.IntType(16), 8)
+
+    def dot(acc, w, q, a):  # neon: 16-bit products (at most 127 * 127), pairs of them (fit 16 bits), then 32
+        p = builder.mul(builder.sext(w, v32s), builder.sext(q, v32s))
+        g = [builder.shuffle_vector(p, p, ir.Constant(_V8I, [4 * l + i for l in range(8)])) for i in range(4)]
+        pair = lambda x, y: builder.sext(builder.add(x, y), _V8I)
+        return builder.add(acc, builder.add(pair(g[0], g[1]), pair(g[2], g[3])))
+
+    return dot
+
+
+def _i8_frame(context, builder, sig, args, nvec):
+    """What every int8 kernel variant reads from its arguments: a namespace of the arrays' data
+    pointers, the scalars, ``scale(b)``, ``c(n)``, ``load32(p, at)`` and per vector v its x codes
+    ``xq[v]``, absolute values ``xa[v]``, scales ``xs[v]`` and output row ``out[v]``."""
+    from types import SimpleNamespace
+
+    f = SimpleNamespace()
+    table_p, packed_p, xq_p, xa_p, xs_p, out_p = (context.make_array(sig.args[i])(context, builder, args[i]).data
+                                                  for i in (0, 2, 5, 6, 7, 8))
+    nshift, offset, b0, f.n_rows, f.per_row, f.half, v0, n_out, o0 = args[9:18]
+    f.table_p, f.packed_p = table_p, packed_p
+    f.c = c = lambda n: ir.Constant(_I64, n)
+    f.k = builder.mul(f.per_row, builder.mul(f.half, c(2)))  # entries of a row of x
+    f.row_bytes = builder.mul(f.per_row, f.half)
+    f.load32 = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), _V32.as_pointer()), align=1)
+    vs = [builder.add(v0, c(v)) for v in range(nvec)]
+    f.xq = [builder.gep(xq_p, [builder.mul(v, f.k)]) for v in vs]
+    f.xa = [builder.gep(xa_p, [builder.mul(v, f.k)]) for v in vs]
+    f.xs = [builder.gep(xs_p, [builder.mul(v, f.per_row)]) for v in vs]
+    f.out = [builder.gep(out_p, [builder.add(builder.mul(v, n_out), o0)]) for v in vs]
+    f.block_args = (args[1], args[3], args[4], nshift, offset, b0)
+    return f
+
+
+def _for_chunks(builder, f, half, chunk):
+    """``chunk(i)`` for the 32-byte chunks ``i`` of a block of ``half`` bytes: unrolled when ``half``
+    is a constant (64-weight blocks: one chunk), a loop otherwise."""
+    if isinstance(half, ir.Constant):
+        for i in range(0, half.constant, INT8_CHUNK):
+            chunk(f.c(i))
+    else:
+        with cgutils.for_range_slice(builder, f.c(0), half, f.c(INT8_CHUNK)) as (i, _):
+            chunk(i)
+
+
+def _for_row_tiles(builder, f, run_rows):
+    """``run_rows(first, count, half)`` over the rows, :data:`INT8_TILE_ROWS` at a time then one at
+    a time, with ``half`` a constant in the common case of one 32-byte chunk a block."""
+    c, tile = f.c, INT8_TILE_ROWS
+
+    def rows(half):
+        tiled = builder.mul(builder.udiv(f.n_rows, c(tile)), c(tile))
+        with cgutils.for_range_slice(builder, c(0), tiled, c(tile)) as (r, _):
+            run_rows(r, tile, half)
+        with cgutils.for_range_slice(builder, tiled, f.n_rows, c(1)) as (r, _):
+            run_rows(r, 1, half)
+
+    with builder.if_else(builder.icmp_unsigned("==", f.half, c(INT8_CHUNK))) as (one_chunk, general):
+        with one_chunk:
+            rows(c(INT8_CHUNK))
+        with general:
+            rows(f.half)
+
+
+def _splat(builder, x, n):
+    vt = ir.VectorType(x.type, n)
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_I64, 0)),
+                                  ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
 def _i8_codegen(isa: str, nvec: int, call):
-    """IR of :func:`i8_rows_dot` for ``isa`` and ``nvec`` vectors. Per row, block and vector the
-    chunks' products go into eight int32 lanes (exact, in any order); per block those lanes, as
-    floats, times ``xs[j] * scale(j)`` are added to eight float lanes (a product, then a sum: no
-    FMA, so the NumPy twin rounds alike); the row's result is the pairwise sum of the lanes."""
-    v32, v16i, v8i, v8f = (ir.VectorType(_I8, 32), ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8),
-                           ir.VectorType(_F32, 8))
-    c = lambda n: ir.Constant(_I64, n)
+    """IR of :func:`i8_rows_dot` for ``isa`` (vnni, avx2, sdot, neon) and ``nvec`` vectors. Per row,
+    block and vector the chunks' products go into eight int32 lanes (exact, in any order); per
+    block those lanes, as floats, times ``xs[j] * scale(j)`` are added to eight float lanes (a
+    product, then a sum: no FMA, so the NumPy twin rounds alike); the row's result is the pairwise
+    sum of the lanes."""
+    v8f = ir.VectorType(_F32, 8)
 
     def codegen(context, builder, sig, args):
-        table_p, packed_p, xq_p, xa_p, xs_p, out_p = (context.make_array(sig.args[i])(context, builder, args[i]).data
-                                                      for i in (0, 2, 5, 6, 7, 8))
-        nshift, offset, b0, n_rows, per_row, half, v0, n_out, o0 = args[9:18]
-        mod = builder.module
-        fn = lambda name, ret, params: cgutils.get_or_insert_function(mod, ir.FunctionType(ret, params), name)
-        pshufb = fn("llvm.x86.avx2.pshuf.b", v32, [v32, v32])
-        psign = fn("llvm.x86.avx2.psign.b", v32, [v32, v32])
-        if isa == "vnni":
-            dpbusd = fn("llvm.x86.avx512.vpdpbusd.256", v8i, [v8i, v8i, v8i])
-            dot = lambda acc, u, s: builder.call(dpbusd, [acc, builder.bitcast(u, v8i), builder.bitcast(s, v8i)])
-        else:
-            maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [v32, v32])
-            maddwd = fn("llvm.x86.avx2.pmadd.wd", v8i, [v16i, v16i])
-            ones = ir.Constant(v16i, [1] * 16)
-            # |x| . (w signed by x): pairs at most 2 * 127 * 127, so vpmaddubsw never saturates
-            dot = lambda acc, u, s: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [u, s]), ones]))
-        scale = _block_scale(context, builder, call, args[1], args[3], args[4], nshift, offset, b0)
-        t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
-        table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
-        four, fifteen = ir.Constant(v32, [4] * 32), ir.Constant(v32, [15] * 32)
-        k = builder.mul(per_row, builder.mul(half, c(2)))  # entries of a row of x
-        row_bytes = builder.mul(per_row, half)
-        load32 = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), v32.as_pointer()), align=1)
+        f = _i8_frame(context, builder, sig, args, nvec)
+        c = f.c
+        lookup, dot = _i8_lookup(builder, isa, f.table_p), _i8_dot(builder, isa)
+        scale = _block_scale(context, builder, call, *f.block_args)
+        four, fifteen = ir.Constant(_V32, [4] * 32), ir.Constant(_V32, [15] * 32)
+        x86 = isa in ("vnni", "avx2")
         tile = INT8_TILE_ROWS
         accs = [[cgutils.alloca_once(builder, v8f) for _ in range(nvec)] for _ in range(tile)]  # [row][vector]
-        sums = [[cgutils.alloca_once(builder, v8i) for _ in range(nvec)] for _ in range(tile)]
-        xq_v = [builder.gep(xq_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]  # vector v's x
-        xa_v = [builder.gep(xa_p, [builder.mul(builder.add(v0, c(v)), k)]) for v in range(nvec)]
-        xs_v = [builder.gep(xs_p, [builder.mul(builder.add(v0, c(v)), per_row)]) for v in range(nvec)]
-        out_v = [builder.gep(out_p, [builder.add(builder.mul(builder.add(v0, c(v)), n_out), o0)]) for v in range(nvec)]
+        sums = [[cgutils.alloca_once(builder, _V8I) for _ in range(nvec)] for _ in range(tile)]
 
         def run_rows(first, count, half):
             """IR for rows ``first .. first + count`` (``count`` a Python int: they share each x load)
             with blocks of ``half`` bytes (a constant for 64-weight blocks: one chunk a block)."""
             rs = [builder.add(first, c(t)) for t in range(count)]
-            p_rows = [builder.gep(packed_p, [builder.mul(r, row_bytes)]) for r in rs]
-            ahead = builder.mul(row_bytes, c(count))  # the same bytes of the next rows
+            p_rows = [builder.gep(f.packed_p, [builder.mul(r, f.row_bytes)]) for r in rs]
+            ahead = builder.mul(f.row_bytes, c(count))  # the same bytes of the next rows
             for t in range(count):
                 for a in accs[t]:
                     builder.store(ir.Constant(v8f, [0.0] * 8), a)
-            with cgutils.for_range(builder, per_row) as blk:
+            with cgutils.for_range(builder, f.per_row) as blk:
                 j = blk.index
                 start = builder.mul(j, half)
                 for t in range(count):
                     _prefetch(builder, builder.gep(p_rows[t], [builder.add(start, ahead)]))
                     for s in sums[t]:
-                        builder.store(ir.Constant(v8i, [0] * 8), s)
+                        builder.store(ir.Constant(_V8I, [0] * 8), s)
 
                 def chunk(i):
                     at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
                     at_o = builder.add(at, half)
-                    xs = [[load32(xa, at), load32(xq, at), load32(xa, at_o), load32(xq, at_o)]
-                          for xq, xa in zip(xq_v, xa_v)]  # shared by the rows
+                    xs = [[f.load32(xq, at), f.load32(xa, at) if x86 else None, f.load32(xq, at_o),
+                           f.load32(xa, at_o) if x86 else None] for xq, xa in zip(f.xq, f.xa)]  # shared by the rows
                     for t in range(count):
-                        w = load32(p_rows[t], builder.add(start, i))
-                        wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # int8 codes of the high nibbles
-                        wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])
-                        for (ae, qe, ao, qo), s in zip(xs, sums[t]):
-                            acc = dot(builder.load(s), ae, builder.call(psign, [wh, qe]))
-                            builder.store(dot(acc, ao, builder.call(psign, [wl, qo])), s)
+                        w = f.load32(p_rows[t], builder.add(start, i))
+                        wh = lookup(builder.lshr(w, four))  # int8 codes of the high nibbles
+                        wl = lookup(builder.and_(w, fifteen))
+                        for (qe, ae, qo, ao), s in zip(xs, sums[t]):
+                            builder.store(dot(dot(builder.load(s), wh, qe, ae), wl, qo, ao), s)
 
-                if isinstance(half, ir.Constant):
-                    for i in range(0, half.constant, INT8_CHUNK):
-                        chunk(c(i))
-                else:
-                    with cgutils.for_range_slice(builder, c(0), half, c(INT8_CHUNK)) as (i, _):
-                        chunk(i)
+                _for_chunks(builder, f, half, chunk)
                 for t in range(count):
-                    sw = scale(builder.add(builder.mul(rs[t], per_row), j))
-                    for xs, s, a in zip(xs_v, sums[t], accs[t]):
-                        f = builder.fmul(builder.load(builder.gep(xs, [j])), sw)
-                        fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), f, c(0)),
-                                                    ir.Constant(v8f, ir.Undefined), ir.Constant(v8i, [0] * 8))
+                    sw = scale(builder.add(builder.mul(rs[t], f.per_row), j))
+                    for xs, s, a in zip(f.xs, sums[t], accs[t]):
+                        fv = _splat(builder, builder.fmul(builder.load(builder.gep(xs, [j])), sw), 8)
                         builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(builder.load(s), v8f),
                                                                                  fv)), a)
             for t in range(count):
-                for out, a in zip(out_v, accs[t]):
+                for out, a in zip(f.out, accs[t]):
                     builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [rs[t]]))
 
-        def rows(half):
-            tiled = builder.mul(builder.udiv(n_rows, c(tile)), c(tile))
-            with cgutils.for_range_slice(builder, c(0), tiled, c(tile)) as (r, _):
-                run_rows(r, tile, half)
-            with cgutils.for_range_slice(builder, tiled, n_rows, c(1)) as (r, _):
-                run_rows(r, 1, half)
+        _for_row_tiles(builder, f, run_rows)
+        return context.get_dummy_value()
 
-        with builder.if_else(builder.icmp_unsigned("==", half, c(INT8_CHUNK))) as (one_chunk, general):
-            with one_chunk:
-                rows(c(INT8_CHUNK))
-            with general:
-                rows(half)
+    return codegen
+
+
+def _i8mm_codegen(nvec: int, call):
+    """IR of :func:`i8_rows_dot` for ``smmla`` (i8mm): ``smmla acc, a, b`` adds to a 2 x 2 int32
+    block the products of two 8-byte rows of ``a`` with two of ``b``. A row's lane l (module
+    ``runtime/int8.py``: the products of bytes 4l .. 4l + 3 of each chunk, both nibbles) is exactly 8
+    products, so ``a`` holds lane l's codes of two weight rows (high nibbles, then low) and ``b``
+    the matching x entries (even, then odd) of two vectors, and one ``smmla`` gives lane l of the
+    four (row, vector) pairs: ``[(r, v), (r, v'), (r', v), (r', v')]``. The float epilogue runs on
+    those four lanes as it runs on a row's eight, product then sum, with the pairwise sum of the
+    eight lane vectors last: each of the four results is rounded as the twin rounds it. Rows go two
+    at a time and vectors in pairs; an odd last row or vector is paired with itself (it computes
+    and writes the same value twice)."""
+    v4f, v64 = ir.VectorType(_F32, 4), ir.VectorType(_I8, 64)
+    pairs = [(v, min(v + 1, nvec - 1)) for v in range(0, nvec, 2)]
+    # 4-byte groups of a and b interleaved: [a0..3, b0..3, a4..7, b4..7, ...]: lane l is bytes 8l .. 8l + 7
+    interleave = ir.Constant(ir.VectorType(_I32, 64), [32 * ((i // 4) % 2) + 4 * (i // 8) + i % 4 for i in range(64)])
+    lane_masks = [ir.Constant(ir.VectorType(_I32, 16), list(range(8 * l, 8 * l + 8)) + list(range(64 + 8 * l, 72 + 8 * l)))
+                  for l in range(INT8_LANES)]
+
+    def codegen(context, builder, sig, args):
+        f = _i8_frame(context, builder, sig, args, nvec)
+        c = f.c
+        lookup = _i8_lookup(builder, "smmla", f.table_p)
+        scale = _block_scale(context, builder, call, *f.block_args)
+        four, fifteen = ir.Constant(_V32, [4] * 32), ir.Constant(_V32, [15] * 32)
+        facc = [[cgutils.alloca_once(builder, v4f) for _ in range(INT8_LANES)] for _ in pairs]  # [pair][lane]
+        isum = [[cgutils.alloca_once(builder, _V4I) for _ in range(INT8_LANES)] for _ in pairs]
+
+        def run_rows(first, count, half):
+            rs = [first, builder.add(first, c(count - 1))]  # the row pair (a single row twice)
+            p_rows = [builder.gep(f.packed_p, [builder.mul(r, f.row_bytes)]) for r in rs]
+            ahead = builder.mul(f.row_bytes, c(count))
+            for accs in facc:
+                for a in accs:
+                    builder.store(ir.Constant(v4f, [0.0] * 4), a)
+            with cgutils.for_range(builder, f.per_row) as blk:
+                j = blk.index
+                start = builder.mul(j, half)
+                for p in p_rows[:count]:
+                    _prefetch(builder, builder.gep(p, [builder.add(start, ahead)]))
+                for sums in isum:
+                    for s in sums:
+                        builder.store(ir.Constant(_V4I, [0] * 4), s)
+
+                def chunk(i):
+                    at = builder.add(builder.mul(start, c(2)), i)
+                    at_o = builder.add(at, half)
+                    xv = {v: builder.shuffle_vector(f.load32(f.xq[v], at), f.load32(f.xq[v], at_o), interleave)
+                          for v in sorted({v for pair in pairs for v in pair})}  # [lane][even 4, odd 4]
+                    wv = []
+                    for p in p_rows:
+                        w = f.load32(p, builder.add(start, i))
+                        wv.append(builder.shuffle_vector(lookup(builder.lshr(w, four)), lookup(builder.and_(w, fifteen)),
+                                                         interleave))  # [lane][high 4, low 4]
+                    for lane, mask in enumerate(lane_masks):
+                        a = builder.shuffle_vector(wv[0], wv[1], mask)
+                        for (va, vb), sums in zip(pairs, isum):
+                            b = builder.shuffle_vector(xv[va], xv[vb], mask)
+                            s = sums[lane]
+                            builder.store(_neon_asm(builder, "smmla", "i8mm", builder.load(s), a, b), s)
+
+                _for_chunks(builder, f, half, chunk)
+                sw = [scale(builder.add(builder.mul(r, f.per_row), j)) for r in rs]
+                swv = _join(builder, _splat(builder, sw[0], 2), _splat(builder, sw[1], 2))  # [s_r, s_r, s_r', s_r']
+                for (va, vb), sums, accs in zip(pairs, isum, facc):
+                    xa, xb = (builder.load(builder.gep(f.xs[v], [j])) for v in (va, vb))
+                    xsv = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(_F32, 2), ir.Undefined),
+                                                                        xa, c(0)), xb, c(1))
+                    fv = builder.fmul(_join(builder, xsv, xsv), swv)  # xs[v] * scale(r), as the other variants
+                    for s, a in zip(sums, accs):
+                        builder.store(builder.fadd(builder.load(a), builder.fmul(builder.sitofp(builder.load(s), v4f),
+                                                                                 fv)), a)
+            for (va, vb), accs in zip(pairs, facc):
+                lv = [builder.load(a) for a in accs]
+                total = builder.fadd(builder.fadd(builder.fadd(lv[0], lv[4]), builder.fadd(lv[2], lv[6])),
+                                     builder.fadd(builder.fadd(lv[1], lv[5]), builder.fadd(lv[3], lv[7])))
+                for e, (r, v) in enumerate(((rs[0], va), (rs[0], vb), (rs[1], va), (rs[1], vb))):
+                    builder.store(builder.extract_element(total, c(e)), builder.gep(f.out[v], [r]))
+
+        _for_row_tiles(builder, f, run_rows)
         return context.get_dummy_value()
 
     return codegen
@@ -578,12 +800,13 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     """``out[v * n_out + o0 + r]`` = row r . x_v for rows ``0 .. n_rows`` of ``packed`` (``per_row``
     blocks of ``half`` bytes, ``half`` a multiple of :data:`INT8_CHUNK`; block i of ``packed``
     scaled as the tensor's block ``b0 + i``) and vectors ``v = v0 .. v0 + nvec``, in the int8
-    path's arithmetic (``runtime/int8.py``): ``table`` the 16 NF4 values as int8 (held twice in a
-    register and looked up by ``vpshufb``), ``xq`` the vectors quantized to int8 (each block's
-    even entries, then its odd ones), ``xa`` their absolute values (uint8), ``xs`` [vectors,
-    per_row] their float scales. The signs of x move onto the weights (``vpsignb``) so that the
-    unsigned-times-signed byte products see ``|x|``. ``nvec`` (1 .. MAX_VECTORS) and ``isa``
-    (:data:`INT8_ISAS`) are literals: a chunk's bytes are decoded once for all the vectors."""
+    path's arithmetic (``runtime/int8.py``): ``table`` the 16 NF4 values as int8 (looked up by
+    ``vpshufb`` or ``tbl``), ``xq`` the vectors quantized to int8 (each block's even entries, then
+    its odd ones), ``xa`` their absolute values (uint8), ``xs`` [vectors, per_row] their float
+    scales. On x86-64 the signs of x move onto the weights (``vpsignb``) so that the
+    unsigned-times-signed byte products see ``|x|``; aarch64's ``sdot``/``smmla`` multiply signed
+    bytes. ``nvec`` (1 .. MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
+    bytes are decoded once for all the vectors; ``smmla`` with one vector is ``sdot``."""
     arrays = (table, dyn, packed, qscale, nested, xq, xa, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
             and table.dtype == types.int8 and xq.dtype == types.int8 and xa.dtype == types.uint8
@@ -596,4 +819,7 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     i64 = types.int64
     sig = types.none(table, dyn, packed, qscale, nested, xq, xa, xs, out, i64, types.float32, i64, i64, i64, i64, i64,
                      i64, i64, nvec, isa)
-    return sig, _i8_codegen(name, nvec.literal_value, _scale_call(typingctx, dyn, qscale, nested))
+    call = _scale_call(typingctx, dyn, qscale, nested)
+    if name == "smmla" and nvec.literal_value > 1:
+        return sig, _i8mm_codegen(nvec.literal_value, call)
+    return sig, _i8_codegen("sdot" if name == "smmla" else name, nvec.literal_value, call)

@@ -23,6 +23,8 @@
 #                     tests/test_runtime.py tests/test_lora.py -- the runtime's kernels, the models
 #                     against transformers, the LoRA adapters against PEFT)
 #   ARM64_NUMBA_CPU   NUMBA_CPU_NAME inside (default: generic; "host" leaves it unset)
+#   ARM64_QEMU_CPU    the CPU qemu-user emulates (QEMU_CPU inside; default: max, which has dotprod and
+#                     i8mm, so every int8 kernel variant runs; e.g. cortex-a53 for a CPU without them)
 #   ARM64_NICE        nice level of the heavy steps (default: 10)
 #   ARM64_RESULT      result file (default: bench/results/arm64.json in this repository)
 #   EDGELORA_SHARED_MODELS   folder holding stories260K (default: ../shared/models beside the repo);
@@ -55,6 +57,7 @@ ROOT="${ARM64_ROOT:-$HOME/.cache/edgelora/arm64-root}"
 RELEASE="${ARM64_RELEASE:-bookworm}"
 TORCH_VERSION="${ARM64_TORCH:-2.10.0}"
 NUMBA_CPU="${ARM64_NUMBA_CPU:-generic}"
+QEMU_CPU_MODEL="${ARM64_QEMU_CPU:-max}"
 NICE="${ARM64_NICE:-10}"
 RESULT="${ARM64_RESULT:-$REPO/bench/results/arm64.json}"
 SHARED_MODELS="${EDGELORA_SHARED_MODELS:-$REPO/../shared/models}"
@@ -173,6 +176,7 @@ IN_ENV=(/usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/venv/bin:/usr/local/bi
 HOST_CA="${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
 [ -f "$HOST_CA" ] && IN_ENV+=(PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt)
 [ "$NUMBA_CPU" = host ] || IN_ENV+=(NUMBA_CPU_NAME="$NUMBA_CPU")
+IN_ENV+=(QEMU_CPU="$QEMU_CPU_MODEL")
 inside() { nice -n "$NICE" chroot "$ROOT" "${IN_ENV[@]}" "$@"; }
 
 STATE="$ROOT/.edgelora"
@@ -202,18 +206,68 @@ mount_root
 
 # ---------------------------------------------------------------- 2. the venv and the wheels
 specs_hash="$(printf '%s\n' "${PIP_SPECS[@]}" "${OPTIONAL_SPECS[@]}" | sha256sum | cut -c1-16)"
+# The wheels are fetched by the host's pip (native speed; an emulated pip's TLS connections were
+# reset by the index under load) for the root's Python (cp311, glibc 2.36, aarch64) into a cache
+# beside the root, then installed inside with --no-index from a copy of that folder. The host's
+# pip configuration (constraints, extra indexes for x86-64) is left out: PIP_CONFIG_FILE=/dev/null.
+# `pip download --platform` evaluates dependency markers for the host (x86-64: torch would pull
+# CUDA packages), so the dependencies are listed here instead, each with --no-deps: the closure of
+# the pinned packages' requirements with aarch64 Linux markers, at the versions the host's Python
+# environment (the x86-64 test environment) has installed.
+closure() {
+  python3 - "$@" <<'PY'
+import sys
+from importlib import metadata
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+env = {"platform_machine": "aarch64", "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+       "python_version": "3.11", "python_full_version": "3.11.2", "implementation_name": "cpython",
+       "platform_python_implementation": "CPython", "extra": ""}
+pins = {canonicalize_name(Requirement(s).name): s for s in sys.argv[1:]}
+todo, seen = [Requirement(s).name for s in sys.argv[1:]], set()
+while todo:
+    name = todo.pop()
+    if canonicalize_name(name) in seen:
+        continue
+    seen.add(canonicalize_name(name))
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        continue
+    pins.setdefault(canonicalize_name(name), f"{dist.metadata['Name']}=={dist.version}")
+    todo += [r.name for r in map(Requirement, dist.requires or []) if r.marker is None or r.marker.evaluate(env)]
+print("\n".join(sorted(pins.values())))
+PY
+}
+WHEELS="$ROOT.wheels"
+WHEELS_IN=/opt/wheels-aarch64
+host_download() {  # host_download SPEC...: aarch64 wheels of SPEC and its dependencies into $WHEELS
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS="" python3 -m pip download -q --disable-pip-version-check --no-deps \
+    --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
+    --platform manylinux_2_36_aarch64 --platform manylinux_2_35_aarch64 --platform manylinux_2_34_aarch64 \
+    --platform manylinux_2_31_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 \
+    --platform manylinux_2_24_aarch64 --platform manylinux_2_17_aarch64 \
+    --platform manylinux2014_aarch64 --platform linux_aarch64 --platform any -d "$WHEELS" "$@" >&2
+}
 if [ ! -f "$STATE/venv-$specs_hash.ok" ]; then
-  log "venv: installing ${#PIP_SPECS[@]} pinned packages (aarch64 wheels; torch==$TORCH_VERSION)"
+  log "venv: fetching ${#PIP_SPECS[@]} pinned packages as aarch64 wheels on the host (torch==$TORCH_VERSION)"
   t0=$(date +%s)
   rm -f "$STATE"/venv-*.ok
-  [ -x "$ROOT/opt/venv/bin/python" ] || inside /usr/bin/python3 -m venv /opt/venv
-  inside /opt/venv/bin/python -m pip install -q --upgrade pip >&2
-  inside /opt/venv/bin/python -m pip install -q --only-binary=:all: "${PIP_SPECS[@]}" >&2 \
-    || die "pip install failed inside the arm64 root"
+  mkdir -p "$WHEELS"
+  mapfile -t ALL_SPECS < <(closure "${PIP_SPECS[@]}")
+  host_download pip "${ALL_SPECS[@]}" || die "downloading the aarch64 wheels failed (host pip)"
+  OPTIONAL_OK=()
   for spec in "${OPTIONAL_SPECS[@]}"; do
-    inside /opt/venv/bin/python -m pip install -q --only-binary=:all: "$spec" >&2 \
-      || log "optional $spec not installable on aarch64: the tests that need it skip"
+    if host_download "$spec"; then OPTIONAL_OK+=("$spec")
+    else log "optional $spec has no aarch64 wheel: the tests that need it skip"; fi
   done
+  rm -rf "$ROOT$WHEELS_IN"; mkdir -p "$ROOT$WHEELS_IN"; cp "$WHEELS"/*.whl "$ROOT$WHEELS_IN"/
+  log "venv: installing them inside the root"
+  [ -x "$ROOT/opt/venv/bin/python" ] || inside /usr/bin/python3 -m venv /opt/venv
+  local_pip=(/opt/venv/bin/python -m pip install -q --no-index --find-links "$WHEELS_IN")
+  inside "${local_pip[@]}" --upgrade pip >&2
+  inside "${local_pip[@]}" "${ALL_SPECS[@]}" "${OPTIONAL_OK[@]}" >&2 || die "pip install failed inside the arm64 root"
+  rm -rf "$ROOT$WHEELS_IN"
   echo "$(date -u +%FT%TZ) $(( $(date +%s) - t0 ))s" > "$STATE/venv-$specs_hash.ok"
   log "venv done in $(( $(date +%s) - t0 ))s"
 else
@@ -281,6 +335,11 @@ from edgelora.runtime import kernels, simd
 info["simd"] = simd.SIMD
 info["nf4_dot_variants"] = sorted(kernels.NF4_DOT_VARIANTS)
 info["nf4_dot_selected"] = kernels._nf4_dot_aligned.py_func.__name__
+info["qemu_cpu"] = os.environ.get("QEMU_CPU")
+info["cpu_extensions"] = sorted(simd.AARCH64_EXTENSIONS)
+from edgelora.runtime import int8
+info["int8_variants"] = sorted(int8.INT8_VARIANTS)
+info["int8_selected"] = simd.INT8_SIMD
 info["edgelora_file"] = kernels.__file__
 json.dump(info, sys.stdout)
 PY
@@ -358,7 +417,9 @@ result = {
     "numba": {"NUMBA_CPU_NAME": info.get("numba_cpu_name_env"), "llvm_host_cpu": info.get("llvm_host_cpu"),
               "threads": info.get("numba_threads")},
     "kernels": {"simd": info.get("simd"), "nf4_dot_variants": info.get("nf4_dot_variants"),
-                "nf4_dot_selected": info.get("nf4_dot_selected")},
+                "nf4_dot_selected": info.get("nf4_dot_selected"), "qemu_cpu": info.get("qemu_cpu"),
+                "cpu_extensions": info.get("cpu_extensions"), "int8_variants": info.get("int8_variants"),
+                "int8_selected": info.get("int8_selected")},
     "pytest_command": env["PYTEST_CMD_STR"], "pytest_summary": env["SUMMARY_LINE"],
     "pytest_exit_code": int(env["RC"]),
     **counts, "failed_tests": failed,
@@ -382,6 +443,7 @@ debian:          $DEBIAN_VERSION (root: $ROOT)
 uname -m:        $UNAME_M
 emulated python: $(info "platform.machine()={machine} python {python} numpy {numpy} numba {numba} llvmlite {llvmlite} torch {torch} transformers {transformers} peft {peft}")
 kernels:         $(info "runtime.simd.SIMD={simd} NF4 dot variants={nf4_dot_variants} selected={nf4_dot_selected} NUMBA_CPU_NAME={numba_cpu_name_env}")
+int8:            $(info "QEMU_CPU={qemu_cpu} HWCAP extensions={cpu_extensions} int8 variants={int8_variants} selected={int8_selected}")
 pytest:          ${PYTEST_CMD[*]}
 summary:         ${SUMMARY_LINE:-<none>}
 exit code:       $RC

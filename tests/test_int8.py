@@ -83,6 +83,23 @@ def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, 
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()  # nothing written outside its rows
 
 
+def test_variants_follow_the_cpu():
+    """The int8 variants are those the CPU runs: AVX2/VNNI from LLVM's host features on x86-64;
+    on aarch64 NEON always, sdot with dotprod and smmla with i8mm as the kernel's HWCAP bits say
+    (qemu-user reports its emulated CPU's); products use the best, smmla's single vectors sdot."""
+    from edgelora.runtime import simd
+    assert set(I8.INT8_VARIANTS) == {"portable"} | simd.INT8_AVAILABLE
+    assert simd.INT8_SIMD is None or simd.INT8_SIMD in simd.INT8_AVAILABLE
+    if simd._AARCH64:
+        assert "neon" in simd.INT8_AVAILABLE and simd.AARCH64_EXTENSIONS <= {"dotprod", "i8mm"}
+        assert ("sdot" in simd.INT8_AVAILABLE) == ("dotprod" in simd.AARCH64_EXTENSIONS)
+        assert ("smmla" in simd.INT8_AVAILABLE) == ({"dotprod", "i8mm"} <= simd.AARCH64_EXTENSIONS)
+        assert simd.INT8_SIMD == ("smmla" if "smmla" in simd.INT8_AVAILABLE else
+                                  "sdot" if "sdot" in simd.INT8_AVAILABLE else "neon")
+    else:
+        assert not simd.INT8_AVAILABLE & {"neon", "sdot", "smmla"} and not simd.AARCH64_EXTENSIONS
+
+
 def _error_bound(q, X: np.ndarray) -> np.ndarray:
     """|int8 product - exact product| per output, derived: for weight ``code * s`` and entry x, the
     int8 path multiplies ``(NF4_I8 / 127) * s`` by ``q * d``, so each term is off by at most

@@ -11,7 +11,10 @@ import pytest
 
 import edgelora
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError, UsageError
-from edgelora.runtime.lora import BASE, lora_delta_reference, lora_matvec_add, parse_mix
+from edgelora.runtime import lora as lora_module
+from edgelora.runtime.lora import (BASE, lora_delta_reference, lora_matvec_add, lora_matvec_add_parallel,
+                                    lora_stack_add, lora_stack_add_parallel, parse_mix)
+from edgelora.runtime.threads import thread_count
 from tiny_models import Adapters, Converted, close, hf_dequantized, put_bundle_file
 
 torch = pytest.importorskip("torch")
@@ -340,6 +343,102 @@ def test_lora_kernel_matches_reference(r, k, n):
     lora_matvec_add(x, A, np.ascontiguousarray(B.T), np.float32(0.37), y, np.empty(r, np.float32))
     ref = y0 + lora_delta_reference(x[None], A, B, 0.37)[0]
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("r,k,n", [(1, 7, 5), (16, 256, 172), (16, 2048, 512)])
+def test_threaded_lora_kernel_is_the_serial_one_bit_for_bit(r, k, n):
+    rng = np.random.default_rng(r + k + n)
+    A = rng.standard_normal((r, k)).astype(np.float32)
+    Bt = rng.standard_normal((r, n)).astype(np.float32)
+    x = rng.standard_normal(k).astype(np.float32)
+    y0 = rng.standard_normal(n).astype(np.float32)
+    serial = y0.copy()
+    lora_matvec_add(x, A, Bt, np.float32(0.37), serial, np.empty(r, np.float32))
+    for chunks in (1, 2, 3, 7):
+        y = y0.copy()
+        lora_matvec_add_parallel(x, A, Bt, np.float32(0.37), y, np.empty(r, np.float32), chunks)
+        assert np.array_equal(y.view(np.uint32), serial.view(np.uint32))
+
+
+@pytest.mark.parametrize("ranks,outs,k", [((4, 4, 4), (96, 32, 32), 96), ((16, 8), (344, 344), 128),
+                                          ((2, 16, 3), (5, 70, 33), 17)])
+def test_stack_kernel_matches_reference(ranks, outs, k):
+    """The stacked kernel (modules' A rows one after another, their B^T flat) adds to each
+    requested module's outputs its own ``coef B (A x)``, within float32 rounding of the reference;
+    the threaded form gives the serial one's bits for any number of slices; a module not requested
+    (y_off -1) is skipped."""
+    rng = np.random.default_rng(sum(ranks) + k)
+    As = [rng.standard_normal((r, k)).astype(np.float32) for r in ranks]
+    Bs = [rng.standard_normal((n, r)).astype(np.float32) for r, n in zip(ranks, outs)]
+    coefs = [0.5, 2.0, 0.25][:len(ranks)]
+    A = np.concatenate(As)
+    Bt = np.concatenate([np.ascontiguousarray(B.T).ravel() for B in Bs])
+    rows = np.cumsum([0, *ranks]).astype(np.int64)
+    b_off = np.cumsum([0] + [B.size for B in Bs]).astype(np.int64)
+    coef = np.concatenate([np.full(r, c, np.float32) for r, c in zip(ranks, coefs)])
+    x = rng.standard_normal(k).astype(np.float32)
+    for skip in (None, 1):
+        req = [i for i in range(len(ranks)) if i != skip]
+        y_off = np.full(len(ranks), -1, np.int64)
+        y_off[req] = np.cumsum([0] + [outs[i] for i in req])[:-1]
+        y0 = rng.standard_normal(sum(outs[i] for i in req)).astype(np.float32)
+        serial = y0.copy()
+        lora_stack_add(x, A, Bt, coef, rows, b_off, y_off, serial, np.empty((1, A.shape[0]), np.float32))
+        for i in req:
+            o = y_off[i]
+            ref = y0[o:o + outs[i]] + lora_delta_reference(x[None], As[i], Bs[i], coefs[i])[0]
+            np.testing.assert_allclose(serial[o:o + outs[i]], ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
+        for threads in (2, 3, 5):
+            y = y0.copy()
+            lora_stack_add_parallel(x, A, Bt, coef, rows, b_off, y_off, y, np.empty((threads, A.shape[0]), np.float32))
+            assert np.array_equal(y.view(np.uint32), serial.view(np.uint32))
+
+
+def test_group_stacks_hold_the_deltas_without_a_copy(bases, adapters):
+    """q/k/v and gate/up of a layer share one stack; the deltas (and the adapter's pairs) are its
+    views, so resident bytes are what they were; a group step equals the module-by-module path up
+    to float32 rounding."""
+    _, bundle = bases("llama_untied")
+    model = edgelora.load(bundle, max_context=32)
+    res = model.adapters.load("b", adapters("r16-all-linear"))
+    names = model.net.names[0]
+    q, k, v, gate, up, o = (names[j] for j in ("q", "k", "v", "gate", "up", "o"))
+    assert res.stacks[q] is res.stacks[k] is res.stacks[v] and res.stacks[gate] is res.stacks[up]
+    assert o not in res.stacks and res.stacks[q] is not res.stacks[gate]
+    st = res.stacks[q]
+    for m in (q, k, v):
+        assert np.shares_memory(res.deltas[m].A, st.A) and np.shares_memory(res.deltas[m].Bt, st.Bt)
+        assert np.shares_memory(res.adapter.pairs[m].A, st.A) and np.shares_memory(res.adapter.pairs[m].B, st.Bt)
+    assert res.nbytes == res.adapter.nbytes
+    L = model.net.w.layers[0]
+    x = np.random.default_rng(0).standard_normal((1, L.q.in_features)).astype(np.float32)
+    for sel in (res.selection, model.adapters.select({"b": 0.5})):
+        group = sel.apply_group([q, k, v], [L.q, L.k, L.v], x, [None] * 3)
+        for m, lin, y in zip((q, k, v), (L.q, L.k, L.v), group):
+            ref = sel.apply(m, lin, x)
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("arch, one, two", [("llama_untied", "r16-all-linear", "patterns"),
+                                             ("qwen2", "dora", "qwen-bias-lora-only")])
+def test_threaded_adapter_steps_are_single_steps_bit_for_bit(bases, adapters, monkeypatch, arch, one, two):
+    """With every delta on two threads (threshold 0), a batched step's rows are the single steps'
+    bits, with one adapter, a mix, DoRA and none."""
+    monkeypatch.setattr(lora_module, "LORA_PARALLEL_MIN", 0)
+    _, bundle = bases(arch)
+    model = edgelora.load(bundle, max_context=32, threads=2)
+    model.adapters.load("d", adapters(one))
+    model.adapters.load("q", adapters(two))
+    mix = [] if "dora" in one else [{"d": 0.5, "q": 0.5}]
+    sels = [model.adapters.select(s) for s in ["d", None, "q", *mix]]
+    caches = [model.net.new_cache() for _ in sels]
+    singles = [model.net.new_cache() for _ in sels]
+    with thread_count(2):
+        for step in range(4):
+            toks = np.array([3 + step, 7, 11 + 2 * step, 2 * step + 1][:len(sels)])
+            out = model.net.forward_batch(toks, caches, sels)
+            for b, sel in enumerate(sels):
+                np.testing.assert_array_equal(out[b], model.net.forward(toks[b:b + 1], singles[b], lora=sel)[-1])
 
 
 def test_parse_mix():
