@@ -47,6 +47,7 @@ from edgelora.errors import UnsupportedError, UsageError
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
 from edgelora.runtime.llama import LlamaModel, rope, rope_attention_scaling, rope_inv_freq, rope_tables
 from edgelora.runtime.lora import BASE
+from edgelora.runtime.linear import exact_linear
 from edgelora.runtime.phi3 import Phi3Model
 
 IGNORE_INDEX = -100  # labels not counted (transformers' / PyTorch's ignore_index)
@@ -386,7 +387,7 @@ class _Proj:
     def __call__(self, name: str, lin, x: np.ndarray, bias) -> np.ndarray:
         if self.outputs is not None and name in self.outputs:
             return self._replay(name, lin, x)
-        y = lin.matmul(x)  # [T, out]
+        y = exact_linear(lin).matmul(x)  # [T, out]: the exact product, whatever the model generates with
         if bias is not None:
             y += bias
         u = None
@@ -451,7 +452,9 @@ def _layer_forward(net, i: int, x: np.ndarray, params, dropout, seed, cos, sin, 
     rng = np.random.default_rng(seed) if dropout > 0.0 else None
     P = _Proj(params, dropout, rng, keep, outputs)
 
-    def proj(k, inp):
+    def proj(k, inp):  # projection k, or a tuple of those reading the same inp (the forward's groups)
+        if isinstance(k, tuple):
+            return tuple(proj(j, inp) for j in k)
         return P(names[k], getattr(L, k), inp, L.biases.get(k))
 
     gemma = isinstance(net, GemmaModel)

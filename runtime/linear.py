@@ -86,6 +86,19 @@ class DenseLinear:
         return self.weight[np.asarray(ids, np.int64)]
 
 
+def exact_linear(layer: Linear) -> Linear:
+    """``layer`` with exact products: for an int8-path NF4 layer, an :class:`NF4Linear` over the
+    same stored bytes (made once, kept on the layer; no copy); any other layer itself. Training
+    (``runtime/backward.py``) differentiates these, the float32 products of the dequantized base
+    that PEFT and QLoRA differentiate, whatever products the model generates with."""
+    if not isinstance(layer, NF4Int8Linear):
+        return layer
+    twin = layer.__dict__.get("_exact")
+    if twin is None:
+        twin = layer._exact = NF4Linear(layer.tensor)
+    return twin
+
+
 def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS) -> Linear:
     """The linear-layer object for a weight as stored: an NF4 tensor (its decode products exact, or
     through int8 with ``products="int8"``), a float16 array (read in place), or anything else as
