@@ -120,6 +120,16 @@ def _vocab(gguf, w, vocab_size: int) -> None:
     w.add_unk_token_id(0)
 
 
+def _finish(w, tmp: Path, out: Path) -> Path:
+    """Write the GGUF ``w`` was filling to ``tmp``, then move it to ``out`` (complete or absent)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.rename(out)
+    return out
+
+
 def write_gguf_f16(src: Path, out: Path) -> Path:
     """``src`` (a Hugging Face Llama folder) as an F16 GGUF, laid out as llama.cpp's converter does."""
     import gguf
@@ -156,12 +166,7 @@ def write_gguf_f16(src: Path, out: Path) -> Path:
                 a = _permute(a, n_kv)
             new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             w.add_tensor(new, a if a.ndim <= 1 else a.astype(np.float16))  # norms stay F32, as the converter
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.rename(out)
-    return out
+    return _finish(w, tmp, out)
 
 
 def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:
@@ -189,12 +194,7 @@ def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:
             a = _permute(a, cfg["num_key_value_heads"])
         base = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
         w.add_tensor(f"{base}.lora_{which.lower()}", a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.rename(out)
-    return out
+    return _finish(w, tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------

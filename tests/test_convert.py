@@ -308,7 +308,15 @@ def test_tampered_bundle_fails_checksum(tmp_path):
     data[-3] ^= 1
     f.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match="model.safetensors"):
-        Bundle(tmp_path / "out")
+        Bundle(tmp_path / "out", verify="full")
+    b = Bundle(tmp_path / "out")  # the default: the weights hashed in the background, the mismatch kept
+    try:
+        with pytest.raises(ChecksumError, match="model.safetensors"):
+            b.verification.wait(60)
+        with pytest.raises(ChecksumError, match="model.safetensors"):
+            b.check()  # what every forward step asks first
+    finally:
+        b.close()
     r = subprocess.run([sys.executable, "-m", "edgelora", "inspect", str(tmp_path / "out")],
                        capture_output=True, text=True)
     assert r.returncode == 3 and "FAILED" in r.stdout
