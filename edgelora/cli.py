@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 other edgelora error; 2 usage (bad arguments, output exists);
 3 bad input file (missing, corrupt, truncated, checksum, an adapter made for another base); 4 unsupported (architecture, dtype,
 format version, pickle); 5 output could not be written (disk full, permissions); 6 a memory plan does not fit
-its device, or a deploy folder is used beyond its plan or on another kind of device; 130 interrupted.
+its device, or a deploy folder is used beyond its plan or on another kind of device; 7 busy (a batching engine's
+queue is full, or it is closed: try again); 130 interrupted.
 """
 
 from __future__ import annotations

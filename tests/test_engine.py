@@ -82,7 +82,7 @@ def test_concurrent_requests_across_adapters_equal_generate_alone(model):
         assert sampled.result(timeout=300).token_ids == sampled_ref.token_ids
     for (p, a), out, ref in zip(cases, outs, refs):
         assert out.token_ids == ref.token_ids, (len(p), a)
-        assert out.text == ref.text and out.finish_reason == ref.finish_reason == "length"
+        assert out.text == ref.text and out.finish_reason == ref.finish_reason  # (length, or eos: BOS or EOS)
         assert [t.to_dict() for t in out.logprobs] == [t.to_dict() for t in ref.logprobs]
         assert out.adapter == ref.adapter
     assert len({tuple(o.token_ids) for o in outs}) > 8  # the adapters really differ
