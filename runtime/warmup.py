@@ -31,11 +31,16 @@ from edgelora.runtime.threads import thread_count
 
 def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
-    thread or several, and the int8 product path when it is chosen."""
+    thread or several, and the int8 product path when it is chosen (and whether some weights, rows
+    not of whole 64-entry blocks, keep the exact kernels beside it)."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
-    products = "|int8" if model.products == "int8" else ""
+    products = ""
+    if model.products == "int8":  # (weights the int8 path cannot take keep the exact kernels)
+        net = model.net
+        linears = [getattr(L, k) for L in net.w.layers for k in net.arch.PROJECTIONS] + [net.w.head]
+        products = "|int8" + ("+exact" if any(getattr(x, "int8", True) is False for x in linears) else "")
     return f"{storages}|{mapped}|{threads}{products}"
 
 
