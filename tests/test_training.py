@@ -237,7 +237,7 @@ def test_written_adapter_loads_in_peft_and_edgelora_with_the_same_logits(bases, 
     peft = pytest.importorskip("peft")
     from edgelora.training import selection_of, target_modules
     src, bundle = bases(arch)
-    model = edgelora.load(bundle, max_context=64)
+    model = edgelora.load(bundle, max_context=64, products="exact")  # (compared with PEFT in float32)
     fields = resolve_targets(model.args, targets)
     lora = _random_lora(model, fields, 4, 8, rslora)
     cfg = dict(output=str(tmp_path / "ad"), base_model="tiny", rank=4, alpha=8, rslora=rslora,
@@ -469,7 +469,7 @@ def test_stories260k_learns_a_reply_style_and_peft_agrees(stories260k, tmp_path)
     edgelora.convert(stories260k, bundle)
     train_lines, held_lines = style_task()
     data, held = _write(tmp_path / "train.jsonl", train_lines), _write(tmp_path / "held.jsonl", held_lines)
-    model = edgelora.load(bundle, max_context=128)
+    model = edgelora.load(bundle, max_context=128, products="exact")  # (its logits are compared with PEFT's)
     before = edgelora.evaluate(model, data=held).answer_loss
     h = edgelora.train(model, data, tmp_path / "style", steps=30, lr=1e-2, rank=8, alpha=16, batch_tokens=128,
                        progress=False, eval_data=held, eval_every=10)
