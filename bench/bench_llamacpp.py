@@ -10,7 +10,7 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    an F16 GGUF, quantized by llama.cpp's own ``llama-quantize`` to IQ4_NL (a 16-value non-uniform
    codebook like NF4) and Q4_0;
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
-4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (so its
+4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
    peak RSS is its own): prefill of 128 and 512 tokens, decode of 128 tokens, decode with the
    adapter; medians are reported, with every round kept in the JSON.
 
@@ -202,16 +202,29 @@ def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def _popen_rss(cmd: list, env=None) -> tuple[str, int]:
-    """Run ``cmd``; its output (standard output and error) and its own peak RSS in bytes, from
-    ``wait4`` on the child (so other children's memory does not count)."""
+    """Run ``cmd``; its output (standard output and error) and its own peak RSS in bytes: its
+    ``VmHWM``, read from ``/proc`` while it runs (``wait4``'s ``ru_maxrss`` would report this large
+    parent's peak instead: Linux carries it across ``exec``)."""
+    import threading
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    out = p.stdout.read().decode("utf-8", "replace")
-    p.stdout.close()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.append(p.stdout.read()))
+    reader.start()
+    peak = 0
+    status = Path(f"/proc/{p.pid}/status")
+    while p.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    reader.join()
+    out = b"".join(chunks).decode("utf-8", "replace")
     if p.returncode:
         raise RuntimeError(f"{Path(cmd[0]).name} failed ({p.returncode}):\n{out[-3000:]}")
-    return out, usage.ru_maxrss * 1024
+    return out, peak
 
 
 def llama_bench(bin_dir: Path, gguf_path: Path, threads: int) -> dict:
@@ -271,8 +284,8 @@ def edgelora_run(bundle: Path, threads: int, products: str, adapter: Path | None
     from edgelora.child import python_command
     out, rss = _popen_rss(python_command(EDGELORA_CHILD, str(bundle), str(threads), products,
                                          str(adapter) if adapter else "-", str(n)))
-    res = json.loads(out.strip().splitlines()[-1])
-    res["peak_rss_bytes"] = rss
+    res = json.loads(out.strip().splitlines()[-1])  # (its peak_rss_bytes: its own VmHWM, as ``rss``)
+    res["peak_rss_bytes"] = rss or res["peak_rss_bytes"]
     return res
 
 
