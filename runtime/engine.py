@@ -76,6 +76,13 @@ class Request:
         last item has ``finish_reason`` ``cancelled``. Nothing happens once it has finished."""
         self._cancelled = True
 
+    @staticmethod
+    def _ends(item) -> bool:
+        """Whether ``item`` is this request's last (it has a finish reason); an error item is raised."""
+        if isinstance(item, BaseException):
+            raise item
+        return item.finish_reason is not None
+
     def __iter__(self) -> Iterator[GenerationChunk]:
         i = 0
         while True:
@@ -84,10 +91,9 @@ class Request:
                     self._cond.wait()
                 item = self._items[i]
             i += 1
-            if isinstance(item, BaseException):
-                raise item
+            last = self._ends(item)
             yield item
-            if item.finish_reason is not None:
+            if last:
                 return
 
     async def __aiter__(self):
@@ -106,10 +112,9 @@ class Request:
                     continue
                 for item in new:
                     i += 1
-                    if isinstance(item, BaseException):
-                        raise item
+                    last = self._ends(item)
                     yield item
-                    if item.finish_reason is not None:
+                    if last:
                         return
         finally:
             with self._cond:
