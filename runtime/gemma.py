@@ -64,6 +64,7 @@ class Gemma2Layer:
 
 class GemmaModel(LlamaModel):
     arch = architectures.Gemma
+    compiled_decode = False  # its norm (1 + w), GELU and embedding scale: decodes through its own layer
 
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):
         super().__init__(args, weights, max_context)

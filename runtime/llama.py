@@ -32,6 +32,7 @@ import numpy as np
 
 from edgelora import architectures
 from edgelora.config import ModelArgs
+from edgelora.runtime.decode import CompiledLayers, attend_row, attention_args, rmsnorm_rows, silu_mul
 from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
 
 
@@ -267,6 +268,10 @@ class LlamaModel:
     Layer = Layer
     scale = None  # attention scores times this (None: divided by sqrt(head_dim))
     attn_cap = None  # soft-cap of the attention scores (None: none)
+    #: decode rows run ``runtime/decode.py``'s compiled pieces (:meth:`decode_layer`); a family whose
+    #: layer differs from this one (its norms, projections or activation) sets False and decodes
+    #: through :meth:`layer` as its prompts do
+    compiled_decode = True
 
     def __init__(self, args: ModelArgs, weights: Weights, max_context: int):
         self.args = args
@@ -359,6 +364,10 @@ class LlamaModel:
         """Run ``tokens`` after the cache's contents; logits of the last (or every) position.
         ``lora``: the adapter :class:`~edgelora.runtime.lora.Selection` to run with."""
         start = cache.length
+        if len(tokens) == 1 and self.compiled_decode:  # a decode step: the compiled pieces
+            out = self.decode_rows(tokens, [cache], [start], [lora])  # [1, V]
+            cache.length = start + 1
+            return out
         x = self.embed(tokens, lora)  # [T, H]
         for i in range(self.args.num_hidden_layers):
             x = self.block(i, x, cache, start, lora)
@@ -391,21 +400,70 @@ class LlamaModel:
     def decode_rows(self, tokens: np.ndarray, caches: list, starts: list, loras: list) -> np.ndarray:
         """Rows of decode steps: token b at position ``starts[b]`` of ``caches[b]`` with selection
         ``loras[b]``, each row exactly its one-row ``forward``. Rows sharing a cache are run in
-        order, each seeing the keys the rows before it stored. Lengths are the caller's to set."""
-        x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
-        for i in range(self.args.num_hidden_layers):
-            L, n = self.w.layers[i], self.names[i]
+        order, each seeing the keys the rows before it stored. Lengths are the caller's to set.
 
-            def proj(k, inp):  # the base product once for the batch, each row its own adapters
-                if isinstance(k, tuple):
-                    return apply_batch_group(loras, [n[j] for j in k], [getattr(L, j) for j in k], inp,
-                                             [L.biases.get(j) for j in k])
-                return apply_batch(loras, n[k], getattr(L, k), inp, L.biases.get(k))
+        With ``compiled_decode``, each layer is :meth:`decode_layer`; when every row runs the base
+        weights of one cache and the model's projections are int8-path NF4 weights, all layers
+        are one compiled call (``runtime/decode.py``'s ``decode_layers``: the same pieces in the
+        same order, so the same bits)."""
+        x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
+        if not self.compiled_decode:
+            return self._decode_rows_layers(x, caches, starts, loras)
+        layers = self.compiled_layers
+        if layers is not None and all(lo.is_base for lo in loras) and all(c is caches[0] for c in caches):
+            x = layers.run(x, np.asarray(starts, np.int64), caches[0], self.cos, self.sin)  # [B, H]
+        else:
+            for i in range(self.args.num_hidden_layers):
+                x = self.decode_layer(i, x, self._batch_proj(i, loras), caches, starts)  # [B, H]
+        x = rmsnorm_rows(x, self.w.norm, np.float32(self.args.rms_norm_eps), np.empty_like(x))  # [B, H]
+        return self.capped(apply_batch(loras, "lm_head", self.w.head, x))  # [B, V]
+
+    @property
+    def compiled_layers(self) -> CompiledLayers | None:
+        """What the one-call decode step reads (``runtime/decode.py``), gathered on first use; None
+        when the weights are not all int8-path NF4."""
+        if "_compiled_layers" not in self.__dict__:
+            self._compiled_layers = CompiledLayers.of(self)
+        return self._compiled_layers
+
+    def _batch_proj(self, i: int, loras: list):
+        L, n = self.w.layers[i], self.names[i]
+
+        def proj(k, inp):  # the base product once for the batch, each row its own adapters
+            if isinstance(k, tuple):
+                return apply_batch_group(loras, [n[j] for j in k], [getattr(L, j) for j in k], inp,
+                                         [L.biases.get(j) for j in k])
+            return apply_batch(loras, n[k], getattr(L, k), inp, L.biases.get(k))
+
+        return proj
+
+    def decode_layer(self, i: int, x: np.ndarray, proj, caches: list, starts: list) -> np.ndarray:
+        """Layer ``i`` on decode rows x [B, H] (row b at position ``starts[b]`` of ``caches[b]``):
+        :meth:`layer`'s maths with ``runtime/decode.py``'s compiled norm, attention and activation."""
+        a, L = self.args, self.w.layers[i]
+        nh, nkv, hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        eps = np.float32(a.rms_norm_eps)
+        h = rmsnorm_rows(x, L.attn_norm, eps, np.empty_like(x))  # [B, H]
+        q, k, v = (np.ascontiguousarray(y) for y in proj(("q", "k", "v"), h))  # [B, nh*hd], [B, nkv*hd] x 2
+        att = np.empty((x.shape[0], nh * hd), np.float32)  # [B, nh*hd]
+        window, scale, divide, cap = attention_args(self, i)
+        for b, (c, s) in enumerate(zip(caches, starts)):  # in order: a row sees the keys stored before it
+            attend_row(q[b].reshape(nh, hd), k[b].reshape(nkv, hd), v[b].reshape(nkv, hd), c.k[i], c.v[i], s,
+                       self.cos[s], self.sin[s], a.rotary_dim, window, scale, divide, cap, att[b])
+        x = x + proj("o", att)  # [B, H]
+        h = rmsnorm_rows(x, L.mlp_norm, eps, np.empty_like(x))  # [B, H]
+        gate, up = proj(("gate", "up"), h)  # [B, I] x 2
+        return x + proj("down", silu_mul(gate, up, np.empty(gate.shape, np.float32)))  # [B, H]
+
+    def _decode_rows_layers(self, x: np.ndarray, caches: list, starts: list, loras: list) -> np.ndarray:
+        """:meth:`decode_rows` through :meth:`layer` (families without ``compiled_decode``)."""
+        for i in range(self.args.num_hidden_layers):
+            L = self.w.layers[i]
 
             def attend(q, k, v):  # q: [B, nh, hd]; k, v: [B, nkv, hd]; each row at its own position
                 return np.concatenate([self.attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, s)
                                        for b, (c, s) in enumerate(zip(caches, starts))])  # [B, nh*hd]
 
-            x = self.layer(L, x, proj, attend)  # [B, H]
+            x = self.layer(L, x, self._batch_proj(i, loras), attend)  # [B, H]
         x = self.norm(x, self.w.norm)  # [B, H]
         return self.capped(apply_batch(loras, "lm_head", self.w.head, x))  # [B, V]

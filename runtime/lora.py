@@ -247,6 +247,11 @@ class Selection:
     _plans: dict = field(default_factory=dict, compare=False, repr=False)  # apply_group's plans, by group
 
     @property
+    def is_base(self) -> bool:
+        """Whether this selection changes nothing of the base: no deltas, biases or replaced modules."""
+        return not (self.deltas or self.biases or self.replaced)
+
+    @property
     def label(self) -> str:
         if not self.members:
             return "base"

@@ -43,6 +43,7 @@ class Phi3Layer:
 class Phi3Model(LlamaModel):
     arch = architectures.Phi3
     Layer = Phi3Layer
+    compiled_decode = False  # fused projections: decodes through its own qkv and gated
 
     @staticmethod
     def context_limit(args: ModelArgs) -> int:

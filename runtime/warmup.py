@@ -31,8 +31,8 @@ from edgelora.runtime.threads import thread_count
 
 def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
-    thread or several, and the int8 product path when it is chosen (and whether some weights, rows
-    not of whole 64-entry blocks, keep the exact kernels beside it)."""
+    thread or several, the int8 product path when it is chosen (and whether some weights, rows
+    not of whole 64-entry blocks, keep the exact kernels beside it), and how its decode steps run."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
@@ -41,7 +41,10 @@ def signature(model) -> str:
         net = model.net
         linears = [getattr(L, k) for L in net.w.layers for k in net.arch.PROJECTIONS] + [net.w.head]
         products = "|int8" + ("+exact" if any(getattr(x, "int8", True) is False for x in linears) else "")
-    return f"{storages}|{mapped}|{threads}{products}"
+    net = model.net  # decode steps: one compiled call, compiled pieces, or NumPy (runtime/decode.py)
+    decode = "one-call" if net.compiled_decode and net.compiled_layers is not None else (
+        "pieces" if net.compiled_decode else "numpy")
+    return f"{storages}|{mapped}|{threads}{products}|{decode}"
 
 
 def _passes(net) -> None:

@@ -1,0 +1,282 @@
+"""Decode steps compiled: the pieces of a Llama decoder layer for a few rows, and the whole step of
+every layer in one call.
+
+A prompt's prefill runs ``runtime/llama.py``'s NumPy layer (its time is in the products). A decode
+step has one row per sequence, and there the NumPy calls around the products (norms, rotary,
+attention over the cache, activations: some thirty array operations a layer, each a few
+microseconds) and the Python around them cost about a quarter of the step. So a decode row of a
+Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
+
+* :func:`rmsnorm_rows` (twin: ``llama.rmsnorm``), eight float32 partial sums per row;
+* :func:`attend_row`: rotary on the row's query and key, its key and value stored in the cache,
+  the query attending to every cached key its position may see (twin: ``llama.rope`` +
+  ``llama.attention_reference``), heads split between the threads;
+* :func:`silu_mul` (twin: ``llama.silu(gate) * up``).
+
+``LlamaModel.decode_rows`` runs them one by one around the adapters' projections
+(``Selection.apply``), and, when every row runs the base alone and every projection is an int8-path
+NF4 weight (the default), :func:`decode_layers` runs the same pieces and the same int8 kernels
+(``runtime/int8.py``) for all layers in one call: no Python between the products. Both orders of
+the same compiled functions, so a row's bits do not depend on which ran it, on its batch, or on
+the thread count (the products' and the attention's split between threads never changes a sum).
+
+The pieces' float operations are IEEE float32 (``fastmath=False``: no reassociation, no fused
+multiply-adds), so their NumPy twins agree to a few ulps (the sums' order differs), tested.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.typed import List
+
+from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice, _quantize_x
+from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
+from edgelora.storage import DYNAMIC_CODE
+
+#: the projections of a layer in :func:`decode_layers`' order
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+_F0 = np.float32(0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=False, inline="always")
+def _dot(a, b, n):
+    """``sum a[i] b[i]`` for i < n in float32: eight partial sums (lanes i mod 8), added pairwise."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = _F0
+    i = 0
+    while i + 8 <= n:
+        s0 += a[i] * b[i]
+        s1 += a[i + 1] * b[i + 1]
+        s2 += a[i + 2] * b[i + 2]
+        s3 += a[i + 3] * b[i + 3]
+        s4 += a[i + 4] * b[i + 4]
+        s5 += a[i + 5] * b[i + 5]
+        s6 += a[i + 6] * b[i + 6]
+        s7 += a[i + 7] * b[i + 7]
+        i += 8
+    t = ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+    while i < n:
+        t += a[i] * b[i]
+        i += 1
+    return t
+
+
+@njit(cache=True, fastmath=False)
+def rmsnorm_rows(x, w, eps, out):
+    """out [B, H] = ``w * (x / sqrt(mean(x^2) + eps))`` row by row, float32 (``llama.rmsnorm``)."""
+    B, H = x.shape
+    for b in range(B):
+        row = x[b]
+        var = _dot(row, row, H) / np.float32(H)
+        root = np.float32(np.sqrt(var + eps))
+        for j in range(H):
+            out[b, j] = w[j] * (row[j] / root)
+    return out
+
+
+@njit(cache=True, fastmath=False)
+def silu_mul(gate, up, out):
+    """out = ``gate / (1 + exp(-gate)) * up``, elementwise float32 (``llama.silu(gate) * up``)."""
+    B, n = gate.shape
+    one = np.float32(1.0)
+    for b in range(B):
+        for j in range(n):
+            g = gate[b, j]
+            out[b, j] = g / (one + np.exp(-g)) * up[b, j]
+    return out
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _rope_into(x, cos, sin, rd, out):
+    """out [heads, hd] = x [heads, hd] rotated (``llama.rope`` of one position): ``x cos +
+    rotate_half(x) sin`` on the first ``rd`` dimensions, the rest copied."""
+    half = rd // 2
+    for h in range(x.shape[0]):
+        for j in range(half):
+            out[h, j] = x[h, j] * cos[j] + x[h, j + half] * -sin[j]
+            out[h, j + half] = x[h, j + half] * cos[j + half] + x[h, j] * sin[j + half]
+        for j in range(rd, x.shape[1]):
+            out[h, j] = x[h, j]
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _attend_heads(q, K, V, lo, n, scale, divide, cap, out):
+    """out [nh, hd]: each head of q [nh, hd] over keys ``lo .. n - 1`` of K, V [S, nkv, hd]
+    (grouped: head h reads key head ``h // (nh / nkv)``); scores times ``scale`` (divided by it
+    when ``divide``), soft-capped by ``cap`` when it is not 0, softmax, the values' weighted sum."""
+    nh, hd = q.shape
+    group = nh // K.shape[1]
+    for h in prange(nh):
+        g = h // group
+        s = np.empty(n - lo, np.float32)
+        m = np.float32(-np.inf)
+        for j in range(lo, n):
+            v = _dot(q[h], K[j, g], hd)
+            v = v / scale if divide else v * scale
+            if cap != 0:
+                v = np.float32(np.tanh(v / cap)) * cap
+            s[j - lo] = v
+            m = max(m, v)
+        total = _F0
+        for j in range(n - lo):
+            s[j] = np.exp(s[j] - m)
+            total += s[j]
+        for d in range(hd):
+            out[h, d] = _F0
+        for j in range(n - lo):
+            p = s[j] / total
+            for d in range(hd):
+                out[h, d] += p * V[lo + j, g, d]
+
+
+@njit(cache=True, fastmath=False, parallel=True, inline="always")
+def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, out):
+    """One decode row at position ``pos``: q [nh, hd], k, v [nkv, hd] of this step; K, V
+    [S, nkv, hd] the layer's cache. Rotates q and k (``cos``, ``sin`` [rd] of the position),
+    stores k and v at ``pos``, and writes to out [nh * hd] the attention of q over positions
+    ``0 .. pos`` (the last ``window`` of them when ``window`` > 0)."""
+    _rope_into(k, cos, sin, rd, K[pos])
+    V[pos] = v
+    qr = np.empty_like(q)
+    _rope_into(q, cos, sin, rd, qr)
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    _attend_heads(qr, K, V, lo, pos + 1, scale, divide, cap, out.reshape(q.shape))
+    return out
+
+
+def attention_args(net, i: int) -> tuple:
+    """``(window, scale, divide, cap)`` of layer ``i`` of ``net`` as :func:`attend_row` takes them."""
+    window = net.window_of(i) or 0
+    if net.scale is None:
+        scale, divide = np.float32(math.sqrt(net.args.head_dim)), True
+    else:
+        scale, divide = np.float32(net.scale), False
+    return window, scale, divide, np.float32(net.attn_cap or 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# every layer in one call
+# ---------------------------------------------------------------------------------------------
+
+@njit(cache=True, fastmath=False, inline="always")
+def _product(j, w, XQ, XA, XS, out, threads):
+    """out [B, n] = projection j (an int8-path NF4 weight, as ``NF4Int8Linear.matvec_batch``) of the
+    quantized rows XQ, plus its bias. ``w``: every projection's arrays (:func:`decode_layers`)."""
+    table, dyn, packed, qscale, nested, nshift, offset, bias, has_bias, bs = w
+    n, k = out.shape[1], XQ.shape[1]
+    if threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS:
+        step = (n + threads - 1) // threads  # one slice of rows per thread (as ``int8._i8_parallel``)
+        for c in prange(threads):
+            r0 = c * step
+            _i8_slice(table, dyn, packed[j], qscale[j], nested[j], nshift[j], offset[j], bs, k, r0,
+                      min(n, r0 + step), XQ, XA, XS, out)
+    else:
+        _i8_slice(table, dyn, packed[j], qscale[j], nested[j], nshift[j], offset[j], bs, k, 0, n, XQ, XA, XS, out)
+    if has_bias[j]:
+        b = bias[j]
+        for r in range(out.shape[0]):
+            for c in range(n):
+                out[r, c] = out[r, c] + b[c]
+
+
+@njit(cache=True, fastmath=False)
+def _quantized(X, bs):
+    B, k = X.shape
+    XQ, XA = np.empty((B, k), np.int8), np.empty((B, k), np.uint8)
+    XS = np.empty((B, k // bs), np.float32)
+    _quantize_x(X, bs, XQ, XA, XS)
+    return XQ, XA, XS
+
+
+@njit(cache=True, fastmath=False, parallel=True)
+def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, packed, qscale, nested, nshift,
+                  offset, bias, has_bias, bs, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads):
+    """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
+    at positions ``pos`` [B] (stored and attended in row order), all running the base weights:
+    ``LlamaModel.decode_rows``' layer loop (the same pieces, the same products) in one call.
+    Projection ``7 i + p`` of the lists is projection ``PROJECTIONS[p]`` of layer i."""
+    B, H = x.shape
+    x = x.copy()
+    h = np.empty_like(x)
+    q = np.empty((B, nh * hd), np.float32)
+    k = np.empty((B, nkv * hd), np.float32)
+    v = np.empty((B, nkv * hd), np.float32)
+    att = np.empty((B, nh * hd), np.float32)
+    o = np.empty((B, H), np.float32)
+    gate = np.empty((B, inter), np.float32)
+    up = np.empty((B, inter), np.float32)
+    act = np.empty((B, inter), np.float32)
+    w = (table, dyn, packed, qscale, nested, nshift, offset, bias, has_bias, bs)  # every projection's arrays
+    for i in range(attn_norm.shape[0]):
+        j = 7 * i
+        rmsnorm_rows(x, attn_norm[i], eps, h)
+        XQ, XA, XS = _quantized(h, bs)
+        _product(j, w, XQ, XA, XS, q, threads)
+        _product(j + 1, w, XQ, XA, XS, k, threads)
+        _product(j + 2, w, XQ, XA, XS, v, threads)
+        for b in range(B):
+            p = pos[b]
+            attend_row(q[b].reshape(nh, hd), k[b].reshape(nkv, hd), v[b].reshape(nkv, hd), K[i], V[i], p, cos[p],
+                       sin[p], rd, windows[i], scale, divide, cap, att[b])
+        XQ, XA, XS = _quantized(att, bs)
+        _product(j + 3, w, XQ, XA, XS, o, threads)
+        x += o
+        rmsnorm_rows(x, mlp_norm[i], eps, h)
+        XQ, XA, XS = _quantized(h, bs)
+        _product(j + 4, w, XQ, XA, XS, gate, threads)
+        _product(j + 5, w, XQ, XA, XS, up, threads)
+        silu_mul(gate, up, act)
+        XQ, XA, XS = _quantized(act, bs)
+        _product(j + 6, w, XQ, XA, XS, o, threads)
+        x += o
+    return x
+
+
+class CompiledLayers:
+    """What :func:`decode_layers` reads of a model, gathered once: the projections' stored arrays
+    in typed lists (references to the bundle's mapped bytes, no copies), the norms stacked.
+    :meth:`of` gives None for a model it cannot run (a projection that is not an int8-path NF4
+    weight, blocks of different sizes, biases on a module other than q, k, v, o and the MLP's)."""
+
+    def __init__(self, net, lins: list):
+        a = net.args
+        self.bs = lins[0].block_size
+        self.packed = List([lin.packed for lin in lins])
+        self.qscale = List([lin.qscale for lin in lins])
+        self.nested = List([np.asarray(lin.nested, np.float32) for lin in lins])
+        self.nshift = np.array([lin.nshift for lin in lins], np.int64)
+        self.offset = np.array([lin.offset for lin in lins], np.float32)
+        biases = [L.biases.get(p) for L in net.w.layers for p in PROJECTIONS]
+        self.has_bias = np.array([b is not None for b in biases])
+        self.bias = List([np.asarray(b if b is not None else np.zeros(1), np.float32) for b in biases])
+        self.attn_norm = np.stack([np.asarray(L.attn_norm, np.float32) for L in net.w.layers])  # [L, H]
+        self.mlp_norm = np.stack([np.asarray(L.mlp_norm, np.float32) for L in net.w.layers])  # [L, H]
+        self.windows = np.array([attention_args(net, i)[0] for i in range(a.num_hidden_layers)], np.int64)
+        _, self.scale, self.divide, self.cap = attention_args(net, 0)
+        self.eps = np.float32(a.rms_norm_eps)
+        self.dims = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.intermediate_size, a.rotary_dim)
+
+    @classmethod
+    def of(cls, net) -> "CompiledLayers | None":
+        lins = [getattr(L, p) for L in net.w.layers for p in PROJECTIONS]
+        if not all(isinstance(lin, NF4Int8Linear) and lin.int8 and lin.block_size == lins[0].block_size
+                   for lin in lins):
+            return None
+        if any(set(L.biases) - set(PROJECTIONS) for L in net.w.layers):
+            return None
+        return cls(net, lins)
+
+    def run(self, x: np.ndarray, pos: np.ndarray, cache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x [B, H] -> [B, H] after every layer (the final norm is the caller's)."""
+        nh, nkv, hd, inter, rd = self.dims
+        return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
+                             self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.packed, self.qscale, self.nested,
+                             self.nshift, self.offset, self.bias, self.has_bias, self.bs, nh, nkv, hd, inter, rd,
+                             self.windows, self.scale, self.divide, self.cap, numba.get_num_threads())

@@ -1,0 +1,175 @@
+"""Compiled decode steps (``runtime/decode.py``): each piece against its NumPy twin in
+``runtime/llama.py``, the one-call step of every layer bit for bit against the same pieces run one
+by one (and on any thread count), and whole decode steps against the NumPy layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgelora
+from edgelora.runtime import decode, llama
+from edgelora.runtime.lora import BASE
+from tiny_models import CONFIGS, close, make_checkpoint
+
+F32 = np.float32
+
+
+def test_rmsnorm_rows_equals_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 203)) * np.array([[1e-3], [1.0], [30.0], [0.0]])).astype(F32)  # a zero row too
+    w = rng.standard_normal(203).astype(F32)
+    got = decode.rmsnorm_rows(x, w, F32(1e-5), np.empty_like(x))
+    ref = llama.rmsnorm(x, w, 1e-5)
+    np.testing.assert_allclose(got, ref, rtol=3e-6, atol=1e-30)
+    assert not got[3].any()
+
+
+def test_silu_mul_equals_numpy():
+    rng = np.random.default_rng(1)
+    g = (rng.standard_normal((3, 300)) * 20).astype(F32)
+    g[0, :4] = [-200.0, -90.0, 0.0, 100.0]  # exp(-g) overflows: g / inf = -0, as silu's limit
+    u = rng.standard_normal((3, 300)).astype(F32)
+    got = decode.silu_mul(g, u, np.empty_like(g))
+    np.testing.assert_allclose(got, llama.silu(g) * u, rtol=2e-6, atol=1e-30)
+
+
+# nkv, group, hd, rotated dims, position, window (0: none), scale (None: / sqrt(hd)), soft-cap (0: none)
+ROW_CASES = {
+    "gqa": (2, 4, 16, 16, 37, 0, None, 0.0),
+    "first position": (2, 2, 8, 8, 0, 0, None, 0.0),
+    "mqa, long": (1, 8, 64, 64, 700, 0, None, 0.0),
+    "window": (2, 2, 16, 16, 50, 7, None, 0.0),
+    "window of 1": (1, 2, 8, 8, 9, 1, None, 0.0),
+    "window beyond the start": (2, 2, 16, 16, 4, 30, None, 0.0),
+    "partial rotary": (1, 3, 32, 16, 20, 0, None, 0.0),
+    "scale and soft-cap": (2, 2, 32, 32, 60, 8, 16 ** -0.5, 5.0),
+}
+
+
+@pytest.mark.parametrize("case", list(ROW_CASES))
+def test_attend_row_equals_rope_and_reference_attention(case):
+    nkv, group, hd, rd, pos, window, scale, cap = ROW_CASES[case]
+    nh, S = nkv * group, pos + 5
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((n, hd)).astype(F32) for n in (nh, nkv, nkv))
+    K, V = (rng.standard_normal((S, nkv, hd)).astype(F32) for _ in range(2))  # keys after pos: never read
+    inv = (1.0 / 10000.0 ** (np.arange(0, rd, 2) / rd)).astype(F32)
+    cos, sin = llama.rope_tables(inv, S)
+
+    Kr, Vr = K.copy(), V.copy()
+    Kr[pos] = llama.rope(k[None], cos[pos:pos + 1], sin[pos:pos + 1])[0]
+    Vr[pos] = v
+    qr = llama.rope(q[None], cos[pos:pos + 1], sin[pos:pos + 1])
+    ref = llama.attention_reference(qr, Kr[:pos + 1], Vr[:pos + 1], np.array([pos]), window or None, scale,
+                                    cap or None)[0]
+
+    if scale is None:
+        s, divide = F32(np.sqrt(hd)), True
+    else:
+        s, divide = F32(scale), False
+    out = np.empty(nh * hd, F32)
+    decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), out)
+    np.testing.assert_array_equal(K, Kr)  # the rotated key stored at pos (rotary: the same operations), nothing else
+    np.testing.assert_array_equal(V, Vr)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+
+
+# tiny models whose every width is a multiple of 64, so that every projection takes the int8 path
+# and the one-call step runs: a Llama, a Qwen2 (q, k, v biases) and a Mistral with a short window
+FUSED = {
+    "fused_llama": dict(CONFIGS["llama3"], hidden_size=128, intermediate_size=256, num_hidden_layers=3),
+    "fused_qwen2": dict(CONFIGS["qwen2"], hidden_size=128, intermediate_size=192),
+    "fused_mistral": dict(CONFIGS["mistral"], hidden_size=128, intermediate_size=192, sliding_window=5),
+}
+
+
+@pytest.fixture(scope="module")
+def fused_bundles(tmp_path_factory):
+    made = {}
+    for name, spec in FUSED.items():
+        CONFIGS[name] = spec
+        try:
+            d = tmp_path_factory.mktemp(name)
+            src = make_checkpoint(d / "src", name, seed=3)
+            edgelora.convert(src, d / "bundle")
+        finally:
+            del CONFIGS[name]
+        made[name] = d / "bundle"
+        made[name + "/src"] = src
+    return made
+
+
+def _decode(model, prompt, steps, tokens):
+    """Logits of ``steps`` one-token forwards after ``prompt``, feeding ``tokens``; and the cache."""
+    net = model.net
+    cache = net.new_cache()
+    with model._running():
+        net.forward(np.asarray(prompt), cache)
+        out = [net.forward(np.array([t]), cache)[0] for t in tokens[:steps]]
+    return np.stack(out), cache
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_one_call_step_equals_the_pieces_bit_for_bit(fused_bundles, name):
+    bundle = fused_bundles[name]
+    rng = np.random.default_rng(4)
+    prompt, tokens = rng.integers(3, 80, 9), rng.integers(3, 80, 12)
+    fused = edgelora.load(bundle, max_context=64, threads=2)
+    assert fused.net.compiled_layers is not None, "every projection should take the int8 path"
+    pieces = edgelora.load(bundle, max_context=64, threads=2)
+    pieces.net._compiled_layers = None  # the layer loop of decode_layer, with the same compiled pieces
+    one_thread = edgelora.load(bundle, max_context=64, threads=1)
+    a, ca = _decode(fused, prompt, 12, tokens)
+    b, cb = _decode(pieces, prompt, 12, tokens)
+    c, _ = _decode(one_thread, prompt, 12, tokens)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(ca.k, cb.k)
+    np.testing.assert_array_equal(ca.v, cb.v)
+
+    # rows of one sequence in one call (a speculative step's verification) are its decode steps
+    net, cache = fused.net, fused.net.new_cache()
+    with fused._running():
+        net.forward(np.asarray(prompt), cache)
+        rows = net.forward_steps(np.asarray(tokens[:4]), cache)
+    np.testing.assert_array_equal(rows, a[:4])
+
+    # against the NumPy layer (llama.rmsnorm, rope, attention_reference, silu): the same maths
+    numpy_layers = edgelora.load(bundle, max_context=64)
+    numpy_layers.net.compiled_decode = False
+    d, _ = _decode(numpy_layers, prompt, 12, tokens)
+    assert close(a, d), np.abs(a - d).max()
+
+
+def test_a_base_row_beside_an_adapter_row_is_the_one_call_step(fused_bundles, tmp_path):
+    """A batch with an adapter runs the layer loop of pieces: its base row equals the base alone,
+    which ran the one-call step."""
+    from tiny_models import make_adapter
+    adapter = make_adapter(fused_bundles["fused_llama/src"], tmp_path / "ad", seed=1, r=4, target_modules="all-linear")
+    model = edgelora.load(fused_bundles["fused_llama"], max_context=64)
+    model.adapters.load("a", adapter)
+    net, sel = model.net, model.adapters.select("a")
+    assert not sel.is_base
+    prompt = [5, 6, 7, 8]
+    with model._running():
+        alone = net.new_cache()
+        net.forward(np.asarray(prompt), alone)
+        ref = net.forward(np.array([9]), alone)[0]  # the one-call step
+        c0, c1 = net.new_cache(), net.new_cache()
+        net.forward(np.asarray(prompt), c0)
+        net.forward(np.asarray(prompt), c1, lora=sel)
+        rows = net.forward_batch(np.array([9, 9]), [c0, c1], [BASE, sel])
+    np.testing.assert_array_equal(rows[0], ref)
+    assert not np.array_equal(rows[1], ref)
+
+
+def test_exact_products_run_the_pieces(fused_bundles):
+    """Exact products leave the one-call step to the layer loop of pieces."""
+    exact = edgelora.load(fused_bundles["fused_llama"], max_context=64, products="exact")
+    assert exact.net.compiled_layers is None
+    logits, _ = _decode(exact, [5, 6, 7], 3, [8, 9, 10])
+    numpy_layers = edgelora.load(fused_bundles["fused_llama"], max_context=64, products="exact")
+    numpy_layers.net.compiled_decode = False
+    ref, _ = _decode(numpy_layers, [5, 6, 7], 3, [8, 9, 10])
+    assert close(logits, ref)
