@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from edgelora import architectures
 from edgelora.config import ModelArgs
+from edgelora.runtime.kernels import _pool
 from edgelora.runtime.decode import CompiledLayers, attend_row, attention_args, rmsnorm_rows, silu_mul
 from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
 
@@ -178,14 +180,38 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
 KEY_BLOCK = 128
 
 
+#: a prompt chunk attends on several threads (its key-value heads split between them) from this
+#: many queries x keys
+ATTENTION_PARALLEL_MIN = 4096
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-              window: int | None, scale: float | None = None, softcap: float | None = None) -> np.ndarray:
+              window: int | None, scale: float | None = None, softcap: float | None = None,
+              threads: int = 1) -> np.ndarray:
     """Causal grouped-query attention of T queries over S cached positions (see
     :func:`attention_reference` for the scores' scale, soft-cap and mask): a prefill chunk block by
-    block, a single query (decode) whole, its [nh, S] scores being no bigger than the cache."""
-    if q.shape[0] == 1:
+    block, a single query (decode) whole, its [nh, S] scores being no bigger than the cache. With
+    ``threads`` > 1 a long chunk's key-value heads are split between that many threads (NumPy and
+    BLAS release the GIL); each head's result is the same computed with the others or alone."""
+    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
+    if T == 1:
         return attention_reference(q, k, v, q_pos, window, scale, softcap)  # [1, nh*hd]
-    return attention_blockwise(q, k, v, q_pos, window, scale, softcap, KEY_BLOCK)  # [T, nh*hd]
+    nkv = k.shape[1]
+    parts = min(threads, nkv)
+    if parts <= 1 or T * k.shape[0] < ATTENTION_PARALLEL_MIN:
+        return attention_blockwise(q, k, v, q_pos, window, scale, softcap, KEY_BLOCK)  # [T, nh*hd]
+    group = nh // nkv
+    bounds = [nkv * i // parts for i in range(parts + 1)]  # key-value heads [g0, g1) of each thread
+    out = np.empty((T, nh, hd), np.float32)
+
+    def work(i: int) -> None:
+        g0, g1 = bounds[i], bounds[i + 1]
+        heads = slice(g0 * group, g1 * group)
+        out[:, heads] = attention_blockwise(q[:, heads], k[:, g0:g1], v[:, g0:g1], q_pos, window, scale, softcap,
+                                            KEY_BLOCK).reshape(T, -1, hd)
+
+    list(_pool(parts).map(work, range(parts)))
+    return out.reshape(T, nh * hd)  # [T, nh*hd]
 
 
 def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
@@ -357,7 +383,7 @@ class LlamaModel:
         cache.v[i, start:start + T] = v
         q = rope(q, cos, sin)
         return attention(q, cache.k[i, :start + T], cache.v[i, :start + T], np.arange(start, start + T),
-                         self.window_of(i), self.scale, self.attn_cap)  # [T, nh*hd]
+                         self.window_of(i), self.scale, self.attn_cap, numba.get_num_threads())  # [T, nh*hd]
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False,
                 lora: Selection = BASE) -> np.ndarray:

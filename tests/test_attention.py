@@ -44,7 +44,7 @@ def _inputs(nkv, group, hd, T, start, seed=0, keys_after=0):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_blockwise_equals_reference(case):
+def test_blockwise_equals_reference(case, monkeypatch):
     nkv, group, hd, T, start, window, block, scale, softcap = CASES[case]
     q, k, v, q_pos = _inputs(nkv, group, hd, T, start)
     ref = attention_reference(q, k, v, q_pos, window, scale, softcap)
@@ -56,6 +56,11 @@ def test_blockwise_equals_reference(case):
     assert np.abs(got - exact).max() <= 2 * np.abs(ref - exact).max() + 1e-6
     np.testing.assert_array_equal(attention(q, k, v, q_pos, window, scale, softcap),
                                   ref if T == 1 else attention_blockwise(q, k, v, q_pos, window, scale, softcap))
+    if T > 1:  # key-value heads split between threads: each head's bits as computed with the others
+        monkeypatch.setattr(llama, "ATTENTION_PARALLEL_MIN", 0)
+        for threads in (2, 3):
+            np.testing.assert_array_equal(attention(q, k, v, q_pos, window, scale, softcap, threads=threads),
+                                          attention_blockwise(q, k, v, q_pos, window, scale, softcap))
 
 
 @pytest.mark.parametrize("window", [None, 6])
