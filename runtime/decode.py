@@ -34,7 +34,7 @@ from numba import njit, prange
 from numba.typed import List
 
 from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice, _quantize_x
-from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
+from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, _pool, row_slices
 from edgelora.storage import DYNAMIC_CODE
 
 #: the projections of a layer in :func:`decode_layers`' order
@@ -81,7 +81,7 @@ def rmsnorm_rows(x, w, eps, out):
     return out
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, nogil=True)
 def silu_mul(gate, up, out):
     """out = ``gate / (1 + exp(-gate)) * up``, elementwise float32 (``llama.silu(gate) * up``)."""
     B, n = gate.shape
@@ -90,6 +90,16 @@ def silu_mul(gate, up, out):
         for j in range(n):
             g = gate[b, j]
             out[b, j] = g / (one + np.exp(-g)) * up[b, j]
+    return out
+
+
+def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """:func:`silu_mul` of a prompt's rows, split between the prefill threads (each row's bits its own)."""
+    out = np.empty(gate.shape, np.float32)
+    threads = numba.get_num_threads()
+    if threads == 1 or gate.shape[0] < 2:
+        return silu_mul(gate, up, out)
+    list(_pool(threads).map(lambda r: silu_mul(gate[r], up[r], out[r]), row_slices(gate.shape[0], threads)))
     return out
 
 

@@ -42,6 +42,7 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from edgelora.runtime.kernels import row_slices
 from edgelora.runtime.simd import _FEATURES, _AARCH64, _I8, _I32, _I64, _F32
 from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
 
@@ -380,7 +381,10 @@ def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XA: np.ndarray, XS: np.n
     the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)`` (SIMD
     variants: ``packed`` as :func:`words` may be given), rows split in whole groups between ``threads`` threads of ``pool`` (GIL released)."""
     bs = args[-1]
-    XSUM = block_sums(XQ, bs)
+    if pool is not None and threads > 1 and XQ.shape[0] >= 2 * threads:  # a prompt's rows split between the threads
+        XSUM = np.concatenate(list(pool.map(lambda rows: block_sums(XQ[rows], bs), row_slices(XQ.shape[0], threads))))
+    else:
+        XSUM = block_sums(XQ, bs)
     groups = -(-n // GEMM_ROWS)
     OUT = np.empty((XQ.shape[0], groups * GEMM_ROWS), np.float32)
     fn = INT8_GEMM_VARIANTS[variant]

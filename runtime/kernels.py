@@ -424,6 +424,11 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return _POOLS[n]
 
 
+def row_slices(n: int, parts: int) -> list:
+    """``parts`` slices covering rows ``0 .. n`` (the work of each prefill thread)."""
+    return [slice(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
+
+
 class _StoredLinear:
     """What NF4 and float16 weights share: ``matmul`` through dequantized tiles. A subclass
     provides ``matvec`` and ``dequantize_rows_serial`` (one thread, GIL released)."""
