@@ -276,7 +276,7 @@ class CompiledLayers:
     @classmethod
     def of(cls, net) -> "CompiledLayers | None":
         lins = [getattr(L, p) for L in net.w.layers for p in PROJECTIONS]
-        if not all(isinstance(lin, NF4Int8Linear) and lin.int8 and lin.block_size == lins[0].block_size
+        if not lins or not all(isinstance(lin, NF4Int8Linear) and lin.int8 and lin.block_size == lins[0].block_size
                    for lin in lins):
             return None
         if any(set(L.biases) - set(PROJECTIONS) for L in net.w.layers):

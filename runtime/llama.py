@@ -433,6 +433,8 @@ class LlamaModel:
         weights of one cache and the model's projections are int8-path NF4 weights, all layers
         are one compiled call (``runtime/decode.py``'s ``decode_layers``: the same pieces in the
         same order, so the same bits)."""
+        if any(not 0 <= s < c.max_context for c, s in zip(caches, starts)):  # (compiled code checks no bounds)
+            raise ValueError(f"decode positions {list(starts)} outside the cache of {caches[0].max_context} positions")
         x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
         if not self.compiled_decode:
             return self._decode_rows_layers(x, caches, starts, loras)

@@ -173,3 +173,15 @@ def test_exact_products_run_the_pieces(fused_bundles):
     numpy_layers.net.compiled_decode = False
     ref, _ = _decode(numpy_layers, [5, 6, 7], 3, [8, 9, 10])
     assert close(logits, ref)
+
+
+def test_a_decode_step_past_the_cache_is_refused(fused_bundles):
+    """The compiled step checks no bounds: the position is checked before it runs."""
+    model = edgelora.load(fused_bundles["fused_llama"], max_context=8)
+    net, cache = model.net, model.net.new_cache()
+    with model._running():
+        net.forward(np.arange(3, 11), cache)  # the cache is full
+        with pytest.raises(ValueError, match="outside the cache"):
+            net.forward(np.array([5]), cache)
+        with pytest.raises(ValueError, match="outside the cache"):
+            net.forward_steps(np.array([5, 6]), cache)
