@@ -161,6 +161,12 @@ def context_limit(a: ModelArgs) -> int:
     return FAMILIES[a.family].context_limit(a)
 
 
+def compiled_decode(a: ModelArgs) -> bool:
+    """Whether the model's family decodes through ``runtime/decode.py``'s compiled steps."""
+    from edgelora.runtime.loader import FAMILIES
+    return a.family in FAMILIES and FAMILIES[a.family].compiled_decode
+
+
 def uses_parallel_kernels(a: ModelArgs, threads: int) -> bool:
     shapes = _shapes(a) + [(a.vocab_size, a.hidden_size)]
     return threads > 1 and any(n * k >= PARALLEL_MIN_WEIGHTS for n, k in shapes)
@@ -253,8 +259,12 @@ model = edgelora.load(bundle, threads=threads, max_context=64)
 model.eos_ids = set()
 rng = np.random.default_rng(0)
 ids = rng.integers(3, model.args.vocab_size, 56).tolist()
+model.net.compiled_decode = False  # decode steps through the NumPy layer first (as Phi-3 and Gemma)
 model.generate(ids, max_new_tokens=4, temperature=0)
 peaks = [peak_rss_bytes()]
+del model.net.compiled_decode  # then the compiled decode steps (runtime/decode.py) of the Llama family
+model.generate(ids, max_new_tokens=4, temperature=0)
+peaks.append(peak_rss_bytes())
 # the threaded kernels, which the demo's small weights do not reach: random codes and scales
 n = 512 * 256
 w = NF4Tensor(rng.integers(0, 256, n // 2, dtype=np.uint8), rng.integers(0, 256, n // 64, dtype=np.uint8),
@@ -280,7 +290,8 @@ def _overhead_key(threads: int) -> str:
 
 def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     """The runtime's own memory on this machine, in bytes: ``base`` (Python, NumPy, Numba, the
-    tokenizer library, the single-thread kernels), ``parallel`` (more for the threaded kernels,
+    tokenizer library, the single-thread kernels), ``decode`` (more for the compiled decode steps of
+    the families that have them, ``runtime/decode.py``), ``parallel`` (more for the threaded kernels,
     used with weights of 64K elements or more and more than one thread) and ``lora`` (more for the
     adapter kernels, beyond the adapter's own arrays). A fresh process runs the built-in demo model
     through each in turn (twice: the first run may compile); each figure is its peak RSS growth
@@ -289,7 +300,8 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     key = _overhead_key(threads)
     entry = _read_overhead_cache().get(key)
-    if not refresh and isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in ("base", "parallel", "lora")):
+    if not refresh and isinstance(entry, dict) and all(isinstance(entry.get(k), int)
+                                                       for k in ("base", "decode", "parallel", "lora")):
         return dict(entry, source=f"measured on this machine ({threads} threads, cached)")
     from edgelora.bundle import Bundle
     from edgelora.demo import demo_bundle, packaged_demo_adapters
@@ -305,8 +317,9 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     with Bundle(bundle) as b:
         a = b.args
         own = _weights_bytes(Path(bundle)) + kv_cache_bytes(a, 64) + rope_bytes(a, 64) + scratch_bytes(a, 64, 1)[0]
-    entry = {"base": max(0, peaks[0] - own), "parallel": max(0, peaks[1] - peaks[0]),
-             "lora": max(0, peaks[2] - peaks[1] - adapter_resident_bytes(adapter, a))}
+    entry = {"base": max(0, peaks[0] - own), "decode": max(0, peaks[1] - peaks[0]),
+             "parallel": max(0, peaks[2] - peaks[1]),
+             "lora": max(0, peaks[3] - peaks[2] - adapter_resident_bytes(adapter, a))}
     _write_overhead_cache(key, entry)
     return dict(entry, source=f"measured on this machine ({threads} threads)")
 
@@ -537,7 +550,8 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     training = None if t is None else _TrainSizes(bundle_path, t, threads)
     if overhead is None:
         m = measure_runtime_overhead(threads)
-        parts = [m["base"]] + ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + \
+        parts = [m["base"]] + ([m["decode"]] if t is None and compiled_decode(a) else []) + \
+            ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + \
             ([m["lora"]] if sizes or t is not None else [])
         note = m["source"] + ("" if dev.arch == host_arch() else f"; {dev.arch} assumed like {host_arch()}")
         over = (sum(parts), note)

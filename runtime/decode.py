@@ -30,8 +30,10 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
-from numba.typed import List
+from numba.core import types
+from numba.extending import intrinsic
 
 from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice, _quantize_x
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, _pool, row_slices
@@ -175,22 +177,52 @@ def attention_args(net, i: int) -> tuple:
 # every layer in one call
 # ---------------------------------------------------------------------------------------------
 
+# The projections' arrays reach the compiled step as addresses and lengths (int64 arrays), each
+# made an array again inside by ``numba.carray``: no container of 154 arrays to build or unbox (a
+# typed List costs a compilation and some 70 MB in every process; a tuple, a compilation per layer
+# count). ``CompiledLayers`` holds the arrays themselves, so the addresses stay valid.
+
+@intrinsic
+def _u8_ptr(typingctx, addr):
+    """The int64 ``addr`` as a pointer to uint8."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+    return types.CPointer(types.uint8)(types.int64), codegen
+
+
+@intrinsic
+def _f32_ptr(typingctx, addr):
+    """The int64 ``addr`` as a pointer to float32."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.FloatType().as_pointer())
+    return types.CPointer(types.float32)(types.int64), codegen
+
+
+def _addresses(arrays: list) -> tuple[np.ndarray, np.ndarray]:
+    """(addresses, lengths) int64 of C-contiguous 1-D arrays."""
+    for a in arrays:
+        assert a.ndim == 1 and a.flags.c_contiguous
+    return (np.array([a.ctypes.data for a in arrays], np.int64), np.array([a.size for a in arrays], np.int64))
+
 @njit(cache=True, fastmath=False, inline="always")
 def _product(j, w, XQ, XA, XS, out, threads):
     """out [B, n] = projection j (an int8-path NF4 weight, as ``NF4Int8Linear.matvec_batch``) of the
     quantized rows XQ, plus its bias. ``w``: every projection's arrays (:func:`decode_layers`)."""
-    table, dyn, packed, qscale, nested, nshift, offset, bias, has_bias, bs = w
+    table, dyn, arrays, lengths, nshift, offset, has_bias, bs = w
+    packed = numba.carray(_u8_ptr(arrays[j, 0]), lengths[j, 0])
+    qscale = numba.carray(_u8_ptr(arrays[j, 1]), lengths[j, 1])
+    nested = numba.carray(_f32_ptr(arrays[j, 2]), lengths[j, 2])
     n, k = out.shape[1], XQ.shape[1]
     if threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS:
         step = (n + threads - 1) // threads  # one slice of rows per thread (as ``int8._i8_parallel``)
         for c in prange(threads):
             r0 = c * step
-            _i8_slice(table, dyn, packed[j], qscale[j], nested[j], nshift[j], offset[j], bs, k, r0,
+            _i8_slice(table, dyn, packed, qscale, nested, nshift[j], offset[j], bs, k, r0,
                       min(n, r0 + step), XQ, XA, XS, out)
     else:
-        _i8_slice(table, dyn, packed[j], qscale[j], nested[j], nshift[j], offset[j], bs, k, 0, n, XQ, XA, XS, out)
+        _i8_slice(table, dyn, packed, qscale, nested, nshift[j], offset[j], bs, k, 0, n, XQ, XA, XS, out)
     if has_bias[j]:
-        b = bias[j]
+        b = numba.carray(_f32_ptr(arrays[j, 3]), lengths[j, 3])
         for r in range(out.shape[0]):
             for c in range(n):
                 out[r, c] = out[r, c] + b[c]
@@ -206,12 +238,13 @@ def _quantized(X, bs):
 
 
 @njit(cache=True, fastmath=False, parallel=True)
-def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, packed, qscale, nested, nshift,
-                  offset, bias, has_bias, bs, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads):
+def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
+                  has_bias, bs, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads):
     """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
     at positions ``pos`` [B] (stored and attended in row order), all running the base weights:
     ``LlamaModel.decode_rows``' layer loop (the same pieces, the same products) in one call.
-    Projection ``7 i + p`` of the lists is projection ``PROJECTIONS[p]`` of layer i."""
+    Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its packed codes, block
+    scale codes, nested scales and bias at the addresses ``arrays[j]`` (lengths ``lengths[j]``)."""
     B, H = x.shape
     x = x.copy()
     h = np.empty_like(x)
@@ -223,7 +256,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     gate = np.empty((B, inter), np.float32)
     up = np.empty((B, inter), np.float32)
     act = np.empty((B, inter), np.float32)
-    w = (table, dyn, packed, qscale, nested, nshift, offset, bias, has_bias, bs)  # every projection's arrays
+    w = (table, dyn, arrays, lengths, nshift, offset, has_bias, bs)  # every projection's arrays
     for i in range(attn_norm.shape[0]):
         j = 7 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
@@ -251,21 +284,25 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
 
 class CompiledLayers:
     """What :func:`decode_layers` reads of a model, gathered once: the projections' stored arrays
-    in typed lists (references to the bundle's mapped bytes, no copies), the norms stacked.
+    as addresses (the bundle's mapped bytes, no copies; the arrays held here), the norms stacked.
     :meth:`of` gives None for a model it cannot run (a projection that is not an int8-path NF4
     weight, blocks of different sizes, biases on a module other than q, k, v, o and the MLP's)."""
 
     def __init__(self, net, lins: list):
         a = net.args
         self.bs = lins[0].block_size
-        self.packed = List([lin.packed for lin in lins])
-        self.qscale = List([lin.qscale for lin in lins])
-        self.nested = List([np.asarray(lin.nested, np.float32) for lin in lins])
+        nested = [np.ascontiguousarray(lin.nested, np.float32) for lin in lins]
         self.nshift = np.array([lin.nshift for lin in lins], np.int64)
         self.offset = np.array([lin.offset for lin in lins], np.float32)
         biases = [L.biases.get(p) for L in net.w.layers for p in PROJECTIONS]
         self.has_bias = np.array([b is not None for b in biases])
-        self.bias = List([np.asarray(b if b is not None else np.zeros(1), np.float32) for b in biases])
+        bias = [np.ascontiguousarray(b if b is not None else np.zeros(1), np.float32) for b in biases]
+        columns = [[np.ascontiguousarray(lin.packed) for lin in lins], [np.ascontiguousarray(lin.qscale) for lin in lins],
+                   nested, bias]
+        self._held = columns  # the arrays the addresses point into
+        pairs = [_addresses(c) for c in columns]
+        self.arrays = np.stack([a for a, _ in pairs], axis=1)  # int64 [7 L, 4]
+        self.lengths = np.stack([n for _, n in pairs], axis=1)  # int64 [7 L, 4]
         self.attn_norm = np.stack([np.asarray(L.attn_norm, np.float32) for L in net.w.layers])  # [L, H]
         self.mlp_norm = np.stack([np.asarray(L.mlp_norm, np.float32) for L in net.w.layers])  # [L, H]
         self.windows = np.array([attention_args(net, i)[0] for i in range(a.num_hidden_layers)], np.int64)
@@ -287,6 +324,6 @@ class CompiledLayers:
         """x [B, H] -> [B, H] after every layer (the final norm is the caller's)."""
         nh, nkv, hd, inter, rd = self.dims
         return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
-                             self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.packed, self.qscale, self.nested,
-                             self.nshift, self.offset, self.bias, self.has_bias, self.bs, nh, nkv, hd, inter, rd,
+                             self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
+                             self.offset, self.has_bias, self.bs, nh, nkv, hd, inter, rd,
                              self.windows, self.scale, self.divide, self.cap, numba.get_num_threads())
