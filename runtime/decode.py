@@ -11,7 +11,8 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 * :func:`attend_row`: rotary on the row's query and key, its key and value stored in the cache,
   the query attending to every cached key its position may see (twin: ``llama.rope`` +
   ``llama.attention_reference``), heads split between the threads;
-* :func:`silu_mul` (twin: ``llama.silu(gate) * up``).
+* :func:`silu_mul` (twin: ``llama.silu(gate) * up``); :func:`silu_mul_rows` runs it on a prompt's
+  rows, split between the prefill threads (``LlamaModel.gated``).
 
 ``LlamaModel.decode_rows`` runs them one by one around the adapters' projections
 (``Selection.apply``), and, when every row runs the base alone and every projection is an int8-path

@@ -32,6 +32,10 @@ def test_silu_mul_equals_numpy():
     u = rng.standard_normal((3, 300)).astype(F32)
     got = decode.silu_mul(g, u, np.empty_like(g))
     np.testing.assert_allclose(got, llama.silu(g) * u, rtol=2e-6, atol=1e-30)
+    import numba
+    from edgelora.runtime.threads import thread_count
+    with thread_count(min(2, numba.config.NUMBA_NUM_THREADS)):  # a prompt's rows on the prefill threads
+        np.testing.assert_array_equal(decode.silu_mul_rows(g, u), got)
 
 
 # nkv, group, hd, rotated dims, position, window (0: none), scale (None: / sqrt(hd)), soft-cap (0: none)
