@@ -15,11 +15,13 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
   rows, split between the prefill threads (``LlamaModel.gated``).
 
 ``LlamaModel.decode_rows`` runs them one by one around the adapters' projections
-(``Selection.apply``), and, when every row runs the base alone and every projection is an int8-path
-NF4 weight (the default), :func:`decode_layers` runs the same pieces and the same int8 kernels
-(``runtime/int8.py``) for all layers in one call: no Python between the products. Both orders of
-the same compiled functions, so a row's bits do not depend on which ran it, on its batch, or on
-the thread count (the products' and the attention's split between threads never changes a sum).
+(``Selection.apply``), and, when every row runs one selection on one cache (the base, or LoRA
+adapters: not DoRA, no replaced projection) and every projection is an int8-path NF4 weight (the
+default), :func:`decode_layers` runs the same pieces, the same int8 kernels (``runtime/int8.py``)
+and the same adapter plan and kernel (``lora.Selection._group_plan``, ``lora.stack_slice``) for
+all layers in one call: no Python between the products. Both orders of the same compiled
+functions, so a row's bits do not depend on which ran it, on its batch, or on the thread count
+(the products', the adapters' and the attention's split between threads never changes a sum).
 
 The pieces' float operations are IEEE float32 (``fastmath=False``: no reassociation, no fused
 multiply-adds), so their NumPy twins agree to a few ulps (the sums' order differs), tested.
@@ -36,8 +38,10 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice, _quantize_x
+from edgelora.runtime import lora
+from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice_at, _quantize_x
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, _pool, row_slices
+from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_slice
 from edgelora.storage import DYNAMIC_CODE
 
 #: the projections of a layer in :func:`decode_layers`' order
@@ -199,34 +203,78 @@ def _f32_ptr(typingctx, addr):
     return types.CPointer(types.float32)(types.int64), codegen
 
 
+@intrinsic
+def _i64_ptr(typingctx, addr):
+    """The int64 ``addr`` as a pointer to int64."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+    return types.CPointer(types.int64)(types.int64), codegen
+
+
 def _addresses(arrays: list) -> tuple[np.ndarray, np.ndarray]:
     """(addresses, lengths) int64 of C-contiguous 1-D arrays."""
     for a in arrays:
         assert a.ndim == 1 and a.flags.c_contiguous
     return (np.array([a.ctypes.data for a in arrays], np.int64), np.array([a.size for a in arrays], np.int64))
 
+
 @njit(cache=True, fastmath=False, inline="always")
-def _product(j, w, XQ, XA, XS, out, threads):
-    """out [B, n] = projection j (an int8-path NF4 weight, as ``NF4Int8Linear.matvec_batch``) of the
-    quantized rows XQ, plus its bias. ``w``: every projection's arrays (:func:`decode_layers`)."""
-    table, dyn, arrays, lengths, nshift, offset, has_bias, bs = w
+def _product(j, w, XQ, XA, XS, out, o0, n, threads):
+    """out[:, o0:o0 + n] = projection j (an int8-path NF4 weight of n outputs, as
+    ``NF4Int8Linear.matvec_batch``) of the quantized rows XQ. ``w``: every projection's arrays
+    (:func:`decode_layers`)."""
+    table, dyn, arrays, lengths, nshift, offset, bs = w
     packed = numba.carray(_u8_ptr(arrays[j, 0]), lengths[j, 0])
     qscale = numba.carray(_u8_ptr(arrays[j, 1]), lengths[j, 1])
     nested = numba.carray(_f32_ptr(arrays[j, 2]), lengths[j, 2])
-    n, k = out.shape[1], XQ.shape[1]
+    k = XQ.shape[1]
     if threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS:
         step = (n + threads - 1) // threads  # one slice of rows per thread (as ``int8._i8_parallel``)
         for c in prange(threads):
             r0 = c * step
-            _i8_slice(table, dyn, packed, qscale, nested, nshift[j], offset[j], bs, k, r0,
-                      min(n, r0 + step), XQ, XA, XS, out)
+            _i8_slice_at(table, dyn, packed, qscale, nested, nshift[j], offset[j], bs, k, r0,
+                         min(n, r0 + step), XQ, XA, XS, out, o0)
     else:
-        _i8_slice(table, dyn, packed, qscale, nested, nshift[j], offset[j], bs, k, 0, n, XQ, XA, XS, out)
-    if has_bias[j]:
-        b = numba.carray(_f32_ptr(arrays[j, 3]), lengths[j, 3])
-        for r in range(out.shape[0]):
-            for c in range(n):
-                out[r, c] = out[r, c] + b[c]
+        _i8_slice_at(table, dyn, packed, qscale, nested, nshift[j], offset[j], bs, k, 0, n, XQ, XA, XS, out, o0)
+
+
+# The adapters and biases of a group (a layer's projections that read one input: q, k, v; o; gate,
+# up; down) are its selection's plan (``lora.Selection._group_plan``) as rows of an int64 table:
+# a stack of deltas ``[STACK, A, R, in, Bt, Bt size, coef, rows, b_off, y_off, modules]`` (addresses
+# and sizes), an addition ``[ADD, values, size, at]`` (a trained or the base bias).
+STACK, ADD = 0, 1
+OP_FIELDS = 11
+GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _finish(ops, lo, hi, x, Y, threads, parallel_min):
+    """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
+    side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
+    threads (each its slice of Y) from ``parallel_min`` weights, else on this one."""
+    for o in range(lo, hi):
+        if ops[o, 0] == STACK:
+            R, k, nb = ops[o, 2], ops[o, 3], ops[o, 10] + 1
+            A = numba.carray(_f32_ptr(ops[o, 1]), (R, k))
+            Bt = numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5])
+            coef = numba.carray(_f32_ptr(ops[o, 6]), R)
+            rows = numba.carray(_i64_ptr(ops[o, 7]), nb)
+            b_off = numba.carray(_i64_ptr(ops[o, 8]), nb)
+            y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
+            n = Y.size
+            if threads > 1 and R * (k + n) >= parallel_min:  # as ``lora_stack_add_parallel``
+                U = np.empty((threads, R), np.float32)
+                step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
+                for c in prange(threads):
+                    o0 = c * step
+                    stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[c], o0, min(n, o0 + step))
+            else:
+                stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, np.empty(R, np.float32), 0, n)
+        else:
+            values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
+            at = ops[o, 3]
+            for c in range(values.size):
+                Y[at + c] = Y[at + c] + values[c]
 
 
 @njit(cache=True, fastmath=False)
@@ -240,76 +288,94 @@ def _quantized(X, bs):
 
 @njit(cache=True, fastmath=False, parallel=True)
 def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
-                  has_bias, bs, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads):
+                  bs, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, parallel_min):
     """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
-    at positions ``pos`` [B] (stored and attended in row order), all running the base weights:
-    ``LlamaModel.decode_rows``' layer loop (the same pieces, the same products) in one call.
-    Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its packed codes, block
-    scale codes, nested scales and bias at the addresses ``arrays[j]`` (lengths ``lengths[j]``)."""
+    at positions ``pos`` [B] (stored and attended in row order), all with one selection:
+    ``LlamaModel.decode_rows``' layer loop (the same pieces, products and adapter kernels) in one
+    call. Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its packed codes,
+    block scale codes and nested scales at the addresses ``arrays[j]`` (lengths ``lengths[j]``).
+    Group g of layer i (:data:`GROUPS`) finishes each row with the ops ``op_start[4 i + g] ..
+    op_start[4 i + g + 1]`` of the table ``ops`` (:func:`_finish`)."""
     B, H = x.shape
+    nq, nk = nh * hd, nkv * hd
     x = x.copy()
     h = np.empty_like(x)
-    q = np.empty((B, nh * hd), np.float32)
-    k = np.empty((B, nkv * hd), np.float32)
-    v = np.empty((B, nkv * hd), np.float32)
-    att = np.empty((B, nh * hd), np.float32)
+    qkv = np.empty((B, nq + 2 * nk), np.float32)  # q, k, v side by side, as ``Selection.apply_group``
+    att = np.empty((B, nq), np.float32)
     o = np.empty((B, H), np.float32)
-    gate = np.empty((B, inter), np.float32)
-    up = np.empty((B, inter), np.float32)
+    gu = np.empty((B, 2 * inter), np.float32)  # gate, up
     act = np.empty((B, inter), np.float32)
-    w = (table, dyn, arrays, lengths, nshift, offset, has_bias, bs)  # every projection's arrays
+    w = (table, dyn, arrays, lengths, nshift, offset, bs)  # every projection's arrays
     for i in range(attn_norm.shape[0]):
-        j = 7 * i
+        j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
         XQ, XA, XS = _quantized(h, bs)
-        _product(j, w, XQ, XA, XS, q, threads)
-        _product(j + 1, w, XQ, XA, XS, k, threads)
-        _product(j + 2, w, XQ, XA, XS, v, threads)
+        _product(j, w, XQ, XA, XS, qkv, 0, nq, threads)
+        _product(j + 1, w, XQ, XA, XS, qkv, nq, nk, threads)
+        _product(j + 2, w, XQ, XA, XS, qkv, nq + nk, nk, threads)
         for b in range(B):
+            _finish(ops, op_start[g], op_start[g + 1], h[b], qkv[b], threads, parallel_min)
             p = pos[b]
-            attend_row(q[b].reshape(nh, hd), k[b].reshape(nkv, hd), v[b].reshape(nkv, hd), K[i], V[i], p, cos[p],
-                       sin[p], rd, windows[i], scale, divide, cap, att[b])
+            row = qkv[b]
+            attend_row(row[:nq].reshape(nh, hd), row[nq:nq + nk].reshape(nkv, hd), row[nq + nk:].reshape(nkv, hd),
+                       K[i], V[i], p, cos[p], sin[p], rd, windows[i], scale, divide, cap, att[b])
         XQ, XA, XS = _quantized(att, bs)
-        _product(j + 3, w, XQ, XA, XS, o, threads)
+        _product(j + 3, w, XQ, XA, XS, o, 0, H, threads)
+        for b in range(B):
+            _finish(ops, op_start[g + 1], op_start[g + 2], att[b], o[b], threads, parallel_min)
         x += o
         rmsnorm_rows(x, mlp_norm[i], eps, h)
         XQ, XA, XS = _quantized(h, bs)
-        _product(j + 4, w, XQ, XA, XS, gate, threads)
-        _product(j + 5, w, XQ, XA, XS, up, threads)
-        silu_mul(gate, up, act)
+        _product(j + 4, w, XQ, XA, XS, gu, 0, inter, threads)
+        _product(j + 5, w, XQ, XA, XS, gu, inter, inter, threads)
+        for b in range(B):
+            _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min)
+        silu_mul(gu[:, :inter], gu[:, inter:], act)
         XQ, XA, XS = _quantized(act, bs)
-        _product(j + 6, w, XQ, XA, XS, o, threads)
+        _product(j + 6, w, XQ, XA, XS, o, 0, H, threads)
+        for b in range(B):
+            _finish(ops, op_start[g + 3], op_start[g + 4], act[b], o[b], threads, parallel_min)
         x += o
     return x
+
+
+class Ops:
+    """A selection's ops for :func:`decode_layers` (the table, where each group's start, and the
+    arrays the addresses point into, held here)."""
+
+    def __init__(self, rows: list, starts: list, held: list):
+        self.table = np.array(rows, np.int64).reshape(-1, OP_FIELDS)
+        self.start = np.array(starts, np.int64)
+        self._held = held
 
 
 class CompiledLayers:
     """What :func:`decode_layers` reads of a model, gathered once: the projections' stored arrays
     as addresses (the bundle's mapped bytes, no copies; the arrays held here), the norms stacked.
     :meth:`of` gives None for a model it cannot run (a projection that is not an int8-path NF4
-    weight, blocks of different sizes, biases on a module other than q, k, v, o and the MLP's)."""
+    weight, blocks of different sizes, biases on a module other than q, k, v, o and the MLP's);
+    :meth:`ops` gives None for a selection it cannot run (a DoRA adapter, a replaced module)."""
 
     def __init__(self, net, lins: list):
         a = net.args
+        self.net = net
         self.bs = lins[0].block_size
         nested = [np.ascontiguousarray(lin.nested, np.float32) for lin in lins]
         self.nshift = np.array([lin.nshift for lin in lins], np.int64)
         self.offset = np.array([lin.offset for lin in lins], np.float32)
-        biases = [L.biases.get(p) for L in net.w.layers for p in PROJECTIONS]
-        self.has_bias = np.array([b is not None for b in biases])
-        bias = [np.ascontiguousarray(b if b is not None else np.zeros(1), np.float32) for b in biases]
         columns = [[np.ascontiguousarray(lin.packed) for lin in lins], [np.ascontiguousarray(lin.qscale) for lin in lins],
-                   nested, bias]
+                   nested]
         self._held = columns  # the arrays the addresses point into
         pairs = [_addresses(c) for c in columns]
-        self.arrays = np.stack([a for a, _ in pairs], axis=1)  # int64 [7 L, 4]
-        self.lengths = np.stack([n for _, n in pairs], axis=1)  # int64 [7 L, 4]
+        self.arrays = np.stack([a for a, _ in pairs], axis=1)  # int64 [7 L, 3]
+        self.lengths = np.stack([n for _, n in pairs], axis=1)  # int64 [7 L, 3]
         self.attn_norm = np.stack([np.asarray(L.attn_norm, np.float32) for L in net.w.layers])  # [L, H]
         self.mlp_norm = np.stack([np.asarray(L.mlp_norm, np.float32) for L in net.w.layers])  # [L, H]
         self.windows = np.array([attention_args(net, i)[0] for i in range(a.num_hidden_layers)], np.int64)
         _, self.scale, self.divide, self.cap = attention_args(net, 0)
         self.eps = np.float32(a.rms_norm_eps)
         self.dims = (a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.intermediate_size, a.rotary_dim)
+        self.base_ops = self._build(BASE)
 
     @classmethod
     def of(cls, net) -> "CompiledLayers | None":
@@ -321,10 +387,53 @@ class CompiledLayers:
             return None
         return cls(net, lins)
 
-    def run(self, x: np.ndarray, pos: np.ndarray, cache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x [B, H] -> [B, H] after every layer (the final norm is the caller's)."""
+    def ops(self, sel: Selection) -> Ops | None:
+        """The ops of selection ``sel`` (made once and kept with it), or None when it has a DoRA
+        adapter or replaces a projection: those rows run the layer loop."""
+        if sel.is_base:
+            return self.base_ops
+        key = ("decode_layers", id(self))
+        if key not in sel._plans:
+            sel._plans[key] = (self, self._build(sel))  # (self: the id stays this object's while kept)
+        return sel._plans[key][1]
+
+    def _build(self, sel: Selection) -> Ops | None:
+        net, rows, starts, held = self.net, [], [0], []
+
+        def address(a: np.ndarray) -> int:
+            assert a.flags.c_contiguous
+            held.append(a)
+            return a.ctypes.data
+
+        for i, L in enumerate(net.w.layers):
+            for group in GROUPS:
+                modules = tuple(net.names[i][p] for p in group)
+                if any(m in sel.replaced for m in modules):
+                    return None
+                off = np.cumsum([0] + [getattr(L, p).out_features for p in group])
+                for kind, item, extra in sel._group_plan(modules, off) if sel.members else ():
+                    if kind == "delta":  # DoRA
+                        return None
+                    if kind == "stack":
+                        st, (coef, y_off) = item, extra
+                        R, k = st.A.shape
+                        rows.append([STACK, address(st.A), R, k, address(st.Bt), st.Bt.size, address(coef),
+                                     address(st.rows), address(st.b_off), address(y_off), len(st.modules)])
+                    else:
+                        rows.append([ADD, address(extra), extra.size, off[item]] + [0] * (OP_FIELDS - 4))
+                for m, p, o0 in zip(modules, group, off):
+                    b = sel.biases.get(m, L.biases.get(p))
+                    if b is not None:
+                        b = np.ascontiguousarray(b, np.float32)
+                        rows.append([ADD, address(b), b.size, o0] + [0] * (OP_FIELDS - 4))
+                starts.append(len(rows))
+        return Ops(rows, starts, held)
+
+    def run(self, x: np.ndarray, pos: np.ndarray, cache, cos: np.ndarray, sin: np.ndarray, ops: Ops) -> np.ndarray:
+        """x [B, H] -> [B, H] after every layer (the final norm is the caller's), ``ops`` those of the
+        rows' selection (:meth:`ops`)."""
         nh, nkv, hd, inter, rd = self.dims
         return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
                              self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
-                             self.offset, self.has_bias, self.bs, nh, nkv, hd, inter, rd,
-                             self.windows, self.scale, self.divide, self.cap, numba.get_num_threads())
+                             self.offset, self.bs, nh, nkv, hd, inter, rd, self.windows, self.scale, self.divide,
+                             self.cap, numba.get_num_threads(), ops.table, ops.start, lora.LORA_PARALLEL_MIN)

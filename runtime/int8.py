@@ -209,12 +209,18 @@ _i8_rows = INT8_VARIANTS[INT8_SIMD or "portable"]
 
 
 @njit(cache=True)
-def _i8_slice(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, XQ, XA, XS, OUT):
-    """OUT[:, r0:r1] for rows ``r0 .. r1`` of the whole tensor ``packed``."""
+def _i8_slice_at(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, XQ, XA, XS, OUT, o0):
+    """OUT[:, o0 + r0:o0 + r1] for rows ``r0 .. r1`` of the whole tensor ``packed``."""
     if r1 > r0:
         per_row, half = k // bs, bs // 2
         _i8_rows(table, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset, r0 * per_row, r1 - r0,
-                 per_row, half, XQ, XA, XS, OUT, r0)
+                 per_row, half, XQ, XA, XS, OUT, o0 + r0)
+
+
+@njit(cache=True)
+def _i8_slice(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, XQ, XA, XS, OUT):
+    """OUT[:, r0:r1] for rows ``r0 .. r1`` of the whole tensor ``packed``."""
+    _i8_slice_at(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, r1, XQ, XA, XS, OUT, 0)
 
 
 @njit(cache=True, parallel=True)

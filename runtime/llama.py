@@ -429,18 +429,22 @@ class LlamaModel:
         ``loras[b]``, each row exactly its one-row ``forward``. Rows sharing a cache are run in
         order, each seeing the keys the rows before it stored. Lengths are the caller's to set.
 
-        With ``compiled_decode``, each layer is :meth:`decode_layer`; when every row runs the base
-        weights of one cache and the model's projections are int8-path NF4 weights, all layers
-        are one compiled call (``runtime/decode.py``'s ``decode_layers``: the same pieces in the
-        same order, so the same bits)."""
+        With ``compiled_decode``, each layer is :meth:`decode_layer`; when every row runs one
+        selection (the base, or LoRA adapters: not DoRA, no replaced projection) on one cache and
+        the model's projections are int8-path NF4 weights, all layers are one compiled call
+        (``runtime/decode.py``'s ``decode_layers``: the same pieces, products and adapter kernels
+        in the same order, so the same bits)."""
         if any(not 0 <= s < c.max_context for c, s in zip(caches, starts)):  # (compiled code checks no bounds)
             raise ValueError(f"decode positions {list(starts)} outside the cache of {caches[0].max_context} positions")
         x = np.concatenate([self.embed(tokens[b:b + 1], lo) for b, lo in enumerate(loras)])  # [B, H]
         if not self.compiled_decode:
             return self._decode_rows_layers(x, caches, starts, loras)
         layers = self.compiled_layers
-        if layers is not None and all(lo.is_base for lo in loras) and all(c is caches[0] for c in caches):
-            x = layers.run(x, np.asarray(starts, np.int64), caches[0], self.cos, self.sin)  # [B, H]
+        ops = None
+        if layers is not None and all(lo is loras[0] for lo in loras) and all(c is caches[0] for c in caches):
+            ops = layers.ops(loras[0])  # None: an adapter the one-call step does not run (DoRA, replaced modules)
+        if ops is not None:
+            x = layers.run(x, np.asarray(starts, np.int64), caches[0], self.cos, self.sin, ops)  # [B, H]
         else:
             for i in range(self.args.num_hidden_layers):
                 x = self.decode_layer(i, x, self._batch_proj(i, loras), caches, starts)  # [B, H]

@@ -168,6 +168,70 @@ def test_a_base_row_beside_an_adapter_row_is_the_one_call_step(fused_bundles, tm
     assert not np.array_equal(rows[1], ref)
 
 
+@pytest.fixture(scope="module")
+def adapters(fused_bundles, tmp_path_factory):
+    """Adapters of fused_qwen2 (biases on q, k, v): all-linear; some modules with their biases
+    trained (stacked q, v; lone o, down); DoRA."""
+    from tiny_models import make_adapter
+    src, d = fused_bundles["fused_qwen2/src"], tmp_path_factory.mktemp("adapters")
+    return {"all": make_adapter(src, d / "all", seed=1, r=4, target_modules="all-linear"),
+            "some": make_adapter(src, d / "some", seed=2, r=8, lora_alpha=4, bias="lora_only",
+                                 target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+            "dora": make_adapter(src, d / "dora", seed=3, r=4, use_dora=True, target_modules="all-linear")}
+
+
+@pytest.mark.parametrize("spec", ["all", "some", {"all": 0.7, "some": -0.4}, "dora"], ids=str)
+@pytest.mark.parametrize("parallel_min", [None, 0], ids=["threads-by-size", "threads-always"])
+def test_adapters_in_the_one_call_step_equal_the_pieces_bit_for_bit(fused_bundles, adapters, spec, parallel_min,
+                                                                  monkeypatch):
+    """A sequence with LoRA adapters runs them inside the one-call step (DoRA: the layer loop): its
+    rows equal the layer loop's and a batch's, where a base row sits beside it, bit for bit."""
+    from edgelora.runtime import lora
+    if parallel_min is not None:  # every adapter product on the threads, in both paths
+        monkeypatch.setattr(lora, "LORA_PARALLEL_MIN", parallel_min)
+    rng = np.random.default_rng(5)
+    prompt, tokens = rng.integers(3, 80, 7), rng.integers(3, 80, 6)
+    models = []
+    for _ in range(2):
+        m = edgelora.load(fused_bundles["fused_qwen2"], max_context=64, threads=2)
+        for name, path in adapters.items():
+            m.adapters.load(name, path)
+        models.append(m)
+    fused, pieces = models
+    pieces.net._compiled_layers = None
+    sel = fused.adapters.select(spec)
+    runs_fused = fused.net.compiled_layers.ops(sel) is not None
+    assert runs_fused == (spec != "dora")
+
+    def run(model):
+        net, s = model.net, model.adapters.select(spec)
+        with model._running():
+            cache = net.new_cache()
+            net.forward(np.asarray(prompt), cache, lora=s)
+            steps = [net.forward(np.array([t]), cache, lora=s)[0] for t in tokens]
+            c0, c1 = net.new_cache(), net.new_cache()  # a base row beside it: the layer loop
+            net.forward(np.asarray(prompt), c0)
+            net.forward(np.asarray(prompt), c1, lora=s)
+            batch = [net.forward_batch(np.array([t, t]), [c0, c1], [BASE, s])[1] for t in tokens]
+            c2 = net.new_cache()
+            net.forward(np.asarray(prompt), c2, lora=s)
+            rows = net.forward_steps(np.asarray(tokens), c2, lora=s)  # several rows of one cache
+        return np.stack(steps), np.stack(batch), rows
+
+    a, a_batch, a_rows = run(fused)
+    b, b_batch, b_rows = run(pieces)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, a_batch)
+    np.testing.assert_array_equal(a, b_batch)
+    np.testing.assert_array_equal(a, a_rows)
+    np.testing.assert_array_equal(a, b_rows)
+    with fused._running():  # the adapters change every step
+        cache = fused.net.new_cache()
+        fused.net.forward(np.asarray(prompt), cache)
+        plain = np.stack([fused.net.forward(np.array([t]), cache)[0] for t in tokens])
+    assert all(not np.allclose(x, y, atol=1e-3) for x, y in zip(a, plain))
+
+
 def test_exact_products_run_the_pieces(fused_bundles):
     """Exact products leave the one-call step to the layer loop of pieces."""
     exact = edgelora.load(fused_bundles["fused_llama"], max_context=64, products="exact")
