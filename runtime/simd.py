@@ -41,15 +41,15 @@ and ``scripts/arm64_proof.sh`` runs them on aarch64.
 looked up by ``vpshufb``, int8 activations, int32 sums by ``vpdpbusd`` (VNNI) or ``vpmaddubsw`` and
 ``vpmaddwd`` (AVX2), :data:`INT8_AVAILABLE` the variants this CPU runs.
 
-The NF4 kernels prefetch (``llvm.prefetch``) the bytes one row tile ahead, and
+The NF4 kernels prefetch (``llvm.prefetch``) the bytes one row tile ahead (the int8 ones
+:data:`INT8_PREFETCH_TILES` tiles ahead), and
 ``f16_rows_dot`` (the float16 head and embeddings, plain LLVM vector IR for any CPU) does the
 same four rows at a time: the weights are mapped from the page cache in 4 KB pages, where the
 hardware prefetchers stop, so without it each row tile waited on memory (bench/README.md).
 
-Numba's on-disk cache of the kernels that use these intrinsics is keyed on the text of
-``kernels.py`` alone: after editing this file (or ``storage.block_scale``), delete
-``runtime/__pycache__/kernels.*`` (or run with a fresh ``NUMBA_CACHE_DIR``) so that they are
-compiled again.
+Numba's on-disk cache cannot see what these intrinsics generate, so edgelora keys its kernel
+folder by the text of every source (``edgelora/kernel_cache.py``): an edit here compiles the
+kernels again.
 """
 
 from __future__ import annotations
@@ -505,6 +505,10 @@ INT8_SIMD = next((isa for isa in ("vnni", "avx2", "smmla", "sdot", "neon") if is
 INT8_CHUNK = 32  # bytes of a row a step reads (one 256-bit register: 32 high and 32 low nibbles)
 INT8_LANES = 8  # int32 lanes of a step; lane l sums the products of bytes 4l .. 4l + 3 of each chunk
 INT8_TILE_ROWS = 2  # rows a step takes side by side (they share each x load; 1.2x for 4 vectors)
+# row tiles ahead whose bytes a step prefetches: one tile ahead (2 KB of a 2048-wide row pair) left
+# the loads waiting on memory; 8 (16 rows) made a TinyLlama decode step's layers 8-15 % faster on
+# 2 threads here (bench/README.md), farther gained nothing more
+INT8_PREFETCH_TILES = 8
 
 
 _V32, _V16, _V8I, _V4I = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I32, 8), ir.VectorType(_I32, 4)
@@ -669,7 +673,7 @@ def _i8_codegen(isa: str, nvec: int, call):
             with blocks of ``half`` bytes (a constant for 64-weight blocks: one chunk a block)."""
             rs = [builder.add(first, c(t)) for t in range(count)]
             p_rows = [builder.gep(f.packed_p, [builder.mul(r, f.row_bytes)]) for r in rs]
-            ahead = builder.mul(f.row_bytes, c(count))  # the same bytes of the next rows
+            ahead = builder.mul(f.row_bytes, c(count * INT8_PREFETCH_TILES))  # the same bytes of rows ahead
             for t in range(count):
                 for a in accs[t]:
                     builder.store(ir.Constant(v8f, [0.0] * 8), a)
@@ -740,7 +744,7 @@ def _i8mm_codegen(nvec: int, call):
         def run_rows(first, count, half):
             rs = [first, builder.add(first, c(count - 1))]  # the row pair (a single row twice)
             p_rows = [builder.gep(f.packed_p, [builder.mul(r, f.row_bytes)]) for r in rs]
-            ahead = builder.mul(f.row_bytes, c(count))
+            ahead = builder.mul(f.row_bytes, c(count * INT8_PREFETCH_TILES))
             for accs in facc:
                 for a in accs:
                     builder.store(ir.Constant(v4f, [0.0] * 4), a)
