@@ -505,6 +505,9 @@ INT8_SIMD = next((isa for isa in ("vnni", "avx2", "smmla", "sdot", "neon") if is
 INT8_CHUNK = 32  # bytes of a row a step reads (one 256-bit register: 32 high and 32 low nibbles)
 INT8_LANES = 8  # int32 lanes of a step; lane l sums the products of bytes 4l .. 4l + 3 of each chunk
 INT8_TILE_ROWS = 2  # rows a step takes side by side (they share each x load; 1.2x for 4 vectors)
+#: the vnni kernel's rows side by side, by vector count: its codes need no sign step, so one
+#: vector's x loads and offsets serve four rows within the registers
+INT8_VNNI_TILE_ROWS = {1: 4}
 # row tiles ahead whose bytes a step prefetches: one tile ahead (2 KB of a 2048-wide row pair) left
 # the loads waiting on memory; 8 (16 rows) made a TinyLlama decode step's layers 8-15 % faster on
 # 2 threads here (bench/README.md), farther gained nothing more
@@ -539,8 +542,11 @@ def _neon_asm(builder, mnemonic, extension, acc, a, b):
 
 def _i8_lookup(builder, isa, table_p):
     """``lookup(idx)``: the int8 codes ``table[idx]`` of 32 nibbles (bytes 0 .. 15): ``vpshufb`` of
-    the 16-byte table held twice in a 256-bit register on x86-64, two ``tbl`` on aarch64."""
+    the 16-byte table held twice in a 256-bit register on x86-64, two ``tbl`` on aarch64; for
+    ``vnni`` the codes plus 128, as unsigned bytes (:func:`_i8_dot`)."""
     t16 = builder.load(builder.bitcast(table_p, _V16.as_pointer()), align=1)
+    if isa == "vnni":  # the codes plus 128 (their sign bit flipped): 1 .. 255, vpdpbusd's unsigned operand
+        t16 = builder.xor(t16, ir.Constant(_V16, [0x80] * 16))
     if isa in ("vnni", "avx2"):
         pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32, [_V32, _V32]),
                                                 "llvm.x86.avx2.pshuf.b")
@@ -553,16 +559,17 @@ def _i8_lookup(builder, isa, table_p):
 
 def _i8_dot(builder, isa):
     """``dot(acc, w, q, a)``: the 8 int32 lanes ``acc[l] + sum_{i<4} w[4l+i] * q[4l+i]`` of 32 int8
-    codes ``w`` and activations ``q`` (``a = |q|`` as uint8, which the x86 kernels use)."""
+    codes ``w`` and activations ``q`` (``a = |q|`` as uint8, which the avx2 kernel uses); for
+    ``vnni``, ``w`` are the codes plus 128 and the sum carries ``128 * sum q`` more."""
     mod = builder.module
     fn = lambda name, ret, params: cgutils.get_or_insert_function(mod, ir.FunctionType(ret, params), name)
     if isa in ("vnni", "avx2"):
         psign = fn("llvm.x86.avx2.psign.b", _V32, [_V32, _V32])
         if isa == "vnni":
             dpbusd = fn("llvm.x86.avx512.vpdpbusd.256", _V8I, [_V8I, _V8I, _V8I])
-            # |x| . (w signed by x): vpdpbusd multiplies unsigned by signed bytes
-            return lambda acc, w, q, a: builder.call(dpbusd, [acc, builder.bitcast(a, _V8I),
-                                                              builder.bitcast(builder.call(psign, [w, q]), _V8I)])
+            # (w + 128) . x: vpdpbusd multiplies unsigned by signed bytes; the caller starts the
+            # lanes at -128 * (their sum of x) (:func:`_i8_offsets`), so the sum is w . x exactly
+            return lambda acc, w, q, a: builder.call(dpbusd, [acc, builder.bitcast(w, _V8I), builder.bitcast(q, _V8I)])
         v16i = ir.VectorType(ir.IntType(16), 16)
         maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [_V32, _V32])
         maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I, [v16i, v16i])
@@ -613,6 +620,20 @@ def _i8_frame(context, builder, sig, args, nvec):
     return f
 
 
+def _i8_offsets(builder):
+    """``offsets(qe, qo)`` for ``vnni``: the 8 int32 lanes ``-128 * sum_{i<4} (qe[4l+i] + qo[4l+i])``
+    that cancel what the codes' +128 adds to a chunk's sums (two ``vpdpbusd`` of 128s and x)."""
+    dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I, [_V8I, _V8I, _V8I]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+    k128, zero = builder.bitcast(ir.Constant(_V32, [0x80] * 32), _V8I), ir.Constant(_V8I, [0] * 8)
+
+    def offsets(qe, qo):
+        s = builder.call(dpbusd, [zero, k128, builder.bitcast(qe, _V8I)])
+        return builder.sub(zero, builder.call(dpbusd, [s, k128, builder.bitcast(qo, _V8I)]))
+
+    return offsets
+
+
 def _for_chunks(builder, f, half, chunk):
     """``chunk(i)`` for the 32-byte chunks ``i`` of a block of ``half`` bytes: unrolled when ``half``
     is a constant (64-weight blocks: one chunk), a loop otherwise."""
@@ -624,10 +645,10 @@ def _for_chunks(builder, f, half, chunk):
             chunk(i)
 
 
-def _for_row_tiles(builder, f, run_rows):
-    """``run_rows(first, count, half)`` over the rows, :data:`INT8_TILE_ROWS` at a time then one at
-    a time, with ``half`` a constant in the common case of one 32-byte chunk a block."""
-    c, tile = f.c, INT8_TILE_ROWS
+def _for_row_tiles(builder, f, run_rows, tile=INT8_TILE_ROWS):
+    """``run_rows(first, count, half)`` over the rows, ``tile`` at a time then one at a time, with
+    ``half`` a constant in the common case of one 32-byte chunk a block."""
+    c = f.c
 
     def rows(half):
         tiled = builder.mul(builder.udiv(f.n_rows, c(tile)), c(tile))
@@ -663,8 +684,9 @@ def _i8_codegen(isa: str, nvec: int, call):
         lookup, dot = _i8_lookup(builder, isa, f.table_p), _i8_dot(builder, isa)
         scale = _block_scale(context, builder, call, *f.block_args)
         four, fifteen = ir.Constant(_V32, [4] * 32), ir.Constant(_V32, [15] * 32)
-        x86 = isa in ("vnni", "avx2")
-        tile = INT8_TILE_ROWS
+        x86, vnni = isa in ("vnni", "avx2"), isa == "vnni"
+        offsets = _i8_offsets(builder) if vnni else None
+        tile = INT8_VNNI_TILE_ROWS.get(nvec, INT8_TILE_ROWS) if vnni else INT8_TILE_ROWS
         accs = [[cgutils.alloca_once(builder, v8f) for _ in range(nvec)] for _ in range(tile)]  # [row][vector]
         sums = [[cgutils.alloca_once(builder, _V8I) for _ in range(nvec)] for _ in range(tile)]
 
@@ -688,14 +710,22 @@ def _i8_codegen(isa: str, nvec: int, call):
                 def chunk(i):
                     at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
                     at_o = builder.add(at, half)
-                    xs = [[f.load32(xq, at), f.load32(xa, at) if x86 else None, f.load32(xq, at_o),
-                           f.load32(xa, at_o) if x86 else None] for xq, xa in zip(f.xq, f.xa)]  # shared by the rows
+                    absolute = x86 and not vnni
+                    xs = [[f.load32(xq, at), f.load32(xa, at) if absolute else None, f.load32(xq, at_o),
+                           f.load32(xa, at_o) if absolute else None] for xq, xa in zip(f.xq, f.xa)]  # shared by the rows
+                    # vnni: each vector's lanes start at -128 * their sum of x (as the block's first chunk
+                    # when a block is one chunk, added otherwise), shared by the rows
+                    starts = [offsets(qe, qo) for qe, _, qo, _ in xs] if vnni else [None] * nvec
                     for t in range(count):
                         w = f.load32(p_rows[t], builder.add(start, i))
                         wh = lookup(builder.lshr(w, four))  # int8 codes of the high nibbles
                         wl = lookup(builder.and_(w, fifteen))
-                        for (qe, ae, qo, ao), s in zip(xs, sums[t]):
-                            builder.store(dot(dot(builder.load(s), wh, qe, ae), wl, qo, ao), s)
+                        for (qe, ae, qo, ao), s, s0 in zip(xs, sums[t], starts):
+                            if s0 is None:
+                                s0 = builder.load(s)
+                            elif not isinstance(half, ir.Constant):
+                                s0 = builder.add(builder.load(s), s0)
+                            builder.store(dot(dot(s0, wh, qe, ae), wl, qo, ao), s)
 
                 _for_chunks(builder, f, half, chunk)
                 for t in range(count):
@@ -708,7 +738,7 @@ def _i8_codegen(isa: str, nvec: int, call):
                 for out, a in zip(f.out, accs[t]):
                     builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [rs[t]]))
 
-        _for_row_tiles(builder, f, run_rows)
+        _for_row_tiles(builder, f, run_rows, tile)
         return context.get_dummy_value()
 
     return codegen
