@@ -6,7 +6,8 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
 1. finds llama.cpp's tools in the user's cache, or with ``--build`` builds them there from the tree
    vendored in the llama-cpp-python sdist on PyPI (CPU only, native; ~18 minutes on 2 cores);
 2. makes a random checkpoint of a real model's shape (``make_random_model.py``), converts it to an
-   edgelora bundle (default float16 head, and ``--embeddings nf4``), and writes the same weights as
+   edgelora bundle (default float16 head, and ``--embeddings nf4 --head nf4``, every 2-D tensor in
+   NF4 as llama.cpp's ``--pure`` quantizations have every one in their type), and writes the same weights as
    an F16 GGUF, quantized by llama.cpp's own ``llama-quantize`` to IQ4_NL (a 16-value non-uniform
    codebook like NF4) and Q4_0;
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
@@ -312,7 +313,7 @@ def main():
               "bandwidth_bytes_per_second": memory_bandwidth(a.threads), "models": {}}
     for name in a.models:
         src, bundle = prepare(name, work)
-        _, bundle_nf4 = prepare(name, work, embeddings="nf4")
+        _, bundle_nf4 = prepare(name, work, embeddings="nf4", head="nf4")  # as llama.cpp's --pure: every 2-D tensor
         cfg = json.loads((src / "config.json").read_text())
         ggufs = {}
         for q in ("IQ4_NL", "Q4_0"):  # --pure: every 2-D tensor in that type, the head included
@@ -327,7 +328,7 @@ def main():
         systems = {f"llama.cpp {q}": ("llama", g) for q, g in ggufs.items()}
         for p in a.products:
             systems[f"edgelora {p}"] = ("edgelora", (bundle, p))
-            systems[f"edgelora {p}, nf4 embeddings"] = ("edgelora", (bundle_nf4, p))
+            systems[f"edgelora {p}, nf4 embeddings and head"] = ("edgelora", (bundle_nf4, p))
         rounds = {k: [] for k in systems}
         lora_rounds = {"llama.cpp IQ4_NL": [], "llama.cpp IQ4_NL, no adapter": []}
         lora_rounds.update({f"edgelora {p}": [] for p in a.products})

@@ -65,7 +65,7 @@ def torch_run(src: Path, threads: int, n_prompt: int, n_decode: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def prepare(name: str, work: Path, embeddings: str = "float16") -> tuple[Path, Path]:
+def prepare(name: str, work: Path, embeddings: str = "float16", head: str = "float16") -> tuple[Path, Path]:
     import edgelora
     sys.path.insert(0, str(HERE))
     from make_random_model import SHAPES, make_random_model
@@ -78,8 +78,10 @@ def prepare(name: str, work: Path, embeddings: str = "float16") -> tuple[Path, P
         if not src.is_dir():
             raise SystemExit(f"{src} not found")
     out = work / (f"bundle-{name}" if embeddings == "float16" else f"bundle-{name}-{embeddings}-embeddings")
+    if head != "float16":
+        out = out.with_name(f"{out.name}-{head}-head")
     if not out.exists():
-        edgelora.convert(src, out, embeddings=embeddings)
+        edgelora.convert(src, out, embeddings=embeddings, head=head)
     return src, out
 
 
