@@ -133,6 +133,40 @@ def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k,
 # AVX-512 VNNI
 # ---------------------------------------------------------------------------------------------
 
+@intrinsic
+def _transpose_words(typingctx, src, start, row_words, dst, dstart, per_row):
+    """``dst[dstart + j * 128 + s * 16 + lane] = src[start + lane * row_words + j * 8 + s]`` for every
+    block ``j < per_row`` of 64-entry blocks (8 words), ``s < 8``, ``lane < 16``: a group's 16 rows
+    into the tile layout, a block at a time as one 16 x 8 transpose of 32-bit words in registers
+    (sixteen 256-bit loads, one shuffle LLVM lowers to permutes, a 512-byte store)."""
+    if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == types.uint32
+            and dst.dtype == types.uint32 and src.layout == dst.layout == "C" and dst.mutable):
+        return None
+    v8, v128 = ir.VectorType(_I32, 8), ir.VectorType(_I32, 128)
+
+    def codegen(context, builder, sig, args):
+        src_p, dst_p = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 3))
+        start, row_words, dstart, per_row = args[1], args[2], args[4], args[5]
+        c = lambda x: ir.Constant(_I64, x)
+        with cgutils.for_range(builder, per_row) as loop:
+            j = loop.index
+            base = builder.add(start, builder.mul(j, c(8)))
+            rows = [builder.load(builder.bitcast(builder.gep(src_p, [builder.add(base, builder.mul(row_words, c(lane)))]),
+                                                 v8.as_pointer()), align=4) for lane in range(16)]
+            while len(rows) > 1:  # the 16 rows side by side: <128 x i32>, row ``lane`` at 8 lane
+                n = rows[0].type.count
+                mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+                rows = [builder.shuffle_vector(a, b, mask) for a, b in zip(rows[::2], rows[1::2])]
+            out = builder.shuffle_vector(rows[0], rows[0], ir.Constant(ir.VectorType(_I32, 128),
+                                                                       [lane * 8 + s for s in range(8) for lane in range(16)]))
+            at = builder.gep(dst_p, [builder.add(dstart, builder.mul(j, c(128)))])
+            builder.store(out, builder.bitcast(at, v128.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    i64 = types.int64
+    return types.none(src, i64, i64, dst, i64, i64), codegen
+
+
 @njit(cache=True, nogil=True)
 def _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, r0, groups, rep, sc):
     """Rows ``r0 .. r0 + groups * GEMM_ROWS`` into the tile layout: ``rep`` 32-bit words
@@ -141,17 +175,23 @@ def _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, r0, groups, r
     scale. Rows past n: code 7 (the value 0) and scale 0."""
     per_row, nd = k // bs, bs // 8  # words of a block
     row_words = k // 8
+    for g in range(groups):  # whole groups of 64-entry blocks: their words a block at a time
+        if nd == 8 and r0 + (g + 1) * GEMM_ROWS <= n:
+            _transpose_words(packed, (r0 + g * GEMM_ROWS) * row_words, row_words, rep, g * per_row * 8 * GEMM_ROWS,
+                             per_row)
     for rr in range(groups * GEMM_ROWS):
         g, lane = rr // GEMM_ROWS, rr % GEMM_ROWS
         r = r0 + rr
+        moved = nd == 8 and r0 + (g + 1) * GEMM_ROWS <= n
         for j in range(per_row):
             gj = g * per_row + j
             dst = gj * nd * GEMM_ROWS + lane
             if r < n:
                 sc[gj * GEMM_ROWS + lane] = block_scale(dyn, qscale, nested, nshift, offset, r * per_row + j)
-                src = r * row_words + j * nd
-                for s in range(nd):
-                    rep[dst + s * GEMM_ROWS] = packed[src + s]
+                if not moved:
+                    src = r * row_words + j * nd
+                    for s in range(nd):
+                        rep[dst + s * GEMM_ROWS] = packed[src + s]
             else:
                 sc[gj * GEMM_ROWS + lane] = 0.0
                 for s in range(nd):
