@@ -11,8 +11,8 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 * :func:`attend_row`: rotary on the row's query and key, its key and value stored in the cache,
   the query attending to every cached key its position may see (twin: ``llama.rope`` +
   ``llama.attention_reference``), heads split between the threads;
-* :func:`silu_mul` (twin: ``llama.silu(gate) * up``); :func:`silu_mul_rows` runs it on a prompt's
-  rows, split between the prefill threads (``LlamaModel.gated``).
+* :func:`silu_mul` (twin: ``llama.silu(gate) * up``), also on a prompt's rows (``LlamaModel.gated``:
+  on one thread, its exp vectorized, 128 x 5632 in 0.8 ms, less than a hand-off to the prefill pool).
 
 ``LlamaModel.decode_rows`` runs them one by one around the adapters' projections
 (``Selection.apply``), and, when every row runs one selection on one cache (the base, or LoRA
@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 
 from edgelora.runtime import lora
 from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice_at, _quantize_x
-from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, _pool, row_slices
+from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_slice
 from edgelora.storage import DYNAMIC_CODE
 
@@ -88,25 +88,56 @@ def rmsnorm_rows(x, w, eps, out):
     return out
 
 
+@intrinsic
+def _f32_bits(typingctx, bits):
+    """The int32 ``bits`` as the float32 they encode."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+# Cephes' expf: e^x = 2^n e^r, n = rint(x log2 e), r = x - n ln 2 in two parts (exact products for
+# |n| < 2^9), e^r by a degree-7 polynomial on |r| <= ln2 / 2; within 2 ulps of the C library's expf
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_EXP_P = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+          np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _exp(x):
+    """e^x in float32 with no call to the C library, so a loop of it vectorizes: x above 88.8 gives
+    inf, below -104 gives 0 (as expf, up to its last denormals), NaN gives NaN."""
+    x = np.float32(88.8) if x > np.float32(88.8) else x
+    x = np.float32(-104.0) if x < np.float32(-104.0) else x
+    n = np.rint(x * _LOG2E)  # -150 .. 128
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = _EXP_P[0]
+    p = p * r + _EXP_P[1]
+    p = p * r + _EXP_P[2]
+    p = p * r + _EXP_P[3]
+    p = p * r + _EXP_P[4]
+    p = p * r + _EXP_P[5]
+    y = (p * (r * r) + r) + np.float32(1.0)
+    k = np.int32(n)
+    h = k >> 1  # 2^n as two factors, neither of which overflows nor underflows early
+    return (y * _f32_bits((h + np.int32(127)) << 23)) * _f32_bits((k - h + np.int32(127)) << 23)
+
+
 @njit(cache=True, fastmath=False, nogil=True)
 def silu_mul(gate, up, out):
-    """out = ``gate / (1 + exp(-gate)) * up``, elementwise float32 (``llama.silu(gate) * up``)."""
+    """out = ``gate / (1 + exp(-gate)) * up``, elementwise float32 (``llama.silu(gate) * up``), ``out``
+    another array than ``gate`` and ``up``. ``exp`` is :func:`_exp` in a loop of its own, the rest in
+    another: both vectorize (a prompt chunk of 128 x 5632 in 1.5 ms, 4.1 with the C library's expf
+    in one loop)."""
     B, n = gate.shape
     one = np.float32(1.0)
     for b in range(B):
+        g, u, o = gate[b], up[b], out[b]
         for j in range(n):
-            g = gate[b, j]
-            out[b, j] = g / (one + np.exp(-g)) * up[b, j]
-    return out
-
-
-def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """:func:`silu_mul` of a prompt's rows, split between the prefill threads (each row's bits its own)."""
-    out = np.empty(gate.shape, np.float32)
-    threads = numba.get_num_threads()
-    if threads == 1 or gate.shape[0] < 2:
-        return silu_mul(gate, up, out)
-    list(_pool(threads).map(lambda r: silu_mul(gate[r], up[r], out[r]), row_slices(gate.shape[0], threads)))
+            o[j] = _exp(-g[j])
+        for j in range(n):
+            o[j] = g[j] / (one + o[j]) * u[j]
     return out
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD, gemm, nf4_int8_gemm_reference, words
-from edgelora.runtime.kernels import NF4Linear, _batch_args, _pool, row_slices
+from edgelora.runtime.kernels import NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_SIMD, MAX_VECTORS, i8_rows_dot
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
@@ -91,22 +91,13 @@ def _quantize_x(X, bs, XQ, XA, XS):
                 a[i], a[half + i] = np.uint8(abs(e)), np.uint8(abs(o))
 
 
-#: rows from which the activations are quantized on several threads (a prompt's)
-QUANTIZE_PARALLEL_ROWS = 16
-
-
 def quantize_activations(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(XQ, XA, XS)`` for X f32 [B, k], blocks of ``bs``: see :func:`_quantize_x`."""
+    """``(XQ, XA, XS)`` for X f32 [B, k], blocks of ``bs``: see :func:`_quantize_x`. On the calling
+    thread: a prompt chunk of 128 x 5632 takes 0.4 ms, less than handing halves to the prefill pool."""
     B, k = X.shape
     XQ, XA = np.empty((B, k), np.int8), np.empty((B, k), np.uint8)
     XS = np.empty((B, k // bs), np.float32)
-    threads = numba.get_num_threads()
-    if B >= QUANTIZE_PARALLEL_ROWS and threads > 1:  # rows split between the prefill threads (GIL released)
-        def work(rows):
-            _quantize_x(X[rows], bs, XQ[rows], XA[rows], XS[rows])
-        list(_pool(threads).map(work, row_slices(B, threads)))
-    else:
-        _quantize_x(X, bs, XQ, XA, XS)
+    _quantize_x(X, bs, XQ, XA, XS)
     return XQ, XA, XS
 
 

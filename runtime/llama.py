@@ -34,8 +34,7 @@ import numpy as np
 from edgelora import architectures
 from edgelora.config import ModelArgs
 from edgelora.runtime.kernels import _pool
-from edgelora.runtime.decode import (CompiledLayers, attend_row, attention_args, rmsnorm_rows, silu_mul,
-                                     silu_mul_rows)
+from edgelora.runtime.decode import (CompiledLayers, attend_row, attention_args, rmsnorm_rows, silu_mul)
 from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
 
 
@@ -358,7 +357,7 @@ class LlamaModel:
 
     def gated(self, proj, h: np.ndarray) -> np.ndarray:
         gate, up = proj(("gate", "up"), h)
-        return silu_mul_rows(np.ascontiguousarray(gate), np.ascontiguousarray(up))  # [T, I]: silu(gate) * up
+        return silu_mul(np.ascontiguousarray(gate), np.ascontiguousarray(up), np.empty(gate.shape, np.float32))  # [T, I]
 
     def norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return rmsnorm(x, w, self.args.rms_norm_eps)  # [T, H]

@@ -32,10 +32,30 @@ def test_silu_mul_equals_numpy():
     u = rng.standard_normal((3, 300)).astype(F32)
     got = decode.silu_mul(g, u, np.empty_like(g))
     np.testing.assert_allclose(got, llama.silu(g) * u, rtol=2e-6, atol=1e-30)
-    import numba
-    from edgelora.runtime.threads import thread_count
-    with thread_count(min(2, numba.config.NUMBA_NUM_THREADS)):  # a prompt's rows on the prefill threads
-        np.testing.assert_array_equal(decode.silu_mul_rows(g, u), got)
+
+
+def test_exp_is_within_3_ulps_of_numpy():
+    """``decode._exp`` (the vectorizable exp of silu_mul) against NumPy's float32 exp: every normal
+    result within 3 ulps, overflow to inf and underflow to 0 where NumPy's are, NaN kept."""
+    from numba import njit
+
+    @njit
+    def exps(x, out):
+        for i in range(x.size):
+            out[i] = decode._exp(x[i])
+        return out
+
+    x = np.concatenate([np.linspace(-110, 95, 400_001, dtype=F32), (np.random.default_rng(2).standard_normal(10_000) * 30).astype(F32),
+                        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 88.72, 88.7228, -87.3, -103.9], F32)])
+    got = exps(x, np.empty_like(x))
+    with np.errstate(over="ignore"):
+        ref = np.exp(x)
+    normal = np.isfinite(ref) & (ref >= np.finfo(F32).tiny)
+    ulps = np.abs(got[normal].view(np.int32).astype(np.int64) - ref[normal].view(np.int32).astype(np.int64))
+    assert ulps.max() <= 3, ulps.max()
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(ref))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.abs(got[~normal & np.isfinite(ref)] - ref[~normal & np.isfinite(ref)]).max() <= 1e-44  # denormals: 0 .. 7 of the last ulp
 
 
 # nkv, group, hd, rotated dims, position, window (0: none), scale (None: / sqrt(hd)), soft-cap (0: none)
