@@ -70,16 +70,20 @@ def supports_int8(q: NF4Tensor) -> bool:
 
 @njit(cache=True, fastmath=False, nogil=True)
 def _quantize_x(X, bs, XQ, XA, XS):
-    """X f32 [B, k] -> XQ int8 [B, k] (per block: the even entries' codes, then the odd ones'),
-    XA = |XQ| as uint8, XS f32 [B, k / bs] (module docstring). ``fastmath=False``: the divisions
-    and the rounding are IEEE float32, as the twin's."""
+    """X f32 [B, k] (C-contiguous) -> XQ int8 [B, k] (per block: the even entries' codes, then the
+    odd ones'), XA = |XQ| as uint8, XS f32 [B, k / bs] (module docstring). ``fastmath=False``: the
+    divisions and the rounding are IEEE float32, as the twin's."""
     half = bs // 2
+    bits = X.view(np.int32)
+    top = np.empty(1, np.int32)  # a block's largest |x|, as bits
     for b in range(X.shape[0]):
         for j in range(X.shape[1] // bs):
-            x = X[b, j * bs:(j + 1) * bs]
-            amax = np.float32(0.0)
-            for i in range(bs):
-                amax = max(amax, abs(x[i]))
+            x, xb = X[b, j * bs:(j + 1) * bs], bits[b, j * bs:(j + 1) * bs]
+            m = np.int32(0)
+            for i in range(xb.size):  # max |x| on the bits (sign cleared: their order is the floats'), vectorized
+                m = max(m, xb[i] & np.int32(0x7FFFFFFF))
+            top[0] = m
+            amax = top.view(np.float32)[0]
             d = amax / _127
             inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
             XS[b, j] = d / _127
@@ -94,6 +98,7 @@ def _quantize_x(X, bs, XQ, XA, XS):
 def quantize_activations(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(XQ, XA, XS)`` for X f32 [B, k], blocks of ``bs``: see :func:`_quantize_x`. On the calling
     thread: a prompt chunk of 128 x 5632 takes 0.4 ms, less than handing halves to the prefill pool."""
+    X = np.ascontiguousarray(X, np.float32)  # (read as bits too)
     B, k = X.shape
     XQ, XA = np.empty((B, k), np.int8), np.empty((B, k), np.uint8)
     XS = np.empty((B, k // bs), np.float32)
