@@ -34,6 +34,24 @@ def test_silu_mul_equals_numpy():
     np.testing.assert_allclose(got, llama.silu(g) * u, rtol=2e-6, atol=1e-30)
 
 
+def test_vector_dot_has_the_scalar_dots_bits():
+    """``_dot_at`` (explicit 8-float vectors: a decode row's attention scores) gives ``_dot``'s bits
+    (eight scalar partial sums added pairwise, then the rest), at any offset and length."""
+    from numba import njit
+
+    @njit
+    def both(a, b, b0, n):
+        return decode._dot_at(a, b, np.uint64(b0), np.uint64(n)), decode._dot(a, b[b0:], n)
+
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 8, 9, 64, 67, 128):
+        a = (rng.standard_normal(n) * 10).astype(F32)
+        b = (rng.standard_normal(n + 40) * 10).astype(F32)
+        for b0 in (0, 3, 40):
+            vec, scalar = both(a, b, b0, n)
+            assert np.float32(vec).view(np.int32) == np.float32(scalar).view(np.int32), (n, b0, vec, scalar)
+
+
 def test_exp_is_within_3_ulps_of_numpy():
     """``decode._exp`` (the vectorizable exp of silu_mul) against NumPy's float32 exp: every normal
     result within 3 ulps, overflow to inf and underflow to 0 where NumPy's are, NaN kept."""
