@@ -179,8 +179,8 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
 #: keys per block of the blockwise attention: its working memory is [nh, T, KEY_BLOCK] scores
 KEY_BLOCK = 128
 #: queries per block of a long chunk's attention: each block stops at the last key it may see, so
-#: a causal prompt computes about half the scores of all queries against all keys (prefill-512 of
-#: TinyLlama: 0.80 s of attention -> 0.5 s)
+#: a causal prompt computes about half the scores of all queries against all keys (a TinyLlama
+#: layer's attention over 512 tokens on 2 threads: 82 -> 45 ms)
 QUERY_BLOCK = 128
 
 
