@@ -39,7 +39,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from edgelora.runtime import lora
-from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _i8_slice_at, _quantize_x
+from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_slice
 from edgelora.runtime.simd import _hsum
@@ -143,14 +143,6 @@ def rmsnorm_rows(x, w, eps, out):
         for j in range(H):
             out[b, j] = w[j] * (row[j] / root)
     return out
-
-
-@intrinsic
-def _f32_bits(typingctx, bits):
-    """The int32 ``bits`` as the float32 they encode."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
 
 
 # Cephes' expf: e^x = 2^n e^r, n = rint(x log2 e), r = x - n ln 2 in two parts (exact products for
@@ -340,10 +332,11 @@ GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _finish(ops, lo, hi, x, Y, threads, parallel_min):
+def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
     """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
     side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
-    threads (each its slice of Y) from ``parallel_min`` weights, else on this one."""
+    threads (each its slice of Y) from ``parallel_min`` weights, else on this one. ``U`` [threads,
+    at least every stack's rows]: the A products' scratch."""
     for o in range(lo, hi):
         if ops[o, 0] == STACK:
             R, k, nb = ops[o, 2], ops[o, 3], ops[o, 10] + 1
@@ -355,13 +348,12 @@ def _finish(ops, lo, hi, x, Y, threads, parallel_min):
             y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
             n = Y.size
             if threads > 1 and R * (k + n) >= parallel_min:  # as ``lora_stack_add_parallel``
-                U = np.empty((threads, R), np.float32)
                 step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
                 for c in prange(threads):
                     o0 = c * step
-                    stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[c], o0, min(n, o0 + step))
+                    stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[c, :R], o0, min(n, o0 + step))
             else:
-                stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, np.empty(R, np.float32), 0, n)
+                stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[0, :R], 0, n)
         else:
             values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
             at = ops[o, 3]
@@ -398,6 +390,11 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     gu = np.empty((B, 2 * inter), np.float32)  # gate, up
     act = np.empty((B, inter), np.float32)
     w = (table, dyn, arrays, lengths, nshift, offset, bs)  # every projection's arrays
+    most = 1  # the most rows of A of a stack: their scratch, once a step
+    for op in range(ops.shape[0]):
+        if ops[op, 0] == STACK:
+            most = max(most, ops[op, 2])
+    U = np.empty((max(threads, 1), most), np.float32)
     for i in range(attn_norm.shape[0]):
         j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
@@ -406,7 +403,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
         _product(j + 1, w, XQ, XA, XS, qkv, nq, nk, threads)
         _product(j + 2, w, XQ, XA, XS, qkv, nq + nk, nk, threads)
         for b in range(B):
-            _finish(ops, op_start[g], op_start[g + 1], h[b], qkv[b], threads, parallel_min)
+            _finish(ops, op_start[g], op_start[g + 1], h[b], qkv[b], threads, parallel_min, U)
             p = pos[b]
             row = qkv[b]
             attend_row(row[:nq].reshape(nh, hd), row[nq:nq + nk].reshape(nkv, hd), row[nq + nk:].reshape(nkv, hd),
@@ -414,19 +411,19 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
         XQ, XA, XS = _quantized(att, bs)
         _product(j + 3, w, XQ, XA, XS, o, 0, H, threads)
         for b in range(B):
-            _finish(ops, op_start[g + 1], op_start[g + 2], att[b], o[b], threads, parallel_min)
+            _finish(ops, op_start[g + 1], op_start[g + 2], att[b], o[b], threads, parallel_min, U)
         x += o
         rmsnorm_rows(x, mlp_norm[i], eps, h)
         XQ, XA, XS = _quantized(h, bs)
         _product(j + 4, w, XQ, XA, XS, gu, 0, inter, threads)
         _product(j + 5, w, XQ, XA, XS, gu, inter, inter, threads)
         for b in range(B):
-            _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min)
+            _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min, U)
         silu_mul(gu[:, :inter], gu[:, inter:], act)
         XQ, XA, XS = _quantized(act, bs)
         _product(j + 6, w, XQ, XA, XS, o, 0, H, threads)
         for b in range(B):
-            _finish(ops, op_start[g + 3], op_start[g + 4], act[b], o[b], threads, parallel_min)
+            _finish(ops, op_start[g + 3], op_start[g + 4], act[b], o[b], threads, parallel_min, U)
         x += o
     return x
 

@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD, gemm, nf4_int8_gemm_reference, words
 from edgelora.runtime.kernels import NF4Linear, _batch_args, _pool
@@ -68,6 +71,14 @@ def supports_int8(q: NF4Tensor) -> bool:
 # activations
 # ---------------------------------------------------------------------------------------------
 
+@intrinsic
+def _f32_bits(typingctx, bits):
+    """The int32 ``bits`` as the float32 they encode."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
 @njit(cache=True, fastmath=False, nogil=True)
 def _quantize_x(X, bs, XQ, XA, XS):
     """X f32 [B, k] (C-contiguous) -> XQ int8 [B, k] (per block: the even entries' codes, then the
@@ -75,15 +86,13 @@ def _quantize_x(X, bs, XQ, XA, XS):
     divisions and the rounding are IEEE float32, as the twin's."""
     half = bs // 2
     bits = X.view(np.int32)
-    top = np.empty(1, np.int32)  # a block's largest |x|, as bits
     for b in range(X.shape[0]):
         for j in range(X.shape[1] // bs):
             x, xb = X[b, j * bs:(j + 1) * bs], bits[b, j * bs:(j + 1) * bs]
             m = np.int32(0)
             for i in range(xb.size):  # max |x| on the bits (sign cleared: their order is the floats'), vectorized
                 m = max(m, xb[i] & np.int32(0x7FFFFFFF))
-            top[0] = m
-            amax = top.view(np.float32)[0]
+            amax = _f32_bits(m)
             d = amax / _127
             inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
             XS[b, j] = d / _127
