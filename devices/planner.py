@@ -490,17 +490,35 @@ class _TrainSizes:
 # the plan
 # ---------------------------------------------------------------------------------------------
 
+def int8_head_bytes(bundle) -> int:
+    """What the default int8 products hold beside an opened bundle's float16 output head (or the
+    float16 embedding tied to it): ``runtime/int8.py``'s ``F16Int8Linear``, an int8 code a weight
+    and a float32 scale a block of ``Q8_BLOCK``; 0 where the head stays float16 or is NF4."""
+    from edgelora.architectures import EMBED, HEAD
+    from edgelora.products import DEFAULT_PRODUCTS
+    from edgelora.runtime.int8 import Q8_BLOCK
+    e = bundle.entries.get(f"{EMBED if bundle.args.tie_word_embeddings else HEAD}.weight")
+    if DEFAULT_PRODUCTS != "int8" or e is None or e.storage != "float16" or len(e.shape) != 2 or e.shape[1] % Q8_BLOCK:
+        return 0
+    n, k = e.shape
+    return n * k + 4 * n * (k // Q8_BLOCK)
+
+
+_HEAD_NOTE = "the float16 head's int8 codes and scales (int8 products, made at load)"
+
+
 def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dict, tok: tuple,
-           overhead: tuple, train: "_TrainSizes | None" = None) -> list:
+           overhead: tuple, train: "_TrainSizes | None" = None, head: int = 0) -> list:
     """``overhead``: (bytes, note) of the runtime itself; ``train``: a training plan's sizes
-    (``context`` is then the tokens of a sequence)."""
+    (``context`` is then the tokens of a sequence); ``head``: :func:`int8_head_bytes`."""
+    held = [Item("head as int8", head, _HEAD_NOTE)] if head else []
     if train is not None:
-        return ([Item("weights", weights, "model.safetensors, memory-mapped"),
-                 Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32")]
+        return ([Item("weights", weights, "model.safetensors, memory-mapped")] + held +
+                [Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32")]
                 + train.items(context) + [Item("tokenizer", tok[0], tok[1]),
                                           Item("runtime", overhead[0], f"Python, NumPy, Numba and kernels: {overhead[1]}")])
     scratch, scratch_note = scratch_bytes(a, context, threads)
-    items = [Item("weights", weights, "model.safetensors, memory-mapped"),
+    items = [Item("weights", weights, "model.safetensors, memory-mapped")] + held + [
              Item("KV cache", kv_cache_bytes(a, context),
                   f"{a.num_hidden_layers} layers x {context} positions x {a.num_key_value_heads} KV heads "
                   f"x {a.head_dim} x 2 x float32"),
@@ -538,6 +556,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     bundle_path = Path(bundle)
     with Bundle(bundle_path, verify=False) as b:
         a = b.args
+        head = int8_head_bytes(b)
     limit = context_limit(a)
     context = min(limit, DEFAULT_MAX_CONTEXT) if context is None else int(context)
     if not 1 <= context <= limit:
@@ -561,7 +580,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     weights = _weights_bytes(bundle_path)
 
     def total(ctx: int) -> int:
-        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training))
+        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training, head))
 
     lo, hi = 0, limit  # the largest context whose total fits (totals grow with the context)
     while lo < hi:
@@ -571,7 +590,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
         else:
             hi = mid - 1
     p = Plan(device=dev, bundle=str(bundle_path), context=context, threads=threads,
-             items=_items(a, weights, context, threads, sizes, tok, over, training), adapters=sizes, max_context=lo,
+             items=_items(a, weights, context, threads, sizes, tok, over, training, head), adapters=sizes, max_context=lo,
              model_max_context=limit, overhead_source=over[1], train=t)
     p.suggestions = _suggest(p, a)
     return p
@@ -605,7 +624,7 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     elif p.max_context >= 1:
         out.append(f"use --context {p.max_context} (the largest that fits; {p.context} needs {over / MB:.1f} MB more)")
     else:
-        fixed = sum(i.bytes for i in p.items if i.name in ("weights", "tokenizer", "runtime"))
+        fixed = sum(i.bytes for i in p.items if i.name in ("weights", "head as int8", "tokenizer", "runtime"))
         out.append(f"even a 1-token context does not fit: weights, tokenizer and runtime alone need "
                    f"{fixed / MB:.1f} MB of the {p.budget_bytes / MB:.1f} MB budget")
     for name, size in sorted(p.adapters.items(), key=lambda kv: -kv[1]):
@@ -615,7 +634,11 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     else:
         if p.adapters:
             out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
-    saved = _float16_savings(Path(p.bundle))
+    held = sum(i.bytes for i in p.items if i.name == "head as int8")
+    saved = _float16_savings(Path(p.bundle)) + held  # (an NF4 head is not copied)
+    if held >= 0.05 * MB:
+        out.append(f"or run with --products exact: the head's int8 copy, {held / MB:.1f} MB, is not made "
+                   f"({'enough' if held >= over else 'not enough alone'}; decode is slower)")
     if saved >= 0.05 * MB:  # (what prints as 0.0 MB is no suggestion)
         out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "
                    f"({'enough' if saved >= over else 'not enough alone'}; at some cost in quality, see README)")

@@ -404,8 +404,8 @@ def _cmd_train(ns) -> int:
 def _add_products_option(p) -> None:
     from edgelora.products import DEFAULT_PRODUCTS, PRODUCTS
     p.add_argument("--products", choices=PRODUCTS, default=DEFAULT_PRODUCTS,
-                   help="NF4 products: exact float32, or int8 activations with int32 sums (faster, approximate; "
-                        "README, The int8 product path)")
+                   help="NF4 products: exact float32, or int8 activations with int32 sums, a float16 head "
+                        "quantized to int8 at load (faster, approximate; README, The int8 product path)")
 
 
 def _cmd_warmup(ns) -> int:

@@ -3,7 +3,8 @@
 * ``exact``: float32 products of the dequantized weights, bit-true against the references
   (transformers over bitsandbytes' dequantized weights);
 * ``int8``: int8 codes and activations, int32 sums (``runtime/int8.py`` for decode,
-  ``runtime/int8_gemm.py`` for prompts): faster, approximate.
+  ``runtime/int8_gemm.py`` for prompts): faster, approximate; a float16 output head is quantized
+  to int8 at load and multiplies the same way (``int8.F16Int8Linear``).
 
 :data:`DEFAULT_PRODUCTS` is the one place the default is chosen, from measured perplexity
 (README, *The int8 product path*). A module of its own, free of NumPy and Numba, so the command

@@ -45,10 +45,10 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD, gemm, nf4_int8_gemm_reference, words
-from edgelora.runtime.kernels import NF4Linear, _batch_args, _pool
+from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_SIMD, MAX_VECTORS, i8_rows_dot
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
@@ -79,29 +79,49 @@ def _f32_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@njit(cache=True, fastmath=False, nogil=True, inline="always")
+def _quantize_block(x, xb, q, a):
+    """One block: ``x`` f32 and ``xb`` its bits -> codes ``q`` (the even entries', then the odd
+    ones'), ``a = |q|``; returns its ``amax`` (module docstring)."""
+    half = x.size // 2
+    m = np.int32(0)
+    for i in range(xb.size):  # max |x| on the bits (sign cleared: their order is the floats'), vectorized
+        m = max(m, xb[i] & np.int32(0x7FFFFFFF))
+    amax = _f32_bits(m)
+    d = amax / _127
+    inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+    for i in range(half):  # entry 2i to i, entry 2i + 1 to half + i (a loop LLVM vectorizes)
+        e = min(max(np.rint(x[2 * i] * inv), np.float32(-127.0)), _127)
+        o = min(max(np.rint(x[2 * i + 1] * inv), np.float32(-127.0)), _127)
+        q[i], q[half + i] = np.int8(e), np.int8(o)
+        a[i], a[half + i] = np.uint8(abs(e)), np.uint8(abs(o))
+    return amax
+
+
 @njit(cache=True, fastmath=False, nogil=True)
 def _quantize_x(X, bs, XQ, XA, XS):
     """X f32 [B, k] (C-contiguous) -> XQ int8 [B, k] (per block: the even entries' codes, then the
     odd ones'), XA = |XQ| as uint8, XS f32 [B, k / bs] (module docstring). ``fastmath=False``: the
     divisions and the rounding are IEEE float32, as the twin's."""
-    half = bs // 2
     bits = X.view(np.int32)
     for b in range(X.shape[0]):
         for j in range(X.shape[1] // bs):
-            x, xb = X[b, j * bs:(j + 1) * bs], bits[b, j * bs:(j + 1) * bs]
-            m = np.int32(0)
-            for i in range(xb.size):  # max |x| on the bits (sign cleared: their order is the floats'), vectorized
-                m = max(m, xb[i] & np.int32(0x7FFFFFFF))
-            amax = _f32_bits(m)
-            d = amax / _127
-            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
-            XS[b, j] = d / _127
-            q, a = XQ[b, j * bs:(j + 1) * bs], XA[b, j * bs:(j + 1) * bs]
-            for i in range(half):  # entry 2i to i, entry 2i + 1 to half + i (a loop LLVM vectorizes)
-                e = min(max(np.rint(x[2 * i] * inv), np.float32(-127.0)), _127)
-                o = min(max(np.rint(x[2 * i + 1] * inv), np.float32(-127.0)), _127)
-                q[i], q[half + i] = np.int8(e), np.int8(o)
-                a[i], a[half + i] = np.uint8(abs(e)), np.uint8(abs(o))
+            s = slice(j * bs, (j + 1) * bs)
+            amax = _quantize_block(X[b, s], bits[b, s], XQ[b, s], XA[b, s])
+            XS[b, j] = (amax / _127) / _127
+
+
+@njit(cache=True, fastmath=False, nogil=True, parallel=True)
+def _quantize_rows(X, bs, codes, scales):
+    """Weight rows X f32 [n, k] -> ``codes`` int8 [n, k] as :func:`_quantize_x` gives them and
+    ``scales`` f32 [n, k / bs] each block's amax (:class:`F16Int8Linear`), rows split between the
+    threads."""
+    bits = X.view(np.int32)
+    for r in prange(X.shape[0]):
+        a = np.empty(bs, np.uint8)
+        for j in range(X.shape[1] // bs):
+            s = slice(j * bs, (j + 1) * bs)
+            scales[r, j] = _quantize_block(X[r, s], bits[r, s], codes[r, s], a)
 
 
 def quantize_activations(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,23 +156,42 @@ def quantize_activations_reference(X: np.ndarray, bs: int) -> tuple[np.ndarray, 
 # Every variant: ``OUT[v, o0 + r]`` = row r of ``packed`` (``n_rows`` rows of ``per_row`` blocks of
 # ``half`` bytes, block i scaled as the tensor's block ``b0 + i``) . x_v, for every vector of XQ.
 
+def _weights_per_byte(packed) -> int:
+    """2 for NF4 codes (uint8, two weights a byte), 1 for :class:`Q8Weight` codes (int8)."""
+    return 2 if packed.dtype == np.uint8 else 1
+
+
+@overload(_weights_per_byte)
+def _weights_per_byte_compiled(packed):
+    n = 2 if packed.dtype == types.uint8 else 1
+    return lambda packed: n
+
+
 @njit(cache=True, fastmath=False)
 def _i8_rows_portable(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS,
                       OUT, o0):
-    """The arithmetic of the module docstring in plain loops (any CPU)."""
+    """The arithmetic of the module docstring in plain loops (any CPU); int8 ``packed``: the codes of
+    a :class:`Q8Weight`, ``nested`` its block scales."""
     lanes = np.zeros(INT8_LANES, np.int32)
     acc = np.zeros(INT8_LANES, np.float32)
+    nf4 = _weights_per_byte(packed) == 2
+    row_bytes = per_row * half * (1 if nf4 else 2)
     for r in range(n_rows):
-        row = packed[r * per_row * half:(r + 1) * per_row * half]
+        row = packed[r * row_bytes:(r + 1) * row_bytes]
         for v in range(XQ.shape[0]):
             acc[:] = 0.0
             for j in range(per_row):
                 lanes[:] = 0
                 for i in range(half):
-                    byte = row[j * half + i]
                     xe, xo = XQ[v, 2 * j * half + i], XQ[v, 2 * j * half + half + i]
-                    lanes[(i % INT8_CHUNK) >> 2] += table[byte >> 4] * np.int32(xe) + table[byte & 15] * np.int32(xo)
-                s = XS[v, j] * block_scale(dyn, qscale, nested, nshift, offset, b0 + r * per_row + j)
+                    if nf4:
+                        byte = row[j * half + i]
+                        we, wo = np.int32(table[byte >> 4]), np.int32(table[byte & 15])
+                    else:
+                        we, wo = np.int32(row[2 * j * half + i]), np.int32(row[2 * j * half + half + i])
+                    lanes[(i % INT8_CHUNK) >> 2] += we * np.int32(xe) + wo * np.int32(xo)
+                b = b0 + r * per_row + j
+                s = XS[v, j] * (block_scale(dyn, qscale, nested, nshift, offset, b) if nf4 else nested[b])
                 for lane in range(INT8_LANES):
                     acc[lane] = acc[lane] + np.float32(lanes[lane]) * s
             OUT[v, o0 + r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
@@ -222,7 +261,8 @@ def _i8_slice_at(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, 
     """OUT[:, o0 + r0:o0 + r1] for rows ``r0 .. r1`` of the whole tensor ``packed``."""
     if r1 > r0:
         per_row, half = k // bs, bs // 2
-        _i8_rows(table, dyn, packed[r0 * (k // 2):r1 * (k // 2)], qscale, nested, nshift, offset, r0 * per_row, r1 - r0,
+        row = k // _weights_per_byte(packed)  # bytes
+        _i8_rows(table, dyn, packed[r0 * row:r1 * row], qscale, nested, nshift, offset, r0 * per_row, r1 - r0,
                  per_row, half, XQ, XA, XS, OUT, o0 + r0)
 
 
@@ -293,6 +333,98 @@ class NF4Int8Linear(NF4Linear):
         return out
 
 
+#: entries of a block of :class:`F16Int8Linear`'s int8 codes (one float32 scale each: 8.5 bits a weight)
+Q8_BLOCK = 64
+_NO_CODES = np.zeros(1, np.uint8)  # (the kernels' NF4 scale codes, unused for int8 weights)
+
+
+class F16Int8Linear(F16Linear):
+    """A float16 output head on the int8 path. The head is a decode step's largest single read (a
+    TinyLlama step: 131 MB of float16 against 500 MB of NF4 layers); here its rows are quantized
+    once, at load, to int8 codes per block of :data:`Q8_BLOCK` entries exactly as activations are
+    (:func:`quantize_activations`: ``rint(w * 127 / amax)``, a block's even entries then its odd
+    ones) with the block's float32 ``amax`` as its scale, 8.5 bits a weight, and its products run the
+    int8 kernels (``simd.i8_rows_dot`` with int8 weights; twin
+    :func:`q8_matvec_batch_reference`): ``y = sum_j (xs_j * amax_j) * sum codes * q``, the NF4
+    arithmetic with the weight's own scales. Every row of a product is ``matvec`` of it. Rows
+    looked up (``rows``: the embeddings of a tied head) and ``linear.exact_linear`` (training) read
+    the float16 weight as before. Heads whose width is not a multiple of :data:`Q8_BLOCK` stay
+    :class:`F16Linear` (``linear.make_linear``)."""
+
+    int8 = True
+
+    def __init__(self, w: np.ndarray, chunk_rows: int = 4096):
+        super().__init__(w)
+        n, k = self.out_features, self.in_features
+        if k % Q8_BLOCK:
+            raise ValueError(f"F16Int8Linear needs rows of whole {Q8_BLOCK}-entry blocks, got width {k}")
+        self.codes = np.empty((n, k), np.int8)
+        self.scales = np.empty((n, k // Q8_BLOCK), np.float32)
+        for r0 in range(0, n, chunk_rows):  # a chunk of rows widened at a time
+            r1 = min(n, r0 + chunk_rows)
+            _quantize_rows(w[r0:r1].astype(np.float32), Q8_BLOCK, self.codes[r0:r1], self.scales[r0:r1])
+        self._iargs = (NF4_I8, DYNAMIC_CODE, self.codes.reshape(-1), _NO_CODES, self.scales.reshape(-1), 0, np.float32(0.0),
+                       Q8_BLOCK)
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes held in memory beside the mapped float16 weight: the codes and their scales."""
+        return self.codes.nbytes + self.scales.nbytes
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x: f32 [in] -> f32 [out]"""
+        if out is None:
+            out = np.empty(self.out_features, np.float32)
+        self.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, self.in_features),
+                          out.reshape(1, self.out_features))
+        return out
+
+    def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``."""
+        X, out = _batch_args(self, X, out)
+        if X.shape[0] == 0:
+            return out
+        XQ, XA, XS = quantize_activations(X, Q8_BLOCK)
+        n, k = self.out_features, self.in_features
+        if self._parallel(n * k):
+            _i8_parallel(*self._iargs, n, k, XQ, XA, XS, out, numba.get_num_threads())
+        else:
+            _i8_slice(*self._iargs, k, 0, n, XQ, XA, XS, out)
+        return out
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x: f32 [T, in] -> f32 [T, out]: ``matvec_batch`` (each row ``matvec`` of it; a prompt's
+        logits are wanted for its last row, or every row only in evaluation)."""
+        return self.matvec_batch(x)
+
+
+def q8_matvec_batch_reference(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`F16Int8Linear.matvec_batch`: ``codes`` int8 [n, k] and ``scales`` f32
+    [n, k / Q8_BLOCK] as it holds them, X [B, k] -> [B, n] (the module docstring's arithmetic)."""
+    n, k = codes.shape
+    per_row, half = k // Q8_BLOCK, Q8_BLOCK // 2
+    XQ, _, XS = quantize_activations_reference(X, Q8_BLOCK)
+    w = codes.reshape(n, per_row, 2, half).astype(np.int32)  # [n, per_row, (even, odd), half]
+    xq = XQ.reshape(-1, per_row, 2, half).astype(np.int32)
+    prod = (w[None] * xq[:, None]).sum(axis=3)  # [B, n, per_row, half]
+    return _lanes_epilogue(prod, XS, scales)
+
+
+def _lanes_epilogue(prod: np.ndarray, XS: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The float steps of the twins: ``prod`` [B, n, per_row, half] the products of a block's byte
+    positions (both entries), ``XS`` [B, per_row], ``scales`` [n, per_row] -> [B, n]."""
+    B, n, per_row, half = prod.shape
+    lanes = prod.reshape(B, n, per_row, half // INT8_CHUNK, INT8_LANES, 4).sum(axis=(3, 5))  # [B, n, per_row, 8]
+    acc = np.zeros((B, n, INT8_LANES), np.float32)
+    for j in range(per_row):
+        s = XS[:, None, j] * scales[None, :, j]  # [B, n] f32
+        acc = acc + lanes[:, :, j].astype(np.float32) * s[:, :, None]
+    while acc.shape[2] > 1:
+        h = acc.shape[2] // 2
+        acc = acc[:, :, :h] + acc[:, :, h:]
+    return acc[:, :, 0]
+
+
 def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
     """NumPy twin of :meth:`NF4Int8Linear.matvec_batch` (the module docstring's arithmetic, integer
     sums exact, float operations in the kernels' order): X [B, in] -> [B, out]."""
@@ -304,17 +436,9 @@ def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
     wh, wl = NF4_I8[codes >> 4].astype(np.int32), NF4_I8[codes & 15].astype(np.int32)  # [n, per_row, half]
     xq = XQ.reshape(-1, per_row, 2, half).astype(np.int32)  # [B, per_row, (even, odd), half]
     prod = wh[None] * xq[:, None, :, 0] + wl[None] * xq[:, None, :, 1]  # [B, n, per_row, half]
-    lanes = prod.reshape(*prod.shape[:3], half // INT8_CHUNK, INT8_LANES, 4).sum(axis=(3, 5))  # [B, n, per_row, 8]
     scales = (q.absmax() if not q.double_quant else dequantize_scales_reference(
         q.scales, q.nested_scales, q.offset, q.nested_block_size)).reshape(n, per_row)
-    acc = np.zeros((X.shape[0], n, INT8_LANES), np.float32)
-    for j in range(per_row):
-        s = XS[:, None, j] * scales[None, :, j]  # [B, n] f32
-        acc = acc + lanes[:, :, j].astype(np.float32) * s[:, :, None]
-    while acc.shape[2] > 1:
-        h = acc.shape[2] // 2
-        acc = acc[:, :, :h] + acc[:, :, h:]
-    return acc[:, :, 0]
+    return _lanes_epilogue(prod, XS, scales)
 
 
 def nf4_int8_matmul_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgelora.products import DEFAULT_PRODUCTS, PRODUCTS, check_products  # noqa: F401 (re-exported)
 from edgelora.storage import NF4Tensor
-from edgelora.runtime.int8 import NF4Int8Linear
+from edgelora.runtime.int8 import Q8_BLOCK, F16Int8Linear, NF4Int8Linear
 from edgelora.runtime.kernels import F16Linear, NF4Linear
 
 @runtime_checkable
@@ -88,23 +88,29 @@ class DenseLinear:
 
 def exact_linear(layer: Linear) -> Linear:
     """``layer`` with exact products: for an int8-path NF4 layer, an :class:`NF4Linear` over the
-    same stored bytes (made once, kept on the layer; no copy); any other layer itself. Training
-    (``runtime/backward.py``) differentiates these, the float32 products of the dequantized base
-    that PEFT and QLoRA differentiate, whatever products the model generates with."""
-    if not isinstance(layer, NF4Int8Linear):
+    same stored bytes, for an int8-path float16 head an :class:`F16Linear` (made once, kept on the
+    layer; no copy); any other layer itself. Training (``runtime/backward.py``) differentiates
+    these, the float32 products of the dequantized base that PEFT and QLoRA differentiate, whatever
+    products the model generates with."""
+    if not isinstance(layer, (NF4Int8Linear, F16Int8Linear)):
         return layer
     twin = layer.__dict__.get("_exact")
     if twin is None:
-        twin = layer._exact = NF4Linear(layer.tensor)
+        twin = layer._exact = NF4Linear(layer.tensor) if isinstance(layer, NF4Int8Linear) else F16Linear(layer.weight)
     return twin
 
 
-def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS) -> Linear:
+def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS, head: bool = False) -> Linear:
     """The linear-layer object for a weight as stored: an NF4 tensor (its decode products exact, or
-    through int8 with ``products="int8"``), a float16 array (read in place), or anything else as
-    float32."""
+    through int8 with ``products="int8"``), a float16 array (read in place; the output head, or an
+    embedding tied to it, with ``head=True`` on the int8 path: quantized to int8 at load,
+    :class:`~edgelora.runtime.int8.F16Int8Linear`, where its width is whole 64-entry blocks), or
+    anything else as float32."""
+    int8 = check_products(products) == "int8"
     if isinstance(weight, NF4Tensor):
-        return NF4Int8Linear(weight) if check_products(products) == "int8" else NF4Linear(weight)
+        return NF4Int8Linear(weight) if int8 else NF4Linear(weight)
     if weight.dtype == np.float16:
+        if int8 and head and weight.ndim == 2 and weight.shape[1] % Q8_BLOCK == 0:
+            return F16Int8Linear(weight)
         return F16Linear(weight)
     return DenseLinear(weight)

@@ -41,8 +41,8 @@ def build_weights(bundle: Bundle, products: str = DEFAULT_PRODUCTS) -> Weights:
         biases = {field: vector(bundle, m + ".bias") for field, m in modules.items() if m + ".bias" in names}
         norms = {field: vector(bundle, arch.module(i, field) + ".weight") for field in arch.NORMS}
         layers.append(model_cls.Layer(biases=biases, **norms, **linears))
-    embed = make_linear(stored(bundle, f"{EMBED}.weight"), products)
-    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, f"{HEAD}.weight"), products)
+    embed = make_linear(stored(bundle, f"{EMBED}.weight"), products, head=a.tie_word_embeddings)
+    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, f"{HEAD}.weight"), products, head=True)
     return Weights(embed=embed, layers=layers, norm=vector(bundle, f"{NORM}.weight"), head=head)
 
 

@@ -596,10 +596,11 @@ def _i8_dot(builder, isa):
     return dot
 
 
-def _i8_frame(context, builder, sig, args, nvec):
+def _i8_frame(context, builder, sig, args, nvec, q8=False):
     """What every int8 kernel variant reads from its arguments: a namespace of the arrays' data
-    pointers, the scalars, ``scale(b)``, ``c(n)``, ``load32(p, at)`` and per vector v its x codes
-    ``xq[v]``, absolute values ``xa[v]``, scales ``xs[v]`` and output row ``out[v]``."""
+    pointers, the scalars, ``c(n)``, ``load32(p, at)`` and per vector v its x codes ``xq[v]``,
+    absolute values ``xa[v]``, scales ``xs[v]`` and output row ``out[v]``; ``row_bytes`` a weight
+    row's bytes (``q8``: one a weight, else two weights a byte)."""
     from types import SimpleNamespace
 
     f = SimpleNamespace()
@@ -609,7 +610,7 @@ def _i8_frame(context, builder, sig, args, nvec):
     f.table_p, f.packed_p = table_p, packed_p
     f.c = c = lambda n: ir.Constant(_I64, n)
     f.k = builder.mul(f.per_row, builder.mul(f.half, c(2)))  # entries of a row of x
-    f.row_bytes = builder.mul(f.per_row, f.half)
+    f.row_bytes = builder.mul(f.per_row, builder.mul(f.half, c(2 if q8 else 1)))
     f.load32 = lambda p, at: builder.load(builder.bitcast(builder.gep(p, [at]), _V32.as_pointer()), align=1)
     vs = [builder.add(v0, c(v)) for v in range(nvec)]
     f.xq = [builder.gep(xq_p, [builder.mul(v, f.k)]) for v in vs]
@@ -617,6 +618,8 @@ def _i8_frame(context, builder, sig, args, nvec):
     f.xs = [builder.gep(xs_p, [builder.mul(v, f.per_row)]) for v in vs]
     f.out = [builder.gep(out_p, [builder.add(builder.mul(v, n_out), o0)]) for v in vs]
     f.block_args = (args[1], args[3], args[4], nshift, offset, b0)
+    nested_p = context.make_array(sig.args[4])(context, builder, args[4]).data
+    f.q8_scale = lambda b: builder.load(builder.gep(nested_p, [builder.add(b0, b)]))  # q8: the block's own scale
     return f
 
 
@@ -670,19 +673,21 @@ def _splat(builder, x, n):
                                   ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
-def _i8_codegen(isa: str, nvec: int, call):
+def _i8_codegen(isa: str, nvec: int, call, q8: bool = False):
     """IR of :func:`i8_rows_dot` for ``isa`` (vnni, avx2, sdot, neon) and ``nvec`` vectors. Per row,
     block and vector the chunks' products go into eight int32 lanes (exact, in any order); per
     block those lanes, as floats, times ``xs[j] * scale(j)`` are added to eight float lanes (a
     product, then a sum: no FMA, so the NumPy twin rounds alike); the row's result is the pairwise
-    sum of the lanes."""
+    sum of the lanes. ``q8``: the weights are int8 codes, a block's even entries then its odd ones
+    (two 32-byte loads instead of one looked up by nibbles), scaled by their own float scales."""
     v8f = ir.VectorType(_F32, 8)
 
     def codegen(context, builder, sig, args):
-        f = _i8_frame(context, builder, sig, args, nvec)
+        f = _i8_frame(context, builder, sig, args, nvec, q8)
         c = f.c
         lookup, dot = _i8_lookup(builder, isa, f.table_p), _i8_dot(builder, isa)
-        scale = _block_scale(context, builder, call, *f.block_args)
+        scale = f.q8_scale if q8 else _block_scale(context, builder, call, *f.block_args)
+        flip = ir.Constant(_V32, [0x80] * 32)  # q8 on vnni: the codes plus 128, vpdpbusd's unsigned operand
         four, fifteen = ir.Constant(_V32, [4] * 32), ir.Constant(_V32, [15] * 32)
         x86, vnni = isa in ("vnni", "avx2"), isa == "vnni"
         offsets = _i8_offsets(builder) if vnni else None
@@ -702,8 +707,9 @@ def _i8_codegen(isa: str, nvec: int, call):
             with cgutils.for_range(builder, f.per_row) as blk:
                 j = blk.index
                 start = builder.mul(j, half)
+                wstart = builder.mul(start, c(2)) if q8 else start  # the block's first weight byte
                 for t in range(count):
-                    _prefetch(builder, builder.gep(p_rows[t], [builder.add(start, ahead)]))
+                    _prefetch(builder, builder.gep(p_rows[t], [builder.add(wstart, ahead)]))
                     for s in sums[t]:
                         builder.store(ir.Constant(_V8I, [0] * 8), s)
 
@@ -717,9 +723,14 @@ def _i8_codegen(isa: str, nvec: int, call):
                     # when a block is one chunk, added otherwise), shared by the rows
                     starts = [offsets(qe, qo) for qe, _, qo, _ in xs] if vnni else [None] * nvec
                     for t in range(count):
-                        w = f.load32(p_rows[t], builder.add(start, i))
-                        wh = lookup(builder.lshr(w, four))  # int8 codes of the high nibbles
-                        wl = lookup(builder.and_(w, fifteen))
+                        if q8:  # the even entries' codes and the odd ones', as x holds them
+                            wh, wl = f.load32(p_rows[t], at), f.load32(p_rows[t], at_o)
+                            if vnni:
+                                wh, wl = builder.xor(wh, flip), builder.xor(wl, flip)
+                        else:
+                            w = f.load32(p_rows[t], builder.add(start, i))
+                            wh = lookup(builder.lshr(w, four))  # int8 codes of the high nibbles
+                            wl = lookup(builder.and_(w, fifteen))
                         for (qe, ae, qo, ao), s, s0 in zip(xs, sums[t], starts):
                             if s0 is None:
                                 s0 = builder.load(s)
@@ -840,11 +851,16 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     scales. On x86-64 the signs of x move onto the weights (``vpsignb``) so that the
     unsigned-times-signed byte products see ``|x|``; aarch64's ``sdot``/``smmla`` multiply signed
     bytes. ``nvec`` (1 .. MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
-    bytes are decoded once for all the vectors; ``smmla`` with one vector is ``sdot``."""
+    bytes are decoded once for all the vectors; ``smmla`` with one vector is ``sdot``.
+
+    ``packed`` int8 instead of uint8: weights quantized to int8 as x is (``int8.Q8Weight``: blocks
+    of ``2 * half`` bytes, their even entries then their odd ones) and ``nested`` their float
+    block scales (``table``, ``dyn`` and ``qscale`` unused); the sums and float steps as for NF4
+    (``smmla`` takes ``sdot``'s code for them)."""
     arrays = (table, dyn, packed, qscale, nested, xq, xa, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
             and table.dtype == types.int8 and xq.dtype == types.int8 and xa.dtype == types.uint8
-            and packed.dtype == types.uint8 and qscale.dtype == types.uint8 and out.mutable
+            and packed.dtype in (types.uint8, types.int8) and qscale.dtype == types.uint8 and out.mutable
             and all(a.dtype == types.float32 for a in (dyn, nested, xs, out))
             and isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= MAX_VECTORS
             and isinstance(isa, types.IntegerLiteral) and isa.literal_value in INT8_ISAS.values()):
@@ -854,6 +870,7 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     sig = types.none(table, dyn, packed, qscale, nested, xq, xa, xs, out, i64, types.float32, i64, i64, i64, i64, i64,
                      i64, i64, nvec, isa)
     call = _scale_call(typingctx, dyn, qscale, nested)
-    if name == "smmla" and nvec.literal_value > 1:
+    q8 = packed.dtype == types.int8
+    if name == "smmla" and nvec.literal_value > 1 and not q8:
         return sig, _i8mm_codegen(nvec.literal_value, call)
-    return sig, _i8_codegen("sdot" if name == "smmla" else name, nvec.literal_value, call)
+    return sig, _i8_codegen("sdot" if name == "smmla" else name, nvec.literal_value, call, q8)

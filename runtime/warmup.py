@@ -25,6 +25,7 @@ import numpy as np
 from edgelora import kernel_cache
 from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX
+from edgelora.runtime.int8 import F16Int8Linear
 from edgelora.runtime.lora import BASE, lora_matvec_add, lora_matvec_add_parallel, lora_stack_add, lora_stack_add_parallel
 from edgelora.runtime.threads import thread_count
 
@@ -32,7 +33,8 @@ from edgelora.runtime.threads import thread_count
 def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
     thread or several, the int8 product path when it is chosen (and whether some weights, rows
-    not of whole 64-entry blocks, keep the exact kernels beside it), and how its decode steps run."""
+    not of whole 64-entry blocks, keep the exact kernels beside it; whether its float16 head runs
+    as int8), and how its decode steps run."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
@@ -40,7 +42,8 @@ def signature(model) -> str:
     if model.products == "int8":  # (weights the int8 path cannot take keep the exact kernels)
         net = model.net
         linears = [getattr(L, k) for L in net.w.layers for k in net.arch.PROJECTIONS] + [net.w.head]
-        products = "|int8" + ("+exact" if any(getattr(x, "int8", True) is False for x in linears) else "")
+        products = "|int8" + ("+exact" if any(getattr(x, "int8", True) is False for x in linears) else "") + (
+            "+q8head" if isinstance(net.w.head, F16Int8Linear) else "")
     net = model.net  # decode steps: one compiled call, compiled pieces, or NumPy (runtime/decode.py)
     decode = "one-call" if net.compiled_decode and net.compiled_layers is not None else (
         "pieces" if net.compiled_decode else "numpy")

@@ -90,6 +90,7 @@ def test_plan_items_are_the_runtimes_arrays():
     for name in adapters:
         assert items[f"adapter {name}"] == model.adapters[name].nbytes
     assert items["weights"] == (Path(bundle) / "model.safetensors").stat().st_size
+    assert items["head as int8"] == model.net.w.head.resident_nbytes > 0  # the default int8 products
     assert p.fits and p.max_context == model.args.max_position_embeddings
 
 
@@ -221,8 +222,11 @@ def test_suggestions_when_nothing_fits_name_what_each_frees(tmp_path):
     weights = lambda b: (Path(b) / "model.safetensors").stat().st_size  # noqa: E731
     saved = weights(bundle) - weights(tmp_path / "nf4")
     assert saved > 0 and abs(_float16_savings(Path(bundle)) - saved) < 4096
-    assert f"--embeddings nf4 --head nf4: {_float16_savings(Path(bundle)) / 1e6:.1f} MB less" in text
+    held = {i.name: i.bytes for i in p.items}["head as int8"]  # an NF4 head is not copied either
+    assert f"--embeddings nf4 --head nf4: {(_float16_savings(Path(bundle)) + held) / 1e6:.1f} MB less" in text
+    assert f"--products exact: the head's int8 copy, {held / 1e6:.1f} MB, is not made" in text
     assert _float16_savings(tmp_path / "nf4") == 0
+    assert "head as int8" not in {i.name for i in plan(tmp_path / "nf4", tiny, context=64, threads=1).items}
 
 
 @pytest.fixture(scope="module")

@@ -171,8 +171,90 @@ def test_make_linear_products_option():
     assert type(make_linear(q, "exact")) is K.NF4Linear
     assert type(make_linear(q, "int8")) is I8.NF4Int8Linear
     assert type(make_linear(np.zeros((2, 2), np.float16), "int8")) is K.F16Linear
+    # a float16 head: int8 on the int8 path where its rows are whole 64-entry blocks
+    w16 = np.zeros((3, 128), np.float16)
+    assert type(make_linear(w16, "int8", head=True)) is I8.F16Int8Linear
+    assert type(make_linear(w16, "exact", head=True)) is K.F16Linear
+    assert type(make_linear(w16, "int8")) is K.F16Linear  # (an untied embedding: looked up, never multiplied)
+    assert type(make_linear(np.zeros((3, 96), np.float16), "int8", head=True)) is K.F16Linear
     with pytest.raises(UsageError):
         make_linear(q, "int4")
+
+
+# ---------------------------------------------------------------------------------------------
+# the float16 head as int8 (F16Int8Linear)
+# ---------------------------------------------------------------------------------------------
+
+def _head(rng, n: int, k: int) -> np.ndarray:
+    """A float16 head with a zero block, a zero row and outliers (the quantizer's corners)."""
+    W = rng.standard_normal((n, k)) * 0.05
+    W[0, :64] = 0.0
+    W[-1] = 0.0
+    W[rng.integers(0, n, 3), rng.integers(0, k, 3)] = 4.0
+    return W.astype(np.float16)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 70), blocks=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+def test_head_codes_are_the_weights_quantized_as_activations(n, blocks, seed):
+    """At load each row is quantized as an activation row is (the twin's codes), its scales the
+    blocks' float32 amax; the chunks of rows it widens at a time do not change a bit."""
+    rng = np.random.default_rng(seed)
+    W = _head(rng, n, 64 * blocks)
+    lin = I8.F16Int8Linear(W, chunk_rows=7)
+    W32 = W.astype(np.float32)
+    codes, _, _ = I8.quantize_activations_reference(W32, I8.Q8_BLOCK)
+    assert np.array_equal(lin.codes, codes)
+    assert np.array_equal(_bits(lin.scales), _bits(np.abs(W32.reshape(n, blocks, 64)).max(axis=2)))
+    assert lin.resident_nbytes == n * 64 * blocks + 4 * n * blocks
+
+
+@pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 40), blocks=st.integers(1, 5), B=st.integers(1, 7), seed=st.integers(0, 2**32 - 1))
+def test_every_variant_equals_the_head_twin_bit_for_bit(variant, n, blocks, B, seed):
+    """The NF4 kernels with int8 weights (two loads a chunk instead of a nibble lookup, the
+    weight's own block scales): each variant this CPU has gives the twin's bits, any batch."""
+    rng = np.random.default_rng(seed)
+    k = 64 * blocks
+    lin = I8.F16Int8Linear(_head(rng, n, k))
+    X = _activations(rng, B, k)
+    out = np.full((B, n + 2), np.nan, np.float32)
+    a = lin._iargs
+    I8.INT8_VARIANTS[variant](*a[:7], 0, n, blocks, 32, *I8.quantize_activations(X, 64), out, 1)
+    ref = I8.q8_matvec_batch_reference(lin.codes, lin.scales, X)
+    assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
+    assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_head_products(monkeypatch, threaded):
+    """matvec, matvec_batch and matmul of any rows are the twin's bits (each row ``matvec`` of it),
+    one thread or several; rows and the exact twin read the float16 weight; the products are within
+    the derived bound of float16's: per block ``amax_w * (0.5/127 * sum|x| + bs * d/2)`` (codes
+    within half a step of ``w``, x within ``d/2``)."""
+    from edgelora.runtime.linear import exact_linear
+    if threaded:
+        monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
+    rng = np.random.default_rng(5)
+    W = _head(rng, 301, 256)
+    lin = I8.F16Int8Linear(W)
+    X = _activations(rng, 23, 256)
+    ref = I8.q8_matvec_batch_reference(lin.codes, lin.scales, X)
+    assert np.array_equal(_bits(lin.matvec_batch(X)), _bits(ref))
+    assert np.array_equal(_bits(lin.matmul(X)), _bits(ref))
+    for b in (0, 5, 22):
+        assert np.array_equal(_bits(lin.matvec(X[b])), _bits(ref[b]))
+    assert lin.matvec_batch(X[:0]).shape == (0, 301)
+    assert np.array_equal(lin.rows([3, 0]), W[[3, 0]].astype(np.float32))
+    exact = exact_linear(lin)
+    assert type(exact) is K.F16Linear and exact_linear(lin) is exact and exact.weight is W
+    f = X.astype(np.float64) @ W.astype(np.float64).T  # [B, n]
+    Xb = np.abs(X.reshape(23, 4, 64)).astype(np.float64)
+    d = Xb.max(axis=2) / 127
+    per_block = 0.5 / 127 * Xb.sum(axis=2) + 64 * d / 2  # [B, blocks]
+    bound = per_block @ lin.scales.T.astype(np.float64) + 1e-5 * (np.abs(X) @ np.abs(W.astype(np.float32)).T) + 1e-30
+    assert (np.abs(ref - f) <= bound).all()
 
 
 # ---------------------------------------------------------------------------------------------
