@@ -156,8 +156,12 @@ def write_gguf_f16(src: Path, out: Path) -> Path:
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(head_dim)
     _vocab(gguf, w, cfg["vocab_size"])
-    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":  # would need llama.cpp's rope_freqs tensor
-        raise SystemExit(f"{src.name}: llama3 rope scaling is not written here; use a shape without it")
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "llama3":  # llama.cpp divides each rotary frequency by its rope_freqs factor
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                     llama3_rope_factors(scaling, cfg.get("rope_theta", 10000.0), head_dim))
+    elif scaling:
+        raise SystemExit(f"{src.name}: rope scaling {scaling.get('rope_type')!r} is not written here")
     with SafetensorsFile(src / "model.safetensors") as f:  # a tied head: llama.cpp reuses token_embd
         for name in f.keys():
             a = f.float32(name)
@@ -168,6 +172,19 @@ def write_gguf_f16(src: Path, out: Path) -> Path:
             new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             w.add_tensor(new, a if a.ndim <= 1 else a.astype(np.float16))  # norms stay F32, as the converter
     return _finish(w, tmp, out)
+
+
+def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+    """float32 [head_dim / 2]: the factor each rotary frequency of Llama 3's rope scaling is divided
+    by (1 for short wavelengths, ``factor`` for long ones, a smooth blend between), what
+    transformers' ``_compute_llama3_parameters`` applies and llama.cpp reads as ``rope_freqs``."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / freqs
+    smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
+    out = 1.0 / ((1 - smooth) / factor + smooth)  # 1 where wavelen < old / high, factor where > old / low
+    return out.astype(np.float32)
 
 
 def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:

@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--num-draft", type=int, default=None, metavar="K", help="guesses verified per step (default: 4)")
     r.set_defaults(func=_cmd_run)
 
-    e = command("eval", "perplexity of a text, answer-only loss on JSONL data, and the weights' quantization error "
-                        "per layer", "edgelora eval tinyllama-nf4 --text wiki.txt --data qa.jsonl --json")
+    e = command("eval", "perplexity of a text, answer-only loss on JSONL data, the weights' quantization error "
+                        "per layer and (int8 products) each projection's product error", "edgelora eval tinyllama-nf4 --text wiki.txt --data qa.jsonl --json")
     e.add_argument("bundle", help="bundle folder written by `edgelora convert`, or a deploy folder")
     e.add_argument("--text", default=None, metavar="FILE", help="text file: perplexity over non-overlapping windows")
     e.add_argument("--data", default=None, metavar="JSONL",

@@ -19,6 +19,12 @@
   measured it against the source weights (the bundle manifest's ``rel_error``, rounded to 6
   digits; an imported NF4 tensor's codes are the source's, so its error is 0), per layer.
 
+* **Product error report** (int8 products): the first window of the text (at most
+  :data:`PRODUCT_TOKENS` tokens; else the first example of the data) runs once through the model
+  as loaded while every projection and the head keep the rows they multiply; each then multiplies
+  those rows both ways, and ``‖y_int8 − y_exact‖ / ‖y_exact‖`` is reported per projection, per
+  layer: the activations' and codes' error on real activations, apart from NF4's own.
+
 The model is loaded with :func:`edgelora.load` (or given loaded): its products are the ones the
 runtime uses, so the numbers are those of the runtime as loaded.
 """
@@ -33,11 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+import numpy as np
+
 from edgelora.errors import UsageError
+from edgelora.runtime.linear import exact_linear
 from edgelora.runtime.model import Model, load
 from edgelora.training_data import answer_spans, read_jsonl
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+#: tokens of the text (or of the first example) the product error report runs
+PRODUCT_TOKENS = 128
 
 
 @dataclass
@@ -54,6 +65,8 @@ class Evaluation:
     answer_tokens: int = 0
     examples: int = 0
     weights: list = field(default_factory=list)  # one dict per layer (None: the tensors outside layers)
+    products: list = field(default_factory=list)  # int8 products: one dict per layer (None: the head)
+    product_tokens: int = 0  # the rows each projection's product error was measured on
 
     @property
     def answer_perplexity(self) -> float | None:
@@ -63,7 +76,8 @@ class Evaluation:
         return {"bundle": self.bundle, "adapter": self.adapter, "window": self.window,
                 "perplexity": self.perplexity, "text_tokens": self.text_tokens, "text_nll": self.text_nll,
                 "answer_loss": self.answer_loss, "answer_perplexity": self.answer_perplexity,
-                "answer_tokens": self.answer_tokens, "examples": self.examples, "weights": self.weights}
+                "answer_tokens": self.answer_tokens, "examples": self.examples, "weights": self.weights,
+                "products": self.products, "product_tokens": self.product_tokens}
 
     def format(self) -> str:
         lines = [f"bundle       {self.bundle} (adapter: {self.adapter})"]
@@ -78,6 +92,13 @@ class Evaluation:
             where = "outside layers" if row["layer"] is None else f"layer {row['layer']}"
             lines.append(f"  {where:<15} mean {row['mean_rel_error']:.6f}  worst {row['worst_rel_error']:.6f} "
                          f"({row['worst_tensor']})")
+        if self.products:
+            lines.append(f"products     ||y_int8 - y_exact|| / ||y_exact|| per projection on {self.product_tokens} "
+                         f"tokens (mean and worst per layer)")
+            for row in self.products:
+                where = "head" if row["layer"] is None else f"layer {row['layer']}"
+                lines.append(f"  {where:<15} mean {row['mean_rel_error']:.6f}  worst {row['worst_rel_error']:.6f} "
+                             f"({row['worst_projection']})")
         return "\n".join(lines)
 
 
@@ -97,6 +118,56 @@ def weight_report(manifest: dict) -> list:
         worst = max(errors, key=errors.get)
         rows.append({"layer": layer, "tensors": errors, "mean_rel_error": sum(errors.values()) / len(errors),
                      "worst_rel_error": errors[worst], "worst_tensor": worst})
+    return rows
+
+
+class _Recorder:
+    """A linear layer that keeps the rows it multiplies (:func:`product_report`); all else is the
+    layer's own."""
+
+    def __init__(self, layer):
+        self.layer, self.rows = layer, []
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    def matmul(self, x):
+        self.rows.append(np.array(x, np.float32))
+        return self.layer.matmul(x)
+
+
+def product_report(model: Model, ids: list) -> list:
+    """Per layer (``layer`` None: the output head): each projection's ``‖y_int8 − y_exact‖ /
+    ‖y_exact‖`` on the rows it multiplies when ``ids`` (at least two tokens) run through ``model``
+    with its current adapter selection, its mean and the worst; empty for exact products. A weight
+    the int8 path cannot take multiplies exactly both ways (0)."""
+    if model.products != "int8":
+        return []
+    if len(ids) < 2:
+        raise UsageError("the product error report needs at least two tokens")
+    net = model.net
+    fields = list(net.arch.PROJECTIONS)
+    recorders = {(i, f): _Recorder(getattr(L, f)) for i, L in enumerate(net.w.layers) for f in fields}
+    recorders[(None, "head")] = _Recorder(net.w.head)
+    try:
+        for (i, f), r in recorders.items():
+            setattr(net.w if i is None else net.w.layers[i], f, r)
+        model.logits(ids)  # one prompt: every projection's rows, the head's last
+    finally:
+        for (i, f), r in recorders.items():
+            setattr(net.w if i is None else net.w.layers[i], f, r.layer)
+    layers: dict = {}
+    for (i, f), r in recorders.items():
+        X = np.concatenate(r.rows)  # [T, in]
+        exact = exact_linear(r.layer).matmul(X).astype(np.float64)
+        diff = np.linalg.norm(r.layer.matmul(X).astype(np.float64) - exact)
+        layers.setdefault(i, {})[f] = float(diff / max(np.linalg.norm(exact), 1e-30))
+    rows = []
+    for i in sorted(layers, key=lambda i: len(layers) if i is None else i):
+        errors = layers[i]
+        worst = max(errors, key=errors.get)
+        rows.append({"layer": i, "projections": errors, "mean_rel_error": sum(errors.values()) / len(errors),
+                     "worst_rel_error": errors[worst], "worst_projection": worst})
     return rows
 
 
@@ -174,4 +245,18 @@ def evaluate(model: Model | str | os.PathLike, text: str | None = None, data: st
             result.perplexity, result.text_tokens, result.text_nll = perplexity(model, text, window)
         if data is not None:
             result.answer_loss, result.answer_tokens, result.examples = answer_loss(model, data)
+        sample = _product_sample(model, text, data)
+        if model.products == "int8" and sample:
+            result.products, result.product_tokens = product_report(model, sample), len(sample)
     return result
+
+
+def _product_sample(model: Model, text: str | None, data) -> list:
+    """The tokens the product error report runs: the text's first window, else the first example's."""
+    limit = min(PRODUCT_TOKENS, model.max_context)
+    if text is not None:
+        return model.tokenizer.encode(text)[:limit]
+    if data is not None:
+        for where, record in read_jsonl(data):
+            return answer_spans(model.tokenizer, record, where)[0][:limit]
+    return []

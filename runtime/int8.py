@@ -35,7 +35,9 @@ exact tiles.
 
 The path serves weights whose rows are whole blocks of a multiple of 64 (every projection of the
 models edgelora converts); others keep the exact kernels. The bundle's bytes are read in place, as
-bitsandbytes wrote them: the GEMM's repacked tiles are made per call and dropped.
+bitsandbytes wrote them: the GEMM's repacked tiles are made per call and dropped. One copy is
+made: a float16 output head becomes int8 codes at load (:class:`F16Int8Linear`), the same
+kernels multiplying them.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def quantize_activations_reference(X: np.ndarray, bs: int) -> tuple[np.ndarray, 
 # ``half`` bytes, block i scaled as the tensor's block ``b0 + i``) . x_v, for every vector of XQ.
 
 def _weights_per_byte(packed) -> int:
-    """2 for NF4 codes (uint8, two weights a byte), 1 for :class:`Q8Weight` codes (int8)."""
+    """2 for NF4 codes (uint8, two weights a byte), 1 for :class:`F16Int8Linear` codes (int8)."""
     return 2 if packed.dtype == np.uint8 else 1
 
 
@@ -171,7 +173,7 @@ def _weights_per_byte_compiled(packed):
 def _i8_rows_portable(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS,
                       OUT, o0):
     """The arithmetic of the module docstring in plain loops (any CPU); int8 ``packed``: the codes of
-    a :class:`Q8Weight`, ``nested`` its block scales."""
+    an :class:`F16Int8Linear`, ``nested`` its block scales."""
     lanes = np.zeros(INT8_LANES, np.int32)
     acc = np.zeros(INT8_LANES, np.float32)
     nf4 = _weights_per_byte(packed) == 2

@@ -853,7 +853,7 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     bytes. ``nvec`` (1 .. MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
     bytes are decoded once for all the vectors; ``smmla`` with one vector is ``sdot``.
 
-    ``packed`` int8 instead of uint8: weights quantized to int8 as x is (``int8.Q8Weight``: blocks
+    ``packed`` int8 instead of uint8: weights quantized to int8 as x is (``int8.F16Int8Linear``: blocks
     of ``2 * half`` bytes, their even entries then their odd ones) and ``nested`` their float
     block scales (``table``, ``dyn`` and ``qscale`` unused); the sums and float steps as for NF4
     (``smmla`` takes ``sdot``'s code for them)."""

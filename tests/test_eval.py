@@ -164,6 +164,53 @@ def test_weight_report_is_the_error_against_the_source(tiny):
     assert any(0.05 < e < 0.15 for row in r.weights for e in row["tensors"].values())  # NF4's typical error
 
 
+def test_product_report_is_the_twins_error_on_transformers_activations(tmp_path):
+    """With int8 products, each projection's reported ``‖y_int8 − y_exact‖/‖y_exact‖`` is what the
+    NumPy twins give on the rows transformers feeds that projection (the dequantized model, the
+    text's first 128 tokens): layer 0's q_proj and the float16 head quantized to int8; the exact
+    path reports nothing."""
+    from edgelora.runtime import int8 as I8
+    from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD
+    src = make_checkpoint(tmp_path / "src", "mistral", seed=4)  # hidden 64: every projection int8
+    edgelora.convert(src, tmp_path / "b")
+    text = WORDS * 2
+    r = edgelora.evaluate(tmp_path / "b", text=text, max_context=256, products="int8")
+    ids = transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"][:128]
+    assert r.product_tokens == len(ids) == 128
+    assert [row["layer"] for row in r.products] == [0, 1, None]
+    assert set(r.products[0]["projections"]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(0 < e < 0.05 for row in r.products for e in row["projections"].values())
+    hf = hf_dequantized(tmp_path / "b", src)
+    seen = {}
+
+    def keep(key):
+        def hook(module, args):
+            seen[key] = args[0][0].numpy().copy()  # (returns None: the input goes on unchanged)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(key))
+             for key, m in (("q", hf.model.layers[0].self_attn.q_proj), ("head", hf.lm_head))]
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    with edgelora.open_bundle(tmp_path / "b") as b:
+        q = b.nf4("model.layers.0.self_attn.q_proj.weight")
+        head = b.tensor("lm_head.weight").astype(np.float32)
+    X = seen["q"]
+    exact = X.astype(np.float64) @ q.dequantize_reference().astype(np.float64).T
+    twin = I8.nf4_int8_matmul_reference(q, X) if INT8_GEMM_SIMD else I8.nf4_int8_matvec_batch_reference(q, X)
+    ref = np.linalg.norm(twin - exact) / np.linalg.norm(exact)
+    assert abs(r.products[0]["projections"]["q"] - ref) <= 0.02 * ref, (r.products[0]["projections"]["q"], ref)
+    X = seen["head"]
+    codes = I8.quantize_activations_reference(head, I8.Q8_BLOCK)[0]
+    amax = np.abs(head.reshape(head.shape[0], -1, I8.Q8_BLOCK)).max(axis=2)
+    exact = X.astype(np.float64) @ head.astype(np.float64).T
+    ref = np.linalg.norm(I8.q8_matvec_batch_reference(codes, amax, X) - exact) / np.linalg.norm(exact)
+    assert abs(r.products[2]["projections"]["head"] - ref) <= 0.02 * ref, (r.products[2], ref)
+    assert edgelora.evaluate(tmp_path / "b", text=text, max_context=256, products="exact").products == []
+
+
 def test_cli_eval(tiny, tmp_path, capsys):
     src, bundle = tiny
     text, data = tmp_path / "t.txt", tmp_path / "d.jsonl"

@@ -362,3 +362,24 @@ def test_folder_with_several_files(written, tmp_path):
         edgelora.convert(path.parent, tmp_path / "out")
     with pytest.raises(FormatError, match="no such file"):
         edgelora.convert(tmp_path / "nope" / "model.gguf", tmp_path / "out")
+
+
+def test_bench_llama3_rope_factors_are_transformers_frequencies():
+    """``bench/bench_llamacpp.py`` gives llama.cpp a Llama-3.2-shape checkpoint's rope scaling as
+    the ``rope_freqs`` factors llama.cpp divides each rotary frequency by: the base frequencies
+    divided by them are transformers' llama3 frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        from bench_llamacpp import llama3_rope_factors
+    finally:
+        sys.path.pop(0)
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = transformers.LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0,
+                                   rope_scaling=scaling, max_position_embeddings=131072)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    factors = llama3_rope_factors(scaling, 500000.0, 64)
+    base = 1.0 / 500000.0 ** (np.arange(0, 64, 2, dtype=np.float64) / 64)
+    assert factors.dtype == np.float32 and factors.shape == (32,) and factors.min() == 1.0 and factors.max() == 32.0
+    np.testing.assert_allclose(base / factors, inv_freq.double().numpy(), rtol=1e-6)
