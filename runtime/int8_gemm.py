@@ -1,16 +1,17 @@
 """The int8 path's prefill GEMM: many tokens times an NF4 weight in int8 codes, int32 sums.
 
 ``load(..., products="int8")`` multiplies a decode step's one vector (or a few) by the bytes as
-bitsandbytes stores them (``runtime/int8.py``). A prompt of T tokens reuses each weight T times,
-so here the weight is first repacked, one tile of rows at a time, into the layout of llama.cpp's
-and ik_llama.cpp's repacked types: the 32-bit lanes of a register are ``GEMM_ROWS`` output rows
-and the 4 bytes of a lane four consecutive entries of its row. One ``vpdpbusd`` then multiplies
-four entries of one token (a 32-bit broadcast) by the same four entries of 16 rows, so a register
-of weights, decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``), and the
-int32 sums of a block are ready for the float epilogue 16 rows at a time, with no horizontal
-reduction. The repack only moves 4-byte words (a block's byte ``b`` holds entries ``2b`` and
-``2b + 1``, and the activations are already stored per block as their even entries then their odd
-ones, ``int8.quantize_activations``), so it costs a copy of the tile, made once for all T tokens.
+bitsandbytes stores them (``runtime/int8.py``). A prompt of T tokens reuses each weight T times, so
+here the weight is first repacked, one tile of rows at a time, into the layout of llama.cpp's and
+ik_llama.cpp's repacked types: the 32-bit lanes of a register are ``GEMM_ROWS`` output rows and the
+4 bytes of a lane four consecutive entries of its row. One ``vpdpbusd`` then multiplies four entries
+of one token (a 32-bit broadcast) by the same four entries of 16 rows, so a register of weights,
+decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``; ``GEMM_WIDE_TOKENS`` on
+512-bit registers), and the int32 sums of a block are ready for the float epilogue 16 rows at a
+time, with no horizontal reduction. The repack only moves 4-byte words (a block's byte ``b`` holds
+entries ``2b`` and ``2b + 1``, and the activations are already stored per block as their even
+entries then their odd ones, ``int8.quantize_activations``), so it costs a copy of the tile, made
+once for all T tokens.
 
 The arithmetic, which the NumPy twin and every variant share bit for bit (it is not the decode
 kernels': their int32 sums are split into eight lanes; both quantize x identically):
@@ -47,6 +48,9 @@ from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
 
 GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit register)
 GEMM_TOKENS = 8  # tokens a tile: each decoded weight register serves this many (registers: 2 per token)
+#: tokens a tile of the vnni512 variant (32 registers: the float sums of some wait in L1, and a
+#: decoded register serves twice as many ``vpdpbusd``); its last tile of a prompt is cut into 8 and less
+GEMM_WIDE_TOKENS = 16
 GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
@@ -331,7 +335,7 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xa, xsum, xs, out, per_row, half
             and table.dtype == types.int8 and rep.dtype == types.uint32 and xq.dtype == types.int8
             and xa.dtype == types.uint8 and xsum.dtype == types.int32
             and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
-            and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_TOKENS
+            and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_WIDE_TOKENS
             and isinstance(isa, types.IntegerLiteral) and isa.literal_value in GEMM_ISAS.values()):
         return None
     i64 = types.int64
@@ -341,8 +345,15 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xa, xsum, xs, out, per_row, half
 
 @njit(cache=True, nogil=True)
 def _tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, isa):
-    """:func:`i8_gemm_tile` for ``m`` tokens (each count its own literal)."""
+    """:func:`i8_gemm_tile` for ``m`` tokens: ``GEMM_WIDE_TOKENS`` at once, else 8 then the rest
+    (each count its own literal; a token's result does not depend on its tile)."""
     numba.literally(isa)
+    if m == GEMM_WIDE_TOKENS:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, GEMM_WIDE_TOKENS, isa)
+        return
+    if m > 8:
+        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
+        t0, m = t0 + 8, m - 8
     if m == 8:
         i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
     elif m == 7:
@@ -374,11 +385,12 @@ def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0,
     rep = np.empty(GEMM_GROUPS * gwords, np.uint32)
     sc = np.empty(GEMM_GROUPS * gsc, np.float32)
     xq, xa, xsum, xs, out = XQ.reshape(-1), XA.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
+    step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS  # (16 registers of AVX2 hold 8 tokens' sums at most)
     for c0 in range(g0, g1, GEMM_GROUPS):
         groups = min(GEMM_GROUPS, g1 - c0)
         _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, c0 * GEMM_ROWS, groups, rep, sc)
-        for t0 in range(0, T, GEMM_TOKENS):
-            m = min(GEMM_TOKENS, T - t0)
+        for t0 in range(0, T, step):
+            m = min(step, T - t0)
             for g in range(groups):
                 _tile(table, rep[g * gwords:(g + 1) * gwords], sc[g * gsc:(g + 1) * gsc], xq, xa, xsum, xs, out,
                       per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS, isa)
