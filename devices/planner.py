@@ -5,7 +5,9 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
 
 * **weights**: the bundle's ``model.safetensors``, memory-mapped; a decode step reads every page
   of it (with an untied head the input embedding is read only at the rows of the tokens used,
-  so this is an upper bound there);
+  so this is an upper bound there), except a float16 head (or the embedding tied to it) that the
+  int8 products copy as int8 at load: its pages are let go as the copy is made (the rows of the
+  tokens used come back), and the copy is an item of its own, **head as int8**;
 * **KV cache**: keys and values, float32, ``2 x layers x context x kv_heads x head_dim``;
 * **rotary tables**: cos and sin for every position, float32 ``[context, head_dim]`` each;
 * **scratch**: the largest working set of a forward pass at the end of the context: a prefill
@@ -504,6 +506,16 @@ def int8_head_bytes(bundle) -> int:
     return n * k + 4 * n * (k // Q8_BLOCK)
 
 
+def released_head_bytes(bundle) -> int:
+    """The float16 head's (or tied embedding's) bytes of ``model.safetensors`` that are not resident
+    while the model runs: those :func:`int8_head_bytes` copies (``runtime.loader.let_go``); 0 otherwise.
+    (Training reads the float16 head whole, so a training plan counts its pages.)"""
+    from edgelora.architectures import EMBED, HEAD
+    if not int8_head_bytes(bundle):
+        return 0
+    return 2 * math.prod(bundle.entries[f"{EMBED if bundle.args.tie_word_embeddings else HEAD}.weight"].shape)
+
+
 _HEAD_NOTE = "the float16 head's int8 codes and scales (int8 products, made at load)"
 
 
@@ -512,13 +524,15 @@ def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dic
     """``overhead``: (bytes, note) of the runtime itself; ``train``: a training plan's sizes
     (``context`` is then the tokens of a sequence); ``head``: :func:`int8_head_bytes`."""
     held = [Item("head as int8", head, _HEAD_NOTE)] if head else []
+    mapped = "model.safetensors, memory-mapped" + (", less the float16 head's pages (let go once copied)"
+                                                   if head and train is None else "")
     if train is not None:
-        return ([Item("weights", weights, "model.safetensors, memory-mapped")] + held +
+        return ([Item("weights", weights, mapped)] + held +
                 [Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32")]
                 + train.items(context) + [Item("tokenizer", tok[0], tok[1]),
                                           Item("runtime", overhead[0], f"Python, NumPy, Numba and kernels: {overhead[1]}")])
     scratch, scratch_note = scratch_bytes(a, context, threads)
-    items = [Item("weights", weights, "model.safetensors, memory-mapped")] + held + [
+    items = [Item("weights", weights, mapped)] + held + [
              Item("KV cache", kv_cache_bytes(a, context),
                   f"{a.num_hidden_layers} layers x {context} positions x {a.num_key_value_heads} KV heads "
                   f"x {a.head_dim} x 2 x float32"),
@@ -557,6 +571,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     with Bundle(bundle_path, verify=False) as b:
         a = b.args
         head = int8_head_bytes(b)
+        released = released_head_bytes(b) if t is None else 0
     limit = context_limit(a)
     context = min(limit, DEFAULT_MAX_CONTEXT) if context is None else int(context)
     if not 1 <= context <= limit:
@@ -577,7 +592,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     else:
         over = (int(overhead), "given")
     tok = tokenizer_bytes(bundle_path)
-    weights = _weights_bytes(bundle_path)
+    weights = _weights_bytes(bundle_path) - released
 
     def total(ctx: int) -> int:
         return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training, head))
@@ -634,11 +649,13 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     else:
         if p.adapters:
             out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
+    # an NF4 head is not copied, and its pages stay (--products exact would keep the float16 head's
+    # pages instead of the int8 copy: more, so it is no suggestion)
     held = sum(i.bytes for i in p.items if i.name == "head as int8")
-    saved = _float16_savings(Path(p.bundle)) + held  # (an NF4 head is not copied)
-    if held >= 0.05 * MB:
-        out.append(f"or run with --products exact: the head's int8 copy, {held / MB:.1f} MB, is not made "
-                   f"({'enough' if held >= over else 'not enough alone'}; decode is slower)")
+    from edgelora.bundle import Bundle
+    with Bundle(Path(p.bundle), verify=False) as b:
+        released = released_head_bytes(b) if not p.train else 0
+    saved = _float16_savings(Path(p.bundle)) + held - released
     if saved >= 0.05 * MB:  # (what prints as 0.0 MB is no suggestion)
         out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "
                    f"({'enough' if saved >= over else 'not enough alone'}; at some cost in quality, see README)")

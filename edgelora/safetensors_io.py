@@ -19,6 +19,7 @@ import math
 import mmap as _mmap  # (``mmap`` is a parameter name below)
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.mapped = bool(mmap)
         self._copies: dict[str, np.ndarray] = {}
+        self._position = threading.Lock()  # the file position, for ``read_rows`` without ``pread``
         self._fh = open_regular(self.path)
         try:
             size = os.fstat(self._fh.fileno()).st_size
@@ -202,6 +204,37 @@ class SafetensorsFile:
             if arr is None:
                 arr = self._copies[name] = self._read(info, dtype)
         return arr.reshape(info.shape)
+
+    def read_rows(self, name: str, ids) -> np.ndarray:
+        """Rows ``ids`` (any shape of ints; negative ones count from the end, as NumPy's) of a tensor,
+        ``[*ids.shape, *row]``, read from the file (``pread``, once per distinct row) rather than
+        through the mapping: they do not enter this process's resident set, whose pages of a tensor
+        :meth:`release` let go (a mapped page comes back with its whole large folio of the page cache,
+        so a few hundred scattered rows would map most of a 0.5 GB embedding)."""
+        info = self.tensors.get(name)
+        if info is None or not info.shape:
+            raise FormatError(f"no tensor named {name!r} with rows", self.path)
+        n, dtype = info.shape[0], DTYPES[info.dtype]
+        ids = np.asarray(ids, np.int64)
+        if ids.size and (ids.min() < -n or ids.max() >= n):
+            raise IndexError(f"row index out of range for tensor {name!r} of {n} rows")
+        row = info.nbytes // n if n else 0
+        distinct, where = np.unique(ids % n if n else ids, return_inverse=True)
+        out = np.empty((distinct.size, row), np.uint8)
+        for j, i in enumerate(distinct.tolist()):
+            at = self.data_start + info.begin + i * row
+            if hasattr(os, "pread"):  # (no file position: threads may read at once)
+                data = os.pread(self._fh.fileno(), row, at)
+                got = len(data)
+                out[j, :got] = np.frombuffer(data, np.uint8)
+            else:  # Windows
+                with self._position:
+                    self._fh.seek(at)
+                    got = self._fh.readinto(memoryview(out[j]))
+            if got != row:
+                raise FormatError(f"tensor {name!r}: read {got} of row {i}'s {row} bytes; the file was truncated "
+                                  f"after it was opened", self.path)
+        return out.view(dtype).reshape(distinct.size, *info.shape[1:])[where.reshape(ids.shape)]
 
     def _read(self, info: TensorInfo, dtype) -> np.ndarray:
         arr = np.empty(info.numel, dtype)

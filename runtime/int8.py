@@ -351,12 +351,22 @@ class F16Int8Linear(F16Linear):
     arithmetic with the weight's own scales. Every row of a product is ``matvec`` of it. Rows
     looked up (``rows``: the embeddings of a tied head) and ``linear.exact_linear`` (training) read
     the float16 weight as before. Heads whose width is not a multiple of :data:`Q8_BLOCK` stay
-    :class:`F16Linear` (``linear.make_linear``)."""
+    :class:`F16Linear` (``linear.make_linear``).
+
+    ``release(r0, r1)``, when given, is called once rows ``r0 .. r1`` are quantized: the loader
+    passes the mapped file's :meth:`~edgelora.safetensors_io.SafetensorsFile.release`, so the
+    float16 pages read to make the codes leave the process's resident set a chunk at a time (a
+    128K-vocabulary 1B model's tied embedding: 0.5 GB) instead of staying beside their copy. Pages
+    read again through the mapping come back (training's ``exact_linear`` reads the whole weight);
+    ``read_rows(ids)``, when given, reads the rows that :meth:`rows` looks up (the embeddings of a
+    tied head) from the file instead (:meth:`~edgelora.safetensors_io.SafetensorsFile.read_rows`),
+    so that lookups keep them out."""
 
     int8 = True
 
-    def __init__(self, w: np.ndarray, chunk_rows: int = 4096):
+    def __init__(self, w: np.ndarray, chunk_rows: int = 4096, release=None, read_rows=None):
         super().__init__(w)
+        self._read_rows = read_rows
         n, k = self.out_features, self.in_features
         if k % Q8_BLOCK:
             raise ValueError(f"F16Int8Linear needs rows of whole {Q8_BLOCK}-entry blocks, got width {k}")
@@ -365,6 +375,8 @@ class F16Int8Linear(F16Linear):
         for r0 in range(0, n, chunk_rows):  # a chunk of rows widened at a time
             r1 = min(n, r0 + chunk_rows)
             _quantize_rows(w[r0:r1].astype(np.float32), Q8_BLOCK, self.codes[r0:r1], self.scales[r0:r1])
+            if release is not None:
+                release(r0, r1)
         self._iargs = (NF4_I8, DYNAMIC_CODE, self.codes.reshape(-1), _NO_CODES, self.scales.reshape(-1), 0, np.float32(0.0),
                        Q8_BLOCK)
 
@@ -372,6 +384,12 @@ class F16Int8Linear(F16Linear):
     def resident_nbytes(self) -> int:
         """Bytes held in memory beside the mapped float16 weight: the codes and their scales."""
         return self.codes.nbytes + self.scales.nbytes
+
+    def rows(self, ids) -> np.ndarray:
+        """The float16 rows ``ids`` as float32 (``F16Linear.rows``), through ``read_rows`` if given."""
+        if self._read_rows is None:
+            return super().rows(ids)
+        return self._read_rows(np.asarray(ids, np.int64)).astype(np.float32)
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""

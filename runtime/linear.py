@@ -100,17 +100,19 @@ def exact_linear(layer: Linear) -> Linear:
     return twin
 
 
-def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS, head: bool = False) -> Linear:
+def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS, head: bool = False,
+                release=None, read_rows=None) -> Linear:
     """The linear-layer object for a weight as stored: an NF4 tensor (its decode products exact, or
     through int8 with ``products="int8"``), a float16 array (read in place; the output head, or an
     embedding tied to it, with ``head=True`` on the int8 path: quantized to int8 at load,
-    :class:`~edgelora.runtime.int8.F16Int8Linear`, where its width is whole 64-entry blocks), or
-    anything else as float32."""
+    :class:`~edgelora.runtime.int8.F16Int8Linear`, where its width is whole 64-entry blocks, given
+    ``release`` to let the float16 rows' pages go once quantized and ``read_rows`` to look rows up
+    without mapping them again), or anything else as float32."""
     int8 = check_products(products) == "int8"
     if isinstance(weight, NF4Tensor):
         return NF4Int8Linear(weight) if int8 else NF4Linear(weight)
     if weight.dtype == np.float16:
         if int8 and head and weight.ndim == 2 and weight.shape[1] % Q8_BLOCK == 0:
-            return F16Int8Linear(weight)
+            return F16Int8Linear(weight, release=release, read_rows=read_rows)
         return F16Linear(weight)
     return DenseLinear(weight)

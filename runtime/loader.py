@@ -22,6 +22,21 @@ def stored(bundle: Bundle, name: str):
     return bundle.nf4(name) if bundle.entries[name].storage == "nf4" else bundle.weights.raw(name)
 
 
+def let_go(bundle: Bundle, name: str) -> dict:
+    """For :func:`make_linear` to keep a mapped 2-D weight it copies out of the resident set:
+    ``release(r0, r1)`` lets the pages of rows ``r0 .. r1`` go (they stay valid to read again) and
+    ``read_rows(ids)`` reads rows from the file, not through the mapping. Nothing when the weights
+    were read into memory (``mmap=False``): the copy read is what there is."""
+    f = bundle.weights
+    if not f.mapped:
+        return {}
+
+    def release(r0: int, r1: int) -> None:
+        row_bytes = f.tensors[name].nbytes // bundle.entries[name].shape[0]
+        f.release(name, r0 * row_bytes, r1 * row_bytes)
+    return {"release": release, "read_rows": lambda ids: f.read_rows(name, ids)}
+
+
 def vector(bundle: Bundle, name: str) -> np.ndarray:
     return np.ascontiguousarray(bundle.tensor(name), np.float32)
 
@@ -41,8 +56,11 @@ def build_weights(bundle: Bundle, products: str = DEFAULT_PRODUCTS) -> Weights:
         biases = {field: vector(bundle, m + ".bias") for field, m in modules.items() if m + ".bias" in names}
         norms = {field: vector(bundle, arch.module(i, field) + ".weight") for field in arch.NORMS}
         layers.append(model_cls.Layer(biases=biases, **norms, **linears))
-    embed = make_linear(stored(bundle, f"{EMBED}.weight"), products, head=a.tie_word_embeddings)
-    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, f"{HEAD}.weight"), products, head=True)
+    # an int8 copy of a float16 head (or the embedding tied to it) lets the float16 pages go as it is made
+    e_name, h_name = f"{EMBED}.weight", f"{HEAD}.weight"
+    embed = make_linear(stored(bundle, e_name), products, head=a.tie_word_embeddings, **let_go(bundle, e_name))
+    head = embed if a.tie_word_embeddings else make_linear(stored(bundle, h_name), products, head=True,
+                                                           **let_go(bundle, h_name))
     return Weights(embed=embed, layers=layers, norm=vector(bundle, f"{NORM}.weight"), head=head)
 
 

@@ -16,6 +16,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import edgelora
@@ -89,8 +90,11 @@ def test_plan_items_are_the_runtimes_arrays():
     assert items["KV cache"] == model.net.new_cache().nbytes == kv_cache_bytes(model.args, 300)
     for name in adapters:
         assert items[f"adapter {name}"] == model.adapters[name].nbytes
-    assert items["weights"] == (Path(bundle) / "model.safetensors").stat().st_size
-    assert items["head as int8"] == model.net.w.head.resident_nbytes > 0  # the default int8 products
+    # the default int8 products copy the float16 head as int8 and let its mapped pages go
+    f16 = model.net.w.head.weight
+    assert f16.dtype == np.float16
+    assert items["weights"] == (Path(bundle) / "model.safetensors").stat().st_size - f16.nbytes
+    assert items["head as int8"] == model.net.w.head.resident_nbytes > 0
     assert p.fits and p.max_context == model.args.max_position_embeddings
 
 
@@ -208,8 +212,7 @@ def test_plan_measure_from_the_cli(capsys):
     assert "measured on this machine: peak RSS" in capsys.readouterr().out
 
 
-def test_suggestions_when_nothing_fits_name_what_each_frees(tmp_path):
-    from edgelora.demo import demo_checkpoint
+def test_suggestions_when_nothing_fits_name_what_each_frees(small_50m, tmp_path):
     from edgelora.devices.planner import _float16_savings
     bundle = demo_bundle_path()
     tiny = Device(name="tiny", arch=host_arch(), cores=1, ram_mib=64, app_share=1.0)
@@ -217,16 +220,21 @@ def test_suggestions_when_nothing_fits_name_what_each_frees(tmp_path):
     assert not p.fits and p.max_context == 0
     text = "\n".join(p.suggestions)
     assert "even a 1-token context does not fit" in text and "leave out adapters" in text
-    # the NF4-embeddings saving is what converting that way really saves
-    edgelora.convert(demo_checkpoint(tmp_path / "ckpt"), tmp_path / "nf4", embeddings="nf4", head="nf4")
+    # the NF4-embeddings saving is what converting that way really saves: the file's bytes, and the
+    # int8 copy of the tied float16 embedding with the pages it lets go (a 32000 x 512 embedding)
+    edgelora.convert(small_50m.parent / "src", tmp_path / "nf4", embeddings="nf4", head="nf4", progress=False)
     weights = lambda b: (Path(b) / "model.safetensors").stat().st_size  # noqa: E731
-    saved = weights(bundle) - weights(tmp_path / "nf4")
-    assert saved > 0 and abs(_float16_savings(Path(bundle)) - saved) < 4096
-    held = {i.name: i.bytes for i in p.items}["head as int8"]  # an NF4 head is not copied either
-    assert f"--embeddings nf4 --head nf4: {(_float16_savings(Path(bundle)) + held) / 1e6:.1f} MB less" in text
-    assert f"--products exact: the head's int8 copy, {held / 1e6:.1f} MB, is not made" in text
+    assert abs(_float16_savings(small_50m) - (weights(small_50m) - weights(tmp_path / "nf4"))) < 4096
+    smaller = Device(name="smaller", arch=host_arch(), cores=1, ram_mib=32, app_share=1.0)
+    p, q = (plan(b, smaller, context=64, threads=1, overhead=0) for b in (small_50m, tmp_path / "nf4"))
+    items = {i.name: i.bytes for i in p.items}
+    assert items["head as int8"] > 0 and "head as int8" not in {i.name for i in q.items}
+    assert items["weights"] < weights(small_50m)  # the float16 embedding's pages are not counted
+    saved = p.total_bytes - q.total_bytes
+    assert saved > 1e6 and not p.fits
+    assert f"--embeddings nf4 --head nf4: {saved / 1e6:.1f} MB less" in "\n".join(p.suggestions)
+    assert "--products exact" not in text  # it keeps the float16 head resident: more, not less
     assert _float16_savings(tmp_path / "nf4") == 0
-    assert "head as int8" not in {i.name for i in plan(tmp_path / "nf4", tiny, context=64, threads=1).items}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ the stated tolerance of its exact ones on every architecture and on stories260K.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -255,6 +256,78 @@ def test_head_products(monkeypatch, threaded):
     per_block = 0.5 / 127 * Xb.sum(axis=2) + 64 * d / 2  # [B, blocks]
     bound = per_block @ lin.scales.T.astype(np.float64) + 1e-5 * (np.abs(X) @ np.abs(W.astype(np.float32)).T) + 1e-30
     assert (np.abs(ref - f) <= bound).all()
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (Linux ``/proc/self/smaps``)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="resident pages per mapping need Linux /proc")
+def test_head_copy_lets_the_mapped_float16_pages_go(tmp_path):
+    """Given ``release``, making the int8 copy leaves none of the mapped float16 head resident (chunk
+    by chunk; without it every page read stays); given ``read_rows``, rows looked up later are read
+    from the file and stay out too; the copy and the rows are the same either way."""
+    from safetensors.numpy import save_file
+    from edgelora.safetensors_io import SafetensorsFile
+    n, k = 3000, 512  # 3 MB of float16, 750 pages
+    path = tmp_path / "head.safetensors"
+    save_file({"w": _head(np.random.default_rng(3), n, k)}, str(path))
+    row_bytes = 2 * k
+    calls = []
+    with SafetensorsFile(path) as f, SafetensorsFile(path) as g:
+        w, v = f.raw("w").reshape(n, k), g.raw("w").reshape(n, k)
+
+        def release(r0, r1):
+            calls.append((r0, r1))
+            f.release("w", r0 * row_bytes, r1 * row_bytes)
+
+        kept = make_linear(v, "int8", head=True)  # reads every page of g's mapping, keeps them
+        assert _mapped_rss(path) >= n * row_bytes
+        let_go = I8.F16Int8Linear(w, chunk_rows=1024, release=release, read_rows=lambda ids: f.read_rows("w", ids))
+        assert calls == [(0, 1024), (1024, 2048), (2048, 3000)]
+        assert _mapped_rss(path) - n * row_bytes < 64 * 1024  # g's pages, and f's header page or two
+        assert np.array_equal(let_go.codes, kept.codes) and np.array_equal(let_go.scales, kept.scales)
+        ids = np.random.default_rng(0).integers(0, n, 400)  # lookups read the file, map nothing
+        assert np.array_equal(let_go.rows(ids), v[ids].astype(np.float32))
+        assert _mapped_rss(path) - n * row_bytes < 64 * 1024
+        assert np.array_equal(let_go.rows([2999, 7]), kept.rows([2999, 7]))
+        del w, v, kept, let_go
+
+
+def test_the_loader_lets_a_copied_head_go(converted, monkeypatch):
+    """The loader gives a float16 head it copies as int8 (untied, or the tied embedding) its file's
+    ``release`` over every row and ``read_rows`` for lookups; with exact products, or the weights
+    read into memory, nothing is released."""
+    from edgelora.safetensors_io import SafetensorsFile
+    released = []
+    real = SafetensorsFile.release
+    monkeypatch.setattr(SafetensorsFile, "release",
+                        lambda self, name, first=0, last=None: (released.append((name, first, last)),
+                                                                 real(self, name, first, last)))
+    for arch, name in (("mistral", "lm_head.weight"), ("qwen2", "model.embed_tokens.weight")):
+        _, bundle = converted(arch)
+        released.clear()
+        model = edgelora.load(bundle, max_context=16, warmup=False, products="int8")
+        head = model.net.w.head
+        assert type(head) is I8.F16Int8Linear
+        assert {r[0] for r in released} == {name}
+        assert released[0][1] == 0 and released[-1][2] == head.weight.nbytes
+        ids = np.arange(model.args.vocab_size)[::-3]
+        assert head._read_rows is not None and np.array_equal(head.rows(ids), head.weight[ids].astype(np.float32))
+        released.clear()
+        edgelora.load(bundle, max_context=16, warmup=False, products="exact")
+        assert released == []
+        read = edgelora.load(bundle, max_context=16, warmup=False, products="int8", mmap=False)
+        assert released == [] and read.net.w.head._read_rows is None  # a copy read into memory: nothing to let go
+        assert np.array_equal(read.net.w.head.codes, head.codes)
 
 
 # ---------------------------------------------------------------------------------------------

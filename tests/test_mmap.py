@@ -54,3 +54,39 @@ def test_file_cut_short_after_opening_is_a_clear_error(tmp_path):
     with pytest.raises(FormatError, match="truncated"):
         st.raw(last.name)
     st.close()
+
+
+def test_rows_read_from_the_file_are_the_mapped_rows(tmp_path, monkeypatch):
+    """``read_rows`` (the lookups of an embedding whose pages were let go) gives the mapped rows of
+    any ids, as NumPy's indexing (negative ids from the end, any shape), through ``pread`` or
+    without it (Windows); out-of-range ids are an IndexError, a row cut off a clear error."""
+    import os
+    from safetensors.numpy import save_file
+    from edgelora.errors import FormatError
+    from edgelora.safetensors_io import SafetensorsFile
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((5, 3)).astype(np.float32),
+               "w": rng.standard_normal((300, 24)).astype(np.float16),
+               "z": rng.standard_normal((7, 2, 4)).astype(np.float16)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    with SafetensorsFile(path) as f:
+        for name, t in tensors.items():
+            n = len(t)
+            for ids in ([0], [n - 1, 0, n - 1, 1], [[1, 2], [-1, -n]], np.arange(n)[::-3], np.zeros(0, np.int64)):
+                got = f.read_rows(name, ids)
+                assert got.dtype == t.dtype and np.array_equal(got, t[np.asarray(ids, np.int64)])
+        with monkeypatch.context() as m:
+            m.delattr(os, "pread")
+            assert np.array_equal(f.read_rows("w", [7, 3, 7]), tensors["w"][[7, 3, 7]])
+        for bad in ([300], [-301]):
+            with pytest.raises(IndexError):
+                f.read_rows("w", bad)
+        with pytest.raises(FormatError, match="no tensor"):
+            f.read_rows("nope", [0])
+    with SafetensorsFile(path, mmap=False) as f:
+        info = f.tensors["z"]
+        os.truncate(path, f.data_start + info.begin + 8)
+        assert info.begin > f.tensors["w"].begin
+        with pytest.raises(FormatError, match="truncated"):
+            f.read_rows("z", [3])
