@@ -39,11 +39,11 @@ def measure(bundle: Path, threads: int, prompt: int, decode: int, env: dict | No
 
 def main() -> None:
     def add(p):
-        p.add_argument("--baseline", required=True, metavar="REV", help="the older git revision")
-        p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--prompt-tokens", type=int, default=128)
-        p.add_argument("--decode-tokens", type=int, default=64)
-        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--baseline", required=True, metavar="REV", help="the older git revision (required)")
+        p.add_argument("--threads", type=int, default=2, help="threads of every run, both versions")
+        p.add_argument("--prompt-tokens", type=int, default=128, help="tokens of the prompt whose prefill is timed")
+        p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded after an 8-token prompt")
+        p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of now and before (medians reported)")
 
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
     old = baseline_env(a.baseline, work)

@@ -13,10 +13,13 @@ from edgelora.atomic import write_text_atomic
 
 def parse_args(doc: str, models: list, add=None) -> tuple[argparse.Namespace, Path]:
     """``--models``, ``--workdir``, ``--json`` and what ``add(parser)`` adds; the work folder made."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=models)
-    p.add_argument("--workdir", type=Path, default=None, help="where models are made and kept (default: a temp folder)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=models,
+                   help="models to run: shapes of bench/make_random_model.py (llama-3.2-1b, tinyllama-1.1b, "
+                        "small-50m; random weights) or checkpoints in ../shared/models, e.g. stories260K")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where models are made and kept (default %(default)s: a new temp folder)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     if add is not None:
         add(p)
     a = p.parse_args()

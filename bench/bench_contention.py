@@ -50,7 +50,7 @@ def decode_speed(bundle: Path, threads: str, n: int) -> dict:
 
 def main() -> None:
     def add(p):
-        p.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="cores kept busy (default: 0 1)")
+        p.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="numbers of cores kept busy, one pass each")
         p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
         p.add_argument("--decode", type=int, default=64, help="tokens decoded per run")
 

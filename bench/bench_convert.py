@@ -64,10 +64,13 @@ def convert_in_child(src: Path, out: Path) -> dict:
 def main():
     sys.path.insert(0, str(HERE))
     from make_random_model import make_random_model
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["small-50m", "llama-3.2-1b"])
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=None)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["small-50m", "llama-3.2-1b"],
+                   help="shapes of bench/make_random_model.py to make and convert")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the source checkpoints are made and kept (default %(default)s: a new temp folder)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="edgelora-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,9 @@ def record_peak(folder: str):
 def main() -> None:
     def add(p):
         p.add_argument("--shape", default="llama-3.2-1b", help="a shape of bench/make_random_model.py")
-        p.add_argument("--bases", type=int, default=4)
-        p.add_argument("--cpus", type=int, nargs="+", default=[2, 1])
+        p.add_argument("--bases", type=int, default=4, help="random bases in the fleet (another seed each)")
+        p.add_argument("--cpus", type=int, nargs="+", default=[2, 1],
+                       help="CPU counts of the Ray cluster, one build each")
     a, work = parse_args(__doc__, [], add)
     import edgelora
     import edgelora.fleet

@@ -76,12 +76,14 @@ def time_batch(lins, X, repeats: int) -> tuple[float, float]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=None)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts to run (default %(default)s: 1, 2, 4, 8, 16 and Numba's count, none above it)")
     p.add_argument("--layers", type=int, default=4, help="distinct layers (so weights do not stay in cache)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs of each measurement (the best kept)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="vectors for matvec_batch")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     a = p.parse_args()
     cores = numba.config.NUMBA_NUM_THREADS
     threads = a.threads or sorted({1, 2, 4, 8, 16, cores} & set(range(1, cores + 1)))

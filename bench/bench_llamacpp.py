@@ -12,14 +12,14 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    codebook like NF4) and Q4_0;
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
 4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
-   peak RSS is its own): prefill of 128 and 512 tokens, decode of 128 tokens, decode with the
-   adapter; medians are reported, with every round kept in the JSON.
+   peak RSS is its own): prefill of 128 and 512 tokens, decode (``--decode-tokens``, 128), decode
+   with the adapter; medians are reported, with every round kept in the JSON.
 
     python bench/bench_llamacpp.py --build --models tinyllama-1.1b --workdir /tmp/h2h \\
         --json bench/results/llamacpp.json
 
 llama.cpp's decode (``llama-bench`` tg128) starts from an empty context and edgelora's after an
-8-token prompt; with an adapter both decode 128 tokens after the same short prompt
+8-token prompt; with an adapter both decode as many tokens after the same short prompt
 (``llama-completion --lora``, its ``eval time`` line). llama.cpp's threads busy-wait, so any other
 load on the machine hurts it more than edgelora: run this on a quiet machine.
 """
@@ -245,13 +245,13 @@ def _popen_rss(cmd: list, env=None) -> tuple[str, int]:
     return out, peak
 
 
-def llama_bench(bin_dir: Path, gguf_path: Path, threads: int) -> dict:
+def llama_bench(bin_dir: Path, gguf_path: Path, threads: int, n: int) -> dict:
     out, rss = _popen_rss([str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", str(threads),
-                           "-p", "128,512", "-n", "128", "-r", "3", "-o", "json"])
+                           "-p", "128,512", "-n", str(n), "-r", "3", "-o", "json"])
     rows = json.loads(out[out.index("["):out.rindex("]") + 1])
     res = {"peak_rss_bytes": rss}
     for r in rows:
-        key = f"prefill_{r['n_prompt']}" if r["n_prompt"] else f"decode_{r['n_gen']}"
+        key = f"prefill_{r['n_prompt']}" if r["n_prompt"] else "decode"  # (tg<n>: decode from an empty context)
         res[key] = r["avg_ts"]
     return res
 
@@ -273,7 +273,7 @@ import numpy as np
 import edgelora
 from edgelora.memory import peak_rss_bytes
 path, threads, products, adapter, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-model = edgelora.load(path, threads=threads, max_context=512 + 16, products=products)
+model = edgelora.load(path, threads=threads, max_context=max(512, 8 + n) + 16, products=products)
 model.eos_ids = set()
 if adapter != "-":
     model.adapters.load("a", adapter)
@@ -310,11 +310,14 @@ def edgelora_run(bundle: Path, threads: int, products: str, adapter: Path | None
 def main():
     def add(p):
         p.add_argument("--build", action="store_true", help="build llama.cpp in the cache if it is not there")
-        p.add_argument("--llama-cpp", type=Path, default=None, help="folder holding llama-bench & co")
-        p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--decode-tokens", type=int, default=128)
-        p.add_argument("--products", nargs="+", default=["exact", "int8"])
+        p.add_argument("--llama-cpp", type=Path, default=None,
+                       help="folder holding llama-bench & co (default %(default)s: the build in the cache)")
+        p.add_argument("--threads", type=int, default=2, help="threads of both systems")
+        p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians reported)")
+        p.add_argument("--decode-tokens", type=int, default=128,
+                       help="tokens decoded by each system (llama-bench's tg<n>), with and without the adapter")
+        p.add_argument("--products", nargs="+", default=["exact", "int8"],
+                       help="edgelora product paths to run (exact, int8)")
 
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
     bin_dir = find_llama_cpp(a.llama_cpp)
@@ -353,7 +356,7 @@ def main():
         for r in range(a.repeats):  # interleaved rounds
             for k, (kind, what) in systems.items():
                 t = time.perf_counter()
-                res = llama_bench(bin_dir, what, a.threads) if kind == "llama" else \
+                res = llama_bench(bin_dir, what, a.threads, a.decode_tokens) if kind == "llama" else \
                     edgelora_run(what[0], a.threads, what[1], None, a.decode_tokens)
                 res["wall_seconds"] = time.perf_counter() - t
                 rounds[k].append(res)
@@ -377,8 +380,7 @@ def main():
         for k, m in med.items():
             print(f"{k:38} {m['prefill_128']:8.1f} ({m['prefill_128'] / ref['prefill_128']:.2f}x) "
                   f"{m['prefill_512']:7.1f} ({m['prefill_512'] / ref['prefill_512']:.2f}x) "
-                  f"{m.get('decode_128', m.get('decode')):6.1f} "
-                  f"({m.get('decode_128', m.get('decode')) / ref['decode_128']:.2f}x) {m['peak_rss_bytes'] / 1e6:10.0f}")
+                  f"{m['decode']:6.1f} ({m['decode'] / ref['decode']:.2f}x) {m['peak_rss_bytes'] / 1e6:10.0f}")
         for k, m in lmed.items():
             print(f"adapter: {k:38} decode {m['decode']:6.1f} tok/s, peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB")
     write_report(a.json, report)

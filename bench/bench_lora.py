@@ -172,9 +172,10 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, r
 
 def main():
     def add(p):
-        p.add_argument("--threads", type=int, nargs="+", default=None)
-        p.add_argument("--rank", type=int, default=16)
-        p.add_argument("--decode-tokens", type=int, default=48)
+        p.add_argument("--threads", type=int, nargs="+", default=None,
+                       help="thread counts, each in a fresh process (default %(default)s: 1 and every core)")
+        p.add_argument("--rank", type=int, default=16, help="rank of the random adapters")
+        p.add_argument("--decode-tokens", type=int, default=48, help="tokens generated per decode measurement")
         p.add_argument("--repeats", type=int, default=5, help="rounds of base / adapter / adapter per module, interleaved")
         p.add_argument("--interleaved-only", action="store_true", help="only the interleaved decode comparison")
 

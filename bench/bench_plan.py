@@ -26,8 +26,9 @@ def main():
     from edgelora.devices.planner import measure_peak_rss, plan
     from edgelora.devices.profiles import list_devices
     def add(p):
-        p.add_argument("--threads", type=int, default=os.cpu_count())
-        p.add_argument("--rank", type=int, default=16)
+        p.add_argument("--threads", type=int, default=os.cpu_count(),
+                       help="threads of the plans and the measured runs (default: every core, here %(default)s)")
+        p.add_argument("--rank", type=int, default=16, help="rank of the random all-linear adapter of the adapter case")
 
     a, work = parse_args(__doc__, ["stories260K", "llama-3.2-1b"], add)
     sys.path.insert(0, str(HERE))

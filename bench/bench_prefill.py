@@ -25,12 +25,13 @@ from bench_common import write_report
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--json", type=Path, default=None)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bundle", type=Path, help="the edgelora bundle to measure")
+    p.add_argument("--threads", type=int, default=2, help="threads of both models")
+    p.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths to prefill")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median and best reported)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     a = p.parse_args()
 
     import edgelora

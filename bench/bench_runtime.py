@@ -102,9 +102,11 @@ def baseline_env(rev: str, work: Path) -> dict:
 def main():
     from edgelora.benchmark import bench
     def add(p):
-        p.add_argument("--threads", type=int, nargs="+", default=None)
-        p.add_argument("--prompt-tokens", type=int, default=512)
-        p.add_argument("--decode-tokens", type=int, default=128)
+        p.add_argument("--threads", type=int, nargs="+", default=None,
+                       help="thread counts, each in a fresh process (default %(default)s: 1 and every core)")
+        p.add_argument("--prompt-tokens", type=int, default=512,
+                       help="tokens of the long prefill (fewer where the model's context is shorter)")
+        p.add_argument("--decode-tokens", type=int, default=128, help="tokens decoded after an 8-token prompt")
         p.add_argument("--baseline", default=None, metavar="REV", help="also run edgelora at this git revision")
         p.add_argument("--no-mmap", action="store_true", help="also run with the weights read into memory")
         p.add_argument("--nf4-embeddings", action="store_true", help="also run a bundle with NF4 (tied) embeddings")

@@ -184,13 +184,16 @@ def run(bundle: Path, work: Path, clients: int, max_tokens: int, threads: int | 
 def main():
     def add(p):
         p.add_argument("--bundle", type=Path, default=None, help="an existing bundle (instead of --models)")
-        p.add_argument("--clients", type=int, default=16)
-        p.add_argument("--max-tokens", type=int, default=32)
-        p.add_argument("--max-batch", type=int, default=16)
-        p.add_argument("--context", type=int, default=256)
-        p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--rank", type=int, default=16)
-        p.add_argument("--single-requests", type=int, default=2)
+        p.add_argument("--clients", type=int, default=16,
+                       help="concurrent clients, each with one of the four adapters in turn")
+        p.add_argument("--max-tokens", type=int, default=32, help="tokens each request generates")
+        p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+        p.add_argument("--context", type=int, default=256, help="the server's --max-context")
+        p.add_argument("--threads", type=int, default=None,
+                       help="the server's --threads (default %(default)s: the server's own, every core)")
+        p.add_argument("--rank", type=int, default=16, help="rank of the four random adapters")
+        p.add_argument("--single-requests", type=int, default=2,
+                       help="requests of the one-client run, one after another")
 
     a, work = parse_args(__doc__, ["llama-3.2-1b"], add)
     bundles = {}

@@ -103,11 +103,14 @@ def chat_run(model, history_tokens: int, answer_tokens: int, question_tokens: in
 
 def main():
     def add(p):
-        p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--requests", type=int, default=16)
-        p.add_argument("--prompt-tokens", type=int, default=64)
-        p.add_argument("--decode-tokens", type=int, default=32)
-        p.add_argument("--history-tokens", type=int, default=500)
+        p.add_argument("--threads", type=int, default=None,
+                       help="most threads of the model (default %(default)s: every core this process may use)")
+        p.add_argument("--requests", type=int, default=16,
+                       help="requests submitted at once over the four adapters (also the engine's max_batch)")
+        p.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens of each batch request")
+        p.add_argument("--decode-tokens", type=int, default=32, help="tokens each batch request generates")
+        p.add_argument("--history-tokens", type=int, default=500,
+                       help="tokens of the chat's history at its second turn (first prompt, answer, question)")
 
     a, work = parse_args(__doc__, ["small-50m"], add)
     sys.path.insert(0, str(HERE))

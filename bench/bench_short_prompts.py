@@ -51,7 +51,8 @@ def measure(bundle: Path, threads: int) -> list:
 
 def main():
     a, work = parse_args(__doc__, ["llama-3.2-1b"],
-                         lambda p: p.add_argument("--threads", type=int, nargs="+", default=None))
+                         lambda p: p.add_argument("--threads", type=int, nargs="+", default=None,
+                                                   help="thread counts to run (default %(default)s: 1 and every core)"))
     sys.path.insert(0, str(HERE))
     from bench_runtime import prepare
     threads = a.threads or sorted({1, os.cpu_count()})

@@ -55,9 +55,11 @@ def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None) -> di
 
 def main():
     a, work = parse_args(__doc__, ["stories260K", "tinyllama-1.1b"], lambda p: (
-        p.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)"),
-        p.add_argument("--tokens", type=int, default=128, help="tokens generated per run (128)"),
-        p.add_argument("--draft-model", default=None, help="one of the models, used as the draft of the others")))
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (default %(default)s: every core)"),
+        p.add_argument("--tokens", type=int, default=128, help="tokens generated per run"),
+        p.add_argument("--draft-model", default=None,
+                       help="one of the models, used as the draft of the others "
+                            "(default %(default)s: prompt lookup only)")))
     sys.path.insert(0, str(HERE))
     from bench_runtime import prepare
     threads = a.threads or os.cpu_count()

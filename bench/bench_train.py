@@ -147,11 +147,13 @@ def child(kind: str, path: Path, threads: int, tokens: int, steps: int, rank: in
 
 def main():
     def add(p):
-        p.add_argument("--threads", type=int, nargs="+", default=[2])
+        p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts, each a pass over the sides")
         p.add_argument("--tokens", type=int, default=256, help="tokens per sequence (one sequence a step)")
         p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-        p.add_argument("--rank", type=int, default=16)
-        p.add_argument("--sides", nargs="+", default=["edgelora-layer", "edgelora-projections", "torch"])
+        p.add_argument("--rank", type=int, default=16, help="rank of the all-linear adapters (alpha: twice the rank)")
+        p.add_argument("--sides", nargs="+", default=["edgelora-layer", "edgelora-projections", "torch"],
+                       help="what to run: edgelora-POLICY (checkpoint policy: layer, projections, none) and torch "
+                            "(PyTorch + PEFT)")
 
     a, work = parse_args(__doc__, ["llama-3.2-1b"], add)
     sys.path.insert(0, str(HERE))

@@ -38,10 +38,10 @@ def bundle_for(name: str, work: Path) -> Path:
 
 def main() -> None:
     def add(p):
-        p.add_argument("--tokens", type=int, default=256)
-        p.add_argument("--steps", type=int, default=3)
-        p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--rank", type=int, default=16)
+        p.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
+        p.add_argument("--steps", type=int, default=3, help="steps of the timed run (after a one-step warm-up run)")
+        p.add_argument("--threads", type=int, default=2, help="threads of the plan and the training runs")
+        p.add_argument("--rank", type=int, default=16, help="rank of the all-linear adapter")
     a, work = parse_args(__doc__, ["demo", "small-50m"], add)
     from edgelora.devices.planner import measure_train_run, plan
     rows = []

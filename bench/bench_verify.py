@@ -58,12 +58,15 @@ def _median(values: list) -> float | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="small-50m")
-    ap.add_argument("--trees", nargs="+", default=[str(HERE.parent)])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench-verify"))
-    ap.add_argument("--json")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--shape", default="small-50m", help="a shape of bench/make_random_model.py")
+    ap.add_argument("--trees", nargs="+", default=[str(HERE.parent)],
+                    help="source trees to compare, each put first on its children's PYTHONPATH")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians reported)")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench-verify"),
+                    help="where the model, its bundle and each tree's home are made and kept")
+    ap.add_argument("--json", help="write the results here (default %(default)s: not written)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent))
     sys.path.insert(0, str(HERE))

@@ -83,10 +83,11 @@ def write_word_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b", help="the real model whose shape to copy")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the checkpoint to (required)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     a = p.parse_args()
     make_random_model(a.out, a.shape, a.seed)
     print(f"wrote {a.out} ({a.shape})")

@@ -34,10 +34,12 @@ def sampled_text(model, prompts: list, tokens: int, seed: int) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/edgelora-products-ppl"))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/edgelora-products-ppl"),
+                   help="where the bundles are made and kept")
     p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     a = p.parse_args()
 
     import edgelora

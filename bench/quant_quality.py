@@ -74,10 +74,11 @@ def measure(ckpt: Path, text: str) -> list[dict]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--text", type=Path)
-    p.add_argument("--json", type=Path)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="a Hugging Face checkpoint folder (with tokenizer.json)")
+    p.add_argument("--text", type=Path, help="a text file to measure on (default %(default)s: a short built-in story)")
+    p.add_argument("--json", type=Path, help="write the results here (default %(default)s: not written)")
     a = p.parse_args()
     rows = measure(a.checkpoint, a.text.read_text() if a.text else DEFAULT_TEXT)
     if a.json:
