@@ -310,29 +310,36 @@ class NF4Int8Linear(NF4Linear):
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""
-        if not self.int8:
-            return super().matvec(x, out)
-        if out is None:
-            out = np.empty(self.out_features, np.float32)
-        self.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, self.in_features),
-                          out.reshape(1, self.out_features))
-        return out
+        return _int8_matvec(self, x, out) if self.int8 else super().matvec(x, out)
 
     def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``: x quantized once per
         call, each weight byte read and decoded once for up to four vectors."""
-        if not self.int8:
-            return super().matvec_batch(X, out)
-        X, out = _batch_args(self, X, out)
-        if X.shape[0] == 0:
-            return out
-        XQ, XA, XS = quantize_activations(X, self.block_size)
-        n, k = self.out_features, self.in_features
-        if self._parallel(n * k):
-            _i8_parallel(*self._iargs, n, k, XQ, XA, XS, out, numba.get_num_threads())
-        else:
-            _i8_slice(*self._iargs, k, 0, n, XQ, XA, XS, out)
+        return _int8_batch(self, X, out, self.block_size) if self.int8 else super().matvec_batch(X, out)
+
+
+def _int8_matvec(layer, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``layer.matvec`` on the int8 path: a batch of one row."""
+    if out is None:
+        out = np.empty(layer.out_features, np.float32)
+    layer.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, layer.in_features),
+                       out.reshape(1, layer.out_features))
+    return out
+
+
+def _int8_batch(layer, X: np.ndarray, out: np.ndarray | None, bs: int) -> np.ndarray:
+    """``layer.matvec_batch`` on the int8 path: X quantized per block of ``bs`` entries, then the
+    kernel over ``layer._iargs`` (its weights' arrays), rows split between the threads where large."""
+    X, out = _batch_args(layer, X, out)
+    if X.shape[0] == 0:
         return out
+    XQ, XA, XS = quantize_activations(X, bs)
+    n, k = layer.out_features, layer.in_features
+    if layer._parallel(n * k):
+        _i8_parallel(*layer._iargs, n, k, XQ, XA, XS, out, numba.get_num_threads())
+    else:
+        _i8_slice(*layer._iargs, k, 0, n, XQ, XA, XS, out)
+    return out
 
 
 #: entries of a block of :class:`F16Int8Linear`'s int8 codes (one float32 scale each: 8.5 bits a weight)
@@ -393,24 +400,11 @@ class F16Int8Linear(F16Linear):
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""
-        if out is None:
-            out = np.empty(self.out_features, np.float32)
-        self.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, self.in_features),
-                          out.reshape(1, self.out_features))
-        return out
+        return _int8_matvec(self, x, out)
 
     def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``."""
-        X, out = _batch_args(self, X, out)
-        if X.shape[0] == 0:
-            return out
-        XQ, XA, XS = quantize_activations(X, Q8_BLOCK)
-        n, k = self.out_features, self.in_features
-        if self._parallel(n * k):
-            _i8_parallel(*self._iargs, n, k, XQ, XA, XS, out, numba.get_num_threads())
-        else:
-            _i8_slice(*self._iargs, k, 0, n, XQ, XA, XS, out)
-        return out
+        return _int8_batch(self, X, out, Q8_BLOCK)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x: f32 [T, in] -> f32 [T, out]: ``matvec_batch`` (each row ``matvec`` of it; a prompt's
