@@ -360,7 +360,9 @@ class F16Int8Linear(F16Linear):
     the float16 weight as before. Heads whose width is not a multiple of :data:`Q8_BLOCK` stay
     :class:`F16Linear` (``linear.make_linear``).
 
-    ``release(r0, r1)``, when given, is called once rows ``r0 .. r1`` are quantized: the loader
+    ``release(0, r1)``, when given, is called once rows ``0 .. r1`` are quantized (each chunk's call
+    covers the rows before it too: a page fault in one chunk can map a whole large page-cache folio
+    reaching back into the last one's rows): the loader
     passes the mapped file's :meth:`~edgelora.safetensors_io.SafetensorsFile.release`, so the
     float16 pages read to make the codes leave the process's resident set a chunk at a time (a
     128K-vocabulary 1B model's tied embedding: 0.5 GB) instead of staying beside their copy. Pages
@@ -383,7 +385,7 @@ class F16Int8Linear(F16Linear):
             r1 = min(n, r0 + chunk_rows)
             _quantize_rows(w[r0:r1].astype(np.float32), Q8_BLOCK, self.codes[r0:r1], self.scales[r0:r1])
             if release is not None:
-                release(r0, r1)
+                release(0, r1)
         self._iargs = (NF4_I8, DYNAMIC_CODE, self.codes.reshape(-1), _NO_CODES, self.scales.reshape(-1), 0, np.float32(0.0),
                        Q8_BLOCK)
 
