@@ -652,9 +652,7 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     # an NF4 head is not copied, and its pages stay (--products exact would keep the float16 head's
     # pages instead of the int8 copy: more, so it is no suggestion)
     held = sum(i.bytes for i in p.items if i.name == "head as int8")
-    from edgelora.bundle import Bundle
-    with Bundle(Path(p.bundle), verify=False) as b:
-        released = released_head_bytes(b) if not p.train else 0
+    released = _weights_bytes(Path(p.bundle)) - sum(i.bytes for i in p.items if i.name == "weights")
     saved = _float16_savings(Path(p.bundle)) + held - released
     if saved >= 0.05 * MB:  # (what prints as 0.0 MB is no suggestion)
         out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "

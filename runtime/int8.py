@@ -362,10 +362,10 @@ class F16Int8Linear(F16Linear):
 
     ``release(0, r1)``, when given, is called once rows ``0 .. r1`` are quantized (each chunk's call
     covers the rows before it too: a page fault in one chunk can map a whole large page-cache folio
-    reaching back into the last one's rows): the loader
-    passes the mapped file's :meth:`~edgelora.safetensors_io.SafetensorsFile.release`, so the
-    float16 pages read to make the codes leave the process's resident set a chunk at a time (a
-    128K-vocabulary 1B model's tied embedding: 0.5 GB) instead of staying beside their copy. Pages
+    reaching back into the last one's rows). The loader passes the mapped file's
+    :meth:`~edgelora.safetensors_io.SafetensorsFile.release`, so the float16 pages read to make the
+    codes leave the process's resident set a chunk at a time (a 128K-vocabulary 1B model's tied
+    embedding: 0.5 GB) instead of staying beside their copy. Pages
     read again through the mapping come back (training's ``exact_linear`` reads the whole weight);
     ``read_rows(ids)``, when given, reads the rows that :meth:`rows` looks up (the embeddings of a
     tied head) from the file instead (:meth:`~edgelora.safetensors_io.SafetensorsFile.read_rows`),
