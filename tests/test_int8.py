@@ -4,6 +4,7 @@ the stated tolerance of its exact ones on every architecture and on stories260K.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,6 +83,36 @@ def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, 
     ref = I8.nf4_int8_matvec_batch_reference(q, X)
     assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()  # nothing written outside its rows
+
+
+@pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 11), per_row=st.sampled_from([7, 8, 9, 16, 17, 63, 64, 65, 88, 137]),
+       nested=st.sampled_from([0, 2, 4, 8, 16, 256]), r0=st.integers(0, 3), B=st.integers(1, 5),
+       seed=st.integers(0, 2**32 - 1))
+def test_every_variant_equals_the_twin_on_long_rows(variant, n, per_row, nested, r0, B, seed):
+    """Rows of as many blocks as real projections have (a 2048-wide row is 32, a 5632-wide one 88)
+    and counts around 8 and 64: each variant gives the twin's bits with scales without double
+    quantization (0: a nested scale a block), and with nested blocks of 2 to 256 (bitsandbytes'),
+    so that a row's blocks cross nested boundaries at any offset; rows start at block
+    ``r0 * per_row``, as a thread's slice of a tensor does."""
+    rng = np.random.default_rng(seed)
+    k = per_row * 64
+    rows = r0 + n
+    q = quantize_nf4((rng.standard_normal((rows, k)) * 0.05).astype(np.float32), double_quant=nested != 0)
+    if nested not in (0, 256):  # other nested block sizes, their scales drawn
+        blocks = rows * per_row
+        q = dataclasses.replace(q, nested_block_size=nested, nested_scales=rng.uniform(
+            1e-3, 1.0, -(-blocks // nested)).astype(np.float32))
+    X = _activations(rng, B, k)
+    qscale, nest, nshift, offset = q.scale_args()
+    out = np.full((B, n + 2), np.nan, np.float32)
+    row = k // 2
+    I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed[r0 * row:], qscale, nest, nshift, offset, r0 * per_row,
+                              n, per_row, 32, *I8.quantize_activations(X, 64), out, 1)
+    ref = I8.nf4_int8_matvec_batch_reference(q, X)[:, r0:]
+    assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
+    assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
 
 
 def test_variants_follow_the_cpu():
@@ -212,7 +243,8 @@ def test_head_codes_are_the_weights_quantized_as_activations(n, blocks, seed):
 
 @pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 40), blocks=st.integers(1, 5), B=st.integers(1, 7), seed=st.integers(0, 2**32 - 1))
+@given(n=st.integers(1, 40), blocks=st.sampled_from([1, 2, 5, 8, 9, 64, 71]), B=st.integers(1, 7),
+       seed=st.integers(0, 2**32 - 1))
 def test_every_variant_equals_the_head_twin_bit_for_bit(variant, n, blocks, B, seed):
     """The NF4 kernels with int8 weights (two loads a chunk instead of a nibble lookup, the
     weight's own block scales): each variant this CPU has gives the twin's bits, any batch."""
