@@ -295,15 +295,21 @@ class NF4Int8Linear(NF4Linear):
         if self.int8 and INT8_GEMM_SIMD:  # the GEMM's repack reads 32-bit words
             self._gargs = self._iargs[:2] + (words(self.packed),) + self._iargs[3:]
 
-    def matmul(self, x: np.ndarray) -> np.ndarray:
+    def takes_gemm(self, x: np.ndarray) -> bool:
+        """Whether :meth:`matmul` of rows ``x`` runs the int8 GEMM."""
+        return self.int8 and bool(INT8_GEMM_SIMD) and x.shape[0] >= GEMM_MIN_ROWS
+
+    def matmul(self, x: np.ndarray, quantized: tuple | None = None) -> np.ndarray:
         """x: f32 [T, in] -> f32 [T, out]. From ``GEMM_MIN_ROWS`` rows, where this CPU has a SIMD
         variant, the int8 GEMM (``runtime/int8_gemm.py``: x quantized as for ``matvec``, each row's
         result independent of the others); otherwise as :class:`NF4Linear` (one row: ``matvec``'s
-        bits, up to ``MATVEC_ROWS_MAX``: ``matvec_batch``, more: the exact tiles)."""
-        if not (self.int8 and INT8_GEMM_SIMD and x.shape[0] >= GEMM_MIN_ROWS):
+        bits, up to ``MATVEC_ROWS_MAX``: ``matvec_batch``, more: the exact tiles). ``quantized``:
+        for the GEMM, x already quantized (``quantize_activations(x, block_size)``, by
+        ``linear.matmul_shared`` for weights that read the same rows)."""
+        if not self.takes_gemm(x):
             return super().matmul(x)
-        X = np.ascontiguousarray(x, np.float32)
-        XQ, XA, XS = quantize_activations(X, self.block_size)
+        XQ, XA, XS = quantized if quantized is not None else quantize_activations(np.ascontiguousarray(x, np.float32),
+                                                                                  self.block_size)
         n, k = self.out_features, self.in_features
         threads = numba.get_num_threads() if self._parallel(n * k) else 1
         return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XA, XS, threads, _pool(threads) if threads > 1 else None)

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgelora.products import DEFAULT_PRODUCTS, PRODUCTS, check_products  # noqa: F401 (re-exported)
 from edgelora.storage import NF4Tensor
-from edgelora.runtime.int8 import Q8_BLOCK, F16Int8Linear, NF4Int8Linear
+from edgelora.runtime.int8 import Q8_BLOCK, F16Int8Linear, NF4Int8Linear, quantize_activations
 from edgelora.runtime.kernels import F16Linear, NF4Linear
 
 @runtime_checkable
@@ -84,6 +84,25 @@ class DenseLinear:
 
     def rows(self, ids):
         return self.weight[np.asarray(ids, np.int64)]
+
+
+def matmul_shared(layers: list, x: np.ndarray) -> list:
+    """``[layer.matmul(x) for layer in layers]``, the same bits, for weights that read the same
+    rows x [T, in] (a layer's q, k and v; gate and up): int8-path NF4 layers that take the prefill
+    GEMM share one quantization of x per block size instead of each making its own (of a TinyLlama
+    prompt's seven quantizations a layer, three)."""
+    quantized = {}  # block size -> x quantized (quantize_activations)
+    out = []
+    for layer in layers:
+        if isinstance(layer, NF4Int8Linear) and layer.takes_gemm(x):
+            q = quantized.get(layer.block_size)
+            if q is None:
+                q = quantized[layer.block_size] = quantize_activations(np.ascontiguousarray(x, np.float32),
+                                                                       layer.block_size)
+            out.append(layer.matmul(x, q))
+        else:
+            out.append(layer.matmul(x))
+    return out
 
 
 def exact_linear(layer: Linear) -> Linear:

@@ -56,7 +56,7 @@ from numba import njit, prange
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, min_resident_bytes, read_adapter
 from edgelora.errors import UsageError, PlanError
-from edgelora.runtime.linear import Linear, make_linear
+from edgelora.runtime.linear import Linear, make_linear, matmul_shared
 
 _FM = {"reassoc", "contract", "nsz"}
 
@@ -290,8 +290,15 @@ class Selection:
         rounding. A decode step (T = 1) writes the base products side by side and adds each
         adapter's deltas of the group (a :class:`Stack`: q, k and v; gate and up) in one call:
         one pass over x for the stacked A products, the B products of the group after it, on the
-        model's threads. Longer rows go module by module through :meth:`apply` (BLAS)."""
-        if x.shape[0] != 1 or any(m in self.replaced for m in modules):
+        model's threads. Longer rows go module by module through :meth:`apply`, their base
+        products made together first (``linear.matmul_shared``: one quantization of x for the
+        int8 GEMMs)."""
+        if x.shape[0] != 1:
+            need = [self.replaced.get(m, (1.0,))[0] != 0 for m in modules]  # a replaced module's base weight 0: no base product
+            shared = iter(matmul_shared([lin for lin, n in zip(layers, need) if n], x))
+            bases = [next(shared) if n else None for n in need]
+            return [self.apply(m, lin, x, b, base) for m, lin, b, base in zip(modules, layers, biases, bases)]
+        if any(m in self.replaced for m in modules):
             return [self.apply(m, lin, x, b) for m, lin, b in zip(modules, layers, biases)]
         sizes = [lin.out_features for lin in layers]
         off = np.cumsum([0] + sizes)

@@ -21,7 +21,9 @@ from edgelora.errors import UsageError
 from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime import int8 as I8
 from edgelora.runtime import kernels as K
-from edgelora.runtime.linear import make_linear
+from edgelora.runtime import linear as linear_module
+from edgelora.runtime.linear import DenseLinear, make_linear, matmul_shared
+from edgelora.runtime.lora import BASE, Selection
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE
 
 from tiny_models import CONFIGS, Converted
@@ -258,6 +260,42 @@ def test_every_variant_equals_the_head_twin_bit_for_bit(variant, n, blocks, B, s
     ref = I8.q8_matvec_batch_reference(lin.codes, lin.scales, X)
     assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
+
+
+def test_weights_reading_the_same_rows_share_their_quantization(monkeypatch):
+    """``linear.matmul_shared`` (a layer's q, k and v; gate and up): each weight's ``matmul`` bits,
+    with the rows quantized once per block size for the int8 GEMMs (and not at all for fewer
+    rows than the GEMM takes); ``Selection.apply_group`` of prompt rows is ``apply``'s bits module
+    by module, a trained bias and a replaced module whose base weight is 0 (no base product made
+    for it) included."""
+    rng = np.random.default_rng(3)
+    k = 256
+    W = [(rng.standard_normal((n, k)) * 0.05).astype(np.float32) for n in (96, 32, 40)]
+    layers = [I8.NF4Int8Linear(quantize_nf4(W[0])), I8.NF4Int8Linear(quantize_nf4(W[1])),
+              I8.NF4Int8Linear(quantize_nf4(W[2], block_size=128)), K.NF4Linear(quantize_nf4(W[0])),
+              DenseLinear(W[1])]
+    calls, real = [], linear_module.quantize_activations
+    monkeypatch.setattr(linear_module, "quantize_activations", lambda X, bs: calls.append(bs) or real(X, bs))
+    for T in (1, I8.GEMM_MIN_ROWS - 1, I8.GEMM_MIN_ROWS, 40):
+        x = _activations(rng, T, k)
+        calls.clear()
+        for lin, y in zip(layers, matmul_shared(layers, x)):
+            assert np.array_equal(_bits(y), _bits(lin.matmul(x)))
+        assert calls == ([64, 128] if I8.INT8_GEMM_SIMD and T >= I8.GEMM_MIN_ROWS else [])
+
+    class NoProduct:  # a base weight whose product must not be asked for
+        out_features, in_features = 32, k
+
+        def matmul(self, x):
+            raise AssertionError("the base product of a module replaced with base weight 0")
+
+    x = _activations(rng, 20, k)
+    bias = rng.standard_normal(32).astype(np.float32)
+    replaced = Selection(replaced={"k": (0.0, ((0.5, DenseLinear(W[1])),))})
+    for sel, trio in ((BASE, layers[:3]), (replaced, [layers[0], NoProduct(), layers[2]])):
+        group = sel.apply_group(["q", "k", "v"], trio, x, [None, bias, None])
+        for m, lin, b, y in zip("qkv", trio, (None, bias, None), group):
+            assert np.array_equal(_bits(y), _bits(sel.apply(m, lin, x, b)))
 
 
 @pytest.mark.parametrize("threaded", [False, True])
