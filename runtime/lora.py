@@ -271,7 +271,8 @@ class Selection:
         ``x W^T + sum_i c_i B_i (A_i x) + b``, a replaced module's weights mixed in for ``W``, a
         trained bias for ``b``. ``layer`` is the base weight ``W`` and ``bias`` its own ``b``.
         ``base``: the base product ``x W^T`` when the caller has it already (a batched decode step
-        computes it for every row at once); changed in place."""
+        computes it for every row at once, :meth:`apply_group` a group's for prompt rows); changed
+        in place."""
         rep = self.replaced.get(module)
         if rep is not None:
             y = _mixed(rep, layer, x, base)  # [T, out]
