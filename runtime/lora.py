@@ -295,8 +295,7 @@ class Selection:
         products made together first (``linear.matmul_shared``: one quantization of x for the
         int8 GEMMs)."""
         if x.shape[0] != 1:
-            # a module replaced with base weight 0 needs no base product
-            need = [self.replaced.get(m, (1.0,))[0] != 0 for m in modules]
+            need = [m not in self.replaced or self.replaced[m][0] != 0 for m in modules]  # base weight 0: no product
             shared = iter(matmul_shared([lin for lin, n in zip(layers, need) if n], x))
             bases = [next(shared) if n else None for n in need]
             return [self.apply(m, lin, x, b, base) for m, lin, b, base in zip(modules, layers, biases, bases)]
