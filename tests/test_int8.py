@@ -66,6 +66,20 @@ def test_activation_quantization_equals_twin(B, blocks, bs, seed):
     assert (np.abs(deq - X.reshape(B, blocks, bs)) <= 0.5 * step * (1 + 1e-5) + 1e-30).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_activation_quantization_equals_twin(threads):
+    """Prompt-sized activations (blocks of 64 take the vectorized row loop, others the block loop)
+    give the twin's bits, on any thread count."""
+    from edgelora.runtime.threads import thread_count
+    rng = np.random.default_rng(11)
+    with thread_count(threads):
+        for B, k, bs in ((257, 2048, 64), (33, 5632, 64), (64, 1536, 128), (40, 2048, 256)):
+            X = _activations(rng, B, k)
+            X[1, 3], X[2, 70] = np.float32(3e38), np.float32(-1e-40)  # huge, denormal
+            for g, r in zip(I8.quantize_activations(X, bs), I8.quantize_activations_reference(X, bs)):
+                assert g.dtype == r.dtype and np.array_equal(g, r)
+
+
 @pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), per_row=st.integers(1, 5), bs=st.sampled_from([64, 128, 256]), dq=st.booleans(),
