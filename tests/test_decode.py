@@ -34,6 +34,34 @@ def test_silu_mul_equals_numpy():
     np.testing.assert_allclose(got, llama.silu(g) * u, rtol=2e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_pieces_have_their_numpy_twins_bits(threads):
+    """A prompt's rotary (``decode.rope_rows``, partial rotary too), RMSNorm's last step
+    (``decode.scale_rows``) and a prompt's SwiGLU (``silu_mul_rows``) give the bits of their NumPy
+    twins (the same float operations), on any thread count."""
+    from edgelora.runtime.threads import thread_count
+    rng = np.random.default_rng(7)
+    with thread_count(threads):
+        for T, heads, hd, rd in ((1, 2, 8, 8), (37, 4, 64, 64), (300, 3, 96, 32)):
+            x = (rng.standard_normal((T, heads, hd)) * 5).astype(F32)
+            ang = rng.standard_normal((T, rd // 2)).astype(F32)
+            cos, sin = (np.concatenate([f(ang)] * 2, axis=1).astype(F32) for f in (np.cos, np.sin))
+            got, ref = llama.rope(x, cos, sin), llama.rope_reference(x, cos, sin)
+            assert got.shape == ref.shape and np.array_equal(got.view(np.int32), ref.view(np.int32))
+            xs = x[:, ::2]  # strided rows: copied before the kernel
+            assert np.array_equal(llama.rope(xs, cos, sin), llama.rope_reference(xs, cos, sin))
+        for T, H in ((1, 5), (129, 203), (600, 256)):
+            x = (rng.standard_normal((T, H)) * 3).astype(F32)
+            x[0] = 0.0  # a zero row: 0 / sqrt(eps)
+            w = rng.standard_normal(H).astype(F32)
+            assert np.array_equal(llama.rmsnorm(x, w, 1e-6).view(np.int32), llama.rmsnorm_reference(x, w, 1e-6).view(np.int32))
+        g = (rng.standard_normal((300, 700)) * 20).astype(F32)
+        g[0, :3] = [-200.0, 0.0, 100.0]
+        u = rng.standard_normal((300, 700)).astype(F32)
+        one = decode.silu_mul(g, u, np.empty_like(g))
+        assert np.array_equal(decode.silu_mul_rows(g, u).view(np.int32), one.view(np.int32))
+
+
 def test_vector_dot_has_the_scalar_dots_bits():
     """``_dot_at`` (explicit 8-float vectors: a decode row's attention scores) gives ``_dot``'s bits
     (eight scalar partial sums added pairwise, then the rest), at any offset and length."""
