@@ -13,7 +13,9 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
 4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
    peak RSS is its own): prefill of 128 and 512 tokens, decode (``--decode-tokens``, 128), decode
-   with the adapter; medians are reported, with every round kept in the JSON.
+   with the adapter (edgelora's adapter process also decodes without it, interleaved, so the
+   adapter's own cost is a ratio from one process); medians are reported, with every round kept in
+   the JSON.
 
     python bench/bench_llamacpp.py --build --models tinyllama-1.1b --workdir /tmp/h2h \\
         --json bench/results/llamacpp.json
@@ -288,11 +290,16 @@ if adapter == "-":
             model.generate(prompt[:T], max_new_tokens=1, adapter=name)
             runs.append(model.last_stats.prefill_tokens_per_second)
         res[f"prefill_{T}"] = statistics.median(runs)
-runs = []
-for _ in range(2):
+runs, base = [], []
+for _ in range(2 if adapter == "-" else 3):
     model.generate(prompt[:8], max_new_tokens=n, adapter=name)
     runs.append(model.last_stats.decode_tokens_per_second)
+    if adapter != "-":  # the base in the same process, interleaved: the adapter's own cost
+        model.generate(prompt[:8], max_new_tokens=n)
+        base.append(model.last_stats.decode_tokens_per_second)
 res["decode"] = statistics.median(runs)
+if base:
+    res["decode_base_same_process"] = statistics.median(base)
 res["peak_rss_bytes"] = peak_rss_bytes()
 print(json.dumps(res))
 """
@@ -382,7 +389,9 @@ def main():
                   f"{m['prefill_512']:7.1f} ({m['prefill_512'] / ref['prefill_512']:.2f}x) "
                   f"{m['decode']:6.1f} ({m['decode'] / ref['decode']:.2f}x) {m['peak_rss_bytes'] / 1e6:10.0f}")
         for k, m in lmed.items():
-            print(f"adapter: {k:38} decode {m['decode']:6.1f} tok/s, peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB")
+            same = (f", base in the same process {m['decode_base_same_process']:.1f} "
+                    f"({m['decode'] / m['decode_base_same_process']:.2f}x)") if "decode_base_same_process" in m else ""
+            print(f"adapter: {k:38} decode {m['decode']:6.1f} tok/s{same}, peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB")
     write_report(a.json, report)
 
 
