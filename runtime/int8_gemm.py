@@ -47,7 +47,10 @@ from edgelora.runtime.simd import _FEATURES, _AARCH64, _I8, _I32, _I64, _F32
 from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
 
 GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit register)
-GEMM_TOKENS = 8  # tokens a tile: each decoded weight register serves this many (registers: 2 per token)
+#: tokens a tile of the 256-bit variants: each decoded weight register serves this many, and their
+#: int and float sums (2 registers a token) stay in AVX2's 16 registers with the weights'
+#: (8 tokens spilled: 1.1x slower on a Zen 3 core)
+GEMM_TOKENS = 4
 #: tokens a tile of the vnni512 variant (32 registers: the float sums of some wait in L1, and a
 #: decoded register serves twice as many ``vpdpbusd``); its last tile of a prompt is cut into 8 and less
 GEMM_WIDE_TOKENS = 16
@@ -252,64 +255,66 @@ def _gemm_codegen(tokens: int, isa: str):
         xsum_t = [builder.gep(xsum_p, [builder.mul(t, per_row)]) for t in ts]
         xs_t = [builder.gep(xs_p, [builder.mul(t, per_row)]) for t in ts]
         out_t = [builder.gep(out_p, [builder.add(builder.mul(t, n_out), o0)]) for t in ts]
-        facc = [[cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(halves)]
-                for _ in range(tokens)]  # [token][half]
-        iacc = [[cgutils.alloca_once(builder, vi) for _ in range(halves)] for _ in range(tokens)]
 
         def xword(base, at):  # the four bytes of a token's row at ``at``, in every lane
             w = builder.load(builder.bitcast(builder.gep(base, [at]), _I32.as_pointer()), align=1)
             return _splat(builder, w, _I32, lanes)
 
-        def block(j, nd_v, half_v):
-            x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
-            wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(4 * GEMM_ROWS))])
-            for t in range(tokens):
-                if isa == "avx2":
-                    start = ir.Constant(vi, [0] * lanes)
-                else:  # the unsigned weights' excess, 128 * sum(q), taken off in advance
-                    corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -128))
-                    start = _splat(builder, corr, _I32, lanes)
-                for h in range(halves):
-                    builder.store(start, iacc[t][h])
+        def rows(h):
+            """The ``lanes`` rows of register ``h`` of the group over every block, then their results:
+            a register's rows at a time, so every token's sums stay in registers."""
+            facc = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(tokens)]
+            iacc = [cgutils.alloca_once(builder, vi) for _ in range(tokens)]
 
-            def word(s):
-                at = builder.add(x0, builder.mul(s, c(4)))
-                for h in range(halves):
+            def block(j, nd_v, half_v):
+                x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
+                wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(4 * GEMM_ROWS))])
+                for t in range(tokens):
+                    if isa == "avx2":
+                        start = ir.Constant(vi, [0] * lanes)
+                    else:  # the unsigned weights' excess, 128 * sum(q), taken off in advance
+                        corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -128))
+                        start = _splat(builder, corr, _I32, lanes)
+                    builder.store(start, iacc[t])
+
+                def word(s):
+                    at = builder.add(x0, builder.mul(s, c(4)))
                     ptr = builder.gep(wb, [builder.add(builder.mul(s, c(4 * GEMM_ROWS)), c(4 * lanes * h))])
                     w = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
                     wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # weights of the even entries
                     wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])  # of the odd ones
                     for t in range(tokens):
-                        a = dot(builder.load(iacc[t][h]), wh, t, at)
-                        builder.store(dot(a, wl, t, builder.add(at, half_v)), iacc[t][h])
+                        a = dot(builder.load(iacc[t]), wh, t, at)
+                        builder.store(dot(a, wl, t, builder.add(at, half_v)), iacc[t])
 
-            if isinstance(nd_v, ir.Constant):
-                for s in range(nd_v.constant):
-                    word(c(s))
-            else:
-                with cgutils.for_range(builder, nd_v) as loop:
-                    word(loop.index)
-            for h in range(halves):
+                if isinstance(nd_v, ir.Constant):
+                    for s in range(nd_v.constant):
+                        word(c(s))
+                else:
+                    with cgutils.for_range(builder, nd_v) as loop:
+                        word(loop.index)
                 at = builder.add(builder.mul(j, c(GEMM_ROWS)), c(lanes * h))
                 scv = builder.load(builder.bitcast(builder.gep(sc_p, [at]), vf.as_pointer()), align=4)
                 for t in range(tokens):
                     sv = builder.fmul(_splat(builder, builder.load(builder.gep(xs_t[t], [j])), _F32, lanes), scv)
-                    f = builder.sitofp(builder.load(iacc[t][h]), vf)
-                    builder.store(builder.fadd(builder.load(facc[t][h]), builder.fmul(f, sv)), facc[t][h])
+                    f = builder.sitofp(builder.load(iacc[t]), vf)
+                    builder.store(builder.fadd(builder.load(facc[t]), builder.fmul(f, sv)), facc[t])
 
-        def blocks(nd_v, half_v):
-            with cgutils.for_range(builder, per_row) as loop:
-                block(loop.index, nd_v, half_v)
+            def blocks(nd_v, half_v):
+                with cgutils.for_range(builder, per_row) as loop:
+                    block(loop.index, nd_v, half_v)
 
-        with builder.if_else(builder.icmp_unsigned("==", half, c(32))) as (bs64, general):
-            with bs64:
-                blocks(c(8), c(32))
-            with general:
-                blocks(nd, half)
-        for t in range(tokens):
-            for h in range(halves):
+            with builder.if_else(builder.icmp_unsigned("==", half, c(32))) as (bs64, general):
+                with bs64:
+                    blocks(c(8), c(32))
+                with general:
+                    blocks(nd, half)
+            for t in range(tokens):
                 dst = builder.bitcast(builder.gep(out_t[t], [c(lanes * h)]), vf.as_pointer())
-                builder.store(builder.load(facc[t][h]), dst, align=4)
+                builder.store(builder.load(facc[t]), dst, align=4)
+
+        for h in range(halves):  # (both at once: twice the sums, spilled from AVX2's 16 registers, 0.67x)
+            rows(h)
         return context.get_dummy_value()
 
     return codegen
@@ -385,7 +390,7 @@ def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0,
     rep = np.empty(GEMM_GROUPS * gwords, np.uint32)
     sc = np.empty(GEMM_GROUPS * gsc, np.float32)
     xq, xa, xsum, xs, out = XQ.reshape(-1), XA.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
-    step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS  # (16 registers of AVX2 hold 8 tokens' sums at most)
+    step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
     for c0 in range(g0, g1, GEMM_GROUPS):
         groups = min(GEMM_GROUPS, g1 - c0)
         _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, c0 * GEMM_ROWS, groups, rep, sc)
