@@ -22,7 +22,9 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
 * **runtime**: Python, NumPy, Numba with its compiled kernels and the tokenizer library, measured
   (not guessed) by running the real runtime on the small built-in demo model in a fresh process
   and subtracting that run's own items; the figure is cached per software versions, machine
-  architecture, thread count and LoRA use (``$EDGELORA_HOME/overhead.json``).
+  architecture, thread count and LoRA use (``$EDGELORA_HOME/overhead.json``). A training plan's is
+  measured the same way by a short training run of the demo model (a trainer loads fewer kernels
+  than a generating process).
 
 A **training** plan (``train=``, ``edgelora plan --train``) holds, instead of the KV cache and the
 forward's scratch, what ``edgelora train`` holds at its peak for sequences of ``tokens`` tokens
@@ -294,16 +296,19 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     """The runtime's own memory on this machine, in bytes: ``base`` (Python, NumPy, Numba, the
     tokenizer library, the single-thread kernels), ``decode`` (more for the compiled decode steps of
     the families that have them, ``runtime/decode.py``), ``parallel`` (more for the threaded kernels,
-    used with weights of 64K elements or more and more than one thread) and ``lora`` (more for the
-    adapter kernels, beyond the adapter's own arrays). A fresh process runs the built-in demo model
-    through each in turn (twice: the first run may compile); each figure is its peak RSS growth
-    minus that run's own planned items. Cached per versions, architecture and thread count."""
+    used with weights of 64K elements or more and more than one thread), ``lora`` (more for the
+    adapter kernels, beyond the adapter's own arrays) and ``train`` (a training process's own, in
+    place of all of these: :func:`measure_train_run` of the demo model, less its planned items; a
+    trainer loads fewer kernels than a generating process, by 10-30 MB on the machines measured). A
+    fresh process runs the built-in demo model through each in turn (twice: the first run may
+    compile); each figure is its peak RSS growth minus that run's own planned items. Cached per
+    versions, architecture and thread count."""
     import numba
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     key = _overhead_key(threads)
     entry = _read_overhead_cache().get(key)
     if not refresh and isinstance(entry, dict) and all(isinstance(entry.get(k), int)
-                                                       for k in ("base", "decode", "parallel", "lora")):
+                                                       for k in ("base", "decode", "parallel", "lora", "train")):
         return dict(entry, source=f"measured on this machine ({threads} threads, cached)")
     from edgelora.bundle import Bundle
     from edgelora.demo import demo_bundle, packaged_demo_adapters
@@ -322,8 +327,16 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     entry = {"base": max(0, peaks[0] - own), "decode": max(0, peaks[1] - peaks[0]),
              "parallel": max(0, peaks[2] - peaks[1]),
              "lora": max(0, peaks[3] - peaks[2] - adapter_resident_bytes(adapter, a))}
+    status_line("edgelora: measuring a training process's memory on this machine (once, some seconds)")
+    for _ in range(2):  # (the first run may compile)
+        trained = measure_train_run(bundle, _TRAIN_PROBE, threads, steps=2, timeout=900)["peak_rss_bytes"]
+    planned = plan(bundle, "raspberry-pi-4-4gb", threads=threads, train=_TRAIN_PROBE, overhead=0).total_bytes
+    entry["train"] = max(0, trained - planned)
     _write_overhead_cache(key, entry)
     return dict(entry, source=f"measured on this machine ({threads} threads)")
+
+
+_TRAIN_PROBE = {"rank": 8, "targets": "q,v", "tokens": 64}  # the training run that measures ``train``
 
 
 def _read_overhead_cache() -> dict:
@@ -584,9 +597,11 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     training = None if t is None else _TrainSizes(bundle_path, t, threads)
     if overhead is None:
         m = measure_runtime_overhead(threads)
-        parts = [m["base"]] + ([m["decode"]] if t is None and compiled_decode(a) else []) + \
-            ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + \
-            ([m["lora"]] if sizes or t is not None else [])
+        if t is not None:  # a trainer's own (its adapter kernels included)
+            parts = [m["train"]] + ([m["parallel"]] if uses_parallel_kernels(a, threads) else [])
+        else:
+            parts = [m["base"]] + ([m["decode"]] if compiled_decode(a) else []) + \
+                ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + ([m["lora"]] if sizes else [])
         note = m["source"] + ("" if dev.arch == host_arch() else f"; {dev.arch} assumed like {host_arch()}")
         over = (sum(parts), note)
     else:
