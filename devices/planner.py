@@ -299,7 +299,7 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     used with weights of 64K elements or more and more than one thread), ``lora`` (more for the
     adapter kernels, beyond the adapter's own arrays) and ``train`` (a training process's own, in
     place of all of these: :func:`measure_train_run` of the demo model, less its planned items; a
-    trainer loads fewer kernels than a generating process, by 10-30 MB on the machines measured). A
+    trainer loads fewer kernels than a generating process: 25 MB fewer on a Zen 3 machine). A
     fresh process runs the built-in demo model through each in turn (twice: the first run may
     compile); each figure is its peak RSS growth minus that run's own planned items. Cached per
     versions, architecture and thread count."""
