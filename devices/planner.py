@@ -296,19 +296,16 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     """The runtime's own memory on this machine, in bytes: ``base`` (Python, NumPy, Numba, the
     tokenizer library, the single-thread kernels), ``decode`` (more for the compiled decode steps of
     the families that have them, ``runtime/decode.py``), ``parallel`` (more for the threaded kernels,
-    used with weights of 64K elements or more and more than one thread), ``lora`` (more for the
-    adapter kernels, beyond the adapter's own arrays) and ``train`` (a training process's own, in
-    place of all of these: :func:`measure_train_run` of the demo model, less its planned items; a
-    trainer loads fewer kernels than a generating process: 25 MB fewer on a Zen 3 machine). A
-    fresh process runs the built-in demo model through each in turn (twice: the first run may
-    compile); each figure is its peak RSS growth minus that run's own planned items. Cached per
-    versions, architecture and thread count."""
+    used with weights of 64K elements or more and more than one thread) and ``lora`` (more for the
+    adapter kernels, beyond the adapter's own arrays). A fresh process runs the built-in demo model
+    through each in turn (twice: the first run may compile); each figure is its peak RSS growth
+    minus that run's own planned items. Cached per versions, architecture and thread count."""
     import numba
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     key = _overhead_key(threads)
     entry = _read_overhead_cache().get(key)
     if not refresh and isinstance(entry, dict) and all(isinstance(entry.get(k), int)
-                                                       for k in ("base", "decode", "parallel", "lora", "train")):
+                                                       for k in ("base", "decode", "parallel", "lora")):
         return dict(entry, source=f"measured on this machine ({threads} threads, cached)")
     from edgelora.bundle import Bundle
     from edgelora.demo import demo_bundle, packaged_demo_adapters
@@ -327,16 +324,35 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     entry = {"base": max(0, peaks[0] - own), "decode": max(0, peaks[1] - peaks[0]),
              "parallel": max(0, peaks[2] - peaks[1]),
              "lora": max(0, peaks[3] - peaks[2] - adapter_resident_bytes(adapter, a))}
-    status_line("edgelora: measuring a training process's memory on this machine (once, some seconds)")
-    for _ in range(2):  # (the first run may compile)
-        trained = measure_train_run(bundle, _TRAIN_PROBE, threads, steps=2, timeout=900)["peak_rss_bytes"]
-    planned = plan(bundle, "raspberry-pi-4-4gb", threads=threads, train=_TRAIN_PROBE, overhead=0).total_bytes
-    entry["train"] = max(0, trained - planned)
     _write_overhead_cache(key, entry)
     return dict(entry, source=f"measured on this machine ({threads} threads)")
 
 
-_TRAIN_PROBE = {"rank": 8, "targets": "q,v", "tokens": 64}  # the training run that measures ``train``
+_TRAIN_PROBE = {"rank": 8, "targets": "q,v", "tokens": 64}  # the training run that measures a trainer's own
+
+
+def measure_train_overhead(threads: int, refresh: bool = False) -> dict:
+    """A training process's own memory on this machine, in bytes (``train``: in a training plan, in
+    place of :func:`measure_runtime_overhead`'s ``base``, ``decode`` and ``lora``): a short training
+    run of the built-in demo model (:func:`measure_train_run`, twice: the first run may compile)
+    less that run's planned items. A trainer loads fewer kernels than a generating process (25 MB
+    fewer on a Zen 3 machine). Measured only when a training plan asks; cached as
+    :func:`measure_runtime_overhead`'s figures."""
+    import numba
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    key = f"train|{_overhead_key(threads)}"
+    known = _read_overhead_cache().get(key)
+    if not refresh and isinstance(known, int) and not isinstance(known, bool):
+        return {"train": known, "source": f"measured on this machine ({threads} threads, cached)"}
+    from edgelora.demo import demo_bundle
+    bundle, _ = demo_bundle(edgelora_home() / "demo", quiet=True)
+    status_line(f"edgelora: measuring a trainer's memory on this machine ({threads} threads; once, some seconds)")
+    for _ in range(2):  # (the first run may compile kernels: measure a warm one)
+        trained = measure_train_run(bundle, _TRAIN_PROBE, threads, steps=2, timeout=900)["peak_rss_bytes"]
+    planned = plan(bundle, "raspberry-pi-4-4gb", threads=threads, train=_TRAIN_PROBE, overhead=0).total_bytes
+    value = max(0, trained - planned)
+    _write_overhead_cache(key, value)
+    return {"train": value, "source": f"measured on this machine ({threads} threads)"}
 
 
 def _read_overhead_cache() -> dict:
@@ -597,11 +613,13 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     training = None if t is None else _TrainSizes(bundle_path, t, threads)
     if overhead is None:
         m = measure_runtime_overhead(threads)
+        parallel = [m["parallel"]] if uses_parallel_kernels(a, threads) else []
         if t is not None:  # a trainer's own (its adapter kernels included)
-            parts = [m["train"]] + ([m["parallel"]] if uses_parallel_kernels(a, threads) else [])
+            m = measure_train_overhead(threads)
+            parts = [m["train"]] + parallel
         else:
-            parts = [m["base"]] + ([m["decode"]] if compiled_decode(a) else []) + \
-                ([m["parallel"]] if uses_parallel_kernels(a, threads) else []) + ([m["lora"]] if sizes else [])
+            parts = [m["base"]] + ([m["decode"]] if compiled_decode(a) else []) + parallel + \
+                ([m["lora"]] if sizes else [])
         note = m["source"] + ("" if dev.arch == host_arch() else f"; {dev.arch} assumed like {host_arch()}")
         over = (sum(parts), note)
     else:
