@@ -1,11 +1,12 @@
 """Speculative decoding: decode tokens/s of greedy generation with and without prompt-lookup
 drafting (and a draft model when ``--draft-model`` names one of the models), on prompts whose
-answers repeat their text (a summary, a chat answer that restates), in one process per model.
+answers repeat their text (a summary, a chat answer that restates), in one process per model, for
+each ``--num-draft`` (guesses a verifying forward takes).
 
 Each figure is the best of 3 runs of ``generate`` (decode time only: after the prefill), the
 drafted run checked to give the very tokens of the plain one; ``kept`` is accepted/drafted.
 
-    python bench/bench_speculative.py --models stories260K tinyllama-1.1b --json bench/results/speculative.json
+    python bench/bench_speculative.py --models stories260K tinyllama-1.1b --num-draft 1 2 4 --json bench/results/speculative.json
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ PROMPTS = {
 }
 
 
-def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None) -> dict:
+def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None, num_drafts: list) -> dict:
     import edgelora
     model = edgelora.load(bundle, threads=threads, max_context=512)
-    drafts = {"prompt-lookup": "prompt-lookup"}
-    if draft_bundle is not None:
-        drafts["draft model"] = edgelora.load(draft_bundle, threads=threads, max_context=512)
+    drafter = None if draft_bundle is None else edgelora.load(draft_bundle, threads=threads, max_context=512)
+    drafts = {}
+    for k in num_drafts:
+        drafts[f"prompt-lookup, {k}"] = ("prompt-lookup", k)
+        if drafter is not None:
+            drafts[f"draft model, {k}"] = (drafter, k)
     model.eos_ids = set()  # the same number of tokens every run
 
     def best(**kw):
@@ -43,8 +47,8 @@ def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None) -> di
     for name, prompt in PROMPTS.items():
         plain = best()
         row = {"plain_tokens_per_second": plain.decode_tokens_per_second}
-        for label, draft in drafts.items():
-            r = best(draft=draft)
+        for label, (draft, k) in drafts.items():
+            r = best(draft=draft, num_draft=k)
             assert r.token_ids == plain.token_ids, f"{label}: tokens differ from plain decoding"
             row[label] = {"tokens_per_second": r.decode_tokens_per_second,
                           "speedup": r.decode_tokens_per_second / plain.decode_tokens_per_second,
@@ -57,6 +61,8 @@ def main():
     a, work = parse_args(__doc__, ["stories260K", "tinyllama-1.1b"], lambda p: (
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default %(default)s: every core)"),
         p.add_argument("--tokens", type=int, default=128, help="tokens generated per run"),
+        p.add_argument("--num-draft", type=int, nargs="+", default=[4],
+                       help="guesses each verifying forward takes, one measurement per value"),
         p.add_argument("--draft-model", default=None,
                        help="one of the models, used as the draft of the others "
                             "(default %(default)s: prompt lookup only)")))
@@ -69,10 +75,10 @@ def main():
     for name, bundle in bundles.items():
         if bundle == draft:
             continue
-        report["models"][name] = rows = measure(bundle, threads, a.tokens, draft)
+        report["models"][name] = rows = measure(bundle, threads, a.tokens, draft, a.num_draft)
         print(f"\n{name}: greedy decode tok/s, {threads} threads, {a.tokens} tokens (best of 3)")
         labels = [k for k in rows["summary"] if k != "plain_tokens_per_second"]
-        print("| prompt | plain | " + " | ".join(f"{k} (speedup, kept)" for k in labels) + " |")
+        print("| prompt | plain | " + " | ".join(f"{k} guesses (speedup, kept)" for k in labels) + " |")
         print("|---|---|" + "---|" * len(labels))
         for prompt, row in rows.items():
             cells = [f"{row[k]['tokens_per_second']:.1f} ({row[k]['speedup']:.2f}x, "

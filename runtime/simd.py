@@ -508,6 +508,11 @@ INT8_TILE_ROWS = 2  # rows a step takes side by side (they share each x load; 1.
 #: the vnni kernel's rows side by side, by vector count: its codes need no sign step, so one
 #: vector's x loads and offsets serve four rows within the registers
 INT8_VNNI_TILE_ROWS = {1: 4}
+#: the avx2 kernel's rows side by side for two or more vectors: one. Two rows share each vector's
+#: four x loads, but from two vectors on those shared values outgrow the 16 registers and spill;
+#: with one row a pass each x load is used once, straight from memory by ``vpsignb`` and
+#: ``vpmaddubsw`` (two to five vectors 12-18 % faster on the Zen 3 machine, ``bench/README.md``)
+INT8_AVX2_BATCH_TILE_ROWS = 1
 # row tiles ahead whose bytes a step prefetches: one tile ahead (2 KB of a 2048-wide row pair) left
 # the loads waiting on memory; 8 (16 rows) made a TinyLlama decode step's layers 8-15 % faster on
 # 2 threads here (bench/README.md), farther gained nothing more
@@ -691,7 +696,8 @@ def _i8_codegen(isa: str, nvec: int, call, q8: bool = False):
         four, fifteen = ir.Constant(_V32, [4] * 32), ir.Constant(_V32, [15] * 32)
         x86, vnni = isa in ("vnni", "avx2"), isa == "vnni"
         offsets = _i8_offsets(builder) if vnni else None
-        tile = INT8_VNNI_TILE_ROWS.get(nvec, INT8_TILE_ROWS) if vnni else INT8_TILE_ROWS
+        tile = (INT8_VNNI_TILE_ROWS.get(nvec, INT8_TILE_ROWS) if vnni else
+                INT8_AVX2_BATCH_TILE_ROWS if isa == "avx2" and nvec > 1 else INT8_TILE_ROWS)
         accs = [[cgutils.alloca_once(builder, v8f) for _ in range(nvec)] for _ in range(tile)]  # [row][vector]
         sums = [[cgutils.alloca_once(builder, _V8I) for _ in range(nvec)] for _ in range(tile)]
 
