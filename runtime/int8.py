@@ -236,27 +236,40 @@ def _i8_rows_portable(table, dyn, packed, qscale, nested, nshift, offset, b0, n_
             OUT[v, o0 + r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 
+#: a batch of more than ``MAX_VECTORS`` vectors goes over its rows this many bytes of codes at a
+#: time, each group of vectors in turn, so that the groups after the first read the rows from
+#: cache: five vectors (four guesses and the last token of a speculative step) read each weight
+#: from memory once, not twice
+BATCH_ROW_BYTES = 32768
+
+
 @njit(cache=True)
 def _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT,
                   o0, isa):
-    """``simd.i8_rows_dot`` for groups of at most ``MAX_VECTORS`` vectors (the count a literal)."""
+    """``simd.i8_rows_dot`` for groups of at most ``MAX_VECTORS`` vectors (the count a literal);
+    more vectors than that: a run of rows (:data:`BATCH_ROW_BYTES`) at a time for every group."""
     numba.literally(isa)
     n_vec, n_out = XQ.shape[0], OUT.shape[1]
     xq, xa, xs, out = XQ.reshape(-1), XA.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
-    for v0 in range(0, n_vec, MAX_VECTORS):
-        m = min(MAX_VECTORS, n_vec - v0)
-        if m == 4:
-            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
-                        v0, n_out, o0, 4, isa)
-        elif m == 3:
-            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
-                        v0, n_out, o0, 3, isa)
-        elif m == 2:
-            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
-                        v0, n_out, o0, 2, isa)
-        else:
-            i8_rows_dot(table, dyn, packed, qscale, nested, xq, xa, xs, out, nshift, offset, b0, n_rows, per_row, half,
-                        v0, n_out, o0, 1, isa)
+    row = packed.size // max(n_rows, 1)  # bytes of a row
+    step = n_rows if n_vec <= MAX_VECTORS else max(1, BATCH_ROW_BYTES // max(row, 1))
+    for r0 in range(0, n_rows, step):
+        rows = min(step, n_rows - r0)
+        p, b, o = packed[r0 * row:(r0 + rows) * row], b0 + r0 * per_row, o0 + r0
+        for v0 in range(0, n_vec, MAX_VECTORS):
+            m = min(MAX_VECTORS, n_vec - v0)
+            if m == 4:
+                i8_rows_dot(table, dyn, p, qscale, nested, xq, xa, xs, out, nshift, offset, b, rows, per_row, half,
+                            v0, n_out, o, 4, isa)
+            elif m == 3:
+                i8_rows_dot(table, dyn, p, qscale, nested, xq, xa, xs, out, nshift, offset, b, rows, per_row, half,
+                            v0, n_out, o, 3, isa)
+            elif m == 2:
+                i8_rows_dot(table, dyn, p, qscale, nested, xq, xa, xs, out, nshift, offset, b, rows, per_row, half,
+                            v0, n_out, o, 2, isa)
+            else:
+                i8_rows_dot(table, dyn, p, qscale, nested, xq, xa, xs, out, nshift, offset, b, rows, per_row, half,
+                            v0, n_out, o, 1, isa)
 
 
 # One per ISA, its code (simd.INT8_ISAS: vnni 0, avx2 1, sdot 2, neon 3, smmla 4) compiled in

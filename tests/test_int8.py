@@ -131,6 +131,28 @@ def test_every_variant_equals_the_twin_on_long_rows(variant, n, per_row, nested,
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
 
 
+@pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
+@pytest.mark.parametrize("B", [5, 8, 9])
+def test_batches_of_more_than_a_group_take_runs_of_rows(variant, B):
+    """More vectors than a group (``MAX_VECTORS``) go over the rows a run of ``BATCH_ROW_BYTES`` at
+    a time, every group in turn: the twin's bits across the runs' boundaries, with a last run cut
+    short, from a row offset (a thread's slice) and a block offset that crosses nested scales."""
+    rng = np.random.default_rng(B)
+    k, r0 = 4096, 3
+    row, per_row = k // 2, k // 64
+    run = I8.BATCH_ROW_BYTES // row
+    n = 2 * run + 5
+    q = quantize_nf4((rng.standard_normal((r0 + n, k)) * 0.05).astype(np.float32))
+    X = _activations(rng, B, k)
+    qscale, nested, nshift, offset = q.scale_args()
+    out = np.full((B, n + 2), np.nan, np.float32)
+    I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed[r0 * row:], qscale, nested, nshift, offset,
+                              r0 * per_row, n, per_row, 32, *I8.quantize_activations(X, 64), out, 1)
+    ref = I8.nf4_int8_matvec_batch_reference(q, X)[:, r0:]
+    assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
+    assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
+
+
 def test_variants_follow_the_cpu():
     """The int8 variants are those the CPU runs: AVX2/VNNI from LLVM's host features on x86-64;
     on aarch64 NEON always, sdot with dotprod and smmla with i8mm as the kernel's HWCAP bits say
