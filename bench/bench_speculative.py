@@ -3,8 +3,9 @@ drafting (and a draft model when ``--draft-model`` names one of the models), on 
 answers repeat their text (a summary, a chat answer that restates), in one process per model, for
 each ``--num-draft`` (guesses a verifying forward takes).
 
-Each figure is the best of 3 runs of ``generate`` (decode time only: after the prefill), the
-drafted run checked to give the very tokens of the plain one; ``kept`` is accepted/drafted.
+Each figure is the best of ``--rounds`` runs of ``generate`` (decode time only: after the
+prefill), the rounds interleaved (each runs plain decoding and every drafting once), the drafted
+runs checked to give the very tokens of the plain one; ``kept`` is accepted/drafted.
 
     python bench/bench_speculative.py --models stories260K tinyllama-1.1b --num-draft 1 2 4 --json bench/results/speculative.json
 """
@@ -28,7 +29,7 @@ PROMPTS = {
 }
 
 
-def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None, num_drafts: list) -> dict:
+def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None, num_drafts: list, rounds: int) -> dict:
     import edgelora
     model = edgelora.load(bundle, threads=threads, max_context=512)
     drafter = None if draft_bundle is None else edgelora.load(draft_bundle, threads=threads, max_context=512)
@@ -39,16 +40,18 @@ def measure(bundle: Path, threads: int, n: int, draft_bundle: Path | None, num_d
             drafts[f"draft model, {k}"] = (drafter, k)
     model.eos_ids = set()  # the same number of tokens every run
 
-    def best(**kw):
-        runs = [model.generate(prompt, n, return_result=True, **kw) for _ in range(3)]
-        return max(runs, key=lambda r: r.decode_tokens_per_second)
-
     out = {}
     for name, prompt in PROMPTS.items():
-        plain = best()
+        runs = {label: [] for label in ["plain", *drafts]}
+        for _ in range(rounds):  # plain and every drafting in turn, each round (the machine's noise spread over all)
+            runs["plain"].append(model.generate(prompt, n, return_result=True))
+            for label, (draft, k) in drafts.items():
+                runs[label].append(model.generate(prompt, n, return_result=True, draft=draft, num_draft=k))
+        best = {label: max(rs, key=lambda r: r.decode_tokens_per_second) for label, rs in runs.items()}
+        plain = best["plain"]
         row = {"plain_tokens_per_second": plain.decode_tokens_per_second}
-        for label, (draft, k) in drafts.items():
-            r = best(draft=draft, num_draft=k)
+        for label in drafts:
+            r = best[label]
             assert r.token_ids == plain.token_ids, f"{label}: tokens differ from plain decoding"
             row[label] = {"tokens_per_second": r.decode_tokens_per_second,
                           "speedup": r.decode_tokens_per_second / plain.decode_tokens_per_second,
@@ -61,6 +64,8 @@ def main():
     a, work = parse_args(__doc__, ["stories260K", "tinyllama-1.1b"], lambda p: (
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default %(default)s: every core)"),
         p.add_argument("--tokens", type=int, default=128, help="tokens generated per run"),
+        p.add_argument("--rounds", type=int, default=3,
+                       help="rounds, each running plain decoding and every drafting once; the best of each is kept"),
         p.add_argument("--num-draft", type=int, nargs="+", default=[4],
                        help="guesses each verifying forward takes, one measurement per value"),
         p.add_argument("--draft-model", default=None,
@@ -71,12 +76,12 @@ def main():
     threads = a.threads or os.cpu_count()
     bundles = {name: prepare(name, work)[1] for name in a.models}
     draft = None if a.draft_model is None else prepare(a.draft_model, work)[1]
-    report = {"cores": os.cpu_count(), "threads": threads, "tokens": a.tokens, "models": {}}
+    report = {"cores": os.cpu_count(), "threads": threads, "tokens": a.tokens, "rounds": a.rounds, "models": {}}
     for name, bundle in bundles.items():
         if bundle == draft:
             continue
-        report["models"][name] = rows = measure(bundle, threads, a.tokens, draft, a.num_draft)
-        print(f"\n{name}: greedy decode tok/s, {threads} threads, {a.tokens} tokens (best of 3)")
+        report["models"][name] = rows = measure(bundle, threads, a.tokens, draft, a.num_draft, a.rounds)
+        print(f"\n{name}: greedy decode tok/s, {threads} threads, {a.tokens} tokens (best of {a.rounds}, interleaved)")
         labels = [k for k in rows["summary"] if k != "plain_tokens_per_second"]
         print("| prompt | plain | " + " | ".join(f"{k} guesses (speedup, kept)" for k in labels) + " |")
         print("|---|---|" + "---|" * len(labels))

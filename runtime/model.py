@@ -34,7 +34,7 @@ from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
 from edgelora.runtime.sampling import Sampler, SamplingParams, log_softmax, most_likely
-from edgelora.runtime.speculative import NUM_DRAFT, make_drafter, verify
+from edgelora.runtime.speculative import NUM_DRAFT, DraftBudget, make_drafter, verify
 from edgelora.runtime.threads import ThreadGovernor, set_threads, thread_count
 from edgelora.runtime.warmup import ensure_compiled
 
@@ -235,6 +235,10 @@ class _Sequence:
         self.done = False
         self.drafter = None if drafter is None else drafter.start(params)
         self.num_draft = num_draft
+        #: how many guesses each step verifies, for a drafter whose guesses are free (prompt lookup)
+        self.budget = DraftBudget(num_draft) if drafter is not None and drafter.adapts else None
+        self.verifying = 0  # guesses the last step verified
+        self.kept_before = 0  # accepted_tokens before it
         self.guesses, self.rows, self.draft_probs = [], [], []
         self.kept = False  # the last sampled token is the next guess (its row is computed)
 
@@ -614,13 +618,25 @@ class Model:
         counts only the last token, each kept guess adds its own (``_Sequence.next_from_guesses``)."""
         room = s.draft_room()
         guesses, probs = s.drafter.propose(s.history, room) if room else ([], [])
+        budget = s.budget
+        if budget is not None:  # as many of the guesses as pay, by what was kept and what steps cost
+            if s.verifying:
+                budget.observe(s.verifying, s.stats.accepted_tokens - s.kept_before)
+            k = budget.choose(len(guesses))
+            if not k:
+                budget.shadow(s.history, guesses)
+            guesses, probs = guesses[:k], probs[:k]
+            s.verifying, s.kept_before = k, s.stats.accepted_tokens
         tokens = np.array([s.history[-1]] + guesses)  # [1 + g]
         start = s.cache.length
+        t = time.perf_counter()
         with self._running(decode_rows=len(tokens)):
             if guesses:
                 out = self.net.forward_steps(tokens, s.cache, s.lora)  # [1 + g, V]
             else:
                 out = self.net.forward(tokens, s.cache, lora=s.lora)  # [1, V]: a plain step
+        if budget is not None:
+            budget.timed(len(tokens), time.perf_counter() - t)
         s.cache.length = start + 1
         s.logits, s.rows, s.guesses, s.draft_probs = out[0], list(out[1:]), guesses, probs
         s.stats.drafted_tokens += len(guesses)
@@ -667,7 +683,8 @@ class Model:
 
         ``draft``: speculative decoding (README, *Speculative decoding*): ``"prompt-lookup"``
         guesses the next tokens from earlier text (no second model), a loaded smaller model with the
-        same tokenizer drafts them itself; ``num_draft`` guesses are verified per forward. Greedy
+        same tokenizer drafts them itself; up to ``num_draft`` guesses are verified per forward (a
+        draft model's always that many; prompt lookup's as many as pay: ``speculative.DraftBudget``). Greedy
         text is exactly that of plain decoding, sampled text has exactly its distribution (and, with
         prompt lookup or a greedy draft, a seed gives plain decoding's tokens); the statistics count
         ``drafted_tokens`` and ``accepted_tokens``.

@@ -35,7 +35,76 @@ from edgelora.errors import UsageError
 from edgelora.runtime.sampling import SamplingParams, apply_repetition_penalty, process_logits, softmax
 
 PROMPT_LOOKUP = "prompt-lookup"
-NUM_DRAFT = 4  # guesses per step by default: 5 rows, each weight still read once (matvec_batch)
+NUM_DRAFT = 4  # the most guesses a step verifies by default: 5 rows, each weight read once from memory
+
+
+class DraftBudget:
+    """How many of prompt lookup's guesses a step verifies, chosen anew each step: the count k (0 up
+    to the guesses there are) that gives the most tokens a second by what this generation has seen
+    so far, ``E(k) / c(1 + k)``. ``E(k) = 1 + sum_{i<=k} a_1 ... a_i`` is the tokens a step yields on
+    average, ``a_i`` the share of guesses kept at place i when the one before was kept (a Beta(1, 1)
+    prior: 1/2 before any is seen); ``c(r)`` the measured time of a step of r rows (a running mean).
+    The first step is a plain one (it measures ``c(1)``); a count not yet measured costs what the
+    line between the measured counts around it says, or, above the largest measured, as much as
+    that one (so the largest is tried first and each count above is tried once). While no
+    guess is verified, the guesses of a plain step are still checked against the tokens that follow
+    (:meth:`shadow`, free for prompt lookup), so drafting resumes when the text starts to repeat.
+
+    It only chooses how many guesses are verified, never what they or the tokens are: the text is
+    plain decoding's whatever it chooses (greedy, and seeded sampling with certain guesses)."""
+
+    SMOOTHING = 0.25  # weight of a new step time in the running mean
+
+    def __init__(self, most: int):
+        self.verified = np.zeros(most + 1)  # [place]: guesses verified there with the one before kept
+        self.kept = np.zeros(most + 1)  # [place]: of those, kept
+        self.cost: dict = {}  # rows -> seconds a step
+        self._shadow, self._shadow_at = [], 0
+
+    def choose(self, available: int) -> int:
+        if 1 not in self.cost:
+            return 0
+        a = (self.kept[1:] + 1.0) / (self.verified[1:] + 2.0)  # [place - 1]
+        best, best_rate, tokens, reach = 0, 1.0 / self.cost[1], 1.0, 1.0
+        for k in range(1, min(available, a.size) + 1):
+            reach *= a[k - 1]
+            tokens += reach
+            rate = tokens / self.step_cost(k + 1)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def step_cost(self, rows: int) -> float:
+        """The measured time of a step of ``rows`` rows; unmeasured, the line between the nearest
+        measured counts around it, or the nearest below when none is above (so it is tried)."""
+        if rows in self.cost:
+            return self.cost[rows]
+        lo = max(r for r in self.cost if r < rows)
+        hi = min((r for r in self.cost if r > rows), default=None)
+        if hi is None:
+            return self.cost[lo]
+        return self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (rows - lo) / (hi - lo)
+
+    def observe(self, drafted: int, kept: int) -> None:
+        """A step verified ``drafted`` guesses and kept the first ``kept``."""
+        self.verified[1:min(drafted, kept + 1) + 1] += 1  # (place i counts when the one before was kept)
+        self.kept[1:kept + 1] += 1
+
+    def timed(self, rows: int, seconds: float) -> None:
+        c = self.cost.get(rows)
+        self.cost[rows] = seconds if c is None else c + self.SMOOTHING * (seconds - c)
+
+    def shadow(self, history: list, guesses: list) -> None:
+        """At a step that verifies no guess: settle the last unverified guesses once the tokens after
+        them are known (or one differs), then keep ``guesses`` (made after ``history``) if none wait."""
+        if self._shadow:
+            done = history[self._shadow_at:self._shadow_at + len(self._shadow)]
+            kept = next((i for i, (g, t) in enumerate(zip(self._shadow, done)) if g != t), len(done))
+            if kept == len(self._shadow) or kept < len(done):
+                self.observe(len(self._shadow), kept)
+                self._shadow = []
+        if not self._shadow and guesses:
+            self._shadow, self._shadow_at = list(guesses), len(history)
 
 
 class PromptLookup:
@@ -50,21 +119,26 @@ class PromptLookup:
             raise UsageError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
+    adapts = True  # its guesses cost nothing: a generation verifies as many as pay (DraftBudget)
+
     def start(self, params: SamplingParams) -> "PromptLookup":
         return self  # no state per generation
 
     def propose(self, history: list, k: int) -> tuple[list, list]:
         """Up to ``k`` guessed tokens after ``history``, and their draft probabilities (None: certain)."""
         h = np.asarray(history, np.int64)  # [L]
-        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)  # [L-n, n]: every earlier n-gram
-            hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+        L = h.size
+        ends = np.flatnonzero(h[:-1] == h[-1])  # earlier places of the last token: where n-grams may end
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            hits = ends[ends >= n - 1]
+            for back in range(1, n):  # the n-gram ending at e is the last n tokens
+                hits = hits[h[hits - back] == h[L - 1 - back]]
             if hits.size:
-                j = int(hits[-1]) + n  # the latest occurrence's continuation starts at h[j], j < L
-                text = h.tolist()
-                for i in range(k):
-                    text.append(text[j + i])  # (j + i may reach the guesses already made)
-                return text[len(h):], [None] * k
+                j = int(hits[-1]) + 1  # the latest occurrence's continuation starts at h[j], j < L
+                guess = []
+                for i in range(j, j + k):
+                    guess.append(int(h[i]) if i < L else guess[i - L])  # (i may reach the guesses made)
+                return guess, [None] * k
         return [], []
 
 
@@ -78,6 +152,8 @@ class DraftModel:
                 draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
             raise UsageError(f"the draft model {draft.path} does not share the tokenizer of {target.path}")
         self.model = draft
+
+    adapts = False  # every step drafts num_draft tokens (a seeded sampled text then never depends on timing)
 
     def start(self, params: SamplingParams) -> "_DraftRun":
         return _DraftRun(self.model, params)

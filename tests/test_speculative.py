@@ -10,12 +10,13 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import edgelora
 from edgelora.cli import main
 from edgelora.errors import UsageError
 from edgelora.runtime.sampling import SamplingParams, process_logits, softmax
-from edgelora.runtime.speculative import PromptLookup
+from edgelora.runtime.speculative import DraftBudget, PromptLookup
 from tiny_models import CONFIGS, Adapters, Converted
 
 pytest.importorskip("transformers")  # writes the tiny checkpoints
@@ -56,6 +57,75 @@ def test_prompt_lookup_guesses_what_followed_the_latest_match():
     assert pl.propose([1, 2, 3], 4) == ([], [])  # nothing repeats
     with pytest.raises(UsageError):
         PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def _prompt_lookup_reference(history, k, max_ngram, min_ngram):
+    """Prompt lookup spelled out: every earlier window of n tokens compared with the last n."""
+    for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
+        hits = [s for s in range(len(history) - n) if history[s:s + n] == history[-n:]]
+        if hits:
+            text = list(history)
+            for i in range(k):
+                text.append(text[hits[-1] + n + i])
+            return text[len(history):], [None] * k
+    return [], []
+
+
+@settings(max_examples=300, deadline=None)
+@given(history=st.lists(st.integers(0, 4), min_size=1, max_size=40), k=st.integers(1, 7),
+       ngrams=st.tuples(st.integers(1, 4), st.integers(1, 4)).map(sorted))
+def test_prompt_lookup_equals_its_reference(history, k, ngrams):
+    min_ngram, max_ngram = ngrams
+    assert PromptLookup(max_ngram, min_ngram).propose(history, k) == _prompt_lookup_reference(
+        history, k, max_ngram, min_ngram)
+
+
+def test_draft_budget_verifies_as_many_guesses_as_pay():
+    """The count of guesses a step verifies: plain first (its time measured), then the most there
+    are (above the largest measured count a step costs what that one does); then what gives the most
+    tokens a second by the kept shares and the measured or interpolated step times."""
+    b = DraftBudget(4)
+    assert b.choose(4) == 0  # no step time yet
+    b.timed(1, 1.0)
+    assert b.choose(4) == 4 and b.choose(2) == 2  # every count as cheap as a plain step: the most
+    b.timed(5, 3.5)
+    assert b.step_cost(3) == pytest.approx(2.25)  # between measured counts: the line
+    for _ in range(30):
+        b.observe(4, 0)  # the first guess never kept
+    assert b.choose(4) == 0
+    cheap = DraftBudget(4)
+    cheap.timed(1, 1.0)
+    cheap.timed(5, 1.2)
+    for _ in range(30):
+        cheap.observe(4, 3)  # three kept, the fourth never
+    assert cheap.choose(4) == 3 and cheap.choose(2) == 2
+    cheap.observe(3, 1)
+    assert list(cheap.verified) == [0, 31, 31, 30, 30] and list(cheap.kept) == [0, 31, 30, 30, 0]
+    cheap.timed(5, 2.2)  # a running mean: a quarter of the way to the new time
+    assert cheap.cost[5] == pytest.approx(1.45)
+
+
+def test_draft_budget_checks_unverified_guesses_against_the_text():
+    """While no guess is verified, a plain step's guesses are settled against the tokens that follow
+    them: once all are known or one differs; until then no new ones are taken."""
+    b = DraftBudget(3)
+    b.timed(1, 1.0)
+    b.timed(4, 2.0)
+    for _ in range(20):
+        b.observe(3, 0)
+    assert b.choose(3) == 0
+    history = [1, 2, 3, 1, 2]
+    b.shadow(history, [3, 1, 2])
+    b.shadow(history + [3, 1], [9])  # two of three known, both right: waits
+    assert b.verified[1] == 20
+    b.shadow(history + [3, 1, 2], [3])  # all three right: counted, then the next guesses taken
+    assert list(b.verified) == [0, 21, 1, 1] and list(b.kept) == [0, 1, 1, 1]
+    b.shadow(history + [3, 1, 2, 7], [])  # the first differs: counted at once
+    assert list(b.verified) == [0, 22, 1, 1] and list(b.kept) == [0, 1, 1, 1]
+    for _ in range(40):
+        b.shadow([5], [5, 5, 5])
+        b.shadow([5, 5, 5, 5], [])
+    assert b.choose(3) == 3  # the text repeats now: drafting resumes
 
 
 @pytest.mark.parametrize("arch", ARCHS)
