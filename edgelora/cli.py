@@ -537,8 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft", default=None, metavar="prompt-lookup|BUNDLE",
                    help="speculative decoding: guess tokens from earlier text, or with a smaller bundle of the same "
                         "tokenizer; the output is exactly that of plain decoding (default: none)")
-    r.add_argument("--num-draft", type=int, default=None, metavar="K", help="the most guesses a step verifies (default: 4); prompt lookup verifies as many "
-                        "of them as pay, by the share kept and the measured step times")
+    r.add_argument("--num-draft", type=int, default=None, metavar="K",
+                   help="the most guesses a step verifies (default: 4); prompt lookup verifies as many of them as "
+                        "pay, by the share kept and the measured step times")
     r.set_defaults(func=_cmd_run)
 
     e = command("eval", "perplexity of a text, answer-only loss on JSONL data, the weights' quantization error "

@@ -511,7 +511,7 @@ INT8_VNNI_TILE_ROWS = {1: 4}
 #: the avx2 kernel's rows side by side for two or more vectors: one. Two rows share each vector's
 #: four x loads, but from two vectors on those shared values outgrow the 16 registers and spill;
 #: with one row a pass each x load is used once, straight from memory by ``vpsignb`` and
-#: ``vpmaddubsw`` (two to five vectors 12-18 % faster on the Zen 3 machine, ``bench/README.md``)
+#: ``vpmaddubsw`` (two to five vectors 9-15 % faster on the Zen 3 machine, ``bench/README.md``)
 INT8_AVX2_BATCH_TILE_ROWS = 1
 # row tiles ahead whose bytes a step prefetches: one tile ahead (2 KB of a 2048-wide row pair) left
 # the loads waiting on memory; 8 (16 rows) made a TinyLlama decode step's layers 8-15 % faster on
