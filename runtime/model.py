@@ -237,8 +237,6 @@ class _Sequence:
         self.num_draft = num_draft
         #: how many guesses each step verifies, for a drafter whose guesses are free (prompt lookup)
         self.budget = DraftBudget(num_draft) if drafter is not None and drafter.adapts else None
-        self.verifying = 0  # guesses the last step verified
-        self.kept_before = 0  # accepted_tokens before it
         self.guesses, self.rows, self.draft_probs = [], [], []
         self.kept = False  # the last sampled token is the next guess (its row is computed)
 
@@ -620,13 +618,8 @@ class Model:
         guesses, probs = s.drafter.propose(s.history, room) if room else ([], [])
         budget = s.budget
         if budget is not None:  # as many of the guesses as pay, by what was kept and what steps cost
-            if s.verifying:
-                budget.observe(s.verifying, s.stats.accepted_tokens - s.kept_before)
-            k = budget.choose(len(guesses))
-            if not k:
-                budget.shadow(s.history, guesses)
+            k = budget.step(s.history, guesses, s.stats.accepted_tokens)
             guesses, probs = guesses[:k], probs[:k]
-            s.verifying, s.kept_before = k, s.stats.accepted_tokens
         tokens = np.array([s.history[-1]] + guesses)  # [1 + g]
         start = s.cache.length
         t = time.perf_counter()

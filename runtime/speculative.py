@@ -60,6 +60,18 @@ class DraftBudget:
         self.kept = np.zeros(most + 1)  # [place]: of those, kept
         self.cost: dict = {}  # rows -> seconds a step
         self._shadow, self._shadow_at = [], 0
+        self._verifying, self._accepted = 0, 0  # the last step's count, and the guesses kept before it
+
+    def step(self, history: list, guesses: list, accepted: int) -> int:
+        """How many of ``guesses`` (made after ``history``) this step verifies; ``accepted``: the
+        guesses the generation has kept so far, which settles what the last step's kept."""
+        if self._verifying:
+            self.observe(self._verifying, accepted - self._accepted)
+        k = self.choose(len(guesses))
+        if not k:
+            self.shadow(history, guesses)
+        self._verifying, self._accepted = k, accepted
+        return k
 
     def choose(self, available: int) -> int:
         if 1 not in self.cost:

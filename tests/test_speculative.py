@@ -105,6 +105,21 @@ def test_draft_budget_verifies_as_many_guesses_as_pay():
     assert cheap.cost[5] == pytest.approx(1.45)
 
 
+def test_draft_budget_step_settles_the_last_step_then_chooses():
+    """``step``: what the last step kept (from the generation's count of kept guesses) is counted
+    before this step's count is chosen; only a step that verifies none settles shadowed guesses."""
+    b = DraftBudget(2)
+    assert b.step([1, 2, 1], [2, 1], accepted=0) == 0  # no step time yet: plain, the guesses shadowed
+    b.timed(1, 1.0)
+    assert b.step([1, 2, 1, 2], [1, 2], accepted=0) == 2  # the most, untried; the shadow waits
+    assert not b.verified.any()
+    b.timed(3, 1.1)
+    b.step([1, 2, 1, 2, 1, 2], [1, 2], accepted=2)  # the two verified were both kept
+    assert list(b.verified) == [0, 1, 1] and list(b.kept) == [0, 1, 1]
+    b.step([1, 2, 1, 2, 1, 2, 7], [], accepted=3)  # one of two kept; none to verify: the shadow settles
+    assert list(b.verified) == [0, 3, 3] and list(b.kept) == [0, 3, 2]  # (the shadow [2, 1]: both right)
+
+
 def test_draft_budget_checks_unverified_guesses_against_the_text():
     """While no guess is verified, a plain step's guesses are settled against the tokens that follow
     them: once all are known or one differs; until then no new ones are taken."""
