@@ -2,29 +2,34 @@
 
 The exact path (``runtime/kernels.py``) multiplies each dequantized weight ``code[c] * scale`` with
 x in float32. This path does what llama.cpp does for its IQ4_NL codebook: the 16 NF4 values are
-held as int8, ``NF4_I8 = round(127 * code)`` (every value within 0.5/127 = 0.0039 of
-``127 * code``; -1 and 1 are exact), x is quantized to int8 per weight block, and the products
-are summed in int32 by byte dot-product instructions: ``vpdpbusd`` (AVX-512 VNNI or AVX-VNNI) or
-``vpmaddubsw`` + ``vpmaddwd`` (AVX2), codes looked up 32 at a time by ``vpshufb``; on aarch64
-``sdot`` (dotprod), ``smmla`` (i8mm, batches) or widening NEON multiplies, codes looked up by
-``tbl`` (``simd.i8_rows_dot``); a portable Numba loop elsewhere.
+held as small integers, ``NF4_I8 = round(64 * code)`` = -64, -45, ..., 46, 64 (every value within
+0.5/64 = 0.0078 of ``64 * code``; -1, 0 and 1 exact; :data:`CODE_SCALE`), x is quantized to int8
+per weight block, and the products are summed in int32 by byte dot-product instructions:
+``vpdpbusd`` (AVX-512 VNNI or AVX-VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2), codes looked up
+32 at a time by ``vpshufb``; on aarch64 ``sdot`` (dotprod), ``smmla`` (i8mm, batches) or widening
+NEON multiplies, codes looked up by ``tbl`` (``simd.i8_rows_dot``); a portable Numba loop
+elsewhere. The codes take 7 bits so that AVX2's prefill GEMM can feed them to ``vpmaddubsw`` as
+the unsigned bytes ``NF4_I8 + 64`` (0 .. 128) against the signed activations: a pair of products
+is at most ``2 * 128 * 127 = 32512``, under the instruction's int16 saturation, so no sign step
+is needed (``runtime/int8_gemm.py``).
 
 The arithmetic, which every variant and the NumPy twin share bit for bit:
 
 * **activations**, per vector and per block of ``bs`` entries (the weight's NF4 block, 64 by
   default): ``amax = max|x|``, ``d = amax / 127``, ``q = rint(x * (1 / d))`` (0 when amax is 0),
   all float32; stored as the block's even entries then its odd ones (the high and low nibbles of
-  its bytes); the block's float scale ``xs = d / 127`` (the 127 of the codes folded in);
+  its bytes); the block's float scale ``xs = d / 64`` (the :data:`CODE_SCALE` of the codes folded
+  in: a power of two, so exact);
 * **block j of row r**, lanes ``l = 0 .. 7``: ``S[l] = sum of NF4_I8[c] * q`` over the bytes
   ``4l .. 4l + 3`` of every 32-byte chunk of the block, both nibbles (int32, exact);
 * **row r**: float32 lanes ``acc[l] += float(S[l]) * (xs[j] * scale(j))`` block after block (the
   block scale from the double-quantized bytes, ``storage.block_scale``; a product then a sum, no
   FMA), and ``y[r]`` the pairwise sum of the eight lanes (``(0..3 + 4..7)``, then halves again).
 
-So ``y ~ sum_j scale_j * d_j / 127^2 * sum NF4_I8 * q``, an approximation of the exact product
-whose error comes from the int8 codes (at most 0.39 % of a block's absmax per weight) and the
-int8 activations (at most half a step, ``d / 2``, per entry). A vector's result does not depend
-on the other vectors of a batch, so ``matvec_batch`` row b is bit for bit ``matvec(X[b])``.
+So ``y ~ sum_j scale_j * d_j / 64 * sum NF4_I8 * q``, an approximation of the exact product whose
+error comes from the integer codes (at most 0.78 % of a block's absmax per weight) and the int8
+activations (at most half a step, ``d / 2``, per entry). A vector's result does not depend on the
+other vectors of a batch, so ``matvec_batch`` row b is bit for bit ``matvec(X[b])``.
 
 Prompts of ``GEMM_MIN_ROWS`` rows or more take the prefill GEMM (``runtime/int8_gemm.py``): the
 same quantized activations, the weight repacked a tile of rows at a time so that each decoded
@@ -54,7 +59,9 @@ from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_SIMD, MAX_VECTORS, i8_rows_dot
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
-NF4_I8 = np.rint(NF4_CODE.astype(np.float64) * 127).astype(np.int8)  # [16]: -127, -88, ..., 92, 127
+#: the integer the NF4 value 1.0 becomes (module docstring: 7-bit codes, a power of two)
+CODE_SCALE = 64
+NF4_I8 = np.rint(NF4_CODE.astype(np.float64) * CODE_SCALE).astype(np.int8)  # [16]: -64, -45, ..., 46, 64
 INT8_BLOCK_MULTIPLE = 2 * INT8_CHUNK  # block sizes the path takes: whole 32-byte chunks of codes
 # From this many rows ``matmul`` runs the prefill GEMM (``runtime/int8_gemm.py``: repacking a tile
 # costs about as much as the products of a few rows); fewer run ``matvec_batch``, four rows a pass
@@ -62,6 +69,7 @@ INT8_BLOCK_MULTIPLE = 2 * INT8_CHUNK  # block sizes the path takes: whole 32-byt
 # 12, the GEMM ahead from 16)
 GEMM_MIN_ROWS = 12
 _127 = np.float32(127.0)
+_CODES = np.float32(CODE_SCALE)
 
 
 def supports_int8(q: NF4Tensor) -> bool:
@@ -125,7 +133,7 @@ def _quantize_row64(x, xb, q, a, xs, t, pairs):
         for i in range(64):
             v = np.int32(q[o + i])
             a[o + i] = np.uint8(v if v >= 0 else -v)
-        xs[j] = d / _127
+        xs[j] = d / _CODES
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -145,20 +153,21 @@ def _quantize_x(X, bs, XQ, XA, XS):
         for j in range(X.shape[1] // bs):
             s = slice(j * bs, (j + 1) * bs)
             amax = _quantize_block(X[b, s], bits[b, s], XQ[b, s], XA[b, s])
-            XS[b, j] = (amax / _127) / _127
+            XS[b, j] = (amax / _127) / _CODES
 
 
 @njit(cache=True, fastmath=False, nogil=True, parallel=True)
 def _quantize_rows(X, bs, codes, scales):
     """Weight rows X f32 [n, k] -> ``codes`` int8 [n, k] as :func:`_quantize_x` gives them and
-    ``scales`` f32 [n, k / bs] each block's amax (:class:`F16Int8Linear`), rows split between the
-    threads."""
+    ``scales`` f32 [n, k / bs] each block's ``amax / 127 * CODE_SCALE`` (:class:`F16Int8Linear`:
+    its codes' step, times the :data:`CODE_SCALE` that activations' scales divide by), rows split
+    between the threads."""
     bits = X.view(np.int32)
     for r in prange(X.shape[0]):
         a = np.empty(bs, np.uint8)
         for j in range(X.shape[1] // bs):
             s = slice(j * bs, (j + 1) * bs)
-            scales[r, j] = _quantize_block(X[r, s], bits[r, s], codes[r, s], a)
+            scales[r, j] = (_quantize_block(X[r, s], bits[r, s], codes[r, s], a) / _127) * _CODES
 
 
 def quantize_activations(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -185,7 +194,7 @@ def quantize_activations_reference(X: np.ndarray, bs: int) -> tuple[np.ndarray, 
         inv = np.where(amax > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
     q = np.clip(np.rint(blocks * inv[:, :, None]), -_127, _127)
     q = np.concatenate([q[:, :, 0::2], q[:, :, 1::2]], axis=2).reshape(B, k).astype(np.int8)
-    return q, np.abs(q).astype(np.uint8), d / _127
+    return q, np.abs(q).astype(np.uint8), d / _CODES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +371,7 @@ class NF4Int8Linear(NF4Linear):
                                                                                   self.block_size)
         n, k = self.out_features, self.in_features
         threads = numba.get_num_threads() if self._parallel(n * k) else 1
-        return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XA, XS, threads, _pool(threads) if threads > 1 else None)
+        return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XS, threads, _pool(threads) if threads > 1 else None)
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""
@@ -408,9 +417,10 @@ class F16Int8Linear(F16Linear):
     TinyLlama step: 131 MB of float16 against 500 MB of NF4 layers); here its rows are quantized
     once, at load, to int8 codes per block of :data:`Q8_BLOCK` entries exactly as activations are
     (:func:`quantize_activations`: ``rint(w * 127 / amax)``, a block's even entries then its odd
-    ones) with the block's float32 ``amax`` as its scale, 8.5 bits a weight, and its products run the
-    int8 kernels (``simd.i8_rows_dot`` with int8 weights; twin
-    :func:`q8_matvec_batch_reference`): ``y = sum_j (xs_j * amax_j) * sum codes * q``, the NF4
+    ones) with ``sc = amax / 127 * 64`` as the block's float32 scale (the codes' step, times the
+    :data:`CODE_SCALE` the activations' ``xs`` divide by), 8.5 bits a weight, and its products run
+    the int8 kernels (``simd.i8_rows_dot`` with int8 weights; twin
+    :func:`q8_matvec_batch_reference`): ``y = sum_j (xs_j * sc_j) * sum codes * q``, the NF4
     arithmetic with the weight's own scales. Every row of a product is ``matvec`` of it. Rows
     looked up (``rows``: the embeddings of a tied head) and ``linear.exact_linear`` (training) read
     the float16 weight as before. Heads whose width is not a multiple of :data:`Q8_BLOCK` stay

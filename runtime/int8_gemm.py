@@ -18,9 +18,14 @@ kernels': their int32 sums are split into eight lanes; both quantize x identical
 
 * activations as the decode path quantizes them (``int8.quantize_activations``: per block of
   ``bs`` entries int8 codes ``q`` and a float scale ``xs``);
-* ``S[t, r, j]`` = the sum over block j of ``NF4_I8[code] * q`` (int32, exact). ``vpdpbusd`` takes
-  unsigned bytes times signed ones: the weights enter as ``NF4_I8 + 128`` (the table's bytes with
-  the sign bit flipped), and the sum starts from ``-128 * sum(q of the block)`` so it is exactly S;
+* ``S[t, r, j]`` = the sum over block j of ``NF4_I8[code] * q`` (int32, exact). ``vpdpbusd`` and
+  ``vpmaddubsw`` take unsigned bytes times signed ones, so the weights enter unsigned, offset by
+  ``o``, and the sum starts from ``-o * sum(q of the block)`` so that it is exactly S:
+  ``vpdpbusd`` as ``NF4_I8 + 128`` (the table's bytes with the sign bit flipped, ``o = 128``);
+  AVX2's ``vpmaddubsw`` as ``NF4_I8 + 64`` (0 .. 128, ``o = 64``: the codes take 7 bits, so a pair
+  of products is at most ``2 * 128 * 127 = 32512``, under its int16 saturation; the old sign step,
+  ``vpsignb`` of the weights by x against ``|q|``, cost a quarter of the instructions: 37-40 G
+  multiply-adds/s a thread on a Zen 3 core, now 50);
 * ``y[t, r]``: float32 ``acc = acc + float(S[t, r, j]) * (xs[t, j] * scale(r, j))`` block after
   block from 0 (a product, a product, a sum: no FMA), ``scale`` the block's absmax
   (``storage.block_scale``).
@@ -29,9 +34,10 @@ A token's result does not depend on the other tokens or on how the rows are tile
 gives the same bits in one chunk or many; the float steps are the decode kernels' per block, so
 the two paths differ only in how the int32 sums are split before them.
 
-Variants: ``vnni512`` (AVX-512 VNNI on 512-bit registers: 16 rows a register), ``portable``
-(plain loops, any CPU: the reference arithmetic, kept for the tests; prompts on CPUs without a
-SIMD variant keep the exact tiles). ``INT8_GEMM_SIMD`` is the variant this CPU runs, or None.
+Variants: ``vnni512`` (AVX-512 VNNI on 512-bit registers: 16 rows a register), ``vnni256``
+(``vpdpbusd`` on 256-bit registers: AVX-VNNI, or AVX-512 VNNI with VL), ``avx2`` (``vpmaddubsw`` +
+``vpmaddwd``), ``portable`` (plain loops, any CPU: the reference arithmetic, kept for the tests;
+prompts on CPUs without a SIMD variant keep the exact tiles). ``INT8_GEMM_SIMD`` is the variant this CPU runs, or None.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ GEMM_TOKENS = 4
 #: tokens a tile of the vnni512 variant (32 registers: the float sums of some wait in L1, and a
 #: decoded register serves twice as many ``vpdpbusd``); its last tile of a prompt is cut into 8 and less
 GEMM_WIDE_TOKENS = 16
+#: what the avx2 variant adds to each code to make it an unsigned byte for ``vpmaddubsw``: the
+#: table's codes must lie in -64 .. 64 (``int8.NF4_I8``), so that the bytes are 0 .. 128
+AVX2_OFFSET = 64
 GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
@@ -118,7 +127,7 @@ def nf4_int8_gemm_reference(q: NF4Tensor, table: np.ndarray, XQ: np.ndarray, XS:
 # ---------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
+def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
     """Rows of groups ``g0 .. g1`` (``GEMM_ROWS`` each, the last cut at n) for every token, read
     from the stored bytes in plain loops."""
     per_row, half = k // bs, bs // 2
@@ -216,28 +225,28 @@ def _gemm_codegen(tokens: int, isa: str):
     accumulator a register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a
     group's 16 rows are ``16 / lanes`` registers per token."""
     lanes = 16 if isa == "vnni512" else 8
+    offset = AVX2_OFFSET if isa == "avx2" else 128  # what the weights' unsigned bytes add to each code
     halves = GEMM_ROWS // lanes
     vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     c = lambda x: ir.Constant(_I64, x)
 
     def codegen(context, builder, sig, args):
-        table_p, rep_p, sc_p, xq_p, xa_p, xsum_p, xs_p, out_p = (
-            context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(8))
-        per_row, half, k, n_out, t0, o0 = args[8:14]
+        table_p, rep_p, sc_p, xq_p, xsum_p, xs_p, out_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(7))
+        per_row, half, k, n_out, t0, o0 = args[7:13]
         fn = lambda name, ret, params: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
         pshufb = fn("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b", vb, [vb, vb])
         t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
         table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes), list(range(16)) * (lanes // 4)))
         if isa == "avx2":
-            psign = fn("llvm.x86.avx2.psign.b", vb, [vb, vb])
+            table = builder.add(table, ir.Constant(vb, [AVX2_OFFSET] * 4 * lanes))  # NF4_I8 + 64: bytes 0 .. 128
             v16s = ir.VectorType(ir.IntType(16), 16)
             maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16s, [vb, vb])
             maddwd = fn("llvm.x86.avx2.pmadd.wd", vi, [v16s, v16s])
             ones = ir.Constant(v16s, [1] * 16)
 
-            def dot(acc, w, t, at):  # |x| times w signed by x: pairs at most 2 * 127 * 127, no saturation
-                sw = builder.call(psign, [w, builder.bitcast(xword(xq_t[t], at), vb)])
-                prod = builder.call(maddubs, [builder.bitcast(xword(xa_t[t], at), vb), sw])
+            def dot(acc, w, t, at):  # unsigned weights times x: pairs at most 2 * 128 * 127, no saturation
+                prod = builder.call(maddubs, [w, builder.bitcast(xword(xq_t[t], at), vb)])
                 return builder.add(acc, builder.call(maddwd, [prod, ones]))
         else:
             table = builder.xor(table, ir.Constant(vb, [0x80] * 4 * lanes))  # NF4_I8 + 128 as unsigned bytes
@@ -251,7 +260,6 @@ def _gemm_codegen(tokens: int, isa: str):
         rep8 = builder.bitcast(rep_p, _I8.as_pointer())
         ts = [builder.add(t0, c(t)) for t in range(tokens)]
         xq_t = [builder.gep(xq_p, [builder.mul(t, k)]) for t in ts]
-        xa_t = [builder.gep(xa_p, [builder.mul(t, k)]) for t in ts]
         xsum_t = [builder.gep(xsum_p, [builder.mul(t, per_row)]) for t in ts]
         xs_t = [builder.gep(xs_p, [builder.mul(t, per_row)]) for t in ts]
         out_t = [builder.gep(out_p, [builder.add(builder.mul(t, n_out), o0)]) for t in ts]
@@ -269,13 +277,9 @@ def _gemm_codegen(tokens: int, isa: str):
             def block(j, nd_v, half_v):
                 x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
                 wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(4 * GEMM_ROWS))])
-                for t in range(tokens):
-                    if isa == "avx2":
-                        start = ir.Constant(vi, [0] * lanes)
-                    else:  # the unsigned weights' excess, 128 * sum(q), taken off in advance
-                        corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -128))
-                        start = _splat(builder, corr, _I32, lanes)
-                    builder.store(start, iacc[t])
+                for t in range(tokens):  # the unsigned weights' excess, o * sum(q), taken off in advance
+                    corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -offset))
+                    builder.store(_splat(builder, corr, _I32, lanes), iacc[t])
 
                 def word(s):
                     at = builder.add(x0, builder.mul(s, c(4)))
@@ -322,23 +326,23 @@ def _gemm_codegen(tokens: int, isa: str):
 
 #: the SIMD variants, by the code :func:`i8_gemm_tile` takes as ``isa``: ``vpdpbusd`` on 512-bit
 #: registers (AVX-512 VNNI) or 256-bit ones (AVX-512 VNNI with VL, or AVX-VNNI), and ``vpmaddubsw``
-#: + ``vpmaddwd`` (AVX2, the signs of x moved onto the weights by ``vpsignb``)
+#: + ``vpmaddwd`` (AVX2, the weights offset by :data:`AVX2_OFFSET`)
 GEMM_ISAS = {"vnni512": 0, "vnni256": 1, "avx2": 2}
 
 
 @intrinsic
-def i8_gemm_tile(typingctx, table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, tokens, isa):
+def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, tokens, isa):
     """``out[(t0 + t) * n_out + o0 + lane]`` = row ``lane`` of one repacked group (``rep``, ``sc``:
     :func:`_repack`'s layout for one group) times token ``t0 + t`` for ``t < tokens`` (a literal,
-    1 .. ``GEMM_WIDE_TOKENS``): ``xq`` int8 and ``xa`` (its absolute values, uint8) [T * k], ``xsum``
-    int32 and ``xs`` f32 [T * per_row] flat. Per block of ``2 * half`` entries, ``half / 4`` word
+    1 .. ``GEMM_WIDE_TOKENS``): ``xq`` int8 [T * k], ``xsum`` int32 and ``xs`` f32 [T * per_row]
+    flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (:data:`AVX2_OFFSET`). Per block of ``2 * half`` entries, ``half / 4`` word
     steps of the group's 64 weight bytes, each decoded by two ``vpshufb`` into the even and odd
     entries of 16 rows and multiplied with every token's four entries (one 32-bit broadcast).
     ``isa``: a literal code of :data:`GEMM_ISAS`."""
-    arrays = (table, rep, sc, xq, xa, xsum, xs, out)
+    arrays = (table, rep, sc, xq, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
             and table.dtype == types.int8 and rep.dtype == types.uint32 and xq.dtype == types.int8
-            and xa.dtype == types.uint8 and xsum.dtype == types.int32
+            and xsum.dtype == types.int32
             and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
             and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_WIDE_TOKENS
             and isinstance(isa, types.IntegerLiteral) and isa.literal_value in GEMM_ISAS.values()):
@@ -349,36 +353,36 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xa, xsum, xs, out, per_row, half
 
 
 @njit(cache=True, nogil=True)
-def _tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, isa):
+def _tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, isa):
     """:func:`i8_gemm_tile` for ``m`` tokens: ``GEMM_WIDE_TOKENS`` at once, else 8 then the rest
     (each count its own literal; a token's result does not depend on its tile)."""
     numba.literally(isa)
     if m == GEMM_WIDE_TOKENS:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, GEMM_WIDE_TOKENS, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, GEMM_WIDE_TOKENS, isa)
         return
     if m > 8:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
         t0, m = t0 + 8, m - 8
     if m == 8:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
     elif m == 7:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 7, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 7, isa)
     elif m == 6:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 6, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 6, isa)
     elif m == 5:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 5, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 5, isa)
     elif m == 4:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 4, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 4, isa)
     elif m == 3:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 3, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 3, isa)
     elif m == 2:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 2, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 2, isa)
     else:
-        i8_gemm_tile(table, rep, sc, xq, xa, xsum, xs, out, per_row, half, k, n_out, t0, o0, 1, isa)
+        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 1, isa)
 
 
 @njit(cache=True, nogil=True)
-def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, isa):
+def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, isa):
     """Groups ``g0 .. g1`` of ``GEMM_ROWS`` rows: ``GEMM_GROUPS`` groups repacked at a time, then
     for each tile of ``GEMM_TOKENS`` tokens each group's tile product. ``OUT`` [T, n_out] with
     ``n_out`` >= ``g1 * GEMM_ROWS`` (lanes past n are written too, as zeros)."""
@@ -389,7 +393,7 @@ def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0,
     gsc = per_row * GEMM_ROWS
     rep = np.empty(GEMM_GROUPS * gwords, np.uint32)
     sc = np.empty(GEMM_GROUPS * gsc, np.float32)
-    xq, xa, xsum, xs, out = XQ.reshape(-1), XA.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
+    xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
     for c0 in range(g0, g1, GEMM_GROUPS):
         groups = min(GEMM_GROUPS, g1 - c0)
@@ -397,25 +401,25 @@ def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0,
         for t0 in range(0, T, step):
             m = min(step, T - t0)
             for g in range(groups):
-                _tile(table, rep[g * gwords:(g + 1) * gwords], sc[g * gsc:(g + 1) * gsc], xq, xa, xsum, xs, out,
+                _tile(table, rep[g * gwords:(g + 1) * gwords], sc[g * gsc:(g + 1) * gsc], xq, xsum, xs, out,
                       per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS, isa)
 
 
 # One per ISA, its code (GEMM_ISAS) compiled in
 
 @njit(cache=True, nogil=True)
-def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
-    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 0)
+def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, 0)
 
 
 @njit(cache=True, nogil=True)
-def _gemm_vnni256(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
-    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 1)
+def _gemm_vnni256(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, 1)
 
 
 @njit(cache=True, nogil=True)
-def _gemm_avx2(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT):
-    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XA, XSUM, XS, OUT, 2)
+def _gemm_avx2(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
+    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, 2)
 
 
 # Every variant this CPU runs (the tests prove each equal to the twin bit for bit)
@@ -432,13 +436,14 @@ def words(packed: np.ndarray) -> np.ndarray:
     return packed.view(np.uint32)
 
 
-def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XA: np.ndarray, XS: np.ndarray, threads: int,
-         pool=None) -> np.ndarray:
+def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None) -> np.ndarray:
     """f32 [T, n] = the quantized activations (``int8.quantize_activations``: ``XQ`` int8 [T, k],
-    ``XA`` its absolute values, ``XS`` f32 [T, k / bs]) times
-    the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)`` (SIMD
-    variants: ``packed`` as :func:`words` may be given), rows split in whole groups between ``threads`` threads of ``pool`` (GIL released)."""
-    bs = args[-1]
+    ``XS`` f32 [T, k / bs]) times the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested,
+    nshift, offset, bs)`` (SIMD variants: ``packed`` as :func:`words` may be given), rows split in
+    whole groups between ``threads`` threads of ``pool`` (GIL released)."""
+    table, bs = args[0], args[-1]
+    if variant == "avx2" and not (-AVX2_OFFSET <= int(table.min()) and int(table.max()) <= AVX2_OFFSET):
+        raise ValueError(f"the avx2 GEMM takes codes within -{AVX2_OFFSET} .. {AVX2_OFFSET}")
     XSUM = block_sums(XQ, bs)  # (on this thread: 128 x 5632 codes in 0.4 ms, less than a hand-off to the pool)
     groups = -(-n // GEMM_ROWS)
     OUT = np.empty((XQ.shape[0], groups * GEMM_ROWS), np.float32)
@@ -447,7 +452,7 @@ def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XA: np.ndarray, XS: np.n
         args = args[:2] + (words(args[2]),) + args[3:]
     threads = max(1, min(threads, groups))
     bounds = [groups * i // threads for i in range(threads + 1)]
-    work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XA, XSUM, XS, OUT)
+    work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XSUM, XS, OUT)
     if threads == 1 or pool is None:
         for i in range(threads):
             work(i)

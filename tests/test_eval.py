@@ -205,8 +205,9 @@ def test_product_report_is_the_twins_error_on_transformers_activations(tmp_path)
     X = seen["head"]
     codes = I8.quantize_activations_reference(head, I8.Q8_BLOCK)[0]
     amax = np.abs(head.reshape(head.shape[0], -1, I8.Q8_BLOCK)).max(axis=2)
+    scales = amax / np.float32(127) * np.float32(I8.CODE_SCALE)  # (the activations' scales divide by CODE_SCALE)
     exact = X.astype(np.float64) @ head.astype(np.float64).T
-    ref = np.linalg.norm(I8.q8_matvec_batch_reference(codes, amax, X) - exact) / np.linalg.norm(exact)
+    ref = np.linalg.norm(I8.q8_matvec_batch_reference(codes, scales, X) - exact) / np.linalg.norm(exact)
     assert abs(r.products[2]["projections"]["head"] - ref) <= 0.02 * ref, (r.products[2], ref)
     assert edgelora.evaluate(tmp_path / "b", text=text, max_context=256, products="exact").products == []
 

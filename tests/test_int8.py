@@ -43,11 +43,15 @@ def _activations(rng, B: int, k: int) -> np.ndarray:
     return X
 
 
-def test_codes_are_rounded_127ths_of_the_nf4_values():
-    assert I8.NF4_I8.dtype == np.int8
-    assert np.array_equal(I8.NF4_I8, np.round(NF4_CODE.astype(np.float64) * 127))
-    assert I8.NF4_I8[0] == -127 and I8.NF4_I8[7] == 0 and I8.NF4_I8[15] == 127
-    assert np.abs(I8.NF4_I8 / 127 - NF4_CODE).max() <= 0.5 / 127
+def test_codes_are_rounded_64ths_of_the_nf4_values():
+    assert I8.NF4_I8.dtype == np.int8 and I8.CODE_SCALE == 64
+    assert np.array_equal(I8.NF4_I8, np.round(NF4_CODE.astype(np.float64) * 64))
+    assert I8.NF4_I8[0] == -64 and I8.NF4_I8[7] == 0 and I8.NF4_I8[15] == 64
+    assert np.abs(I8.NF4_I8 / 64 - NF4_CODE).max() <= 0.5 / 64
+    # as AVX2's unsigned operand (codes + 64) against int8 activations (|q| <= 127), a pair of
+    # products never reaches vpmaddubsw's int16 saturation
+    u = I8.NF4_I8.astype(np.int32) + 64
+    assert u.min() >= 0 and 2 * u.max() * 127 < 2**15
 
 
 @settings(max_examples=30, deadline=None)
@@ -59,10 +63,10 @@ def test_activation_quantization_equals_twin(B, blocks, bs, seed):
         assert g.dtype == r.dtype and np.array_equal(g, r)
     XQ, XA, XS = got
     assert np.abs(XQ.astype(np.int32)).max() <= 127 and np.array_equal(XA, np.abs(XQ.astype(np.int32)))
-    # each entry within half a step of its block's float scale (xs * 127 is the step d)
+    # each entry within half a step of its block's float scale (xs * CODE_SCALE is the step d)
     q = XQ.reshape(B, blocks, 2, bs // 2)
-    deq = np.stack([q[:, :, 0], q[:, :, 1]], axis=3).reshape(B, blocks, bs) * (XS * 127)[:, :, None]
-    step = (XS * 127)[:, :, None]
+    deq = np.stack([q[:, :, 0], q[:, :, 1]], axis=3).reshape(B, blocks, bs) * (XS * I8.CODE_SCALE)[:, :, None]
+    step = (XS * I8.CODE_SCALE)[:, :, None]
     assert (np.abs(deq - X.reshape(B, blocks, bs)) <= 0.5 * step * (1 + 1e-5) + 1e-30).all()
 
 
@@ -172,15 +176,15 @@ def test_variants_follow_the_cpu():
 
 def _error_bound(q, X: np.ndarray) -> np.ndarray:
     """|int8 product - exact product| per output, derived: for weight ``code * s`` and entry x, the
-    int8 path multiplies ``(NF4_I8 / 127) * s`` by ``q * d``, so each term is off by at most
-    ``s * (0.5/127 * |x| + d/2)`` (codes within 0.5/127, |NF4_I8/127| <= 1, x within d/2); plus
+    int8 path multiplies ``(NF4_I8 / 64) * s`` by ``q * d``, so each term is off by at most
+    ``s * (0.5/64 * |x| + d/2)`` (codes within 0.5/64, |NF4_I8/64| <= 1, x within d/2); plus
     float32 rounding of the sums."""
     n, k = q.shape
     bs = q.block_size
     scale = q.absmax().reshape(n, k // bs)  # [n, blocks]
     Xb = X.reshape(X.shape[0], k // bs, bs).astype(np.float64)
     d = np.abs(Xb).max(axis=2) / 127  # [B, blocks]
-    per_block = 0.5 / 127 * np.abs(Xb).sum(axis=2) + bs * d / 2  # [B, blocks]
+    per_block = 0.5 / I8.CODE_SCALE * np.abs(Xb).sum(axis=2) + bs * d / 2  # [B, blocks]
     exact_mag = np.abs(q.dequantize_reference().astype(np.float64)) @ np.abs(X.astype(np.float64)).T  # [n, B]
     return (per_block @ scale.T.astype(np.float64)).astype(np.float64) + 1e-5 * exact_mag.T + 1e-30
 
@@ -268,14 +272,15 @@ def _head(rng, n: int, k: int) -> np.ndarray:
 @given(n=st.integers(1, 70), blocks=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
 def test_head_codes_are_the_weights_quantized_as_activations(n, blocks, seed):
     """At load each row is quantized as an activation row is (the twin's codes), its scales the
-    blocks' float32 amax; the chunks of rows it widens at a time do not change a bit."""
+    blocks' float32 ``amax / 127 * 64`` (the codes' step times CODE_SCALE); the chunks of rows it widens at a time do not change a bit."""
     rng = np.random.default_rng(seed)
     W = _head(rng, n, 64 * blocks)
     lin = I8.F16Int8Linear(W, chunk_rows=7)
     W32 = W.astype(np.float32)
     codes, _, _ = I8.quantize_activations_reference(W32, I8.Q8_BLOCK)
     assert np.array_equal(lin.codes, codes)
-    assert np.array_equal(_bits(lin.scales), _bits(np.abs(W32.reshape(n, blocks, 64)).max(axis=2)))
+    amax = np.abs(W32.reshape(n, blocks, 64)).max(axis=2)
+    assert np.array_equal(_bits(lin.scales), _bits(amax / np.float32(127) * np.float32(I8.CODE_SCALE)))
     assert lin.resident_nbytes == n * 64 * blocks + 4 * n * blocks
 
 
@@ -360,7 +365,8 @@ def test_head_products(monkeypatch, threaded):
     Xb = np.abs(X.reshape(23, 4, 64)).astype(np.float64)
     d = Xb.max(axis=2) / 127
     per_block = 0.5 / 127 * Xb.sum(axis=2) + 64 * d / 2  # [B, blocks]
-    bound = per_block @ lin.scales.T.astype(np.float64) + 1e-5 * (np.abs(X) @ np.abs(W.astype(np.float32)).T) + 1e-30
+    amax = lin.scales.astype(np.float64) * (127 / I8.CODE_SCALE)  # [n, blocks] (the scales hold amax / 127 * 64)
+    bound = per_block @ amax.T + 1e-5 * (np.abs(X) @ np.abs(W.astype(np.float32)).T) + 1e-30
     assert (np.abs(ref - f) <= bound).all()
 
 
@@ -440,13 +446,14 @@ def test_the_loader_lets_a_copied_head_go(converted, monkeypatch):
 # models: the tolerance
 # ---------------------------------------------------------------------------------------------
 
-# The stated tolerance. Per product the int8 path adds a relative error of about 0.8 % (codes
-# within 0.5/127, activations within half a step: sqrt(0.6 %^2 + 0.5 %^2) on Gaussian data) where
-# NF4 itself is off by about 9 %: a ratio near 0.09. Over a model's logits the RMS of (int8 - exact)
-# measured 0.02-0.12 of the RMS of (exact - float32) on every tiny architecture and on stories260K;
-# the tolerance is 0.25 of it (twice the worst measured), and the top token must agree wherever
-# exact's margin over the second exceeds twice the largest int8 deviation.
-RATIO_TOLERANCE = 0.25
+# The stated tolerance. Per product the int8 path adds a relative error of about 1.1 % (codes
+# within 0.5/64, activations within half a step, on Gaussian data; 0.8 % when the codes were
+# 127ths) where NF4 itself is off by about 9 %: a ratio near 0.12. Over a model's logits the RMS of
+# (int8 - exact) measured 0.02-0.27 of the RMS of (exact - float32) on every tiny architecture and
+# on stories260K (0.02-0.12 with 127ths); the tolerance is 0.5 of it (about twice the worst
+# measured), and the top token must agree wherever exact's margin over the second exceeds twice
+# the largest int8 deviation.
+RATIO_TOLERANCE = 0.5
 
 
 @pytest.fixture(scope="module")

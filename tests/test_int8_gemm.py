@@ -25,12 +25,16 @@ def _weight(rng, n: int, k: int, bs: int, dq: bool = True):
     return quantize_nf4((rng.standard_normal((n, k)) * 0.05).astype(np.float32), block_size=bs, double_quant=dq)
 
 
+def _weight_from(W: np.ndarray, bs: int):
+    return quantize_nf4(W, block_size=bs, double_quant=True)
+
+
 def _run(variant: str, q, X: np.ndarray, threads: int = 1) -> np.ndarray:
     qscale, nested, nshift, offset = q.scale_args()
     args = (I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, q.block_size)
-    XQ, XA, XS = I8.quantize_activations(X, q.block_size)
+    XQ, _, XS = I8.quantize_activations(X, q.block_size)
     pool = K._pool(threads) if threads > 1 else None
-    return G.gemm(variant, args, q.shape[0], q.shape[1], XQ, XA, XS, threads, pool)
+    return G.gemm(variant, args, q.shape[0], q.shape[1], XQ, XS, threads, pool)
 
 
 def _twin(q, X: np.ndarray) -> np.ndarray:
@@ -62,6 +66,38 @@ def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, 
 
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+def test_extreme_codes_and_activations_sum_exactly(variant):
+    """The largest pairs of products there can be: weights only at their blocks' extremes (codes
+    -64 and 64, bytes 0 and 128 once offset for avx2's ``vpmaddubsw``) against activations only at
+    +-127: every pair of products at its largest, ``2 * 128 * 127``, in either sign. The sums are
+    exact (the twin's bits), so nothing saturates."""
+    rng = np.random.default_rng(3)
+    n, k = 40, 256
+    W = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    W[:, :64] = 1.0  # a block of +1 only: 128 against 127 in every pair
+    q = _weight_from(W, 64)
+    assert set(np.unique(np.asarray(q.packed) >> 4)) <= {0, 15}
+    X = np.where(rng.random((9, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    X[0] = 1.0
+    X[1] = -1.0
+    got = _run(variant, q, X)
+    assert np.array_equal(_bits(got), _bits(_twin(q, X)))
+    assert np.allclose(got[0], (W.astype(np.float64) @ X[0].astype(np.float64)), rtol=1e-5)
+
+
+def test_avx2_gemm_refuses_codes_it_cannot_offset():
+    """avx2 offsets the codes by 64 into unsigned bytes: a table beyond -64 .. 64 is an error, not
+    wrong sums."""
+    rng = np.random.default_rng(4)
+    q = _weight(rng, 16, 64, 64)
+    qscale, nested, nshift, offset = q.scale_args()
+    table = (I8.NF4_I8.astype(np.int32) * 2 - (I8.NF4_I8 < 0)).clip(-127, 127).astype(np.int8)
+    XQ, _, XS = I8.quantize_activations(_activations(rng, 13, 64), 64)
+    with pytest.raises(ValueError, match="-64 .. 64"):
+        G.gemm("avx2", (table, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 64), 16, 64, XQ, XS, 1)
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
 def test_long_prompts_and_row_independence(variant):
     """1..300 tokens: the twin's bits, and each token's row the same whatever tokens come with it
     (so a prompt gives the same products in one chunk or several)."""
@@ -78,7 +114,7 @@ def test_long_prompts_and_row_independence(variant):
 @given(n=st.integers(1, 48), per_row=st.integers(1, 5), bs=st.sampled_from([64, 128]), dq=st.booleans(),
        T=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
 def test_gemm_within_the_derived_bound_of_exact(n, per_row, bs, dq, T, seed):
-    """The decode path's bound (tests/test_int8.py: codes within 0.5/127, x within half a step)
+    """The decode path's bound (tests/test_int8.py: codes within 0.5/64, x within half a step)
     holds for the GEMM too: it quantizes alike and only sums in another order."""
     rng = np.random.default_rng(seed)
     k = per_row * bs
