@@ -8,10 +8,11 @@ per weight block, and the products are summed in int32 by byte dot-product instr
 ``vpdpbusd`` (AVX-512 VNNI or AVX-VNNI) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2), codes looked up
 32 at a time by ``vpshufb``; on aarch64 ``sdot`` (dotprod), ``smmla`` (i8mm, batches) or widening
 NEON multiplies, codes looked up by ``tbl`` (``simd.i8_rows_dot``); a portable Numba loop
-elsewhere. The codes take 7 bits so that AVX2's prefill GEMM can feed them to ``vpmaddubsw`` as
-the unsigned bytes ``NF4_I8 + 64`` (0 .. 128) against the signed activations: a pair of products
-is at most ``2 * 128 * 127 = 32512``, under the instruction's int16 saturation, so no sign step
-is needed (``runtime/int8_gemm.py``).
+elsewhere. The codes take 7 bits so that AVX2 (the prefill GEMM, ``runtime/int8_gemm.py``, and
+the decode kernel) can feed them to ``vpmaddubsw`` as the unsigned bytes ``NF4_I8 + 64`` (0 .. 128)
+against the signed activations: a pair of products is at most ``2 * 128 * 127 = 32512``, under
+the instruction's int16 saturation, so no sign step is needed (with 8-bit codes, ``vpsignb`` of
+the weights by x was a quarter of the GEMM's instructions).
 
 The arithmetic, which every variant and the NumPy twin share bit for bit:
 

@@ -510,13 +510,19 @@ INT8_TILE_ROWS = 2  # rows a step takes side by side (they share each x load; 1.
 INT8_VNNI_TILE_ROWS = {1: 4}
 #: the avx2 kernel's rows side by side for two or more vectors: one. Two rows share each vector's
 #: four x loads, but from two vectors on those shared values outgrow the 16 registers and spill;
-#: with one row a pass each x load is used once, straight from memory by ``vpsignb`` and
-#: ``vpmaddubsw`` (two to five vectors 9-15 % faster on the Zen 3 machine, ``bench/README.md``)
+#: with one row a pass each x load is used once, straight from memory (two to five vectors 9-15 %
+#: faster on the Zen 3 machine, ``bench/README.md``; two rows again once the codes needed no sign
+#: step: 4-5 vectors 10 % slower)
 INT8_AVX2_BATCH_TILE_ROWS = 1
+#: the avx2 kernel's rows side by side for one vector of NF4 codes (4 rows: 5 % slower there)
+INT8_AVX2_TILE_ROWS = 2
 # row tiles ahead whose bytes a step prefetches: one tile ahead (2 KB of a 2048-wide row pair) left
 # the loads waiting on memory; 8 (16 rows) made a TinyLlama decode step's layers 8-15 % faster on
 # 2 threads here (bench/README.md), farther gained nothing more
 INT8_PREFETCH_TILES = 8
+#: what the avx2 kernel adds to NF4's int8 codes (``int8.NF4_I8``, -64 .. 64) to multiply them as
+#: unsigned bytes (0 .. 128) by ``vpmaddubsw`` with no sign step
+AVX2_CODE_OFFSET = 64
 
 
 _V32, _V16, _V8I, _V4I = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I32, 8), ir.VectorType(_I32, 4)
@@ -548,11 +554,13 @@ def _neon_asm(builder, mnemonic, extension, acc, a, b):
 def _i8_lookup(builder, isa, table_p):
     """``lookup(idx)``: the int8 codes ``table[idx]`` of 32 nibbles (bytes 0 .. 15): ``vpshufb`` of
     the 16-byte table held twice in a 256-bit register on x86-64, two ``tbl`` on aarch64; for
-    ``vnni`` the codes plus 128, as unsigned bytes (:func:`_i8_dot`)."""
+    ``vnni`` the codes plus 128, for ``avx2u`` plus 64, as unsigned bytes (:func:`_i8_dot`)."""
     t16 = builder.load(builder.bitcast(table_p, _V16.as_pointer()), align=1)
     if isa == "vnni":  # the codes plus 128 (their sign bit flipped): 1 .. 255, vpdpbusd's unsigned operand
         t16 = builder.xor(t16, ir.Constant(_V16, [0x80] * 16))
-    if isa in ("vnni", "avx2"):
+    if isa == "avx2u":  # the 7-bit codes plus 64: 0 .. 128, vpmaddubsw's unsigned operand
+        t16 = builder.add(t16, ir.Constant(_V16, [AVX2_CODE_OFFSET] * 16))
+    if isa in ("vnni", "avx2", "avx2u"):
         pshufb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32, [_V32, _V32]),
                                                 "llvm.x86.avx2.pshuf.b")
         table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
@@ -565,9 +573,18 @@ def _i8_lookup(builder, isa, table_p):
 def _i8_dot(builder, isa):
     """``dot(acc, w, q, a)``: the 8 int32 lanes ``acc[l] + sum_{i<4} w[4l+i] * q[4l+i]`` of 32 int8
     codes ``w`` and activations ``q`` (``a = |q|`` as uint8, which the avx2 kernel uses); for
-    ``vnni``, ``w`` are the codes plus 128 and the sum carries ``128 * sum q`` more."""
+    ``vnni``, ``w`` are the codes plus 128 and the sum carries ``128 * sum q`` more; for ``avx2u``
+    (NF4's 7-bit codes on AVX2), the codes plus 64 and ``64 * sum q`` more."""
     mod = builder.module
     fn = lambda name, ret, params: cgutils.get_or_insert_function(mod, ir.FunctionType(ret, params), name)
+    if isa == "avx2u":
+        v16i = ir.VectorType(ir.IntType(16), 16)
+        maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [_V32, _V32])
+        maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I, [v16i, v16i])
+        ones = ir.Constant(v16i, [1] * 16)
+        # (w + 64) . x: unsigned 0 .. 128 times signed |x| <= 127, pairs at most 2 * 128 * 127 = 32512:
+        # under vpmaddubsw's int16 saturation; the caller starts the lanes at -64 * (their sum of x)
+        return lambda acc, w, q, a: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [w, q]), ones]))
     if isa in ("vnni", "avx2"):
         psign = fn("llvm.x86.avx2.psign.b", _V32, [_V32, _V32])
         if isa == "vnni":
@@ -642,6 +659,52 @@ def _i8_offsets(builder):
     return offsets
 
 
+def _i8_offsets_avx2u(builder):
+    """``offsets(qe, qo)`` for ``avx2u``: the 8 int32 lanes ``-64 * sum_{i<4} (qe[4l+i] + qo[4l+i])``
+    that cancel what the codes' +64 adds to a chunk's sums (``vpmaddubsw`` of 64s by each half, at
+    most ``64 * 254`` a pair, summed in int16 (at most 32512), then ``vpmaddwd`` by ones)."""
+    mod = builder.module
+    v16i = ir.VectorType(ir.IntType(16), 16)
+    maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [_V32, _V32]), "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8I, [v16i, v16i]), "llvm.x86.avx2.pmadd.wd")
+    k64, ones = ir.Constant(_V32, [AVX2_CODE_OFFSET] * 32), ir.Constant(v16i, [1] * 16)
+    zero = ir.Constant(_V8I, [0] * 8)
+
+    def offsets(qe, qo):
+        pairs = builder.add(builder.call(maddubs, [k64, qe]), builder.call(maddubs, [k64, qo]))
+        return builder.sub(zero, builder.call(maddwd, [pairs, ones]))
+
+    return offsets
+
+
+def _i8_offset_table(builder, f, nvec):
+    """``avx2u``'s offsets (:func:`_i8_offsets_avx2u`) of every chunk of every vector, computed once
+    before the rows (so that no row pass spends instructions on them) into a stack buffer, released
+    by the returned ``done()``: ``(at(v, j, i), done)``, ``at`` the offsets of vector v's chunk at
+    byte ``i`` of block j."""
+    c = f.c
+    save = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.PointerType(), []),
+                                                       "llvm.stacksave.p0"), [])
+    per_block = builder.udiv(f.half, c(INT8_CHUNK))  # chunks of a block
+    chunks = builder.mul(f.per_row, per_block)  # of a vector
+    buf = builder.alloca(_V8I, size=builder.mul(chunks, c(nvec)))
+    offsets = _i8_offsets_avx2u(builder)
+    at = lambda v, j, i: builder.gep(buf, [builder.add(builder.mul(c(v), chunks), builder.add(
+        builder.mul(j, per_block), builder.udiv(i, c(INT8_CHUNK))))])
+    for v in range(nvec):
+        with cgutils.for_range(builder, f.per_row) as blk:
+            with cgutils.for_range_slice(builder, c(0), f.half, c(INT8_CHUNK)) as (i, _):
+                x = builder.add(builder.mul(blk.index, builder.mul(f.half, c(2))), i)  # the chunk's even entries
+                qe, qo = f.load32(f.xq[v], x), f.load32(f.xq[v], builder.add(x, f.half))
+                builder.store(offsets(qe, qo), at(v, blk.index, i), align=32)
+
+    def done():
+        builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType()]),
+                                                    "llvm.stackrestore.p0"), [save])
+
+    return at, done
+
+
 def _for_chunks(builder, f, half, chunk):
     """``chunk(i)`` for the 32-byte chunks ``i`` of a block of ``half`` bytes: unrolled when ``half``
     is a constant (64-weight blocks: one chunk), a loop otherwise."""
@@ -690,14 +753,18 @@ def _i8_codegen(isa: str, nvec: int, call, q8: bool = False):
     def codegen(context, builder, sig, args):
         f = _i8_frame(context, builder, sig, args, nvec, q8)
         c = f.c
-        lookup, dot = _i8_lookup(builder, isa, f.table_p), _i8_dot(builder, isa)
+        unsigned = isa == "avx2" and not q8  # NF4's 7-bit codes on AVX2: as unsigned bytes, codes + 64
+        kisa = "avx2u" if unsigned else isa
+        lookup, dot = _i8_lookup(builder, kisa, f.table_p), _i8_dot(builder, kisa)
         scale = f.q8_scale if q8 else _block_scale(context, builder, call, *f.block_args)
         flip = ir.Constant(_V32, [0x80] * 32)  # q8 on vnni: the codes plus 128, vpdpbusd's unsigned operand
         four, fifteen = ir.Constant(_V32, [4] * 32), ir.Constant(_V32, [15] * 32)
         x86, vnni = isa in ("vnni", "avx2"), isa == "vnni"
         offsets = _i8_offsets(builder) if vnni else None
+        offset_at, offsets_done = _i8_offset_table(builder, f, nvec) if unsigned else (None, None)
         tile = (INT8_VNNI_TILE_ROWS.get(nvec, INT8_TILE_ROWS) if vnni else
-                INT8_AVX2_BATCH_TILE_ROWS if isa == "avx2" and nvec > 1 else INT8_TILE_ROWS)
+                INT8_AVX2_BATCH_TILE_ROWS if isa == "avx2" and nvec > 1 else
+                INT8_AVX2_TILE_ROWS if unsigned else INT8_TILE_ROWS)
         accs = [[cgutils.alloca_once(builder, v8f) for _ in range(nvec)] for _ in range(tile)]  # [row][vector]
         sums = [[cgutils.alloca_once(builder, _V8I) for _ in range(nvec)] for _ in range(tile)]
 
@@ -722,12 +789,15 @@ def _i8_codegen(isa: str, nvec: int, call, q8: bool = False):
                 def chunk(i):
                     at = builder.add(builder.mul(start, c(2)), i)  # even entries; the odd ones ``half`` on
                     at_o = builder.add(at, half)
-                    absolute = x86 and not vnni
+                    absolute = x86 and not vnni and not unsigned
                     xs = [[f.load32(xq, at), f.load32(xa, at) if absolute else None, f.load32(xq, at_o),
                            f.load32(xa, at_o) if absolute else None] for xq, xa in zip(f.xq, f.xa)]  # shared by the rows
                     # vnni: each vector's lanes start at -128 * their sum of x (as the block's first chunk
-                    # when a block is one chunk, added otherwise), shared by the rows
-                    starts = [offsets(qe, qo) for qe, _, qo, _ in xs] if vnni else [None] * nvec
+                    # when a block is one chunk, added otherwise), shared by the rows; avx2u: at
+                    # -64 * that sum, computed before the rows
+                    starts = ([offsets(qe, qo) for qe, _, qo, _ in xs] if vnni else
+                              [builder.load(offset_at(v, j, i), align=32) for v in range(nvec)] if unsigned else
+                              [None] * nvec)
                     for t in range(count):
                         if q8:  # the even entries' codes and the odd ones', as x holds them
                             wh, wl = f.load32(p_rows[t], at), f.load32(p_rows[t], at_o)
@@ -756,6 +826,8 @@ def _i8_codegen(isa: str, nvec: int, call, q8: bool = False):
                     builder.store(_hsum(builder, builder.load(a), 8), builder.gep(out, [rs[t]]))
 
         _for_row_tiles(builder, f, run_rows, tile)
+        if unsigned:
+            offsets_done()
         return context.get_dummy_value()
 
     return codegen
@@ -854,9 +926,13 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     path's arithmetic (``runtime/int8.py``): ``table`` the 16 NF4 values as int8 (looked up by
     ``vpshufb`` or ``tbl``), ``xq`` the vectors quantized to int8 (each block's even entries, then
     its odd ones), ``xa`` their absolute values (uint8), ``xs`` [vectors, per_row] their float
-    scales. On x86-64 the signs of x move onto the weights (``vpsignb``) so that the
-    unsigned-times-signed byte products see ``|x|``; aarch64's ``sdot``/``smmla`` multiply signed
-    bytes. ``nvec`` (1 .. MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
+    scales. On x86-64 the byte products take an unsigned operand: NF4's 7-bit codes enter as
+    ``code + 128`` (``vpdpbusd``) or ``code + 64`` (AVX2's ``vpmaddubsw``: pairs of products at most
+    ``2 * 128 * 127``, under its int16 saturation), each chunk's lanes starting from minus that
+    offset times their sum of x (the avx2 offsets computed once a call, before the rows, into a
+    stack buffer); int8 weights on AVX2 (``F16Int8Linear``, full 8 bits) move the signs of x onto the
+    weights (``vpsignb``) so that the products see ``|x|``; aarch64's ``sdot``/``smmla`` multiply
+    signed bytes. ``nvec`` (1 .. MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
     bytes are decoded once for all the vectors; ``smmla`` with one vector is ``sdot``.
 
     ``packed`` int8 instead of uint8: weights quantized to int8 as x is (``int8.F16Int8Linear``: blocks

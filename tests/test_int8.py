@@ -85,6 +85,31 @@ def test_prompt_activation_quantization_equals_twin(threads):
 
 
 @pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
+@pytest.mark.parametrize("B", [1, 2, 5])
+@pytest.mark.parametrize("bs", [64, 128])
+def test_extreme_codes_and_activations_sum_exactly(variant, B, bs):
+    """The largest pairs of products there can be: weights only at their blocks' extremes (codes -64
+    and 64: bytes 0 and 128 where avx2 offsets them for ``vpmaddubsw``) against activations only at
+    +-127, so every pair of products is ``2 * 128 * 127`` in either sign; a block of +1s against
+    +1s and against -1s. The twin's bits: nothing saturates."""
+    rng = np.random.default_rng(B)
+    n, k = 9, 4 * bs
+    W = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    W[:, :bs] = 1.0
+    q = quantize_nf4(W, block_size=bs, double_quant=True)
+    assert set(np.unique(np.asarray(q.packed) >> 4)) <= {0, 15}
+    X = np.where(rng.random((B, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    X[0, :bs] = 1.0
+    X[-1, :bs] = -1.0
+    qscale, nested, nshift, offset = q.scale_args()
+    out = np.full((B, n), np.nan, np.float32)
+    I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 0, n, k // bs, bs // 2,
+                              *I8.quantize_activations(X, bs), out, 0)
+    assert np.array_equal(_bits(out), _bits(I8.nf4_int8_matvec_batch_reference(q, X)))
+    assert np.allclose(out, X.astype(np.float64) @ W.T.astype(np.float64), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), per_row=st.integers(1, 5), bs=st.sampled_from([64, 128, 256]), dq=st.booleans(),
        B=st.integers(1, 7), seed=st.integers(0, 2**32 - 1))
