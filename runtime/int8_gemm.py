@@ -24,8 +24,8 @@ kernels': their int32 sums are split into eight lanes; both quantize x identical
   ``vpdpbusd`` as ``NF4_I8 + 128`` (the table's bytes with the sign bit flipped, ``o = 128``);
   AVX2's ``vpmaddubsw`` as ``NF4_I8 + 64`` (0 .. 128, ``o = 64``: the codes take 7 bits, so a pair
   of products is at most ``2 * 128 * 127 = 32512``, under its int16 saturation; the old sign step,
-  ``vpsignb`` of the weights by x against ``|q|``, cost a quarter of the instructions: 37-40 G
-  multiply-adds/s a thread on a Zen 3 core, now 50);
+  ``vpsignb`` of the weights by x against ``|q|``, was a quarter of the instructions: 31 G
+  multiply-adds/s a thread on a Zen 3 core, now 39-40);
 * ``y[t, r]``: float32 ``acc = acc + float(S[t, r, j]) * (xs[t, j] * scale(r, j))`` block after
   block from 0 (a product, a product, a sum: no FMA), ``scale`` the block's absmax
   (``storage.block_scale``).
@@ -37,7 +37,8 @@ the two paths differ only in how the int32 sums are split before them.
 Variants: ``vnni512`` (AVX-512 VNNI on 512-bit registers: 16 rows a register), ``vnni256``
 (``vpdpbusd`` on 256-bit registers: AVX-VNNI, or AVX-512 VNNI with VL), ``avx2`` (``vpmaddubsw`` +
 ``vpmaddwd``), ``portable`` (plain loops, any CPU: the reference arithmetic, kept for the tests;
-prompts on CPUs without a SIMD variant keep the exact tiles). ``INT8_GEMM_SIMD`` is the variant this CPU runs, or None.
+prompts on CPUs without a SIMD variant keep the exact tiles). ``INT8_GEMM_SIMD`` is the variant
+this CPU runs, or None.
 """
 
 from __future__ import annotations
@@ -335,9 +336,10 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k,
     """``out[(t0 + t) * n_out + o0 + lane]`` = row ``lane`` of one repacked group (``rep``, ``sc``:
     :func:`_repack`'s layout for one group) times token ``t0 + t`` for ``t < tokens`` (a literal,
     1 .. ``GEMM_WIDE_TOKENS``): ``xq`` int8 [T * k], ``xsum`` int32 and ``xs`` f32 [T * per_row]
-    flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (:data:`AVX2_OFFSET`). Per block of ``2 * half`` entries, ``half / 4`` word
-    steps of the group's 64 weight bytes, each decoded by two ``vpshufb`` into the even and odd
-    entries of 16 rows and multiplied with every token's four entries (one 32-bit broadcast).
+    flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (:data:`AVX2_OFFSET`). Per block of
+    ``2 * half`` entries, ``half / 4`` word steps of the group's 64 weight bytes, each decoded by
+    two ``vpshufb`` into the even and odd entries of 16 rows and multiplied with every token's four
+    entries (one 32-bit broadcast).
     ``isa``: a literal code of :data:`GEMM_ISAS`."""
     arrays = (table, rep, sc, xq, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
