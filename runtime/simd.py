@@ -582,7 +582,7 @@ def _i8_dot(builder, isa):
         maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [_V32, _V32])
         maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I, [v16i, v16i])
         ones = ir.Constant(v16i, [1] * 16)
-        # (w + 64) . x: unsigned 0 .. 128 times signed |x| <= 127, pairs at most 2 * 128 * 127 = 32512:
+        # (w + 64) . x: unsigned 0 .. 128 times signed x (|x| <= 127), pairs at most 2 * 128 * 127 = 32512:
         # under vpmaddubsw's int16 saturation; the caller starts the lanes at -64 * (their sum of x)
         return lambda acc, w, q, a: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [w, q]), ones]))
     if isa in ("vnni", "avx2"):

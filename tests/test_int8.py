@@ -297,7 +297,8 @@ def _head(rng, n: int, k: int) -> np.ndarray:
 @given(n=st.integers(1, 70), blocks=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
 def test_head_codes_are_the_weights_quantized_as_activations(n, blocks, seed):
     """At load each row is quantized as an activation row is (the twin's codes), its scales the
-    blocks' float32 ``amax / 127 * 64`` (the codes' step times CODE_SCALE); the chunks of rows it widens at a time do not change a bit."""
+    blocks' float32 ``amax / 127 * 64`` (the codes' step times CODE_SCALE); the chunks of rows it
+    widens at a time do not change a bit."""
     rng = np.random.default_rng(seed)
     W = _head(rng, n, 64 * blocks)
     lin = I8.F16Int8Linear(W, chunk_rows=7)
