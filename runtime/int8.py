@@ -57,7 +57,8 @@ from numba.extending import intrinsic, overload
 
 from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD, gemm, nf4_int8_gemm_reference, words
 from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
-from edgelora.runtime.simd import INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_SIMD, MAX_VECTORS, i8_rows_dot
+from edgelora.runtime.simd import (INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_MAX_VECTORS, INT8_SIMD, MAX_VECTORS,
+                                   i8_rows_dot)
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
 #: the integer the NF4 value 1.0 becomes (module docstring: 7-bit codes, a power of two)
@@ -246,29 +247,33 @@ def _i8_rows_portable(table, dyn, packed, qscale, nested, nshift, offset, b0, n_
             OUT[v, o0 + r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 
-#: a batch of more than ``MAX_VECTORS`` vectors goes over its rows this many bytes of codes at a
-#: time, each group of vectors in turn, so that the groups after the first read the rows from
-#: cache: five vectors (four guesses and the last token of a speculative step) read each weight
-#: from memory once, not twice
+#: a batch of more vectors than a group (:func:`_i8_rows_simd`) goes over its rows this many bytes
+#: of codes at a time, each group of vectors in turn, so that the groups after the first read the
+#: rows from cache: every weight is read from memory once, not once a group
 BATCH_ROW_BYTES = 32768
 
 
 @njit(cache=True)
 def _i8_rows_simd(table, dyn, packed, qscale, nested, nshift, offset, b0, n_rows, per_row, half, XQ, XA, XS, OUT,
                   o0, isa):
-    """``simd.i8_rows_dot`` for groups of at most ``MAX_VECTORS`` vectors (the count a literal);
-    more vectors than that: a run of rows (:data:`BATCH_ROW_BYTES`) at a time for every group."""
+    """``simd.i8_rows_dot`` for groups of at most ``INT8_MAX_VECTORS`` vectors on x86-64
+    (``isa`` 0, 1), ``MAX_VECTORS`` on aarch64 (the count a literal); more vectors than a group: a
+    run of rows (:data:`BATCH_ROW_BYTES`) at a time for every group."""
     numba.literally(isa)
+    group = INT8_MAX_VECTORS if isa <= 1 else MAX_VECTORS
     n_vec, n_out = XQ.shape[0], OUT.shape[1]
     xq, xa, xs, out = XQ.reshape(-1), XA.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     row = packed.size // max(n_rows, 1)  # bytes of a row
-    step = n_rows if n_vec <= MAX_VECTORS else max(1, BATCH_ROW_BYTES // max(row, 1))
+    step = n_rows if n_vec <= group else max(1, BATCH_ROW_BYTES // max(row, 1))
     for r0 in range(0, n_rows, step):
         rows = min(step, n_rows - r0)
         p, b, o = packed[r0 * row:(r0 + rows) * row], b0 + r0 * per_row, o0 + r0
-        for v0 in range(0, n_vec, MAX_VECTORS):
-            m = min(MAX_VECTORS, n_vec - v0)
-            if m == 4:
+        for v0 in range(0, n_vec, group):
+            m = min(group, n_vec - v0)
+            if m == 5:
+                i8_rows_dot(table, dyn, p, qscale, nested, xq, xa, xs, out, nshift, offset, b, rows, per_row, half,
+                            v0, n_out, o, 5, isa)
+            elif m == 4:
                 i8_rows_dot(table, dyn, p, qscale, nested, xq, xa, xs, out, nshift, offset, b, rows, per_row, half,
                             v0, n_out, o, 4, isa)
             elif m == 3:

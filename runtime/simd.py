@@ -80,6 +80,11 @@ _I8 = ir.IntType(8)
 _I64 = ir.IntType(64)
 
 MAX_VECTORS = 4  # vectors one tile call takes; larger batches are split into groups
+#: vectors one int8 call takes on x86-64 (``i8_rows_dot``, ``int8._i8_rows_simd``): a speculative
+#: step's last token and its four guesses in one pass (a 5632 x 2048 weight by 5 vectors cost 1.12
+#: (avx2) and 1.19-1.26 (vnni) of 4 vectors' time, against 1.40-1.54 and 1.34-1.39 as 4 + 1, on the
+#: AVX-512 machine, ``bench/README.md``); aarch64's variants keep groups of ``MAX_VECTORS``
+INT8_MAX_VECTORS = 5
 # rows a tile decodes side by side, by vector count: each x chunk loaded once serves them all,
 # within the register file (AVX-512: 32 registers, 2 accumulators a row and vector; AVX2: 16;
 # NEON: 32 of 4 floats, a 16-float accumulator taking 4 of them)
@@ -932,7 +937,7 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
     offset times their sum of x (the avx2 offsets computed once a call, before the rows, into a
     stack buffer); int8 weights on AVX2 (``F16Int8Linear``, full 8 bits) move the signs of x onto the
     weights (``vpsignb``) so that the products see ``|x|``; aarch64's ``sdot``/``smmla`` multiply
-    signed bytes. ``nvec`` (1 .. MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
+    signed bytes. ``nvec`` (1 .. INT8_MAX_VECTORS) and ``isa`` (:data:`INT8_ISAS`) are literals: a chunk's
     bytes are decoded once for all the vectors; ``smmla`` with one vector is ``sdot``.
 
     ``packed`` int8 instead of uint8: weights quantized to int8 as x is (``int8.F16Int8Linear``: blocks
@@ -944,7 +949,7 @@ def i8_rows_dot(typingctx, table, dyn, packed, qscale, nested, xq, xa, xs, out, 
             and table.dtype == types.int8 and xq.dtype == types.int8 and xa.dtype == types.uint8
             and packed.dtype in (types.uint8, types.int8) and qscale.dtype == types.uint8 and out.mutable
             and all(a.dtype == types.float32 for a in (dyn, nested, xs, out))
-            and isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= MAX_VECTORS
+            and isinstance(nvec, types.IntegerLiteral) and 1 <= nvec.literal_value <= INT8_MAX_VECTORS
             and isinstance(isa, types.IntegerLiteral) and isa.literal_value in INT8_ISAS.values()):
         return None
     name = {v: k for k, v in INT8_ISAS.items()}[isa.literal_value]
