@@ -163,9 +163,10 @@ def test_every_variant_equals_the_twin_on_long_rows(variant, n, per_row, nested,
 @pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
 @pytest.mark.parametrize("B", [5, 6, 9, 11])
 def test_batches_of_more_than_a_group_take_runs_of_rows(variant, B):
-    """More vectors than a group (``INT8_MAX_VECTORS`` on x86-64, ``MAX_VECTORS`` on aarch64) go over the rows a run of ``BATCH_ROW_BYTES`` at
-    a time, every group in turn: the twin's bits across the runs' boundaries, with a last run cut
-    short, from a row offset (a thread's slice) and a block offset that crosses nested scales."""
+    """More vectors than a group (``INT8_MAX_VECTORS`` on x86-64, ``MAX_VECTORS`` on aarch64) go
+    over the rows a run of ``BATCH_ROW_BYTES`` at a time, every group in turn: the twin's bits
+    across the runs' boundaries, with a last run cut short, from a row offset (a thread's slice)
+    and a block offset that crosses nested scales."""
     rng = np.random.default_rng(B)
     k, r0 = 4096, 3
     row, per_row = k // 2, k // 64
