@@ -50,7 +50,7 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from edgelora.runtime.simd import _FEATURES, _AARCH64, _I8, _I32, _I64, _F32
+from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes
 from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
 
 GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit register)
@@ -61,9 +61,6 @@ GEMM_TOKENS = 4
 #: tokens a tile of the vnni512 variant (32 registers: the float sums of some wait in L1, and a
 #: decoded register serves twice as many ``vpdpbusd``); its last tile of a prompt is cut into 8 and less
 GEMM_WIDE_TOKENS = 16
-#: what the avx2 variant adds to each code to make it an unsigned byte for ``vpmaddubsw``: the
-#: table's codes must lie in -64 .. 64 (``int8.NF4_I8``), so that the bytes are 0 .. 128
-AVX2_OFFSET = 64
 GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
@@ -226,7 +223,7 @@ def _gemm_codegen(tokens: int, isa: str):
     accumulator a register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a
     group's 16 rows are ``16 / lanes`` registers per token."""
     lanes = 16 if isa == "vnni512" else 8
-    offset = AVX2_OFFSET if isa == "avx2" else 128  # what the weights' unsigned bytes add to each code
+    offset = AVX2_CODE_OFFSET if isa == "avx2" else 128  # what the weights' unsigned bytes add to each code
     halves = GEMM_ROWS // lanes
     vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     c = lambda x: ir.Constant(_I64, x)
@@ -240,15 +237,11 @@ def _gemm_codegen(tokens: int, isa: str):
         t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
         table = builder.shuffle_vector(t16, t16, ir.Constant(ir.VectorType(_I32, 4 * lanes), list(range(16)) * (lanes // 4)))
         if isa == "avx2":
-            table = builder.add(table, ir.Constant(vb, [AVX2_OFFSET] * 4 * lanes))  # NF4_I8 + 64: bytes 0 .. 128
-            v16s = ir.VectorType(ir.IntType(16), 16)
-            maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16s, [vb, vb])
-            maddwd = fn("llvm.x86.avx2.pmadd.wd", vi, [v16s, v16s])
-            ones = ir.Constant(v16s, [1] * 16)
+            table = builder.add(table, ir.Constant(vb, [AVX2_CODE_OFFSET] * 4 * lanes))  # NF4_I8 + 64: bytes 0 .. 128
+            maddubs = _maddubs_lanes(builder)  # vpmaddubsw, vpmaddwd by ones: 8 int32 lanes
 
             def dot(acc, w, t, at):  # unsigned weights times x: pairs at most 2 * 128 * 127, no saturation
-                prod = builder.call(maddubs, [w, builder.bitcast(xword(xq_t[t], at), vb)])
-                return builder.add(acc, builder.call(maddwd, [prod, ones]))
+                return builder.add(acc, maddubs(w, builder.bitcast(xword(xq_t[t], at), vb)))
         else:
             table = builder.xor(table, ir.Constant(vb, [0x80] * 4 * lanes))  # NF4_I8 + 128 as unsigned bytes
             dpbusd = fn("llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256", vi,
@@ -327,7 +320,7 @@ def _gemm_codegen(tokens: int, isa: str):
 
 #: the SIMD variants, by the code :func:`i8_gemm_tile` takes as ``isa``: ``vpdpbusd`` on 512-bit
 #: registers (AVX-512 VNNI) or 256-bit ones (AVX-512 VNNI with VL, or AVX-VNNI), and ``vpmaddubsw``
-#: + ``vpmaddwd`` (AVX2, the weights offset by :data:`AVX2_OFFSET`)
+#: + ``vpmaddwd`` (AVX2, the weights offset by ``simd.AVX2_CODE_OFFSET``)
 GEMM_ISAS = {"vnni512": 0, "vnni256": 1, "avx2": 2}
 
 
@@ -336,7 +329,7 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k,
     """``out[(t0 + t) * n_out + o0 + lane]`` = row ``lane`` of one repacked group (``rep``, ``sc``:
     :func:`_repack`'s layout for one group) times token ``t0 + t`` for ``t < tokens`` (a literal,
     1 .. ``GEMM_WIDE_TOKENS``): ``xq`` int8 [T * k], ``xsum`` int32 and ``xs`` f32 [T * per_row]
-    flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (:data:`AVX2_OFFSET`). Per block of
+    flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (``simd.AVX2_CODE_OFFSET``). Per block of
     ``2 * half`` entries, ``half / 4`` word steps of the group's 64 weight bytes, each decoded by
     two ``vpshufb`` into the even and odd entries of 16 rows and multiplied with every token's four
     entries (one 32-bit broadcast).
@@ -444,8 +437,8 @@ def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XS: np.ndarray, threads:
     nshift, offset, bs)`` (SIMD variants: ``packed`` as :func:`words` may be given), rows split in
     whole groups between ``threads`` threads of ``pool`` (GIL released)."""
     table, bs = args[0], args[-1]
-    if variant == "avx2" and not (-AVX2_OFFSET <= int(table.min()) and int(table.max()) <= AVX2_OFFSET):
-        raise ValueError(f"the avx2 GEMM takes codes within -{AVX2_OFFSET} .. {AVX2_OFFSET}")
+    if variant == "avx2" and not (-AVX2_CODE_OFFSET <= int(table.min()) and int(table.max()) <= AVX2_CODE_OFFSET):
+        raise ValueError(f"the avx2 GEMM takes codes within -{AVX2_CODE_OFFSET} .. {AVX2_CODE_OFFSET}")
     XSUM = block_sums(XQ, bs)  # (on this thread: 128 x 5632 codes in 0.4 ms, less than a hand-off to the pool)
     groups = -(-n // GEMM_ROWS)
     OUT = np.empty((XQ.shape[0], groups * GEMM_ROWS), np.float32)

@@ -525,8 +525,9 @@ INT8_AVX2_TILE_ROWS = 2
 # the loads waiting on memory; 8 (16 rows) made a TinyLlama decode step's layers 8-15 % faster on
 # 2 threads here (bench/README.md), farther gained nothing more
 INT8_PREFETCH_TILES = 8
-#: what the avx2 kernel adds to NF4's int8 codes (``int8.NF4_I8``, -64 .. 64) to multiply them as
-#: unsigned bytes (0 .. 128) by ``vpmaddubsw`` with no sign step
+#: what the avx2 kernels (decode here, the prefill GEMM in ``int8_gemm``) add to NF4's int8 codes
+#: (``int8.NF4_I8``, -64 .. 64) to multiply them as unsigned bytes (0 .. 128) by ``vpmaddubsw`` with
+#: no sign step
 AVX2_CODE_OFFSET = 64
 
 
@@ -556,6 +557,18 @@ def _neon_asm(builder, mnemonic, extension, acc, a, b):
                        False)
 
 
+def _maddubs_lanes(builder):
+    """``lanes(u, s)``: the 8 int32 lanes of 32 unsigned bytes ``u`` times 32 signed bytes ``s``, lane l
+    the sum of products ``4l .. 4l + 3``: ``vpmaddubsw`` (adjacent products summed to int16, which
+    saturates above 32767: the callers keep each pair under it) then ``vpmaddwd`` by ones."""
+    mod = builder.module
+    v16i = ir.VectorType(ir.IntType(16), 16)
+    maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [_V32, _V32]), "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8I, [v16i, v16i]), "llvm.x86.avx2.pmadd.wd")
+    ones = ir.Constant(v16i, [1] * 16)
+    return lambda u, sgn: builder.call(maddwd, [builder.call(maddubs, [u, sgn]), ones])
+
+
 def _i8_lookup(builder, isa, table_p):
     """``lookup(idx)``: the int8 codes ``table[idx]`` of 32 nibbles (bytes 0 .. 15): ``vpshufb`` of
     the 16-byte table held twice in a 256-bit register on x86-64, two ``tbl`` on aarch64; for
@@ -583,13 +596,10 @@ def _i8_dot(builder, isa):
     mod = builder.module
     fn = lambda name, ret, params: cgutils.get_or_insert_function(mod, ir.FunctionType(ret, params), name)
     if isa == "avx2u":
-        v16i = ir.VectorType(ir.IntType(16), 16)
-        maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [_V32, _V32])
-        maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I, [v16i, v16i])
-        ones = ir.Constant(v16i, [1] * 16)
+        lanes = _maddubs_lanes(builder)
         # (w + 64) . x: unsigned 0 .. 128 times signed x (|x| <= 127), pairs at most 2 * 128 * 127 = 32512:
         # under vpmaddubsw's int16 saturation; the caller starts the lanes at -64 * (their sum of x)
-        return lambda acc, w, q, a: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [w, q]), ones]))
+        return lambda acc, w, q, a: builder.add(acc, lanes(w, q))
     if isa in ("vnni", "avx2"):
         psign = fn("llvm.x86.avx2.psign.b", _V32, [_V32, _V32])
         if isa == "vnni":
@@ -597,13 +607,9 @@ def _i8_dot(builder, isa):
             # (w + 128) . x: vpdpbusd multiplies unsigned by signed bytes; the caller starts the
             # lanes at -128 * (their sum of x) (:func:`_i8_offsets`), so the sum is w . x exactly
             return lambda acc, w, q, a: builder.call(dpbusd, [acc, builder.bitcast(w, _V8I), builder.bitcast(q, _V8I)])
-        v16i = ir.VectorType(ir.IntType(16), 16)
-        maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", v16i, [_V32, _V32])
-        maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I, [v16i, v16i])
-        ones = ir.Constant(v16i, [1] * 16)
+        lanes = _maddubs_lanes(builder)
         # pairs at most 2 * 127 * 127, so vpmaddubsw never saturates
-        return lambda acc, w, q, a: builder.add(acc, builder.call(maddwd, [builder.call(maddubs, [a, builder.call(
-            psign, [w, q])]), ones]))
+        return lambda acc, w, q, a: builder.add(acc, lanes(a, builder.call(psign, [w, q])))
     if isa == "sdot":
         # sdot: lane l of a 4-lane accumulator += the 4 signed byte products 4l .. 4l + 3 of 16 bytes
         def dot(acc, w, q, a):
@@ -666,20 +672,11 @@ def _i8_offsets(builder):
 
 def _i8_offsets_avx2u(builder):
     """``offsets(qe, qo)`` for ``avx2u``: the 8 int32 lanes ``-64 * sum_{i<4} (qe[4l+i] + qo[4l+i])``
-    that cancel what the codes' +64 adds to a chunk's sums (``vpmaddubsw`` of 64s by each half, at
-    most ``64 * 254`` a pair, summed in int16 (at most 32512), then ``vpmaddwd`` by ones)."""
-    mod = builder.module
-    v16i = ir.VectorType(ir.IntType(16), 16)
-    maddubs = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [_V32, _V32]), "llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8I, [v16i, v16i]), "llvm.x86.avx2.pmadd.wd")
-    k64, ones = ir.Constant(_V32, [AVX2_CODE_OFFSET] * 32), ir.Constant(v16i, [1] * 16)
-    zero = ir.Constant(_V8I, [0] * 8)
-
-    def offsets(qe, qo):
-        pairs = builder.add(builder.call(maddubs, [k64, qe]), builder.call(maddubs, [k64, qo]))
-        return builder.sub(zero, builder.call(maddwd, [pairs, ones]))
-
-    return offsets
+    that cancel what the codes' +64 adds to a chunk's sums (:func:`_maddubs_lanes` of 64s by each
+    half: pairs at most ``64 * 254``, no saturation)."""
+    lanes = _maddubs_lanes(builder)
+    k64, zero = ir.Constant(_V32, [AVX2_CODE_OFFSET] * 32), ir.Constant(_V8I, [0] * 8)
+    return lambda qe, qo: builder.sub(zero, builder.add(lanes(k64, qe), lanes(k64, qo)))
 
 
 def _i8_offset_table(builder, f, nvec):
