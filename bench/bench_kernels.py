@@ -10,8 +10,9 @@ sequence through every matrix in turn, as B separate decodes would run) on the 2
 and the ratio batch / sequential.
 
 Then the two product paths side by side (``load(products=...)``): ``matvec`` and ``matvec_batch``
-of 4 vectors on 5632x2048 NF4 matrices (gate/up of TinyLlama), exact float32 against the int8
-path (``runtime/int8.py``), in G weights/s (each weight counted once per vector).
+of ``--product-vectors`` vectors (4, and 5: a speculative step's last token and four guesses) on
+5632x2048 NF4 matrices (gate/up of TinyLlama), exact float32 against the int8 path
+(``runtime/int8.py``), in G weights/s (each weight counted once per vector).
 
     python bench/bench_kernels.py --threads 1 2 --json bench/results/kernels.json
 """
@@ -83,6 +84,8 @@ def main():
     p.add_argument("--layers", type=int, default=4, help="distinct layers (so weights do not stay in cache)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs of each measurement (the best kept)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="vectors for matvec_batch")
+    p.add_argument("--product-vectors", type=int, nargs="+", default=[1, 4, 5],
+                   help="vectors of the exact / int8 comparison")
     p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     a = p.parse_args()
     cores = numba.config.NUMBA_NUM_THREADS
@@ -122,7 +125,7 @@ def main():
         numba.set_num_threads(th)
         for path, cls in PRODUCTS.items():
             plins = [cls(q) for q in tensors]
-            for b in (1, 4):
+            for b in a.product_vectors:
                 X = rng.standard_normal((b, PRODUCTS_SHAPE[1])).astype(np.float32)
                 dt = time_layer(plins, [X[0]] * len(plins), a.repeats) if b == 1 else time_batch(plins, X, a.repeats)[0]
                 product_rows.append({"threads": th, "products": path, "batch": b,
@@ -148,7 +151,7 @@ def main():
     print("|---|---|---|---|---|")
     by = {(r["threads"], r["batch"], r["products"]): r["gweights_per_s"] for r in product_rows}
     for th in threads:
-        for b in (1, 4):
+        for b in a.product_vectors:
             e, i = by[th, b, "exact"], by[th, b, "int8"]
             print(f"| {th} | {b} | {e:.2f} | {i:.2f} | {i / e:.2f} |")
 
