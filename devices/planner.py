@@ -54,7 +54,7 @@ from edgelora.architectures import architecture
 from edgelora.atomic import edgelora_home, sha256_file, write_text_atomic
 from edgelora.child import python_command
 from edgelora.config import ModelArgs
-from edgelora.devices.profiles import Device, get_device, host_arch
+from edgelora.devices.profiles import Device, get_device, host_arch, host_device
 from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
 from edgelora.runtime.llama import KEY_BLOCK, KVCache
@@ -284,12 +284,17 @@ print(json.dumps(peaks))
 """
 
 
+#: the revision of what the measured overheads leave out (the planned items they are measured
+#: against): 2 since NF4 weights are held as tiles on x86-64 (their items no longer the file's bytes)
+OVERHEAD_REVISION = 2
+
+
 def _overhead_key(threads: int) -> str:
     import numba
     import numpy
     from edgelora import __version__
     return (f"edgelora {__version__}|python {platform.python_version()}|numpy {numpy.__version__}|"
-            f"numba {numba.__version__}|{host_arch()}|threads {threads}")
+            f"numba {numba.__version__}|{host_arch()}|threads {threads}|items {OVERHEAD_REVISION}")
 
 
 def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
@@ -320,7 +325,9 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     with Bundle(bundle) as b:
         a = b.args
-        own = _weights_bytes(Path(bundle)) + kv_cache_bytes(a, 64) + rope_bytes(a, 64) + scratch_bytes(a, 64, 1)[0]
+        tiles, tiles_released = tiles_bytes(b, host_device())  # (the weights' items as a plan for this machine has them)
+        weights = _weights_bytes(Path(bundle)) - released_head_bytes(b) - tiles_released + int8_head_bytes(b) + tiles
+        own = weights + kv_cache_bytes(a, 64) + rope_bytes(a, 64) + scratch_bytes(a, 64, 1)[0]
     entry = {"base": max(0, peaks[0] - own), "decode": max(0, peaks[1] - peaks[0]),
              "parallel": max(0, peaks[2] - peaks[1]),
              "lora": max(0, peaks[3] - peaks[2] - adapter_resident_bytes(adapter, a))}
@@ -545,16 +552,49 @@ def released_head_bytes(bundle) -> int:
     return 2 * math.prod(bundle.entries[f"{EMBED if bundle.args.tie_word_embeddings else HEAD}.weight"].shape)
 
 
+def device_tiles(dev: Device) -> bool:
+    """Whether the default int8 products repack NF4 weights at load on ``dev``
+    (``runtime.int8.TILED``: x86-64 with AVX2, as its profile's ``simd`` lists it)."""
+    from edgelora.products import DEFAULT_PRODUCTS
+    return DEFAULT_PRODUCTS == "int8" and dev.arch == "x86_64" and "avx2" in dev.simd
+
+
+def tiles_bytes(bundle, dev: Device) -> tuple[int, int]:
+    """``(held, released)`` of an opened bundle on ``dev``: where :func:`device_tiles`, the tiles the
+    int8 products make of its NF4 weights at load (``runtime.int8_gemm.Tiles``) and those weights'
+    stored bytes in ``model.safetensors``, whose pages are let go once read (``runtime.loader.let_go``);
+    ``(0, 0)`` elsewhere. An NF4 embedding not tied to the head is only looked up: not repacked."""
+    if not device_tiles(dev):
+        return 0, 0
+    from edgelora.runtime.int8 import INT8_BLOCK_MULTIPLE
+    from edgelora.runtime.int8_gemm import tiles_nbytes
+    from edgelora.safetensors_io import DTYPES
+    from edgelora.storage import NF4Storage
+    bs, dq = bundle.quantization["block_size"], bundle.quantization["double_quant"]
+    held = released = 0
+    for e in bundle.entries.values():
+        if e.storage != "nf4" or len(e.shape) != 2 or e.shape[1] % bs or bs % INT8_BLOCK_MULTIPLE or (
+                e.role == "embedding" and not bundle.args.tie_word_embeddings):
+            continue
+        held += tiles_nbytes(*e.shape, bs)
+        released += sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in NF4Storage(bs, dq).entries(e.name, e.shape))
+    return held, released
+
+
 _HEAD_NOTE = "the float16 head's int8 codes and scales (int8 products, made at load)"
+_TILES_NOTE = "the NF4 weights repacked for the int8 products at load (16-row tiles, a float32 scale a block)"
 
 
 def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dict, tok: tuple,
-           overhead: tuple, train: "_TrainSizes | None" = None, head: int = 0) -> list:
+           overhead: tuple, train: "_TrainSizes | None" = None, head: int = 0, tiles: int = 0) -> list:
     """``overhead``: (bytes, note) of the runtime itself; ``train``: a training plan's sizes
-    (``context`` is then the tokens of a sequence); ``head``: :func:`int8_head_bytes`."""
-    held = [Item("head as int8", head, _HEAD_NOTE)] if head else []
-    mapped = "model.safetensors, memory-mapped" + (", less the float16 head's pages (let go once copied)"
-                                                   if head and train is None else "")
+    (``context`` is then the tokens of a sequence); ``head``: :func:`int8_head_bytes`; ``tiles``:
+    :func:`tiles_bytes`' held bytes."""
+    held = ([Item("head as int8", head, _HEAD_NOTE)] if head else []) + (
+        [Item("weights as tiles", tiles, _TILES_NOTE)] if tiles else [])
+    let_go = [what for what, size in (("the float16 head's", head), ("the repacked NF4 weights'", tiles)) if size]
+    mapped = "model.safetensors, memory-mapped" + (f", less {' and '.join(let_go)} pages (let go once copied)"
+                                                   if let_go and train is None else "")
     if train is not None:
         return ([Item("weights", weights, mapped)] + held +
                 [Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32")]
@@ -599,8 +639,10 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     bundle_path = Path(bundle)
     with Bundle(bundle_path, verify=False) as b:
         a = b.args
-        head = int8_head_bytes(b)
-        released = released_head_bytes(b) if t is None else 0
+        # a trainer loads exact products (``training.train``): no int8 copies
+        head = int8_head_bytes(b) if t is None else 0
+        tiles, tiles_released = tiles_bytes(b, dev) if t is None else (0, 0)
+        released = released_head_bytes(b) + tiles_released if t is None else 0
     limit = context_limit(a)
     context = min(limit, DEFAULT_MAX_CONTEXT) if context is None else int(context)
     if not 1 <= context <= limit:
@@ -628,7 +670,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     weights = _weights_bytes(bundle_path) - released
 
     def total(ctx: int) -> int:
-        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training, head))
+        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training, head, tiles))
 
     lo, hi = 0, limit  # the largest context whose total fits (totals grow with the context)
     while lo < hi:
@@ -638,25 +680,31 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
         else:
             hi = mid - 1
     p = Plan(device=dev, bundle=str(bundle_path), context=context, threads=threads,
-             items=_items(a, weights, context, threads, sizes, tok, over, training, head), adapters=sizes, max_context=lo,
+             items=_items(a, weights, context, threads, sizes, tok, over, training, head, tiles), adapters=sizes,
+             max_context=lo,
              model_max_context=limit, overhead_source=over[1], train=t)
     p.suggestions = _suggest(p, a)
     return p
 
 
-def _float16_savings(bundle_path: Path) -> int:
-    """Bytes saved by storing the bundle's float16 embeddings and head in NF4 instead (0 if none)."""
+def _float16_savings(bundle_path: Path, dev: Device | None = None) -> int:
+    """Bytes saved by storing the bundle's float16 embeddings and head in NF4 instead (0 if none): in
+    ``model.safetensors`` without ``dev``; with it, in a plan for ``dev``, where an NF4 head (or
+    the embedding tied to it) is held as tiles instead of its pages (:func:`tiles_bytes`)."""
     from edgelora.bundle import Bundle
+    from edgelora.runtime.int8_gemm import tiles_nbytes
     from edgelora.safetensors_io import DTYPES
     from edgelora.storage import NF4Storage
     with Bundle(bundle_path, verify=False) as b:
         block, dq = b.quantization["block_size"], b.quantization["double_quant"]
+        tiled = dev is not None and device_tiles(dev)
         saved = 0
         for e in b.entries.values():
             if e.role in ("embedding", "head") and e.storage == "float16":
                 entries = NF4Storage(block, dq).entries(e.name, e.shape)
                 nf4 = sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in entries)
-                saved += 2 * math.prod(e.shape) - nf4
+                looked_up = e.role == "embedding" and not b.args.tie_word_embeddings
+                saved += 2 * math.prod(e.shape) - (tiles_nbytes(*e.shape, block) if tiled and not looked_up else nf4)
     return saved
 
 
@@ -672,7 +720,8 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     elif p.max_context >= 1:
         out.append(f"use --context {p.max_context} (the largest that fits; {p.context} needs {over / MB:.1f} MB more)")
     else:
-        fixed = sum(i.bytes for i in p.items if i.name in ("weights", "head as int8", "tokenizer", "runtime"))
+        fixed = sum(i.bytes for i in p.items if i.name in ("weights", "head as int8", "weights as tiles", "tokenizer",
+                                                            "runtime"))
         out.append(f"even a 1-token context does not fit: weights, tokenizer and runtime alone need "
                    f"{fixed / MB:.1f} MB of the {p.budget_bytes / MB:.1f} MB budget")
     for name, size in sorted(p.adapters.items(), key=lambda kv: -kv[1]):
@@ -684,9 +733,11 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
             out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
     # an NF4 head is not copied, and its pages stay (--products exact would keep the float16 head's
     # pages instead of the int8 copy: more, so it is no suggestion)
+    from edgelora.bundle import Bundle
     held = sum(i.bytes for i in p.items if i.name == "head as int8")
-    released = _weights_bytes(Path(p.bundle)) - sum(i.bytes for i in p.items if i.name == "weights")
-    saved = _float16_savings(Path(p.bundle)) + held - released
+    with Bundle(Path(p.bundle), verify=False) as b:
+        released = released_head_bytes(b)
+    saved = _float16_savings(Path(p.bundle), p.device) + held - released
     if saved >= 0.05 * MB:  # (what prints as 0.0 MB is no suggestion)
         out.append(f"or convert again with --embeddings nf4 --head nf4: {saved / MB:.1f} MB less "
                    f"({'enough' if saved >= over else 'not enough alone'}; at some cost in quality, see README)")

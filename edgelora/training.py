@@ -538,7 +538,8 @@ def train(bundle: "str | os.PathLike | Model", data: str | os.PathLike, output: 
     out = Path(output)
     if not dry_run:
         _output_ready(out, resume, overwrite)
-    model = bundle if isinstance(bundle, Model) else load(bundle, threads=threads)
+    # (exact products: the trainer differentiates them, and holds no int8 copies of the weights)
+    model = bundle if isinstance(bundle, Model) else load(bundle, threads=threads, products="exact")
     fields = resolve_targets(model.args, targets)
     limit = model.max_context
     max_length = default_max_length(limit) if max_length is None else max_length

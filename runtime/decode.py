@@ -39,7 +39,8 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from edgelora.runtime import lora
-from edgelora.runtime.int8 import NF4_I8, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
+from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
+from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_slice
 from edgelora.runtime.simd import _hsum
@@ -377,6 +378,14 @@ def _f32_ptr(typingctx, addr):
 
 
 @intrinsic
+def _u32_ptr(typingctx, addr):
+    """The int64 ``addr`` as a pointer to uint32."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+    return types.CPointer(types.uint32)(types.int64), codegen
+
+
+@intrinsic
 def _i64_ptr(typingctx, addr):
     """The int64 ``addr`` as a pointer to int64."""
     def codegen(context, builder, sig, args):
@@ -392,16 +401,30 @@ def _addresses(arrays: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _product(j, w, XQ, XA, XS, out, o0, n, threads):
+def _product(j, w, XQ, XA, XS, XSUM, out, o0, n, threads):
     """out[:, o0:o0 + n] = projection j (an int8-path NF4 weight of n outputs, as
     ``NF4Int8Linear.matvec_batch``) of the quantized rows XQ. ``w``: every projection's arrays
-    (:func:`decode_layers`)."""
+    (:func:`decode_layers`): where ``int8.TILED`` its tiles (codes, scales), else its stored
+    codes, scale codes and nested scales."""
     table, dyn, arrays, lengths, nshift, offset, bs = w
+    k = XQ.shape[1]
+    parallel = threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS
+    if TILED:
+        rep = numba.carray(_u32_ptr(arrays[j, 0]), lengths[j, 0])
+        sc = numba.carray(_f32_ptr(arrays[j, 1]), lengths[j, 1])
+        groups = (n + GEMM_ROWS - 1) // GEMM_ROWS
+        if parallel:
+            step = (groups + threads - 1) // threads  # one run of row groups per thread (as ``int8_gemm.tiles_parallel``)
+            for c in prange(threads):
+                tiles_slice(table, rep, sc, k // bs, bs // 2, n, k, c * step, min(groups, (c + 1) * step), XQ, XSUM,
+                            XS, out, o0)
+        else:
+            tiles_slice(table, rep, sc, k // bs, bs // 2, n, k, 0, groups, XQ, XSUM, XS, out, o0)
+        return
     packed = numba.carray(_u8_ptr(arrays[j, 0]), lengths[j, 0])
     qscale = numba.carray(_u8_ptr(arrays[j, 1]), lengths[j, 1])
     nested = numba.carray(_f32_ptr(arrays[j, 2]), lengths[j, 2])
-    k = XQ.shape[1]
-    if threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS:
+    if parallel:
         step = (n + threads - 1) // threads  # one slice of rows per thread (as ``int8._i8_parallel``)
         for c in prange(threads):
             r0 = c * step
@@ -456,7 +479,7 @@ def _quantized(X, bs):
     XQ, XA = np.empty((B, k), np.int8), np.empty((B, k), np.uint8)
     XS = np.empty((B, k // bs), np.float32)
     _quantize_x(X, bs, XQ, XA, XS)
-    return XQ, XA, XS
+    return XQ, XA, XS, block_sums(XQ, bs)
 
 
 @njit(cache=True, fastmath=False, parallel=True)
@@ -487,30 +510,30 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     for i in range(attn_norm.shape[0]):
         j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
-        XQ, XA, XS = _quantized(h, bs)
-        _product(j, w, XQ, XA, XS, qkv, 0, nq, threads)
-        _product(j + 1, w, XQ, XA, XS, qkv, nq, nk, threads)
-        _product(j + 2, w, XQ, XA, XS, qkv, nq + nk, nk, threads)
+        XQ, XA, XS, XSUM = _quantized(h, bs)
+        _product(j, w, XQ, XA, XS, XSUM, qkv, 0, nq, threads)
+        _product(j + 1, w, XQ, XA, XS, XSUM, qkv, nq, nk, threads)
+        _product(j + 2, w, XQ, XA, XS, XSUM, qkv, nq + nk, nk, threads)
         for b in range(B):
             _finish(ops, op_start[g], op_start[g + 1], h[b], qkv[b], threads, parallel_min, U)
             p = pos[b]
             row = qkv[b]
             attend_row(row[:nq].reshape(nh, hd), row[nq:nq + nk].reshape(nkv, hd), row[nq + nk:].reshape(nkv, hd),
                        K[i], V[i], p, cos[p], sin[p], rd, windows[i], scale, divide, cap, att[b])
-        XQ, XA, XS = _quantized(att, bs)
-        _product(j + 3, w, XQ, XA, XS, o, 0, H, threads)
+        XQ, XA, XS, XSUM = _quantized(att, bs)
+        _product(j + 3, w, XQ, XA, XS, XSUM, o, 0, H, threads)
         for b in range(B):
             _finish(ops, op_start[g + 1], op_start[g + 2], att[b], o[b], threads, parallel_min, U)
         x += o
         rmsnorm_rows(x, mlp_norm[i], eps, h)
-        XQ, XA, XS = _quantized(h, bs)
-        _product(j + 4, w, XQ, XA, XS, gu, 0, inter, threads)
-        _product(j + 5, w, XQ, XA, XS, gu, inter, inter, threads)
+        XQ, XA, XS, XSUM = _quantized(h, bs)
+        _product(j + 4, w, XQ, XA, XS, XSUM, gu, 0, inter, threads)
+        _product(j + 5, w, XQ, XA, XS, XSUM, gu, inter, inter, threads)
         for b in range(B):
             _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min, U)
         silu_mul(gu[:, :inter], gu[:, inter:], act)
-        XQ, XA, XS = _quantized(act, bs)
-        _product(j + 6, w, XQ, XA, XS, o, 0, H, threads)
+        XQ, XA, XS, XSUM = _quantized(act, bs)
+        _product(j + 6, w, XQ, XA, XS, XSUM, o, 0, H, threads)
         for b in range(B):
             _finish(ops, op_start[g + 3], op_start[g + 4], act[b], o[b], threads, parallel_min, U)
         x += o
@@ -541,8 +564,9 @@ class CompiledLayers:
         nested = [np.ascontiguousarray(lin.nested, np.float32) for lin in lins]
         self.nshift = np.array([lin.nshift for lin in lins], np.int64)
         self.offset = np.array([lin.offset for lin in lins], np.float32)
-        columns = [[np.ascontiguousarray(lin.packed) for lin in lins], [np.ascontiguousarray(lin.qscale) for lin in lins],
-                   nested]
+        columns = ([[lin.tiles.rep for lin in lins], [lin.tiles.sc for lin in lins], nested] if TILED else
+                   [[np.ascontiguousarray(lin.packed) for lin in lins], [np.ascontiguousarray(lin.qscale) for lin in lins],
+                    nested])
         self._held = columns  # the arrays the addresses point into
         pairs = [_addresses(c) for c in columns]
         self.arrays = np.stack([a for a, _ in pairs], axis=1)  # int64 [7 L, 3]

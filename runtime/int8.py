@@ -32,18 +32,23 @@ error comes from the integer codes (at most 0.78 % of a block's absmax per weigh
 activations (at most half a step, ``d / 2``, per entry). A vector's result does not depend on the
 other vectors of a batch, so ``matvec_batch`` row b is bit for bit ``matvec(X[b])``.
 
-Prompts of ``GEMM_MIN_ROWS`` rows or more take the prefill GEMM (``runtime/int8_gemm.py``): the
-same quantized activations, the weight repacked a tile of rows at a time so that each decoded
-register serves many tokens, the int32 sums of a block whole rather than in eight lanes (so its
-bits are not those of ``matvec_batch``; each row's result still depends on that row alone). On
-CPUs without a SIMD variant of it, prompts longer than ``kernels.MATVEC_ROWS_MAX`` rows take the
-exact tiles.
+Where :data:`TILED` (x86-64 with AVX2: where the prefill GEMM has a SIMD variant), an NF4 weight
+is instead repacked once, at load, into the GEMM's tiles (``runtime/int8_gemm.py``: 16 rows'
+codes side by side in each register, each block's scale decoded to float32), and every product
+of it runs the tile kernels, a decode step's one vector as a prompt's many: the same quantized
+activations, the int32 sums of a block whole rather than in eight lanes, one float32 product and
+sum a block. The lanes above then serve the float16 head's int8 codes (:class:`F16Int8Linear`)
+and NF4 weights on aarch64. Tiles read each weight once for up to 16 tokens with no horizontal
+sums, and a block's scales are one vector load for 16 rows (what they gave: ``bench/README.md``,
+*Tiles for decode steps*). Elsewhere a prompt of more than ``kernels.MATVEC_ROWS_MAX`` rows takes
+the exact tiles, a shorter one ``matvec_batch``.
 
 The path serves weights whose rows are whole blocks of a multiple of 64 (every projection of the
-models edgelora converts); others keep the exact kernels. The bundle's bytes are read in place, as
-bitsandbytes wrote them: the GEMM's repacked tiles are made per call and dropped. One copy is
-made: a float16 output head becomes int8 codes at load (:class:`F16Int8Linear`), the same
-kernels multiplying them.
+models edgelora converts); others keep the exact kernels. Where not tiled, the bundle's bytes are
+read in place, as bitsandbytes wrote them. Tiles hold the same codes, moved, and 4 bytes of scale
+a block instead of the stored scale codes (64-entry blocks: 4.5 bits a weight instead of 4.13);
+the stored pages are let go once read (``loader.let_go``). A float16 output head becomes int8
+codes at load (:class:`F16Int8Linear`), the lanes kernels multiplying them.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from edgelora.runtime.int8_gemm import INT8_GEMM_SIMD, gemm, nf4_int8_gemm_reference, words
+from edgelora.runtime.int8_gemm import (GEMM_ROWS, INT8_GEMM_SIMD, Tiles, block_sums, gemm, nf4_int8_gemm_reference,
+                                        tiles_parallel, tiles_slice)
 from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import (INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_MAX_VECTORS, INT8_SIMD, MAX_VECTORS,
                                    i8_rows_dot)
@@ -347,37 +353,62 @@ def _i8_parallel(table, dyn, packed, qscale, nested, nshift, offset, bs, n_rows,
         _i8_slice(table, dyn, packed, qscale, nested, nshift, offset, bs, k, r0, min(n_rows, r0 + step), XQ, XA, XS, OUT)
 
 
-class NF4Int8Linear(NF4Linear):
-    """:class:`~edgelora.runtime.kernels.NF4Linear` whose decode products (``matvec``,
-    ``matvec_batch``, and so ``matmul`` up to ``MATVEC_ROWS_MAX`` rows) take the int8 path;
-    weights it cannot take (:func:`supports_int8`) keep the exact kernels."""
+#: whether NF4 weights on the int8 path are repacked at load into the prefill GEMM's tiles
+#: (``runtime/int8_gemm.py``), which then serve every product, decode steps' too: where this CPU
+#: has a SIMD variant of the GEMM (x86-64 with AVX2). Elsewhere (aarch64) decode steps take the
+#: lanes kernels (``simd.i8_rows_dot``) on the bytes as stored.
+TILED = bool(INT8_GEMM_SIMD)
 
-    def __init__(self, q: NF4Tensor):
+
+class NF4Int8Linear(NF4Linear):
+    """:class:`~edgelora.runtime.kernels.NF4Linear` whose products take the int8 path; weights it
+    cannot take (:func:`supports_int8`) keep the exact kernels.
+
+    Where :data:`TILED`, the weight is repacked at load into the GEMM's tiles (``self.tiles``: the
+    codes moved 16 rows to a register, each block's scale decoded once; as many bytes as the
+    codes, plus half a bit a weight for the scales), and every product, of one row or a prompt's,
+    runs the tile kernels: one arithmetic (:func:`~edgelora.runtime.int8_gemm.nf4_int8_gemm_reference`),
+    so a row's bits never depend on how many rows come with it, decode or prefill. Elsewhere
+    ``matvec`` and ``matvec_batch`` run the lanes kernels on the stored bytes
+    (:func:`nf4_int8_matvec_batch_reference`) and prompts the exact tiles."""
+
+    def __init__(self, q: NF4Tensor, release=None):
         super().__init__(q)
         self.int8 = supports_int8(q)
         self._iargs = (NF4_I8, DYNAMIC_CODE, self.packed, self.qscale, self.nested, self.nshift, self.offset,
                        self.block_size)
-        if self.int8 and INT8_GEMM_SIMD:  # the GEMM's repack reads 32-bit words
-            self._gargs = self._iargs[:2] + (words(self.packed),) + self._iargs[3:]
+        self.tiled = self.int8 and TILED
+        if self.tiled:
+            n, k = self.out_features, self.in_features
+            threads = numba.get_num_threads() if self._parallel(n * k) else 1
+            self.tiles = Tiles(self._iargs, n, k, threads, _pool(threads) if threads > 1 else None)
+            if release is not None:  # the stored codes are not read again by these products
+                release()
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes held in memory beside the mapped weight: the tiles (0 when the stored bytes serve)."""
+        return self.tiles.nbytes if self.tiled else 0
 
     def takes_gemm(self, x: np.ndarray) -> bool:
-        """Whether :meth:`matmul` of rows ``x`` runs the int8 GEMM."""
-        return self.int8 and bool(INT8_GEMM_SIMD) and x.shape[0] >= GEMM_MIN_ROWS
+        """Whether :meth:`matmul` of rows ``x`` runs the int8 GEMM on the prefill pool (else
+        :meth:`matvec_batch`, on Numba's threads: the same tiles and bits where :data:`TILED`)."""
+        return self.tiled and x.shape[0] >= GEMM_MIN_ROWS
 
     def matmul(self, x: np.ndarray, quantized: tuple | None = None) -> np.ndarray:
-        """x: f32 [T, in] -> f32 [T, out]. From ``GEMM_MIN_ROWS`` rows, where this CPU has a SIMD
-        variant, the int8 GEMM (``runtime/int8_gemm.py``: x quantized as for ``matvec``, each row's
-        result independent of the others); otherwise as :class:`NF4Linear` (one row: ``matvec``'s
-        bits, up to ``MATVEC_ROWS_MAX``: ``matvec_batch``, more: the exact tiles). ``quantized``:
-        for the GEMM, x already quantized (``quantize_activations(x, block_size)``, by
+        """x: f32 [T, in] -> f32 [T, out]. Where :data:`TILED`: from ``GEMM_MIN_ROWS`` rows the int8
+        GEMM, its row groups split between the prefill pool's threads (``runtime/int8_gemm.py``),
+        fewer rows :meth:`matvec_batch`, the same bits either way. Elsewhere as :class:`NF4Linear`
+        (one row: ``matvec``'s bits, up to ``MATVEC_ROWS_MAX``: ``matvec_batch``, more: the exact
+        tiles). ``quantized``: x already quantized (``quantize_activations(x, block_size)``, by
         ``linear.matmul_shared`` for weights that read the same rows)."""
         if not self.takes_gemm(x):
-            return super().matmul(x)
+            return self.matvec_batch(x) if self.tiled else super().matmul(x)
         XQ, XA, XS = quantized if quantized is not None else quantize_activations(np.ascontiguousarray(x, np.float32),
                                                                                   self.block_size)
         n, k = self.out_features, self.in_features
         threads = numba.get_num_threads() if self._parallel(n * k) else 1
-        return gemm(INT8_GEMM_SIMD, self._gargs, n, k, XQ, XS, threads, _pool(threads) if threads > 1 else None)
+        return gemm(INT8_GEMM_SIMD, NF4_I8, self.tiles, XQ, XS, threads, _pool(threads) if threads > 1 else None)
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""
@@ -385,8 +416,10 @@ class NF4Int8Linear(NF4Linear):
 
     def matvec_batch(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """X: f32 [B, in] -> f32 [B, out], row b bit for bit ``matvec(X[b])``: x quantized once per
-        call, each weight byte read and decoded once for up to four vectors."""
-        return _int8_batch(self, X, out, self.block_size) if self.int8 else super().matvec_batch(X, out)
+        call, each weight byte read and decoded once for several vectors."""
+        if not self.int8:
+            return super().matvec_batch(X, out)
+        return _tiled_batch(self, X, out) if self.tiled else _int8_batch(self, X, out, self.block_size)
 
 
 def _int8_matvec(layer, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -395,6 +428,22 @@ def _int8_matvec(layer, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         out = np.empty(layer.out_features, np.float32)
     layer.matvec_batch(np.ascontiguousarray(x, np.float32).reshape(1, layer.in_features),
                        out.reshape(1, layer.out_features))
+    return out
+
+
+def _tiled_batch(layer, X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``layer.matvec_batch`` where :data:`TILED`: X quantized, then the tile kernels over the
+    layer's tiles, the row groups split between Numba's threads where large."""
+    X, out = _batch_args(layer, X, out)
+    if X.shape[0] == 0:
+        return out
+    XQ, XA, XS = quantize_activations(X, layer.block_size)
+    XSUM = block_sums(XQ, layer.block_size)
+    n, k = layer.out_features, layer.in_features
+    if layer._parallel(n * k):
+        tiles_parallel(*layer.tiles.args(NF4_I8), XQ, XSUM, XS, out, 0, numba.get_num_threads())
+    else:
+        tiles_slice(*layer.tiles.args(NF4_I8), 0, -(-n // GEMM_ROWS), XQ, XSUM, XS, out, 0)
     return out
 
 
@@ -513,9 +562,9 @@ def _lanes_epilogue(prod: np.ndarray, XS: np.ndarray, scales: np.ndarray) -> np.
     return acc[:, :, 0]
 
 
-def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
-    """NumPy twin of :meth:`NF4Int8Linear.matvec_batch` (the module docstring's arithmetic, integer
-    sums exact, float operations in the kernels' order): X [B, in] -> [B, out]."""
+def nf4_int8_lanes_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of the lanes kernels (:data:`INT8_VARIANTS`; the module docstring's arithmetic,
+    integer sums exact, float operations in the kernels' order): X [B, in] -> [B, out]."""
     n, k = q.shape
     bs, half = q.block_size, q.block_size // 2
     per_row = k // bs
@@ -530,7 +579,14 @@ def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
 
 
 def nf4_int8_matmul_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
-    """NumPy twin of :meth:`NF4Int8Linear.matmul` for ``GEMM_MIN_ROWS`` rows or more on a CPU with
-    a SIMD variant of the GEMM: X [T, in] -> [T, out]."""
+    """NumPy twin of the tile kernels (``runtime/int8_gemm.py``): every product of
+    :class:`NF4Int8Linear` where :data:`TILED`, whatever its row count: X [T, in] -> [T, out]."""
     XQ, _, XS = quantize_activations_reference(X, q.block_size)
     return nf4_int8_gemm_reference(q, NF4_I8, XQ, XS)
+
+
+def nf4_int8_matvec_batch_reference(q: NF4Tensor, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`NF4Int8Linear.matvec_batch` on this CPU: the tiles'
+    (:func:`nf4_int8_matmul_reference`) where :data:`TILED`, else the lanes kernels'
+    (:func:`nf4_int8_lanes_reference`): X [B, in] -> [B, out]."""
+    return nf4_int8_matmul_reference(q, X) if TILED else nf4_int8_lanes_reference(q, X)

@@ -1,20 +1,21 @@
-"""The int8 path's prefill GEMM: many tokens times an NF4 weight in int8 codes, int32 sums.
+"""The int8 path's tile kernels: tokens times an NF4 weight repacked into tiles, int32 sums.
 
-``load(..., products="int8")`` multiplies a decode step's one vector (or a few) by the bytes as
-bitsandbytes stores them (``runtime/int8.py``). A prompt of T tokens reuses each weight T times, so
-here the weight is first repacked, one tile of rows at a time, into the layout of llama.cpp's and
-ik_llama.cpp's repacked types: the 32-bit lanes of a register are ``GEMM_ROWS`` output rows and the
-4 bytes of a lane four consecutive entries of its row. One ``vpdpbusd`` then multiplies four entries
-of one token (a 32-bit broadcast) by the same four entries of 16 rows, so a register of weights,
-decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``; ``GEMM_WIDE_TOKENS`` on
-512-bit registers), and the int32 sums of a block are ready for the float epilogue 16 rows at a
-time, with no horizontal reduction. The repack only moves 4-byte words (a block's byte ``b`` holds
-entries ``2b`` and ``2b + 1``, and the activations are already stored per block as their even
-entries then their odd ones, ``int8.quantize_activations``), so it costs a copy of the tile, made
-once for all T tokens.
+A prompt of T tokens reuses each weight T times; a decode step reads each weight for one token (or
+a few). Both are served here, where this CPU has a SIMD variant (``int8.TILED``), from one layout
+that the weight is repacked into once, at load (:class:`Tiles`), as llama.cpp's and ik_llama.cpp's
+repacked types are: the 32-bit lanes of a register are ``GEMM_ROWS`` output rows and the 4 bytes
+of a lane four consecutive entries of its row. One ``vpdpbusd`` then multiplies four entries of
+one token (a 32-bit broadcast) by the same four entries of 16 rows, so a register of weights,
+decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``; ``GEMM_WIDE_TOKENS``
+on 512-bit registers), and the int32 sums of a block are ready for the float epilogue 16 rows at
+a time, with no horizontal reduction; the blocks' scales are stored decoded, float32, 16 rows'
+side by side, one vector load a block. The repack only moves 4-byte words (a block's byte ``b``
+holds entries ``2b`` and ``2b + 1``, and the activations are already stored per block as their
+even entries then their odd ones, ``int8.quantize_activations``).
 
-The arithmetic, which the NumPy twin and every variant share bit for bit (it is not the decode
-kernels': their int32 sums are split into eight lanes; both quantize x identically):
+The arithmetic, which the NumPy twin and every variant share bit for bit (it is not the lanes
+kernels' of ``runtime/int8.py``, which split the int32 sums into eight lanes; both quantize x
+identically):
 
 * activations as the decode path quantizes them (``int8.quantize_activations``: per block of
   ``bs`` entries int8 codes ``q`` and a float scale ``xs``);
@@ -31,14 +32,15 @@ kernels': their int32 sums are split into eight lanes; both quantize x identical
   (``storage.block_scale``).
 
 A token's result does not depend on the other tokens or on how the rows are tiled, so a prompt
-gives the same bits in one chunk or many; the float steps are the decode kernels' per block, so
-the two paths differ only in how the int32 sums are split before them.
+gives the same bits in one chunk or many, and a decode step the bits the prompt's GEMM would give
+its row; the float steps are the lanes kernels' per block, so the two arithmetics differ only in
+how the int32 sums are split before them.
 
 Variants: ``vnni512`` (AVX-512 VNNI on 512-bit registers: 16 rows a register), ``vnni256``
 (``vpdpbusd`` on 256-bit registers: AVX-VNNI, or AVX-512 VNNI with VL), ``avx2`` (``vpmaddubsw`` +
-``vpmaddwd``), ``portable`` (plain loops, any CPU: the reference arithmetic, kept for the tests;
-prompts on CPUs without a SIMD variant keep the exact tiles). ``INT8_GEMM_SIMD`` is the variant
-this CPU runs, or None.
+``vpmaddwd``), ``portable`` (plain loops over the same tiles, any CPU: the reference arithmetic,
+kept for the tests; CPUs without a SIMD variant do not tile, ``int8.TILED``). ``INT8_GEMM_SIMD``
+is the variant this CPU runs, or None.
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit
+from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes
+from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes, _prefetch
 from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
 
 GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit register)
@@ -61,6 +63,9 @@ GEMM_TOKENS = 4
 #: tokens a tile of the vnni512 variant (32 registers: the float sums of some wait in L1, and a
 #: decoded register serves twice as many ``vpdpbusd``); its last tile of a prompt is cut into 8 and less
 GEMM_WIDE_TOKENS = 16
+#: bytes ahead of each 64-byte word of a tile that a pass prefetches (``prefetcht0``): a decode
+#: step's products (TinyLlama, 2 threads) 3-4 % faster with 512-4096 than with none, 8192 no better
+GEMM_PREFETCH_BYTES = 2048
 GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
@@ -118,30 +123,6 @@ def nf4_int8_gemm_reference(q: NF4Tensor, table: np.ndarray, XQ: np.ndarray, XS:
         s = XS[:, j, None] * scales[None, :, j]  # [T, n] f32
         acc = acc + S[j].astype(np.float32) * s
     return acc
-
-
-# ---------------------------------------------------------------------------------------------
-# portable
-# ---------------------------------------------------------------------------------------------
-
-@njit(cache=True, nogil=True)
-def _gemm_portable(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
-    """Rows of groups ``g0 .. g1`` (``GEMM_ROWS`` each, the last cut at n) for every token, read
-    from the stored bytes in plain loops."""
-    per_row, half = k // bs, bs // 2
-    for r in range(g0 * GEMM_ROWS, min(n, g1 * GEMM_ROWS)):
-        row = packed[r * (k // 2):(r + 1) * (k // 2)]
-        for t in range(XQ.shape[0]):
-            acc = np.float32(0.0)
-            for j in range(per_row):
-                S = np.int32(0)
-                for i in range(half):
-                    byte = row[j * half + i]
-                    S += np.int32(table[byte >> 4]) * np.int32(XQ[t, j * bs + i]) + \
-                        np.int32(table[byte & 15]) * np.int32(XQ[t, j * bs + half + i])
-                acc = acc + np.float32(S) * (XS[t, j] * block_scale(dyn, qscale, nested, nshift, offset,
-                                                                    r * per_row + j))
-            OUT[t, r] = acc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +259,8 @@ def _gemm_codegen(tokens: int, isa: str):
                 def word(s):
                     at = builder.add(x0, builder.mul(s, c(4)))
                     ptr = builder.gep(wb, [builder.add(builder.mul(s, c(4 * GEMM_ROWS)), c(4 * lanes * h))])
+                    if h == 0:  # (the word's other half, for 256-bit registers, is then in cache)
+                        _prefetch(builder, builder.gep(ptr, [c(GEMM_PREFETCH_BYTES)]))
                     w = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
                     wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # weights of the even entries
                     wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])  # of the odd ones
@@ -377,51 +360,105 @@ def _tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0,
 
 
 @njit(cache=True, nogil=True)
-def _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, isa):
-    """Groups ``g0 .. g1`` of ``GEMM_ROWS`` rows: ``GEMM_GROUPS`` groups repacked at a time, then
-    for each tile of ``GEMM_TOKENS`` tokens each group's tile product. ``OUT`` [T, n_out] with
-    ``n_out`` >= ``g1 * GEMM_ROWS`` (lanes past n are written too, as zeros)."""
+def _repack_groups(dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, rep, sc):
+    """Groups ``g0 .. g1`` of a weight into the tile layout (:func:`_repack`), ``rep`` u32 and ``sc``
+    f32 of the whole weight, flat: group g at ``g * words`` and ``g * scales``."""
+    per_row = k // bs
+    gw, gs = per_row * (bs // 8) * GEMM_ROWS, per_row * GEMM_ROWS
+    _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0 * GEMM_ROWS, g1 - g0, rep[g0 * gw:g1 * gw],
+            sc[g0 * gs:g1 * gs])
+
+
+@njit(cache=True, nogil=True)
+def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
+    """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
+    ``sc``: :func:`repack`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
+    tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
+    tile's x stays in cache for their rows. The last group, cut at ``n``, goes through a scratch of
+    its 16 lanes, so that nothing past row n is written."""
     numba.literally(isa)
-    per_row, half = k // bs, bs // 2
     T, n_out = XQ.shape[0], OUT.shape[1]
-    gwords = per_row * half * GEMM_ROWS // 4  # repacked words of a group
-    gsc = per_row * GEMM_ROWS
-    rep = np.empty(GEMM_GROUPS * gwords, np.uint32)
-    sc = np.empty(GEMM_GROUPS * gsc, np.float32)
+    gw, gs = per_row * half * GEMM_ROWS // 4, per_row * GEMM_ROWS
     xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
+    whole = n // GEMM_ROWS
     for c0 in range(g0, g1, GEMM_GROUPS):
-        groups = min(GEMM_GROUPS, g1 - c0)
-        _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, c0 * GEMM_ROWS, groups, rep, sc)
         for t0 in range(0, T, step):
             m = min(step, T - t0)
-            for g in range(groups):
-                _tile(table, rep[g * gwords:(g + 1) * gwords], sc[g * gsc:(g + 1) * gsc], xq, xsum, xs, out,
-                      per_row, half, k, n_out, t0, m, (c0 + g) * GEMM_ROWS, isa)
+            for g in range(c0, min(g1, c0 + GEMM_GROUPS)):
+                r, s = rep[g * gw:(g + 1) * gw], sc[g * gs:(g + 1) * gs]
+                if g < whole:
+                    _tile(table, r, s, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0 + g * GEMM_ROWS, isa)
+                else:
+                    cut = np.empty(T * GEMM_ROWS, np.float32)
+                    _tile(table, r, s, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0, m, 0, isa)
+                    for t in range(t0, t0 + m):
+                        for lane in range(n - g * GEMM_ROWS):
+                            OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
+
+
+@njit(cache=True, nogil=True)
+def _tiles_portable(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    """:func:`_tiles_simd` in plain loops (any CPU): each row's words read back from the tile
+    layout, the module docstring's arithmetic; ``XSUM`` unused (the sums need no correction)."""
+    nd = half // 4  # words of a block
+    for r in range(g0 * GEMM_ROWS, min(n, g1 * GEMM_ROWS)):
+        g, lane = r // GEMM_ROWS, r % GEMM_ROWS
+        for t in range(XQ.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(per_row):
+                gj = g * per_row + j
+                S = np.int32(0)
+                for s in range(nd):
+                    word = rep[gj * nd * GEMM_ROWS + s * GEMM_ROWS + lane]
+                    for b in range(4):
+                        byte, i = (word >> np.uint32(8 * b)) & np.uint32(255), 4 * s + b
+                        S += np.int32(table[byte >> np.uint32(4)]) * np.int32(XQ[t, j * 2 * half + i]) + \
+                            np.int32(table[byte & np.uint32(15)]) * np.int32(XQ[t, j * 2 * half + half + i])
+                acc = acc + np.float32(S) * (XS[t, j] * sc[gj * GEMM_ROWS + lane])
+            OUT[t, o0 + r] = acc
 
 
 # One per ISA, its code (GEMM_ISAS) compiled in
 
 @njit(cache=True, nogil=True)
-def _gemm_vnni512(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
-    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, 0)
+def _tiles_vnni512(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 0)
 
 
 @njit(cache=True, nogil=True)
-def _gemm_vnni256(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
-    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, 1)
+def _tiles_vnni256(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 1)
 
 
 @njit(cache=True, nogil=True)
-def _gemm_avx2(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT):
-    _gemm_simd(table, dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1, XQ, XSUM, XS, OUT, 2)
+def _tiles_avx2(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 2)
 
 
-# Every variant this CPU runs (the tests prove each equal to the twin bit for bit)
-INT8_GEMM_VARIANTS = {"portable": _gemm_portable}
-for _isa, _fn in (("vnni512", _gemm_vnni512), ("vnni256", _gemm_vnni256), ("avx2", _gemm_avx2)):
+#: every variant this CPU runs (the tests prove each equal to the twin bit for bit); products use
+#: :data:`INT8_GEMM_SIMD`'s
+INT8_GEMM_VARIANTS = {"portable": _tiles_portable}
+for _isa, _fn in (("vnni512", _tiles_vnni512), ("vnni256", _tiles_vnni256), ("avx2", _tiles_avx2)):
     if _isa in INT8_GEMM_AVAILABLE:
         INT8_GEMM_VARIANTS[_isa] = _fn
+_tiles = INT8_GEMM_VARIANTS[INT8_GEMM_SIMD or "portable"]
+
+
+@njit(cache=True, nogil=True)
+def tiles_slice(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    """:data:`INT8_GEMM_SIMD`'s variant of :func:`_tiles_simd` (the decode step's products,
+    ``runtime/decode.py``)."""
+    _tiles(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0)
+
+
+@njit(cache=True, parallel=True)
+def tiles_parallel(table, rep, sc, per_row, half, n, k, XQ, XSUM, XS, OUT, o0, chunks):
+    """:func:`tiles_slice` for every group, split in ``chunks`` runs of groups between Numba's threads."""
+    groups = (n + GEMM_ROWS - 1) // GEMM_ROWS
+    step = (groups + chunks - 1) // chunks
+    for c in prange(chunks):
+        tiles_slice(table, rep, sc, per_row, half, n, k, c * step, min(groups, (c + 1) * step), XQ, XSUM, XS, OUT, o0)
 
 
 def words(packed: np.ndarray) -> np.ndarray:
@@ -431,26 +468,66 @@ def words(packed: np.ndarray) -> np.ndarray:
     return packed.view(np.uint32)
 
 
-def gemm(variant, args, n: int, k: int, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None) -> np.ndarray:
+def tiles_nbytes(n: int, k: int, bs: int) -> int:
+    """Bytes of :class:`Tiles` of an ``[n, k]`` weight in blocks of ``bs``: rows rounded up to whole
+    groups, half a byte a weight and a float32 scale a block."""
+    rows = -(-n // GEMM_ROWS) * GEMM_ROWS
+    return rows * k // 2 + 4 * rows * (k // bs)
+
+
+class Tiles:
+    """An NF4 weight ``[n, k]`` repacked into the tile layout (:func:`_repack`): ``rep`` uint32 the
+    codes (the same bytes, moved), ``sc`` float32 every block's scale (``storage.block_scale``:
+    the double-quantized scales decoded once, 4 bytes a block of ``bs``: half a bit a weight for
+    64-entry blocks). Made once, at load (``int8.NF4Int8Linear``); every product reads it."""
+
+    def __init__(self, args, n: int, k: int, threads: int = 1, pool=None):
+        """``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)``, the groups split
+        between ``threads`` threads of ``pool`` (GIL released) when given."""
+        dyn, packed, qscale, nested, nshift, offset, bs = args[1:]
+        self.n, self.k, self.bs = n, k, bs
+        groups = -(-n // GEMM_ROWS)
+        self.rep = np.empty(groups * GEMM_ROWS * k // 8, np.uint32)
+        self.sc = np.empty(groups * GEMM_ROWS * (k // bs), np.float32)
+        src = words(packed)
+        bounds = [groups * i // threads for i in range(threads + 1)]
+        work = lambda i: _repack_groups(dyn, src, qscale, nested, nshift, offset, bs, n, k, bounds[i], bounds[i + 1],
+                                        self.rep, self.sc)
+        if threads > 1 and pool is not None:
+            list(pool.map(work, range(threads)))
+        else:
+            for i in range(threads):
+                work(i)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rep.nbytes + self.sc.nbytes
+
+    def args(self, table) -> tuple:
+        """``(table, rep, sc, per_row, half, n, k)``: the leading arguments of every variant."""
+        return table, self.rep, self.sc, self.k // self.bs, self.bs // 2, self.n, self.k
+
+
+def gemm(variant, table, tiles: Tiles, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None,
+         out: np.ndarray | None = None) -> np.ndarray:
     """f32 [T, n] = the quantized activations (``int8.quantize_activations``: ``XQ`` int8 [T, k],
-    ``XS`` f32 [T, k / bs]) times the NF4 weight ``args`` = ``(table, dyn, packed, qscale, nested,
-    nshift, offset, bs)`` (SIMD variants: ``packed`` as :func:`words` may be given), rows split in
-    whole groups between ``threads`` threads of ``pool`` (GIL released)."""
-    table, bs = args[0], args[-1]
+    ``XS`` f32 [T, k / bs]) times the repacked NF4 weight ``tiles`` (codes ``table``), by
+    ``variant`` (:data:`INT8_GEMM_VARIANTS`), rows split in whole groups between ``threads``
+    threads of ``pool`` (GIL released); into ``out`` [T, n] when given."""
     if variant == "avx2" and not (-AVX2_CODE_OFFSET <= int(table.min()) and int(table.max()) <= AVX2_CODE_OFFSET):
         raise ValueError(f"the avx2 GEMM takes codes within -{AVX2_CODE_OFFSET} .. {AVX2_CODE_OFFSET}")
-    XSUM = block_sums(XQ, bs)  # (on this thread: 128 x 5632 codes in 0.4 ms, less than a hand-off to the pool)
+    XSUM = block_sums(XQ, tiles.bs)  # (on this thread: 128 x 5632 codes in 0.4 ms, less than a hand-off to the pool)
+    n = tiles.n
     groups = -(-n // GEMM_ROWS)
-    OUT = np.empty((XQ.shape[0], groups * GEMM_ROWS), np.float32)
-    fn = INT8_GEMM_VARIANTS[variant]
-    if variant != "portable" and args[2].dtype == np.uint8:  # the repack moves 32-bit words
-        args = args[:2] + (words(args[2]),) + args[3:]
+    OUT = np.empty((XQ.shape[0], n), np.float32) if out is None else out
+    # (this CPU's own variant through :func:`tiles_slice`, which decode steps call too: one copy of its code loaded)
+    fn, args = tiles_slice if variant == INT8_GEMM_SIMD else INT8_GEMM_VARIANTS[variant], tiles.args(table)
     threads = max(1, min(threads, groups))
     bounds = [groups * i // threads for i in range(threads + 1)]
-    work = lambda i: fn(*args, n, k, bounds[i], bounds[i + 1], XQ, XSUM, XS, OUT)
+    work = lambda i: fn(*args, bounds[i], bounds[i + 1], XQ, XSUM, XS, OUT, 0)
     if threads == 1 or pool is None:
         for i in range(threads):
             work(i)
     else:
         list(pool.map(work, range(threads)))
-    return OUT if OUT.shape[1] == n else np.ascontiguousarray(OUT[:, :n])
+    return OUT

@@ -126,10 +126,11 @@ def make_linear(weight: NF4Tensor | np.ndarray, products: str = DEFAULT_PRODUCTS
     embedding tied to it, with ``head=True`` on the int8 path: quantized to int8 at load,
     :class:`~edgelora.runtime.int8.F16Int8Linear`, where its width is whole 64-entry blocks, given
     ``release`` to let the float16 rows' pages go once quantized and ``read_rows`` to look rows up
-    without mapping them again), or anything else as float32."""
+    without mapping them again), or anything else as float32. An NF4 weight on the int8 path that
+    is repacked (``int8.TILED``) calls ``release()``, when given, once its stored bytes are read."""
     int8 = check_products(products) == "int8"
     if isinstance(weight, NF4Tensor):
-        return NF4Int8Linear(weight) if int8 else NF4Linear(weight)
+        return NF4Int8Linear(weight, release=release) if int8 else NF4Linear(weight)
     if weight.dtype == np.float16:
         if int8 and head and weight.ndim == 2 and weight.shape[1] % Q8_BLOCK == 0:
             return F16Int8Linear(weight, release=release, read_rows=read_rows)

@@ -23,13 +23,17 @@ def stored(bundle: Bundle, name: str):
 
 
 def let_go(bundle: Bundle, name: str) -> dict:
-    """For :func:`make_linear` to keep a mapped 2-D weight it copies out of the resident set:
-    ``release(r0, r1)`` lets the pages of rows ``r0 .. r1`` go (they stay valid to read again) and
-    ``read_rows(ids)`` reads rows from the file, not through the mapping. Nothing when the weights
-    were read into memory (``mmap=False``): the copy read is what there is."""
+    """For :func:`make_linear` to keep a mapped weight it copies out of the resident set. A float16
+    one: ``release(r0, r1)`` lets the pages of rows ``r0 .. r1`` go (they stay valid to read again)
+    and ``read_rows(ids)`` reads rows from the file, not through the mapping. An NF4 one (repacked
+    by ``int8.NF4Int8Linear`` where ``int8.TILED``): ``release()`` lets its stored arrays' pages go
+    (training's exact products read them again). Nothing when the weights were read into memory
+    (``mmap=False``): the copy read is what there is."""
     f = bundle.weights
     if not f.mapped:
         return {}
+    if bundle.entries[name].storage == "nf4":
+        return {"release": lambda: [f.release(key) for key in bundle.storage(name).keys(name)]}
 
     def release(r0: int, r1: int) -> None:
         row_bytes = f.tensors[name].nbytes // bundle.entries[name].shape[0]
@@ -52,13 +56,16 @@ def build_weights(bundle: Bundle, products: str = DEFAULT_PRODUCTS) -> Weights:
     layers = []
     for i in range(a.num_hidden_layers):
         modules = {field: arch.module(i, field) for field in arch.PROJECTIONS}
-        linears = {field: make_linear(stored(bundle, m + ".weight"), products) for field, m in modules.items()}
+        linears = {field: make_linear(stored(bundle, m + ".weight"), products, **let_go(bundle, m + ".weight"))
+                   for field, m in modules.items()}
         biases = {field: vector(bundle, m + ".bias") for field, m in modules.items() if m + ".bias" in names}
         norms = {field: vector(bundle, arch.module(i, field) + ".weight") for field in arch.NORMS}
         layers.append(model_cls.Layer(biases=biases, **norms, **linears))
     # an int8 copy of a float16 head (or the embedding tied to it) lets the float16 pages go as it is made
     e_name, h_name = f"{EMBED}.weight", f"{HEAD}.weight"
-    embed = make_linear(stored(bundle, e_name), products, head=a.tie_word_embeddings, **let_go(bundle, e_name))
+    # (an embedding not tied to the head is only looked up: its products, and an int8 path's repack, never made)
+    embed = make_linear(stored(bundle, e_name), products if a.tie_word_embeddings else "exact", head=a.tie_word_embeddings,
+                        **let_go(bundle, e_name))
     head = embed if a.tie_word_embeddings else make_linear(stored(bundle, h_name), products, head=True,
                                                            **let_go(bundle, h_name))
     return Weights(embed=embed, layers=layers, norm=vector(bundle, f"{NORM}.weight"), head=head)

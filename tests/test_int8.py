@@ -105,7 +105,7 @@ def test_extreme_codes_and_activations_sum_exactly(variant, B, bs):
     out = np.full((B, n), np.nan, np.float32)
     I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 0, n, k // bs, bs // 2,
                               *I8.quantize_activations(X, bs), out, 0)
-    assert np.array_equal(_bits(out), _bits(I8.nf4_int8_matvec_batch_reference(q, X)))
+    assert np.array_equal(_bits(out), _bits(I8.nf4_int8_lanes_reference(q, X)))
     assert np.allclose(out, X.astype(np.float64) @ W.T.astype(np.float64), rtol=1e-5, atol=1e-3)
 
 
@@ -125,7 +125,7 @@ def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, 
     out = np.full((B, n + 2), np.nan, np.float32)
     I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 0, n, per_row, bs // 2,
                               *I8.quantize_activations(X, bs), out, 1)
-    ref = I8.nf4_int8_matvec_batch_reference(q, X)
+    ref = I8.nf4_int8_lanes_reference(q, X)
     assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()  # nothing written outside its rows
 
@@ -155,7 +155,7 @@ def test_every_variant_equals_the_twin_on_long_rows(variant, n, per_row, nested,
     row = k // 2
     I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed[r0 * row:], qscale, nest, nshift, offset, r0 * per_row,
                               n, per_row, 32, *I8.quantize_activations(X, 64), out, 1)
-    ref = I8.nf4_int8_matvec_batch_reference(q, X)[:, r0:]
+    ref = I8.nf4_int8_lanes_reference(q, X)[:, r0:]
     assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
 
@@ -178,7 +178,7 @@ def test_batches_of_more_than_a_group_take_runs_of_rows(variant, B):
     out = np.full((B, n + 2), np.nan, np.float32)
     I8.INT8_VARIANTS[variant](I8.NF4_I8, DYNAMIC_CODE, q.packed[r0 * row:], qscale, nested, nshift, offset,
                               r0 * per_row, n, per_row, 32, *I8.quantize_activations(X, 64), out, 1)
-    ref = I8.nf4_int8_matvec_batch_reference(q, X)[:, r0:]
+    ref = I8.nf4_int8_lanes_reference(q, X)[:, r0:]
     assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
 
@@ -231,7 +231,9 @@ def test_int8_products_are_within_the_derived_bound_of_exact(n, per_row, bs, dq,
 @pytest.mark.parametrize("threaded", [False, True])
 def test_linear_decode_products(monkeypatch, threaded):
     """matvec, matvec_batch (any B) and short matmuls are the twin's bits, one thread or the row
-    slices of several; longer prompts take the GEMM (or, without its SIMD variant, the exact tiles)."""
+    slices of several; longer prompts take the GEMM (or, without its SIMD variant, the exact tiles).
+    Where the weights are tiled, every product is the tiles' arithmetic: a prompt's rows are the
+    bits decode steps give them."""
     if threaded:
         monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(3)
@@ -249,6 +251,7 @@ def test_linear_decode_products(monkeypatch, threaded):
     assert np.array_equal(_bits(lin.matmul(X[:short])), _bits(ref[:short]))
     if I8.INT8_GEMM_SIMD:  # longer prompts: the prefill GEMM (tests/test_int8_gemm.py)
         assert np.array_equal(_bits(lin.matmul(X)), _bits(I8.nf4_int8_matmul_reference(q, X)))
+        assert I8.TILED and np.array_equal(_bits(lin.matmul(X)), _bits(ref))
     else:  # the exact tile path
         assert np.array_equal(lin.matmul(X), K.NF4Linear(q).matmul(X))
     assert lin.matvec_batch(X[:0]).shape == (0, 77)

@@ -31,10 +31,10 @@ def _weight_from(W: np.ndarray, bs: int):
 
 def _run(variant: str, q, X: np.ndarray, threads: int = 1) -> np.ndarray:
     qscale, nested, nshift, offset = q.scale_args()
-    args = (I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, q.block_size)
+    tiles = G.Tiles((I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, q.block_size), *q.shape)
     XQ, _, XS = I8.quantize_activations(X, q.block_size)
     pool = K._pool(threads) if threads > 1 else None
-    return G.gemm(variant, args, q.shape[0], q.shape[1], XQ, XS, threads, pool)
+    return G.gemm(variant, I8.NF4_I8, tiles, XQ, XS, threads, pool)
 
 
 def _twin(q, X: np.ndarray) -> np.ndarray:
@@ -94,7 +94,8 @@ def test_avx2_gemm_refuses_codes_it_cannot_offset():
     table = (I8.NF4_I8.astype(np.int32) * 2 - (I8.NF4_I8 < 0)).clip(-127, 127).astype(np.int8)
     XQ, _, XS = I8.quantize_activations(_activations(rng, 13, 64), 64)
     with pytest.raises(ValueError, match="-64 .. 64"):
-        G.gemm("avx2", (table, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 64), 16, 64, XQ, XS, 1)
+        G.gemm("avx2", table, G.Tiles((table, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 64), 16, 64), XQ,
+               XS, 1)
 
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
@@ -127,7 +128,8 @@ def test_gemm_within_the_derived_bound_of_exact(n, per_row, bs, dq, T, seed):
 @pytest.mark.parametrize("threaded", [False, True])
 def test_linear_matmul_dispatch(monkeypatch, threaded):
     """NF4Int8Linear.matmul: one row is ``matvec``; fewer than GEMM_MIN_ROWS rows ``matvec_batch``;
-    from there the GEMM where this CPU has a SIMD variant (else the exact path's split)."""
+    from there the GEMM where this CPU has a SIMD variant (else the exact path's split). Tiled
+    weights: every row count the GEMM's bits."""
     if threaded:
         monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(11)
@@ -140,8 +142,9 @@ def test_linear_matmul_dispatch(monkeypatch, threaded):
     assert np.array_equal(_bits(lin.matmul(X[:short])), _bits(batch[:short]))
     if not G.INT8_GEMM_SIMD:
         pytest.skip("no SIMD GEMM on this CPU: prompts keep the exact path's split")
-    for T in (I8.GEMM_MIN_ROWS, 33, 70):
-        assert np.array_equal(_bits(lin.matmul(X[:T])), _bits(I8.nf4_int8_matmul_reference(q, X[:T])))
+    gemm = I8.nf4_int8_matmul_reference(q, X)
+    for T in (1, 2, 5, I8.GEMM_MIN_ROWS, 33, 70):
+        assert np.array_equal(_bits(lin.matmul(X[:T])), _bits(gemm[:T]))
 
 
 def test_unaligned_bytes_are_read_as_words():
