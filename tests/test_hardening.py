@@ -562,9 +562,11 @@ elif sys.argv[2] == "lookup":  # inside a step, past the check: embeddings read 
         model.net.forward(model.encode("Once upon a time"), model.net.new_cache())
     except edgelora.EdgeLoraError as e:
         print(type(e).__name__, e)
-else:  # inside a step: past the check, as when the file shrinks while a product runs
+else:  # inside a step: past the check, as when the file shrinks while a product runs on the mapped
+    # bytes (the exact products, which training runs: int8 ones may read tiles made at load)
     import numpy as np
-    q = model.net.w.layers[0].q
+    from edgelora.runtime.linear import exact_linear
+    q = exact_linear(model.net.w.layers[0].q)
     q.matvec(np.ones(q.in_features, np.float32))
 """
 

@@ -90,3 +90,34 @@ def test_rows_read_from_the_file_are_the_mapped_rows(tmp_path, monkeypatch):
         assert info.begin > f.tensors["w"].begin
         with pytest.raises(FormatError, match="truncated"):
             f.read_rows("z", [3])
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_repacked_weights_let_their_stored_pages_go(monkeypatch, mmap):
+    """Where the int8 products repack NF4 weights into tiles (``int8.TILED``), the loader lets each
+    weight's stored arrays' pages go once it is repacked: every array of it, once; nothing where
+    the weights were read into memory, nor for exact products. The pages let go stay readable:
+    the exact products (training's) read them again, the stored bytes' bits."""
+    import edgelora
+    from edgelora.runtime import int8 as I8
+    from edgelora.runtime.kernels import NF4Linear
+    from edgelora.runtime.linear import exact_linear
+    from edgelora.safetensors_io import SafetensorsFile
+    released = []
+    real = SafetensorsFile.release
+    monkeypatch.setattr(SafetensorsFile, "release",
+                        lambda self, name, *a: released.append(name) or real(self, name, *a))
+    for products in ("int8", "exact"):
+        released.clear()
+        model = edgelora.load(demo_bundle_path(), products=products, warmup=False, mmap=mmap)
+        lins = {m + ".weight": getattr(L, f) for i, L in enumerate(model.net.w.layers)
+                for f, m in model.net.names[i].items()}
+        tiled = {name for name, lin in lins.items() if getattr(lin, "tiled", False)}
+        assert tiled == (set(lins) if I8.TILED and products == "int8" else set())
+        keys = [key for name in sorted(tiled) for key in model.bundle.storage(name).keys(name)]
+        assert sorted(n for n in released if n in set(keys)) == (sorted(keys) if mmap else [])
+        rng = np.random.default_rng(0)
+        for name, lin in lins.items():
+            x = rng.standard_normal(lin.in_features).astype(np.float32)
+            again = NF4Linear(model.bundle.nf4(name))  # the stored bytes, read afresh
+            assert np.array_equal(exact_linear(lin).matvec(x), again.matvec(x))
