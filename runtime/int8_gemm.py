@@ -66,7 +66,7 @@ GEMM_WIDE_TOKENS = 16
 #: bytes ahead of each 64-byte word of a tile that a pass prefetches (``prefetcht0``): a decode
 #: step's products (TinyLlama, 2 threads) 3-4 % faster with 512-4096 than with none, 8192 no better
 GEMM_PREFETCH_BYTES = 2048
-GEMM_GROUPS = 4  # row groups repacked together, so a tile of tokens' x is reused by 64 rows while in cache
+GEMM_GROUPS = 4  # row groups a tile of tokens runs over together, so its x is reused by 64 rows while in cache
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
 INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
@@ -372,7 +372,7 @@ def _repack_groups(dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1
 @njit(cache=True, nogil=True)
 def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
     """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
-    ``sc``: :func:`repack`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
+    ``sc``: :class:`Tiles`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
     tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
     tile's x stays in cache for their rows. The last group, cut at ``n``, goes through a scratch of
     its 16 lanes, so that nothing past row n is written."""
@@ -382,6 +382,7 @@ def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, 
     xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
     whole = n // GEMM_ROWS
+    cut = np.empty(T * GEMM_ROWS if n % GEMM_ROWS else 0, np.float32)  # the last group's lanes
     for c0 in range(g0, g1, GEMM_GROUPS):
         for t0 in range(0, T, step):
             m = min(step, T - t0)
@@ -390,7 +391,6 @@ def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, 
                 if g < whole:
                     _tile(table, r, s, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0 + g * GEMM_ROWS, isa)
                 else:
-                    cut = np.empty(T * GEMM_ROWS, np.float32)
                     _tile(table, r, s, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0, m, 0, isa)
                     for t in range(t0, t0 + m):
                         for lane in range(n - g * GEMM_ROWS):
