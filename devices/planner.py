@@ -559,6 +559,16 @@ def device_tiles(dev: Device) -> bool:
     return DEFAULT_PRODUCTS == "int8" and dev.arch == "x86_64" and "avx2" in dev.simd
 
 
+def _repacked(bundle, shape, role: str) -> bool:
+    """Whether the int8 products repack an NF4 weight of ``shape`` and ``role`` of an opened bundle
+    where :func:`device_tiles` (``int8.supports_int8``; an embedding not tied to the head is only
+    looked up)."""
+    from edgelora.runtime.int8 import INT8_BLOCK_MULTIPLE
+    bs = bundle.quantization["block_size"]
+    return len(shape) == 2 and shape[1] % bs == 0 and bs % INT8_BLOCK_MULTIPLE == 0 and not (
+        role == "embedding" and not bundle.args.tie_word_embeddings)
+
+
 def tiles_bytes(bundle, dev: Device) -> tuple[int, int]:
     """``(held, released)`` of an opened bundle on ``dev``: where :func:`device_tiles`, the tiles the
     int8 products make of its NF4 weights at load (``runtime.int8_gemm.Tiles``) and those weights'
@@ -566,15 +576,13 @@ def tiles_bytes(bundle, dev: Device) -> tuple[int, int]:
     ``(0, 0)`` elsewhere. An NF4 embedding not tied to the head is only looked up: not repacked."""
     if not device_tiles(dev):
         return 0, 0
-    from edgelora.runtime.int8 import INT8_BLOCK_MULTIPLE
     from edgelora.runtime.int8_gemm import tiles_nbytes
     from edgelora.safetensors_io import DTYPES
     from edgelora.storage import NF4Storage
     bs, dq = bundle.quantization["block_size"], bundle.quantization["double_quant"]
     held = released = 0
     for e in bundle.entries.values():
-        if e.storage != "nf4" or len(e.shape) != 2 or e.shape[1] % bs or bs % INT8_BLOCK_MULTIPLE or (
-                e.role == "embedding" and not bundle.args.tie_word_embeddings):
+        if e.storage != "nf4" or not _repacked(bundle, e.shape, e.role):
             continue
         held += tiles_nbytes(*e.shape, bs)
         released += sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in NF4Storage(bs, dq).entries(e.name, e.shape))
@@ -703,8 +711,8 @@ def _float16_savings(bundle_path: Path, dev: Device | None = None) -> int:
             if e.role in ("embedding", "head") and e.storage == "float16":
                 entries = NF4Storage(block, dq).entries(e.name, e.shape)
                 nf4 = sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in entries)
-                looked_up = e.role == "embedding" and not b.args.tie_word_embeddings
-                saved += 2 * math.prod(e.shape) - (tiles_nbytes(*e.shape, block) if tiled and not looked_up else nf4)
+                tiles = tiled and _repacked(b, e.shape, e.role)
+                saved += 2 * math.prod(e.shape) - (tiles_nbytes(*e.shape, block) if tiles else nf4)
     return saved
 
 

@@ -419,7 +419,7 @@ class NF4Int8Linear(NF4Linear):
         call, each weight byte read and decoded once for several vectors."""
         if not self.int8:
             return super().matvec_batch(X, out)
-        return _tiled_batch(self, X, out) if self.tiled else _int8_batch(self, X, out, self.block_size)
+        return _int8_batch(self, X, out, self.block_size)
 
 
 def _int8_matvec(layer, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -431,31 +431,22 @@ def _int8_matvec(layer, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _tiled_batch(layer, X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """``layer.matvec_batch`` where :data:`TILED`: X quantized, then the tile kernels over the
-    layer's tiles, the row groups split between Numba's threads where large."""
-    X, out = _batch_args(layer, X, out)
-    if X.shape[0] == 0:
-        return out
-    XQ, XA, XS = quantize_activations(X, layer.block_size)
-    XSUM = block_sums(XQ, layer.block_size)
-    n, k = layer.out_features, layer.in_features
-    if layer._parallel(n * k):
-        tiles_parallel(*layer.tiles.args(NF4_I8), XQ, XSUM, XS, out, 0, numba.get_num_threads())
-    else:
-        tiles_slice(*layer.tiles.args(NF4_I8), 0, -(-n // GEMM_ROWS), XQ, XSUM, XS, out, 0)
-    return out
-
-
 def _int8_batch(layer, X: np.ndarray, out: np.ndarray | None, bs: int) -> np.ndarray:
     """``layer.matvec_batch`` on the int8 path: X quantized per block of ``bs`` entries, then the
-    kernel over ``layer._iargs`` (its weights' arrays), rows split between the threads where large."""
+    tile kernels over ``layer.tiles`` where it is tiled, else the lanes kernel over ``layer._iargs``
+    (its weights' arrays), rows split between Numba's threads where large."""
     X, out = _batch_args(layer, X, out)
     if X.shape[0] == 0:
         return out
     XQ, XA, XS = quantize_activations(X, bs)
     n, k = layer.out_features, layer.in_features
-    if layer._parallel(n * k):
+    if layer.tiled:
+        args, XSUM = layer.tiles.args(NF4_I8), block_sums(XQ, bs)
+        if layer._parallel(n * k):
+            tiles_parallel(*args, XQ, XSUM, XS, out, 0, numba.get_num_threads())
+        else:
+            tiles_slice(*args, 0, -(-n // GEMM_ROWS), XQ, XSUM, XS, out, 0)
+    elif layer._parallel(n * k):
         _i8_parallel(*layer._iargs, n, k, XQ, XA, XS, out, numba.get_num_threads())
     else:
         _i8_slice(*layer._iargs, k, 0, n, XQ, XA, XS, out)
@@ -493,6 +484,7 @@ class F16Int8Linear(F16Linear):
     so that lookups keep them out."""
 
     int8 = True
+    tiled = False  # (its codes take the lanes kernels)
 
     def __init__(self, w: np.ndarray, chunk_rows: int = 4096, release=None, read_rows=None):
         super().__init__(w)
