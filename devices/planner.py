@@ -285,8 +285,9 @@ print(json.dumps(peaks))
 
 
 #: the revision of what the measured overheads leave out (the planned items they are measured
-#: against): 2 since NF4 weights are held as tiles on x86-64 (their items no longer the file's bytes)
-OVERHEAD_REVISION = 2
+#: against): 2 since NF4 weights are held as tiles on x86-64 (their items no longer the file's bytes),
+#: 3 since the float16 head's int8 codes are too (its rows rounded up to tiles of 16)
+OVERHEAD_REVISION = 3
 
 
 def _overhead_key(threads: int) -> str:
@@ -325,8 +326,9 @@ def measure_runtime_overhead(threads: int, refresh: bool = False) -> dict:
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     with Bundle(bundle) as b:
         a = b.args
-        tiles, tiles_released = tiles_bytes(b, host_device())  # (the weights' items as a plan for this machine has them)
-        weights = _weights_bytes(Path(bundle)) - released_head_bytes(b) - tiles_released + int8_head_bytes(b) + tiles
+        host = host_device()  # (the weights' items as a plan for this machine has them)
+        tiles, tiles_released = tiles_bytes(b, host)
+        weights = _weights_bytes(Path(bundle)) - released_head_bytes(b) - tiles_released + int8_head_bytes(b, host) + tiles
         own = weights + kv_cache_bytes(a, 64) + rope_bytes(a, 64) + scratch_bytes(a, 64, 1)[0]
     entry = {"base": max(0, peaks[0] - own), "decode": max(0, peaks[1] - peaks[0]),
              "parallel": max(0, peaks[2] - peaks[1]),
@@ -528,18 +530,20 @@ class _TrainSizes:
 # the plan
 # ---------------------------------------------------------------------------------------------
 
-def int8_head_bytes(bundle) -> int:
+def int8_head_bytes(bundle, dev: Device | None = None) -> int:
     """What the default int8 products hold beside an opened bundle's float16 output head (or the
     float16 embedding tied to it): ``runtime/int8.py``'s ``F16Int8Linear``, an int8 code a weight
-    and a float32 scale a block of ``Q8_BLOCK``; 0 where the head stays float16 or is NF4."""
+    and a float32 scale a block of ``Q8_BLOCK``, rows rounded up to whole tiles of 16 where
+    :func:`device_tiles` (``runtime.int8_gemm.Q8Tiles``); 0 where the head stays float16 or is NF4."""
     from edgelora.architectures import EMBED, HEAD
     from edgelora.products import DEFAULT_PRODUCTS
     from edgelora.runtime.int8 import Q8_BLOCK
+    from edgelora.runtime.int8_gemm import tiles_nbytes
     e = bundle.entries.get(f"{EMBED if bundle.args.tie_word_embeddings else HEAD}.weight")
     if DEFAULT_PRODUCTS != "int8" or e is None or e.storage != "float16" or len(e.shape) != 2 or e.shape[1] % Q8_BLOCK:
         return 0
     n, k = e.shape
-    return n * k + 4 * n * (k // Q8_BLOCK)
+    return tiles_nbytes(n, k, Q8_BLOCK, 8) if dev is not None and device_tiles(dev) else n * k + 4 * n * (k // Q8_BLOCK)
 
 
 def released_head_bytes(bundle) -> int:
@@ -648,7 +652,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     with Bundle(bundle_path, verify=False) as b:
         a = b.args
         # a trainer loads exact products (``training.train``): no int8 copies
-        head = int8_head_bytes(b) if t is None else 0
+        head = int8_head_bytes(b, dev) if t is None else 0
         tiles, tiles_released = tiles_bytes(b, dev) if t is None else (0, 0)
         released = released_head_bytes(b) + tiles_released if t is None else 0
     limit = context_limit(a)

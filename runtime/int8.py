@@ -37,8 +37,8 @@ is instead repacked once, at load, into the GEMM's tiles (``runtime/int8_gemm.py
 codes side by side in each register, each block's scale decoded to float32), and every product
 of it runs the tile kernels, a decode step's one vector as a prompt's many: the same quantized
 activations, the int32 sums of a block whole rather than in eight lanes, one float32 product and
-sum a block. The lanes above then serve the float16 head's int8 codes (:class:`F16Int8Linear`)
-and NF4 weights on aarch64. Tiles read each weight once for up to 16 tokens with no horizontal
+sum a block; the float16 head's int8 codes (:class:`F16Int8Linear`) are tiled alike. The lanes
+above then serve NF4 weights and the head's codes on aarch64. Tiles read each weight once for up to 16 tokens with no horizontal
 sums, and a block's scales are one vector load for 16 rows (what they gave: ``bench/README.md``,
 *Tiles for decode steps*). Elsewhere a prompt of more than ``kernels.MATVEC_ROWS_MAX`` rows takes
 the exact tiles, a shorter one ``matvec_batch``.
@@ -48,7 +48,7 @@ models edgelora converts); others keep the exact kernels. Where not tiled, the b
 read in place, as bitsandbytes wrote them. Tiles hold the same codes, moved, and 4 bytes of scale
 a block instead of the stored scale codes (64-entry blocks: 4.5 bits a weight instead of 4.13);
 the stored pages are let go once read (``loader.let_go``). A float16 output head becomes int8
-codes at load (:class:`F16Int8Linear`), the lanes kernels multiplying them.
+codes at load (:class:`F16Int8Linear`), in tiles where :data:`TILED`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from edgelora.runtime.int8_gemm import (GEMM_ROWS, INT8_GEMM_SIMD, Tiles, block_sums, gemm, nf4_int8_gemm_reference,
-                                        tiles_parallel, tiles_slice)
+from edgelora.runtime.int8_gemm import (GEMM_ROWS, INT8_GEMM_SIMD, Q8Tiles, Tiles, block_sums, gemm,
+                                        nf4_int8_gemm_reference, q8_gemm_reference, tiles_parallel, tiles_slice)
 from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import (INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_MAX_VECTORS, INT8_SIMD, MAX_VECTORS,
                                    i8_rows_dot)
@@ -464,13 +464,16 @@ class F16Int8Linear(F16Linear):
     once, at load, to int8 codes per block of :data:`Q8_BLOCK` entries exactly as activations are
     (:func:`quantize_activations`: ``rint(w * 127 / amax)``, a block's even entries then its odd
     ones) with ``sc = amax / 127 * 64`` as the block's float32 scale (the codes' step, times the
-    :data:`CODE_SCALE` the activations' ``xs`` divide by), 8.5 bits a weight, and its products run
-    the int8 kernels (``simd.i8_rows_dot`` with int8 weights; twin
-    :func:`q8_matvec_batch_reference`): ``y = sum_j (xs_j * sc_j) * sum codes * q``, the NF4
-    arithmetic with the weight's own scales. Every row of a product is ``matvec`` of it. Rows
-    looked up (``rows``: the embeddings of a tied head) and ``linear.exact_linear`` (training) read
-    the float16 weight as before. Heads whose width is not a multiple of :data:`Q8_BLOCK` stay
-    :class:`F16Linear` (``linear.make_linear``).
+    :data:`CODE_SCALE` the activations' ``xs`` divide by), 8.5 bits a weight. Where ``tiled``
+    (default :data:`TILED`) the codes go straight into the tile layout (``int8_gemm.Q8Tiles``, a
+    chunk of rows at a time: never held twice) and every product runs the tile kernels (twin
+    :func:`q8_matmul_reference`): ``y = sum_j (xs_j * sc_j) * S_j``, ``S_j`` the block's int32 sum
+    of codes times q, the NF4 tiles' arithmetic with the weight's own codes and scales (one
+    ``vpdpbusd`` a word of 16 rows' four codes, no lookup). Elsewhere the lanes kernels multiply
+    them (``simd.i8_rows_dot`` with int8 weights; twin :func:`q8_lanes_reference`). Every row of a
+    product is ``matvec`` of it. Rows looked up (``rows``: the embeddings of a tied head) and
+    ``linear.exact_linear`` (training) read the float16 weight as before. Heads whose width is not
+    a multiple of :data:`Q8_BLOCK` stay :class:`F16Linear` (``linear.make_linear``).
 
     ``release(0, r1)``, when given, is called once rows ``0 .. r1`` are quantized (each chunk's call
     covers the rows before it too: a page fault in one chunk can map a whole large page-cache folio
@@ -484,28 +487,37 @@ class F16Int8Linear(F16Linear):
     so that lookups keep them out."""
 
     int8 = True
-    tiled = False  # (its codes take the lanes kernels)
 
-    def __init__(self, w: np.ndarray, chunk_rows: int = 4096, release=None, read_rows=None):
+    def __init__(self, w: np.ndarray, chunk_rows: int = 4096, release=None, read_rows=None, tiled: bool = TILED):
         super().__init__(w)
         self._read_rows = read_rows
         n, k = self.out_features, self.in_features
         if k % Q8_BLOCK:
             raise ValueError(f"F16Int8Linear needs rows of whole {Q8_BLOCK}-entry blocks, got width {k}")
-        self.codes = np.empty((n, k), np.int8)
-        self.scales = np.empty((n, k // Q8_BLOCK), np.float32)
+        self.tiled = tiled
+        if tiled:  # each chunk's codes into the tiles, then the next chunk into the same scratch
+            self.tiles = Q8Tiles(n, k, Q8_BLOCK)
+            rows = min(n, chunk_rows)
+            codes, scales = np.empty((rows, k), np.int8), np.empty((rows, k // Q8_BLOCK), np.float32)
+        else:
+            self.codes = codes = np.empty((n, k), np.int8)
+            self.scales = scales = np.empty((n, k // Q8_BLOCK), np.float32)
         for r0 in range(0, n, chunk_rows):  # a chunk of rows widened at a time
             r1 = min(n, r0 + chunk_rows)
-            _quantize_rows(w[r0:r1].astype(np.float32), Q8_BLOCK, self.codes[r0:r1], self.scales[r0:r1])
+            c, sc = (codes[:r1 - r0], scales[:r1 - r0]) if tiled else (codes[r0:r1], scales[r0:r1])
+            _quantize_rows(w[r0:r1].astype(np.float32), Q8_BLOCK, c, sc)
+            if tiled:
+                self.tiles.put(r0, c, sc)
             if release is not None:
                 release(0, r1)
-        self._iargs = (NF4_I8, DYNAMIC_CODE, self.codes.reshape(-1), _NO_CODES, self.scales.reshape(-1), 0, np.float32(0.0),
-                       Q8_BLOCK)
+        if not tiled:
+            self._iargs = (NF4_I8, DYNAMIC_CODE, self.codes.reshape(-1), _NO_CODES, self.scales.reshape(-1), 0,
+                           np.float32(0.0), Q8_BLOCK)
 
     @property
     def resident_nbytes(self) -> int:
         """Bytes held in memory beside the mapped float16 weight: the codes and their scales."""
-        return self.codes.nbytes + self.scales.nbytes
+        return self.tiles.nbytes if self.tiled else self.codes.nbytes + self.scales.nbytes
 
     def rows(self, ids) -> np.ndarray:
         """The float16 rows ``ids`` as float32 (``F16Linear.rows``), through ``read_rows`` if given."""
@@ -527,9 +539,10 @@ class F16Int8Linear(F16Linear):
         return self.matvec_batch(x)
 
 
-def q8_matvec_batch_reference(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """NumPy twin of :meth:`F16Int8Linear.matvec_batch`: ``codes`` int8 [n, k] and ``scales`` f32
-    [n, k / Q8_BLOCK] as it holds them, X [B, k] -> [B, n] (the module docstring's arithmetic)."""
+def q8_lanes_reference(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of the lanes kernels with :class:`F16Int8Linear`'s codes (not tiled): ``codes``
+    int8 [n, k] and ``scales`` f32 [n, k / Q8_BLOCK] as it holds them, X [B, k] -> [B, n] (the
+    module docstring's arithmetic)."""
     n, k = codes.shape
     per_row, half = k // Q8_BLOCK, Q8_BLOCK // 2
     XQ, _, XS = quantize_activations_reference(X, Q8_BLOCK)
@@ -537,6 +550,20 @@ def q8_matvec_batch_reference(codes: np.ndarray, scales: np.ndarray, X: np.ndarr
     xq = XQ.reshape(-1, per_row, 2, half).astype(np.int32)
     prod = (w[None] * xq[:, None]).sum(axis=3)  # [B, n, per_row, half]
     return _lanes_epilogue(prod, XS, scales)
+
+
+def q8_matmul_reference(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of the tile kernels with :class:`F16Int8Linear`'s codes (tiled): the same
+    ``codes`` and ``scales`` (each row quantized as an activation row is), X [B, k] -> [B, n]."""
+    XQ, _, XS = quantize_activations_reference(X, Q8_BLOCK)
+    return q8_gemm_reference(codes, scales, XQ, XS)
+
+
+def q8_matvec_batch_reference(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """NumPy twin of :meth:`F16Int8Linear.matvec_batch` on this CPU: the tiles'
+    (:func:`q8_matmul_reference`) where :data:`TILED`, else the lanes kernels'
+    (:func:`q8_lanes_reference`)."""
+    return q8_matmul_reference(codes, scales, X) if TILED else q8_lanes_reference(codes, scales, X)
 
 
 def _lanes_epilogue(prod: np.ndarray, XS: np.ndarray, scales: np.ndarray) -> np.ndarray:

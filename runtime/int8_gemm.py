@@ -31,6 +31,14 @@ identically):
   block from 0 (a product, a product, a sum: no FMA), ``scale`` the block's absmax
   (``storage.block_scale``).
 
+Weights of int8 codes (the float16 head quantized at load, ``int8.F16Int8Linear``) take the same
+layout and arithmetic (:class:`Q8Tiles`, twin :func:`q8_gemm_reference`): a lane's 4 bytes are
+four codes of its row, in the activations' order, so a word needs no lookup and meets one 32-bit
+broadcast of x; ``S`` is the sum of code times ``q`` and ``scale`` the block's own. ``vpdpbusd``
+takes the codes plus 128 (``o = 128``, as above); AVX2 multiplies ``|w|`` by x with w's sign
+(``vpsignb``, pairs at most ``2 * 127 * 127``: 8-bit codes would saturate ``vpmaddubsw`` offset),
+which needs no correction (``o = 0``).
+
 A token's result does not depend on the other tokens or on how the rows are tiled, so a prompt
 gives the same bits in one chunk or many, and a decode step the bits the prompt's GEMM would give
 its row; the float steps are the lanes kernels' per block, so the two arithmetics differ only in
@@ -50,7 +58,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes, _prefetch
 from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
@@ -73,6 +81,18 @@ INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2
     {"vnni512"} if _VNNI512 else set()) | (
     {"vnni256"} if _FEATURES.get("avxvnni") or (_VNNI512 and _FEATURES.get("avx512vl")) else set())
 INT8_GEMM_SIMD = next((v for v in ("vnni512", "vnni256", "avx2") if v in INT8_GEMM_AVAILABLE), None)
+
+
+def _q8(rep) -> bool:
+    """Whether tile words ``rep`` hold int8 codes (:class:`Q8Tiles`: int32) rather than NF4 nibbles
+    (:class:`Tiles`: uint32); in compiled code a constant of the array's type."""
+    return rep.dtype == np.int32
+
+
+@overload(_q8)
+def _q8_compiled(rep):
+    q8 = rep.dtype == types.int32
+    return lambda rep: q8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,24 +125,41 @@ def block_sums_reference(XQ: np.ndarray, bs: int) -> np.ndarray:
 # the twin
 # ---------------------------------------------------------------------------------------------
 
-def nf4_int8_gemm_reference(q: NF4Tensor, table: np.ndarray, XQ: np.ndarray, XS: np.ndarray) -> np.ndarray:
-    """NumPy twin of every variant: ``q`` [n, k] NF4, ``table`` the 16 codes as int8, ``XQ`` int8
-    [T, k] and ``XS`` f32 [T, k / bs] the activations as ``int8.quantize_activations`` gives
-    them -> f32 [T, n] (module docstring: integer sums exact, the float steps in order)."""
-    n, k = q.shape
-    bs, half = q.block_size, q.block_size // 2
-    per_row = k // bs
-    codes = np.asarray(q.packed, np.uint8).reshape(n, per_row, half)
-    w = np.concatenate([table[codes >> 4], table[codes & 15]], axis=2).astype(np.int64)  # [n, per_row, bs]
-    x = XQ.reshape(XQ.shape[0], per_row, bs).astype(np.int64)  # [T, per_row, bs], same order
-    S = np.einsum("tjb,rjb->jtr", x, w).astype(np.int32)  # [per_row, T, n] exact
-    scales = (q.absmax() if not q.double_quant else dequantize_scales_reference(
-        q.scales, q.nested_scales, q.offset, q.nested_block_size)).reshape(n, per_row)
+def _tiles_reference(w: np.ndarray, scales: np.ndarray, XQ: np.ndarray, XS: np.ndarray) -> np.ndarray:
+    """The arithmetic of every variant: ``w`` int [n, per_row, bs] a weight's integer codes in the
+    activations' order, ``scales`` f32 [n, per_row] its blocks' scales, ``XQ`` int8 [T, k] and
+    ``XS`` f32 [T, per_row] -> f32 [T, n] (integer sums exact, the float steps in order)."""
+    n, per_row, bs = w.shape
+    x = XQ.reshape(XQ.shape[0], per_row, bs).astype(np.int64)  # [T, per_row, bs]
+    S = np.einsum("tjb,rjb->jtr", x, w.astype(np.int64)).astype(np.int32)  # [per_row, T, n] exact
     acc = np.zeros((XQ.shape[0], n), np.float32)
     for j in range(per_row):
         s = XS[:, j, None] * scales[None, :, j]  # [T, n] f32
         acc = acc + S[j].astype(np.float32) * s
     return acc
+
+
+def nf4_int8_gemm_reference(q: NF4Tensor, table: np.ndarray, XQ: np.ndarray, XS: np.ndarray) -> np.ndarray:
+    """NumPy twin of every variant on :class:`Tiles`: ``q`` [n, k] NF4, ``table`` the 16 codes as
+    int8, ``XQ`` int8 [T, k] and ``XS`` f32 [T, k / bs] the activations as
+    ``int8.quantize_activations`` gives them -> f32 [T, n] (module docstring)."""
+    n, k = q.shape
+    bs, half = q.block_size, q.block_size // 2
+    per_row = k // bs
+    codes = np.asarray(q.packed, np.uint8).reshape(n, per_row, half)
+    w = np.concatenate([table[codes >> 4], table[codes & 15]], axis=2)  # [n, per_row, bs]: x's order
+    scales = (q.absmax() if not q.double_quant else dequantize_scales_reference(
+        q.scales, q.nested_scales, q.offset, q.nested_block_size)).reshape(n, per_row)
+    return _tiles_reference(w, scales, XQ, XS)
+
+
+def q8_gemm_reference(codes: np.ndarray, scales: np.ndarray, XQ: np.ndarray, XS: np.ndarray) -> np.ndarray:
+    """NumPy twin of every variant on :class:`Q8Tiles`: ``codes`` int8 [n, k] (each block's even
+    entries, then its odd ones, as the activations') and ``scales`` f32 [n, k / bs], ``XQ``, ``XS``
+    as for :func:`nf4_int8_gemm_reference` -> f32 [T, n]."""
+    n, k = codes.shape
+    per_row = scales.shape[1]
+    return _tiles_reference(codes.reshape(n, per_row, k // per_row), scales, XQ, XS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +236,15 @@ def _splat(builder, v, ty, n):
     return builder.shuffle_vector(u, u, ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
-def _gemm_codegen(tokens: int, isa: str):
-    """IR of :func:`i8_gemm_tile` for ``tokens`` tokens and ``isa`` (Python values: every
+def _gemm_codegen(tokens: int, isa: str, q8: bool):
+    """IR of :func:`i8_gemm_tile` for ``tokens`` tokens, ``isa`` and the weights' codes (``q8``:
+    int8 codes, :class:`Q8Tiles`; else NF4 nibbles, :class:`Tiles`) (Python values: every
     accumulator a register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a
     group's 16 rows are ``16 / lanes`` registers per token."""
     lanes = 16 if isa == "vnni512" else 8
-    offset = AVX2_CODE_OFFSET if isa == "avx2" else 128  # what the weights' unsigned bytes add to each code
+    # what the weights' unsigned bytes add to each code (taken off through the sums of x); AVX2's
+    # int8 codes instead move their signs onto x
+    offset = (0 if q8 else AVX2_CODE_OFFSET) if isa == "avx2" else 128
     halves = GEMM_ROWS // lanes
     vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     c = lambda x: ir.Constant(_I64, x)
@@ -220,18 +260,25 @@ def _gemm_codegen(tokens: int, isa: str):
         if isa == "avx2":
             table = builder.add(table, ir.Constant(vb, [AVX2_CODE_OFFSET] * 4 * lanes))  # NF4_I8 + 64: bytes 0 .. 128
             maddubs = _maddubs_lanes(builder)  # vpmaddubsw, vpmaddwd by ones: 8 int32 lanes
+            psign = fn("llvm.x86.avx2.psign.b", vb, [vb, vb])
 
-            def dot(acc, w, t, at):  # unsigned weights times x: pairs at most 2 * 128 * 127, no saturation
-                return builder.add(acc, maddubs(w, builder.bitcast(xword(xq_t[t], at), vb)))
+            def dot(acc, u, x):  # unsigned weights times x: pairs at most 2 * 128 * 127, no saturation
+                return builder.add(acc, maddubs(u, builder.bitcast(x, vb)))
+
+            def q8_operands(w, x):  # |w| and x with w's sign (vpsignb): pairs at most 2 * 127 * 127
+                return builder.call(psign, [w, w]), builder.call(psign, [builder.bitcast(x, vb), w])
         else:
             table = builder.xor(table, ir.Constant(vb, [0x80] * 4 * lanes))  # NF4_I8 + 128 as unsigned bytes
             dpbusd = fn("llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256", vi,
                         [vi, vi, vi])
 
-            def dot(acc, w, t, at):
-                return builder.call(dpbusd, [acc, builder.bitcast(w, vi), xword(xq_t[t], at)])
+            def dot(acc, u, x):
+                return builder.call(dpbusd, [acc, builder.bitcast(u, vi), x])
+
+            def q8_operands(w, x):  # the codes plus 128 (their sign bit flipped) as unsigned bytes
+                return builder.xor(w, ir.Constant(vb, [0x80] * 4 * lanes)), x
         four, fifteen = ir.Constant(vb, [4] * 4 * lanes), ir.Constant(vb, [15] * 4 * lanes)
-        nd = builder.udiv(half, c(4))
+        nd = builder.udiv(half, c(2 if q8 else 4))  # words of a block
         rep8 = builder.bitcast(rep_p, _I8.as_pointer())
         ts = [builder.add(t0, c(t)) for t in range(tokens)]
         xq_t = [builder.gep(xq_p, [builder.mul(t, k)]) for t in ts]
@@ -239,8 +286,8 @@ def _gemm_codegen(tokens: int, isa: str):
         xs_t = [builder.gep(xs_p, [builder.mul(t, per_row)]) for t in ts]
         out_t = [builder.gep(out_p, [builder.add(builder.mul(t, n_out), o0)]) for t in ts]
 
-        def xword(base, at):  # the four bytes of a token's row at ``at``, in every lane
-            w = builder.load(builder.bitcast(builder.gep(base, [at]), _I32.as_pointer()), align=1)
+        def xword(t, at):  # the four bytes of token t's row at ``at``, in every lane
+            w = builder.load(builder.bitcast(builder.gep(xq_t[t], [at]), _I32.as_pointer()), align=1)
             return _splat(builder, w, _I32, lanes)
 
         def rows(h):
@@ -262,11 +309,16 @@ def _gemm_codegen(tokens: int, isa: str):
                     if h == 0:  # (the word's other half, for 256-bit registers, is then in cache)
                         _prefetch(builder, builder.gep(ptr, [c(GEMM_PREFETCH_BYTES)]))
                     w = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
+                    if q8:  # four int8 codes of each row: one product a token
+                        for t in range(tokens):
+                            u, x = q8_operands(w, xword(t, at))
+                            builder.store(dot(builder.load(iacc[t]), u, x), iacc[t])
+                        return
                     wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # weights of the even entries
                     wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])  # of the odd ones
                     for t in range(tokens):
-                        a = dot(builder.load(iacc[t]), wh, t, at)
-                        builder.store(dot(a, wl, t, builder.add(at, half_v)), iacc[t])
+                        a = dot(builder.load(iacc[t]), wh, xword(t, at))
+                        builder.store(dot(a, wl, xword(t, builder.add(at, half_v))), iacc[t])
 
                 if isinstance(nd_v, ir.Constant):
                     for s in range(nd_v.constant):
@@ -287,7 +339,7 @@ def _gemm_codegen(tokens: int, isa: str):
 
             with builder.if_else(builder.icmp_unsigned("==", half, c(32))) as (bs64, general):
                 with bs64:
-                    blocks(c(8), c(32))
+                    blocks(c(16 if q8 else 8), c(32))
                 with general:
                     blocks(nd, half)
             for t in range(tokens):
@@ -315,11 +367,12 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k,
     flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (``simd.AVX2_CODE_OFFSET``). Per block of
     ``2 * half`` entries, ``half / 4`` word steps of the group's 64 weight bytes, each decoded by
     two ``vpshufb`` into the even and odd entries of 16 rows and multiplied with every token's four
-    entries (one 32-bit broadcast).
+    entries (one 32-bit broadcast). ``rep`` int32 instead of uint32: int8 codes (:class:`Q8Tiles`,
+    ``table`` unused), ``half / 2`` word steps a block, each multiplied as it is loaded.
     ``isa``: a literal code of :data:`GEMM_ISAS`."""
     arrays = (table, rep, sc, xq, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
-            and table.dtype == types.int8 and rep.dtype == types.uint32 and xq.dtype == types.int8
+            and table.dtype == types.int8 and rep.dtype in (types.uint32, types.int32) and xq.dtype == types.int8
             and xsum.dtype == types.int32
             and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
             and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_WIDE_TOKENS
@@ -327,7 +380,8 @@ def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k,
         return None
     i64 = types.int64
     name = {v: n for n, v in GEMM_ISAS.items()}[isa.literal_value]
-    return types.none(*arrays, i64, i64, i64, i64, i64, i64, tokens, isa), _gemm_codegen(tokens.literal_value, name)
+    return types.none(*arrays, i64, i64, i64, i64, i64, i64, tokens, isa), _gemm_codegen(tokens.literal_value, name,
+                                                                                      rep.dtype == types.int32)
 
 
 @njit(cache=True, nogil=True)
@@ -378,7 +432,7 @@ def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, 
     its 16 lanes, so that nothing past row n is written."""
     numba.literally(isa)
     T, n_out = XQ.shape[0], OUT.shape[1]
-    gw, gs = per_row * half * GEMM_ROWS // 4, per_row * GEMM_ROWS
+    gw, gs = per_row * half * GEMM_ROWS // (2 if _q8(rep) else 4), per_row * GEMM_ROWS
     xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
     whole = n // GEMM_ROWS
@@ -401,7 +455,8 @@ def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, 
 def _tiles_portable(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
     """:func:`_tiles_simd` in plain loops (any CPU): each row's words read back from the tile
     layout, the module docstring's arithmetic; ``XSUM`` unused (the sums need no correction)."""
-    nd = half // 4  # words of a block
+    q8 = _q8(rep)
+    nd = half // 2 if q8 else half // 4  # words of a block
     for r in range(g0 * GEMM_ROWS, min(n, g1 * GEMM_ROWS)):
         g, lane = r // GEMM_ROWS, r % GEMM_ROWS
         for t in range(XQ.shape[0]):
@@ -410,11 +465,14 @@ def _tiles_portable(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, O
                 gj = g * per_row + j
                 S = np.int32(0)
                 for s in range(nd):
-                    word = rep[gj * nd * GEMM_ROWS + s * GEMM_ROWS + lane]
+                    word = np.uint32(rep[gj * nd * GEMM_ROWS + s * GEMM_ROWS + lane])
                     for b in range(4):
                         byte, i = (word >> np.uint32(8 * b)) & np.uint32(255), 4 * s + b
-                        S += np.int32(table[byte >> np.uint32(4)]) * np.int32(XQ[t, j * 2 * half + i]) + \
-                            np.int32(table[byte & np.uint32(15)]) * np.int32(XQ[t, j * 2 * half + half + i])
+                        if q8:  # the byte as a signed code, times entry i of the block
+                            S += (np.int32(byte) - np.int32(256 if byte >= 128 else 0)) * np.int32(XQ[t, j * 2 * half + i])
+                        else:
+                            S += np.int32(table[byte >> np.uint32(4)]) * np.int32(XQ[t, j * 2 * half + i]) + \
+                                np.int32(table[byte & np.uint32(15)]) * np.int32(XQ[t, j * 2 * half + half + i])
                 acc = acc + np.float32(S) * (XS[t, j] * sc[gj * GEMM_ROWS + lane])
             OUT[t, o0 + r] = acc
 
@@ -468,14 +526,34 @@ def words(packed: np.ndarray) -> np.ndarray:
     return packed.view(np.uint32)
 
 
-def tiles_nbytes(n: int, k: int, bs: int) -> int:
-    """Bytes of :class:`Tiles` of an ``[n, k]`` weight in blocks of ``bs``: rows rounded up to whole
-    groups, half a byte a weight and a float32 scale a block."""
+def tiles_nbytes(n: int, k: int, bs: int, code_bits: int = 4) -> int:
+    """Bytes of the tiles of an ``[n, k]`` weight in blocks of ``bs`` (:class:`Tiles`, or with
+    ``code_bits=8`` :class:`Q8Tiles`): rows rounded up to whole groups, a code a weight and a
+    float32 scale a block."""
     rows = -(-n // GEMM_ROWS) * GEMM_ROWS
-    return rows * k // 2 + 4 * rows * (k // bs)
+    return rows * k * code_bits // 8 + 4 * rows * (k // bs)
 
 
-class Tiles:
+class _TileLayout:
+    """What the kernels read of a weight in the tile layout: ``rep`` its codes' 32-bit words, ``sc``
+    f32 its blocks' scales, 16 rows side by side (:func:`_repack`), ``n``, ``k``, ``bs``."""
+
+    n: int
+    k: int
+    bs: int
+    rep: np.ndarray
+    sc: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.rep.nbytes + self.sc.nbytes
+
+    def args(self, table) -> tuple:
+        """``(table, rep, sc, per_row, half, n, k)``: the leading arguments of every variant."""
+        return table, self.rep, self.sc, self.k // self.bs, self.bs // 2, self.n, self.k
+
+
+class Tiles(_TileLayout):
     """An NF4 weight ``[n, k]`` repacked into the tile layout (:func:`_repack`): ``rep`` uint32 the
     codes (the same bytes, moved), ``sc`` float32 every block's scale (``storage.block_scale``:
     the double-quantized scales decoded once, 4 bytes a block of ``bs``: half a bit a weight for
@@ -499,22 +577,63 @@ class Tiles:
             for i in range(threads):
                 work(i)
 
-    @property
-    def nbytes(self) -> int:
-        return self.rep.nbytes + self.sc.nbytes
 
-    def args(self, table) -> tuple:
-        """``(table, rep, sc, per_row, half, n, k)``: the leading arguments of every variant."""
-        return table, self.rep, self.sc, self.k // self.bs, self.bs // 2, self.n, self.k
+@njit(cache=True, nogil=True)
+def _repack_q8(codes, scales, r0, rep, sc):
+    """Rows ``r0 ..`` of int8 codes (``codes`` their 32-bit words, [rows, k / 4]) and ``scales``
+    f32 [rows, per_row] into :class:`Q8Tiles`' ``rep`` (as uint32) and ``sc``: word
+    ``[group, w, lane]`` = word ``w`` of row ``group * 16 + lane`` (block ``w // (bs / 4)``). A
+    whole group's words by 16 x 8 transposes in registers (:func:`_transpose_words`; 6 x faster
+    than a word at a time), a group cut by the run's ends a word at a time."""
+    rows, row_words = codes.shape
+    per_row = scales.shape[1]
+    r1 = r0 + rows
+    src = codes.reshape(-1)
+    for g in range(r0 // GEMM_ROWS, (r1 + GEMM_ROWS - 1) // GEMM_ROWS):
+        lo, hi = max(r0, g * GEMM_ROWS), min(r1, (g + 1) * GEMM_ROWS)  # the group's rows in this run
+        for j in range(per_row):
+            for r in range(lo, hi):
+                sc[(g * per_row + j) * GEMM_ROWS + r % GEMM_ROWS] = scales[r - r0, j]
+        if hi - lo == GEMM_ROWS:  # (row_words: a multiple of 8 for blocks of a multiple of 32)
+            _transpose_words(src, (lo - r0) * row_words, row_words, rep, g * row_words * GEMM_ROWS, row_words // 8)
+            continue
+        for w in range(row_words):
+            for r in range(lo, hi):
+                rep[(g * row_words + w) * GEMM_ROWS + r % GEMM_ROWS] = codes[r - r0, w]
 
 
-def gemm(variant, table, tiles: Tiles, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None,
+class Q8Tiles(_TileLayout):
+    """A weight ``[n, k]`` of int8 codes in blocks of ``bs`` with a float32 scale each (the float16
+    head quantized at load, ``int8.F16Int8Linear``) in the tile layout: ``rep`` int32 (its type
+    tells the kernels these are int8 codes), 16 rows' four codes side by side a word, ``sc`` the
+    blocks' scales likewise. Rows past ``n``: codes and scales 0. Filled a run of rows at a time
+    (:meth:`put`), as they are quantized, so the codes are never held twice."""
+
+    def __init__(self, n: int, k: int, bs: int):
+        self.n, self.k, self.bs = n, k, bs
+        groups, cut = -(-n // GEMM_ROWS), n % GEMM_ROWS
+        self.rep = np.empty(groups * GEMM_ROWS * k // 4, np.int32)
+        self.sc = np.empty(groups * GEMM_ROWS * (k // bs), np.float32)
+        if cut:  # the last group's lanes past row n
+            self.rep.reshape(groups, k // 4, GEMM_ROWS)[-1, :, cut:] = 0
+            self.sc.reshape(groups, k // bs, GEMM_ROWS)[-1, :, cut:] = 0.0
+
+    def put(self, r0: int, codes: np.ndarray, scales: np.ndarray) -> None:
+        """Rows ``r0 .. r0 + len(codes)``: ``codes`` int8 [rows, k] (C-contiguous), ``scales`` f32
+        [rows, k / bs]."""
+        rows = codes.shape[0]
+        _repack_q8(words(codes.reshape(-1)).reshape(rows, self.k // 4), np.ascontiguousarray(scales, np.float32), r0,
+                   self.rep.view(np.uint32), self.sc)
+
+
+def gemm(variant, table, tiles: _TileLayout, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None,
          out: np.ndarray | None = None) -> np.ndarray:
     """f32 [T, n] = the quantized activations (``int8.quantize_activations``: ``XQ`` int8 [T, k],
-    ``XS`` f32 [T, k / bs]) times the repacked NF4 weight ``tiles`` (codes ``table``), by
+    ``XS`` f32 [T, k / bs]) times the repacked weight ``tiles`` (NF4 codes ``table``, or int8), by
     ``variant`` (:data:`INT8_GEMM_VARIANTS`), rows split in whole groups between ``threads``
     threads of ``pool`` (GIL released); into ``out`` [T, n] when given."""
-    if variant == "avx2" and not (-AVX2_CODE_OFFSET <= int(table.min()) and int(table.max()) <= AVX2_CODE_OFFSET):
+    if variant == "avx2" and isinstance(tiles, Tiles) and not (
+            -AVX2_CODE_OFFSET <= int(table.min()) and int(table.max()) <= AVX2_CODE_OFFSET):
         raise ValueError(f"the avx2 GEMM takes codes within -{AVX2_CODE_OFFSET} .. {AVX2_CODE_OFFSET}")
     XSUM = block_sums(XQ, tiles.bs)  # (on this thread: 128 x 5632 codes in 0.4 ms, less than a hand-off to the pool)
     n = tiles.n

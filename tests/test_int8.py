@@ -297,21 +297,46 @@ def _head(rng, n: int, k: int) -> np.ndarray:
     return W.astype(np.float16)
 
 
+def _head_quantized(W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The twin's (codes, scales) of a float16 head: each row quantized as an activation row is,
+    each block's scale ``amax / 127 * 64`` in float32."""
+    W32 = W.astype(np.float32)
+    codes = I8.quantize_activations_reference(W32, I8.Q8_BLOCK)[0]
+    amax = np.abs(W32.reshape(W.shape[0], -1, I8.Q8_BLOCK)).max(axis=2)
+    return codes, amax / np.float32(127) * np.float32(I8.CODE_SCALE)
+
+
+def _held(lin) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [n, k], scales [n, k / 64]) as an F16Int8Linear holds them, read back from its tiles
+    (word ``[group, w, lane]``: row ``group * 16 + lane``'s word w) where tiled."""
+    if not lin.tiled:
+        return lin.codes, lin.scales
+    t, n, k = lin.tiles, lin.out_features, lin.in_features
+    rows = t.rep.size * 4 // k
+    codes = t.rep.reshape(rows // 16, k // 4, 16).transpose(0, 2, 1).reshape(rows, k // 4).copy().view(np.int8)
+    scales = t.sc.reshape(rows // 16, k // 64, 16).transpose(0, 2, 1).reshape(rows, k // 64)
+    assert not codes[n:].any() and not scales[n:].any()  # the last group's lanes past the rows: zero
+    return codes[:n], scales[:n]
+
+
+@pytest.mark.parametrize("tiled", [False, True])
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 70), blocks=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
-def test_head_codes_are_the_weights_quantized_as_activations(n, blocks, seed):
+@given(n=st.integers(1, 70), blocks=st.integers(1, 5), chunk=st.sampled_from([7, 16, 4096]),
+       seed=st.integers(0, 2**32 - 1))
+def test_head_codes_are_the_weights_quantized_as_activations(tiled, n, blocks, chunk, seed):
     """At load each row is quantized as an activation row is (the twin's codes), its scales the
-    blocks' float32 ``amax / 127 * 64`` (the codes' step times CODE_SCALE); the chunks of rows it
-    widens at a time do not change a bit."""
+    blocks' float32 ``amax / 127 * 64`` (the codes' step times CODE_SCALE), held as they are or in
+    the tile layout; the chunks of rows it widens at a time (cutting groups of 16 or not) do not
+    change a bit."""
+    from edgelora.runtime.int8_gemm import tiles_nbytes
     rng = np.random.default_rng(seed)
     W = _head(rng, n, 64 * blocks)
-    lin = I8.F16Int8Linear(W, chunk_rows=7)
-    W32 = W.astype(np.float32)
-    codes, _, _ = I8.quantize_activations_reference(W32, I8.Q8_BLOCK)
-    assert np.array_equal(lin.codes, codes)
-    amax = np.abs(W32.reshape(n, blocks, 64)).max(axis=2)
-    assert np.array_equal(_bits(lin.scales), _bits(amax / np.float32(127) * np.float32(I8.CODE_SCALE)))
-    assert lin.resident_nbytes == n * 64 * blocks + 4 * n * blocks
+    lin = I8.F16Int8Linear(W, chunk_rows=chunk, tiled=tiled)
+    codes, scales = _held(lin)
+    want_codes, want_scales = _head_quantized(W)
+    assert np.array_equal(codes, want_codes)
+    assert np.array_equal(_bits(scales), _bits(want_scales))
+    assert lin.resident_nbytes == (tiles_nbytes(n, 64 * blocks, 64, 8) if tiled else n * 64 * blocks + 4 * n * blocks)
 
 
 @pytest.mark.parametrize("variant", sorted(I8.INT8_VARIANTS))
@@ -323,12 +348,12 @@ def test_every_variant_equals_the_head_twin_bit_for_bit(variant, n, blocks, B, s
     weight's own block scales): each variant this CPU has gives the twin's bits, any batch."""
     rng = np.random.default_rng(seed)
     k = 64 * blocks
-    lin = I8.F16Int8Linear(_head(rng, n, k))
+    lin = I8.F16Int8Linear(_head(rng, n, k), tiled=False)
     X = _activations(rng, B, k)
     out = np.full((B, n + 2), np.nan, np.float32)
     a = lin._iargs
     I8.INT8_VARIANTS[variant](*a[:7], 0, n, blocks, 32, *I8.quantize_activations(X, 64), out, 1)
-    ref = I8.q8_matvec_batch_reference(lin.codes, lin.scales, X)
+    ref = I8.q8_lanes_reference(lin.codes, lin.scales, X)
     assert np.array_equal(_bits(out[:, 1:n + 1]), _bits(ref))
     assert np.isnan(out[:, 0]).all() and np.isnan(out[:, n + 1]).all()
 
@@ -369,20 +394,22 @@ def test_weights_reading_the_same_rows_share_their_quantization(monkeypatch):
             assert np.array_equal(_bits(y), _bits(sel.apply(m, lin, x, b)))
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("threaded", [False, True])
-def test_head_products(monkeypatch, threaded):
-    """matvec, matvec_batch and matmul of any rows are the twin's bits (each row ``matvec`` of it),
-    one thread or several; rows and the exact twin read the float16 weight; the products are within
-    the derived bound of float16's: per block ``amax_w * (0.5/127 * sum|x| + bs * d/2)`` (codes
-    within half a step of ``w``, x within ``d/2``)."""
+def test_head_products(monkeypatch, threaded, tiled):
+    """matvec, matvec_batch and matmul of any rows are the twin's bits (each row ``matvec`` of it;
+    the tiles' twin or the lanes'), one thread or several; rows and the exact twin read the float16
+    weight; the products are within the derived bound of float16's: per block
+    ``amax_w * (0.5/127 * sum|x| + bs * d/2)`` (codes within half a step of ``w``, x within ``d/2``)."""
     from edgelora.runtime.linear import exact_linear
     if threaded:
         monkeypatch.setattr(K, "PARALLEL_MIN_WEIGHTS", 0)
     rng = np.random.default_rng(5)
     W = _head(rng, 301, 256)
-    lin = I8.F16Int8Linear(W)
+    lin = I8.F16Int8Linear(W, tiled=tiled)
     X = _activations(rng, 23, 256)
-    ref = I8.q8_matvec_batch_reference(lin.codes, lin.scales, X)
+    codes, scales = _head_quantized(W)
+    ref = (I8.q8_matmul_reference if tiled else I8.q8_lanes_reference)(codes, scales, X)
     assert np.array_equal(_bits(lin.matvec_batch(X)), _bits(ref))
     assert np.array_equal(_bits(lin.matmul(X)), _bits(ref))
     for b in (0, 5, 22):
@@ -395,7 +422,7 @@ def test_head_products(monkeypatch, threaded):
     Xb = np.abs(X.reshape(23, 4, 64)).astype(np.float64)
     d = Xb.max(axis=2) / 127
     per_block = 0.5 / 127 * Xb.sum(axis=2) + 64 * d / 2  # [B, blocks]
-    amax = lin.scales.astype(np.float64) * (127 / I8.CODE_SCALE)  # [n, blocks] (the scales hold amax / 127 * 64)
+    amax = scales.astype(np.float64) * (127 / I8.CODE_SCALE)  # [n, blocks] (the scales hold amax / 127 * 64)
     bound = per_block @ amax.T + 1e-5 * (np.abs(X) @ np.abs(W.astype(np.float32)).T) + 1e-30
     assert (np.abs(ref - f) <= bound).all()
 
@@ -436,7 +463,7 @@ def test_head_copy_lets_the_mapped_float16_pages_go(tmp_path):
         let_go = I8.F16Int8Linear(w, chunk_rows=1024, release=release, read_rows=lambda ids: f.read_rows("w", ids))
         assert calls == [(0, 1024), (0, 2048), (0, 3000)]  # each chunk's, and any folio mapped back before it
         assert _mapped_rss(path) - n * row_bytes < 64 * 1024  # g's pages, and f's header page or two
-        assert np.array_equal(let_go.codes, kept.codes) and np.array_equal(let_go.scales, kept.scales)
+        assert all(np.array_equal(a, b) for a, b in zip(_held(let_go), _held(kept)))
         ids = np.random.default_rng(0).integers(0, n, 400)  # lookups read the file, map nothing
         assert np.array_equal(let_go.rows(ids), v[ids].astype(np.float32))
         assert _mapped_rss(path) - n * row_bytes < 64 * 1024
@@ -471,7 +498,7 @@ def test_the_loader_lets_a_copied_head_go(converted, monkeypatch):
         assert released == []
         read = edgelora.load(bundle, max_context=16, warmup=False, products="int8", mmap=False)
         assert released == [] and read.net.w.head._read_rows is None  # a copy read into memory: nothing to let go
-        assert np.array_equal(read.net.w.head.codes, head.codes)
+        assert all(np.array_equal(a, b) for a, b in zip(_held(read.net.w.head), _held(head)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,62 @@ def test_extreme_codes_and_activations_sum_exactly(variant):
     assert np.allclose(got[0], (W.astype(np.float64) @ X[0].astype(np.float64)), rtol=1e-5)
 
 
+def _q8_run(variant: str, codes: np.ndarray, scales: np.ndarray, X: np.ndarray, threads: int = 1,
+            chunk: int = 4096) -> np.ndarray:
+    """The GEMM by ``variant`` over int8 codes put into :class:`Q8Tiles` ``chunk`` rows at a time."""
+    n, k = codes.shape
+    tiles = G.Q8Tiles(n, k, 64)
+    for r0 in range(0, n, chunk):
+        tiles.put(r0, codes[r0:r0 + chunk], scales[r0:r0 + chunk])
+    XQ, _, XS = I8.quantize_activations(X, 64)
+    return G.gemm(variant, I8.NF4_I8, tiles, XQ, XS, threads, K._pool(threads) if threads > 1 else None)
+
+
+def _q8_twin(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
+    XQ, _, XS = I8.quantize_activations_reference(X, 64)
+    return G.q8_gemm_reference(codes, scales, XQ, XS)
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 70), per_row=st.integers(1, 5), T=st.integers(1, 21), threads=st.sampled_from([1, 2, 3]),
+       chunk=st.sampled_from([5, 16, 4096]), seed=st.integers(0, 2**32 - 1))
+def test_every_variant_equals_the_twin_on_int8_codes(variant, n, per_row, T, threads, chunk, seed):
+    """Int8 codes (the float16 head's, ``int8.F16Int8Linear``) in tiles: each variant gives the
+    twin's bits for any codes and scales, rows past the last whole group, partial token tiles,
+    groups split between threads and tiles filled in runs that cut groups."""
+    rng = np.random.default_rng(seed)
+    k = 64 * per_row
+    codes = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scales = (rng.random((n, per_row)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
+    X = _activations(rng, T, k)
+    got = _q8_run(variant, codes, scales, X, threads, chunk)
+    assert got.shape == (T, n)
+    assert np.array_equal(_bits(got), _bits(_q8_twin(codes, scales, X)))
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+def test_extreme_int8_codes_sum_exactly(variant):
+    """Codes only at +-127 against activations only at +-127, in every sign pattern: every pair of
+    products at its largest, ``2 * 127 * 127`` (AVX2: ``|w|`` times x with w's sign, under
+    ``vpmaddubsw``'s saturation; VNNI: ``w + 128`` up to 255). The sums are exact."""
+    rng = np.random.default_rng(5)
+    n, k = 37, 256
+    codes = np.where(rng.random((n, k)) < 0.5, -127, 127).astype(np.int8)
+    codes[:3] = 127
+    codes[3:6] = -127
+    scales = np.full((n, k // 64), 0.5, np.float32)
+    X = np.where(rng.random((9, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    X[0], X[1] = 1.0, -1.0
+    got = _q8_run(variant, codes, scales, X)
+    assert np.array_equal(_bits(got), _bits(_q8_twin(codes, scales, X)))
+    # x quantizes to +-127 with xs = 1 / 127 / 64, each block's even entries first (the codes'
+    # order): y = sum of codes * 127 * xs * 0.5, exactly
+    x = np.sign(X).reshape(9, -1, 32, 2).transpose(0, 1, 3, 2).reshape(9, k)
+    exact = (codes.astype(np.float64) @ x.T.astype(np.float64)).T * 127 * (1 / 127 / 64) * 0.5
+    assert np.allclose(got, exact, rtol=1e-6)
+
+
 def test_avx2_gemm_refuses_codes_it_cannot_offset():
     """avx2 offsets the codes by 64 into unsigned bytes: a table beyond -64 .. 64 is an error, not
     wrong sums."""
