@@ -18,7 +18,7 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 (``Selection.apply``), and, when every row runs one selection on one cache (the base, or LoRA
 adapters: not DoRA, no replaced projection) and every projection is an int8-path NF4 weight (the
 default), :func:`decode_layers` runs the same pieces, the same int8 kernels (``runtime/int8.py``)
-and the same adapter plan and kernel (``lora.Selection._group_plan``, ``lora.stack_slice``) for
+and the same adapter plan and kernel (``lora.Selection._group_plan``, ``lora.stack_down``, ``stack_up``) for
 all layers in one call: no Python between the products. Both orders of the same compiled
 functions, so a row's bits do not depend on which ran it, on its batch, or on the thread count
 (the products', the adapters' and the attention's split between threads never changes a sum).
@@ -42,7 +42,7 @@ from edgelora.runtime import lora
 from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
 from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
-from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_slice
+from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
 from edgelora.runtime.simd import _hsum
 from edgelora.storage import DYNAMIC_CODE
 
@@ -447,8 +447,8 @@ GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
     """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
     side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
-    threads (each its slice of Y) from ``parallel_min`` weights, else on this one. ``U`` [threads,
-    at least every stack's rows]: the A products' scratch."""
+    threads (the rows of A split between them, then the slices of Y) from ``parallel_min``
+    weights, else on this one. ``U`` [at least every stack's rows]: the A products' scratch."""
     for o in range(lo, hi):
         if ops[o, 0] == STACK:
             R, k, nb = ops[o, 2], ops[o, 3], ops[o, 10] + 1
@@ -458,14 +458,17 @@ def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
             rows = numba.carray(_i64_ptr(ops[o, 7]), nb)
             b_off = numba.carray(_i64_ptr(ops[o, 8]), nb)
             y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
-            n = Y.size
+            n, u = Y.size, U[:R]
             if threads > 1 and R * (k + n) >= parallel_min:  # as ``lora_stack_add_parallel``
+                for c in prange(threads):
+                    stack_down(x, A, coef, u, c * R // threads, (c + 1) * R // threads)
                 step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
                 for c in prange(threads):
                     o0 = c * step
-                    stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[c, :R], o0, min(n, o0 + step))
+                    stack_up(u, Bt, rows, b_off, y_off, Y, o0, min(n, o0 + step))
             else:
-                stack_slice(x, A, Bt, coef, rows, b_off, y_off, Y, U[0, :R], 0, n)
+                stack_down(x, A, coef, u, 0, R)
+                stack_up(u, Bt, rows, b_off, y_off, Y, 0, n)
         else:
             values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
             at = ops[o, 3]
@@ -506,7 +509,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     for op in range(ops.shape[0]):
         if ops[op, 0] == STACK:
             most = max(most, ops[op, 2])
-    U = np.empty((max(threads, 1), most), np.float32)
+    U = np.empty(most, np.float32)
     for i in range(attn_norm.shape[0]):
         j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)

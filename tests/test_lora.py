@@ -383,14 +383,14 @@ def test_stack_kernel_matches_reference(ranks, outs, k):
         y_off[req] = np.cumsum([0] + [outs[i] for i in req])[:-1]
         y0 = rng.standard_normal(sum(outs[i] for i in req)).astype(np.float32)
         serial = y0.copy()
-        lora_stack_add(x, A, Bt, coef, rows, b_off, y_off, serial, np.empty((1, A.shape[0]), np.float32))
+        lora_stack_add(x, A, Bt, coef, rows, b_off, y_off, serial, np.empty(A.shape[0], np.float32))
         for i in req:
             o = y_off[i]
             ref = y0[o:o + outs[i]] + lora_delta_reference(x[None], As[i], Bs[i], coefs[i])[0]
             np.testing.assert_allclose(serial[o:o + outs[i]], ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
         for threads in (2, 3, 5):
             y = y0.copy()
-            lora_stack_add_parallel(x, A, Bt, coef, rows, b_off, y_off, y, np.empty((threads, A.shape[0]), np.float32))
+            lora_stack_add_parallel(x, A, Bt, coef, rows, b_off, y_off, y, np.empty(A.shape[0], np.float32), threads)
             assert np.array_equal(y.view(np.uint32), serial.view(np.uint32))
 
 
