@@ -583,8 +583,8 @@ def _repack_q8(codes, scales, r0, rep, sc):
     """Rows ``r0 ..`` of int8 codes (``codes`` their 32-bit words, [rows, k / 4]) and ``scales``
     f32 [rows, per_row] into :class:`Q8Tiles`' ``rep`` (as uint32) and ``sc``: word
     ``[group, w, lane]`` = word ``w`` of row ``group * 16 + lane`` (block ``w // (bs / 4)``). A
-    whole group's words by 16 x 8 transposes in registers (:func:`_transpose_words`; 6 x faster
-    than a word at a time), a group cut by the run's ends a word at a time."""
+    whole group's words by 16 x 8 transposes in registers (:func:`_transpose_words`, the NF4
+    repack's), a group cut by the run's ends a word at a time."""
     rows, row_words = codes.shape
     per_row = scales.shape[1]
     r1 = r0 + rows
