@@ -75,6 +75,10 @@ GEMM_WIDE_TOKENS = 16
 #: step's products (TinyLlama, 2 threads) 3-4 % faster with 512-4096 than with none, 8192 no better
 GEMM_PREFETCH_BYTES = 2048
 GEMM_GROUPS = 4  # row groups a tile of tokens runs over together, so its x is reused by 64 rows while in cache
+#: independent integer sums a tile keeps over a block's words (``GEMM_CHAINS // tokens``, at least
+#: one a token): one token's products would otherwise each wait for the one before (``vpdpbusd``'s
+#: latency, not the memory, bounds a decode step); the chains are added at the block's end, exact
+GEMM_CHAINS = 4
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
 INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
@@ -246,6 +250,7 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
     # int8 codes instead move their signs onto x
     offset = (0 if q8 else AVX2_CODE_OFFSET) if isa == "avx2" else 128
     halves = GEMM_ROWS // lanes
+    chains = max(1, GEMM_CHAINS // tokens)
     vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     c = lambda x: ir.Constant(_I64, x)
 
@@ -294,7 +299,11 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
             """The ``lanes`` rows of register ``h`` of the group over every block, then their results:
             a register's rows at a time, so every token's sums stay in registers."""
             facc = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(tokens)]
-            iacc = [cgutils.alloca_once(builder, vi) for _ in range(tokens)]
+            iacc = [cgutils.alloca_once(builder, vi) for _ in range(tokens)]  # chain 0 of each token
+            extra = [[cgutils.alloca_once(builder, vi) for _ in range(chains - 1)] for _ in range(tokens)]
+
+            def chain(t, i):  # the token's sum i mod ``chains``
+                return iacc[t] if i % chains == 0 else extra[t][i % chains - 1]
 
             def block(j, nd_v, half_v):
                 x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
@@ -302,8 +311,10 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
                 for t in range(tokens):  # the unsigned weights' excess, o * sum(q), taken off in advance
                     corr = builder.mul(builder.load(builder.gep(xsum_t[t], [j])), ir.Constant(_I32, -offset))
                     builder.store(_splat(builder, corr, _I32, lanes), iacc[t])
+                    for e in extra[t]:
+                        builder.store(ir.Constant(vi, [0] * lanes), e)
 
-                def word(s):
+                def word(s, i=0):  # word s of the block; its products go to chains i, i + 1
                     at = builder.add(x0, builder.mul(s, c(4)))
                     ptr = builder.gep(wb, [builder.add(builder.mul(s, c(4 * GEMM_ROWS)), c(4 * lanes * h))])
                     if h == 0:  # (the word's other half, for 256-bit registers, is then in cache)
@@ -312,20 +323,24 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
                     if q8:  # four int8 codes of each row: one product a token
                         for t in range(tokens):
                             u, x = q8_operands(w, xword(t, at))
-                            builder.store(dot(builder.load(iacc[t]), u, x), iacc[t])
+                            builder.store(dot(builder.load(chain(t, i)), u, x), chain(t, i))
                         return
                     wh = builder.call(pshufb, [table, builder.lshr(w, four)])  # weights of the even entries
                     wl = builder.call(pshufb, [table, builder.and_(w, fifteen)])  # of the odd ones
                     for t in range(tokens):
-                        a = dot(builder.load(iacc[t]), wh, xword(t, at))
-                        builder.store(dot(a, wl, xword(t, builder.add(at, half_v))), iacc[t])
+                        builder.store(dot(builder.load(chain(t, i)), wh, xword(t, at)), chain(t, i))
+                        builder.store(dot(builder.load(chain(t, i + 1)), wl, xword(t, builder.add(at, half_v))),
+                                      chain(t, i + 1))
 
-                if isinstance(nd_v, ir.Constant):
+                if isinstance(nd_v, ir.Constant):  # (unrolled: each product takes the next chain)
                     for s in range(nd_v.constant):
-                        word(c(s))
+                        word(c(s), s * (1 if q8 else 2))
                 else:
                     with cgutils.for_range(builder, nd_v) as loop:
                         word(loop.index)
+                for t in range(tokens):  # the chains' sum (integers: exact in any order)
+                    for e in extra[t]:
+                        builder.store(builder.add(builder.load(iacc[t]), builder.load(e)), iacc[t])
                 at = builder.add(builder.mul(j, c(GEMM_ROWS)), c(lanes * h))
                 scv = builder.load(builder.bitcast(builder.gep(sc_p, [at]), vf.as_pointer()), align=4)
                 for t in range(tokens):
