@@ -174,6 +174,17 @@ def _exp(x):
     return (y * _f32_bits((h + np.int32(127)) << 23)) * _f32_bits((k - h + np.int32(127)) << 23)
 
 
+@njit(cache=True, fastmath=False, nogil=True, error_model="numpy", inline="always")
+def _silu_mul_row(g, u, o):
+    """o [n] = ``g / (1 + exp(-g)) * u`` for one row (contiguous 1-D arrays: the loops vectorize;
+    a strided 2-D slice such as ``gu[:, :I]`` keeps them scalar, 8x slower)."""
+    one = np.float32(1.0)
+    for j in range(g.size):
+        o[j] = _exp(-g[j])
+    for j in range(g.size):
+        o[j] = g[j] / (one + o[j]) * u[j]
+
+
 @njit(cache=True, fastmath=False, nogil=True, error_model="numpy")
 def silu_mul(gate, up, out):
     """out = ``gate / (1 + exp(-gate)) * up``, elementwise float32 (``llama.silu(gate) * up``), ``out``
@@ -181,14 +192,8 @@ def silu_mul(gate, up, out):
     another: both vectorize (``error_model="numpy"``: a division by zero is IEEE's, with no check
     that would keep the loop scalar; here 1 + exp(-g) >= 1 anyway). A prompt chunk of 128 x 5632
     in 0.7 ms on one thread (4.1 with the C library's expf in one loop)."""
-    B, n = gate.shape
-    one = np.float32(1.0)
-    for b in range(B):
-        g, u, o = gate[b], up[b], out[b]
-        for j in range(n):
-            o[j] = _exp(-g[j])
-        for j in range(n):
-            o[j] = g[j] / (one + o[j]) * u[j]
+    for b in range(gate.shape[0]):
+        _silu_mul_row(gate[b], up[b], out[b])
     return out
 
 
@@ -476,6 +481,16 @@ def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
                 Y[at + c] = Y[at + c] + values[c]
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _add_rows(x, o):
+    """x [B, H] += o [B, H] as a plain loop: in a parallel function ``x += o`` is a parallel region,
+    which wakes the threads for a few thousand additions."""
+    for b in range(x.shape[0]):
+        xb, ob = x[b], o[b]
+        for j in range(xb.size):
+            xb[j] = xb[j] + ob[j]
+
+
 @njit(cache=True, fastmath=False)
 def _quantized(X, bs):
     B, k = X.shape
@@ -527,19 +542,21 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
         _product(j + 3, w, XQ, XA, XS, XSUM, o, 0, H, threads)
         for b in range(B):
             _finish(ops, op_start[g + 1], op_start[g + 2], att[b], o[b], threads, parallel_min, U)
-        x += o
+        _add_rows(x, o)
         rmsnorm_rows(x, mlp_norm[i], eps, h)
         XQ, XA, XS, XSUM = _quantized(h, bs)
         _product(j + 4, w, XQ, XA, XS, XSUM, gu, 0, inter, threads)
         _product(j + 5, w, XQ, XA, XS, XSUM, gu, inter, inter, threads)
         for b in range(B):
             _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min, U)
-        silu_mul(gu[:, :inter], gu[:, inter:], act)
+        for b in range(B):
+            r = gu[b]  # [2 I]: gate, up (1-D slices of a row stay contiguous for the loops)
+            _silu_mul_row(r[:inter], r[inter:], act[b])
         XQ, XA, XS, XSUM = _quantized(act, bs)
         _product(j + 6, w, XQ, XA, XS, XSUM, o, 0, H, threads)
         for b in range(B):
             _finish(ops, op_start[g + 3], op_start[g + 4], act[b], o[b], threads, parallel_min, U)
-        x += o
+        _add_rows(x, o)
     return x
 
 

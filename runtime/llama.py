@@ -35,7 +35,7 @@ from edgelora import architectures
 from edgelora.config import ModelArgs
 from edgelora.runtime.kernels import _pool
 from edgelora.runtime.decode import (CompiledLayers, attend_row, attention_args, online_softmax_block, rmsnorm_rows,
-                                      rope_rows, scale_rows, silu_mul, silu_mul_rows)
+                                      rope_rows, scale_rows, silu_mul_rows)
 from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
 
 
@@ -520,7 +520,7 @@ class LlamaModel:
         x = x + proj("o", att)  # [B, H]
         h = rmsnorm_rows(x, L.mlp_norm, eps, np.empty_like(x))  # [B, H]
         gate, up = proj(("gate", "up"), h)  # [B, I] x 2
-        return x + proj("down", silu_mul(gate, up, np.empty(gate.shape, np.float32)))  # [B, H]
+        return x + proj("down", silu_mul_rows(gate, up))  # [B, H]
 
     def _decode_rows_layers(self, x: np.ndarray, caches: list, starts: list, loras: list) -> np.ndarray:
         """:meth:`decode_rows` through :meth:`layer` (families without ``compiled_decode``)."""
