@@ -449,6 +449,50 @@ GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
 @njit(cache=True, fastmath=False, inline="always")
+def _group_span(j, ns, w, XQ, XSUM, XS, out, g0, g1):
+    """Row groups ``g0 .. g1`` of projections ``j, j + 1, ...`` (``ns`` their outputs) counted as one
+    run of groups, each projection's outputs after the one before it in ``out`` (tiles only)."""
+    table, dyn, arrays, lengths, nshift, offset, bs = w
+    k = XQ.shape[1]
+    base, o0 = 0, 0
+    for p in range(len(ns)):
+        n = ns[p]
+        groups = (n + GEMM_ROWS - 1) // GEMM_ROWS
+        lo, hi = max(g0, base), min(g1, base + groups)
+        if lo < hi:
+            rep = numba.carray(_u32_ptr(arrays[j + p, 0]), lengths[j + p, 0])
+            sc = numba.carray(_f32_ptr(arrays[j + p, 1]), lengths[j + p, 1])
+            tiles_slice(table, rep, sc, k // bs, bs // 2, n, k, lo - base, hi - base, XQ, XSUM, XS, out, o0)
+        base += groups
+        o0 += n
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads):
+    """out [B, sum ns] = projections ``j, j + 1, ...`` (``ns`` their outputs) of the quantized rows,
+    side by side (q, k, v; gate, up). With tiles, their row groups split between the threads as one
+    run: one parallel region, not one a projection (each region's wake-up and wait cost more than
+    the k and v products' own work). Else :func:`_product` after :func:`_product`. The same bits
+    either way: each row's sum is its own."""
+    if TILED:
+        total, groups = 0, 0
+        for p in range(len(ns)):
+            total += ns[p]
+            groups += (ns[p] + GEMM_ROWS - 1) // GEMM_ROWS
+        if threads > 1 and total * XQ.shape[1] >= PARALLEL_MIN_WEIGHTS:
+            step = (groups + threads - 1) // threads
+            for c in prange(threads):
+                _group_span(j, ns, w, XQ, XSUM, XS, out, c * step, min(groups, (c + 1) * step))
+        else:
+            _group_span(j, ns, w, XQ, XSUM, XS, out, 0, groups)
+        return
+    o0 = 0
+    for p in range(len(ns)):
+        _product(j + p, w, XQ, XA, XS, XSUM, out, o0, ns[p], threads)
+        o0 += ns[p]
+
+
+@njit(cache=True, fastmath=False, inline="always")
 def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
     """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
     side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
@@ -529,9 +573,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
         j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
         XQ, XA, XS, XSUM = _quantized(h, bs)
-        _product(j, w, XQ, XA, XS, XSUM, qkv, 0, nq, threads)
-        _product(j + 1, w, XQ, XA, XS, XSUM, qkv, nq, nk, threads)
-        _product(j + 2, w, XQ, XA, XS, XSUM, qkv, nq + nk, nk, threads)
+        _products(j, (nq, nk, nk), w, XQ, XA, XS, XSUM, qkv, threads)
         for b in range(B):
             _finish(ops, op_start[g], op_start[g + 1], h[b], qkv[b], threads, parallel_min, U)
             p = pos[b]
@@ -545,8 +587,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
         _add_rows(x, o)
         rmsnorm_rows(x, mlp_norm[i], eps, h)
         XQ, XA, XS, XSUM = _quantized(h, bs)
-        _product(j + 4, w, XQ, XA, XS, XSUM, gu, 0, inter, threads)
-        _product(j + 5, w, XQ, XA, XS, XSUM, gu, inter, inter, threads)
+        _products(j + 4, (inter, inter), w, XQ, XA, XS, XSUM, gu, threads)
         for b in range(B):
             _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min, U)
         for b in range(B):

@@ -151,6 +151,10 @@ FUSED = {
     "fused_llama": dict(CONFIGS["llama3"], hidden_size=128, intermediate_size=256, num_hidden_layers=3),
     "fused_qwen2": dict(CONFIGS["qwen2"], hidden_size=128, intermediate_size=192),
     "fused_mistral": dict(CONFIGS["mistral"], hidden_size=128, intermediate_size=192, sliding_window=5),
+    # products big enough for the threads (PARALLEL_MIN_WEIGHTS): q, k and v of 16 row groups
+    # each, split between 2 threads as one run of 48, so the split falls inside k
+    "fused_wide": dict(CONFIGS["llama3"], hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                       num_key_value_heads=8),
 }
 
 
