@@ -80,6 +80,57 @@ def test_vector_dot_has_the_scalar_dots_bits():
             assert np.float32(vec).view(np.int32) == np.float32(scalar).view(np.int32), (n, b0, vec, scalar)
 
 
+def test_dots_of_several_keys_have_the_one_dots_bits():
+    """``_dots_at`` (a query against DOTS keys at once, independent sums) gives ``_dot_at``'s bits
+    for each key, at any offset, key stride and length."""
+    from numba import njit
+
+    @njit
+    def both(a, b, b0, step, n):
+        out = np.full(decode.DOTS + 2, np.float32(7.0))
+        decode._dots_at(a, b, np.uint64(b0), np.uint64(step), np.uint64(n), out, 1)
+        one = np.empty(decode.DOTS, np.float32)
+        for c in range(decode.DOTS):
+            one[c] = decode._dot_at(a, b, np.uint64(b0 + c * step), np.uint64(n))
+        return out, one
+
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 8, 9, 64, 67, 128):
+        a = (rng.standard_normal(n) * 10).astype(F32)
+        for step in (n, n + 5, 4 * n):
+            b = (rng.standard_normal(3 + decode.DOTS * step + n) * 10).astype(F32)
+            for b0 in (0, 3):
+                out, one = both(a, b, b0, step, n)
+                assert out[0] == 7.0 and out[-1] == 7.0  # nothing written outside out[1 .. DOTS]
+                np.testing.assert_array_equal(out[1:-1].view(np.int32), one.view(np.int32), err_msg=str((n, step, b0)))
+
+
+def test_weighted_sum_of_values_has_the_numpy_loops_bits():
+    """``_weighted_sum_at`` (a head's attention output: its outputs held in registers while the
+    positions run) gives the bits of the loop it replaced, ``out[d] += p[j] * v[j, d]`` for j in
+    order from 0.0, here in NumPy float32: every width (runs of 64, of 8, single outputs), offset,
+    stride and count of positions."""
+    from numba import njit
+
+    @njit
+    def weighted(p, v, v0, step, width, out):
+        decode._weighted_sum_at(p, v, np.uint64(v0), np.uint64(step), np.uint64(p.size), np.uint64(width), out)
+        return out
+
+    rng = np.random.default_rng(6)
+    for width in (1, 3, 8, 13, 64, 72, 80, 128, 130):
+        for n, step, v0 in ((1, width, 0), (5, width + 3, 2), (300, 4 * width, 5)):
+            p = rng.random(n).astype(F32)
+            v = (rng.standard_normal(v0 + (n - 1) * step + width + 4) * 10).astype(F32)
+            ref = np.zeros(width, F32)
+            for j in range(n):
+                ref = ref + p[j] * v[v0 + j * step:v0 + j * step + width]
+            out = np.full(width + 1, np.float32(7.0))
+            got = weighted(p, v, v0, step, width, out)
+            assert got[-1] == 7.0  # nothing written past width
+            np.testing.assert_array_equal(got[:width].view(np.int32), ref.view(np.int32), err_msg=str((width, n, step)))
+
+
 def test_exp_is_within_3_ulps_of_numpy():
     """``decode._exp`` (the vectorizable exp of silu_mul) against NumPy's float32 exp: every normal
     result within 3 ulps, overflow to inf and underflow to 0 where NumPy's are, NaN kept."""
@@ -143,6 +194,15 @@ def test_attend_row_equals_rope_and_reference_attention(case):
     np.testing.assert_array_equal(K, Kr)  # the rotated key stored at pos (rotary: the same operations), nothing else
     np.testing.assert_array_equal(V, Vr)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+
+    # each head's bits its own: on one thread a group's heads run together, on two (where there
+    # are fewer key-value heads than threads) a group is split in parts
+    from edgelora.runtime.threads import thread_count
+    for threads in (1, 2):
+        with thread_count(threads):
+            again = np.empty_like(out)
+            decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), again)
+        np.testing.assert_array_equal(again.view(np.int32), out.view(np.int32))
 
 
 # tiny models whose every width is a multiple of 64, so that every projection takes the int8 path
