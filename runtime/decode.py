@@ -391,7 +391,7 @@ def online_softmax_block(s, q_pos, s0, window, divide, scale, cap, m, l, r):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _attend_heads(q, K, V, lo, n, scale, divide, cap, out):
+def _attend_heads(q, K, V, lo, n, scale, divide, cap, threads, out):
     """out [nh, hd]: each head of q [nh, hd] over keys ``lo .. n - 1`` of K, V [S, nkv, hd]
     (grouped: head h reads key head ``h // (nh / nkv)``); scores times ``scale`` (divided by it
     when ``divide``), soft-capped by ``cap`` when it is not 0, softmax, the values' weighted sum.
@@ -399,13 +399,13 @@ def _attend_heads(q, K, V, lo, n, scale, divide, cap, out):
     every head of the group while in the L1 cache (:func:`_dots_at`), then each head's softmax and
     its weighted sum of the values (:func:`_weighted_sum_at`). Each head's arithmetic, and so its
     bits, is that of the head alone, one key after another. The work is split by key-value head,
-    each group in as many parts as keep every thread busy (a TinyLlama step at position 100:
+    each group in as many parts as keep ``threads`` busy (a TinyLlama step at position 100:
     1.2 -> 0.4 ms; at 1,000 with every layer's cache: 9.5 -> 6.6 ms, where the reads of the cache,
     one head's 256 bytes in each position's 1 KB, now bound it)."""
     nh, hd = q.shape
     nkv = K.shape[1]
     group = nh // nkv
-    parts = min(group, max(1, (numba.get_num_threads() + nkv - 1) // nkv))  # pieces of a group
+    parts = min(group, max(1, (threads + nkv - 1) // nkv))  # pieces of a group
     size = (group + parts - 1) // parts
     Kf, Vf = K.reshape(-1), V.reshape(-1)  # flat, read at unsigned offsets: no wraparound, loops vectorize
     stride, width = np.uint64(nkv * hd), np.uint64(hd)  # floats a position, a head
@@ -449,17 +449,18 @@ def _attend_heads(q, K, V, lo, n, scale, divide, cap, out):
 
 
 @njit(cache=True, fastmath=False, parallel=True, inline="always")
-def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, out):
+def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, threads, out):
     """One decode row at position ``pos``: q [nh, hd], k, v [nkv, hd] of this step; K, V
     [S, nkv, hd] the layer's cache. Rotates q and k (``cos``, ``sin`` [rd] of the position),
     stores k and v at ``pos``, and writes to out [nh * hd] the attention of q over positions
-    ``0 .. pos`` (the last ``window`` of them when ``window`` > 0)."""
+    ``0 .. pos`` (the last ``window`` of them when ``window`` > 0), split between ``threads``
+    (passed in: ``numba.get_num_threads()`` inside would keep the function out of the cache)."""
     _rope_into(k, cos, sin, rd, K[pos])
     V[pos] = v
     qr = np.empty_like(q)
     _rope_into(q, cos, sin, rd, qr)
     lo = max(0, pos - window + 1) if window > 0 else 0
-    _attend_heads(qr, K, V, lo, pos + 1, scale, divide, cap, out.reshape(q.shape))
+    _attend_heads(qr, K, V, lo, pos + 1, scale, divide, cap, threads, out.reshape(q.shape))
     return out
 
 
@@ -695,7 +696,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
             p = pos[b]
             row = qkv[b]
             attend_row(row[:nq].reshape(nh, hd), row[nq:nq + nk].reshape(nkv, hd), row[nq + nk:].reshape(nkv, hd),
-                       K[i], V[i], p, cos[p], sin[p], rd, windows[i], scale, divide, cap, att[b])
+                       K[i], V[i], p, cos[p], sin[p], rd, windows[i], scale, divide, cap, threads, att[b])
         XQ, XA, XS, XSUM = _quantized(att, bs)
         _product(j + 3, w, XQ, XA, XS, XSUM, o, 0, H, threads)
         for b in range(B):

@@ -514,9 +514,10 @@ class LlamaModel:
         q, k, v = (np.ascontiguousarray(y) for y in proj(("q", "k", "v"), h))  # [B, nh*hd], [B, nkv*hd] x 2
         att = np.empty((x.shape[0], nh * hd), np.float32)  # [B, nh*hd]
         window, scale, divide, cap = attention_args(self, i)
+        threads = numba.get_num_threads()
         for b, (c, s) in enumerate(zip(caches, starts)):  # in order: a row sees the keys stored before it
             attend_row(q[b].reshape(nh, hd), k[b].reshape(nkv, hd), v[b].reshape(nkv, hd), c.k[i], c.v[i], s,
-                       self.cos[s], self.sin[s], a.rotary_dim, window, scale, divide, cap, att[b])
+                       self.cos[s], self.sin[s], a.rotary_dim, window, scale, divide, cap, threads, att[b])
         x = x + proj("o", att)  # [B, H]
         h = rmsnorm_rows(x, L.mlp_norm, eps, np.empty_like(x))  # [B, H]
         gate, up = proj(("gate", "up"), h)  # [B, I] x 2

@@ -190,18 +190,16 @@ def test_attend_row_equals_rope_and_reference_attention(case):
     else:
         s, divide = F32(scale), False
     out = np.empty(nh * hd, F32)
-    decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), out)
+    decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), 2, out)
     np.testing.assert_array_equal(K, Kr)  # the rotated key stored at pos (rotary: the same operations), nothing else
     np.testing.assert_array_equal(V, Vr)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
 
-    # each head's bits its own: on one thread a group's heads run together, on two (where there
+    # each head's bits its own: for one thread a group's heads run together, for more (where there
     # are fewer key-value heads than threads) a group is split in parts
-    from edgelora.runtime.threads import thread_count
-    for threads in (1, 2):
-        with thread_count(threads):
-            again = np.empty_like(out)
-            decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), again)
+    for threads in (1, 3, 8):
+        again = np.empty_like(out)
+        decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), threads, again)
         np.testing.assert_array_equal(again.view(np.int32), out.view(np.int32))
 
 
