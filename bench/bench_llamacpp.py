@@ -14,8 +14,9 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
 4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
    peak RSS is its own): prefill of 128 and 512 tokens, decode (``--decode-tokens``, 128), decode
    with the adapter (edgelora's adapter process also decodes without it, interleaved, so the
-   adapter's own cost is a ratio from one process); medians are reported, with every round kept in
-   the JSON.
+   adapter's own cost is a ratio from one process); with ``--depths``, decode after that many
+   tokens of context too (``llama-bench -d``; edgelora after a prompt as long): a chat's decode,
+   where attention reads the cache; medians are reported, with every round kept in the JSON.
 
     python bench/bench_llamacpp.py --build --models tinyllama-1.1b --workdir /tmp/h2h \\
         --json bench/results/llamacpp.json
@@ -258,6 +259,14 @@ def llama_bench(bin_dir: Path, gguf_path: Path, threads: int, n: int) -> dict:
     return res
 
 
+def llama_bench_depth(bin_dir: Path, gguf_path: Path, threads: int, n: int, depth: int) -> float:
+    """llama.cpp's decode tok/s of ``n`` tokens after ``depth`` tokens of context (``llama-bench -d``)."""
+    out, _ = _popen_rss([str(bin_dir / "llama-bench"), "-m", str(gguf_path), "-t", str(threads), "-p", "0",
+                         "-n", str(n), "-d", str(depth), "-r", "3", "-o", "json"])
+    rows = json.loads(out[out.index("["):out.rindex("]") + 1])
+    return next(r["avg_ts"] for r in rows if r["n_gen"])
+
+
 def llama_lora_decode(bin_dir: Path, gguf_path: Path, lora: Path | None, threads: int, n: int) -> dict:
     prompt = " ".join(f"w{i}" for i in range(100, 108))
     cmd = [str(bin_dir / "llama-completion"), "-m", str(gguf_path), "-t", str(threads), "-c", "1024", "-n", str(n),
@@ -305,6 +314,30 @@ print(json.dumps(res))
 """
 
 
+EDGELORA_DEPTH_CHILD = r"""
+import json, statistics, sys
+import numpy as np
+import edgelora
+path, threads, products, n, depth = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+model = edgelora.load(path, threads=threads, max_context=depth + n + 16, products=products)
+model.eos_ids = set()
+prompt = np.random.default_rng(0).integers(3, model.args.vocab_size, depth).tolist()
+model.generate(prompt[:8], max_new_tokens=2)  # compile, fault in
+runs = []
+for _ in range(2):
+    model.generate(prompt, max_new_tokens=n)
+    runs.append(model.last_stats.decode_tokens_per_second)
+print(json.dumps({"decode": statistics.median(runs)}))
+"""
+
+
+def edgelora_depth(bundle: Path, threads: int, products: str, n: int, depth: int) -> float:
+    """edgelora's decode tok/s of ``n`` tokens after a prompt of ``depth`` tokens (median of 2)."""
+    from edgelora.child import python_command
+    out, _ = _popen_rss(python_command(EDGELORA_DEPTH_CHILD, str(bundle), str(threads), products, str(n), str(depth)))
+    return json.loads(out.strip().splitlines()[-1])["decode"]
+
+
 def edgelora_run(bundle: Path, threads: int, products: str, adapter: Path | None, n: int) -> dict:
     from edgelora.child import python_command
     out, rss = _popen_rss(python_command(EDGELORA_CHILD, str(bundle), str(threads), products,
@@ -325,6 +358,9 @@ def main():
                        help="tokens decoded by each system (llama-bench's tg<n>), with and without the adapter")
         p.add_argument("--products", nargs="+", default=["exact", "int8"],
                        help="edgelora product paths to run (exact, int8)")
+        p.add_argument("--depths", nargs="*", type=int, default=[],
+                       help="also decode after this many tokens of context (default: none), llama.cpp "
+                            "IQ4_NL against each product path's default bundle")
 
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
     bin_dir = find_llama_cpp(a.llama_cpp)
@@ -360,6 +396,8 @@ def main():
         lora_rounds = {"llama.cpp IQ4_NL": [], "llama.cpp IQ4_NL, no adapter": []}
         lora_rounds.update({f"edgelora {p}": [] for p in a.products})
         lora_rounds.update({f"edgelora {p}, no adapter": [] for p in a.products})
+        depth_rounds = {"llama.cpp IQ4_NL": {}}
+        depth_rounds.update({f"edgelora {p}": {} for p in a.products})
         for r in range(a.repeats):  # interleaved rounds
             for k, (kind, what) in systems.items():
                 t = time.perf_counter()
@@ -377,10 +415,21 @@ def main():
                     res = edgelora_run(bundle, a.threads, k.split()[1].rstrip(","), ad, a.decode_tokens)
                 lora_rounds[k].append(res)
                 print(f"[{name} round {r + 1}] adapter {k}: {res}", flush=True)
+            for d in a.depths:
+                for k in depth_rounds:
+                    tps = (llama_bench_depth(bin_dir, ggufs["IQ4_NL"], a.threads, a.decode_tokens, d)
+                           if k.startswith("llama.cpp") else
+                           edgelora_depth(bundle, a.threads, k.split()[1], a.decode_tokens, d))
+                    depth_rounds[k].setdefault(str(d), []).append(tps)
+                    print(f"[{name} round {r + 1}] depth {d} {k}: decode {tps:.1f} tok/s", flush=True)
         med = {k: {m: statistics.median(x[m] for x in v) for m in v[0] if m != "wall_seconds"}
                for k, v in rounds.items()}
         lmed = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in lora_rounds.items()}
         report["models"][name] = {"median": med, "adapter_median": lmed, "rounds": rounds, "adapter_rounds": lora_rounds}
+        if a.depths:
+            report["models"][name]["depth_median"] = {k: {d: statistics.median(x) for d, x in v.items()}
+                                                      for k, v in depth_rounds.items()}
+            report["models"][name]["depth_rounds"] = depth_rounds
         ref = med["llama.cpp IQ4_NL"]
         print(f"\n{name}, {a.threads} threads, medians of {a.repeats} interleaved rounds")
         print(f"{'system':38} {'prefill-128':>12} {'prefill-512':>12} {'decode':>8} {'peak RSS MB':>12}")
@@ -392,6 +441,11 @@ def main():
             same = (f", base in the same process {m['decode_base_same_process']:.1f} "
                     f"({m['decode'] / m['decode_base_same_process']:.2f}x)") if "decode_base_same_process" in m else ""
             print(f"adapter: {k:38} decode {m['decode']:6.1f} tok/s{same}, peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB")
+        for d in a.depths:
+            dm = report["models"][name]["depth_median"]
+            ref_d = dm["llama.cpp IQ4_NL"][str(d)]
+            print(f"after {d} tokens: " + ", ".join(f"{k} {v[str(d)]:.1f} tok/s ({v[str(d)] / ref_d:.2f}x)"
+                                                    for k, v in dm.items()))
     write_report(a.json, report)
 
 
