@@ -119,7 +119,7 @@ def _dots_at(typingctx, a, b, b0, step, n, out, o0):
     """``out[o0 + c] = sum a[i] b[b0 + c step + i]`` for i < n and c < :data:`DOTS`: the dots of one
     query with DOTS keys ``step`` floats apart, each with :func:`_dot_at`'s bits (the same lanes,
     products, sums and order), their sums independent chains: one dot's eight-float sum waits
-    on each add before it (45 cycles for 64 floats); DOTS of them overlap."""
+    on each add before it (eight in a row for 64 floats); DOTS of them overlap."""
     if not (isinstance(a, types.Array) and isinstance(b, types.Array) and isinstance(out, types.Array)
             and a.dtype == b.dtype == out.dtype == types.float32 and a.ndim == b.ndim == out.ndim == 1
             and a.layout == b.layout == "C"):
