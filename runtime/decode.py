@@ -417,7 +417,6 @@ def _attend_heads(q, K, V, lo, n, scale, divide, cap, threads, out):
             continue
         at = np.uint64(g) * width  # the key-value head's offset in a position
         s = np.empty((h1 - h0, n - lo), np.float32)
-        m = np.full(h1 - h0, -np.inf, np.float32)
         j = lo
         while j + DOTS <= n:  # DOTS keys at a time, for each head
             b = np.uint64(j) * stride + at
@@ -428,24 +427,20 @@ def _attend_heads(q, K, V, lo, n, scale, divide, cap, threads, out):
             b = np.uint64(j) * stride + at
             for h in range(h0, h1):
                 s[h - h0, j - lo] = _dot_at(q[h], Kf, b, width)
-        for h in range(h0, h1):
-            r, mh = s[h - h0], m[h - h0]
+        for h in range(h0, h1):  # each head's softmax, then its weighted sum of the values
+            r, m = s[h - h0], np.float32(-np.inf)
             for j in range(n - lo):
                 v = r[j] / scale if divide else r[j] * scale
                 if cap != 0:
                     v = np.float32(np.tanh(v / cap)) * cap
                 r[j] = v
-                mh = max(mh, v)
-            m[h - h0] = mh
-        for h in range(h0, h1):
-            r, mh = s[h - h0], m[h - h0]
+                m = max(m, v)
             for j in range(n - lo):  # (loops of their own, which vectorize: _exp calls no library)
-                r[j] = _exp(r[j] - mh)
+                r[j] = _exp(r[j] - m)
             total = _sum(r)
             for j in range(n - lo):
                 r[j] = r[j] / total
-        for h in range(h0, h1):
-            _weighted_sum_at(s[h - h0], Vf, np.uint64(lo) * stride + at, stride, np.uint64(n - lo), width, out[h])
+            _weighted_sum_at(r, Vf, np.uint64(lo) * stride + at, stride, np.uint64(n - lo), width, out[h])
 
 
 @njit(cache=True, fastmath=False, parallel=True, inline="always")
