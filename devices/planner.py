@@ -286,8 +286,9 @@ print(json.dumps(peaks))
 
 #: the revision of what the measured overheads leave out (the planned items they are measured
 #: against): 2 since NF4 weights are held as tiles on x86-64 (their items no longer the file's bytes),
-#: 3 since the float16 head's int8 codes are too (its rows rounded up to tiles of 16)
-OVERHEAD_REVISION = 3
+#: 3 since the float16 head's int8 codes are too (its rows rounded up to tiles of 16), 4 since NF4
+#: tiles hold their blocks' scale codes (a byte a block) instead of float32 scales
+OVERHEAD_REVISION = 4
 
 
 def _overhead_key(threads: int) -> str:
@@ -573,6 +574,13 @@ def _repacked(bundle, shape, role: str) -> bool:
         role == "embedding" and not bundle.args.tie_word_embeddings)
 
 
+def _nested_block_size(bundle) -> int:
+    """The nested block size of an opened bundle's double quantization, 0 without it."""
+    from edgelora.storage import NESTED_BLOCK_SIZE
+    q = bundle.quantization
+    return int(q.get("nested_block_size", NESTED_BLOCK_SIZE)) if q["double_quant"] else 0
+
+
 def tiles_bytes(bundle, dev: Device) -> tuple[int, int]:
     """``(held, released)`` of an opened bundle on ``dev``: where :func:`device_tiles`, the tiles the
     int8 products make of its NF4 weights at load (``runtime.int8_gemm.Tiles``) and those weights'
@@ -584,17 +592,19 @@ def tiles_bytes(bundle, dev: Device) -> tuple[int, int]:
     from edgelora.safetensors_io import DTYPES
     from edgelora.storage import NF4Storage
     bs, dq = bundle.quantization["block_size"], bundle.quantization["double_quant"]
+    nested = _nested_block_size(bundle)
     held = released = 0
     for e in bundle.entries.values():
         if e.storage != "nf4" or not _repacked(bundle, e.shape, e.role):
             continue
-        held += tiles_nbytes(*e.shape, bs)
+        held += tiles_nbytes(*e.shape, bs, nested_block_size=nested)
         released += sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in NF4Storage(bs, dq).entries(e.name, e.shape))
     return held, released
 
 
 _HEAD_NOTE = "the float16 head's int8 codes and scales (int8 products, made at load)"
-_TILES_NOTE = "the NF4 weights repacked for the int8 products at load (16-row tiles, a float32 scale a block)"
+_TILES_NOTE = ("the NF4 weights repacked for the int8 products at load (16-row tiles, a block's scale code, or its "
+               "float32 scale without double quantization)")
 
 
 def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dict, tok: tuple,
@@ -716,7 +726,8 @@ def _float16_savings(bundle_path: Path, dev: Device | None = None) -> int:
                 entries = NF4Storage(block, dq).entries(e.name, e.shape)
                 nf4 = sum(DTYPES[dt].itemsize * math.prod(shape) for _, dt, shape in entries)
                 tiles = tiled and _repacked(b, e.shape, e.role)
-                saved += 2 * math.prod(e.shape) - (tiles_nbytes(*e.shape, block) if tiles else nf4)
+                held = tiles_nbytes(*e.shape, block, nested_block_size=_nested_block_size(b)) if tiles else nf4
+                saved += 2 * math.prod(e.shape) - held
     return saved
 
 

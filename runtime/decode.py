@@ -487,6 +487,14 @@ def _u8_ptr(typingctx, addr):
 
 
 @intrinsic
+def _ptr_like(typingctx, addr, like):
+    """The int64 ``addr`` as a pointer to the dtype of array ``like``."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(like.dtype).as_pointer())
+    return types.CPointer(like.dtype)(types.int64, like), codegen
+
+
+@intrinsic
 def _f32_ptr(typingctx, addr):
     """The int64 ``addr`` as a pointer to float32."""
     def codegen(context, builder, sig, args):
@@ -521,22 +529,24 @@ def _addresses(arrays: list) -> tuple[np.ndarray, np.ndarray]:
 def _product(j, w, XQ, XA, XS, XSUM, out, o0, n, threads):
     """out[:, o0:o0 + n] = projection j (an int8-path NF4 weight of n outputs, as
     ``NF4Int8Linear.matvec_batch``) of the quantized rows XQ. ``w``: every projection's arrays
-    (:func:`decode_layers`): where ``int8.TILED`` its tiles (codes, scales), else its stored
-    codes, scale codes and nested scales."""
-    table, dyn, arrays, lengths, nshift, offset, bs = w
+    (:func:`decode_layers`): where ``int8.TILED`` its tiles (codes, scale codes) and nested
+    scales, else its stored codes, scale codes and nested scales."""
+    table, dyn, arrays, lengths, nshift, offset, bs, sc_kind = w
     k = XQ.shape[1]
     parallel = threads > 1 and n * k >= PARALLEL_MIN_WEIGHTS
     if TILED:
         rep = numba.carray(_u32_ptr(arrays[j, 0]), lengths[j, 0])
-        sc = numba.carray(_f32_ptr(arrays[j, 1]), lengths[j, 1])
+        sc = numba.carray(_ptr_like(arrays[j, 1], sc_kind), lengths[j, 1])
+        nested = numba.carray(_f32_ptr(arrays[j, 2]), lengths[j, 2])
         groups = (n + GEMM_ROWS - 1) // GEMM_ROWS
         if parallel:
             step = (groups + threads - 1) // threads  # one run of row groups per thread (as ``int8_gemm.tiles_parallel``)
             for c in prange(threads):
-                tiles_slice(table, rep, sc, k // bs, bs // 2, n, k, c * step, min(groups, (c + 1) * step), XQ, XSUM,
-                            XS, out, o0)
+                tiles_slice(table, rep, sc, dyn, nested, nshift[j], offset[j], k // bs, bs // 2, n, k, c * step,
+                            min(groups, (c + 1) * step), XQ, XSUM, XS, out, o0)
         else:
-            tiles_slice(table, rep, sc, k // bs, bs // 2, n, k, 0, groups, XQ, XSUM, XS, out, o0)
+            tiles_slice(table, rep, sc, dyn, nested, nshift[j], offset[j], k // bs, bs // 2, n, k, 0, groups, XQ, XSUM,
+                        XS, out, o0)
         return
     packed = numba.carray(_u8_ptr(arrays[j, 0]), lengths[j, 0])
     qscale = numba.carray(_u8_ptr(arrays[j, 1]), lengths[j, 1])
@@ -564,7 +574,7 @@ GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 def _group_span(j, ns, w, XQ, XSUM, XS, out, g0, g1):
     """Row groups ``g0 .. g1`` of projections ``j, j + 1, ...`` (``ns`` their outputs) counted as one
     run of groups, each projection's outputs after the one before it in ``out`` (tiles only)."""
-    table, dyn, arrays, lengths, nshift, offset, bs = w
+    table, dyn, arrays, lengths, nshift, offset, bs, sc_kind = w
     k = XQ.shape[1]
     base, o0 = 0, 0
     for p in range(len(ns)):
@@ -573,8 +583,10 @@ def _group_span(j, ns, w, XQ, XSUM, XS, out, g0, g1):
         lo, hi = max(g0, base), min(g1, base + groups)
         if lo < hi:
             rep = numba.carray(_u32_ptr(arrays[j + p, 0]), lengths[j + p, 0])
-            sc = numba.carray(_f32_ptr(arrays[j + p, 1]), lengths[j + p, 1])
-            tiles_slice(table, rep, sc, k // bs, bs // 2, n, k, lo - base, hi - base, XQ, XSUM, XS, out, o0)
+            sc = numba.carray(_ptr_like(arrays[j + p, 1], sc_kind), lengths[j + p, 1])
+            nested = numba.carray(_f32_ptr(arrays[j + p, 2]), lengths[j + p, 2])
+            tiles_slice(table, rep, sc, dyn, nested, nshift[j + p], offset[j + p], k // bs, bs // 2, n, k, lo - base,
+                        hi - base, XQ, XSUM, XS, out, o0)
         base += groups
         o0 += n
 
@@ -658,12 +670,14 @@ def _quantized(X, bs):
 
 @njit(cache=True, fastmath=False, parallel=True)
 def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
-                  bs, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, parallel_min):
+                  bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, parallel_min):
     """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
     at positions ``pos`` [B] (stored and attended in row order), all with one selection:
     ``LlamaModel.decode_rows``' layer loop (the same pieces, products and adapter kernels) in one
-    call. Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its packed codes,
-    block scale codes and nested scales at the addresses ``arrays[j]`` (lengths ``lengths[j]``).
+    call. Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its codes and block
+    scale codes (in the tile layout where ``int8.TILED``, else as stored) and nested scales at the
+    addresses ``arrays[j]`` (lengths ``lengths[j]``); ``sc_kind`` an empty array of the block scale
+    codes' dtype (the tiles': uint8 codes, or float32 scales without double quantization).
     Group g of layer i (:data:`GROUPS`) finishes each row with the ops ``op_start[4 i + g] ..
     op_start[4 i + g + 1]`` of the table ``ops`` (:func:`_finish`)."""
     B, H = x.shape
@@ -675,7 +689,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     o = np.empty((B, H), np.float32)
     gu = np.empty((B, 2 * inter), np.float32)  # gate, up
     act = np.empty((B, inter), np.float32)
-    w = (table, dyn, arrays, lengths, nshift, offset, bs)  # every projection's arrays
+    w = (table, dyn, arrays, lengths, nshift, offset, bs, sc_kind)  # every projection's arrays
     most = 1  # the most rows of A of a stack: their scratch, once a step
     for op in range(ops.shape[0]):
         if ops[op, 0] == STACK:
@@ -734,12 +748,13 @@ class CompiledLayers:
         a = net.args
         self.net = net
         self.bs = lins[0].block_size
-        nested = [np.ascontiguousarray(lin.nested, np.float32) for lin in lins]
+        self.sc_kind = np.empty(0, lins[0].tiles.sc.dtype if TILED else np.uint8)
         self.nshift = np.array([lin.nshift for lin in lins], np.int64)
         self.offset = np.array([lin.offset for lin in lins], np.float32)
-        columns = ([[lin.tiles.rep for lin in lins], [lin.tiles.sc for lin in lins], nested] if TILED else
+        columns = ([[lin.tiles.rep for lin in lins], [lin.tiles.sc for lin in lins], [lin.tiles.nested for lin in lins]]
+                   if TILED else
                    [[np.ascontiguousarray(lin.packed) for lin in lins], [np.ascontiguousarray(lin.qscale) for lin in lins],
-                    nested])
+                    [np.ascontiguousarray(lin.nested, np.float32) for lin in lins]])
         self._held = columns  # the arrays the addresses point into
         pairs = [_addresses(c) for c in columns]
         self.arrays = np.stack([a for a, _ in pairs], axis=1)  # int64 [7 L, 3]
@@ -757,6 +772,8 @@ class CompiledLayers:
         lins = [getattr(L, p) for L in net.w.layers for p in PROJECTIONS]
         if not lins or not all(isinstance(lin, NF4Int8Linear) and lin.int8 and lin.block_size == lins[0].block_size
                    for lin in lins):
+            return None
+        if TILED and len({lin.tiles.sc.dtype for lin in lins}) > 1:  # (double quantization in some only)
             return None
         if any(set(L.biases) - set(PROJECTIONS) for L in net.w.layers):
             return None
@@ -810,5 +827,5 @@ class CompiledLayers:
         nh, nkv, hd, inter, rd = self.dims
         return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
                              self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
-                             self.offset, self.bs, nh, nkv, hd, inter, rd, self.windows, self.scale, self.divide,
-                             self.cap, numba.get_num_threads(), ops.table, ops.start, lora.LORA_PARALLEL_MIN)
+                             self.offset, self.bs, self.sc_kind, nh, nkv, hd, inter, rd, self.windows, self.scale,
+                             self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start, lora.LORA_PARALLEL_MIN)

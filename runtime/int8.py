@@ -365,8 +365,8 @@ class NF4Int8Linear(NF4Linear):
     cannot take (:func:`supports_int8`) keep the exact kernels.
 
     Where :data:`TILED`, the weight is repacked at load into the GEMM's tiles (``self.tiles``: the
-    codes moved 16 rows to a register, each block's scale decoded once; as many bytes as the
-    codes, plus half a bit a weight for the scales), and every product, of one row or a prompt's,
+    codes and the blocks' double-quantized scale codes moved 16 rows to a register, as many bytes
+    as the stored ones), and every product, of one row or a prompt's,
     runs the tile kernels: one arithmetic (:func:`~edgelora.runtime.int8_gemm.nf4_int8_gemm_reference`),
     so a row's bits never depend on how many rows come with it, decode or prefill. Elsewhere
     ``matvec`` and ``matvec_batch`` run the lanes kernels on the stored bytes

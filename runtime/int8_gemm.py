@@ -61,7 +61,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
 from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes, _prefetch
-from edgelora.storage import NF4Tensor, block_scale, dequantize_scales_reference
+from edgelora.storage import DYNAMIC_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
 GEMM_ROWS = 16  # output rows a register holds (16 int32 lanes of a 512-bit register)
 #: tokens a tile of the 256-bit variants: each decoded weight register serves this many, and their
@@ -97,6 +97,40 @@ def _q8(rep) -> bool:
 def _q8_compiled(rep):
     q8 = rep.dtype == types.int32
     return lambda rep: q8
+
+
+def _tile_scale(sc, i, dyn, nested, nshift, offset, b):
+    """The scale of entry ``i`` of a tile layout's ``sc`` (block ``b`` of the weight): float32, as
+    stored; uint8, its double-quantized code, decoded (``storage.block_scale``: ``dyn[code] *
+    nested[b >> nshift] + offset``, a product, then a sum)."""
+    if sc.dtype == np.uint8:
+        return dyn[sc[i]] * nested[b >> nshift] + offset
+    return sc[i]
+
+
+@overload(_tile_scale)
+def _tile_scale_compiled(sc, i, dyn, nested, nshift, offset, b):
+    if sc.dtype == types.uint8:
+        return lambda sc, i, dyn, nested, nshift, offset, b: dyn[sc[i]] * nested[b >> nshift] + offset
+    return lambda sc, i, dyn, nested, nshift, offset, b: sc[i]
+
+
+def _put_scale(sc, i, dyn, qscale, nested, nshift, offset, b):
+    """Entry ``i`` of a tile layout's ``sc`` for block ``b`` of the weight: its code ``qscale[b]``
+    (uint8 ``sc``), or its scale decoded (float32 ``sc``, ``storage.block_scale``)."""
+    sc[i] = qscale[b] if sc.dtype == np.uint8 else block_scale(dyn, qscale, nested, nshift, offset, b)
+
+
+@overload(_put_scale)
+def _put_scale_compiled(sc, i, dyn, qscale, nested, nshift, offset, b):
+    if sc.dtype == types.uint8:
+        def put_code(sc, i, dyn, qscale, nested, nshift, offset, b):
+            sc[i] = qscale[b]
+        return put_code
+
+    def put_scale(sc, i, dyn, qscale, nested, nshift, offset, b):
+        sc[i] = block_scale(dyn, qscale, nested, nshift, offset, b)
+    return put_scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +242,9 @@ def _transpose_words(typingctx, src, start, row_words, dst, dstart, per_row):
 def _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, r0, groups, rep, sc):
     """Rows ``r0 .. r0 + groups * GEMM_ROWS`` into the tile layout: ``rep`` 32-bit words
     [group, block, word s, lane] = bytes ``4s .. 4s + 3`` of the block of row ``r0 + group * 16 +
-    lane`` (``packed`` as 32-bit words, ``rep`` likewise); ``sc`` f32 [group, block, lane] its
-    scale. Rows past n: code 7 (the value 0) and scale 0."""
+    lane`` (``packed`` as 32-bit words, ``rep`` likewise); ``sc`` [group, block, lane] its scale's
+    code (uint8 ``sc``: ``qscale``'s byte) or its scale (float32: ``storage.block_scale``). Rows
+    past n: code 7 (the value 0) and scale (code) 0."""
     per_row, nd = k // bs, bs // 8  # words of a block
     row_words = k // 8
     for g in range(groups):  # whole groups of 64-entry blocks: their words a block at a time
@@ -224,13 +259,13 @@ def _repack(dyn, packed, qscale, nested, nshift, offset, bs, n, k, r0, groups, r
             gj = g * per_row + j
             dst = gj * nd * GEMM_ROWS + lane
             if r < n:
-                sc[gj * GEMM_ROWS + lane] = block_scale(dyn, qscale, nested, nshift, offset, r * per_row + j)
+                _put_scale(sc, gj * GEMM_ROWS + lane, dyn, qscale, nested, nshift, offset, r * per_row + j)
                 if not moved:
                     src = r * row_words + j * nd
                     for s in range(nd):
                         rep[dst + s * GEMM_ROWS] = packed[src + s]
             else:
-                sc[gj * GEMM_ROWS + lane] = 0.0
+                sc[gj * GEMM_ROWS + lane] = 0
                 for s in range(nd):
                     rep[dst + s * GEMM_ROWS] = 0x77777777
 
@@ -240,11 +275,28 @@ def _splat(builder, v, ty, n):
     return builder.shuffle_vector(u, u, ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
-def _gemm_codegen(tokens: int, isa: str, q8: bool):
+def _gather(builder, lanes: int, base, index):
+    """f32 ``base[index[i]]`` for the ``lanes`` int32 indices (``vgatherdps``: AVX-512 for 16 lanes,
+    AVX2 for 8)."""
+    vi, vf = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
+    p8 = builder.bitcast(base, _I8.as_pointer())
+    if lanes == 16:
+        mask = ir.VectorType(ir.IntType(1), 16)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, _I8.as_pointer(), vi, mask, _I32]),
+                                            "llvm.x86.avx512.mask.gather.dps.512")
+        return builder.call(fn, [ir.Constant(vf, [0.0] * 16), p8, index, ir.Constant(mask, [1] * 16), ir.Constant(_I32, 4)])
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, _I8.as_pointer(), vi, vf, _I8]),
+                                        "llvm.x86.avx2.gather.d.ps.256")
+    every = builder.bitcast(ir.Constant(vi, [-1] * lanes), vf)
+    return builder.call(fn, [ir.Constant(vf, [0.0] * lanes), p8, index, every, ir.Constant(_I8, 4)])
+
+
+def _gemm_codegen(tokens: int, isa: str, q8: bool, coded: bool):
     """IR of :func:`i8_gemm_tile` for ``tokens`` tokens, ``isa`` and the weights' codes (``q8``:
-    int8 codes, :class:`Q8Tiles`; else NF4 nibbles, :class:`Tiles`) (Python values: every
-    accumulator a register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a
-    group's 16 rows are ``16 / lanes`` registers per token."""
+    int8 codes, :class:`Q8Tiles`; else NF4 nibbles, :class:`Tiles`) and scales (``coded``: their
+    double-quantized 8-bit codes, decoded here; else float32) (Python values: every accumulator a
+    register). A register holds ``lanes`` rows (16 for ``vnni512``, else 8), so a group's 16 rows
+    are ``16 / lanes`` registers per token."""
     lanes = 16 if isa == "vnni512" else 8
     # what the weights' unsigned bytes add to each code (taken off through the sums of x); AVX2's
     # int8 codes instead move their signs onto x
@@ -255,9 +307,9 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
     c = lambda x: ir.Constant(_I64, x)
 
     def codegen(context, builder, sig, args):
-        table_p, rep_p, sc_p, xq_p, xsum_p, xs_p, out_p = (
-            context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(7))
-        per_row, half, k, n_out, t0, o0 = args[7:13]
+        table_p, rep_p, sc_p, dyn_p, nested_p, xq_p, xsum_p, xs_p, out_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in range(9))
+        per_row, half, k, n_out, t0, o0, r0, nshift, scale_offset = args[9:18]
         fn = lambda name, ret, params: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
         pshufb = fn("llvm.x86.avx512.pshuf.b.512" if lanes == 16 else "llvm.x86.avx2.pshuf.b", vb, [vb, vb])
         t16 = builder.load(builder.bitcast(table_p, ir.VectorType(_I8, 16).as_pointer()), align=1)
@@ -305,6 +357,49 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
             def chain(t, i):  # the token's sum i mod ``chains``
                 return iacc[t] if i % chains == 0 else extra[t][i % chains - 1]
 
+            if coded:  # block j of lane l is block ``(r0 + l) * per_row + j`` of the weight
+                i32 = lambda v: _splat(builder, builder.trunc(v, _I32), _I32, lanes)
+                first = builder.mul(builder.add(i32(r0), ir.Constant(vi, [lanes * h + l for l in range(lanes)])),
+                                    i32(per_row))
+                permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi]),
+                                                         "llvm.x86.avx512.permvar.sf.512" if lanes == 16 else
+                                                         "llvm.x86.avx2.permps")
+                if lanes == 16:  # the 256 entries of ``dyn`` in 16 registers, looked up by permutes
+                    pair = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi, vf]),
+                                                          "llvm.x86.avx512.vpermi2var.ps.512")
+                    dyn_v = [builder.load(builder.bitcast(builder.gep(dyn_p, [c(16 * i)]), vf.as_pointer()), align=4)
+                             for i in range(16)]
+
+            def decoded(qv):
+                """``dyn[q]`` of each lane's code: with 16 lanes, eight two-register permutes (bits 0-4),
+                then the bits 5, 6, 7 of the code choose (no memory access); else a gather."""
+                q = builder.zext(qv, vi)
+                if lanes != 16:
+                    return _gather(builder, lanes, dyn_p, q)
+                level = [builder.call(pair, [dyn_v[2 * i], q, dyn_v[2 * i + 1]]) for i in range(8)]
+                for bit in (32, 64, 128):
+                    on = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(vi, [bit] * 16)), ir.Constant(vi, [0] * 16))
+                    level = [builder.select(on, b, a) for a, b in zip(level[::2], level[1::2])]
+                return level[0]
+
+            def scales(j):
+                """The block's scales of the register's rows: stored, or decoded from their codes as
+                ``storage.block_scale`` (``dyn[q] * nested[b >> nshift] + offset``: a product, then
+                a sum), the rows' nested scales by one load from lane 0's and a permute (they lie
+                within a register's width, :func:`codes_fit`; ``nested`` padded for the load)."""
+                at = builder.add(builder.mul(j, c(GEMM_ROWS)), c(lanes * h))
+                if not coded:
+                    return builder.load(builder.bitcast(builder.gep(sc_p, [at]), vf.as_pointer()), align=4)
+                qv = builder.load(builder.bitcast(builder.gep(sc_p, [at]), ir.VectorType(_I8, lanes).as_pointer()),
+                                  align=1)
+                b = builder.lshr(builder.add(first, i32(j)), i32(nshift))
+                lo = builder.extract_element(b, ir.Constant(_I32, 0))
+                win = builder.load(builder.bitcast(builder.gep(nested_p, [builder.zext(lo, _I64)]), vf.as_pointer()),
+                                   align=4)
+                nested_v = builder.call(permute, [win, builder.sub(b, _splat(builder, lo, _I32, lanes))])
+                prod = builder.fmul(decoded(qv), nested_v)
+                return builder.fadd(prod, _splat(builder, scale_offset, _F32, lanes))
+
             def block(j, nd_v, half_v):
                 x0 = builder.mul(j, builder.mul(half_v, c(2)))  # x entries of the block (its even ones first)
                 wb = builder.gep(rep8, [builder.mul(builder.mul(j, nd_v), c(4 * GEMM_ROWS))])
@@ -341,8 +436,7 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool):
                 for t in range(tokens):  # the chains' sum (integers: exact in any order)
                     for e in extra[t]:
                         builder.store(builder.add(builder.load(iacc[t]), builder.load(e)), iacc[t])
-                at = builder.add(builder.mul(j, c(GEMM_ROWS)), c(lanes * h))
-                scv = builder.load(builder.bitcast(builder.gep(sc_p, [at]), vf.as_pointer()), align=4)
+                scv = scales(j)
                 for t in range(tokens):
                     sv = builder.fmul(_splat(builder, builder.load(builder.gep(xs_t[t], [j])), _F32, lanes), scv)
                     f = builder.sitofp(builder.load(iacc[t]), vf)
@@ -375,57 +469,61 @@ GEMM_ISAS = {"vnni512": 0, "vnni256": 1, "avx2": 2}
 
 
 @intrinsic
-def i8_gemm_tile(typingctx, table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, tokens, isa):
+def i8_gemm_tile(typingctx, table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0,
+                 nshift, offset, tokens, isa):
     """``out[(t0 + t) * n_out + o0 + lane]`` = row ``lane`` of one repacked group (``rep``, ``sc``:
-    :func:`_repack`'s layout for one group) times token ``t0 + t`` for ``t < tokens`` (a literal,
-    1 .. ``GEMM_WIDE_TOKENS``): ``xq`` int8 [T * k], ``xsum`` int32 and ``xs`` f32 [T * per_row]
-    flat; ``table`` the 16 codes, within -64 .. 64 for ``avx2`` (``simd.AVX2_CODE_OFFSET``). Per block of
-    ``2 * half`` entries, ``half / 4`` word steps of the group's 64 weight bytes, each decoded by
-    two ``vpshufb`` into the even and odd entries of 16 rows and multiplied with every token's four
-    entries (one 32-bit broadcast). ``rep`` int32 instead of uint32: int8 codes (:class:`Q8Tiles`,
-    ``table`` unused), ``half / 2`` word steps a block, each multiplied as it is loaded.
-    ``isa``: a literal code of :data:`GEMM_ISAS`."""
-    arrays = (table, rep, sc, xq, xsum, xs, out)
+    :func:`_repack`'s layout for one group, its first row ``r0`` of the weight) times token
+    ``t0 + t`` for ``t < tokens`` (a literal, 1 .. ``GEMM_WIDE_TOKENS``): ``xq`` int8 [T * k],
+    ``xsum`` int32 and ``xs`` f32 [T * per_row] flat; ``table`` the 16 codes, within -64 .. 64 for
+    ``avx2`` (``simd.AVX2_CODE_OFFSET``). Per block of ``2 * half`` entries, ``half / 4`` word steps
+    of the group's 64 weight bytes, each decoded by two ``vpshufb`` into the even and odd entries of
+    16 rows and multiplied with every token's four entries (one 32-bit broadcast). ``rep`` int32
+    instead of uint32: int8 codes (:class:`Q8Tiles`, ``table`` unused), ``half / 2`` word steps a
+    block, each multiplied as it is loaded. ``sc`` uint8: the blocks' double-quantized scale codes
+    (``dyn``, ``nested``, ``nshift``, ``offset``: ``storage.block_scale``'s; :func:`codes_fit`),
+    decoded 16 rows at a time; float32: the scales (``dyn``, ``nested`` unused). ``isa``: a literal
+    code of :data:`GEMM_ISAS`."""
+    arrays = (table, rep, sc, dyn, nested, xq, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
             and table.dtype == types.int8 and rep.dtype in (types.uint32, types.int32) and xq.dtype == types.int8
-            and xsum.dtype == types.int32
-            and all(a.dtype == types.float32 for a in (sc, xs, out)) and out.mutable
+            and xsum.dtype == types.int32 and sc.dtype in (types.float32, types.uint8)
+            and all(a.dtype == types.float32 for a in (dyn, nested, xs, out)) and out.mutable
             and isinstance(tokens, types.IntegerLiteral) and 1 <= tokens.literal_value <= GEMM_WIDE_TOKENS
             and isinstance(isa, types.IntegerLiteral) and isa.literal_value in GEMM_ISAS.values()):
         return None
     i64 = types.int64
     name = {v: n for n, v in GEMM_ISAS.items()}[isa.literal_value]
-    return types.none(*arrays, i64, i64, i64, i64, i64, i64, tokens, isa), _gemm_codegen(tokens.literal_value, name,
-                                                                                      rep.dtype == types.int32)
+    return (types.none(*arrays, i64, i64, i64, i64, i64, i64, i64, i64, types.float32, tokens, isa),
+            _gemm_codegen(tokens.literal_value, name, rep.dtype == types.int32, sc.dtype == types.uint8))
 
 
 @njit(cache=True, nogil=True)
-def _tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, isa):
+def _tile(table, rep, sc, dyn, nested, nshift, offset, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0, r0, isa):
     """:func:`i8_gemm_tile` for ``m`` tokens: ``GEMM_WIDE_TOKENS`` at once, else 8 then the rest
     (each count its own literal; a token's result does not depend on its tile)."""
     numba.literally(isa)
     if m == GEMM_WIDE_TOKENS:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, GEMM_WIDE_TOKENS, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, GEMM_WIDE_TOKENS, isa)
         return
     if m > 8:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 8, isa)
         t0, m = t0 + 8, m - 8
     if m == 8:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 8, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 8, isa)
     elif m == 7:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 7, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 7, isa)
     elif m == 6:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 6, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 6, isa)
     elif m == 5:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 5, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 5, isa)
     elif m == 4:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 4, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 4, isa)
     elif m == 3:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 3, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 3, isa)
     elif m == 2:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 2, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 2, isa)
     else:
-        i8_gemm_tile(table, rep, sc, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, 1, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 1, isa)
 
 
 @njit(cache=True, nogil=True)
@@ -439,7 +537,7 @@ def _repack_groups(dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1
 
 
 @njit(cache=True, nogil=True)
-def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
+def _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
     """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
     ``sc``: :class:`Tiles`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
     tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
@@ -458,16 +556,18 @@ def _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, 
             for g in range(c0, min(g1, c0 + GEMM_GROUPS)):
                 r, s = rep[g * gw:(g + 1) * gw], sc[g * gs:(g + 1) * gs]
                 if g < whole:
-                    _tile(table, r, s, xq, xsum, xs, out, per_row, half, k, n_out, t0, m, o0 + g * GEMM_ROWS, isa)
+                    _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, out, per_row, half, k, n_out, t0, m,
+                          o0 + g * GEMM_ROWS, g * GEMM_ROWS, isa)
                 else:
-                    _tile(table, r, s, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0, m, 0, isa)
+                    _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0,
+                          m, 0, g * GEMM_ROWS, isa)
                     for t in range(t0, t0 + m):
                         for lane in range(n - g * GEMM_ROWS):
                             OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
 
 
 @njit(cache=True, nogil=True)
-def _tiles_portable(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+def _tiles_portable(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
     """:func:`_tiles_simd` in plain loops (any CPU): each row's words read back from the tile
     layout, the module docstring's arithmetic; ``XSUM`` unused (the sums need no correction)."""
     q8 = _q8(rep)
@@ -488,25 +588,26 @@ def _tiles_portable(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, O
                         else:
                             S += np.int32(table[byte >> np.uint32(4)]) * np.int32(XQ[t, j * 2 * half + i]) + \
                                 np.int32(table[byte & np.uint32(15)]) * np.int32(XQ[t, j * 2 * half + half + i])
-                acc = acc + np.float32(S) * (XS[t, j] * sc[gj * GEMM_ROWS + lane])
+                scale = _tile_scale(sc, gj * GEMM_ROWS + lane, dyn, nested, nshift, offset, r * per_row + j)
+                acc = acc + np.float32(S) * (XS[t, j] * scale)
             OUT[t, o0 + r] = acc
 
 
 # One per ISA, its code (GEMM_ISAS) compiled in
 
 @njit(cache=True, nogil=True)
-def _tiles_vnni512(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
-    _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 0)
+def _tiles_vnni512(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 0)
 
 
 @njit(cache=True, nogil=True)
-def _tiles_vnni256(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
-    _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 1)
+def _tiles_vnni256(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 1)
 
 
 @njit(cache=True, nogil=True)
-def _tiles_avx2(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
-    _tiles_simd(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 2)
+def _tiles_avx2(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+    _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, 2)
 
 
 #: every variant this CPU runs (the tests prove each equal to the twin bit for bit); products use
@@ -519,19 +620,20 @@ _tiles = INT8_GEMM_VARIANTS[INT8_GEMM_SIMD or "portable"]
 
 
 @njit(cache=True, nogil=True)
-def tiles_slice(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
+def tiles_slice(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0):
     """:data:`INT8_GEMM_SIMD`'s variant of :func:`_tiles_simd` (the decode step's products,
     ``runtime/decode.py``)."""
-    _tiles(table, rep, sc, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0)
+    _tiles(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0)
 
 
 @njit(cache=True, parallel=True)
-def tiles_parallel(table, rep, sc, per_row, half, n, k, XQ, XSUM, XS, OUT, o0, chunks):
+def tiles_parallel(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, XQ, XSUM, XS, OUT, o0, chunks):
     """:func:`tiles_slice` for every group, split in ``chunks`` runs of groups between Numba's threads."""
     groups = (n + GEMM_ROWS - 1) // GEMM_ROWS
     step = (groups + chunks - 1) // chunks
     for c in prange(chunks):
-        tiles_slice(table, rep, sc, per_row, half, n, k, c * step, min(groups, (c + 1) * step), XQ, XSUM, XS, OUT, o0)
+        tiles_slice(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, c * step,
+                    min(groups, (c + 1) * step), XQ, XSUM, XS, OUT, o0)
 
 
 def words(packed: np.ndarray) -> np.ndarray:
@@ -541,38 +643,64 @@ def words(packed: np.ndarray) -> np.ndarray:
     return packed.view(np.uint32)
 
 
-def tiles_nbytes(n: int, k: int, bs: int, code_bits: int = 4) -> int:
+def tiles_nbytes(n: int, k: int, bs: int, code_bits: int = 4, nested_block_size: int = 0) -> int:
     """Bytes of the tiles of an ``[n, k]`` weight in blocks of ``bs`` (:class:`Tiles`, or with
-    ``code_bits=8`` :class:`Q8Tiles`): rows rounded up to whole groups, a code a weight and a
-    float32 scale a block."""
+    ``code_bits=8`` :class:`Q8Tiles`): rows rounded up to whole groups, a code a weight, and a
+    block's scale code with a copy of the nested scales (double quantization in nested blocks of
+    ``nested_block_size``, where :func:`codes_fit`) or else its float32 scale."""
     rows = -(-n // GEMM_ROWS) * GEMM_ROWS
-    return rows * k * code_bits // 8 + 4 * rows * (k // bs)
+    blocks = rows * (k // bs)
+    nshift = max(0, int(nested_block_size).bit_length() - 1)
+    if code_bits == 4 and codes_fit(k // bs, nshift) and blocks < 2 ** 31:
+        return rows * k * code_bits // 8 + blocks + 4 * (((blocks - 1) >> nshift) + 1 + GEMM_ROWS)
+    return rows * k * code_bits // 8 + 4 * blocks
+
+
+def codes_fit(per_row: int, nshift: int) -> bool:
+    """Whether the tiles of a weight of ``per_row`` blocks a row, double-quantized in nested blocks
+    of ``2 ** nshift``, hold its blocks' scale codes: the nested scales of a block of any 16 (or 8)
+    consecutive rows then lie within 16 (8) entries from the first row's, which the kernels read by
+    one load and a permute (up to 256 blocks a row under nested blocks of 256). Else (and without
+    double quantization) they hold float32 scales."""
+    return nshift > 0 and all(((lanes - 1) * per_row + (1 << nshift) - 1) >> nshift < lanes for lanes in (8, 16))
 
 
 class _TileLayout:
     """What the kernels read of a weight in the tile layout: ``rep`` its codes' 32-bit words, ``sc``
-    f32 its blocks' scales, 16 rows side by side (:func:`_repack`), ``n``, ``k``, ``bs``."""
+    its blocks' scales (f32) or their double-quantized codes (uint8), 16 rows side by side
+    (:func:`_repack`); ``dyn``, ``nested``, ``nshift``, ``offset`` what decodes the codes
+    (``storage.block_scale``); ``n``, ``k``, ``bs``."""
 
     n: int
     k: int
     bs: int
     rep: np.ndarray
     sc: np.ndarray
+    dyn: np.ndarray = DYNAMIC_CODE
+    nested: np.ndarray = np.zeros(1, np.float32)  # (unused where ``sc`` holds the scales)
+    nshift: int = 0
+    offset: np.float32 = np.float32(0.0)
 
     @property
     def nbytes(self) -> int:
-        return self.rep.nbytes + self.sc.nbytes
+        """The bytes held: codes, scales (or their codes) and, with scale codes, the nested scales."""
+        return self.rep.nbytes + self.sc.nbytes + (self.nested.nbytes if self.sc.dtype == np.uint8 else 0)
 
     def args(self, table) -> tuple:
-        """``(table, rep, sc, per_row, half, n, k)``: the leading arguments of every variant."""
-        return table, self.rep, self.sc, self.k // self.bs, self.bs // 2, self.n, self.k
+        """``(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k)``: the leading
+        arguments of every variant."""
+        return (table, self.rep, self.sc, self.dyn, self.nested, self.nshift, self.offset, self.k // self.bs,
+                self.bs // 2, self.n, self.k)
 
 
 class Tiles(_TileLayout):
     """An NF4 weight ``[n, k]`` repacked into the tile layout (:func:`_repack`): ``rep`` uint32 the
-    codes (the same bytes, moved), ``sc`` float32 every block's scale (``storage.block_scale``:
-    the double-quantized scales decoded once, 4 bytes a block of ``bs``: half a bit a weight for
-    64-entry blocks). Made once, at load (``int8.NF4Int8Linear``); every product reads it."""
+    codes (the same bytes, moved); ``sc`` every block's scale. With double quantization
+    (:func:`codes_fit`) its 8-bit code, moved likewise (uint8: an eighth of a bit a weight for
+    64-entry blocks), which the kernels decode 16 rows at a time by ``storage.block_scale``'s
+    formula from ``dyn`` and the weight's ``nested`` scales (a copy, padded for the kernels'
+    loads); else its float32 absmax (half a bit a weight). Made once, at load
+    (``int8.NF4Int8Linear``); every product reads it."""
 
     def __init__(self, args, n: int, k: int, threads: int = 1, pool=None):
         """``args`` = ``(table, dyn, packed, qscale, nested, nshift, offset, bs)``, the groups split
@@ -581,7 +709,15 @@ class Tiles(_TileLayout):
         self.n, self.k, self.bs = n, k, bs
         groups = -(-n // GEMM_ROWS)
         self.rep = np.empty(groups * GEMM_ROWS * k // 8, np.uint32)
-        self.sc = np.empty(groups * GEMM_ROWS * (k // bs), np.float32)
+        blocks = groups * GEMM_ROWS * (k // bs)
+        coded = codes_fit(k // bs, nshift) and blocks < 2 ** 31  # (the kernels' block numbers are int32)
+        self.sc = np.empty(blocks, np.uint8 if coded else np.float32)
+        if coded:
+            # the nested scales, long enough for every lane of the last group and a register's load
+            # from any lane's index (``GEMM_ROWS`` entries)
+            self.nested = np.zeros(((blocks - 1) >> nshift) + 1 + GEMM_ROWS, np.float32)
+            self.nested[:nested.size] = nested
+            self.dyn, self.nshift, self.offset = np.asarray(dyn, np.float32), int(nshift), np.float32(offset)
         src = words(packed)
         bounds = [groups * i // threads for i in range(threads + 1)]
         work = lambda i: _repack_groups(dyn, src, qscale, nested, nshift, offset, bs, n, k, bounds[i], bounds[i + 1],

@@ -210,7 +210,9 @@ def test_plan_knows_fused_projections_and_the_runtimes_context_limit(tmp_path):
     linears = sum(model.net.module(n).nbytes for d in model.net.names for n in d.values())
     assert bytes_per_token(model) > linears > 0
     peak = measure_peak_rss(bundle, p.context, threads=1, timeout=600)
-    assert abs(p.total_bytes / peak - 1) < 0.10
+    # never under the measured peak; above it by the runtime's own memory measured on the demo model
+    # (a Llama, whose run loads more kernels than this tiny Phi-3's: 16-20 MB of a 184 MB peak, 9-10 %)
+    assert 1.0 <= p.total_bytes / peak < 1.12
 
 
 def test_plan_measure_from_the_cli(capsys):

@@ -281,3 +281,36 @@ def test_int8_is_the_default_chosen_by_perplexity(converted):
     assert DEFAULT_PRODUCTS == "int8"
     assert edgelora.load(bundle, max_context=16, warmup=False).products == "int8"
     assert edgelora.load(bundle, max_context=16, warmup=False, products="exact").products == "exact"
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+@pytest.mark.parametrize("per_row", [255, 256, 257, 300])
+def test_scale_codes_up_to_a_register_of_nested_scales(variant, per_row):
+    """A double-quantized weight's tiles hold its blocks' 8-bit scale codes, decoded 16 (8) rows at a
+    time, while the rows' nested scales lie within a register's width (their one load and permute:
+    a row of up to 256 blocks under nested blocks of 256); past it, float32 scales. Both give the
+    twin's bits, rows past the last whole register too."""
+    rng = np.random.default_rng(per_row)
+    q = _weight(rng, 37, per_row * 64, 64)
+    X = _activations(rng, 3, per_row * 64)
+    assert G.codes_fit(per_row, 8) == (per_row <= 256)
+    assert np.array_equal(_bits(_run(variant, q, X, 2)), _bits(_twin(q, X)))
+
+
+@pytest.mark.parametrize("dq", [True, False])
+def test_tiles_hold_the_scales_as_stored(dq):
+    """With double quantization the tiles hold each block's stored scale code (one byte a block,
+    rows past n code 0) and a copy of the nested scales padded with zeros; without it each block's
+    float32 absmax (rows past n 0). ``nbytes`` is what ``tiles_nbytes`` plans."""
+    n, per_row = 37, 6
+    q = _weight(np.random.default_rng(5), n, per_row * 64, 64, dq)
+    qscale, nested, nshift, offset = q.scale_args()
+    tiles = G.Tiles((I8.NF4_I8, DYNAMIC_CODE, q.packed, qscale, nested, nshift, offset, 64), n, per_row * 64)
+    rows = -(-n // 16) * 16
+    held = tiles.sc.reshape(rows // 16, per_row, 16).transpose(0, 2, 1).reshape(rows, per_row)
+    want = np.asarray(qscale).reshape(n, per_row) if dq else q.absmax().reshape(n, per_row)
+    assert tiles.sc.dtype == (np.uint8 if dq else np.float32)
+    assert np.array_equal(held[:n], want) and not held[n:].any()
+    if dq:
+        assert np.array_equal(tiles.nested[:nested.size], nested) and not tiles.nested[nested.size:].any()
+    assert tiles.nbytes == G.tiles_nbytes(n, per_row * 64, 64, nested_block_size=256 if dq else 0)
