@@ -9,7 +9,8 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    edgelora bundle (default float16 head, and ``--embeddings nf4 --head nf4``, every 2-D tensor in
    NF4 as llama.cpp's ``--pure`` quantizations have every one in their type), and writes the same weights as
    an F16 GGUF, quantized by llama.cpp's own ``llama-quantize`` to IQ4_NL (a 16-value non-uniform
-   codebook like NF4) and Q4_0;
+   codebook like NF4) and Q4_0 (``--pure``), and with ``--default-mix`` to IQ4_NL as llama.cpp
+   quantizes by default (its head in a 6-bit type: the like of edgelora's default head);
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
 4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
    peak RSS is its own): prefill of 128 and 512 tokens, decode (``--decode-tokens``, 128), decode
@@ -358,6 +359,9 @@ def main():
                        help="tokens decoded by each system (llama-bench's tg<n>), with and without the adapter")
         p.add_argument("--products", nargs="+", default=["exact", "int8"],
                        help="edgelora product paths to run (exact, int8)")
+        p.add_argument("--default-mix", action="store_true",
+                       help="also llama.cpp's own IQ4_NL mix (llama-quantize without --pure, which keeps the head in "
+                            "a 6-bit type): the like of edgelora's default head (float16, int8 at load)")
         p.add_argument("--depths", nargs="*", type=int, default=[],
                        help="also decode after this many tokens of context (default: none), llama.cpp "
                             "IQ4_NL against each product path's default bundle")
@@ -379,13 +383,14 @@ def main():
         _, bundle_nf4 = prepare(name, work, embeddings="nf4", head="nf4")  # as llama.cpp's --pure: every 2-D tensor
         cfg = json.loads((src / "config.json").read_text())
         ggufs = {}
-        for q in ("IQ4_NL", "Q4_0"):  # --pure: every 2-D tensor in that type, the head included
-            dst = work / f"{name}-{q.lower()}.gguf"
+        # --pure: every 2-D tensor in that type, the head included; the default mix: llama.cpp's choice
+        for q, pure in [("IQ4_NL", True), ("Q4_0", True)] + ([("IQ4_NL", False)] if a.default_mix else []):
+            dst = work / f"{name}-{q.lower()}{'' if pure else '-mix'}.gguf"
             if not dst.exists():
                 f16 = write_gguf_f16(src, work / f"{name}-f16.gguf")
-                subprocess.run([str(bin_dir / "llama-quantize"), "--pure", str(f16), str(dst), q], check=True,
-                               capture_output=True)
-            ggufs[q] = dst
+                subprocess.run([str(bin_dir / "llama-quantize")] + (["--pure"] if pure else []) + [str(f16), str(dst), q],
+                               check=True, capture_output=True)
+            ggufs[q if pure else f"{q} default mix"] = dst
         adapter = make_random_adapter(work / f"{name}-adapter-r16", bundle, r=16)
         lora = write_lora_gguf(adapter, cfg, work / f"{name}-lora-r16.gguf")
         systems = {f"llama.cpp {q}": ("llama", g) for q, g in ggufs.items()}
