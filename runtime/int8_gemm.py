@@ -275,20 +275,14 @@ def _splat(builder, v, ty, n):
     return builder.shuffle_vector(u, u, ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
-def _gather(builder, lanes: int, base, index):
-    """f32 ``base[index[i]]`` for the ``lanes`` int32 indices (``vgatherdps``: AVX-512 for 16 lanes,
-    AVX2 for 8)."""
-    vi, vf = ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
-    p8 = builder.bitcast(base, _I8.as_pointer())
-    if lanes == 16:
-        mask = ir.VectorType(ir.IntType(1), 16)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, _I8.as_pointer(), vi, mask, _I32]),
-                                            "llvm.x86.avx512.mask.gather.dps.512")
-        return builder.call(fn, [ir.Constant(vf, [0.0] * 16), p8, index, ir.Constant(mask, [1] * 16), ir.Constant(_I32, 4)])
+def _gather8(builder, base, index):
+    """f32 ``base[index[i]]`` for 8 int32 indices (AVX2's ``vgatherdps``)."""
+    vi, vf = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, _I8.as_pointer(), vi, vf, _I8]),
                                         "llvm.x86.avx2.gather.d.ps.256")
-    every = builder.bitcast(ir.Constant(vi, [-1] * lanes), vf)
-    return builder.call(fn, [ir.Constant(vf, [0.0] * lanes), p8, index, every, ir.Constant(_I8, 4)])
+    every = builder.bitcast(ir.Constant(vi, [-1] * 8), vf)
+    return builder.call(fn, [ir.Constant(vf, [0.0] * 8), builder.bitcast(base, _I8.as_pointer()), index, every,
+                             ir.Constant(_I8, 4)])
 
 
 def _gemm_codegen(tokens: int, isa: str, q8: bool, coded: bool):
@@ -375,7 +369,7 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool, coded: bool):
                 then the bits 5, 6, 7 of the code choose (no memory access); else a gather."""
                 q = builder.zext(qv, vi)
                 if lanes != 16:
-                    return _gather(builder, lanes, dyn_p, q)
+                    return _gather8(builder, dyn_p, q)
                 level = [builder.call(pair, [dyn_v[2 * i], q, dyn_v[2 * i + 1]]) for i in range(8)]
                 for bit in (32, 64, 128):
                     on = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(vi, [bit] * 16)), ir.Constant(vi, [0] * 16))
@@ -503,27 +497,37 @@ def _tile(table, rep, sc, dyn, nested, nshift, offset, xq, xsum, xs, out, per_ro
     (each count its own literal; a token's result does not depend on its tile)."""
     numba.literally(isa)
     if m == GEMM_WIDE_TOKENS:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, GEMM_WIDE_TOKENS, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, GEMM_WIDE_TOKENS, isa)
         return
     if m > 8:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 8, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 8, isa)
         t0, m = t0 + 8, m - 8
     if m == 8:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 8, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 8, isa)
     elif m == 7:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 7, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 7, isa)
     elif m == 6:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 6, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 6, isa)
     elif m == 5:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 5, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 5, isa)
     elif m == 4:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 4, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 4, isa)
     elif m == 3:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 3, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 3, isa)
     elif m == 2:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 2, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 2, isa)
     else:
-        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift, offset, 1, isa)
+        i8_gemm_tile(table, rep, sc, dyn, nested, xq, xsum, xs, out, per_row, half, k, n_out, t0, o0, r0, nshift,
+                     offset, 1, isa)
 
 
 @njit(cache=True, nogil=True)
