@@ -8,8 +8,9 @@ of a lane four consecutive entries of its row. One ``vpdpbusd`` then multiplies 
 one token (a 32-bit broadcast) by the same four entries of 16 rows, so a register of weights,
 decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``; ``GEMM_WIDE_TOKENS``
 on 512-bit registers), and the int32 sums of a block are ready for the float epilogue 16 rows at
-a time, with no horizontal reduction; the blocks' scales are stored decoded, float32, 16 rows'
-side by side, one vector load a block. The repack only moves 4-byte words (a block's byte ``b``
+a time, with no horizontal reduction; the blocks' scales are stored 16 rows' side by side, as
+their double-quantized 8-bit codes (decoded in the kernel, or once a call for a prompt's many
+tiles of tokens) or as float32 scales. The repack only moves 4-byte words (a block's byte ``b``
 holds entries ``2b`` and ``2b + 1``, and the activations are already stored per block as their
 even entries then their odd ones, ``int8.quantize_activations``).
 
@@ -79,6 +80,9 @@ GEMM_GROUPS = 4  # row groups a tile of tokens runs over together, so its x is r
 #: one a token): one token's products would otherwise each wait for the one before (``vpdpbusd``'s
 #: latency, not the memory, bounds a decode step); the chains are added at the block's end, exact
 GEMM_CHAINS = 4
+#: tiles of tokens over which a group's scale codes are decoded in every tile (a decode step's one,
+#: a short prompt's); more, and the call decodes them once into float32 scales that its tiles load
+GEMM_DECODE_ONCE = 1
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
 INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
@@ -97,6 +101,18 @@ def _q8(rep) -> bool:
 def _q8_compiled(rep):
     q8 = rep.dtype == types.int32
     return lambda rep: q8
+
+
+def _coded(sc) -> bool:
+    """Whether a tile layout's ``sc`` holds the blocks' scale codes (uint8) rather than their
+    float32 scales; in compiled code a constant of the array's type."""
+    return sc.dtype == np.uint8
+
+
+@overload(_coded)
+def _coded_compiled(sc):
+    coded = sc.dtype == types.uint8
+    return lambda sc: coded
 
 
 def _tile_scale(sc, i, dyn, nested, nshift, offset, b):
@@ -541,33 +557,68 @@ def _repack_groups(dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1
 
 
 @njit(cache=True, nogil=True)
-def _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
-    """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
-    ``sc``: :class:`Tiles`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
-    tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
-    tile's x stays in cache for their rows. The last group, cut at ``n``, goes through a scratch of
-    its 16 lanes, so that nothing past row n is written."""
+def _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g, out):
+    """Group ``g``'s block scales (``sc``: :class:`Tiles`' codes) decoded into ``out`` f32
+    [per_row * 16] in the same order, the kernels' formula (``storage.block_scale``)."""
+    gs = per_row * GEMM_ROWS
+    for j in range(per_row):
+        for lane in range(GEMM_ROWS):
+            i = j * GEMM_ROWS + lane
+            out[i] = _tile_scale(sc, g * gs + i, dyn, nested, nshift, offset, (g * GEMM_ROWS + lane) * per_row + j)
+
+
+@njit(cache=True, nogil=True)
+def _tiles_run(table, rep, sc, s0, dyn, nested, nshift, offset, per_row, half, n, k, c0, c1, XQ, XSUM, XS, OUT, o0,
+               cut, isa):
+    """:func:`_tiles_simd` over groups ``c0 .. c1``: every tile of tokens over them, group g's scales
+    at ``sc[(g - s0) * per_row * 16 ..]``."""
     numba.literally(isa)
     T, n_out = XQ.shape[0], OUT.shape[1]
     gw, gs = per_row * half * GEMM_ROWS // (2 if _q8(rep) else 4), per_row * GEMM_ROWS
     xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
     whole = n // GEMM_ROWS
+    for t0 in range(0, T, step):
+        m = min(step, T - t0)
+        for g in range(c0, c1):
+            r, s = rep[g * gw:(g + 1) * gw], sc[(g - s0) * gs:(g - s0 + 1) * gs]
+            if g < whole:
+                _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, out, per_row, half, k, n_out, t0, m,
+                      o0 + g * GEMM_ROWS, g * GEMM_ROWS, isa)
+            else:
+                _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0,
+                      m, 0, g * GEMM_ROWS, isa)
+                for t in range(t0, t0 + m):
+                    for lane in range(n - g * GEMM_ROWS):
+                        OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
+
+
+@njit(cache=True, nogil=True)
+def _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
+    """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
+    ``sc``: :class:`Tiles`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
+    tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
+    tile's x stays in cache for their rows. Scale codes serving more than ``GEMM_DECODE_ONCE``
+    tiles of tokens are decoded once, for those groups, into float32 scales (the same bits) that
+    the tiles then load. The last group, cut at ``n``, goes through a scratch of its 16 lanes, so
+    that nothing past row n is written."""
+    numba.literally(isa)
+    T = XQ.shape[0]
+    step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
+    gs = per_row * GEMM_ROWS
     cut = np.empty(T * GEMM_ROWS if n % GEMM_ROWS else 0, np.float32)  # the last group's lanes
+    once = _coded(sc) and T > GEMM_DECODE_ONCE * step
+    scales = np.empty(GEMM_GROUPS * gs if once else 0, np.float32)
     for c0 in range(g0, g1, GEMM_GROUPS):
-        for t0 in range(0, T, step):
-            m = min(step, T - t0)
-            for g in range(c0, min(g1, c0 + GEMM_GROUPS)):
-                r, s = rep[g * gw:(g + 1) * gw], sc[g * gs:(g + 1) * gs]
-                if g < whole:
-                    _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, out, per_row, half, k, n_out, t0, m,
-                          o0 + g * GEMM_ROWS, g * GEMM_ROWS, isa)
-                else:
-                    _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0,
-                          m, 0, g * GEMM_ROWS, isa)
-                    for t in range(t0, t0 + m):
-                        for lane in range(n - g * GEMM_ROWS):
-                            OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
+        c1 = min(g1, c0 + GEMM_GROUPS)
+        if once:
+            for g in range(c0, c1):
+                _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g, scales[(g - c0) * gs:(g - c0 + 1) * gs])
+            _tiles_run(table, rep, scales, c0, dyn, nested, nshift, offset, per_row, half, n, k, c0, c1, XQ, XSUM,
+                       XS, OUT, o0, cut, isa)
+        else:
+            _tiles_run(table, rep, sc, 0, dyn, nested, nshift, offset, per_row, half, n, k, c0, c1, XQ, XSUM, XS,
+                       OUT, o0, cut, isa)
 
 
 @njit(cache=True, nogil=True)

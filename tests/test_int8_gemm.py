@@ -52,7 +52,7 @@ def test_block_sums_equal_twin(T, blocks, bs, seed):
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 70), per_row=st.integers(1, 4), bs=st.sampled_from([64, 128, 256]), dq=st.booleans(),
-       T=st.integers(1, 21), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**32 - 1))
+       T=st.integers(1, 40), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**32 - 1))
 def test_every_variant_equals_the_twin_bit_for_bit(variant, n, per_row, bs, dq, T, threads, seed):
     """Integer sums exact, the float steps in the twin's order: each variant (portable, and the
     SIMD ones this CPU runs) gives the twin's bits for rows past the last whole register, partial
@@ -103,7 +103,7 @@ def _q8_twin(codes: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 70), per_row=st.integers(1, 5), T=st.integers(1, 21), threads=st.sampled_from([1, 2, 3]),
+@given(n=st.integers(1, 70), per_row=st.integers(1, 5), T=st.integers(1, 40), threads=st.sampled_from([1, 2, 3]),
        chunk=st.sampled_from([5, 16, 4096]), seed=st.integers(0, 2**32 - 1))
 def test_every_variant_equals_the_twin_on_int8_codes(variant, n, per_row, T, threads, chunk, seed):
     """Int8 codes (the float16 head's, ``int8.F16Int8Linear``) in tiles: each variant gives the
