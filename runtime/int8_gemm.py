@@ -374,32 +374,23 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool, coded: bool):
                 permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi]),
                                                          "llvm.x86.avx512.permvar.sf.512" if lanes == 16 else
                                                          "llvm.x86.avx2.permps")
-                if lanes == 16:  # half of ``dyn``'s entries in 8 registers, looked up by permutes
+                if lanes == 16:  # the 256 entries of ``dyn`` in 16 registers, looked up by permutes
                     pair = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vi, vf]),
                                                           "llvm.x86.avx512.vpermi2var.ps.512")
-                    # entries 127 .. 254 in 8 registers (the map's other half is their negation,
-                    # :func:`symmetric_map`), its last one alone
-                    dyn_v = [builder.load(builder.bitcast(builder.gep(dyn_p, [c(127 + 16 * i)]), vf.as_pointer()),
-                                          align=4) for i in range(8)]
-                    last = _splat(builder, builder.load(builder.gep(dyn_p, [c(255)])), _F32, lanes)
+                    dyn_v = [builder.load(builder.bitcast(builder.gep(dyn_p, [c(16 * i)]), vf.as_pointer()), align=4)
+                             for i in range(16)]
 
             def decoded(qv):
-                """``dyn[q]`` of each lane's code: with 16 lanes, ``dyn[127 + |q - 127|]`` by four
-                two-register permutes (bits 0-4) and two selects (bits 5, 6), negated below 127 and
-                ``dyn[255]`` at 255 (a symmetric map, :func:`symmetric_map`; no memory access); else a
-                gather."""
+                """``dyn[q]`` of each lane's code: with 16 lanes, eight two-register permutes (bits 0-4),
+                then the bits 5, 6, 7 of the code choose (no memory access); else a gather."""
                 q = builder.zext(qv, vi)
                 if lanes != 16:
                     return _gather8(builder, dyn_p, q)
-                d = builder.sub(q, ir.Constant(vi, [127] * 16))
-                below = builder.icmp_signed("<", d, ir.Constant(vi, [0] * 16))
-                m = builder.select(below, builder.neg(d), d)  # 0 .. 128
-                level = [builder.call(pair, [dyn_v[2 * i], m, dyn_v[2 * i + 1]]) for i in range(4)]
-                for bit in (32, 64):
-                    on = builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(vi, [bit] * 16)), ir.Constant(vi, [0] * 16))
+                level = [builder.call(pair, [dyn_v[2 * i], q, dyn_v[2 * i + 1]]) for i in range(8)]
+                for bit in (32, 64, 128):
+                    on = builder.icmp_unsigned("!=", builder.and_(q, ir.Constant(vi, [bit] * 16)), ir.Constant(vi, [0] * 16))
                     level = [builder.select(on, b, a) for a, b in zip(level[::2], level[1::2])]
-                v = builder.select(below, builder.fneg(level[0]), level[0])
-                return builder.select(builder.icmp_unsigned("==", q, ir.Constant(vi, [255] * 16)), last, v)
+                return level[0]
 
             def scales(j):
                 """The block's scales of the register's rows: stored, or decoded from their codes as
@@ -499,9 +490,9 @@ def i8_gemm_tile(typingctx, table, rep, sc, dyn, nested, xq, xsum, xs, out, per_
     16 rows and multiplied with every token's four entries (one 32-bit broadcast). ``rep`` int32
     instead of uint32: int8 codes (:class:`Q8Tiles`, ``table`` unused), ``half / 2`` word steps a
     block, each multiplied as it is loaded. ``sc`` uint8: the blocks' double-quantized scale codes
-    (``dyn``, ``nested``, ``nshift``, ``offset``: ``storage.block_scale``'s; :func:`codes_fit`,
-    :func:`symmetric_map`), decoded 16 rows at a time; float32: the scales (``dyn``, ``nested``
-    unused). ``isa``: a literal code of :data:`GEMM_ISAS`."""
+    (``dyn``, ``nested``, ``nshift``, ``offset``: ``storage.block_scale``'s; :func:`codes_fit`),
+    decoded 16 rows at a time; float32: the scales (``dyn``, ``nested`` unused). ``isa``: a literal
+    code of :data:`GEMM_ISAS`."""
     arrays = (table, rep, sc, dyn, nested, xq, xsum, xs, out)
     if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays)
             and table.dtype == types.int8 and rep.dtype in (types.uint32, types.int32) and xq.dtype == types.int8
@@ -712,8 +703,7 @@ def tiles_nbytes(n: int, k: int, bs: int, code_bits: int = 4, nested_block_size:
     """Bytes of the tiles of an ``[n, k]`` weight in blocks of ``bs`` (:class:`Tiles`, or with
     ``code_bits=8`` :class:`Q8Tiles`): rows rounded up to whole groups, a code a weight, and a
     block's scale code with a copy of the nested scales (double quantization in nested blocks of
-    ``nested_block_size``, where :func:`codes_fit`, under bitsandbytes' map) or else its float32
-    scale."""
+    ``nested_block_size``, where :func:`codes_fit`) or else its float32 scale."""
     rows = -(-n // GEMM_ROWS) * GEMM_ROWS
     blocks = rows * (k // bs)
     held = _nested_copy(blocks, k // bs, max(0, int(nested_block_size).bit_length() - 1)) if code_bits == 4 else 0
@@ -727,17 +717,6 @@ def codes_fit(per_row: int, nshift: int) -> bool:
     one load and a permute (up to 256 blocks a row under nested blocks of 256). Else (and without
     double quantization) they hold float32 scales."""
     return nshift > 0 and all(((lanes - 1) * per_row + (1 << nshift) - 1) >> nshift < lanes for lanes in (8, 16))
-
-
-def symmetric_map(dyn) -> bool:
-    """Whether a double quantization's 256-entry map has the shape of bitsandbytes' signed dynamic
-    map, which the 16-lane kernels rely on to hold half of it in registers: ``dyn[127 - m]`` is
-    ``-dyn[127 + m]`` bit for bit (m = 1 .. 127) and ``dyn[127]`` zero."""
-    d = np.asarray(dyn, np.float32)
-    if d.shape != (256,) or d[127] != 0:
-        return False
-    m = np.arange(1, 128)
-    return np.array_equal(d[127 - m].view(np.uint32), (-d[127 + m]).view(np.uint32))
 
 
 def _nested_copy(blocks: int, per_row: int, nshift: int) -> int:
@@ -781,10 +760,10 @@ class _TileLayout:
 class Tiles(_TileLayout):
     """An NF4 weight ``[n, k]`` repacked into the tile layout (:func:`_repack`): ``rep`` uint32 the
     codes (the same bytes, moved); ``sc`` every block's scale. With double quantization
-    (:func:`codes_fit`, :func:`symmetric_map`) its 8-bit code, moved likewise (uint8: an eighth of
-    a bit a weight for 64-entry blocks), which the kernels decode 16 rows at a time by
-    ``storage.block_scale``'s formula from ``dyn`` and the weight's ``nested`` scales (a copy,
-    padded for the kernels' loads); else its float32 absmax (half a bit a weight). Made once, at load
+    (:func:`codes_fit`) its 8-bit code, moved likewise (uint8: an eighth of a bit a weight for
+    64-entry blocks), which the kernels decode 16 rows at a time by ``storage.block_scale``'s
+    formula from ``dyn`` and the weight's ``nested`` scales (a copy, padded for the kernels'
+    loads); else its float32 absmax (half a bit a weight). Made once, at load
     (``int8.NF4Int8Linear``); every product reads it."""
 
     def __init__(self, args, n: int, k: int, threads: int = 1, pool=None):
@@ -795,7 +774,7 @@ class Tiles(_TileLayout):
         groups = -(-n // GEMM_ROWS)
         self.rep = np.empty(groups * GEMM_ROWS * k // 8, np.uint32)
         blocks = groups * GEMM_ROWS * (k // bs)
-        held = _nested_copy(blocks, k // bs, nshift) if symmetric_map(dyn) else 0
+        held = _nested_copy(blocks, k // bs, nshift)
         self.sc = np.empty(blocks, np.uint8 if held else np.float32)
         if held:
             self.nested = np.zeros(held, np.float32)

@@ -318,9 +318,9 @@ def test_tiles_hold_the_scales_as_stored(dq):
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
 def test_every_scale_code_decodes_to_the_twins_bits(variant):
-    """Every one of the 256 scale codes (the map's zero at 127, its negated half below, its 1.0 at
-    255), decoded in the tile kernel (a step's few tokens) or once a call (a prompt's many): the
-    twin's bits."""
+    """Every one of the 256 scale codes, decoded in the tile kernel (a step's few tokens: each of
+    the permutes and selects of the 16-lane lookup) or once a call (a prompt's many): the twin's
+    bits."""
     import dataclasses
     rng = np.random.default_rng(11)
     q = _weight(rng, 37, 8 * 64, 64)
@@ -330,21 +330,3 @@ def test_every_scale_code_decodes_to_the_twins_bits(variant):
         X = _activations(rng, T, 8 * 64)
         assert np.array_equal(_bits(_run(variant, q, X, 2)), _bits(_twin(q, X)))
 
-
-def test_scale_codes_only_with_the_signed_dynamic_maps_shape():
-    """The 16-lane kernels hold half of the map (its other half negated): bitsandbytes' signed
-    dynamic map has that shape; a map without it gets float32 scales, decoded by its own entries."""
-    assert G.symmetric_map(DYNAMIC_CODE)
-    odd = [DYNAMIC_CODE.copy() for _ in range(3)]
-    odd[0][3] *= np.float32(1.5)  # one entry not the negation of its mirror
-    odd[1][127] = np.float32(1e-9)  # no zero in the middle
-    odd[2] = odd[2][:255]
-    assert not any(G.symmetric_map(d) for d in odd)
-    q = _weight(np.random.default_rng(2), 21, 4 * 64, 64)
-    qscale, nested, nshift, offset = q.scale_args()
-    dyn = odd[0]
-    tiles = G.Tiles((I8.NF4_I8, dyn, q.packed, qscale, nested, nshift, offset, 64), *q.shape)
-    assert tiles.sc.dtype == np.float32
-    held = tiles.sc.reshape(2, 4, 16).transpose(0, 2, 1).reshape(32, 4)[:21].reshape(-1)
-    b = np.arange(21 * 4)
-    assert np.array_equal(held, (dyn[np.asarray(qscale)] * nested[b >> nshift] + offset).astype(np.float32))
