@@ -568,58 +568,65 @@ def _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g, out):
 
 
 @njit(cache=True, nogil=True)
-def _tiles_run(table, rep, sc, s0, dyn, nested, nshift, offset, per_row, half, n, k, c0, c1, XQ, XSUM, XS, OUT, o0,
-               cut, isa):
-    """:func:`_tiles_simd` over groups ``c0 .. c1``: every tile of tokens over them, group g's scales
-    at ``sc[(g - s0) * per_row * 16 ..]``."""
+def _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
+    """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
+    ``sc``: :class:`Tiles`) and every token t (:func:`_tiles_loop`); scale codes that would serve
+    more than ``GEMM_DECODE_ONCE`` tiles of tokens are decoded once instead
+    (:func:`_tiles_decoded_once`)."""
+    numba.literally(isa)
+    if _coded(sc) and XQ.shape[0] > GEMM_DECODE_ONCE * (GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS):
+        _tiles_decoded_once(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS,
+                            OUT, o0, isa)
+    else:
+        _tiles_loop(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0,
+                    isa)
+
+
+@njit(cache=True, nogil=True)
+def _tiles_loop(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
+    """:func:`_tiles_simd` on the scales as ``sc`` holds them: ``GEMM_GROUPS`` groups at a time, each
+    tile of tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups,
+    so a tile's x stays in cache for their rows. The last group, cut at ``n``, goes through a
+    scratch of its 16 lanes, so that nothing past row n is written."""
     numba.literally(isa)
     T, n_out = XQ.shape[0], OUT.shape[1]
     gw, gs = per_row * half * GEMM_ROWS // (2 if _q8(rep) else 4), per_row * GEMM_ROWS
     xq, xsum, xs, out = XQ.reshape(-1), XSUM.reshape(-1), XS.reshape(-1), OUT.reshape(-1)
     step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
     whole = n // GEMM_ROWS
-    for t0 in range(0, T, step):
-        m = min(step, T - t0)
-        for g in range(c0, c1):
-            r, s = rep[g * gw:(g + 1) * gw], sc[(g - s0) * gs:(g - s0 + 1) * gs]
-            if g < whole:
-                _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, out, per_row, half, k, n_out, t0, m,
-                      o0 + g * GEMM_ROWS, g * GEMM_ROWS, isa)
-            else:
-                _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0,
-                      m, 0, g * GEMM_ROWS, isa)
-                for t in range(t0, t0 + m):
-                    for lane in range(n - g * GEMM_ROWS):
-                        OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
+    cut = np.empty(T * GEMM_ROWS if n % GEMM_ROWS else 0, np.float32)  # the last group's lanes
+    for c0 in range(g0, g1, GEMM_GROUPS):
+        for t0 in range(0, T, step):
+            m = min(step, T - t0)
+            for g in range(c0, min(g1, c0 + GEMM_GROUPS)):
+                r, s = rep[g * gw:(g + 1) * gw], sc[g * gs:(g + 1) * gs]
+                if g < whole:
+                    _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, out, per_row, half, k, n_out, t0, m,
+                          o0 + g * GEMM_ROWS, g * GEMM_ROWS, isa)
+                else:
+                    _tile(table, r, s, dyn, nested, nshift, offset, xq, xsum, xs, cut, per_row, half, k, GEMM_ROWS, t0,
+                          m, 0, g * GEMM_ROWS, isa)
+                    for t in range(t0, t0 + m):
+                        for lane in range(n - g * GEMM_ROWS):
+                            OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
 
 
 @njit(cache=True, nogil=True)
-def _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
-    """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
-    ``sc``: :class:`Tiles`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
-    tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
-    tile's x stays in cache for their rows. Scale codes serving more than ``GEMM_DECODE_ONCE``
-    tiles of tokens are decoded once, for those groups, into float32 scales (the same bits) that
-    the tiles then load. The last group, cut at ``n``, goes through a scratch of its 16 lanes, so
-    that nothing past row n is written."""
+def _tiles_decoded_once(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT,
+                        o0, isa):
+    """:func:`_tiles_simd` for scale codes and many tiles of tokens: ``GEMM_GROUPS`` groups at a
+    time, their scales decoded once into float32 (the same bits), then every tile of tokens over
+    them on those (the float32 kernels), rather than each tile decoding them again."""
     numba.literally(isa)
-    T = XQ.shape[0]
-    step = GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS
-    gs = per_row * GEMM_ROWS
-    cut = np.empty(T * GEMM_ROWS if n % GEMM_ROWS else 0, np.float32)  # the last group's lanes
-    once = _coded(sc) and T > GEMM_DECODE_ONCE * step
-    scales = np.empty(GEMM_GROUPS * gs if once else 0, np.float32)
+    gw, gs = per_row * half * GEMM_ROWS // (2 if _q8(rep) else 4), per_row * GEMM_ROWS
+    scales = np.empty(GEMM_GROUPS * gs, np.float32)
     for c0 in range(g0, g1, GEMM_GROUPS):
         c1 = min(g1, c0 + GEMM_GROUPS)
-        if once:
-            for g in range(c0, c1):
-                _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g,
-                                     scales[(g - c0) * gs:(g - c0 + 1) * gs])
-            _tiles_run(table, rep, scales, c0, dyn, nested, nshift, offset, per_row, half, n, k, c0, c1, XQ, XSUM,
-                       XS, OUT, o0, cut, isa)
-        else:
-            _tiles_run(table, rep, sc, 0, dyn, nested, nshift, offset, per_row, half, n, k, c0, c1, XQ, XSUM, XS,
-                       OUT, o0, cut, isa)
+        for g in range(c0, c1):
+            _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g, scales[(g - c0) * gs:(g - c0 + 1) * gs])
+        # groups c0 .. c1 as the first groups of the rows from c0 on (the last one cut at n as before)
+        _tiles_loop(table, rep[c0 * gw:c1 * gw], scales[:(c1 - c0) * gs], dyn, nested, nshift, offset, per_row, half,
+                    n - c0 * GEMM_ROWS, k, 0, c1 - c0, XQ, XSUM, XS, OUT, o0 + c0 * GEMM_ROWS, isa)
 
 
 @njit(cache=True, nogil=True)
