@@ -9,10 +9,10 @@ one token (a 32-bit broadcast) by the same four entries of 16 rows, so a registe
 decoded once by ``vpshufb``, serves every token of a tile (``GEMM_TOKENS``; ``GEMM_WIDE_TOKENS``
 on 512-bit registers), and the int32 sums of a block are ready for the float epilogue 16 rows at
 a time, with no horizontal reduction; the blocks' scales are stored 16 rows' side by side, as
-their double-quantized 8-bit codes (decoded in the kernel, or once a call for a prompt's many
-tiles of tokens) or as float32 scales. The repack only moves 4-byte words (a block's byte ``b``
-holds entries ``2b`` and ``2b + 1``, and the activations are already stored per block as their
-even entries then their odd ones, ``int8.quantize_activations``).
+their double-quantized 8-bit codes (decoded in the kernel) or as float32 scales. The repack only
+moves 4-byte words (a block's byte ``b`` holds entries ``2b`` and ``2b + 1``, and the activations
+are already stored per block as their even entries then their odd ones,
+``int8.quantize_activations``).
 
 The arithmetic, which the NumPy twin and every variant share bit for bit (it is not the lanes
 kernels' of ``runtime/int8.py``, which split the int32 sums into eight lanes; both quantize x
@@ -80,9 +80,6 @@ GEMM_GROUPS = 4  # row groups a tile of tokens runs over together, so its x is r
 #: one a token): one token's products would otherwise each wait for the one before (``vpdpbusd``'s
 #: latency, not the memory, bounds a decode step); the chains are added at the block's end, exact
 GEMM_CHAINS = 4
-#: tiles of tokens over which a group's scale codes are decoded in every tile (a decode step's one,
-#: a short prompt's); more, and the call decodes them once into float32 scales that its tiles load
-GEMM_DECODE_ONCE = 1
 
 _VNNI512 = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw"))
 INT8_GEMM_AVAILABLE = set() if _AARCH64 or not _FEATURES.get("avx2") else {"avx2"} | (
@@ -101,18 +98,6 @@ def _q8(rep) -> bool:
 def _q8_compiled(rep):
     q8 = rep.dtype == types.int32
     return lambda rep: q8
-
-
-def _coded(sc) -> bool:
-    """Whether a tile layout's ``sc`` holds the blocks' scale codes (uint8) rather than their
-    float32 scales; in compiled code a constant of the array's type."""
-    return sc.dtype == np.uint8
-
-
-@overload(_coded)
-def _coded_compiled(sc):
-    coded = sc.dtype == types.uint8
-    return lambda sc: coded
 
 
 def _tile_scale(sc, i, dyn, nested, nshift, offset, b):
@@ -557,37 +542,12 @@ def _repack_groups(dyn, packed, qscale, nested, nshift, offset, bs, n, k, g0, g1
 
 
 @njit(cache=True, nogil=True)
-def _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g, out):
-    """Group ``g``'s block scales (``sc``: :class:`Tiles`' codes) decoded into ``out`` f32
-    [per_row * 16] in the same order, the kernels' formula (``storage.block_scale``)."""
-    gs = per_row * GEMM_ROWS
-    for j in range(per_row):
-        for lane in range(GEMM_ROWS):
-            i = j * GEMM_ROWS + lane
-            out[i] = _tile_scale(sc, g * gs + i, dyn, nested, nshift, offset, (g * GEMM_ROWS + lane) * per_row + j)
-
-
-@njit(cache=True, nogil=True)
 def _tiles_simd(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
     """``OUT[t, o0 + r]`` for the rows r of groups ``g0 .. g1`` of the repacked weight (``rep``,
-    ``sc``: :class:`Tiles`) and every token t (:func:`_tiles_loop`); scale codes that would serve
-    more than ``GEMM_DECODE_ONCE`` tiles of tokens are decoded once instead
-    (:func:`_tiles_decoded_once`)."""
-    numba.literally(isa)
-    if _coded(sc) and XQ.shape[0] > GEMM_DECODE_ONCE * (GEMM_WIDE_TOKENS if isa == 0 else GEMM_TOKENS):
-        _tiles_decoded_once(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS,
-                            OUT, o0, isa)
-    else:
-        _tiles_loop(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0,
-                    isa)
-
-
-@njit(cache=True, nogil=True)
-def _tiles_loop(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT, o0, isa):
-    """:func:`_tiles_simd` on the scales as ``sc`` holds them: ``GEMM_GROUPS`` groups at a time, each
-    tile of tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups,
-    so a tile's x stays in cache for their rows. The last group, cut at ``n``, goes through a
-    scratch of its 16 lanes, so that nothing past row n is written."""
+    ``sc``: :class:`Tiles`) and every token t: ``GEMM_GROUPS`` groups at a time, each tile of
+    tokens (``GEMM_WIDE_TOKENS`` for ``vnni512``, else ``GEMM_TOKENS``) over those groups, so a
+    tile's x stays in cache for their rows. The last group, cut at ``n``, goes through a scratch of
+    its 16 lanes, so that nothing past row n is written."""
     numba.literally(isa)
     T, n_out = XQ.shape[0], OUT.shape[1]
     gw, gs = per_row * half * GEMM_ROWS // (2 if _q8(rep) else 4), per_row * GEMM_ROWS
@@ -609,24 +569,6 @@ def _tiles_loop(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k
                     for t in range(t0, t0 + m):
                         for lane in range(n - g * GEMM_ROWS):
                             OUT[t, o0 + g * GEMM_ROWS + lane] = cut[t * GEMM_ROWS + lane]
-
-
-@njit(cache=True, nogil=True)
-def _tiles_decoded_once(table, rep, sc, dyn, nested, nshift, offset, per_row, half, n, k, g0, g1, XQ, XSUM, XS, OUT,
-                        o0, isa):
-    """:func:`_tiles_simd` for scale codes and many tiles of tokens: ``GEMM_GROUPS`` groups at a
-    time, their scales decoded once into float32 (the same bits), then every tile of tokens over
-    them on those (the float32 kernels), rather than each tile decoding them again."""
-    numba.literally(isa)
-    gw, gs = per_row * half * GEMM_ROWS // (2 if _q8(rep) else 4), per_row * GEMM_ROWS
-    scales = np.empty(GEMM_GROUPS * gs, np.float32)
-    for c0 in range(g0, g1, GEMM_GROUPS):
-        c1 = min(g1, c0 + GEMM_GROUPS)
-        for g in range(c0, c1):
-            _decode_group_scales(sc, dyn, nested, nshift, offset, per_row, g, scales[(g - c0) * gs:(g - c0 + 1) * gs])
-        # groups c0 .. c1 as the first groups of the rows from c0 on (the last one cut at n as before)
-        _tiles_loop(table, rep[c0 * gw:c1 * gw], scales[:(c1 - c0) * gs], dyn, nested, nshift, offset, per_row, half,
-                    n - c0 * GEMM_ROWS, k, 0, c1 - c0, XQ, XSUM, XS, OUT, o0 + c0 * GEMM_ROWS, isa)
 
 
 @njit(cache=True, nogil=True)

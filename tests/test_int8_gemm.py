@@ -318,9 +318,9 @@ def test_tiles_hold_the_scales_as_stored(dq):
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
 def test_every_scale_code_decodes_to_the_twins_bits(variant):
-    """Every one of the 256 scale codes, decoded in the tile kernel (a step's few tokens: each of
-    the permutes and selects of the 16-lane lookup) or once a call (a prompt's many): the twin's
-    bits."""
+    """Every one of the 256 scale codes, decoded in the tile kernel (each of the permutes and
+    selects of the 16-lane lookup, the gather of the 8-lane one), for one token, a few and a
+    prompt's tiles of 16: the twin's bits."""
     import dataclasses
     rng = np.random.default_rng(11)
     q = _weight(rng, 37, 8 * 64, 64)
