@@ -120,10 +120,12 @@ def main():
     same = all(np.array_equal(x, y) for x, y in zip(outs["base"], outs["new"]))
     times = {m: {name: [] for name in revisions} for m in measures}
     for r in range(a.rounds):
-        for name in (("base", "new") if r % 2 else ("new", "base")):
-            for m, (fn, unit) in measures.items():
-                if m != "prefill_products_ms" or r % 4 == 0:  # (a prompt's products take 0.5 s)
-                    times[m][name].append(unit * fn(name))
+        for m, (fn, unit) in measures.items():
+            if m == "prefill_products_ms" and r % 4:  # (a prompt's products take 0.5 s: every 4th round)
+                continue
+            turn = r // 4 if m == "prefill_products_ms" else r  # (either revision first, in turn)
+            for name in (("base", "new") if turn % 2 else ("new", "base")):
+                times[m][name].append(unit * fn(name))
     report = {"bundle": str(a.bundle), "base": str(a.base), "threads": a.threads, "tokens": a.tokens,
               "prefill_tokens": a.prefill_tokens, "rounds": a.rounds, "same_bits": same,
               "hot_shape": [lins[small].out_features, lins[small].in_features],

@@ -6,6 +6,8 @@ within the stated tolerance of its exact ones on every architecture and on stori
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -321,7 +323,6 @@ def test_every_scale_code_decodes_to_the_twins_bits(variant):
     """Every one of the 256 scale codes, decoded in the tile kernel (each of the permutes and
     selects of the 16-lane lookup, the gather of the 8-lane one), for one token, a few and a
     prompt's tiles of 16: the twin's bits."""
-    import dataclasses
     rng = np.random.default_rng(11)
     q = _weight(rng, 37, 8 * 64, 64)
     q = dataclasses.replace(q, scales=(np.arange(q.scales.size) * 7 % 256).astype(np.uint8))
