@@ -49,6 +49,7 @@ from edgelora.runtime.llama import LlamaModel, rope, rope_attention_scaling, rop
 from edgelora.runtime.lora import BASE
 from edgelora.runtime.linear import exact_linear
 from edgelora.runtime.phi3 import Phi3Model
+from edgelora.runtime.threads import in_parallel
 
 IGNORE_INDEX = -100  # labels not counted (transformers' / PyTorch's ignore_index)
 HEAD = "lm_head"
@@ -250,7 +251,7 @@ def matmul_t(lin, dy: np.ndarray, threads: int | None = None) -> np.ndarray:
 
     if threads == 1:
         return work(0)
-    parts = list(_pool(threads).map(work, range(0, n, step)))
+    parts = in_parallel(_pool(threads), work, range(0, n, step))
     out = parts[0]
     for p in parts[1:]:
         out += p

@@ -44,6 +44,7 @@ from numba.extending import intrinsic
 from edgelora.runtime.simd import AVAILABLE as SIMD_AVAILABLE
 from edgelora.runtime.simd import (F16_CHUNK, ISAS, MAX_VECTORS, SIMD, acc_reduce, f16_rows_dot, nf4_dequant_blocks,
                                    nf4_tile_dot, prefetch)
+from edgelora.runtime.threads import in_parallel
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, block_scales
 
 _FM = {"reassoc", "contract", "nsz"}  # allow reassociation so reductions vectorise; no NaN shortcuts
@@ -472,7 +473,7 @@ class _StoredLinear:
         if threads == 1:
             work(0)
         else:
-            list(_pool(threads).map(work, range(0, n, step)))
+            in_parallel(_pool(threads), work, range(0, n, step))
         return out
 
 

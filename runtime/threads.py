@@ -18,11 +18,30 @@ import math
 import operator
 import os
 import statistics
+from concurrent.futures import wait
 from contextlib import contextmanager
 
 import numba
 
 from edgelora.errors import UsageError
+
+
+def in_parallel(pool, work, items) -> list:
+    """``[work(i) for i in items]``: every item but the last on ``pool``'s threads, the last on the
+    calling thread, which then waits for the others (also when its own item fails). One hand-off
+    fewer than a ``pool.map``, and a pool of n threads serves n + 1 items at once. Every parallel
+    split of the prefill goes through here: with a mix of ``map`` (n items) and this (n - 1) on one
+    pool, ``ThreadPoolExecutor``, which starts a thread only while no finished work item has left
+    one counted idle, had started one thread where two were meant, and a prompt's attention shares
+    ran one after the other (a TinyLlama prompt's attention over 128 tokens: 36 -> 54 ms)."""
+    items = list(items)
+    others = [pool.submit(work, i) for i in items[:-1]]
+    try:
+        last = work(items[-1])
+    except BaseException:
+        wait(others)
+        raise
+    return [f.result() for f in others] + [last]
 
 
 def available_cores() -> int:

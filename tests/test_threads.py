@@ -1,11 +1,14 @@
 """The thread governor: decode steps use fewer threads when that is faster (a core owned by another
 process), go back when the core is free again, and a steady machine pays for probes rarely. The
 step times here are a model of the measured ones (bench/bench_contention.py: on 2 cores with one
-kept busy, 2 threads decoded 3-4x slower than 1)."""
+kept busy, 2 threads decoded 3-4x slower than 1). And ``in_parallel``, the prefill's one way to
+split work between threads."""
 
 from __future__ import annotations
 
 import itertools
+
+import pytest
 
 from edgelora.runtime.threads import ThreadGovernor, available_cores
 
@@ -69,3 +72,42 @@ def test_available_cores_follows_the_affinity_mask():
             assert available_cores() == 1
         finally:
             os.sched_setaffinity(0, before)
+
+
+def test_in_parallel_runs_the_last_item_here_and_waits_for_every_other():
+    """``in_parallel``: the results in the items' order, the last item on the calling thread, the
+    others on the pool's; a failure on either side is raised, and only once every item is done."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from edgelora.runtime.threads import in_parallel
+
+    pool = ThreadPoolExecutor(3)
+    where = {}
+
+    def work(i):
+        where[i] = threading.get_ident()
+        return i * i
+
+    assert in_parallel(pool, work, range(4)) == [0, 1, 4, 9]
+    assert where[3] == threading.get_ident() and threading.get_ident() not in (where[0], where[1], where[2])
+    done = []
+
+    def slow_then_fail_last(i):
+        if i == 2:
+            raise KeyError("last")
+        time.sleep(0.2)
+        done.append(i)
+
+    with pytest.raises(KeyError, match="last"):
+        in_parallel(pool, slow_then_fail_last, range(3))
+    assert sorted(done) == [0, 1]  # (waited for before the error reached the caller)
+
+    def fail_first(i):
+        if i == 0:
+            raise ValueError("first")
+        return i
+
+    with pytest.raises(ValueError, match="first"):
+        in_parallel(pool, fail_first, range(3))
+    pool.shutdown()
