@@ -34,6 +34,7 @@ import numpy as np
 from edgelora import architectures
 from edgelora.config import ModelArgs
 from edgelora.runtime.kernels import _pool
+from edgelora.runtime.threads import in_parallel
 from edgelora.runtime.decode import (CompiledLayers, attend_row, attention_args, online_softmax_block, rmsnorm_rows,
                                       rope_rows, scale_rows, silu_mul_rows)
 from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
@@ -236,7 +237,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
         out[:, heads] = _query_blocks(q[:, heads], k[:, g0:g1], v[:, g0:g1], q_pos, window, scale,
                                       softcap).reshape(T, -1, hd)
 
-    list(_pool(parts).map(work, range(parts)))
+    in_parallel(_pool(parts), work, range(parts))
     return out.reshape(T, nh * hd)  # [T, nh*hd]
 
 
@@ -266,9 +267,12 @@ def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
     S, nkv, _ = k.shape
     group = nh // nkv
-    qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)  # [nkv, g, T, hd]
-    kt = k.transpose(1, 2, 0)[:, None]  # [nkv, 1, hd, S]
-    vt = v.transpose(1, 0, 2)[:, None]  # [nkv, 1, S, hd]
+    # a key-value head's queries, every head of its group, as the rows of one matrix: one product
+    # a key-value head and block (its rows' bits those of a product a head; TinyLlama's attention
+    # over 512 tokens 1.06x faster than 32 products of 128 rows)
+    qg = np.ascontiguousarray(q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)).reshape(nkv, group * T, hd)
+    kt = k.transpose(1, 2, 0)  # [nkv, hd, S]
+    vt = v.transpose(1, 0, 2)  # [nkv, S, hd]
     first, last = int(q_pos.min()), int(q_pos.max())
     lo = 0 if window is None else max(0, first - window + 1)  # the first key any query sees
     hi = min(S, last + 1)  # one past the last key any query sees
@@ -276,18 +280,18 @@ def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     m = np.full(rows, -np.inf, np.float32)  # running maximum of each row's scores
     l = np.zeros(rows, np.float32)  # running sum of exp(score - m)
     r = np.empty(rows, np.float32)  # exp(m_old - m_new) of the block
-    acc = np.zeros((nkv, group, T, hd), np.float32)  # running sum of exp(score - m) v
+    acc = np.zeros((nkv, group * T, hd), np.float32)  # running sum of exp(score - m) v
     divide, by = (True, np.float32(math.sqrt(hd))) if scale is None else (False, np.float32(scale))
     cap, pos = np.float32(softcap or 0.0), np.ascontiguousarray(q_pos, np.int64)
     for s0 in range(lo, hi, block):
         s1 = min(hi, s0 + block)
-        s = np.matmul(qg, kt[..., s0:s1])  # [nkv, g, T, b]: raw scores
+        s = np.matmul(qg, kt[..., s0:s1])  # [nkv, g*T, b]: raw scores
         # scaled, soft-capped, masked, m and l updated; s -> p = exp(score - m_new) in place
         online_softmax_block(s.reshape(rows, s1 - s0), pos, s0, window or 0, divide, by, cap, m, l, r)
-        acc *= r.reshape(nkv, group, T, 1)  # exp(m_old - m_new), 0 while m_old = -inf
-        acc += np.matmul(s, vt[:, :, s0:s1])  # [nkv, g, T, hd]
-    acc /= l.reshape(nkv, group, T, 1)  # every query sees at least its own position: l > 0
-    return acc.transpose(2, 0, 1, 3).reshape(T, nh * hd)  # [T, nh*hd]
+        acc *= r.reshape(nkv, group * T, 1)  # exp(m_old - m_new), 0 while m_old = -inf
+        acc += np.matmul(s, vt[:, s0:s1])  # [nkv, g*T, hd]
+    acc /= l.reshape(nkv, group * T, 1)  # every query sees at least its own position: l > 0
+    return acc.reshape(nkv, group, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)  # [T, nh*hd]
 
 
 def silu(x: np.ndarray) -> np.ndarray:
