@@ -60,7 +60,7 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from edgelora.runtime.int8_gemm import (GEMM_ROWS, INT8_GEMM_SIMD, Q8Tiles, Tiles, block_sums, gemm,
+from edgelora.runtime.int8_gemm import (GEMM_ROWS, INT8_GEMM_SIMD, Q8Tiles, Tiles, block_sums, gemm_many,
                                         nf4_int8_gemm_reference, q8_gemm_reference, tiles_parallel, tiles_slice)
 from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
 from edgelora.runtime.simd import (INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_MAX_VECTORS, INT8_SIMD, MAX_VECTORS,
@@ -404,11 +404,19 @@ class NF4Int8Linear(NF4Linear):
         ``linear.matmul_shared`` for weights that read the same rows)."""
         if not self.takes_gemm(x):
             return self.matvec_batch(x) if self.tiled else super().matmul(x)
+        return NF4Int8Linear.matmul_many([self], x, quantized)[0]
+
+    @staticmethod
+    def matmul_many(layers: list, x: np.ndarray, quantized: tuple | None = None) -> list:
+        """``[layer.matmul(x, quantized) for layer in layers]``, the same bits, for layers that take
+        the GEMM (:meth:`takes_gemm`) with one block size: one GEMM call over all their row groups
+        (``int8_gemm.gemm_many``: one hand-off to the threads, their shares balanced over the lot)."""
         XQ, XA, XS = quantized if quantized is not None else quantize_activations(np.ascontiguousarray(x, np.float32),
-                                                                                  self.block_size)
-        n, k = self.out_features, self.in_features
-        threads = numba.get_num_threads() if self._parallel(n * k) else 1
-        return gemm(INT8_GEMM_SIMD, NF4_I8, self.tiles, XQ, XS, threads, _pool(threads) if threads > 1 else None)
+                                                                                  layers[0].block_size)
+        weights = sum(layer.out_features * layer.in_features for layer in layers)
+        threads = numba.get_num_threads() if layers[0]._parallel(weights) else 1
+        return gemm_many(INT8_GEMM_SIMD, NF4_I8, [layer.tiles for layer in layers], XQ, XS, threads,
+                         _pool(threads) if threads > 1 else None)
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x: f32 [in] -> f32 [out]"""

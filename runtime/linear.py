@@ -90,18 +90,19 @@ def matmul_shared(layers: list, x: np.ndarray) -> list:
     """``[layer.matmul(x) for layer in layers]``, the same bits, for weights that read the same
     rows x [T, in] (a layer's q, k and v; gate and up): int8-path NF4 layers that take the prefill
     GEMM share one quantization of x per block size instead of each making its own (a TinyLlama
-    layer's prompt rows: 4 quantizations instead of 7)."""
-    quantized = {}  # block size -> x quantized (quantize_activations)
-    out = []
-    for layer in layers:
+    layer's prompt rows: 4 quantizations instead of 7), and one GEMM call
+    (``NF4Int8Linear.matmul_many``: one hand-off to the threads instead of one a weight)."""
+    out = [None] * len(layers)
+    gemms = {}  # block size -> the indices of the layers that take the GEMM
+    for i, layer in enumerate(layers):
         if isinstance(layer, NF4Int8Linear) and layer.takes_gemm(x):
-            q = quantized.get(layer.block_size)
-            if q is None:
-                q = quantized[layer.block_size] = quantize_activations(np.ascontiguousarray(x, np.float32),
-                                                                       layer.block_size)
-            out.append(layer.matmul(x, q))
+            gemms.setdefault(layer.block_size, []).append(i)
         else:
-            out.append(layer.matmul(x))
+            out[i] = layer.matmul(x)
+    for bs, idx in gemms.items():
+        q = quantize_activations(np.ascontiguousarray(x, np.float32), bs)
+        for i, y in zip(idx, NF4Int8Linear.matmul_many([layers[i] for i in idx], x, q)):
+            out[i] = y
     return out
 
 

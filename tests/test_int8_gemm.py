@@ -331,3 +331,50 @@ def test_every_scale_code_decodes_to_the_twins_bits(variant):
         X = _activations(rng, T, 8 * 64)
         assert np.array_equal(_bits(_run(variant, q, X, 2)), _bits(_twin(q, X)))
 
+
+@pytest.mark.parametrize("variant", sorted(G.DECODED_ONCE.keys() & G.INT8_GEMM_VARIANTS.keys()))
+@pytest.mark.parametrize("n, per_row, bs, threads", [(70, 3, 64, 1), (33, 2, 128, 3), (80, 5, 64, 2), (7, 1, 256, 1)])
+def test_a_prompts_scales_decoded_once_give_the_twins_bits(variant, n, per_row, bs, threads, monkeypatch):
+    """A prompt of two whole tiles of tokens or more over scale codes runs those tiles with the
+    scales decoded once a call (``DECODED_ONCE``), the tokens past them as before: the twin's bits
+    either way, with rows past the last whole group, groups split between threads, random codes."""
+    calls = []
+    once, step = G.DECODED_ONCE[variant]
+
+    def counted(*args):
+        calls.append(args[13].shape[0])  # (its XQ: the whole tiles' tokens)
+        once(*args)
+
+    monkeypatch.setitem(G.DECODED_ONCE, variant, (counted, step))
+    rng = np.random.default_rng(n)
+    q = _weight(rng, n, per_row * bs, bs)
+    q = dataclasses.replace(q, scales=rng.integers(0, 256, q.scales.size).astype(np.uint8))
+    for T in (step, 2 * step, 3 * step + 5):
+        calls.clear()
+        X = _activations(rng, T, per_row * bs)
+        assert np.array_equal(_bits(_run(variant, q, X, threads)), _bits(_twin(q, X)))
+        assert calls == ([] if T < 2 * step else [T - T % step] * min(threads, -(-n // G.GEMM_ROWS)))
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_several_weights_in_one_call_give_each_ones_bits(variant, threads):
+    """``gemm_many`` (a layer's q, k and v in one call: their row groups one run split between the
+    threads, shares that cross from one weight to the next, the last on the calling thread) gives
+    each weight the twin's bits, for a prompt of whole tiles and a rest, and one token; weights of
+    different block sizes are refused."""
+    rng = np.random.default_rng(threads)
+    qs = [_weight(rng, n, 3 * 64, 64, dq) for n, dq in ((70, True), (16, True), (33, False), (5, True))]
+    tiles = [G.Tiles((I8.NF4_I8, DYNAMIC_CODE, q.packed, *q.scale_args(), 64), *q.shape) for q in qs]
+    pool = K._pool(threads) if threads > 1 else None
+    for T in (1, 37):
+        X = _activations(rng, T, 3 * 64)
+        XQ, _, XS = I8.quantize_activations(X, 64)
+        outs = G.gemm_many(variant, I8.NF4_I8, tiles, XQ, XS, threads, pool)
+        assert [o.shape for o in outs] == [(T, q.shape[0]) for q in qs]
+        for q, got in zip(qs, outs):
+            assert np.array_equal(_bits(got), _bits(_twin(q, X)))
+    other = _weight(rng, 16, 128, 128)
+    with pytest.raises(ValueError, match="one block size"):
+        G.gemm_many(variant, I8.NF4_I8, tiles[:1] + [G.Tiles((I8.NF4_I8, DYNAMIC_CODE, other.packed, *other.scale_args(),
+                                                                128), *other.shape)], XQ, XS, threads, pool)
