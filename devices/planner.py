@@ -206,7 +206,7 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
 def adapter_resident_bytes(path, args: ModelArgs) -> int:
     """Bytes ``model.adapters.load`` keeps for this adapter (checked against the base)."""
     from edgelora.adapters import read_adapter
-    ad = read_adapter(path, args)
+    ad = read_adapter(path, args, half_when_exact=True)  # as the runtime holds it
     dora = sum(p.B.shape[0] * F32 for p in ad.pairs.values() if p.magnitude is not None)  # the norms g
     return ad.nbytes + dora
 

@@ -188,7 +188,7 @@ def _chat_command(model, cmd: str) -> str:
         return f"(using {model.active_adapter}; switched in {(time.perf_counter() - t) * 1e3:.3f} ms)"
     if word == "/load":
         res = model.adapters.load(*_split_adapter(arg))
-        return f"(loaded {res.name}: {res.nbytes / 1e6:.2f} MB in {res.load_seconds * 1e3:.1f} ms; /use {res.name})"
+        return f"(loaded {res.name}: {res.nbytes / 1e6:.2f} MB, {res.held}, in {res.load_seconds * 1e3:.1f} ms; /use {res.name})"
     if word == "/unload":
         model.adapters.unload(arg)
         return f"(unloaded {arg}; using {model.active_adapter})"

@@ -503,6 +503,14 @@ def _f32_ptr(typingctx, addr):
 
 
 @intrinsic
+def _u16_ptr(typingctx, addr):
+    """The int64 ``addr`` as a pointer to uint16."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(16).as_pointer())
+    return types.CPointer(types.uint16)(types.int64), codegen
+
+
+@intrinsic
 def _u32_ptr(typingctx, addr):
     """The int64 ``addr`` as a pointer to uint32."""
     def codegen(context, builder, sig, args):
@@ -563,10 +571,11 @@ def _product(j, w, XQ, XA, XS, XSUM, out, o0, n, threads):
 
 # The adapters and biases of a group (a layer's projections that read one input: q, k, v; o; gate,
 # up; down) are its selection's plan (``lora.Selection._group_plan``) as rows of an int64 table:
-# a stack of deltas ``[STACK, A, R, in, Bt, Bt size, coef, rows, b_off, y_off, modules]`` (addresses
-# and sizes), an addition ``[ADD, values, size, at]`` (a trained or the base bias).
+# a stack of deltas ``[STACK, A, R, in, Bt, Bt size, coef, rows, b_off, y_off, modules, half]``
+# (addresses and sizes; half: A and Bt are float16), an addition ``[ADD, values, size, at]`` (a
+# trained or the base bias).
 STACK, ADD = 0, 1
-OP_FIELDS = 11
+OP_FIELDS = 12
 GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
@@ -617,6 +626,24 @@ def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads):
 
 
 @njit(cache=True, fastmath=False, inline="always")
+def _stack(x, A, Bt, coef, rows, b_off, y_off, Y, u, threads, parallel_min):
+    """A stack of deltas on one row (``lora.lora_stack_add``): on the threads (the rows of A split
+    between them, then the slices of Y) from ``parallel_min`` weights, as
+    ``lora_stack_add_parallel``, else on this one."""
+    R, k, n = A.shape[0], A.shape[1], Y.size
+    if threads > 1 and R * (k + n) >= parallel_min:
+        for c in prange(threads):
+            stack_down(x, A, coef, u, c * R // threads, (c + 1) * R // threads)
+        step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
+        for c in prange(threads):
+            o0 = c * step
+            stack_up(u, Bt, rows, b_off, y_off, Y, o0, min(n, o0 + step))
+    else:
+        stack_down(x, A, coef, u, 0, R)
+        stack_up(u, Bt, rows, b_off, y_off, Y, 0, n)
+
+
+@njit(cache=True, fastmath=False, inline="always")
 def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
     """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
     side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
@@ -625,23 +652,16 @@ def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
     for o in range(lo, hi):
         if ops[o, 0] == STACK:
             R, k, nb = ops[o, 2], ops[o, 3], ops[o, 10] + 1
-            A = numba.carray(_f32_ptr(ops[o, 1]), (R, k))
-            Bt = numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5])
             coef = numba.carray(_f32_ptr(ops[o, 6]), R)
             rows = numba.carray(_i64_ptr(ops[o, 7]), nb)
             b_off = numba.carray(_i64_ptr(ops[o, 8]), nb)
             y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
-            n, u = Y.size, U[:R]
-            if threads > 1 and R * (k + n) >= parallel_min:  # as ``lora_stack_add_parallel``
-                for c in prange(threads):
-                    stack_down(x, A, coef, u, c * R // threads, (c + 1) * R // threads)
-                step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
-                for c in prange(threads):
-                    o0 = c * step
-                    stack_up(u, Bt, rows, b_off, y_off, Y, o0, min(n, o0 + step))
+            if ops[o, 11]:  # float16, as its bits (``lora.kernel_array``)
+                _stack(x, numba.carray(_u16_ptr(ops[o, 1]), (R, k)), numba.carray(_u16_ptr(ops[o, 4]), ops[o, 5]),
+                       coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
             else:
-                stack_down(x, A, coef, u, 0, R)
-                stack_up(u, Bt, rows, b_off, y_off, Y, 0, n)
+                _stack(x, numba.carray(_f32_ptr(ops[o, 1]), (R, k)), numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5]),
+                       coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
         else:
             values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
             at = ops[o, 3]
@@ -810,7 +830,8 @@ class CompiledLayers:
                         st, (coef, y_off) = item, extra
                         R, k = st.A.shape
                         rows.append([STACK, address(st.A), R, k, address(st.Bt), st.Bt.size, address(coef),
-                                     address(st.rows), address(st.b_off), address(y_off), len(st.modules)])
+                                     address(st.rows), address(st.b_off), address(y_off), len(st.modules),
+                                     int(st.A.dtype == np.float16)])
                     else:
                         rows.append([ADD, address(extra), extra.size, off[item]] + [0] * (OP_FIELDS - 4))
                 for m, p, o0 in zip(modules, group, off):

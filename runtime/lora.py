@@ -40,6 +40,13 @@ adapters swaps one immutable :class:`Selection` object for another, nothing is c
   products, the B products after it; a lone module's delta is a stack of one. Above ``LORA_PARALLEL_MIN`` weights the product runs on
   the model's threads (the rows of A split between them, then the slices of the outputs), as the
   base kernels around it do; the threaded kernels give the serial ones' bits (the tests check it).
+* Held in float16 when that loses nothing: a LoRA pair whose every value float16 holds exactly (a
+  float16 file's always) is kept in float16 (``adapters.read_adapter(half_when_exact=True)``), so
+  it takes half the memory and a decode step reads half the bytes. The kernels take its bits
+  (:func:`kernel_array`) and widen each value exactly (:func:`_widen`), so the arithmetic is the
+  float32 arithmetic on the same values; a prompt's products widen the arrays for BLAS. Other
+  pairs, and DoRA's, stay float32 (the default of PEFT's own files and of llama.cpp's LoRA
+  converter); nothing is rounded that the file did not round.
 """
 
 from __future__ import annotations
@@ -51,7 +58,10 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, min_resident_bytes, read_adapter
 from edgelora.errors import UsageError, PlanError
@@ -60,10 +70,30 @@ from edgelora.runtime.linear import Linear, make_linear, matmul_shared
 _FM = {"reassoc", "contract", "nsz"}
 
 
+@intrinsic
+def _widen(typingctx, v):
+    """An adapter weight as float32: a float32 as it is; a float16 held as its bits (uint16: Numba
+    has no float16 type) widened exactly by ``fpext half`` (F16C ``vcvtph2ps`` on x86-64, ``fcvtl``
+    on aarch64, vectorized with the loop around it). So each kernel here is compiled for both
+    kinds of adapter arrays from one source."""
+    if v == types.float32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if v == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(v), codegen
+    return None
+
+
+def kernel_array(a: np.ndarray) -> np.ndarray:
+    """An adapter array as the kernels take it: float32 as it is, float16 as its bits (uint16)."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
 @njit(cache=True, fastmath=_FM)
 def lora_matvec_add(x, A, Bt, coef, y, u):
-    """``y += coef * B (A x)`` for one token. x: [in], A: [r, in], Bt: [r, out] (B transposed),
-    y: [out], u: scratch [r]."""
+    """``y += coef * B (A x)`` for one token. x: [in], A: [r, in], Bt: [r, out] (B transposed; both
+    float32, or float16 as :func:`kernel_array` gives them), y: [out], u: scratch [r]."""
     for j in range(A.shape[0]):
         _lora_down(x, A, coef, u, j)
     _lora_up(u, Bt, y, 0, y.size)
@@ -79,7 +109,7 @@ def _lora_down(x, A, coef, u, j):
     acc = np.float32(0.0)
     a = A[j]
     for i in range(A.shape[1]):
-        acc += a[i] * x[i]
+        acc += _widen(a[i]) * x[i]
     u[j] = acc * coef
 
 
@@ -90,7 +120,7 @@ def _lora_up(u, Bt, y, o0, o1):
         uj = u[j]
         b = Bt[j]
         for o in range(o0, o1):
-            y[o] += uj * b[o]
+            y[o] += uj * _widen(b[o])
 
 
 @njit(cache=True, fastmath=_FM, parallel=True)
@@ -137,7 +167,7 @@ def stack_up(u, Bt, rows, b_off, y_off, Y, o0, o1):
             uj = u[j]
             bs = np.uint64(b_off[m] + (j - rows[m]) * n)  # B^T row j - rows[m]
             for o in range(lo_u, hi_u):
-                Y[ys + o] += uj * Bt[bs + o]
+                Y[ys + o] += uj * _widen(Bt[bs + o])
 
 
 @njit(cache=True, fastmath=_FM)
@@ -145,8 +175,9 @@ def lora_stack_add(x, A, Bt, coef, rows, b_off, y_off, Y, u):
     """``Y[y_off[m]:][:n_m] += B_m (coef * A_m x)`` for the modules m of one adapter that read the same
     input ``x`` (q, k and v; gate and up), their A matrices stacked: ``A`` [R, in] (module m's rows
     ``rows[m] .. rows[m+1]``), ``coef`` [R], ``Bt`` every module's ``B^T`` [r_m, n_m] flat, module m's
-    from ``b_off[m]``; ``y_off[m]`` where its outputs start in ``Y`` (-1: not requested). One pass
-    over x for all the A products, one call for the layer's group. ``u`` [R] scratch."""
+    from ``b_off[m]``; ``y_off[m]`` where its outputs start in ``Y`` (-1: not requested); ``A`` and
+    ``Bt`` float32, or float16 as their bits (:func:`kernel_array`). One pass over x for all the A
+    products, one call for the layer's group. ``u`` [R] scratch."""
     stack_down(x, A, coef, u, 0, A.shape[0])
     stack_up(u, Bt, rows, b_off, y_off, Y, 0, Y.size)
 
@@ -175,8 +206,8 @@ def lora_delta_reference(x: np.ndarray, A: np.ndarray, B: np.ndarray, coef: floa
 class Delta:
     """One adapter's contribution at one module: ``coef * (B (A x) + bias)``, DoRA-scaled by ``g``."""
 
-    A: np.ndarray  # [r, in] float32
-    Bt: np.ndarray  # [r, out] float32
+    A: np.ndarray  # [r, in] float32, or float16 (``adapters.read_adapter``'s half_when_exact)
+    Bt: np.ndarray  # [r, out] as A
     coef: float
     bias: np.ndarray | None = None  # [out], already multiplied by coef
     g: np.ndarray | None = None  # [out] DoRA: magnitude / ||W + s B A||
@@ -193,10 +224,11 @@ class Delta:
             r, k = self.A.shape
             u = np.empty(r, np.float32)
             threads = numba.get_num_threads()
+            A, Bt = kernel_array(self.A), kernel_array(self.Bt)
             if threads > 1 and r * (k + y.shape[1]) >= LORA_PARALLEL_MIN:  # by shape: a batch row is threaded alike
-                lora_matvec_add_parallel(x[0], self.A, self.Bt, np.float32(self.coef), y[0], u, threads)
+                lora_matvec_add_parallel(x[0], A, Bt, np.float32(self.coef), y[0], u, threads)
             else:
-                lora_matvec_add(x[0], self.A, self.Bt, np.float32(self.coef), y[0], u)
+                lora_matvec_add(x[0], A, Bt, np.float32(self.coef), y[0], u)
         else:
             y += (x @ self.A.T) @ (self.Bt * np.float32(self.coef))
         if self.bias is not None:
@@ -216,8 +248,8 @@ class Stack:
     adapter's :class:`Delta` objects of these modules hold views of them (nothing is copied)."""
 
     modules: tuple  # module names, in the order of their rows
-    A: np.ndarray  # [R, in] float32
-    Bt: np.ndarray  # [sum r_m * n_m] float32
+    A: np.ndarray  # [R, in] float32, or float16 when every member's is
+    Bt: np.ndarray  # [sum r_m * n_m] as A
     rows: np.ndarray  # int64 [modules + 1]: module m's rows of A are rows[m] .. rows[m + 1]
     b_off: np.ndarray  # int64 [modules + 1]: module m's B^T is Bt[b_off[m]:b_off[m + 1]] ([r_m, n_m])
 
@@ -324,10 +356,11 @@ class Selection:
                 st, coef, y_off = item, extra[0], extra[1]
                 threads = numba.get_num_threads()
                 u = np.empty(st.A.shape[0], np.float32)
+                A, Bt = kernel_array(st.A), kernel_array(st.Bt)
                 if threads > 1 and st.A.shape[0] * (st.A.shape[1] + Y.size) >= LORA_PARALLEL_MIN:
-                    lora_stack_add_parallel(x[0], st.A, st.Bt, coef, st.rows, st.b_off, y_off, Y, u, threads)
+                    lora_stack_add_parallel(x[0], A, Bt, coef, st.rows, st.b_off, y_off, Y, u, threads)
                 else:
-                    lora_stack_add(x[0], st.A, st.Bt, coef, st.rows, st.b_off, y_off, Y, u)
+                    lora_stack_add(x[0], A, Bt, coef, st.rows, st.b_off, y_off, Y, u)
             elif kind == "delta":  # a delta of no stack (DoRA, a lone module): in place
                 ys[item] = extra.apply(x, ys[item])
             else:  # "bias": a stacked delta's trained bias
@@ -492,9 +525,14 @@ class Resident:
     def is_dora(self) -> bool:
         return self.adapter.is_dora
 
+    @property
+    def held(self) -> str:
+        """The dtype its LoRA pairs are held in: ``float16``, ``float32``, or both (``float16+float32``)."""
+        return "+".join(sorted({str(a.dtype) for d in self.deltas.values() for a in (d.A, d.Bt)})) or "none"
+
     def info(self) -> dict:
         s = self.adapter.summary()
-        s.update(name=self.name, scale=self.scale, bytes=self.nbytes, load_seconds=self.load_seconds)
+        s.update(name=self.name, scale=self.scale, bytes=self.nbytes, held=self.held, load_seconds=self.load_seconds)
         return s
 
 
@@ -515,6 +553,8 @@ def make_resident(name: str, adapter: Adapter, scale: float, modules) -> Residen
     deltas = {}
     for module, p in adapter.pairs.items():
         coef = p.scale * scale
+        if p.magnitude is not None:  # DoRA: its norms and g * B in float32
+            p.A, p.B = p.A.astype(np.float32), p.B.astype(np.float32)
         Bt = np.ascontiguousarray(p.B.T)  # [r, out]: the decode kernel's layout
         p.B = Bt.T  # the adapter keeps a view, not a second copy
         g = None
@@ -626,7 +666,7 @@ class AdapterSet:
         t0 = time.perf_counter()
         if self.budget_bytes is not None:  # sized from its header first: nothing is read beyond the budget
             self._check_budget(name, min_resident_bytes(Path(path)))
-        adapter = read_adapter(Path(path), self.base)
+        adapter = read_adapter(Path(path), self.base, half_when_exact=True)
         if adapter.is_dora and scale != 1.0:
             raise UsageError(f"DoRA adapter {name!r} can only be loaded with scale 1.0 (got {scale:g})")
         res = make_resident(name, adapter, scale, self._net.module)

@@ -69,12 +69,14 @@ def compile_kernels(model) -> None:
             _passes(model.net)
     x, A, Bt = np.zeros(8, np.float32), np.zeros((2, 8), np.float32), np.zeros((2, 8), np.float32)
     lora_matvec_add(x, A, Bt, np.float32(1.0), np.zeros(8, np.float32), np.empty(2, np.float32))
-    stack = (x, A, Bt.ravel(), np.ones(2, np.float32), np.array([0, 1, 2]), np.array([0, 8, 16]), np.array([0, 8]),
-             np.zeros(16, np.float32))  # two modules of one row each (a q/k/v or gate/up group)
-    lora_stack_add(*stack, np.empty(2, np.float32))
+    for kind in (np.float32, np.uint16):  # adapters held in float32, and in float16 (as its bits)
+        stack = (x, A.astype(kind), Bt.ravel().astype(kind), np.ones(2, np.float32), np.array([0, 1, 2]),
+                 np.array([0, 8, 16]), np.array([0, 8]), np.zeros(16, np.float32))  # two modules of one row each
+        lora_stack_add(*stack, np.empty(2, np.float32))
+        if model.threads > 1:
+            lora_stack_add_parallel(*stack, np.empty(2, np.float32), 2)
     if model.threads > 1:
         lora_matvec_add_parallel(x, A, Bt, np.float32(1.0), np.zeros(8, np.float32), np.empty(2, np.float32), 2)
-        lora_stack_add_parallel(*stack, np.empty(2, np.float32), 2)
 
 
 def status_line(text: str) -> None:

@@ -360,19 +360,21 @@ def test_threaded_lora_kernel_is_the_serial_one_bit_for_bit(r, k, n):
         assert np.array_equal(y.view(np.uint32), serial.view(np.uint32))
 
 
+@pytest.mark.parametrize("held", [np.float32, np.float16])
 @pytest.mark.parametrize("ranks,outs,k", [((4, 4, 4), (96, 32, 32), 96), ((16, 8), (344, 344), 128),
                                           ((2, 16, 3), (5, 70, 33), 17)])
-def test_stack_kernel_matches_reference(ranks, outs, k):
+def test_stack_kernel_matches_reference(ranks, outs, k, held):
     """The stacked kernel (modules' A rows one after another, their B^T flat) adds to each
     requested module's outputs its own ``coef B (A x)``, within float32 rounding of the reference;
     the threaded form gives the serial one's bits for any number of slices; a module not requested
-    (y_off -1) is skipped."""
+    (y_off -1) is skipped. Alike for adapters held in float16 (the kernel given their bits), against
+    the reference on the same values in float32."""
     rng = np.random.default_rng(sum(ranks) + k)
-    As = [rng.standard_normal((r, k)).astype(np.float32) for r in ranks]
-    Bs = [rng.standard_normal((n, r)).astype(np.float32) for r, n in zip(ranks, outs)]
+    As = [rng.standard_normal((r, k)).astype(held).astype(np.float32) for r in ranks]
+    Bs = [rng.standard_normal((n, r)).astype(held).astype(np.float32) for r, n in zip(ranks, outs)]
     coefs = [0.5, 2.0, 0.25][:len(ranks)]
-    A = np.concatenate(As)
-    Bt = np.concatenate([np.ascontiguousarray(B.T).ravel() for B in Bs])
+    A = lora_module.kernel_array(np.concatenate(As).astype(held))
+    Bt = lora_module.kernel_array(np.concatenate([np.ascontiguousarray(B.T).ravel() for B in Bs]).astype(held))
     rows = np.cumsum([0, *ranks]).astype(np.int64)
     b_off = np.cumsum([0] + [B.size for B in Bs]).astype(np.int64)
     coef = np.concatenate([np.full(r, c, np.float32) for r, c in zip(ranks, coefs)])
@@ -392,6 +394,46 @@ def test_stack_kernel_matches_reference(ranks, outs, k):
             y = y0.copy()
             lora_stack_add_parallel(x, A, Bt, coef, rows, b_off, y_off, y, np.empty(A.shape[0], np.float32), threads)
             assert np.array_equal(y.view(np.uint32), serial.view(np.uint32))
+
+
+def _rewritten(folder, out, dtype):
+    """A copy of adapter ``folder`` with every tensor rounded to float16 and stored as ``dtype``."""
+    from edgelora.safetensors_io import SafetensorsFile, write_safetensors
+    out.mkdir()
+    with SafetensorsFile(folder / "adapter_model.safetensors") as f:
+        tensors = {n: f.float32(n).astype(np.float16).astype(dtype) for n in f.keys()}
+    write_safetensors(out / "adapter_model.safetensors", tensors)
+    shutil.copy(folder / "adapter_config.json", out / "adapter_config.json")
+    return out
+
+
+def test_float16_adapters_are_held_in_float16_and_match_peft(bases, adapters, tmp_path):
+    """An adapter whose values float16 holds exactly (a float16 file; a float32 file of such
+    values) is held in float16: half the bytes, the logits PEFT gives on the same file, a float32
+    file of the same values the same bits, decode steps (the one-call step, float16 stacks) what
+    the prompt gives. An adapter of other values stays float32."""
+    src, bundle = bases("llama_untied")
+    ad = adapters("r16-all-linear")
+    h16 = _rewritten(ad, tmp_path / "h16", np.float16)
+    h32 = _rewritten(ad, tmp_path / "h32", np.float32)
+    model = edgelora.load(bundle, max_context=64, products="exact")
+    for name, folder in (("f32", ad), ("h16", h16), ("h32", h32)):
+        model.adapters.load(name, folder)
+    held = {n: {str(a.dtype) for d in model.adapters[n].deltas.values() for a in (d.A, d.Bt)}
+            for n in ("f32", "h16", "h32")}
+    assert held == {"f32": {"float32"}, "h16": {"float16"}, "h32": {"float16"}}
+    assert model.adapters["h16"].nbytes * 2 == model.adapters["f32"].nbytes
+    ids = np.random.default_rng(3).integers(0, model.args.vocab_size, 20)
+    mine = model.logits(ids, adapter="h16")
+    assert close(mine, peft_logits(bundle, src, [h16], ids))
+    np.testing.assert_array_equal(model.logits(ids, adapter="h32"), mine)
+    model.use("h16")
+    cache = model.net.new_cache()
+    steps = np.stack([model.net.forward(ids[i:i + 1], cache, lora=model.selection)[-1] for i in range(len(ids))])
+    np.testing.assert_allclose(steps, mine, atol=2e-4 * max(1.0, np.abs(mine).max()))
+    # the planner counts what the runtime holds
+    from edgelora.devices.planner import adapter_resident_bytes
+    assert adapter_resident_bytes(h16, model.args) == model.adapters["h16"].nbytes
 
 
 def test_group_stacks_hold_the_deltas_without_a_copy(bases, adapters):
@@ -420,14 +462,17 @@ def test_group_stacks_hold_the_deltas_without_a_copy(bases, adapters):
 
 
 @pytest.mark.parametrize("arch, one, two", [("llama_untied", "r16-all-linear", "patterns"),
+                                             ("llama_untied", "r16-all-linear@float16", "patterns"),
                                              ("qwen2", "dora", "qwen-bias-lora-only")])
-def test_threaded_adapter_steps_are_single_steps_bit_for_bit(bases, adapters, monkeypatch, arch, one, two):
+def test_threaded_adapter_steps_are_single_steps_bit_for_bit(bases, adapters, monkeypatch, tmp_path, arch, one, two):
     """With every delta on two threads (threshold 0), a batched step's rows are the single steps'
-    bits, with one adapter, a mix, DoRA and none."""
+    bits, with one adapter, a mix, DoRA and none; an adapter held in float16 too, alone and mixed
+    with one in float32."""
     monkeypatch.setattr(lora_module, "LORA_PARALLEL_MIN", 0)
     _, bundle = bases(arch)
     model = edgelora.load(bundle, max_context=32, threads=2)
-    model.adapters.load("d", adapters(one))
+    case, _, held = one.partition("@")
+    model.adapters.load("d", _rewritten(adapters(case), tmp_path / "d", np.float16) if held else adapters(case))
     model.adapters.load("q", adapters(two))
     mix = [] if "dora" in one else [{"d": 0.5, "q": 0.5}]
     sels = [model.adapters.select(s) for s in ["d", None, "q", *mix]]
