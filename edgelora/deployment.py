@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -120,9 +121,6 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
     """Plan ``bundle`` with ``adapters`` ``{name: folder}`` on ``device`` and, when it fits, write
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
     :class:`PlanError` with the plan's numbers and what to change."""
-    from edgelora import __version__
-    from edgelora.bundle import Bundle, file_table, sealed_text
-    from edgelora.devices.planner import plan as make_plan
     adapters = dict(adapters or {})
     for name in adapters:
         _check_name(name)
@@ -131,7 +129,21 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
     if tar_path is not None and tar_path.exists() and not overwrite:
         raise UsageError("the archive already exists; pass overwrite=True (--overwrite) to replace it", tar_path)
     _check_adapters_fit(adapters, device)
-    p = make_plan(bundle, device, context=context, adapters=adapters, threads=threads, overhead=overhead)
+    with tempfile.TemporaryDirectory(prefix="edgelora-deploy-") as scratch:
+        # the plan counts the adapters as the folder will hold them: compact, held in float16
+        compact = {name: Path(scratch) / name for name in adapters}
+        for name, path in adapters.items():
+            compact_adapter(path, compact[name])
+        return _deploy(bundle, device, out, adapters, compact, context, threads, tar_path, overwrite, overhead)
+
+
+def _deploy(bundle, device, out: Path, adapters: dict, compact: dict, context, threads, tar_path, overwrite,
+            overhead) -> DeployResult:
+    """:func:`deploy` once the adapters are compacted (``compact``: name -> the float16 copy)."""
+    from edgelora import __version__
+    from edgelora.bundle import Bundle, file_table, sealed_text
+    from edgelora.devices.planner import plan as make_plan
+    p = make_plan(bundle, device, context=context, adapters=compact, threads=threads, overhead=overhead)
     if not p.fits:
         raise PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
                         f"{p.budget_bytes / 1e6:.1f} MB ({p.device.app_share:.0%} of {p.device.ram_mib} MiB)"
@@ -143,8 +155,8 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
         model_dir.mkdir()
         for name in [*src.manifest["files"], "manifest.json"]:
             shutil.copyfile(src.path / name, model_dir / name)
-        for name, path in adapters.items():
-            compact_adapter(path, tmp / ADAPTERS_DIR / name)
+        for name in adapters:
+            shutil.copytree(compact[name], tmp / ADAPTERS_DIR / name)
         (tmp / DEVICE_FILE).write_text(p.device.to_toml())
         (tmp / PLAN_FILE).write_text(json.dumps(p.to_dict(), indent=1) + "\n")
         files = file_table((p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST), tmp)

@@ -282,8 +282,9 @@ def test_deploy_folder_loads_with_its_plan(demo_deploy):
         edgelora.load(demo_deploy, max_context=257)
     with pytest.raises(PlanError, match="memory plan leaves"):
         model.adapters.load("third", demo_adapter_paths()["pirate"])
-    model.adapters.unload("shout")  # room again
-    model.adapters.load("third", demo_adapter_paths()["shout"])
+    model.adapters.unload("shout")  # room again, for an adapter as the folder holds them (float16)
+    model.adapters.load("third", demo_deploy / "adapters/shout")
+    assert model.adapters["third"].held == "float16"
 
 
 def test_inspect_describes_a_deploy_folder(demo_deploy, tmp_path, capsys):
