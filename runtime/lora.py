@@ -90,6 +90,23 @@ def kernel_array(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
+@njit(cache=True)
+def _widen_into(bits, out):
+    """``out`` f32 = the float16 values whose bits are ``bits`` (both 1-D, one size)."""
+    for i in range(bits.size):
+        out[i] = _widen(bits[i])
+
+
+def widened(a: np.ndarray) -> np.ndarray:
+    """An adapter array in float32 (a float16 one widened exactly, by :func:`_widen` in a vectorized
+    loop: NumPy's own float16 cast is some 10x slower), for a prompt's BLAS products."""
+    if a.dtype != np.float16:
+        return a
+    out = np.empty(a.shape, np.float32)
+    _widen_into(np.ascontiguousarray(a).view(np.uint16).reshape(-1), out.reshape(-1))
+    return out
+
+
 @njit(cache=True, fastmath=_FM)
 def lora_matvec_add(x, A, Bt, coef, y, u):
     """``y += coef * B (A x)`` for one token. x: [in], A: [r, in], Bt: [r, out] (B transposed; both
@@ -230,7 +247,7 @@ class Delta:
             else:
                 lora_matvec_add(x[0], A, Bt, np.float32(self.coef), y[0], u)
         else:
-            y += (x @ self.A.T) @ (self.Bt * np.float32(self.coef))
+            y += (x @ widened(self.A).T) @ (widened(self.Bt) * np.float32(self.coef))
         if self.bias is not None:
             y += self.bias
         return y

@@ -26,7 +26,8 @@ from edgelora import kernel_cache
 from edgelora.products import DEFAULT_PRODUCTS
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX
 from edgelora.runtime.int8 import F16Int8Linear
-from edgelora.runtime.lora import BASE, lora_matvec_add, lora_matvec_add_parallel, lora_stack_add, lora_stack_add_parallel
+from edgelora.runtime.lora import (BASE, lora_matvec_add, lora_matvec_add_parallel, lora_stack_add,
+                                   lora_stack_add_parallel, widened)
 from edgelora.runtime.threads import thread_count
 
 
@@ -75,6 +76,7 @@ def compile_kernels(model) -> None:
         lora_stack_add(*stack, np.empty(2, np.float32))
         if model.threads > 1:
             lora_stack_add_parallel(*stack, np.empty(2, np.float32), 2)
+    widened(np.zeros(8, np.float16))  # a float16 adapter's arrays for a prompt's products
     if model.threads > 1:
         lora_matvec_add_parallel(x, A, Bt, np.float32(1.0), np.zeros(8, np.float32), np.empty(2, np.float32), 2)
 

@@ -396,6 +396,19 @@ def test_stack_kernel_matches_reference(ranks, outs, k, held):
             assert np.array_equal(y.view(np.uint32), serial.view(np.uint32))
 
 
+def test_widened_float16_is_numpys_cast_bit_for_bit():
+    """A float16 adapter array widened for a prompt's products (a compiled loop) is NumPy's own
+    float16 -> float32 cast, bit for bit: every float16 value (subnormals, signed zeros, the
+    largest), in a 2-D array; a float32 array is returned as it is."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    every = every[np.isfinite(every)].reshape(2, -1)
+    got = lora_module.widened(every)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    assert np.array_equal(got.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    f = np.ones((2, 3), np.float32)
+    assert lora_module.widened(f) is f
+
+
 def _rewritten(folder, out, dtype):
     """A copy of adapter ``folder`` with every tensor rounded to float16 and stored as ``dtype``."""
     from edgelora.safetensors_io import SafetensorsFile, write_safetensors
