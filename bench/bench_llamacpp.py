@@ -11,7 +11,8 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    an F16 GGUF, quantized by llama.cpp's own ``llama-quantize`` to IQ4_NL (a 16-value non-uniform
    codebook like NF4) and Q4_0 (``--pure``), and with ``--default-mix`` to IQ4_NL as llama.cpp
    quantizes by default (its head in a 6-bit type: the like of edgelora's default head);
-3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF;
+3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF
+   (float32; with ``--float16-adapter`` also both rounded to float16, as ``edgelora deploy`` writes it);
 4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
    peak RSS is its own): prefill of 128 and 512 tokens, decode (``--decode-tokens``, 128), decode
    with the adapter (edgelora's adapter process also decodes without it, interleaved, so the
@@ -191,9 +192,10 @@ def llama3_rope_factors(scaling: dict, theta: float, head_dim: int) -> np.ndarra
     return out.astype(np.float32)
 
 
-def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:
+def write_lora_gguf(adapter: Path, cfg: dict, out: Path, dtype=np.float32) -> Path:
     """A PEFT adapter folder as llama.cpp's LoRA GGUF (``convert_lora_to_gguf.py``'s layout:
-    ``<tensor>.lora_a`` [r, in] and ``.lora_b`` [out, r], q/k B rows permuted as the base's)."""
+    ``<tensor>.lora_a`` [r, in] and ``.lora_b`` [out, r], q/k B rows permuted as the base's), its
+    tensors in ``dtype`` (float32, that converter's default ``--outtype f32``; or float16)."""
     import gguf
     from edgelora.safetensors_io import SafetensorsFile
     if out.exists():
@@ -215,7 +217,7 @@ def write_lora_gguf(adapter: Path, cfg: dict, out: Path) -> Path:
         elif which == "B" and module.endswith("k_proj"):
             a = _permute(a, cfg["num_key_value_heads"])
         base = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
-        w.add_tensor(f"{base}.lora_{which.lower()}", a)
+        w.add_tensor(f"{base}.lora_{which.lower()}", a.astype(dtype))
     return _finish(w, tmp, out)
 
 
@@ -362,6 +364,9 @@ def main():
         p.add_argument("--default-mix", action="store_true",
                        help="also llama.cpp's own IQ4_NL mix (llama-quantize without --pure, which keeps the head in "
                             "a 6-bit type): the like of edgelora's default head (float16, int8 at load)")
+        p.add_argument("--float16-adapter", action="store_true",
+                       help="also the same adapter rounded to float16 (what `edgelora deploy` writes; edgelora "
+                            "holds it in float16), for llama.cpp as a float16 LoRA GGUF (--outtype f16)")
         p.add_argument("--depths", nargs="*", type=int, default=[],
                        help="also decode after this many tokens of context (default: none), llama.cpp "
                             "IQ4_NL against each product path's default bundle")
@@ -401,6 +406,11 @@ def main():
         lora_rounds = {"llama.cpp IQ4_NL": [], "llama.cpp IQ4_NL, no adapter": []}
         lora_rounds.update({f"edgelora {p}": [] for p in a.products})
         lora_rounds.update({f"edgelora {p}, no adapter": [] for p in a.products})
+        if a.float16_adapter:
+            adapter16 = make_random_adapter(work / f"{name}-adapter-r16-float16", bundle, r=16, dtype=np.float16)
+            lora16 = write_lora_gguf(adapter16, cfg, work / f"{name}-lora-r16-f16.gguf", np.float16)
+            lora_rounds["llama.cpp IQ4_NL, float16 adapter"] = []
+            lora_rounds.update({f"edgelora {p}, float16 adapter": [] for p in a.products})
         depth_rounds = {"llama.cpp IQ4_NL": {}}
         depth_rounds.update({f"edgelora {p}": {} for p in a.products})
         for r in range(a.repeats):  # interleaved rounds
@@ -412,10 +422,11 @@ def main():
                 rounds[k].append(res)
                 print(f"[{name} round {r + 1}] {k}: {res}", flush=True)
             for k in lora_rounds:
-                ad = None if k.endswith("no adapter") else adapter
+                half = k.endswith("float16 adapter")
+                ad = None if k.endswith("no adapter") else adapter16 if half else adapter
                 if k.startswith("llama.cpp"):
-                    res = llama_lora_decode(bin_dir, ggufs["IQ4_NL"], None if ad is None else lora, a.threads,
-                                            a.decode_tokens)
+                    res = llama_lora_decode(bin_dir, ggufs["IQ4_NL"], None if ad is None else lora16 if half else lora,
+                                            a.threads, a.decode_tokens)
                 else:
                     res = edgelora_run(bundle, a.threads, k.split()[1].rstrip(","), ad, a.decode_tokens)
                 lora_rounds[k].append(res)

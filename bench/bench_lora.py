@@ -10,9 +10,10 @@ rank 16 on all linear layers written by :func:`make_random_adapter`, in one proc
   the adapter's cost;
 * batch: four sequences with four different adapters through ``generate_batch`` against the same
   four generations one after another; the ratio of decode throughputs;
-* interleaved: ``--repeats`` rounds of base, adapter, and adapter with each projection's delta on
-  its own on the calling thread (the path before the grouped, threaded one), one after another in
-  the same process; medians of tok/s and of the per-round ratios (for a shared machine).
+* interleaved: ``--repeats`` rounds of base, adapter, the same adapter from a float16 file (held
+  in float16, half the bytes), and adapter with each projection's delta on its own on the calling
+  thread (the path before the grouped, threaded one), one after another in the same process;
+  medians of tok/s and of the per-round ratios (for a shared machine).
 
     python bench/bench_lora.py --models llama-3.2-1b --json bench/results/lora.json
 """
@@ -37,8 +38,9 @@ PROJ = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_
 
 
 def make_random_adapter(out: Path, bundle: Path, r: int = 16, alpha: float = 32, seed: int = 0,
-                        targets=tuple(PROJ)) -> Path:
-    """A PEFT-format LoRA adapter (config + safetensors, float32) with random A and B for ``bundle``."""
+                        targets=tuple(PROJ), dtype=np.float32) -> Path:
+    """A PEFT-format LoRA adapter (config + safetensors, ``dtype``: float32 as PEFT saves, or
+    float16, the same values rounded) with random A and B for ``bundle``."""
     from edgelora.adapters import BaseModules, PEFT_PREFIX
     from edgelora.config import ModelArgs
     from edgelora.safetensors_io import write_safetensors
@@ -48,8 +50,8 @@ def make_random_adapter(out: Path, bundle: Path, r: int = 16, alpha: float = 32,
     for module, (n_out, n_in) in base.linear.items():
         if module.rsplit(".", 1)[-1] not in targets:
             continue
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (rng.standard_normal((r, n_in)) / np.sqrt(n_in)).astype(np.float32)
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (rng.standard_normal((n_out, r)) * 0.01).astype(np.float32)
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (rng.standard_normal((r, n_in)) / np.sqrt(n_in)).astype(dtype)
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (rng.standard_normal((n_out, r)) * 0.01).astype(dtype)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(targets),
               "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(bundle)}
     with atomic_output_dir(out, overwrite=out.exists()) as tmp:
@@ -81,19 +83,21 @@ class per_module_deltas:
         lora.Selection.apply_group, lora.LORA_PARALLEL_MIN = self.saved
 
 
-def decode_interleaved(model, prompt, n: int, repeats: int, adapter: str) -> dict:
-    """Decode tok/s of the base, the adapter, and the adapter with :class:`per_module_deltas`, one
-    after another ``repeats`` times (a shared machine's drift hits all three alike): the medians,
-    and the medians of the per-round ratios."""
-    runs = {"base": [], "adapter": [], "adapter_per_module": []}
+def decode_interleaved(model, prompt, n: int, repeats: int, adapter: str, adapter16: str) -> dict:
+    """Decode tok/s of the base, the adapter, the same adapter from a float16 file (held in
+    float16: half the bytes), and the adapter with :class:`per_module_deltas`, one after another
+    ``repeats`` times (a shared machine's drift hits all alike): the medians, and the medians of
+    the per-round ratios."""
+    runs = {"base": [], "adapter": [], "adapter_float16": [], "adapter_per_module": []}
     for _ in range(repeats):
         runs["base"].append(_decode(model, prompt, n, None).decode_tokens_per_second)
         runs["adapter"].append(_decode(model, prompt, n, adapter).decode_tokens_per_second)
+        runs["adapter_float16"].append(_decode(model, prompt, n, adapter16).decode_tokens_per_second)
         with per_module_deltas():
             runs["adapter_per_module"].append(_decode(model, prompt, n, adapter).decode_tokens_per_second)
     out = {f"{k}_tokens_per_second_median": statistics.median(v) for k, v in runs.items()}
     out.update({f"{k}_tokens_per_second_all": v for k, v in runs.items()})
-    for k in ("adapter", "adapter_per_module"):
+    for k in ("adapter", "adapter_float16", "adapter_per_module"):
         out[f"{k}_over_base_median"] = statistics.median(a / b for a, b in zip(runs[k], runs["base"]))
     out.update(repeats=repeats, decode_tokens=n)
     return out
@@ -106,7 +110,9 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, r
     names = [f"a{i}" for i in range(4)]
     paths = {n: make_random_adapter(work / f"adapter-r{rank}-{n}", bundle, r=rank, seed=i)
              for i, n in enumerate(names)}
+    half = make_random_adapter(work / f"adapter-r{rank}-a0-float16", bundle, r=rank, seed=0, dtype=np.float16)
     model = edgelora.load(bundle, threads=threads, max_context=256)
+    model.adapters.load("a0-float16", half)
     model.eos_ids = set()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, model.args.vocab_size, 16).tolist() for _ in names]
@@ -114,10 +120,12 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, r
     if interleaved_only:
         model.adapters.load(names[0], paths[names[0]])
         _decode(model, prompts[0][:4], 4, names[0])  # compile / warm up every path
+        _decode(model, prompts[0][:4], 4, "a0-float16")
         with per_module_deltas():
             _decode(model, prompts[0][:4], 4, names[0])
         return {"threads": threads, "rank": rank, "adapter_bytes": model.adapters[names[0]].nbytes,
-                "interleaved": decode_interleaved(model, prompts[0], decode_tokens, repeats, names[0])}
+                "adapter_float16_bytes": model.adapters["a0-float16"].nbytes,
+                "interleaved": decode_interleaved(model, prompts[0], decode_tokens, repeats, names[0], "a0-float16")}
     loads = []
     for _ in range(5):
         t = time.perf_counter()
@@ -141,6 +149,7 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, r
     model.use(None)
 
     _decode(model, prompts[0][:4], 4, "a0")  # compile / warm up every path
+    _decode(model, prompts[0][:4], 4, "a0-float16")
     model.generate_batch([p[:4] for p in prompts], adapters=names, max_new_tokens=3, temperature=0)
     base = _decode(model, prompts[0], decode_tokens, None)
     lora = _decode(model, prompts[0], decode_tokens, "a0")
@@ -157,6 +166,7 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, r
     same = [b.generated_ids for b in bstats] == [s.generated_ids for s in seq]
     ms = 1e3
     return {"threads": threads, "rank": rank, "adapter_bytes": adapter_bytes,
+            "adapter_float16_bytes": model.adapters["a0-float16"].nbytes,
             "load_ms_median": statistics.median(loads) * ms, "load_ms_all": [x * ms for x in loads],
             "swap_us_median": statistics.median(swaps) * 1e6, "swap_us_max": max(swaps) * 1e6,
             "mix_build_us_median": statistics.median(mixes) * 1e6,
@@ -167,7 +177,7 @@ def run(bundle: Path, work: Path, threads: int, decode_tokens: int, rank: int, r
             "batch_4_adapters_tokens_per_second": batch_tokens / batch_decode,
             "batch_vs_sequential": (batch_tokens / batch_decode) / (seq_tokens / seq_decode),
             "batch_tokens_equal_sequential": same, "peak_rss_bytes": peak_rss_bytes(),
-            "interleaved": decode_interleaved(model, prompts[0], decode_tokens, repeats, "a0")}
+            "interleaved": decode_interleaved(model, prompts[0], decode_tokens, repeats, "a0", "a0-float16")}
 
 
 def main():
@@ -197,14 +207,16 @@ def main():
                 raise SystemExit(r.stderr)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         report["models"][name] = rows
-        print(f"\n{name}: one rank-{a.rank} all-linear adapter ({rows[0]['adapter_bytes'] / 1e6:.1f} MB resident)")
-        print("| threads | rounds | base tok/s | adapter tok/s (grouped) | adapter / base | adapter per module tok/s "
-              "| per module / base |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\n{name}: one rank-{a.rank} all-linear adapter ({rows[0]['adapter_bytes'] / 1e6:.1f} MB resident; "
+              f"from a float16 file {rows[0]['adapter_float16_bytes'] / 1e6:.1f} MB)")
+        print("| threads | rounds | base tok/s | adapter tok/s (grouped) | adapter / base | float16 file tok/s "
+              "| float16 / base | adapter per module tok/s | per module / base |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for o in rows:
             i = o["interleaved"]
             print(f"| {o['threads']} | {i['repeats']} | {i['base_tokens_per_second_median']:.2f} | "
                   f"{i['adapter_tokens_per_second_median']:.2f} | {i['adapter_over_base_median']:.3f} | "
+                  f"{i['adapter_float16_tokens_per_second_median']:.2f} | {i['adapter_float16_over_base_median']:.3f} | "
                   f"{i['adapter_per_module_tokens_per_second_median']:.2f} | {i['adapter_per_module_over_base_median']:.3f} |")
         if a.interleaved_only:
             continue
