@@ -18,7 +18,7 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 (``Selection.apply``), and, when every row runs one selection on one cache (the base, or LoRA
 adapters: not DoRA, no replaced projection) and every projection is an int8-path NF4 weight (the
 default), :func:`decode_layers` runs the same pieces, the same int8 kernels (``runtime/int8.py``)
-and the same adapter plan and kernel (``lora.Selection._group_plan``, ``lora.stack_down``, ``stack_up``) for
+and the same adapter plan and kernels (``lora.Selection._group_plan``, ``lora.stack_rows``) for
 all layers in one call: no Python between the products. Both orders of the same compiled
 functions, so a row's bits do not depend on which ran it, on its batch, or on the thread count
 (the products', the adapters' and the attention's split between threads never changes a sum).
@@ -42,7 +42,7 @@ from edgelora.runtime import lora
 from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
 from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
-from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
+from edgelora.runtime.lora import BASE, Selection, stack_rows
 from edgelora.runtime.simd import _hsum
 from edgelora.storage import DYNAMIC_CODE
 
@@ -626,24 +626,6 @@ def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _stack(x, A, Bt, coef, rows, b_off, y_off, Y, u, threads, parallel_min):
-    """A stack of deltas on one row (``lora.lora_stack_add``): on the threads (the rows of A split
-    between them, then the slices of Y) from ``parallel_min`` weights, as
-    ``lora_stack_add_parallel``, else on this one."""
-    R, k, n = A.shape[0], A.shape[1], Y.size
-    if threads > 1 and R * (k + n) >= parallel_min:
-        for c in prange(threads):
-            stack_down(x, A, coef, u, c * R // threads, (c + 1) * R // threads)
-        step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
-        for c in prange(threads):
-            o0 = c * step
-            stack_up(u, Bt, rows, b_off, y_off, Y, o0, min(n, o0 + step))
-    else:
-        stack_down(x, A, coef, u, 0, R)
-        stack_up(u, Bt, rows, b_off, y_off, Y, 0, n)
-
-
-@njit(cache=True, fastmath=False, inline="always")
 def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
     """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
     side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
@@ -657,11 +639,11 @@ def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
             b_off = numba.carray(_i64_ptr(ops[o, 8]), nb)
             y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
             if ops[o, 11]:  # float16, as its bits (``lora.kernel_array``)
-                _stack(x, numba.carray(_u16_ptr(ops[o, 1]), (R, k)), numba.carray(_u16_ptr(ops[o, 4]), ops[o, 5]),
-                       coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
+                stack_rows(x, numba.carray(_u16_ptr(ops[o, 1]), (R, k)), numba.carray(_u16_ptr(ops[o, 4]), ops[o, 5]),
+                           coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
             else:
-                _stack(x, numba.carray(_f32_ptr(ops[o, 1]), (R, k)), numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5]),
-                       coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
+                stack_rows(x, numba.carray(_f32_ptr(ops[o, 1]), (R, k)), numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5]),
+                           coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
         else:
             values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
             at = ops[o, 3]
