@@ -129,6 +129,13 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
     if tar_path is not None and tar_path.exists() and not overwrite:
         raise UsageError("the archive already exists; pass overwrite=True (--overwrite) to replace it", tar_path)
     _check_adapters_fit(adapters, device)
+    if adapters:  # each checked as given, so that an error names the user's files, not the compacted copies
+        from edgelora.adapters import read_adapter
+        from edgelora.bundle import Bundle
+        with Bundle(bundle, verify=False) as b:
+            args = b.args
+        for path in adapters.values():
+            read_adapter(path, args)
     with tempfile.TemporaryDirectory(prefix="edgelora-deploy-") as scratch:
         # the plan counts the adapters as the folder will hold them: compact, held in float16
         compact = {name: Path(scratch) / name for name in adapters}

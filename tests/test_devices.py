@@ -340,6 +340,21 @@ def test_deploying_a_corrupt_bundle_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_a_mismatched_adapter_is_refused_naming_the_users_folder(tmp_path):
+    """deploy compacts the adapters before planning them; an adapter that does not fit the base is
+    refused naming the folder the user gave (not a compacted copy), and nothing is written."""
+    import shutil
+    from edgelora.errors import AdapterMismatchError
+    bad = shutil.copytree(demo_adapter_paths()["pirate"], tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["r"] *= 2
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterMismatchError, match=str(bad)) as e:
+        deploy(demo_bundle_path(), "host", tmp_path / "out", adapters={"p": bad}, context=64)
+    assert "edgelora-deploy-" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_archive_round_trip_and_hostile_archives(demo_deploy, tmp_path):
     out = unpack(demo_deploy.with_name("demo-laptop.tar"), tmp_path / "unpacked")
     assert open_deploy(out, verify="full").adapters.keys() == {"pirate", "shout"}
