@@ -18,8 +18,9 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 (``Selection.apply``), and, when every row runs one selection on one cache (the base, or LoRA
 adapters: not DoRA, no replaced projection) and every projection is an int8-path NF4 weight (the
 default), :func:`decode_layers` runs the same pieces, the same int8 kernels (``runtime/int8.py``)
-and the same adapter plan and kernels (``lora.Selection._group_plan``, ``lora.stack_rows``) for
-all layers in one call: no Python between the products. Both orders of the same compiled
+and the same adapter plan and kernels (``lora.Selection._group_plan``, ``lora.stack_down``,
+``lora.stack_up``) for all layers in one call: no Python between the products, and each
+adapter's A products in the same parallel region as the base products they sit beside. Both orders of the same compiled
 functions, so a row's bits do not depend on which ran it, on its batch, or on the thread count
 (the products', the adapters' and the attention's split between threads never changes a sum).
 
@@ -38,11 +39,10 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from edgelora.runtime import lora
 from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
 from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
-from edgelora.runtime.lora import BASE, Selection, stack_rows
+from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
 from edgelora.runtime.simd import _hsum
 from edgelora.storage import DYNAMIC_CODE
 
@@ -601,12 +601,60 @@ def _group_span(j, ns, w, XQ, XSUM, XS, out, g0, g1):
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads):
+def _downs(ops, lo, hi, X, U, uoff, c, threads):
+    """Thread ``c``'s share (of ``threads``) of the A products of ops ``lo .. hi``'s stacks for every
+    row of X [B, in]: rows ``c R / threads .. (c + 1) R / threads`` of each stack's A, into
+    ``U[b * U_row + uoff[o]:][:R]`` (``lora.stack_down``: a row's ``u[j]`` has the same bits
+    whichever thread makes it)."""
+    row = U.size // X.shape[0]
+    for o in range(lo, hi):
+        if ops[o, 0] == STACK:
+            R, k = ops[o, 2], ops[o, 3]
+            coef = numba.carray(_f32_ptr(ops[o, 6]), R)
+            j0, j1 = c * R // threads, (c + 1) * R // threads
+            for b in range(X.shape[0]):
+                u = U[b * row + uoff[o]:b * row + uoff[o] + R]
+                if ops[o, 11]:  # float16, as its bits (``lora.kernel_array``)
+                    stack_down(X[b], numba.carray(_u16_ptr(ops[o, 1]), (R, k)), coef, u, j0, j1)
+                else:
+                    stack_down(X[b], numba.carray(_f32_ptr(ops[o, 1]), (R, k)), coef, u, j0, j1)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _ups(ops, lo, hi, U, uoff, Y, o0, o1):
+    """Outputs ``o0 .. o1`` of every row of Y [B, sum out] (changed in place) through ops ``lo ..
+    hi`` in the table's order, as ``lora.Selection._finish_group`` runs them: a stack's B products
+    (``lora.stack_up``, from its A products in U, :func:`_downs`), an addition's values."""
+    row = U.size // Y.shape[0]
+    for b in range(Y.shape[0]):
+        y = Y[b]
+        for o in range(lo, hi):
+            if ops[o, 0] == STACK:
+                R, nb = ops[o, 2], ops[o, 10] + 1
+                rows = numba.carray(_i64_ptr(ops[o, 7]), nb)
+                b_off = numba.carray(_i64_ptr(ops[o, 8]), nb)
+                y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
+                u = U[b * row + uoff[o]:b * row + uoff[o] + R]
+                if ops[o, 11]:
+                    stack_up(u, numba.carray(_u16_ptr(ops[o, 4]), ops[o, 5]), rows, b_off, y_off, y, o0, o1)
+                else:
+                    stack_up(u, numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5]), rows, b_off, y_off, y, o0, o1)
+            else:
+                values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
+                at = ops[o, 3]
+                for i in range(max(at, o0), min(at + values.size, o1)):
+                    y[i] = y[i] + values[i - at]
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads, ops, lo, hi, X, U, uoff, stacked):
     """out [B, sum ns] = projections ``j, j + 1, ...`` (``ns`` their outputs) of the quantized rows,
-    side by side (q, k, v; gate, up). With tiles, their row groups split between the threads as one
-    run: one parallel region, not one a projection (each region's wake-up and wait cost more than
-    the k and v products' own work). Else :func:`_product` after :func:`_product`. The same bits
-    either way: each row's sum is its own."""
+    side by side (q, k, v; gate, up), and the A products of ops ``lo .. hi``'s adapter stacks on
+    the float rows X (:func:`_downs`; ``stacked``: there are some). With tiles, the projections' row groups split between the
+    threads as one run and each thread's share of every stack's rows of A in the same parallel
+    region: one region, not one a projection and two a stack (each region's wake-up and wait cost
+    more than the k and v products' or an adapter's own work). Else :func:`_product` after
+    :func:`_product`, then the A products. The same bits either way: each row's sum is its own."""
     if TILED:
         total, groups = 0, 0
         for p in range(len(ns)):
@@ -616,39 +664,34 @@ def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads):
             step = (groups + threads - 1) // threads
             for c in prange(threads):
                 _group_span(j, ns, w, XQ, XSUM, XS, out, c * step, min(groups, (c + 1) * step))
+                _downs(ops, lo, hi, X, U, uoff, c, threads)
         else:
             _group_span(j, ns, w, XQ, XSUM, XS, out, 0, groups)
+            _downs(ops, lo, hi, X, U, uoff, 0, 1)
         return
     o0 = 0
     for p in range(len(ns)):
         _product(j + p, w, XQ, XA, XS, XSUM, out, o0, ns[p], threads)
         o0 += ns[p]
+    if stacked and threads > 1:
+        for c in prange(threads):
+            _downs(ops, lo, hi, X, U, uoff, c, threads)
+    elif stacked:
+        _downs(ops, lo, hi, X, U, uoff, 0, 1)
 
 
 @njit(cache=True, fastmath=False, inline="always")
-def _finish(ops, lo, hi, x, Y, threads, parallel_min, U):
-    """Ops ``lo .. hi`` of the table on one row: x [in] the group's input, Y [sum out] its outputs
-    side by side (changed in place), as ``lora.Selection._finish_group`` runs them: a stack on the
-    threads (the rows of A split between them, then the slices of Y) from ``parallel_min``
-    weights, else on this one. ``U`` [at least every stack's rows]: the A products' scratch."""
-    for o in range(lo, hi):
-        if ops[o, 0] == STACK:
-            R, k, nb = ops[o, 2], ops[o, 3], ops[o, 10] + 1
-            coef = numba.carray(_f32_ptr(ops[o, 6]), R)
-            rows = numba.carray(_i64_ptr(ops[o, 7]), nb)
-            b_off = numba.carray(_i64_ptr(ops[o, 8]), nb)
-            y_off = numba.carray(_i64_ptr(ops[o, 9]), nb - 1)
-            if ops[o, 11]:  # float16, as its bits (``lora.kernel_array``)
-                stack_rows(x, numba.carray(_u16_ptr(ops[o, 1]), (R, k)), numba.carray(_u16_ptr(ops[o, 4]), ops[o, 5]),
-                           coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
-            else:
-                stack_rows(x, numba.carray(_f32_ptr(ops[o, 1]), (R, k)), numba.carray(_f32_ptr(ops[o, 4]), ops[o, 5]),
-                           coef, rows, b_off, y_off, Y, U[:R], threads, parallel_min)
-        else:
-            values = numba.carray(_f32_ptr(ops[o, 1]), ops[o, 2])
-            at = ops[o, 3]
-            for c in range(values.size):
-                Y[at + c] = Y[at + c] + values[c]
+def _finish(ops, lo, hi, U, uoff, Y, threads, stacked):
+    """Y [B, sum out] through ops ``lo .. hi`` (:func:`_ups`; ``stacked``: they include a stack): the
+    outputs split between the threads in slices starting at multiples of ``lora.LORA_CHUNK`` (as
+    ``lora.lora_stack_add_parallel``: the same bits), on this thread when they are only additions."""
+    n = Y.shape[1]
+    if threads > 1 and stacked:
+        step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
+        for c in prange(threads):
+            _ups(ops, lo, hi, U, uoff, Y, c * step, min(n, (c + 1) * step))
+    elif lo < hi:
+        _ups(ops, lo, hi, U, uoff, Y, 0, n)
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -672,7 +715,7 @@ def _quantized(X, bs):
 
 @njit(cache=True, fastmath=False, parallel=True)
 def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
-                  bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, parallel_min):
+                  bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start):
     """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
     at positions ``pos`` [B] (stored and attended in row order), all with one selection:
     ``LlamaModel.decode_rows``' layer loop (the same pieces, products and adapter kernels) in one
@@ -692,39 +735,45 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     gu = np.empty((B, 2 * inter), np.float32)  # gate, up
     act = np.empty((B, inter), np.float32)
     w = (table, dyn, arrays, lengths, nshift, offset, bs, sc_kind)  # every projection's arrays
-    most = 1  # the most rows of A of a stack: their scratch, once a step
-    for op in range(ops.shape[0]):
-        if ops[op, 0] == STACK:
-            most = max(most, ops[op, 2])
-    U = np.empty(most, np.float32)
+    uoff = np.zeros(ops.shape[0], np.int64)  # where each stack's A products start in a row's scratch
+    stacked = np.zeros(op_start.size - 1, np.bool_)  # group g has a stack
+    total = 0
+    for g in range(op_start.size - 1):
+        for op in range(op_start[g], op_start[g + 1]):
+            if ops[op, 0] == STACK:
+                uoff[op] = total
+                total += ops[op, 2]
+                stacked[g] = True
+    U = np.empty(B * max(total, 1), np.float32)  # every stack's A products, row after row
     for i in range(attn_norm.shape[0]):
         j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
         XQ, XA, XS, XSUM = _quantized(h, bs)
-        _products(j, (nq, nk, nk), w, XQ, XA, XS, XSUM, qkv, threads)
+        _products(j, (nq, nk, nk), w, XQ, XA, XS, XSUM, qkv, threads, ops, op_start[g], op_start[g + 1], h, U, uoff,
+                  stacked[g])
+        _finish(ops, op_start[g], op_start[g + 1], U, uoff, qkv, threads, stacked[g])
         for b in range(B):
-            _finish(ops, op_start[g], op_start[g + 1], h[b], qkv[b], threads, parallel_min, U)
             p = pos[b]
             row = qkv[b]
             attend_row(row[:nq].reshape(nh, hd), row[nq:nq + nk].reshape(nkv, hd), row[nq + nk:].reshape(nkv, hd),
                        K[i], V[i], p, cos[p], sin[p], rd, windows[i], scale, divide, cap, threads, att[b])
         XQ, XA, XS, XSUM = _quantized(att, bs)
-        _product(j + 3, w, XQ, XA, XS, XSUM, o, 0, H, threads)
-        for b in range(B):
-            _finish(ops, op_start[g + 1], op_start[g + 2], att[b], o[b], threads, parallel_min, U)
+        _products(j + 3, (H,), w, XQ, XA, XS, XSUM, o, threads, ops, op_start[g + 1], op_start[g + 2], att, U, uoff,
+                  stacked[g + 1])
+        _finish(ops, op_start[g + 1], op_start[g + 2], U, uoff, o, threads, stacked[g + 1])
         _add_rows(x, o)
         rmsnorm_rows(x, mlp_norm[i], eps, h)
         XQ, XA, XS, XSUM = _quantized(h, bs)
-        _products(j + 4, (inter, inter), w, XQ, XA, XS, XSUM, gu, threads)
-        for b in range(B):
-            _finish(ops, op_start[g + 2], op_start[g + 3], h[b], gu[b], threads, parallel_min, U)
+        _products(j + 4, (inter, inter), w, XQ, XA, XS, XSUM, gu, threads, ops, op_start[g + 2], op_start[g + 3], h, U,
+                  uoff, stacked[g + 2])
+        _finish(ops, op_start[g + 2], op_start[g + 3], U, uoff, gu, threads, stacked[g + 2])
         for b in range(B):
             r = gu[b]  # [2 I]: gate, up (1-D slices of a row stay contiguous for the loops)
             _silu_mul_row(r[:inter], r[inter:], act[b])
         XQ, XA, XS, XSUM = _quantized(act, bs)
-        _product(j + 6, w, XQ, XA, XS, XSUM, o, 0, H, threads)
-        for b in range(B):
-            _finish(ops, op_start[g + 3], op_start[g + 4], act[b], o[b], threads, parallel_min, U)
+        _products(j + 6, (H,), w, XQ, XA, XS, XSUM, o, threads, ops, op_start[g + 3], op_start[g + 4], act, U, uoff,
+                  stacked[g + 3])
+        _finish(ops, op_start[g + 3], op_start[g + 4], U, uoff, o, threads, stacked[g + 3])
         _add_rows(x, o)
     return x
 
@@ -831,4 +880,4 @@ class CompiledLayers:
         return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
                              self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
                              self.offset, self.bs, self.sc_kind, nh, nkv, hd, inter, rd, self.windows, self.scale,
-                             self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start, lora.LORA_PARALLEL_MIN)
+                             self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start)

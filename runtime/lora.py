@@ -199,32 +199,19 @@ def lora_stack_add(x, A, Bt, coef, rows, b_off, y_off, Y, u):
     stack_up(u, Bt, rows, b_off, y_off, Y, 0, Y.size)
 
 
-@njit(cache=True, fastmath=_FM, inline="always")
-def stack_rows(x, A, Bt, coef, rows, b_off, y_off, Y, u, threads, parallel_min):
-    """:func:`lora_stack_add` on ``threads`` threads from ``parallel_min`` weights (``R * (in +
-    out)``), else on this one: the rows of ``A`` split between the threads, then the outputs
-    (slices starting at multiples of :data:`LORA_CHUNK`), the same bits. Inlined into its parallel
-    callers, :func:`lora_stack_add_parallel` and the one-call decode step (``runtime/decode.py``),
-    so its loops are their parallel regions. (Each thread making all of ``u`` itself saved a thread
-    wake-up but read A once a thread: a TinyLlama step's r=16 stacks 2.8-3.0 ms against 2.4-2.6 on
-    2 threads of one core.)"""
-    R, k, n = A.shape[0], A.shape[1], Y.size
-    if threads > 1 and R * (k + n) >= parallel_min:
-        for c in prange(threads):
-            stack_down(x, A, coef, u, c * R // threads, (c + 1) * R // threads)
-        step = ((n + threads - 1) // threads + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
-        for c in prange(threads):
-            o0 = c * step
-            stack_up(u, Bt, rows, b_off, y_off, Y, o0, min(n, o0 + step))
-    else:
-        stack_down(x, A, coef, u, 0, R)
-        stack_up(u, Bt, rows, b_off, y_off, Y, 0, n)
-
-
 @njit(cache=True, fastmath=_FM, parallel=True)
 def lora_stack_add_parallel(x, A, Bt, coef, rows, b_off, y_off, Y, u, chunks):
-    """:func:`lora_stack_add` on ``chunks`` threads (:func:`stack_rows`), the same bits."""
-    stack_rows(x, A, Bt, coef, rows, b_off, y_off, Y, u, chunks, 0)
+    """:func:`lora_stack_add` on ``chunks`` threads: the rows of ``A`` split between them, then the
+    outputs (slices starting at multiples of :data:`LORA_CHUNK`), the same bits. (The one-call
+    decode step, ``runtime/decode.py``, runs the same two kernels, its A products in the base
+    products' parallel region.)"""
+    R, n = A.shape[0], Y.size
+    for c in prange(chunks):
+        stack_down(x, A, coef, u, c * R // chunks, (c + 1) * R // chunks)
+    step = ((n + chunks - 1) // chunks + LORA_CHUNK - 1) // LORA_CHUNK * LORA_CHUNK
+    for c in prange(chunks):
+        o0 = c * step
+        stack_up(u, Bt, rows, b_off, y_off, Y, o0, min(n, o0 + step))
 
 
 def lora_delta_reference(x: np.ndarray, A: np.ndarray, B: np.ndarray, coef: float) -> np.ndarray:
