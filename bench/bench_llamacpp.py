@@ -18,7 +18,11 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    with the adapter (edgelora's adapter process also decodes without it, interleaved, so the
    adapter's own cost is a ratio from one process); with ``--depths``, decode after that many
    tokens of context too (``llama-bench -d``; edgelora after a prompt as long): a chat's decode,
-   where attention reads the cache; medians are reported, with every round kept in the JSON.
+   where attention reads the cache; medians are reported, with every round kept in the JSON;
+5. reports the weight bytes a decode step reads in each system (edgelora's ``bytes_per_token``:
+   the int8 path's tiles and head codes; llama.cpp's GGUF tensors but the rows of the embedding a
+   step does not look up), the GB/s each decode reaches, and the *bytes bound*: the decode ratio
+   at which both would read at the same GB/s (a system's ratio above it reads faster).
 
     python bench/bench_llamacpp.py --build --models tinyllama-1.1b --workdir /tmp/h2h \\
         --json bench/results/llamacpp.json
@@ -270,6 +274,15 @@ def llama_bench_depth(bin_dir: Path, gguf_path: Path, threads: int, n: int, dept
     return next(r["avg_ts"] for r in rows if r["n_gen"])
 
 
+def gguf_bytes_per_token(path: Path) -> int:
+    """Weight bytes one llama.cpp decode step reads from a GGUF: every tensor but the token
+    embedding, of which a step reads one row, unless the model has no ``output.weight`` (a tied
+    head: then the embedding is the head, read whole)."""
+    import gguf
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    return sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
+
+
 def llama_lora_decode(bin_dir: Path, gguf_path: Path, lora: Path | None, threads: int, n: int) -> dict:
     prompt = " ".join(f"w{i}" for i in range(100, 108))
     cmd = [str(bin_dir / "llama-completion"), "-m", str(gguf_path), "-t", str(threads), "-c", "1024", "-n", str(n),
@@ -285,6 +298,7 @@ EDGELORA_CHILD = r"""
 import json, statistics, sys
 import numpy as np
 import edgelora
+from edgelora.benchmark import bytes_per_token
 from edgelora.memory import peak_rss_bytes
 path, threads, products, adapter, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 model = edgelora.load(path, threads=threads, max_context=max(512, 8 + n) + 16, products=products)
@@ -313,6 +327,7 @@ res["decode"] = statistics.median(runs)
 if base:
     res["decode_base_same_process"] = statistics.median(base)
 res["peak_rss_bytes"] = peak_rss_bytes()
+res["bytes_per_token"] = bytes_per_token(model)
 print(json.dumps(res))
 """
 
@@ -416,8 +431,11 @@ def main():
         for r in range(a.repeats):  # interleaved rounds
             for k, (kind, what) in systems.items():
                 t = time.perf_counter()
-                res = llama_bench(bin_dir, what, a.threads, a.decode_tokens) if kind == "llama" else \
-                    edgelora_run(what[0], a.threads, what[1], None, a.decode_tokens)
+                if kind == "llama":
+                    res = llama_bench(bin_dir, what, a.threads, a.decode_tokens)
+                    res["bytes_per_token"] = gguf_bytes_per_token(what)
+                else:
+                    res = edgelora_run(what[0], a.threads, what[1], None, a.decode_tokens)
                 res["wall_seconds"] = time.perf_counter() - t
                 rounds[k].append(res)
                 print(f"[{name} round {r + 1}] {k}: {res}", flush=True)
@@ -448,11 +466,14 @@ def main():
             report["models"][name]["depth_rounds"] = depth_rounds
         ref = med["llama.cpp IQ4_NL"]
         print(f"\n{name}, {a.threads} threads, medians of {a.repeats} interleaved rounds")
-        print(f"{'system':38} {'prefill-128':>12} {'prefill-512':>12} {'decode':>8} {'peak RSS MB':>12}")
-        for k, m in med.items():
+        print(f"{'system':38} {'prefill-128':>12} {'prefill-512':>12} {'decode':>8} {'peak RSS MB':>12} "
+              f"{'MB a token':>10} {'GB/s':>5} {'bytes bound':>11}")
+        for k, m in med.items():  # bytes bound: the decode ratio at which both would read at the same GB/s
             print(f"{k:38} {m['prefill_128']:8.1f} ({m['prefill_128'] / ref['prefill_128']:.2f}x) "
                   f"{m['prefill_512']:7.1f} ({m['prefill_512'] / ref['prefill_512']:.2f}x) "
-                  f"{m['decode']:6.1f} ({m['decode'] / ref['decode']:.2f}x) {m['peak_rss_bytes'] / 1e6:10.0f}")
+                  f"{m['decode']:6.1f} ({m['decode'] / ref['decode']:.2f}x) {m['peak_rss_bytes'] / 1e6:10.0f} "
+                  f"{m['bytes_per_token'] / 1e6:10.0f} {m['decode'] * m['bytes_per_token'] / 1e9:5.1f} "
+                  f"{ref['bytes_per_token'] / m['bytes_per_token']:10.2f}x")
         for k, m in lmed.items():
             same = (f", base in the same process {m['decode_base_same_process']:.1f} "
                     f"({m['decode'] / m['decode_base_same_process']:.2f}x)") if "decode_base_same_process" in m else ""

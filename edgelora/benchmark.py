@@ -36,11 +36,17 @@ def memory_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) 
 
 
 def bytes_per_token(model) -> int:
-    """Weight bytes one decode step reads (every linear, the output head, norms)."""
+    """Weight bytes one decode step reads (every linear, the output head, norms): a weight's copy
+    made at load where the step reads that instead of the stored bytes (the int8 path's tiles of
+    NF4 weights, the float16 head's int8 codes), else the stored bytes."""
     net = model.net
-    total = net.w.head.nbytes + net.w.norm.nbytes
+
+    def read(lin) -> int:
+        return getattr(lin, "resident_nbytes", 0) or lin.nbytes
+
+    total = read(net.w.head) + net.w.norm.nbytes
     for L in net.w.layers:
-        total += sum(getattr(L, k).nbytes for k in net.arch.PROJECTIONS)
+        total += sum(read(getattr(L, k)) for k in net.arch.PROJECTIONS)
         total += L.attn_norm.nbytes + L.mlp_norm.nbytes + sum(b.nbytes for b in L.biases.values())
     return int(total)
 

@@ -630,3 +630,22 @@ def test_bench_measures_the_int8_path(converted, monkeypatch):
     monkeypatch.setattr(edgelora, "load", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
     row = benchmark.run_one(bundle, 1, 16, 4, products="int8")
     assert [m.products for m in seen] == ["int8"] and row["products"] == "int8" and row["decode_tokens_per_second"] > 0
+
+
+def test_bytes_per_token_counts_what_a_decode_step_reads(converted):
+    """``edgelora bench``'s bound (and the head-to-head's bytes a token) counts the bytes a decode
+    step reads: on the int8 path the float16 head's int8 codes (8.5 bits a weight in tiles, not its
+    16 stored bits) and the NF4 weights' tiles (their stored bytes, rows padded to whole groups, and
+    a copy of the nested scales)."""
+    from edgelora.benchmark import bytes_per_token
+    from edgelora.runtime.int8_gemm import tiles_nbytes
+    _, bundle = converted("llama3")
+    exact, int8 = (edgelora.load(bundle, products=p, threads=1, warmup=False) for p in ("exact", "int8"))
+    head = int8.net.w.head
+    V, H = head.out_features, head.in_features
+    assert exact.net.w.head.nbytes == head.nbytes == 2 * V * H  # float16 as stored
+    tiled = [(int8.net.module(n), exact.net.module(n)) for d in int8.net.names for n in d.values()
+             if getattr(int8.net.module(n), "tiled", False)]
+    padding = sum(lin.resident_nbytes - ref.nbytes for lin, ref in tiled)
+    assert tiled and 0 <= padding < 0.05 * sum(ref.nbytes for _, ref in tiled)
+    assert bytes_per_token(int8) == bytes_per_token(exact) - 2 * V * H + tiles_nbytes(V, H, 64, 8) + padding
