@@ -35,7 +35,8 @@ import json, statistics, sys, time
 from pathlib import Path
 import numpy as np
 import edgelora
-bundle, f32, f16, threads, rounds, rows = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+bundle, f32, f16 = sys.argv[1:4]
+threads, rounds, rows = (int(v) for v in sys.argv[4:7])
 model = edgelora.load(bundle, threads=threads, max_context=256)
 net = model.net
 layers = net.compiled_layers

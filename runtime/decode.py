@@ -19,10 +19,11 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 adapters: not DoRA, no replaced projection) and every projection is an int8-path NF4 weight (the
 default), :func:`decode_layers` runs the same pieces, the same int8 kernels (``runtime/int8.py``)
 and the same adapter plan and kernels (``lora.Selection._group_plan``, ``lora.stack_down``,
-``lora.stack_up``) for all layers in one call: no Python between the products, and each
-adapter's A products in the same parallel region as the base products they sit beside. Both orders of the same compiled
-functions, so a row's bits do not depend on which ran it, on its batch, or on the thread count
-(the products', the adapters' and the attention's split between threads never changes a sum).
+``lora.stack_up``) for all layers in one call: no Python between the products, and each adapter's
+A products in the same parallel region as the base products they sit beside. Both orders of the
+same compiled functions, so a row's bits do not depend on which ran it, on its batch, or on the
+thread count (the products', the adapters' and the attention's split between threads never
+changes a sum).
 
 The pieces' float operations are IEEE float32 (``fastmath=False``: no reassociation, no fused
 multiply-adds), so their NumPy twins agree to a few ulps (the sums' order differs), tested.
@@ -603,9 +604,9 @@ def _group_span(j, ns, w, XQ, XSUM, XS, out, g0, g1):
 @njit(cache=True, fastmath=False, inline="always")
 def _downs(ops, lo, hi, X, U, uoff, c, threads):
     """Thread ``c``'s share (of ``threads``) of the A products of ops ``lo .. hi``'s stacks for every
-    row of X [B, in]: rows ``c R / threads .. (c + 1) R / threads`` of each stack's A, into
-    ``U[b * U_row + uoff[o]:][:R]`` (``lora.stack_down``: a row's ``u[j]`` has the same bits
-    whichever thread makes it)."""
+    row of X [B, in]: rows ``c R / threads .. (c + 1) R / threads`` of each stack's A, into row b's
+    part of U (``U.size / B`` floats) from ``uoff[o]`` (``lora.stack_down``: a row's ``u[j]`` has
+    the same bits whichever thread makes it)."""
     row = U.size // X.shape[0]
     for o in range(lo, hi):
         if ops[o, 0] == STACK:
@@ -650,11 +651,12 @@ def _ups(ops, lo, hi, U, uoff, Y, o0, o1):
 def _products(j, ns, w, XQ, XA, XS, XSUM, out, threads, ops, lo, hi, X, U, uoff, stacked):
     """out [B, sum ns] = projections ``j, j + 1, ...`` (``ns`` their outputs) of the quantized rows,
     side by side (q, k, v; gate, up), and the A products of ops ``lo .. hi``'s adapter stacks on
-    the float rows X (:func:`_downs`; ``stacked``: there are some). With tiles, the projections' row groups split between the
-    threads as one run and each thread's share of every stack's rows of A in the same parallel
-    region: one region, not one a projection and two a stack (each region's wake-up and wait cost
-    more than the k and v products' or an adapter's own work). Else :func:`_product` after
-    :func:`_product`, then the A products. The same bits either way: each row's sum is its own."""
+    the float rows X (:func:`_downs`; ``stacked``: there are some). With tiles, the projections'
+    row groups split between the threads as one run and each thread's share of every stack's rows
+    of A in the same parallel region: one region, not one a projection and two a stack (each
+    region's wake-up and wait cost more than the k and v products' or an adapter's own work). Else
+    :func:`_product` after :func:`_product`, then the A products. The same bits either way: each
+    row's sum is its own."""
     if TILED:
         total, groups = 0, 0
         for p in range(len(ns)):
