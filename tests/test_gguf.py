@@ -383,3 +383,32 @@ def test_bench_llama3_rope_factors_are_transformers_frequencies():
     base = 1.0 / 500000.0 ** (np.arange(0, 64, 2, dtype=np.float64) / 64)
     assert factors.dtype == np.float32 and factors.shape == (32,) and factors.min() == 1.0 and factors.max() == 32.0
     np.testing.assert_allclose(base / factors, inv_freq.double().numpy(), rtol=1e-6)
+
+
+def test_bench_gguf_bytes_per_token_reads_the_head_not_the_embedding(tmp_path):
+    """``bench/bench_llamacpp.py``'s bytes a llama.cpp decode step reads: every tensor but the token
+    embedding (a step looks up one row of it), unless there is no ``output.weight`` (a tied head,
+    read whole)."""
+    import gguf
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        from bench_llamacpp import gguf_bytes_per_token
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": rng.standard_normal((96, 16)).astype(np.float16),
+               "blk.0.attn_q.weight": rng.standard_normal((16, 16)).astype(np.float16),
+               "blk.0.attn_norm.weight": np.ones(16, np.float32),
+               "output.weight": rng.standard_normal((96, 16)).astype(np.float16)}
+    for tied in (False, True):
+        path = tmp_path / f"tied-{tied}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        kept = {k: v for k, v in tensors.items() if not (tied and k == "output.weight")}
+        for name, a in kept.items():
+            w.add_tensor(name, a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        read = sum(a.nbytes for k, a in kept.items() if tied or k != "token_embd.weight")
+        assert gguf_bytes_per_token(path) == read
