@@ -717,7 +717,8 @@ def _quantized(X, bs):
 
 @njit(cache=True, fastmath=False, parallel=True)
 def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
-                  bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start):
+                  bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, uoff,
+                  stacked, a_rows):
     """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
     at positions ``pos`` [B] (stored and attended in row order), all with one selection:
     ``LlamaModel.decode_rows``' layer loop (the same pieces, products and adapter kernels) in one
@@ -726,7 +727,9 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     addresses ``arrays[j]`` (lengths ``lengths[j]``); ``sc_kind`` an empty array of the block scale
     codes' dtype (the tiles': uint8 codes, or float32 scales without double quantization).
     Group g of layer i (:data:`GROUPS`) finishes each row with the ops ``op_start[4 i + g] ..
-    op_start[4 i + g + 1]`` of the table ``ops`` (:func:`_finish`)."""
+    op_start[4 i + g + 1]`` of the table ``ops`` (:func:`_finish`); ``uoff``, ``stacked``: where each
+    stack's A products start in a row's scratch, which groups have a stack, and how many rows of A
+    the stacks have in all (:class:`Ops`)."""
     B, H = x.shape
     nq, nk = nh * hd, nkv * hd
     x = x.copy()
@@ -737,16 +740,7 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     gu = np.empty((B, 2 * inter), np.float32)  # gate, up
     act = np.empty((B, inter), np.float32)
     w = (table, dyn, arrays, lengths, nshift, offset, bs, sc_kind)  # every projection's arrays
-    uoff = np.zeros(ops.shape[0], np.int64)  # where each stack's A products start in a row's scratch
-    stacked = np.zeros(op_start.size - 1, np.bool_)  # group g has a stack
-    total = 0
-    for g in range(op_start.size - 1):
-        for op in range(op_start[g], op_start[g + 1]):
-            if ops[op, 0] == STACK:
-                uoff[op] = total
-                total += ops[op, 2]
-                stacked[g] = True
-    U = np.empty(B * max(total, 1), np.float32)  # every stack's A products, row after row
+    U = np.empty(B * max(a_rows, 1), np.float32)  # every stack's A products, row after row
     for i in range(attn_norm.shape[0]):
         j, g = 7 * i, 4 * i
         rmsnorm_rows(x, attn_norm[i], eps, h)
@@ -781,12 +775,18 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
 
 
 class Ops:
-    """A selection's ops for :func:`decode_layers` (the table, where each group's start, and the
-    arrays the addresses point into, held here)."""
+    """A selection's ops for :func:`decode_layers`: the table, where each group's start, where each
+    stack's A products start in a row's scratch (``uoff``, its rows of A one stack after another)
+    and which groups have a stack (``stacked``), every stack's rows of A (``a_rows``); the arrays the addresses point into, held here."""
 
     def __init__(self, rows: list, starts: list, held: list):
         self.table = np.array(rows, np.int64).reshape(-1, OP_FIELDS)
         self.start = np.array(starts, np.int64)
+        is_stack = self.table[:, 0] == STACK
+        rows_of_a = np.where(is_stack, self.table[:, 2], 0)
+        self.uoff = (np.cumsum(rows_of_a) - rows_of_a).astype(np.int64)
+        self.a_rows = int(rows_of_a.sum())
+        self.stacked = np.array([is_stack[a:b].any() for a, b in zip(self.start[:-1], self.start[1:])], np.bool_)
         self._held = held
 
 
@@ -882,4 +882,5 @@ class CompiledLayers:
         return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
                              self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
                              self.offset, self.bs, self.sc_kind, nh, nkv, hd, inter, rd, self.windows, self.scale,
-                             self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start)
+                             self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start, ops.uoff,
+                             ops.stacked, ops.a_rows)
