@@ -44,7 +44,7 @@ from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_s
 from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
-from edgelora.runtime.simd import _hsum
+from edgelora.runtime.simd import SIMD, _hsum, _prefetch, prefetch
 from edgelora.storage import DYNAMIC_CODE
 
 #: the projections of a layer in :func:`decode_layers`' order
@@ -111,96 +111,196 @@ def _dot_at(typingctx, a, b, b0, n):
     return types.float32(a, b, types.uint64, types.uint64), codegen
 
 
-#: keys a call of :func:`_dots_at` dots a query with
-DOTS = 4
+#: floats in each partial sum vector of an attention score (:func:`_head_dots`): lane ``i mod 16``
+#: of a query-key dot, fixed on every ISA so that a score's bits do not depend on the CPU's
+#: vectors (LLVM splits a 16-float vector into what the CPU has)
+SCORE_LANES = 16
+#: heads and keys one :func:`_head_dots` call dots together, within the register file: 16 sums
+#: of 16 floats in 16 of AVX-512's 32 registers; 4 of them elsewhere (AVX2's 16 registers of 8
+#: floats, NEON's 32 of 4). Which dots run together never changes a dot's bits.
+SCORE_BLOCK = (4, 4) if SIMD == "avx512" else (2, 2)
+#: heads one :func:`_weighted_sums` call sums together (4 x 64 outputs in 16 registers of AVX-512)
+VALUE_HEADS = 4 if SIMD == "avx512" else 1
+#: keys ahead of the one being read that the attention asks the memory for (a decode step reads a
+#: long cache from memory, one layer after another: software prefetch keeps several pages in
+#: flight where the hardware's stops at each 4 KB page; a TinyLlama step's attention at 4,000
+#: positions 7.1 -> 6.6 ms, its scores 3.1 -> 2.4 ms)
+PREFETCH_KEYS = 16
 
 
-@intrinsic
-def _dots_at(typingctx, a, b, b0, step, n, out, o0):
-    """``out[o0 + c] = sum a[i] b[b0 + c step + i]`` for i < n and c < :data:`DOTS`: the dots of one
-    query with DOTS keys ``step`` floats apart, each with :func:`_dot_at`'s bits (the same lanes,
-    products, sums and order), their sums independent chains: one dot's eight-float sum waits
-    on each add before it (eight in a row for 64 floats); DOTS of them overlap."""
-    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and isinstance(out, types.Array)
-            and a.dtype == b.dtype == out.dtype == types.float32 and a.ndim == b.ndim == out.ndim == 1
-            and a.layout == b.layout == "C"):
-        return None
-
-    def codegen(context, builder, sig, args):
-        f32, i64 = ir.FloatType(), ir.IntType(64)
-        v8 = ir.VectorType(f32, 8)
-        pa, pb = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1))
-        step, n = args[3], args[4]
-        keys = [builder.gep(pb, [builder.add(args[2], builder.mul(step, ir.Constant(i64, c)))]) for c in range(DOTS)]
-        whole = builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8))
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(DOTS)]
-        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), whole, ir.Constant(i64, 8)) as (i, _):
-            x = builder.load(builder.bitcast(builder.gep(pa, [i]), v8.as_pointer()), align=4)
-            for key, acc in zip(keys, accs):
-                y = builder.load(builder.bitcast(builder.gep(key, [i]), v8.as_pointer()), align=4)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(x, y)), acc)
-        ts = [cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc), 8)) for acc in accs]
-        with cgutils.for_range_slice(builder, whole, n, ir.Constant(i64, 1)) as (i, _):
-            x = builder.load(builder.gep(pa, [i]))
-            for key, t in zip(keys, ts):
-                builder.store(builder.fadd(builder.load(t), builder.fmul(x, builder.load(builder.gep(key, [i])))), t)
-        o = context.make_array(sig.args[5])(context, builder, args[5])
-        for c, t in enumerate(ts):
-            at = builder.add(args[6], ir.Constant(i64, c))
-            builder.store(builder.load(t), cgutils.get_item_pointer2(context, builder, o.data, cgutils.unpack_tuple(
-                builder, o.shape, 1), cgutils.unpack_tuple(builder, o.strides, 1), sig.args[5].layout, [at]))
-        return context.get_dummy_value()
-
-    return types.none(a, b, types.uint64, types.uint64, types.uint64, out, types.int64), codegen
+def _vec(builder, ptr, vt):
+    """Load a vector of type ``vt`` from ``ptr`` (unaligned)."""
+    return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
 
 
-@intrinsic
-def _weighted_sum_at(typingctx, p, v, v0, step, n, width, out):
-    """``out[d] = sum_j p[j] v[v0 + j step + d]`` for d < width, j = 0 .. n - 1 in order from 0.0
-    (a product, then a sum: no FMA): the bits of ``out[d] += p[j] * v[...]`` looped over j. Here a
-    run of 64 outputs stays in four 16-float registers while j runs (the loop over d inside the
-    loop over j loaded and stored each output again for every j), then runs of 8, then one by one."""
-    if not (isinstance(p, types.Array) and isinstance(v, types.Array) and isinstance(out, types.Array)
-            and p.dtype == v.dtype == out.dtype == types.float32 and p.ndim == v.ndim == out.ndim == 1
-            and p.layout == v.layout == out.layout == "C"):
-        return None
+def _head_dots(heads: int, keys: int):
+    """An intrinsic ``f(q, q0, qstep, k, k0, kstep, n, s, s0, sstep)``: for h < ``heads`` and c <
+    ``keys``, ``s[s0 + h sstep + c] = sum_i q[q0 + h qstep + i] k[k0 + c kstep + i]`` for i < n
+    (flat float32 arrays, unsigned offsets): the scores of ``heads`` queries against ``keys`` keys,
+    each key's vectors loaded once for every head. Each dot's bits are those of the dot alone: lane
+    ``i mod 16`` of a 16-float sum over the whole steps of 16 (a product, then a sum: no FMA),
+    the lanes added pairwise (``_hsum``), then the rest one by one (``tests/test_decode.py`` has
+    its NumPy twin). ``heads`` x ``keys`` independent sums, where one dot's sum would wait on each
+    add before it."""
+    lanes = SCORE_LANES
 
-    def codegen(context, builder, sig, args):
-        f32, i64 = ir.FloatType(), ir.IntType(64)
-        pp, pv, po = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 1, 6))
-        v0, step, n, width = args[2], args[3], args[4], args[5]
+    @intrinsic
+    def dots(typingctx, q, q0, qstep, k, k0, kstep, n, s, s0, sstep):
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+                   for a in (q, k, s)):
+            return None
 
-        def run(lanes, count, d0):  # out[d0 .. d0 + lanes * count] in `count` vectors of `lanes`
-            vt = ir.VectorType(f32, lanes) if lanes > 1 else f32
-            zero = ir.Constant(vt, [0.0] * lanes) if lanes > 1 else ir.Constant(f32, 0.0)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
-            for a in accs:
-                builder.store(zero, a)
-            with cgutils.for_range(builder, n) as loop:
-                j = loop.index
-                pj = builder.load(builder.gep(pp, [j]))
-                if lanes > 1:
-                    pj = builder.insert_element(ir.Constant(vt, ir.Undefined), pj, ir.Constant(ir.IntType(32), 0))
-                    pj = builder.shuffle_vector(pj, pj, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-                row = builder.gep(pv, [builder.add(builder.add(v0, builder.mul(j, step)), d0)])
-                for r, a in enumerate(accs):
-                    at = builder.gep(row, [ir.Constant(i64, r * lanes)])
-                    x = builder.load(builder.bitcast(at, vt.as_pointer()), align=4) if lanes > 1 else builder.load(at)
-                    builder.store(builder.fadd(builder.load(a), builder.fmul(pj, x)), a)
-            for r, a in enumerate(accs):
-                at = builder.gep(po, [builder.add(d0, ir.Constant(i64, r * lanes))])
-                builder.store(builder.load(a), builder.bitcast(at, vt.as_pointer()) if lanes > 1 else at, align=4)
+        def codegen(context, builder, sig, args):
+            f32, i64 = ir.FloatType(), ir.IntType(64)
+            vt = ir.VectorType(f32, lanes)
+            pq, pk, ps = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 3, 7))
+            q0, qstep, k0, kstep, n, s0, sstep = (args[i] for i in (1, 2, 4, 5, 6, 8, 9))
+            qs = [builder.gep(pq, [builder.add(q0, builder.mul(qstep, ir.Constant(i64, h)))]) for h in range(heads)]
+            ks = [builder.gep(pk, [builder.add(k0, builder.mul(kstep, ir.Constant(i64, c)))]) for c in range(keys)]
+            whole = builder.mul(builder.udiv(n, ir.Constant(i64, lanes)), ir.Constant(i64, lanes))
+            zero = ir.Constant(vt, [0.0] * lanes)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(keys)] for _ in range(heads)]
+            with cgutils.for_range_slice(builder, ir.Constant(i64, 0), whole, ir.Constant(i64, lanes)) as (i, _):
+                kv = [_vec(builder, builder.gep(p, [i]), vt) for p in ks]
+                for h in range(heads):
+                    x = _vec(builder, builder.gep(qs[h], [i]), vt)
+                    for c in range(keys):
+                        a = accs[h][c]
+                        builder.store(builder.fadd(builder.load(a), builder.fmul(x, kv[c])), a)
+            ts = [[cgutils.alloca_once_value(builder, _hsum(builder, builder.load(a), lanes)) for a in row] for row in accs]
+            with cgutils.for_range_slice(builder, whole, n, ir.Constant(i64, 1)) as (i, _):
+                for h in range(heads):
+                    x = builder.load(builder.gep(qs[h], [i]))
+                    for c in range(keys):
+                        y = builder.load(builder.gep(ks[c], [i]))
+                        builder.store(builder.fadd(builder.load(ts[h][c]), builder.fmul(x, y)), ts[h][c])
+            for h in range(heads):
+                row = builder.add(s0, builder.mul(sstep, ir.Constant(i64, h)))
+                for c in range(keys):
+                    builder.store(builder.load(ts[h][c]), builder.gep(ps, [builder.add(row, ir.Constant(i64, c))]))
+            return context.get_dummy_value()
 
-        done = ir.Constant(i64, 0)
-        for lanes, count in ((16, 4), (8, 1), (1, 1)):  # runs of 64, then of 8, then single outputs
-            size = ir.Constant(i64, lanes * count)
-            whole = builder.mul(builder.udiv(width, size), size)  # (at least `done`: 64 is a multiple of 8)
-            with cgutils.for_range_slice(builder, done, whole, size) as (d0, _):
-                run(lanes, count, d0)
-            done = whole
-        return context.get_dummy_value()
+        u = types.uint64
+        return types.none(q, u, u, k, u, u, u, s, u, u), codegen
 
-    return types.none(p, v, types.uint64, types.uint64, types.uint64, types.uint64, out), codegen
+    return dots
+
+
+def _weighted_sums(heads: int):
+    """An intrinsic ``f(p, p0, pstep, v, v0, vstep, n, width, o, o0, ostep)``: for h < ``heads`` and
+    d < ``width``, ``o[o0 + h ostep + d] = sum_j p[p0 + h pstep + j] v[v0 + j vstep + d]``, j = 0 ..
+    n - 1 in order from 0.0 (a product, then a sum: no FMA): each head's bits are those of ``out[d]
+    += p[j] * v[j, d]`` looped over j, whatever heads run beside it. A run of 64 outputs of every
+    head stays in registers while j runs, each value vector loaded once for all the heads; then
+    runs of 8, then single outputs."""
+
+    @intrinsic
+    def sums(typingctx, p, p0, pstep, v, v0, vstep, n, width, o, o0, ostep):
+        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
+                   for a in (p, v, o)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+            pp, pv, po = (context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 3, 8))
+            p0, pstep, v0, vstep, n, width, o0, ostep = (args[i] for i in (1, 2, 4, 5, 6, 7, 9, 10))
+            ps = [builder.gep(pp, [builder.add(p0, builder.mul(pstep, ir.Constant(i64, h)))]) for h in range(heads)]
+            outs = [builder.gep(po, [builder.add(o0, builder.mul(ostep, ir.Constant(i64, h)))]) for h in range(heads)]
+
+            def run(lanes, count, d0):  # outputs d0 .. d0 + lanes * count of every head
+                vt = ir.VectorType(f32, lanes) if lanes > 1 else f32
+                zero = ir.Constant(vt, [0.0] * lanes) if lanes > 1 else ir.Constant(f32, 0.0)
+                accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(count)] for _ in range(heads)]
+                for a in (a for row in accs for a in row):
+                    builder.store(zero, a)
+                with cgutils.for_range(builder, n) as loop:
+                    j = loop.index
+                    row = builder.gep(pv, [builder.add(builder.add(v0, builder.mul(j, vstep)), d0)])
+                    xs = [(_vec(builder, builder.gep(row, [ir.Constant(i64, r * lanes)]), vt) if lanes > 1
+                           else builder.load(builder.gep(row, [ir.Constant(i64, r)]))) for r in range(count)]
+                    if lanes > 1 and PREFETCH_KEYS:  # the same outputs PREFETCH_KEYS rows on
+                        ahead = builder.gep(row, [builder.mul(vstep, ir.Constant(i64, PREFETCH_KEYS))])
+                        for line in range(0, lanes * count, 16):
+                            _prefetch(builder, builder.gep(ahead, [ir.Constant(i64, line)]))
+                    for h in range(heads):
+                        pj = builder.load(builder.gep(ps[h], [j]))
+                        if lanes > 1:
+                            pj = builder.insert_element(ir.Constant(vt, ir.Undefined), pj, ir.Constant(i32, 0))
+                            pj = builder.shuffle_vector(pj, pj, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                        for x, a in zip(xs, accs[h]):
+                            builder.store(builder.fadd(builder.load(a), builder.fmul(pj, x)), a)
+                for h in range(heads):
+                    for r, a in enumerate(accs[h]):
+                        at = builder.gep(outs[h], [builder.add(d0, ir.Constant(i64, r * lanes))])
+                        builder.store(builder.load(a), builder.bitcast(at, vt.as_pointer()) if lanes > 1 else at, align=4)
+
+            done = ir.Constant(i64, 0)
+            for lanes, count in ((16, 4), (8, 1), (1, 1)):  # runs of 64, then of 8, then single outputs
+                size = ir.Constant(i64, lanes * count)
+                whole = builder.mul(builder.udiv(width, size), size)  # (at least `done`: 64 is a multiple of 8)
+                with cgutils.for_range_slice(builder, done, whole, size) as (d0, _):
+                    run(lanes, count, d0)
+                done = whole
+            return context.get_dummy_value()
+
+        u = types.uint64
+        return types.none(p, u, u, v, u, u, u, u, o, u, u), codegen
+
+    return sums
+
+
+_HB, _KB = SCORE_BLOCK
+_dots_block, _dots_heads, _dots_keys, _dot1 = (_head_dots(_HB, _KB), _head_dots(1, _KB), _head_dots(_HB, 1),
+                                               _head_dots(1, 1))
+_sums_block, _sums1 = _weighted_sums(VALUE_HEADS), _weighted_sums(1)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _scores(qf, h0, h1, hd, Kf, k0, n, s):
+    """s [(h1 - h0) n]: row h - h0 the dots of query head h (``qf`` [nh hd] flat) with keys 0 .. n -
+    1 of one key-value head, key j at ``Kf[k0 + j hd]`` (contiguous), :data:`SCORE_BLOCK` heads and
+    keys at a time (:func:`_head_dots`), the keys :data:`PREFETCH_KEYS` on asked for ahead."""
+    u, w, m = np.uint64, np.uint64(hd), np.uint64(n)
+    j = 0
+    while j < n:
+        kb = _KB if j + _KB <= n else 1
+        at = k0 + u(j) * w
+        if PREFETCH_KEYS and kb == _KB:
+            ahead = at + u(PREFETCH_KEYS) * w
+            for c in range(0, _KB * hd, 16):  # (a cache line a call)
+                prefetch(Kf, np.int64(ahead + u(c)))
+        h = h0
+        while h < h1:
+            row = u(h - h0) * m + u(j)
+            if h + _HB <= h1:
+                if kb == _KB:
+                    _dots_block(qf, u(h) * w, w, Kf, at, w, w, s, row, m)
+                else:
+                    _dots_keys(qf, u(h) * w, w, Kf, at, w, w, s, row, m)
+                h += _HB
+            else:
+                if kb == _KB:
+                    _dots_heads(qf, u(h) * w, w, Kf, at, w, w, s, row, m)
+                else:
+                    _dot1(qf, u(h) * w, w, Kf, at, w, w, s, row, m)
+                h += 1
+        j += kb
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _values(s, n, h0, h1, Vf, v0, hd, of):
+    """of[h hd .. (h + 1) hd] for heads h0 .. h1 - 1: row h - h0 of s [(h1 - h0) n] (the head's
+    weights of values 0 .. n - 1, value j at ``Vf[v0 + j hd]``) times the values, summed in order
+    (:func:`_weighted_sums`), :data:`VALUE_HEADS` heads at a time."""
+    u, w, m = np.uint64, np.uint64(hd), np.uint64(n)
+    h = h0
+    while h < h1:
+        if h + VALUE_HEADS <= h1:
+            _sums_block(s, u(h - h0) * m, m, Vf, v0, w, m, w, of, u(h) * w, w)
+            h += VALUE_HEADS
+        else:
+            _sums1(s, u(h - h0) * m, m, Vf, v0, w, m, w, of, u(h) * w, w)
+            h += 1
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -393,66 +493,58 @@ def online_softmax_block(s, q_pos, s0, window, divide, scale, cap, m, l, r):
 
 @njit(cache=True, fastmath=False, inline="always")
 def _attend_heads(q, K, V, lo, n, scale, divide, cap, threads, out):
-    """out [nh, hd]: each head of q [nh, hd] over keys ``lo .. n - 1`` of K, V [S, nkv, hd]
-    (grouped: head h reads key head ``h // (nh / nkv)``); scores times ``scale`` (divided by it
-    when ``divide``), soft-capped by ``cap`` when it is not 0, softmax, the values' weighted sum.
-    The heads that share a key-value head run together: DOTS keys at a time, each dotted with
-    every head of the group while in the L1 cache (:func:`_dots_at`), then each head's softmax and
-    its weighted sum of the values (:func:`_weighted_sum_at`). Each head's arithmetic, and so its
-    bits, is that of the head alone, one key after another. The work is split by key-value head,
-    each group in as many parts as keep ``threads`` busy (a TinyLlama step at position 100:
-    1.2 -> 0.4 ms; at 1,000 with every layer's cache: 9.5 -> 6.6 ms, where the reads of the cache,
-    one head's 256 bytes in each position's 1 KB, now bound it)."""
+    """out [nh, hd]: each head of q [nh, hd] over keys ``lo .. n - 1`` of K, V [nkv, S, hd] (a
+    key-value head's positions contiguous; grouped: head h reads key head ``h // (nh / nkv)``);
+    scores times ``scale`` (divided by it when ``divide``), soft-capped by ``cap`` when it is not 0,
+    softmax, the values' weighted sum. The heads that share a key-value head run together: their
+    scores a block of heads and keys at a time (:func:`_scores`), then each head's softmax, then
+    their weighted sums of the values, each value read once for a block of heads
+    (:func:`_values`). Each head's arithmetic, and so its bits, is that of the head alone, one key
+    after another. The work is split by key-value head, each group in as many parts as keep
+    ``threads`` busy (a TinyLlama step's attention at 1,000 positions, every layer's cache read
+    from memory: 4.4 ms with the positions of a key-value head 1 KB apart, 1.8 ms contiguous and
+    in blocks; bench/README)."""
     nh, hd = q.shape
-    nkv = K.shape[1]
+    nkv, S = K.shape[0], K.shape[1]
     group = nh // nkv
     parts = min(group, max(1, (threads + nkv - 1) // nkv))  # pieces of a group
     size = (group + parts - 1) // parts
-    Kf, Vf = K.reshape(-1), V.reshape(-1)  # flat, read at unsigned offsets: no wraparound, loops vectorize
-    stride, width = np.uint64(nkv * hd), np.uint64(hd)  # floats a position, a head
+    qf, Kf, Vf, of = q.reshape(-1), K.reshape(-1), V.reshape(-1), out.reshape(-1)  # flat: unsigned offsets
+    m = n - lo
     for u in prange(nkv * parts):
         g = u // parts
         h0 = g * group + (u % parts) * size
         h1 = min(h0 + size, (g + 1) * group)
         if h0 >= h1:
             continue
-        at = np.uint64(g) * width  # the key-value head's offset in a position
-        s = np.empty((h1 - h0, n - lo), np.float32)
-        j = lo
-        while j + DOTS <= n:  # DOTS keys at a time, for each head
-            b = np.uint64(j) * stride + at
-            for h in range(h0, h1):
-                _dots_at(q[h], Kf, b, stride, width, s[h - h0], j - lo)
-            j += DOTS
-        for j in range(j, n):
-            b = np.uint64(j) * stride + at
-            for h in range(h0, h1):
-                s[h - h0, j - lo] = _dot_at(q[h], Kf, b, width)
-        for h in range(h0, h1):  # each head's softmax, then its weighted sum of the values
-            r, m = s[h - h0], np.float32(-np.inf)
-            for j in range(n - lo):
+        at = (np.uint64(g) * np.uint64(S) + np.uint64(lo)) * np.uint64(hd)  # key lo of key-value head g
+        s = np.empty((h1 - h0) * m, np.float32)
+        _scores(qf, h0, h1, hd, Kf, at, m, s)
+        for h in range(h1 - h0):  # each head's softmax
+            r, top = s[h * m:(h + 1) * m], np.float32(-np.inf)
+            for j in range(m):
                 v = r[j] / scale if divide else r[j] * scale
                 if cap != 0:
                     v = np.float32(np.tanh(v / cap)) * cap
                 r[j] = v
-                m = max(m, v)
-            for j in range(n - lo):  # (loops of their own, which vectorize: _exp calls no library)
-                r[j] = _exp(r[j] - m)
+                top = max(top, v)
+            for j in range(m):  # (loops of their own, which vectorize: _exp calls no library)
+                r[j] = _exp(r[j] - top)
             total = _sum(r)
-            for j in range(n - lo):
+            for j in range(m):
                 r[j] = r[j] / total
-            _weighted_sum_at(r, Vf, np.uint64(lo) * stride + at, stride, np.uint64(n - lo), width, out[h])
+        _values(s, m, h0, h1, Vf, at, hd, of)
 
 
 @njit(cache=True, fastmath=False, parallel=True, inline="always")
 def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, threads, out):
     """One decode row at position ``pos``: q [nh, hd], k, v [nkv, hd] of this step; K, V
-    [S, nkv, hd] the layer's cache. Rotates q and k (``cos``, ``sin`` [rd] of the position),
+    [nkv, S, hd] the layer's cache. Rotates q and k (``cos``, ``sin`` [rd] of the position),
     stores k and v at ``pos``, and writes to out [nh * hd] the attention of q over positions
     ``0 .. pos`` (the last ``window`` of them when ``window`` > 0), split between ``threads``
     (passed in: ``numba.get_num_threads()`` inside would keep the function out of the cache)."""
-    _rope_into(k, cos, sin, rd, K[pos])
-    V[pos] = v
+    _rope_into(k, cos, sin, rd, K[:, pos])
+    V[:, pos] = v
     qr = np.empty_like(q)
     _rope_into(q, cos, sin, rd, qr)
     lo = max(0, pos - window + 1) if window > 0 else 0
@@ -719,7 +811,7 @@ def _quantized(X, bs):
 def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
                   bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, uoff,
                   stacked, a_rows):
-    """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, S, nkv, hd])
+    """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, nkv, S, hd])
     at positions ``pos`` [B] (stored and attended in row order), all with one selection:
     ``LlamaModel.decode_rows``' layer loop (the same pieces, products and adapter kernels) in one
     call. Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its codes and block

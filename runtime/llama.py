@@ -304,10 +304,13 @@ def silu(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys and values for ``max_context`` positions of every layer, allocated once."""
+    """Keys and values for ``max_context`` positions of every layer, allocated once: ``k``, ``v``
+    [layers, kv heads, positions, head dim], a key-value head's positions contiguous (a decode
+    step reads each head's keys as one run, not 256 bytes of every position's 1 KB). The attention
+    functions take a layer as [positions, kv heads, head dim] (:meth:`layer`, a view)."""
 
     def __init__(self, args: ModelArgs, max_context: int):
-        shape = (args.num_hidden_layers, max_context, args.num_key_value_heads, args.head_dim)
+        shape = (args.num_hidden_layers, args.num_key_value_heads, max_context, args.head_dim)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
         self.max_context = max_context
@@ -321,6 +324,26 @@ class KVCache:
     def planned_bytes(args: ModelArgs, max_context: int) -> int:
         """What a cache of ``max_context`` positions takes (the memory planner's item)."""
         return 2 * args.num_hidden_layers * max_context * args.num_key_value_heads * args.head_dim * 4
+
+    def layer(self, i: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``i``'s keys and values of positions ``0 .. n - 1``, views [n, kv heads, head dim]."""
+        return self.k[i, :, :n].transpose(1, 0, 2), self.v[i, :, :n].transpose(1, 0, 2)
+
+    def store(self, i: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Layer ``i``'s keys and values k, v [T, kv heads, head dim] at positions ``start ..``."""
+        T = k.shape[0]
+        self.k[i, :, start:start + T] = k.transpose(1, 0, 2)
+        self.v[i, :, start:start + T] = v.transpose(1, 0, 2)
+
+    def prefix(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of every layer's keys and values of positions ``0 .. n - 1``."""
+        return self.k[:, :, :n].copy(), self.v[:, :, :n].copy()
+
+    def load_prefix(self, k: np.ndarray, v: np.ndarray, n: int) -> None:
+        """Positions ``0 .. n - 1`` from :meth:`prefix` copies (their first n positions); length n."""
+        self.k[:, :, :n] = k[:, :, :n]
+        self.v[:, :, :n] = v[:, :, :n]
+        self.length = n
 
     def reset(self) -> None:
         self.length = 0
@@ -418,10 +441,10 @@ class LlamaModel:
         """Store this step's keys and values in the cache; attend over everything cached so far."""
         T = q.shape[0]
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # [T, rd]
-        cache.k[i, start:start + T] = rope(k, cos, sin)
-        cache.v[i, start:start + T] = v
+        cache.store(i, start, rope(k, cos, sin), v)
+        keys, values = cache.layer(i, start + T)
         q = rope(q, cos, sin)
-        return attention(q, cache.k[i, :start + T], cache.v[i, :start + T], np.arange(start, start + T),
+        return attention(q, keys, values, np.arange(start, start + T),
                          self.window_of(i), self.scale, self.attn_cap, numba.get_num_threads())  # [T, nh*hd]
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = False,

@@ -52,7 +52,7 @@ class _Entry:
     key: tuple
     refs: tuple  # weak references to the selection's Resident adapters
     ids: np.ndarray  # int64 [n]: the tokens whose keys and values these are
-    k: np.ndarray  # float32 [layers, n, kv heads, head dim]
+    k: np.ndarray  # float32 [layers, kv heads, n, head dim] (``KVCache.prefix``)
     v: np.ndarray
 
     @property
@@ -131,9 +131,7 @@ class PromptCache:
                 self.misses += 1
                 return 0
             self._touch(best)
-            cache.k[:, :n] = best.k[:, :n]
-            cache.v[:, :n] = best.v[:, :n]
-            cache.length = n
+            cache.load_prefix(best.k, best.v, n)
             self.hits += 1
             self.reused_tokens += n
             return n
@@ -160,7 +158,7 @@ class PromptCache:
                 if c == len(e.ids):  # the new entry extends this one
                     self._drop(slot)
             entry = _Entry(key, tuple(weakref.ref(r) for r in lora.adapters), ids[:n].copy(),
-                           cache.k[:, :n].copy(), cache.v[:, :n].copy())
+                           *cache.prefix(n))
             if entry.nbytes > self.max_bytes:
                 return
             self._entries[self._next] = entry

@@ -80,55 +80,83 @@ def test_vector_dot_has_the_scalar_dots_bits():
             assert np.float32(vec).view(np.int32) == np.float32(scalar).view(np.int32), (n, b0, vec, scalar)
 
 
-def test_dots_of_several_keys_have_the_one_dots_bits():
-    """``_dots_at`` (a query against DOTS keys at once, independent sums) gives ``_dot_at``'s bits
-    for each key, at any offset, key stride and length."""
+def score_twin(q: np.ndarray, k: np.ndarray) -> np.float32:
+    """The NumPy twin of one attention score (``decode._head_dots``): lane ``i mod 16`` of 16
+    float32 partial sums over the whole steps of 16 (a product, then a sum), the lanes added
+    pairwise (halves: 16 -> 8 -> 4 -> 2 -> 1), then the rest one by one."""
+    n = q.size
+    whole = n - n % decode.SCORE_LANES
+    lanes = np.zeros(decode.SCORE_LANES, F32)
+    for i in range(0, whole, decode.SCORE_LANES):
+        lanes = lanes + q[i:i + decode.SCORE_LANES] * k[i:i + decode.SCORE_LANES]
+    while lanes.size > 1:
+        lanes = lanes[:lanes.size // 2] + lanes[lanes.size // 2:]
+    t = lanes[0]
+    for i in range(whole, n):
+        t = F32(t + q[i] * k[i])
+    return t
+
+
+@pytest.mark.parametrize("heads,keys", [(1, 1), (2, 2), (4, 4), (3, 2)])
+def test_scores_of_several_heads_and_keys_have_the_twins_bits(heads, keys):
+    """``_head_dots`` (several queries against several keys, independent sums, each key loaded once
+    for all the queries) gives every score the bits of its NumPy twin, at any offsets, strides and
+    lengths, and writes nothing else."""
     from numba import njit
 
+    dots = decode._head_dots(heads, keys)
+
     @njit
-    def both(a, b, b0, step, n):
-        out = np.full(decode.DOTS + 2, np.float32(7.0))
-        decode._dots_at(a, b, np.uint64(b0), np.uint64(step), np.uint64(n), out, 1)
-        one = np.empty(decode.DOTS, np.float32)
-        for c in range(decode.DOTS):
-            one[c] = decode._dot_at(a, b, np.uint64(b0 + c * step), np.uint64(n))
-        return out, one
+    def run(q, q0, qstep, k, k0, kstep, n, s, s0, sstep):
+        u = np.uint64
+        dots(q, u(q0), u(qstep), k, u(k0), u(kstep), u(n), s, u(s0), u(sstep))
 
     rng = np.random.default_rng(5)
-    for n in (1, 7, 8, 9, 64, 67, 128):
-        a = (rng.standard_normal(n) * 10).astype(F32)
-        for step in (n, n + 5, 4 * n):
-            b = (rng.standard_normal(3 + decode.DOTS * step + n) * 10).astype(F32)
-            for b0 in (0, 3):
-                out, one = both(a, b, b0, step, n)
-                assert out[0] == 7.0 and out[-1] == 7.0  # nothing written outside out[1 .. DOTS]
-                np.testing.assert_array_equal(out[1:-1].view(np.int32), one.view(np.int32), err_msg=str((n, step, b0)))
+    for n in (1, 7, 16, 17, 64, 67, 128, 256):
+        for qstep, kstep in ((n, n), (n + 5, 4 * n + 3)):
+            q = (rng.standard_normal(2 + heads * qstep + n) * 10).astype(F32)
+            k = (rng.standard_normal(3 + keys * kstep + n) * 10).astype(F32)
+            sstep = keys + 2
+            s = np.full(1 + heads * sstep, F32(7.0))
+            run(q, 2, qstep, k, 3, kstep, n, s, 1, sstep)
+            want = np.full_like(s, F32(7.0))
+            for h in range(heads):
+                for c in range(keys):
+                    want[1 + h * sstep + c] = score_twin(q[2 + h * qstep:2 + h * qstep + n],
+                                                         k[3 + c * kstep:3 + c * kstep + n])
+            np.testing.assert_array_equal(s.view(np.int32), want.view(np.int32), err_msg=str((n, qstep, kstep)))
 
 
-def test_weighted_sum_of_values_has_the_numpy_loops_bits():
-    """``_weighted_sum_at`` (a head's attention output: its outputs held in registers while the
-    positions run) gives the bits of the loop it replaced, ``out[d] += p[j] * v[j, d]`` for j in
-    order from 0.0, here in NumPy float32: every width (runs of 64, of 8, single outputs), offset,
-    stride and count of positions."""
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_weighted_sums_of_values_have_the_numpy_loops_bits(heads):
+    """``_weighted_sums`` (heads' attention outputs: their outputs held in registers while the
+    positions run, each value loaded once for all the heads) gives each head the bits of the loop
+    ``out[d] += p[j] * v[j, d]`` for j in order from 0.0, here in NumPy float32: every width (runs
+    of 64, of 8, single outputs), offset, stride and count of positions; nothing else written."""
     from numba import njit
 
+    sums = decode._weighted_sums(heads)
+
     @njit
-    def weighted(p, v, v0, step, width, out):
-        decode._weighted_sum_at(p, v, np.uint64(v0), np.uint64(step), np.uint64(p.size), np.uint64(width), out)
-        return out
+    def run(p, p0, pstep, v, v0, vstep, n, width, o, o0, ostep):
+        u = np.uint64
+        sums(p, u(p0), u(pstep), v, u(v0), u(vstep), u(n), u(width), o, u(o0), u(ostep))
 
     rng = np.random.default_rng(6)
     for width in (1, 3, 8, 13, 64, 72, 80, 128, 130):
         for n, step, v0 in ((1, width, 0), (5, width + 3, 2), (300, 4 * width, 5)):
-            p = rng.random(n).astype(F32)
+            p = rng.random(1 + heads * (n + 1)).astype(F32)
             v = (rng.standard_normal(v0 + (n - 1) * step + width + 4) * 10).astype(F32)
-            ref = np.zeros(width, F32)
-            for j in range(n):
-                ref = ref + p[j] * v[v0 + j * step:v0 + j * step + width]
-            out = np.full(width + 1, np.float32(7.0))
-            got = weighted(p, v, v0, step, width, out)
-            assert got[-1] == 7.0  # nothing written past width
-            np.testing.assert_array_equal(got[:width].view(np.int32), ref.view(np.int32), err_msg=str((width, n, step)))
+            ostep = width + 2
+            out = np.full(3 + heads * ostep, F32(7.0))
+            run(p, 1, n + 1, v, v0, step, n, width, out, 3, ostep)
+            want = np.full_like(out, F32(7.0))
+            for h in range(heads):
+                ref = np.zeros(width, F32)
+                for j in range(n):
+                    ref = ref + p[1 + h * (n + 1) + j] * v[v0 + j * step:v0 + j * step + width]
+                want[3 + h * ostep:3 + h * ostep + width] = ref
+            np.testing.assert_array_equal(out.view(np.int32), want.view(np.int32), err_msg=str((width, n, step)))
 
 
 def test_exp_is_within_3_ulps_of_numpy():
@@ -189,17 +217,18 @@ def test_attend_row_equals_rope_and_reference_attention(case):
         s, divide = F32(np.sqrt(hd)), True
     else:
         s, divide = F32(scale), False
+    Kc, Vc = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (K, V))  # the cache's layout: [nkv, S, hd]
     out = np.empty(nh * hd, F32)
-    decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), 2, out)
-    np.testing.assert_array_equal(K, Kr)  # the rotated key stored at pos (rotary: the same operations), nothing else
-    np.testing.assert_array_equal(V, Vr)
+    decode.attend_row(q, k, v, Kc, Vc, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), 2, out)
+    np.testing.assert_array_equal(Kc.transpose(1, 0, 2), Kr)  # the rotated key stored at pos (rotary: the same operations), nothing else
+    np.testing.assert_array_equal(Vc.transpose(1, 0, 2), Vr)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
 
     # each head's bits its own: for one thread a group's heads run together, for more (where there
     # are fewer key-value heads than threads) a group is split in parts
     for threads in (1, 3, 8):
         again = np.empty_like(out)
-        decode.attend_row(q, k, v, K, V, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), threads, again)
+        decode.attend_row(q, k, v, Kc, Vc, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), threads, again)
         np.testing.assert_array_equal(again.view(np.int32), out.view(np.int32))
 
 
