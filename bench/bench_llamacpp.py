@@ -385,8 +385,12 @@ def main():
         p.add_argument("--depths", nargs="*", type=int, default=[],
                        help="also decode after this many tokens of context (default: none), llama.cpp "
                             "IQ4_NL against each product path's default bundle")
+        p.add_argument("--depths-only", action="store_true",
+                       help="run only the --depths rounds (no prefill, plain decode or adapter rounds)")
 
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
+    if a.depths_only and not a.depths:
+        raise SystemExit("--depths-only needs --depths")
     bin_dir = find_llama_cpp(a.llama_cpp)
     if bin_dir is None:
         if not a.build:
@@ -428,6 +432,8 @@ def main():
             lora_rounds.update({f"edgelora {p}, float16 adapter": [] for p in a.products})
         depth_rounds = {"llama.cpp IQ4_NL": {}}
         depth_rounds.update({f"edgelora {p}": {} for p in a.products})
+        if a.depths_only:
+            systems, rounds, lora_rounds = {}, {}, {}
         for r in range(a.repeats):  # interleaved rounds
             for k, (kind, what) in systems.items():
                 t = time.perf_counter()
@@ -464,8 +470,15 @@ def main():
             report["models"][name]["depth_median"] = {k: {d: statistics.median(x) for d, x in v.items()}
                                                       for k, v in depth_rounds.items()}
             report["models"][name]["depth_rounds"] = depth_rounds
-        ref = med["llama.cpp IQ4_NL"]
         print(f"\n{name}, {a.threads} threads, medians of {a.repeats} interleaved rounds")
+        for d in a.depths:
+            dm = report["models"][name]["depth_median"]
+            ref_d = dm["llama.cpp IQ4_NL"][str(d)]
+            print(f"after {d} tokens: " + ", ".join(f"{k} {v[str(d)]:.1f} tok/s ({v[str(d)] / ref_d:.2f}x)"
+                                                    for k, v in dm.items()))
+        if a.depths_only:
+            continue
+        ref = med["llama.cpp IQ4_NL"]
         print(f"{'system':38} {'prefill-128':>12} {'prefill-512':>12} {'decode':>8} {'peak RSS MB':>12} "
               f"{'MB a token':>10} {'GB/s':>5} {'bytes bound':>11}")
         for k, m in med.items():  # bytes bound: the decode ratio at which both would read at the same GB/s
@@ -478,11 +491,6 @@ def main():
             same = (f", base in the same process {m['decode_base_same_process']:.1f} "
                     f"({m['decode'] / m['decode_base_same_process']:.2f}x)") if "decode_base_same_process" in m else ""
             print(f"adapter: {k:38} decode {m['decode']:6.1f} tok/s{same}, peak RSS {m['peak_rss_bytes'] / 1e6:.0f} MB")
-        for d in a.depths:
-            dm = report["models"][name]["depth_median"]
-            ref_d = dm["llama.cpp IQ4_NL"][str(d)]
-            print(f"after {d} tokens: " + ", ".join(f"{k} {v[str(d)]:.1f} tok/s ({v[str(d)] / ref_d:.2f}x)"
-                                                    for k, v in dm.items()))
     write_report(a.json, report)
 
 
