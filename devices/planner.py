@@ -8,7 +8,8 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
   so this is an upper bound there), except a float16 head (or the embedding tied to it) that the
   int8 products copy as int8 at load: its pages are let go as the copy is made (the rows of the
   tokens used come back), and the copy is an item of its own, **head as int8**;
-* **KV cache**: keys and values, float32, ``2 x layers x context x kv_heads x head_dim``;
+* **KV cache**: keys and values, float32 (or float16: ``kv_cache``),
+  ``2 x layers x context x kv_heads x head_dim``;
 * **rotary tables**: cos and sin for every position, float32 ``[context, head_dim]`` each;
 * **scratch**: the largest working set of a forward pass at the end of the context: a prefill
   chunk of ``min(256, context)`` tokens attends block by block (``runtime/llama.py``
@@ -56,6 +57,7 @@ from edgelora.child import python_command
 from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch, host_device
 from edgelora.errors import EdgeLoraError, UsageError
+from edgelora.products import DEFAULT_KV_CACHE, KV_CACHE_BYTES, check_kv_cache
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
 from edgelora.runtime.llama import KEY_BLOCK, KVCache
 from edgelora.runtime.model import PREFILL_CHUNK
@@ -85,6 +87,7 @@ class Plan:
     suggestions: list = field(default_factory=list)
     overhead_source: str = ""
     train: dict | None = None  # a training plan's options (context: its tokens per sequence)
+    kv_cache: str = DEFAULT_KV_CACHE  # what the KV cache holds (edgelora.products.KV_CACHES)
 
     @property
     def total_bytes(self) -> int:
@@ -110,7 +113,7 @@ class Plan:
                 "adapters": dict(self.adapters), "adapter_bytes": self.adapter_bytes,
                 "max_context": self.max_context, "model_max_context": self.model_max_context,
                 "suggestions": list(self.suggestions), "overhead_source": self.overhead_source,
-                "train": self.train}
+                "train": self.train, "kv_cache": self.kv_cache}
 
     def text(self) -> str:
         d = self.device
@@ -140,8 +143,8 @@ class Plan:
 # the items
 # ---------------------------------------------------------------------------------------------
 
-def kv_cache_bytes(a: ModelArgs, context: int) -> int:
-    return KVCache.planned_bytes(a, context)
+def kv_cache_bytes(a: ModelArgs, context: int, kv_cache: str = DEFAULT_KV_CACHE) -> int:
+    return KVCache.planned_bytes(a, context, kv_cache)
 
 
 def rope_bytes(a: ModelArgs, context: int) -> int:
@@ -176,8 +179,9 @@ def uses_parallel_kernels(a: ModelArgs, threads: int) -> bool:
     return threads > 1 and any(n * k >= PARALLEL_MIN_WEIGHTS for n, k in shapes)
 
 
-def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
-    """Peak working memory of a forward pass at the end of ``context`` positions."""
+def scratch_bytes(a: ModelArgs, context: int, threads: int, kv_cache: str = DEFAULT_KV_CACHE) -> tuple[int, str]:
+    """Peak working memory of a forward pass at the end of ``context`` positions (a float16 KV
+    cache's key and value blocks are widened as a prompt's attention reads them)."""
     T, S = min(PREFILL_CHUNK, context), context
     nh, hd, H, I, V = a.num_attention_heads, a.head_dim, a.hidden_size, a.intermediate_size, a.vocab_size
     # a prefill chunk's attention, one block of keys at a time: this block's scores while the last
@@ -185,7 +189,11 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int) -> tuple[int, str]:
     # the block's mask and the running maxima and sums
     block, values = nh * T * min(KEY_BLOCK, S) * F32, nh * T * hd * F32
     prefill = max(2 * block, block + values) + values + 2 * T * min(KEY_BLOCK, S) + 6 * nh * T * F32
+    if kv_cache != "float32":  # a block of keys and one of values, copied and widened to float32
+        prefill += 2 * min(KEY_BLOCK, S) * a.num_key_value_heads * hd * (F32 + KV_CACHE_BYTES[kv_cache])
     decode = 3 * nh * S * F32 + 9 * S  # a decode step's scores (masked copy, softmax), positions and mask
+    if kv_cache != "float32":  # (a family without the compiled step attends over its keys and values widened)
+        decode += 2 * S * a.num_key_value_heads * hd * (F32 + KV_CACHE_BYTES[kv_cache])
     attn = max(prefill, decode)
     mlp_in = sum(out for name, (out, k) in _layer_linears(a).items() if name.startswith("mlp.") and k == H)
     mlp = T * (mlp_in + I) * F32  # the MLP's input projections' outputs and their gated product
@@ -392,8 +400,8 @@ import json, sys
 import numpy as np
 import edgelora
 from edgelora.memory import peak_rss_bytes
-bundle, ctx, threads, adapters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-model = edgelora.load(bundle, threads=threads, max_context=ctx, adapters=adapters)
+bundle, ctx, threads, adapters, kv_cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+model = edgelora.load(bundle, threads=threads, max_context=ctx, adapters=adapters, kv_cache=kv_cache)
 if adapters:
     model.use(next(iter(adapters)))
 model.eos_ids = set()
@@ -405,16 +413,17 @@ print(json.dumps(peak_rss_bytes()))
 
 
 def measure_peak_rss(bundle: str | os.PathLike, context: int, adapters: dict | None = None, threads: int = 1,
-                     timeout: float | None = None) -> int:
+                     timeout: float | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> int:
     """Run a plan for real on this machine and return the peak resident memory, in bytes: a fresh
     process loads ``bundle`` with ``adapters`` ``{name: folder}`` resident (the first in use) and
-    a KV cache of ``context`` positions, then fills that cache to its end (a random prompt of
+    a KV cache of ``context`` positions (holding ``kv_cache``), then fills that cache to its end (a random prompt of
     ``context - 3`` tokens and 3 generated tokens). Peak RSS is read from ``/proc`` (Linux). A
     load in a process before it compiles the kernels this machine has not compiled yet, so the
     figure is a warm run's (compiling takes memory once, not on every start)."""
     import os
     threads = max(1, min(int(threads), os.cpu_count() or 1))
-    args = python_command(_RUN, bundle, int(context), threads, json.dumps({k: str(v) for k, v in (adapters or {}).items()}))
+    args = python_command(_RUN, bundle, int(context), threads, json.dumps({k: str(v) for k, v in (adapters or {}).items()}),
+                          check_kv_cache(kv_cache))
     warm = python_command(_WARM, bundle, threads, int(context))  # a first load compiles what this machine lacks: not measured
     try:
         subprocess.run(warm, capture_output=True, text=True, timeout=timeout)
@@ -608,7 +617,8 @@ _TILES_NOTE = ("the NF4 weights repacked for the int8 products at load (16-row t
 
 
 def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dict, tok: tuple,
-           overhead: tuple, train: "_TrainSizes | None" = None, head: int = 0, tiles: int = 0) -> list:
+           overhead: tuple, train: "_TrainSizes | None" = None, head: int = 0, tiles: int = 0,
+           kv_cache: str = DEFAULT_KV_CACHE) -> list:
     """``overhead``: (bytes, note) of the runtime itself; ``train``: a training plan's sizes
     (``context`` is then the tokens of a sequence); ``head``: :func:`int8_head_bytes`; ``tiles``:
     :func:`tiles_bytes`' held bytes."""
@@ -622,11 +632,11 @@ def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dic
                 [Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32")]
                 + train.items(context) + [Item("tokenizer", tok[0], tok[1]),
                                           Item("runtime", overhead[0], f"Python, NumPy, Numba and kernels: {overhead[1]}")])
-    scratch, scratch_note = scratch_bytes(a, context, threads)
+    scratch, scratch_note = scratch_bytes(a, context, threads, kv_cache)
     items = [Item("weights", weights, mapped)] + held + [
-             Item("KV cache", kv_cache_bytes(a, context),
+             Item("KV cache", kv_cache_bytes(a, context, kv_cache),
                   f"{a.num_hidden_layers} layers x {context} positions x {a.num_key_value_heads} KV heads "
-                  f"x {a.head_dim} x 2 x float32"),
+                  f"x {a.head_dim} x 2 x {kv_cache}"),
              Item("rotary tables", rope_bytes(a, context), f"cos and sin, {context} x {a.head_dim} float32"),
              Item("scratch", scratch, scratch_note)]
     for name, size in adapters.items():
@@ -637,7 +647,8 @@ def _items(a: ModelArgs, weights: int, context: int, threads: int, adapters: dic
 
 
 def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = None, adapters: dict | None = None,
-         threads: int | None = None, overhead: int | None = None, train: dict | bool | None = None) -> Plan:
+         threads: int | None = None, overhead: int | None = None, train: dict | bool | None = None,
+         kv_cache: str = DEFAULT_KV_CACHE) -> Plan:
     """Plan running ``bundle`` on ``device`` (a profile name, a ``.toml`` path or a ``Device``) with
     a KV cache of ``context`` positions (default: the runtime's default, min(model limit, 2048))
     and the LoRA ``adapters`` ``{name: folder}`` resident. ``threads`` defaults to the device's cores.
@@ -645,7 +656,9 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
 
     ``train``: plan ``edgelora train`` instead: ``True`` or ``{"rank": 16, "targets": "all-linear",
     "tokens": 256, "recompute": "layer"}`` (any of them; these are the defaults), ``tokens`` being
-    the longest sequence trained (its ``context``); ``max_context`` is then the longest that fits."""
+    the longest sequence trained (its ``context``); ``max_context`` is then the longest that fits.
+    ``kv_cache``: what the KV cache holds, ``"float32"`` or ``"float16"`` (half its bytes)."""
+    check_kv_cache(kv_cache)
     if train is not None and train is not False:
         if adapters:
             raise UsageError("a training plan holds the adapter being trained; leave out adapters")
@@ -692,7 +705,7 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
     weights = _weights_bytes(bundle_path) - released
 
     def total(ctx: int) -> int:
-        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training, head, tiles))
+        return sum(i.bytes for i in _items(a, weights, ctx, threads, sizes, tok, over, training, head, tiles, kv_cache))
 
     lo, hi = 0, limit  # the largest context whose total fits (totals grow with the context)
     while lo < hi:
@@ -702,9 +715,9 @@ def plan(bundle: str | os.PathLike, device: str | Device, context: int | None = 
         else:
             hi = mid - 1
     p = Plan(device=dev, bundle=str(bundle_path), context=context, threads=threads,
-             items=_items(a, weights, context, threads, sizes, tok, over, training, head, tiles), adapters=sizes,
-             max_context=lo,
-             model_max_context=limit, overhead_source=over[1], train=t)
+             items=_items(a, weights, context, threads, sizes, tok, over, training, head, tiles, kv_cache),
+             adapters=sizes, max_context=lo, model_max_context=limit, overhead_source=over[1], train=t,
+             kv_cache=kv_cache)
     p.suggestions = _suggest(p, a)
     return p
 

@@ -52,7 +52,7 @@ def bytes_per_token(model) -> int:
 
 
 def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bool = True, runs: int = 3,
-            products: str = "exact") -> dict:
+            products: str = "exact", kv_cache: str | None = None) -> dict:
     """One measurement in this process (call in a fresh process for a clean peak RSS): one warm-up
     generation at full length (pages faulted in, caches filled), then the median of ``runs``."""
     import statistics
@@ -65,6 +65,8 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
         default = "exact"
     if products != default:
         kw["products"] = products
+    if kv_cache is not None:  # (None: the load's default, or a deploy folder's plan)
+        kw["kv_cache"] = kv_cache
     model = edgelora.load(path, threads=threads, max_context=prompt_tokens + decode_tokens + 8, **kw)
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
@@ -80,7 +82,8 @@ def run_one(path, threads: int, prompt_tokens: int, decode_tokens: int, mmap: bo
         list(model.stream(prompt[:8], max_new_tokens=decode_tokens, temperature=0))  # as the PyTorch benchmark decodes
         decode.append(model.last_stats)
     med = statistics.median
-    return {"threads": threads, "mmap": mmap, "products": products, "load_seconds": load_s, "runs": runs, "prompt_tokens": prompt_tokens,
+    return {"threads": threads, "mmap": mmap, "products": products,
+            "kv_cache": getattr(model, "kv_cache", "float32"), "load_seconds": load_s, "runs": runs, "prompt_tokens": prompt_tokens,
             "prefill_tokens_per_second": med(s.prefill_tokens_per_second for s in long),
             "prefill_128_tokens_per_second": med(s.prefill_tokens_per_second for s in short),
             "decode_tokens": decode_tokens, "decode_tokens_per_second": med(s.decode_tokens_per_second for s in decode),
@@ -118,13 +121,13 @@ def token_counts(limit: int, prompt_tokens: int | None, decode_tokens: int | Non
 
 def bench(path, threads_list: list[int] | None = None, prompt_tokens: int | None = None,
           decode_tokens: int | None = None, mmap: bool = True, env: dict | None = None, runs: int = 3,
-          products: str = "exact") -> dict:
+          products: str = "exact", kv_cache: str | None = None) -> dict:
     """One fresh process per thread count (``env``: their environment, e.g. a ``PYTHONPATH`` that
     puts another edgelora version first, for before/after comparisons in one run: the children run
     this module's measurement, :func:`run_one`, on whichever edgelora they import). Each reports
     the median of ``runs`` after one warm-up; ``prompt_tokens``/``decode_tokens`` default to 512
     and 128, shortened to the model's context (:func:`token_counts`). ``products``: ``"exact"`` or
-    ``"int8"``, as ``edgelora.load`` takes it."""
+    ``"int8"``, and ``kv_cache`` (None: the load's default), as ``edgelora.load`` takes them."""
     import inspect
     import numba
     cores = numba.config.NUMBA_NUM_THREADS
@@ -142,7 +145,7 @@ def bench(path, threads_list: list[int] | None = None, prompt_tokens: int | None
                     f"of {prompt_tokens} + {decode_tokens} tokens...")
         code = ("import json, sys, time\nimport numpy as np\nfrom edgelora.memory import peak_rss_bytes\n" + measure +
                 f"\nprint(json.dumps(run_one(sys.argv[1], {th}, {prompt_tokens}, {decode_tokens}, {mmap!r}, {runs}, "
-                f"{products!r})))")
+                f"{products!r}, {kv_cache!r})))")
         r = subprocess.run(python_command(code, path), capture_output=True, text=True, env=env)
         if r.returncode:
             raise EdgeLoraError(f"the benchmark process failed: "

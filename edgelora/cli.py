@@ -89,7 +89,8 @@ def _load_model(ns):
     adapter is used by default)."""
     import edgelora
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
-                          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products)
+                          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products,
+                          kv_cache=ns.kv_cache)
     seen = set()
     for spec in ns.adapter:
         name, path = _split_adapter(spec)
@@ -307,7 +308,7 @@ def _cmd_chat(ns) -> int:
 def _cmd_bench(ns) -> int:
     from edgelora.benchmark import bench, format_bench
     report = bench(ns.bundle, ns.threads, ns.prompt_tokens, ns.decode_tokens, mmap=not ns.no_mmap, runs=ns.runs,
-                   products=ns.products)
+                   products=ns.products, kv_cache=ns.kv_cache)
     print(json.dumps(report, indent=1) if ns.json else format_bench(report))
     return 0
 
@@ -343,12 +344,13 @@ def _cmd_plan(ns) -> int:
     adapters = _adapters_arg(ns.adapter)
     train = ({"rank": ns.rank, "targets": ns.targets, "tokens": ns.tokens, "recompute": ns.recompute}
              if ns.train else None)
-    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads, train=train)
+    p = plan(ns.bundle, ns.device, context=ns.context, adapters=adapters, threads=ns.threads, train=train,
+             kv_cache=ns.kv_cache)
     out = p.to_dict()
     text = p.text()
     if ns.measure:
         peak = (measure_train_peak_rss(ns.bundle, train, threads=p.threads) if train
-                else measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads))
+                else measure_peak_rss(ns.bundle, p.context, adapters, threads=p.threads, kv_cache=ns.kv_cache))
         out["measured_peak_rss_bytes"] = peak
         text += (f"\nmeasured on this machine: peak RSS {peak / 1e6:.1f} MB "
                  f"(the plan's total is {p.total_bytes / peak - 1:+.1%} off it)")
@@ -361,7 +363,7 @@ def _cmd_deploy(ns) -> int:
     from edgelora.runtime.warmup import status_line  # (the CLI imports what each command needs when it runs)
     status_line(f"edgelora deploy: planning for {ns.device}, then writing and hashing {ns.output}...")
     r = deploy(ns.bundle, ns.device, ns.output, adapters=_adapters_arg(ns.adapter), context=ns.context,
-               threads=ns.threads, archive=ns.archive, overwrite=ns.overwrite)
+               threads=ns.threads, archive=ns.archive, overwrite=ns.overwrite, kv_cache=ns.kv_cache)
     if ns.json:
         print(json.dumps({"path": str(r.path), "archive": None if r.archive is None else str(r.archive),
                           "files": len(r.files) + 1, "total_file_bytes": r.total_file_bytes,
@@ -401,16 +403,27 @@ def _cmd_train(ns) -> int:
     return 0
 
 
-def _add_products_option(p) -> None:
+def _add_products_option(p, kv_default: str | None = None) -> None:
+    """``--products`` and ``--kv-cache`` (``kv_default``: None where a deploy folder's plan decides)."""
     from edgelora.products import DEFAULT_PRODUCTS, PRODUCTS
     p.add_argument("--products", choices=PRODUCTS, default=DEFAULT_PRODUCTS,
                    help="NF4 products: exact float32, or int8 activations with int32 sums, a float16 head "
                         "quantized to int8 at load (faster, approximate; README, The int8 product path)")
+    _add_kv_cache_option(p, kv_default)
+
+
+def _add_kv_cache_option(p, default: str | None) -> None:
+    from edgelora.products import DEFAULT_KV_CACHE, KV_CACHES
+    planned = "" if default is not None else f" (default: {DEFAULT_KV_CACHE}, or what a deploy folder was planned with)"
+    p.add_argument("--kv-cache", choices=KV_CACHES, default=default,
+                   help="what the KV cache holds: float32 (attention as the references compute it) or float16 "
+                        "(llama.cpp's default: half the cache's memory and of what a decode step reads of it; "
+                        "README, KV cache)" + planned)
 
 
 def _cmd_warmup(ns) -> int:
     from edgelora.runtime.warmup import warmup
-    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap, products=ns.products)
+    report = warmup(ns.bundle, threads=ns.threads, mmap=not ns.no_mmap, products=ns.products, kv_cache=ns.kv_cache)
     print(json.dumps(report.to_dict(), indent=1) if ns.json else report.text())
     return 0
 
@@ -428,7 +441,7 @@ def _cmd_serve(ns) -> int:
           max_body_bytes=ns.max_body_bytes,
           prompt_cache_bytes=None if ns.prompt_cache_mb is None else int(ns.prompt_cache_mb * 1e6),
           allow_adapter_loading=not ns.no_adapter_loading, log_level=ns.log_level,
-          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products)
+          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products, kv_cache=ns.kv_cache)
     return 0
 
 
@@ -646,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a PEFT LoRA adapter to keep resident, named NAME or after its folder (repeatable)")
         x.add_argument("--threads", type=int, default=None, help="threads to plan for (default: the device's cores)")
         x.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
+        _add_kv_cache_option(x, "float32")
         if cmd == "plan":
             x.add_argument("--measure", action="store_true",
                            help="also run the plan on this machine (context filled to its end) and report its peak RSS")

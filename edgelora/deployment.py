@@ -41,6 +41,7 @@ import numpy as np
 from edgelora.atomic import (_tmp_sibling, atomic_output_dir, build_time, check_output_dir, clean_stale, os_error,
                              utc_stamp)
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UsageError
+from edgelora.products import DEFAULT_KV_CACHE, KV_CACHES
 
 if TYPE_CHECKING:  # (imported where used: planning pulls in the runtime)
     from edgelora.devices.profiles import Device
@@ -117,10 +118,12 @@ def _check_adapters_fit(adapters: dict, device) -> None:
 
 def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLike, adapters: dict | None = None,
            context: int | None = None, threads: int | None = None, archive: bool = False, overwrite: bool = False,
-           overhead: int | None = None) -> DeployResult:
+           overhead: int | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> DeployResult:
     """Plan ``bundle`` with ``adapters`` ``{name: folder}`` on ``device`` and, when it fits, write
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
-    :class:`PlanError` with the plan's numbers and what to change."""
+    :class:`PlanError` with the plan's numbers and what to change. ``kv_cache``: what its KV cache
+    holds (``"float32"`` or ``"float16"``, :func:`edgelora.load`), planned and recorded: loading
+    the folder uses it."""
     adapters = dict(adapters or {})
     for name in adapters:
         _check_name(name)
@@ -141,16 +144,18 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
         compact = {name: Path(scratch) / name for name in adapters}
         for name, path in adapters.items():
             compact_adapter(path, compact[name])
-        return _deploy(bundle, device, out, adapters, compact, context, threads, tar_path, overwrite, overhead)
+        return _deploy(bundle, device, out, adapters, compact, context, threads, tar_path, overwrite, overhead,
+                       kv_cache)
 
 
 def _deploy(bundle, device, out: Path, adapters: dict, compact: dict, context, threads, tar_path, overwrite,
-            overhead) -> DeployResult:
+            overhead, kv_cache) -> DeployResult:
     """:func:`deploy` once the adapters are compacted (``compact``: name -> the float16 copy)."""
     from edgelora import __version__
     from edgelora.bundle import Bundle, file_table, sealed_text
     from edgelora.devices.planner import plan as make_plan
-    p = make_plan(bundle, device, context=context, adapters=compact, threads=threads, overhead=overhead)
+    p = make_plan(bundle, device, context=context, adapters=compact, threads=threads, overhead=overhead,
+                  kv_cache=kv_cache)
     if not p.fits:
         raise PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
                         f"{p.budget_bytes / 1e6:.1f} MB ({p.device.app_share:.0%} of {p.device.ram_mib} MiB)"
@@ -177,7 +182,7 @@ def _deploy(bundle, device, out: Path, adapters: dict, compact: dict, context, t
             "device": {"name": p.device.name, "arch": p.device.arch, "cores": p.device.cores,
                        "ram_mib": p.device.ram_mib, "budget_bytes": p.budget_bytes},
             "plan": {"context": p.context, "threads": p.threads, "total_bytes": p.total_bytes,
-                     "adapter_bytes": p.adapter_bytes},
+                     "adapter_bytes": p.adapter_bytes, "kv_cache": p.kv_cache},
             "model": MODEL_DIR,
             "adapters": {name: {"path": f"{ADAPTERS_DIR}/{name}", "bytes": p.adapters[name]} for name in adapters},
             "files": files,
@@ -264,6 +269,8 @@ def read_manifest(path) -> dict:
             raise FormatError(f"manifest plan field {key!r} missing or not a non-negative integer", mpath)
     if plan["context"] < 1:
         raise FormatError("manifest plan context must be at least 1", mpath)
+    if plan.get("kv_cache", DEFAULT_KV_CACHE) not in KV_CACHES:  # (absent in folders made before it was planned)
+        raise FormatError(f"manifest plan kv_cache must be one of {', '.join(KV_CACHES)}", mpath)
     for rel, info in m["files"].items():
         _safe_rel(rel, mpath)
         if not isinstance(info, dict) or not isinstance(info.get("size"), int) or \
@@ -312,6 +319,11 @@ class Deployment:
         return self.planned["threads"]
 
     @property
+    def kv_cache(self) -> str:
+        """What the planned KV cache holds (``"float32"`` in folders made before it was planned)."""
+        return self.planned.get("kv_cache", DEFAULT_KV_CACHE)
+
+    @property
     def adapter_bytes(self) -> int:
         return self.planned["adapter_bytes"]
 
@@ -343,6 +355,9 @@ def _read_plan(root: Path, m: dict) -> dict:
         if m["plan"][key] != v:
             raise FormatError(f"the manifest's plan {key} {m['plan'][key]} differs from plan.json's {v}; "
                               f"the folder was edited, deploy again", root / MANIFEST)
+    if planned.get("kv_cache", DEFAULT_KV_CACHE) != m["plan"].get("kv_cache", DEFAULT_KV_CACHE):
+        raise FormatError("plan.json's kv_cache differs from the manifest's; the folder was edited, deploy again",
+                          root / MANIFEST)
     budget = planned.get("budget_bytes")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget != m["device"].get("budget_bytes"):
         raise FormatError("plan.json's budget_bytes is missing or differs from the manifest's device budget; the "

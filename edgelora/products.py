@@ -1,4 +1,5 @@
-"""How NF4 weights multiply (``load(..., products=...)``, ``--products``): the choices and the default.
+"""How NF4 weights multiply (``load(..., products=...)``, ``--products``) and what the KV cache
+holds (``load(..., kv_cache=...)``, ``--kv-cache``): the choices and the defaults.
 
 * ``exact``: float32 products of the dequantized weights, bit-true against the references
   (transformers over bitsandbytes' dequantized weights);
@@ -7,8 +8,14 @@
   to int8 at load and multiplies the same way (``int8.F16Int8Linear``).
 
 :data:`DEFAULT_PRODUCTS` is the one place the default is chosen, from measured perplexity
-(README, *The int8 product path*). A module of its own, free of NumPy and Numba, so the command
-line can show the default without loading the runtime.
+(README, *The int8 product path*).
+
+KV cache (:data:`KV_CACHES`): ``float32`` keeps attention as the references compute it (the
+default); ``float16`` (llama.cpp's default) halves the cache's memory and the bytes a decode step
+reads of it, each key and value rounded to float16 once, when stored (README, *KV cache*).
+
+A module of its own, free of NumPy and Numba, so the command line can show the defaults without
+loading the runtime.
 """
 
 from __future__ import annotations
@@ -24,3 +31,15 @@ def check_products(products: str) -> str:
     if products not in PRODUCTS:
         raise UsageError(f"products must be one of {', '.join(PRODUCTS)}, got {products!r}")
     return products
+
+
+KV_CACHES = ("float32", "float16")
+DEFAULT_KV_CACHE = "float32"
+KV_CACHE_BYTES = {"float32": 4, "float16": 2}  # bytes a key or value element takes
+
+
+def check_kv_cache(kv_cache: str) -> str:
+    """``kv_cache`` if it is one of :data:`KV_CACHES`, else a :class:`UsageError`."""
+    if kv_cache not in KV_CACHES:
+        raise UsageError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    return kv_cache

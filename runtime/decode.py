@@ -133,10 +133,45 @@ def _vec(builder, ptr, vt):
     return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
 
 
+def _cache_load(builder, ptr, lanes: int, half: bool):
+    """``lanes`` float32 (a vector, or one float when ``lanes`` is 1) from a cache's ``ptr``: float32
+    as they are; float16 bits (a float16 cache, held as uint16) widened exactly (``fpext``: F16C
+    ``vcvtph2ps`` on x86-64, ``fcvtl`` on aarch64)."""
+    f32 = ir.FloatType()
+    if not half:
+        return _vec(builder, ptr, ir.VectorType(f32, lanes)) if lanes > 1 else builder.load(ptr)
+    if lanes == 1:
+        return builder.fpext(builder.bitcast(builder.load(ptr), ir.HalfType()), f32)
+    bits = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), lanes).as_pointer()), align=2)
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(f32, lanes))
+
+
+def _cache_array(a) -> bool | None:
+    """Whether a kernel's cache array ``a`` holds float16 bits (uint16; False: float32; None: neither)."""
+    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"):
+        return None
+    return True if a.dtype == types.uint16 else False if a.dtype == types.float32 else None
+
+
+@intrinsic
+def _to_cache(typingctx, x, like):
+    """The float32 ``x`` as an element of the cache array ``like``: itself (float32), or its float16
+    bits (uint16), rounded to nearest even as NumPy's ``astype(np.float16)`` rounds (``fptrunc``)."""
+    if x != types.float32 or not isinstance(like, types.Array):
+        return None
+    if like.dtype == types.float32:
+        return types.float32(x, like), lambda context, builder, sig, args: args[0]
+    if like.dtype == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return types.uint16(x, like), codegen
+    return None
+
+
 def _head_dots(heads: int, keys: int):
     """An intrinsic ``f(q, q0, qstep, k, k0, kstep, n, s, s0, sstep)``: for h < ``heads`` and c <
     ``keys``, ``s[s0 + h sstep + c] = sum_i q[q0 + h qstep + i] k[k0 + c kstep + i]`` for i < n
-    (flat float32 arrays, unsigned offsets): the scores of ``heads`` queries against ``keys`` keys,
+    (flat float32 arrays, ``k`` float32 or float16 bits widened exactly; unsigned offsets): the scores of ``heads`` queries against ``keys`` keys,
     each key's vectors loaded once for every head. Each dot's bits are those of the dot alone: lane
     ``i mod 16`` of a 16-float sum over the whole steps of 16 (a product, then a sum: no FMA),
     the lanes added pairwise (``_hsum``), then the rest one by one (``tests/test_decode.py`` has
@@ -146,9 +181,9 @@ def _head_dots(heads: int, keys: int):
 
     @intrinsic
     def dots(typingctx, q, q0, qstep, k, k0, kstep, n, s, s0, sstep):
-        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
-                   for a in (q, k, s)):
+        if _cache_array(q) is not False or _cache_array(s) is not False or _cache_array(k) is None:
             return None
+        half = _cache_array(k)
 
         def codegen(context, builder, sig, args):
             f32, i64 = ir.FloatType(), ir.IntType(64)
@@ -161,7 +196,7 @@ def _head_dots(heads: int, keys: int):
             zero = ir.Constant(vt, [0.0] * lanes)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(keys)] for _ in range(heads)]
             with cgutils.for_range_slice(builder, ir.Constant(i64, 0), whole, ir.Constant(i64, lanes)) as (i, _):
-                kv = [_vec(builder, builder.gep(p, [i]), vt) for p in ks]
+                kv = [_cache_load(builder, builder.gep(p, [i]), lanes, half) for p in ks]
                 for h in range(heads):
                     x = _vec(builder, builder.gep(qs[h], [i]), vt)
                     for c in range(keys):
@@ -172,7 +207,7 @@ def _head_dots(heads: int, keys: int):
                 for h in range(heads):
                     x = builder.load(builder.gep(qs[h], [i]))
                     for c in range(keys):
-                        y = builder.load(builder.gep(ks[c], [i]))
+                        y = _cache_load(builder, builder.gep(ks[c], [i]), 1, half)
                         builder.store(builder.fadd(builder.load(ts[h][c]), builder.fmul(x, y)), ts[h][c])
             for h in range(heads):
                 row = builder.add(s0, builder.mul(sstep, ir.Constant(i64, h)))
@@ -188,17 +223,18 @@ def _head_dots(heads: int, keys: int):
 
 def _weighted_sums(heads: int):
     """An intrinsic ``f(p, p0, pstep, v, v0, vstep, n, width, o, o0, ostep)``: for h < ``heads`` and
-    d < ``width``, ``o[o0 + h ostep + d] = sum_j p[p0 + h pstep + j] v[v0 + j vstep + d]``, j = 0 ..
-    n - 1 in order from 0.0 (a product, then a sum: no FMA): each head's bits are those of ``out[d]
+    d < ``width``, ``o[o0 + h ostep + d] = sum_j p[p0 + h pstep + j] v[v0 + j vstep + d]`` (``v``
+    float32 or float16 bits widened exactly), j = 0 .. n - 1 in order from 0.0 (a product, then a sum: no FMA): each head's bits are those of ``out[d]
     += p[j] * v[j, d]`` looped over j, whatever heads run beside it. A run of 64 outputs of every
     head stays in registers while j runs, each value vector loaded once for all the heads; then
     runs of 8, then single outputs."""
 
     @intrinsic
     def sums(typingctx, p, p0, pstep, v, v0, vstep, n, width, o, o0, ostep):
-        if not all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1 and a.layout == "C"
-                   for a in (p, v, o)):
+        if _cache_array(p) is not False or _cache_array(o) is not False or _cache_array(v) is None:
             return None
+        half = _cache_array(v)
+        line = 32 if half else 16  # values a cache line holds
 
         def codegen(context, builder, sig, args):
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
@@ -216,12 +252,12 @@ def _weighted_sums(heads: int):
                 with cgutils.for_range(builder, n) as loop:
                     j = loop.index
                     row = builder.gep(pv, [builder.add(builder.add(v0, builder.mul(j, vstep)), d0)])
-                    xs = [(_vec(builder, builder.gep(row, [ir.Constant(i64, r * lanes)]), vt) if lanes > 1
-                           else builder.load(builder.gep(row, [ir.Constant(i64, r)]))) for r in range(count)]
+                    xs = [_cache_load(builder, builder.gep(row, [ir.Constant(i64, r * lanes)]), lanes, half)
+                          for r in range(count)]
                     if lanes > 1 and PREFETCH_KEYS:  # the same outputs PREFETCH_KEYS rows on
                         ahead = builder.gep(row, [builder.mul(vstep, ir.Constant(i64, PREFETCH_KEYS))])
-                        for line in range(0, lanes * count, 16):
-                            _prefetch(builder, builder.gep(ahead, [ir.Constant(i64, line)]))
+                        for at in range(0, lanes * count, line):
+                            _prefetch(builder, builder.gep(ahead, [ir.Constant(i64, at)]))
                     for h in range(heads):
                         pj = builder.load(builder.gep(ps[h], [j]))
                         if lanes > 1:
@@ -267,7 +303,7 @@ def _scores(qf, h0, h1, hd, Kf, k0, n, s):
         at = k0 + u(j) * w
         if PREFETCH_KEYS and kb == _KB:
             ahead = at + u(PREFETCH_KEYS) * w
-            for c in range(0, _KB * hd, 16):  # (a cache line a call)
+            for c in range(0, _KB * hd, 64 // Kf.itemsize):  # (a cache line a call)
                 prefetch(Kf, np.int64(ahead + u(c)))
         h = h0
         while h < h1:
@@ -536,15 +572,25 @@ def _attend_heads(q, K, V, lo, n, scale, divide, cap, threads, out):
         _values(s, m, h0, h1, Vf, at, hd, of)
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _store(x, dst):
+    """dst [heads, hd] (a cache's, float32 or float16 bits) = x [heads, hd] float32 (:func:`_to_cache`)."""
+    for h in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            dst[h, j] = _to_cache(x[h, j], dst)
+
+
 @njit(cache=True, fastmath=False, parallel=True, inline="always")
 def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, threads, out):
     """One decode row at position ``pos``: q [nh, hd], k, v [nkv, hd] of this step; K, V
-    [nkv, S, hd] the layer's cache. Rotates q and k (``cos``, ``sin`` [rd] of the position),
-    stores k and v at ``pos``, and writes to out [nh * hd] the attention of q over positions
+    [nkv, S, hd] the layer's cache (float32, or a float16 cache's bits: ``KVCache.kernel_arrays``).
+    Rotates q and k (``cos``, ``sin`` [rd] of the position), stores k and v at ``pos``, and writes to out [nh * hd] the attention of q over positions
     ``0 .. pos`` (the last ``window`` of them when ``window`` > 0), split between ``threads``
     (passed in: ``numba.get_num_threads()`` inside would keep the function out of the cache)."""
-    _rope_into(k, cos, sin, rd, K[:, pos])
-    V[:, pos] = v
+    kr = np.empty_like(k)
+    _rope_into(k, cos, sin, rd, kr)
+    _store(kr, K[:, pos])
+    _store(v, V[:, pos])
     qr = np.empty_like(q)
     _rope_into(q, cos, sin, rd, qr)
     lo = max(0, pos - window + 1) if window > 0 else 0
@@ -811,7 +857,8 @@ def _quantized(X, bs):
 def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, arrays, lengths, nshift, offset,
                   bs, sc_kind, nh, nkv, hd, inter, rd, windows, scale, divide, cap, threads, ops, op_start, uoff,
                   stacked, a_rows):
-    """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, nkv, S, hd])
+    """Every layer of a decode step for rows x [B, H] of one sequence's cache (K, V [L, nkv, S, hd],
+    float32 or float16 bits)
     at positions ``pos`` [B] (stored and attended in row order), all with one selection:
     ``LlamaModel.decode_rows``' layer loop (the same pieces, products and adapter kernels) in one
     call. Projection ``j = 7 i + p`` is projection ``PROJECTIONS[p]`` of layer i: its codes and block
@@ -971,7 +1018,7 @@ class CompiledLayers:
         """x [B, H] -> [B, H] after every layer (the final norm is the caller's), ``ops`` those of the
         rows' selection (:meth:`ops`)."""
         nh, nkv, hd, inter, rd = self.dims
-        return decode_layers(np.ascontiguousarray(x, np.float32), pos, cache.k, cache.v, cos, sin, self.attn_norm,
+        return decode_layers(np.ascontiguousarray(x, np.float32), pos, *cache.kernel_arrays(), cos, sin, self.attn_norm,
                              self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
                              self.offset, self.bs, self.sc_kind, nh, nkv, hd, inter, rd, self.windows, self.scale,
                              self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start, ops.uoff,

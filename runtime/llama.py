@@ -33,11 +33,12 @@ import numpy as np
 
 from edgelora import architectures
 from edgelora.config import ModelArgs
+from edgelora.products import DEFAULT_KV_CACHE, KV_CACHE_BYTES, check_kv_cache
 from edgelora.runtime.kernels import _pool
 from edgelora.runtime.threads import in_parallel
 from edgelora.runtime.decode import (CompiledLayers, attend_row, attention_args, online_softmax_block, rmsnorm_rows,
                                       rope_rows, scale_rows, silu_mul_rows)
-from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group
+from edgelora.runtime.lora import BASE, Selection, apply_batch, apply_batch_group, widened
 
 
 @dataclass
@@ -153,6 +154,12 @@ def rope_reference(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
     return (halves * c + halves[:, :, ::-1] * s).reshape(T, heads, hd)  # [T, heads, hd]
 
 
+def as_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when float32; a float16 array (a float16 KV cache's keys or values) widened
+    exactly into a new float32 array (``lora.widened``: NumPy's own cast is some 10x slower)."""
+    return widened(np.ascontiguousarray(a)) if a.dtype == np.float16 else a
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -187,7 +194,8 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     matrix of every head at once (the NumPy twin of :func:`attention_blockwise`; the decode step
     itself). Scores as :func:`scaled` makes them (soft-capped before the mask), masked as
     :func:`allowed_keys` says."""
-    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
+    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd] (float32, or float16 widened here)
+    k, v = as_float32(k), as_float32(v)
     S, nkv, _ = k.shape
     group = nh // nkv
     qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)  # [nkv, g, T, hd]
@@ -264,7 +272,7 @@ def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     position, before the first query's window) are skipped. A block's scores come from BLAS; their
     scaling, mask and softmax update run in one compiled call (``decode.online_softmax_block``:
     a TinyLlama layer's attention over 512 tokens, 15.8 -> 10.3 ms a thread)."""
-    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd]
+    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd] (float32, or float16 widened a block at a time)
     S, nkv, _ = k.shape
     group = nh // nkv
     # a key-value head's queries, every head of its group, as the rows of one matrix: one product
@@ -285,11 +293,11 @@ def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     cap, pos = np.float32(softcap or 0.0), np.ascontiguousarray(q_pos, np.int64)
     for s0 in range(lo, hi, block):
         s1 = min(hi, s0 + block)
-        s = np.matmul(qg, kt[..., s0:s1])  # [nkv, g*T, b]: raw scores
+        s = np.matmul(qg, as_float32(kt[..., s0:s1]))  # [nkv, g*T, b]: raw scores
         # scaled, soft-capped, masked, m and l updated; s -> p = exp(score - m_new) in place
         online_softmax_block(s.reshape(rows, s1 - s0), pos, s0, window or 0, divide, by, cap, m, l, r)
         acc *= r.reshape(nkv, group * T, 1)  # exp(m_old - m_new), 0 while m_old = -inf
-        acc += np.matmul(s, vt[:, s0:s1])  # [nkv, g*T, hd]
+        acc += np.matmul(s, as_float32(vt[:, s0:s1]))  # [nkv, g*T, hd]
     acc /= l.reshape(nkv, group * T, 1)  # every query sees at least its own position: l > 0
     return acc.reshape(nkv, group, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)  # [T, nh*hd]
 
@@ -303,16 +311,22 @@ def silu(x: np.ndarray) -> np.ndarray:
 # the model
 # ---------------------------------------------------------------------------------------------
 
+#: the KV cache's element type of each ``kv_cache`` choice (``edgelora.products.KV_CACHES``)
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
 class KVCache:
     """Keys and values for ``max_context`` positions of every layer, allocated once: ``k``, ``v``
     [layers, kv heads, positions, head dim], a key-value head's positions contiguous (a decode
-    step reads each head's keys as one run, not 256 bytes of every position's 1 KB). The attention
-    functions take a layer as [positions, kv heads, head dim] (:meth:`layer`, a view)."""
+    step reads each head's keys as one run, not 256 bytes of every position's 1 KB), in float32 or
+    float16 (``kv_cache``, ``edgelora.products.KV_CACHES``). The attention functions take a layer
+    as float32 [positions, kv heads, head dim] (:meth:`layer`)."""
 
-    def __init__(self, args: ModelArgs, max_context: int):
+    def __init__(self, args: ModelArgs, max_context: int, kv_cache: str = DEFAULT_KV_CACHE):
         shape = (args.num_hidden_layers, args.num_key_value_heads, max_context, args.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.kv_cache = check_kv_cache(kv_cache)
+        self.k = np.zeros(shape, KV_DTYPES[kv_cache])
+        self.v = np.zeros(shape, KV_DTYPES[kv_cache])
         self.max_context = max_context
         self.length = 0
 
@@ -321,16 +335,26 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     @staticmethod
-    def planned_bytes(args: ModelArgs, max_context: int) -> int:
+    def planned_bytes(args: ModelArgs, max_context: int, kv_cache: str = DEFAULT_KV_CACHE) -> int:
         """What a cache of ``max_context`` positions takes (the memory planner's item)."""
-        return 2 * args.num_hidden_layers * max_context * args.num_key_value_heads * args.head_dim * 4
+        size = KV_CACHE_BYTES[check_kv_cache(kv_cache)]
+        return 2 * args.num_hidden_layers * max_context * args.num_key_value_heads * args.head_dim * size
+
+    def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """k, v as the compiled decode step takes them: float32, or a float16 cache's bits (uint16)."""
+        if self.k.dtype == np.float16:
+            return self.k.view(np.uint16), self.v.view(np.uint16)
+        return self.k, self.v
 
     def layer(self, i: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer ``i``'s keys and values of positions ``0 .. n - 1``, views [n, kv heads, head dim]."""
+        """Layer ``i``'s keys and values of positions ``0 .. n - 1``, views [n, kv heads, head dim]
+        (float16 ones of a float16 cache: the attention functions widen what they read, a block at
+        a time, :func:`as_float32`)."""
         return self.k[i, :, :n].transpose(1, 0, 2), self.v[i, :, :n].transpose(1, 0, 2)
 
     def store(self, i: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Layer ``i``'s keys and values k, v [T, kv heads, head dim] at positions ``start ..``."""
+        """Layer ``i``'s keys and values k, v float32 [T, kv heads, head dim] at positions ``start ..``
+        (rounded to nearest even in a float16 cache, as a decode step stores them)."""
         T = k.shape[0]
         self.k[i, :, start:start + T] = k.transpose(1, 0, 2)
         self.v[i, :, start:start + T] = v.transpose(1, 0, 2)
@@ -387,8 +411,11 @@ class LlamaModel:
         i, k = self._modules[name]
         return self.w.layers[i].biases.get(k)
 
+    #: what the caches :meth:`new_cache` makes hold (``edgelora.products.KV_CACHES``; ``build_model`` sets it)
+    kv_cache = DEFAULT_KV_CACHE
+
     def new_cache(self) -> KVCache:
-        return KVCache(self.args, self.max_context)
+        return KVCache(self.args, self.max_context, self.kv_cache)
 
     # the parts of a layer that differ between architectures: ``proj(k, h)`` is projection ``k``
     # of this layer applied to ``h`` (with the adapters' deltas)
@@ -543,7 +570,8 @@ class LlamaModel:
         window, scale, divide, cap = attention_args(self, i)
         threads = numba.get_num_threads()
         for b, (c, s) in enumerate(zip(caches, starts)):  # in order: a row sees the keys stored before it
-            attend_row(q[b].reshape(nh, hd), k[b].reshape(nkv, hd), v[b].reshape(nkv, hd), c.k[i], c.v[i], s,
+            K, V = c.kernel_arrays()
+            attend_row(q[b].reshape(nh, hd), k[b].reshape(nkv, hd), v[b].reshape(nkv, hd), K[i], V[i], s,
                        self.cos[s], self.sin[s], a.rotary_dim, window, scale, divide, cap, threads, att[b])
         x = x + proj("o", att)  # [B, H]
         h = rmsnorm_rows(x, L.mlp_norm, eps, np.empty_like(x))  # [B, H]

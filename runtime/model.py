@@ -29,7 +29,7 @@ from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
 from edgelora.devices.profiles import host_ram_bytes
 from edgelora.errors import PlanError, UsageError
-from edgelora.products import DEFAULT_PRODUCTS
+from edgelora.products import DEFAULT_KV_CACHE, DEFAULT_PRODUCTS, KV_CACHE_BYTES, check_kv_cache
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
@@ -311,11 +311,12 @@ class Model:
     ``deployment``: the :class:`~edgelora.deployment.Deployment` when the bundle comes from a
     deploy folder: its adapters are made resident, and no more adapter bytes than it planned.
     ``products``: how NF4 weights multiply, ``"exact"`` or ``"int8"`` (:func:`edgelora.load`).
+    ``kv_cache``: what its KV caches hold, ``"float32"`` or ``"float16"`` (:func:`edgelora.load`).
     ``prompt_cache``: None, or a :class:`~edgelora.runtime.prompt_cache.PromptCache` whose kept
     prompt prefixes generations reuse (``model.prompt_cache = edgelora.PromptCache(256 << 20)``)."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
-                 deployment=None, products: str = DEFAULT_PRODUCTS):
+                 deployment=None, products: str = DEFAULT_PRODUCTS, kv_cache: str = DEFAULT_KV_CACHE):
         from edgelora.runtime.tokenizer import Tokenizer
         self.bundle = bundle
         self.path = bundle.path
@@ -323,8 +324,9 @@ class Model:
         self.threads = set_threads(threads)  # the most every forward runs on, from whichever thread (``_running``)
         self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
         self.products = products
-        _check_cache_fits(bundle, max_context)
-        self.net = build_model(bundle, max_context, products)
+        self.kv_cache = check_kv_cache(kv_cache)
+        _check_cache_fits(bundle, max_context, kv_cache)
+        self.net = build_model(bundle, max_context, products, kv_cache)
         self.max_context = self.net.max_context
         self.tokenizer = Tokenizer.from_dir(bundle.path, listed=bundle.listed)
         # the ids that end a generation (finish reason "eos"): EOS, and BOS, which starts a new document
@@ -434,7 +436,7 @@ class Model:
     # --- sizes -----------------------------------------------------------------------------
     @property
     def kv_cache_bytes(self) -> int:
-        return KVCache.planned_bytes(self.args, self.max_context)
+        return KVCache.planned_bytes(self.args, self.max_context, self.kv_cache)
 
     @property
     def weight_bytes(self) -> int:
@@ -780,7 +782,7 @@ class Model:
         if self.deployment is None or n <= 1:
             return
         planned = self.deployment.planned
-        per_sequence = KVCache.planned_bytes(self.args, self.max_context)
+        per_sequence = KVCache.planned_bytes(self.args, self.max_context, self.kv_cache)
         headroom = planned["budget_bytes"] - planned["total_bytes"]
         most = 1 + max(headroom, 0) // per_sequence
         if n > most:
@@ -789,14 +791,14 @@ class Model:
                             f"sequences at once", self.path)
 
 
-def _check_cache_fits(bundle: Bundle, max_context: int | None) -> None:
+def _check_cache_fits(bundle: Bundle, max_context: int | None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
     """A ``max_context`` whose KV cache and rope tables alone exceed this machine's memory is refused
     before anything is allocated (NumPy would fail with a raw allocation error, or the OS kill us)."""
     ram = host_ram_bytes()
     if max_context is None or ram is None or not isinstance(max_context, numbers.Integral) or max_context < 1:
         return
     a = bundle.args
-    need = KVCache.planned_bytes(a, int(max_context)) + 2 * int(max_context) * a.head_dim * 4
+    need = KVCache.planned_bytes(a, int(max_context), kv_cache) + 2 * int(max_context) * a.head_dim * 4
     if need > ram:
         raise UsageError(f"max_context {max_context} needs {need / 1e9:.1f} GB for its KV cache, more than this "
                          f"machine's {ram / 1e9:.1f} GB of RAM; lower --max-context", bundle.path)
@@ -805,7 +807,8 @@ def _check_cache_fits(bundle: Bundle, max_context: int | None) -> None:
 def load(path: str | os.PathLike, threads: int | None = None, max_context: int | None = None,
          verify: bool | str = True, adapters: Mapping[str, str | os.PathLike] | None = None,
          device_check: bool = True, mmap: bool = True, warmup: bool = True,
-         convert_options: Mapping[str, Any] | None = None, products: str = DEFAULT_PRODUCTS) -> Model:
+         convert_options: Mapping[str, Any] | None = None, products: str = DEFAULT_PRODUCTS,
+         kv_cache: str | None = None) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
     generate. A Hugging Face checkpoint folder or hub id, a GGUF file or an ONNX model is converted
     once into ``$EDGELORA_HOME/bundles/`` (``convert_options``: :func:`edgelora.convert`'s
@@ -832,6 +835,10 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     sums by VNNI/AVX2 byte dot products, prompts by an int8 GEMM; logits within a stated tolerance
     of exact); the default, ``edgelora.products.DEFAULT_PRODUCTS``, was chosen from measured
     perplexity (README, *The int8 product path*).
+    ``kv_cache``: what the KV cache holds: ``"float32"`` (the default: attention as the references
+    compute it) or ``"float16"`` (llama.cpp's default: half the cache's memory and of the bytes a
+    decode step reads of it; each key and value rounded to float16 when stored; README, *KV cache*).
+    A deploy folder's plan says which (``None``: the planned one).
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
@@ -849,11 +856,15 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
             raise PlanError(f"max_context {max_context} is more than the {dep.context} positions this deploy folder "
                             f"was planned for; deploy again with context={max_context} (--context)", path)
         max_context = dep.context if max_context is None else max_context
+        if kv_cache is not None and KV_CACHE_BYTES[check_kv_cache(kv_cache)] > KV_CACHE_BYTES[dep.kv_cache]:
+            raise PlanError(f"kv_cache {kv_cache!r} takes more memory than the {dep.kv_cache!r} cache this deploy "
+                            f"folder was planned for; deploy again with kv_cache={kv_cache!r} (--kv-cache)", path)
         model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap, verification=dep.verification),
-                      threads=threads, max_context=max_context, deployment=dep, products=products)
+                      threads=threads, max_context=max_context, deployment=dep, products=products,
+                      kv_cache=dep.kv_cache if kv_cache is None else kv_cache)
     else:
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context,
-                      products=products)
+                      products=products, kv_cache=DEFAULT_KV_CACHE if kv_cache is None else kv_cache)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
     if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `run`)

@@ -35,7 +35,7 @@ def signature(model) -> str:
     """What decides which kernels ``model`` needs: its tensors' storages, mapped or in memory, one
     thread or several, the int8 product path when it is chosen (and whether some weights, rows
     not of whole 64-entry blocks, keep the exact kernels beside it; whether its float16 head runs
-    as int8), and how its decode steps run."""
+    as int8), how its decode steps run, and what its KV cache holds (a float16 one's bits)."""
     storages = "+".join(sorted({e.storage for e in model.bundle.entries.values()}))
     mapped = "mapped" if model.bundle.weights.mapped else "in-memory"
     threads = "parallel" if model.threads > 1 else "serial"
@@ -48,7 +48,8 @@ def signature(model) -> str:
     net = model.net  # decode steps: one compiled call, compiled pieces, or NumPy (runtime/decode.py)
     decode = "one-call" if net.compiled_decode and net.compiled_layers is not None else (
         "pieces" if net.compiled_decode else "numpy")
-    return f"{storages}|{mapped}|{threads}{products}|{decode}"
+    kv = "" if model.kv_cache == "float32" else f"|kv-{model.kv_cache}"
+    return f"{storages}|{mapped}|{threads}{products}|{decode}{kv}"
 
 
 def _passes(net) -> None:
@@ -120,15 +121,15 @@ class WarmupReport:
 
 
 def warmup(path: str | os.PathLike | None = None, threads: int | None = None, mmap: bool = True,
-           products: str = DEFAULT_PRODUCTS) -> WarmupReport:
+           products: str = DEFAULT_PRODUCTS, kv_cache: str | None = None) -> WarmupReport:
     """Compile every kernel a bundle or deploy folder needs on this machine, ahead of its first use
     (``path=None``: the built-in demo model, whose kernels are those of every bundle stored as
-    convert's defaults write it). Later loads with the same options (``products`` among them) start
-    without compiling."""
+    convert's defaults write it). Later loads with the same options (``products`` and ``kv_cache``
+    among them) start without compiling."""
     import edgelora
     if path is None:
         from edgelora.demo import default_workdir, demo_bundle
         path = demo_bundle(default_workdir(), quiet=True)[0]
-    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False, products=products)
+    model = edgelora.load(path, threads=threads, mmap=mmap, warmup=False, products=products, kv_cache=kv_cache)
     seconds = ensure_compiled(model, force=True)
     return WarmupReport(str(path), signature(model), seconds, str(kernel_cache.kernel_cache_dir()))

@@ -287,6 +287,44 @@ def test_deploy_folder_loads_with_its_plan(demo_deploy):
     assert model.adapters["third"].held == "float16"
 
 
+def test_a_float16_kv_cache_is_planned_deployed_and_loaded(tmp_path, capsys):
+    """``kv_cache="float16"``: the plan's KV cache is the runtime's float16 cache (half the bytes),
+    the deploy folder records it and loads with it, a float32 cache beyond the plan is refused, and
+    a manifest naming another kind is a FormatError."""
+    bundle = demo_bundle_path()
+    p32, p16 = (plan(bundle, "x86-64-laptop", context=300, threads=1, kv_cache=kv) for kv in ("float32", "float16"))
+    k32, k16 = ({i.name: i.bytes for i in p.items}["KV cache"] for p in (p32, p16))
+    model = edgelora.load(bundle, max_context=300, threads=1, kv_cache="float16")
+    assert k16 == model.net.new_cache().nbytes == model.kv_cache_bytes == k32 // 2
+    assert p16.to_dict()["kv_cache"] == "float16" and p16.max_context >= p32.max_context
+    assert main(["plan", str(bundle), "--device", "x86-64-laptop", "--context", "300", "--threads", "1",
+                 "--kv-cache", "float16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"] == "float16"
+
+    out = tmp_path / "f16"
+    assert main(["deploy", str(bundle), "--device", "host", "-o", str(out), "--context", "128",
+                 "--kv-cache", "float16"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "manifest.json").read_text())["plan"]["kv_cache"] == "float16"
+    deployed = edgelora.load(out)
+    assert deployed.kv_cache == "float16" and deployed.net.new_cache().k.dtype == np.float16
+    ids = [5, 6, 7, 8, 9]
+    assert deployed.generate(ids, max_new_tokens=8, temperature=0) == \
+        edgelora.load(bundle, max_context=128, kv_cache="float16").generate(ids, max_new_tokens=8, temperature=0)
+    with pytest.raises(PlanError, match="float16"):
+        edgelora.load(out, kv_cache="float32")
+    from edgelora.bundle import sealed_text
+    m = json.loads((out / "manifest.json").read_text())
+    m["plan"]["kv_cache"] = "int4"  # (sealed again: the manifest's own checks, not its digest, refuse it)
+    (out / "manifest.json").write_text(sealed_text(m))
+    with pytest.raises(FormatError, match="manifest plan kv_cache must be one of float32, float16"):
+        edgelora.load(out)
+    m["plan"]["kv_cache"] = "float32"  # the manifest's summary and plan.json disagree
+    (out / "manifest.json").write_text(sealed_text(m))
+    with pytest.raises(FormatError, match="plan.json's kv_cache differs"):
+        edgelora.load(out)
+
+
 def test_inspect_describes_a_deploy_folder(demo_deploy, tmp_path, capsys):
     import shutil
     info = edgelora.inspect(demo_deploy)

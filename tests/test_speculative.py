@@ -193,6 +193,18 @@ def test_greedy_with_adapters_and_mixes(converted, drafts, adapters, arch):
         assert model.generate(PROMPT, 24, return_result=True, draft=draft).token_ids == plain.token_ids
 
 
+@pytest.mark.parametrize("arch", ["llama3", "gemma2"])
+def test_greedy_over_a_float16_kv_cache(converted, drafts, arch):
+    """With ``kv_cache="float16"`` a verification step stores and reads the keys and values a plain
+    step would (the same rounding), so greedy text is plain decoding's there too."""
+    model = load(converted(arch)[1], kv_cache="float16")
+    assert model.net.new_cache().k.dtype == np.float16
+    plain = model.generate(PROMPT, 30, return_result=True)
+    for d in ("prompt-lookup", load(drafts(arch)[1], kv_cache="float16")):
+        r = model.generate(PROMPT, 30, return_result=True, draft=d, num_draft=4)
+        assert r.token_ids == plain.token_ids and r.stats.drafted_tokens > 0
+
+
 def test_the_stop_rules_of_plain_decoding(converted, drafts):
     """A full cache, a token budget that ends mid-step, a stop string, streaming and log-probabilities:
     each the same as plain decoding."""
