@@ -337,7 +337,8 @@ import json, statistics, sys
 import numpy as np
 import edgelora
 path, threads, products, n, depth = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-model = edgelora.load(path, threads=threads, max_context=depth + n + 16, products=products)
+kw = {"kv_cache": sys.argv[6]} if len(sys.argv) > 6 else {}
+model = edgelora.load(path, threads=threads, max_context=depth + n + 16, products=products, **kw)
 model.eos_ids = set()
 prompt = np.random.default_rng(0).integers(3, model.args.vocab_size, depth).tolist()
 model.generate(prompt[:8], max_new_tokens=2)  # compile, fault in
@@ -349,10 +350,12 @@ print(json.dumps({"decode": statistics.median(runs)}))
 """
 
 
-def edgelora_depth(bundle: Path, threads: int, products: str, n: int, depth: int) -> float:
-    """edgelora's decode tok/s of ``n`` tokens after a prompt of ``depth`` tokens (median of 2)."""
+def edgelora_depth(bundle: Path, threads: int, products: str, n: int, depth: int, kv_cache: str = "float32") -> float:
+    """edgelora's decode tok/s of ``n`` tokens after a prompt of ``depth`` tokens (median of 2),
+    its KV cache holding ``kv_cache``."""
     from edgelora.child import python_command
-    out, _ = _popen_rss(python_command(EDGELORA_DEPTH_CHILD, str(bundle), str(threads), products, str(n), str(depth)))
+    out, _ = _popen_rss(python_command(EDGELORA_DEPTH_CHILD, str(bundle), str(threads), products, str(n), str(depth),
+                                       kv_cache))
     return json.loads(out.strip().splitlines()[-1])["decode"]
 
 
@@ -385,6 +388,8 @@ def main():
         p.add_argument("--depths", nargs="*", type=int, default=[],
                        help="also decode after this many tokens of context (default: none), llama.cpp "
                             "IQ4_NL against each product path's default bundle")
+        p.add_argument("--kv-caches", nargs="+", default=["float32"], choices=["float32", "float16"],
+                       help="edgelora's KV caches in the --depths rounds (llama.cpp's is float16, its default)")
         p.add_argument("--depths-only", action="store_true",
                        help="run only the --depths rounds (no prefill, plain decode or adapter rounds)")
 
@@ -431,7 +436,8 @@ def main():
             lora_rounds["llama.cpp IQ4_NL, float16 adapter"] = []
             lora_rounds.update({f"edgelora {p}, float16 adapter": [] for p in a.products})
         depth_rounds = {"llama.cpp IQ4_NL": {}}
-        depth_rounds.update({f"edgelora {p}": {} for p in a.products})
+        depth_rounds.update({f"edgelora {p}" + ("" if kv == "float32" else f", {kv} KV cache"): {}
+                             for p in a.products for kv in a.kv_caches})
         if a.depths_only:
             systems, rounds, lora_rounds = {}, {}, {}
         for r in range(a.repeats):  # interleaved rounds
@@ -459,7 +465,8 @@ def main():
                 for k in depth_rounds:
                     tps = (llama_bench_depth(bin_dir, ggufs["IQ4_NL"], a.threads, a.decode_tokens, d)
                            if k.startswith("llama.cpp") else
-                           edgelora_depth(bundle, a.threads, k.split()[1], a.decode_tokens, d))
+                           edgelora_depth(bundle, a.threads, k.split()[1].rstrip(","), a.decode_tokens, d,
+                                          "float16" if k.endswith("float16 KV cache") else "float32"))
                     depth_rounds[k].setdefault(str(d), []).append(tps)
                     print(f"[{name} round {r + 1}] depth {d} {k}: decode {tps:.1f} tok/s", flush=True)
         med = {k: {m: statistics.median(x[m] for x in v) for m in v[0] if m != "wall_seconds"}

@@ -1,5 +1,7 @@
 """The perplexity cost of the int8 product path: ``edgelora eval``'s perplexity with
-``products="exact"`` and ``"int8"`` on real models and real text (issue 14 item 5: the default).
+``products="exact"`` and ``"int8"`` on real models and real text (issue 14 item 5: the default);
+with ``--compare kv-cache``, that of a float16 KV cache against float32 (both with the default
+products).
 
 Models: stories260K (``$EDGELORA_SHARED_MODELS/stories260K``, converted here) and the built-in demo
 model. Texts: held-out documents of the demo corpus (``scripts/demo_corpus.py`` with a seed the demo
@@ -12,6 +14,8 @@ Perplexity windows are whole prefills, so the int8 numbers are those of the pref
 
     EDGELORA_SHARED_MODELS=/work/shared/models python bench/products_perplexity.py \\
         --json bench/results/products_perplexity.json
+    EDGELORA_SHARED_MODELS=/work/shared/models python bench/products_perplexity.py --compare kv-cache \\
+        --json bench/results/kv_cache_perplexity.json
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main():
                    help="where the bundles are made and kept")
     p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
     p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
+    p.add_argument("--compare", choices=("products", "kv-cache"), default="products",
+                   help="exact against int8 products, or a float32 against a float16 KV cache")
     a = p.parse_args()
 
     import edgelora
@@ -59,18 +65,22 @@ def main():
     prompts = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park.",
                "The sun was shining and", "There was a big red ball", "Mia wanted to"]
     rows = []
+    base, other = ("exact", "int8") if a.compare == "products" else ("float32", "float16")
+    option = "products" if a.compare == "products" else "kv_cache"
     for name, bundle in models.items():
-        exact = edgelora.load(bundle, products="exact")
-        int8 = edgelora.load(bundle, products="int8")
-        texts = {"demo-corpus": corpus, "own-samples": sampled_text(exact, prompts * 4, 200, seed=7)}
+        first = edgelora.load(bundle, **{option: base})
+        second = edgelora.load(bundle, **{option: other})
+        sampler = first if a.compare == "products" else edgelora.load(bundle, products="exact")
+        texts = {"demo-corpus": corpus, "own-samples": sampled_text(sampler, prompts * 4, 200, seed=7)}
         for tname, text in texts.items():
-            e, i = evaluate(exact, text=text), evaluate(int8, text=text)
+            e, i = evaluate(first, text=text), evaluate(second, text=text)
             rows.append({"model": name, "text": tname, "tokens": e.text_tokens, "window": e.window,
-                         "exact": e.perplexity, "int8": i.perplexity,
+                         base: e.perplexity, other: i.perplexity,
                          "cost_percent": 100 * (i.perplexity / e.perplexity - 1)})
-            print(f"{name:12s} {tname:12s} {e.text_tokens:6d} tokens: exact {e.perplexity:.4f}  int8 "
+            print(f"{name:12s} {tname:12s} {e.text_tokens:6d} tokens: {base} {e.perplexity:.4f}  {other} "
                   f"{i.perplexity:.4f}  ({rows[-1]['cost_percent']:+.3f} %)", flush=True)
-    write_report(a.json, {"results": rows, "max_cost_percent": max(r["cost_percent"] for r in rows)})
+    write_report(a.json, {"compare": a.compare, "results": rows,
+                          "max_cost_percent": max(r["cost_percent"] for r in rows)})
 
 
 if __name__ == "__main__":
