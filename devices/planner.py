@@ -192,8 +192,8 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int, kv_cache: str = DEFA
     if kv_cache != "float32":  # a block of keys and one of values, copied and widened to float32
         prefill += 2 * min(KEY_BLOCK, S) * a.num_key_value_heads * hd * (F32 + KV_CACHE_BYTES[kv_cache])
     decode = 3 * nh * S * F32 + 9 * S  # a decode step's scores (masked copy, softmax), positions and mask
-    if kv_cache != "float32":  # (a family without the compiled step attends over its keys and values widened)
-        decode += 2 * S * a.num_key_value_heads * hd * (F32 + KV_CACHE_BYTES[kv_cache])
+    if kv_cache != "float32" and not compiled_decode(a):  # (a family without the compiled step attends over
+        decode += 2 * S * a.num_key_value_heads * hd * (F32 + KV_CACHE_BYTES[kv_cache])  # its keys and values widened)
     attn = max(prefill, decode)
     mlp_in = sum(out for name, (out, k) in _layer_linears(a).items() if name.startswith("mlp.") and k == H)
     mlp = T * (mlp_in + I) * F32  # the MLP's input projections' outputs and their gated product
@@ -400,7 +400,8 @@ import json, sys
 import numpy as np
 import edgelora
 from edgelora.memory import peak_rss_bytes
-bundle, ctx, threads, adapters, kv_cache = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
+bundle, ctx, threads, adapters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+kv_cache = sys.argv[5]
 model = edgelora.load(bundle, threads=threads, max_context=ctx, adapters=adapters, kv_cache=kv_cache)
 if adapters:
     model.use(next(iter(adapters)))
@@ -422,8 +423,8 @@ def measure_peak_rss(bundle: str | os.PathLike, context: int, adapters: dict | N
     figure is a warm run's (compiling takes memory once, not on every start)."""
     import os
     threads = max(1, min(int(threads), os.cpu_count() or 1))
-    args = python_command(_RUN, bundle, int(context), threads, json.dumps({k: str(v) for k, v in (adapters or {}).items()}),
-                          check_kv_cache(kv_cache))
+    named = json.dumps({k: str(v) for k, v in (adapters or {}).items()})
+    args = python_command(_RUN, bundle, int(context), threads, named, check_kv_cache(kv_cache))
     warm = python_command(_WARM, bundle, threads, int(context))  # a first load compiles what this machine lacks: not measured
     try:
         subprocess.run(warm, capture_output=True, text=True, timeout=timeout)
@@ -767,6 +768,13 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     else:
         if p.adapters:
             out.append(f"or leave out adapters: all together they take {p.adapter_bytes / MB:.1f} MB")
+    kv = next((i.bytes for i in p.items if i.name == "KV cache"), 0)
+    if p.kv_cache == "float32" and kv:  # (a float16 cache's widened blocks add a little scratch back)
+        halved = kv // 2 - (scratch_bytes(a, p.context, p.threads, "float16")[0]
+                            - scratch_bytes(a, p.context, p.threads)[0])
+        enough = "enough" if halved >= over else "not enough alone"
+        out.append(f"or --kv-cache float16: {halved / MB:.1f} MB less ({enough}; perplexity within 0.1 %, "
+                   f"see README, KV cache)")
     # an NF4 head is not copied, and its pages stay (--products exact would keep the float16 head's
     # pages instead of the int8 copy: more, so it is no suggestion)
     from edgelora.bundle import Bundle

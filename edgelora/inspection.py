@@ -124,7 +124,8 @@ def format_inspect(info: dict) -> str:
                   f"  device        {_get(d, 'name')} ({_get(d, 'arch')}, {_get(d, 'cores')} cores, "
                   f"{_get(d, 'ram_mib')} MiB RAM, budget "
                   f"{f'{budget / 1e6:.1f} MB' if isinstance(budget, (int, float)) else None})",
-                  f"  plan          context {p['context']}, {p['threads']} thread{'s' * (p['threads'] != 1)}, "
+                  f"  plan          context {p['context']} ({p.get('kv_cache', 'float32')} KV cache), "
+                  f"{p['threads']} thread{'s' * (p['threads'] != 1)}, "
                   f"{p['total_bytes'] / 1e6:.1f} MB "
                   f"(adapters {p['adapter_bytes'] / 1e6:.1f} MB)",
                   f"  adapters      {', '.join(info['adapters']) or 'none'}",

@@ -171,8 +171,9 @@ def _to_cache(typingctx, x, like):
 def _head_dots(heads: int, keys: int):
     """An intrinsic ``f(q, q0, qstep, k, k0, kstep, n, s, s0, sstep)``: for h < ``heads`` and c <
     ``keys``, ``s[s0 + h sstep + c] = sum_i q[q0 + h qstep + i] k[k0 + c kstep + i]`` for i < n
-    (flat float32 arrays, ``k`` float32 or float16 bits widened exactly; unsigned offsets): the scores of ``heads`` queries against ``keys`` keys,
-    each key's vectors loaded once for every head. Each dot's bits are those of the dot alone: lane
+    (flat float32 arrays, ``k`` float32 or float16 bits widened exactly; unsigned offsets): the
+    scores of ``heads`` queries against ``keys`` keys, each key's vectors loaded once for every
+    head. Each dot's bits are those of the dot alone: lane
     ``i mod 16`` of a 16-float sum over the whole steps of 16 (a product, then a sum: no FMA),
     the lanes added pairwise (``_hsum``), then the rest one by one (``tests/test_decode.py`` has
     its NumPy twin). ``heads`` x ``keys`` independent sums, where one dot's sum would wait on each
@@ -224,8 +225,9 @@ def _head_dots(heads: int, keys: int):
 def _weighted_sums(heads: int):
     """An intrinsic ``f(p, p0, pstep, v, v0, vstep, n, width, o, o0, ostep)``: for h < ``heads`` and
     d < ``width``, ``o[o0 + h ostep + d] = sum_j p[p0 + h pstep + j] v[v0 + j vstep + d]`` (``v``
-    float32 or float16 bits widened exactly), j = 0 .. n - 1 in order from 0.0 (a product, then a sum: no FMA): each head's bits are those of ``out[d]
-    += p[j] * v[j, d]`` looped over j, whatever heads run beside it. A run of 64 outputs of every
+    float32 or float16 bits widened exactly), j = 0 .. n - 1 in order from 0.0 (a product, then a
+    sum: no FMA): each head's bits are those of ``out[d] += p[j] * v[j, d]`` looped over j,
+    whatever heads run beside it. A run of 64 outputs of every
     head stays in registers while j runs, each value vector loaded once for all the heads; then
     runs of 8, then single outputs."""
 
@@ -584,9 +586,10 @@ def _store(x, dst):
 def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, threads, out):
     """One decode row at position ``pos``: q [nh, hd], k, v [nkv, hd] of this step; K, V
     [nkv, S, hd] the layer's cache (float32, or a float16 cache's bits: ``KVCache.kernel_arrays``).
-    Rotates q and k (``cos``, ``sin`` [rd] of the position), stores k and v at ``pos``, and writes to out [nh * hd] the attention of q over positions
-    ``0 .. pos`` (the last ``window`` of them when ``window`` > 0), split between ``threads``
-    (passed in: ``numba.get_num_threads()`` inside would keep the function out of the cache)."""
+    Rotates q and k (``cos``, ``sin`` [rd] of the position), stores k and v at ``pos``, and writes
+    to out [nh * hd] the attention of q over positions ``0 .. pos`` (the last ``window`` of them
+    when ``window`` > 0), split between ``threads`` (passed in: ``numba.get_num_threads()`` inside
+    would keep the function out of the cache)."""
     kr = np.empty_like(k)
     _rope_into(k, cos, sin, rd, kr)
     _store(kr, K[:, pos])

@@ -275,7 +275,8 @@ def test_attend_row_equals_rope_and_reference_attention(case):
     Kc, Vc = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (K, V))  # the cache's layout: [nkv, S, hd]
     out = np.empty(nh * hd, F32)
     decode.attend_row(q, k, v, Kc, Vc, pos, cos[pos], sin[pos], rd, window, s, divide, F32(cap), 2, out)
-    np.testing.assert_array_equal(Kc.transpose(1, 0, 2), Kr)  # the rotated key stored at pos (rotary: the same operations), nothing else
+    # the rotated key stored at pos (rotary: the same operations), nothing else
+    np.testing.assert_array_equal(Kc.transpose(1, 0, 2), Kr)
     np.testing.assert_array_equal(Vc.transpose(1, 0, 2), Vr)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
 
@@ -362,8 +363,9 @@ def test_one_call_step_equals_the_pieces_bit_for_bit(fused_bundles, name, kv_cac
     else:  # a key or value whose two float32 results (2^-23 apart) straddle a float16 rounding boundary
         # differs by a float16 ulp (2^-10 relative) between the paths: 1e-2 of the logits' scale
         # (measured: at most 3.8e-3 on these models)
-        assert np.abs(a - d).max() <= 1e-2 * max(1.0, np.abs(d).max()), np.abs(a - d).max()  # NumPy's rounding (the prompt's, and the NumPy layer's steps) is the kernels'
-        # (keys from different products differ in float32's last bits, so some round to the next float16)
+        assert np.abs(a - d).max() <= 1e-2 * max(1.0, np.abs(d).max()), np.abs(a - d).max()
+        # the steps' keys as stored: most bits equal (the two paths' float32 keys differ in their
+        # last bits, so a few round to the neighbouring float16)
         assert np.mean(cd.k[:, :, 9:21] == ca.k[:, :, 9:21]) > 0.9
 
 

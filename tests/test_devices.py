@@ -297,6 +297,15 @@ def test_a_float16_kv_cache_is_planned_deployed_and_loaded(tmp_path, capsys):
     model = edgelora.load(bundle, max_context=300, threads=1, kv_cache="float16")
     assert k16 == model.net.new_cache().nbytes == model.kv_cache_bytes == k32 // 2
     assert p16.to_dict()["kv_cache"] == "float16" and p16.max_context >= p32.max_context
+    # a float32 plan over the budget names the float16 cache and what it frees, which is its plan's saving
+    roomy = Device(name="roomy", arch=host_arch(), cores=1, ram_mib=64, app_share=1.0)
+    r32, r16 = (plan(bundle, roomy, context=512, threads=1, overhead=0, kv_cache=kv) for kv in ("float32", "float16"))
+    tight = Device(name="tight", arch=host_arch(), cores=1, ram_mib=16,
+                   app_share=(r16.total_bytes + r32.total_bytes) / 2 / (16 << 20))  # between the two totals
+    q32, q16 = (plan(bundle, tight, context=512, threads=1, overhead=0, kv_cache=kv) for kv in ("float32", "float16"))
+    assert q16.fits and not q32.fits
+    note = next(x for x in q32.suggestions if "--kv-cache float16" in x)
+    assert f"{(q32.total_bytes - q16.total_bytes) / 1e6:.1f} MB less (enough" in note
     assert main(["plan", str(bundle), "--device", "x86-64-laptop", "--context", "300", "--threads", "1",
                  "--kv-cache", "float16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kv_cache"] == "float16"
