@@ -160,7 +160,9 @@ def bench(path, threads_list: list[int] | None = None, prompt_tokens: int | None
 
 def format_bench(report: dict) -> str:
     runs = report["results"][0].get("runs", 1)
-    lines = [f"bundle {report['bundle']} ({report['cores']} cores; median of {runs} run{'s' * (runs != 1)} after a warm-up)",
+    kv = report["results"][0].get("kv_cache", "float32")
+    lines = [f"bundle {report['bundle']} ({report['cores']} cores; {kv} KV cache; median of {runs} "
+             f"run{'s' * (runs != 1)} after a warm-up)",
              f"| threads | prefill tok/s ({report['results'][0]['prompt_tokens']}) | prefill tok/s (128) | decode tok/s "
              "| TTFT s | bandwidth GB/s "
              "| decode bound tok/s | achieved | peak RSS MB |",

@@ -272,7 +272,7 @@ def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     position, before the first query's window) are skipped. A block's scores come from BLAS; their
     scaling, mask and softmax update run in one compiled call (``decode.online_softmax_block``:
     a TinyLlama layer's attention over 512 tokens, 15.8 -> 10.3 ms a thread)."""
-    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd] (float32, or float16 widened a block at a time)
+    T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd] (float32, or float16: widened a block at once)
     S, nkv, _ = k.shape
     group = nh // nkv
     # a key-value head's queries, every head of its group, as the rows of one matrix: one product
