@@ -112,6 +112,27 @@ def assert_same_folder(a: Path, b: Path) -> None:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_a_group_with_a_float16_kv_cache(fleet, first, tmp_path):
+    """``kv_cache = "float16"`` in a device group: its deploy folder is ``edgelora deploy --kv-cache
+    float16``'s, byte for byte, and the group's key differs from the float32 group's."""
+    text = fleet_text({"a1": ("a1", "alpha")}, {"pis": ("raspberry-pi-4-4gb", ["a1"])}, evals=False, bases=("alpha",))
+    (fleet / "f16.toml").write_text(text.replace("[devices.pis]\n", '[devices.pis]\nkv_cache = "float16"\n'))
+    (fleet / "f32.toml").write_text(text)
+    out = tmp_path / "out"
+    r = edgelora.fleet.build(fleet / "f16.toml", out)
+    assert r.ok, r.text()
+    report = json.loads((out / "report.json").read_text())
+    folder = out / report["devices"]["pis"]["folder"]
+    assert open_deploy(folder, verify="full", device_check=False).kv_cache == "float16"
+    manual = edgelora.deploy(out / report["bases"]["alpha"]["bundle"], "raspberry-pi-4-4gb", tmp_path / "manual",
+                             adapters={"a1": fleet / "adapters" / "a1"}, context=64, overhead=OVERHEAD,
+                             kv_cache="float16")
+    assert_same_folder(folder, manual.path)
+    r32 = edgelora.fleet.build(fleet / "f32.toml", tmp_path / "out32")
+    assert json.loads((tmp_path / "out32" / "report.json").read_text())["devices"]["pis"]["key"] != \
+        report["devices"]["pis"]["key"] and r32.ok
+
+
 def test_fleet_builds_and_equals_manual_convert_and_deploy(fleet, first, tmp_path):
     out, r = first
     assert r.ok, r.text()
@@ -242,6 +263,7 @@ base = "x"
 [devices.pi]
 profile = "no-such-device"
 adapters = ["ghost"]
+kv_cache = "int4"
 
 [eval.both]
 data = "a.jsonl"
@@ -263,10 +285,11 @@ samples = -1
                  '[devices.pi] adapters = ["ghost"]: no adapter named ghost',
                  '[devices.pi] profile = "no-such-device": no device profile named \'no-such-device\'',
                  '[eval.both]: give exactly one of data',
+                 '[devices.pi] kv_cache = "int4": must be one of float32, float16',
                  '[evaluation] samples = -1: must be at least 0',
                  '[extra]: unknown table']:
         assert line in msg, line
-    assert msg.startswith(f"{tmp_path / 'fleet.toml'}: 10 problems:")
+    assert msg.startswith(f"{tmp_path / 'fleet.toml'}: 11 problems:")
     assert e.value.exit_code == 3
     (tmp_path / "bad.toml").write_text("[bases\n")
     with pytest.raises(FleetFileError, match="not valid TOML"):

@@ -100,11 +100,14 @@ def plan_items(fleet: Fleet, out: Path, hashes: HashCache) -> dict:
     for g in fleet.devices.values():
         base = items[f"base:{g.base}"]
         device = get_device(g.profile).to_toml()
-        key = item_key("deploy", {"base": base.key, "device": device, "context": g.context, "threads": g.threads,
-                                  "archive": g.archive, "overhead": g.overhead, "folder": g.name,
-                                  "adapters": {n: items[f"check:{n}"].key for n in g.adapters}})
+        options = {"base": base.key, "device": device, "context": g.context, "threads": g.threads,
+                   "archive": g.archive, "overhead": g.overhead, "folder": g.name,
+                   "adapters": {n: items[f"check:{n}"].key for n in g.adapters}}
+        if g.kv_cache != "float32":  # (the default leaves the keys of folders built before it unchanged)
+            options["kv_cache"] = g.kv_cache
+        key = item_key("deploy", options)
         spec = {"profile": g.profile, "context": g.context, "threads": g.threads, "archive": g.archive,
-                "overhead": g.overhead}
+                "overhead": g.overhead, "kv_cache": g.kv_cache}
         items[f"deploy:{g.name}"] = Item("deploy", g.name, key, spec,
                                          [base.id, *(f"check:{n}" for n in g.adapters)])
     for a in fleet.adapters.values():

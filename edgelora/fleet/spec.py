@@ -15,7 +15,8 @@
     profile = "raspberry-pi-4-4gb"              # a profile name (edgelora devices) or a .toml file
     context = 512                               # KV cache positions (default: min(model limit, 2048))
     adapters = ["pirate", "shout"]              # base: that of the adapters (or base = "demo")
-    # threads = 4, archive = true, overhead = 180000000 (bytes: the runtime's own, instead of measured)
+    # threads = 4, archive = true, overhead = 180000000 (bytes: the runtime's own, instead of measured),
+    # kv_cache = "float16" (what the KV cache holds: float32, the default, or float16, half the bytes)
 
     [eval.pirate-qa]                            # an evaluation set: JSONL (answer-only loss) or text
     data = "fleet_eval/pirate.jsonl"            #   (perplexity); adapters = [...] for some adapters,
@@ -81,6 +82,7 @@ class DeviceGroup:
     threads: int | None = None
     archive: bool = True
     overhead: int | None = None
+    kv_cache: str = "float32"  # what its KV cache holds (edgelora.products.KV_CACHES)
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,11 @@ def _check_base(c: _Checker, name: str, t, root: Path) -> Base | None:
 def _check_group(c: _Checker, name: str, t, root: Path, sections: dict, fleet: Fleet) -> DeviceGroup | None:
     where = f"[devices.{name}]"
     t = c.table(where, t, {"profile": (str,), "base": (str,), "adapters": (list,), "context": (int,),
-                           "threads": (int,), "archive": (bool,), "overhead": (int,)}, required=("profile",))
+                           "threads": (int,), "archive": (bool,), "overhead": (int,), "kv_cache": (str,)},
+                required=("profile",))
+    from edgelora.products import KV_CACHES
+    if t.get("kv_cache", KV_CACHES[0]) not in KV_CACHES:
+        c.bad(where, "kv_cache", t["kv_cache"], f"must be one of {', '.join(KV_CACHES)}")
     for key in ("context", "threads"):
         if key in t and t[key] < 1:
             c.bad(where, key, t[key], "must be at least 1")
@@ -359,7 +365,7 @@ def _check_group(c: _Checker, name: str, t, root: Path, sections: dict, fleet: F
     if profile is None:
         return None
     return DeviceGroup(name, profile, base, adapters, t.get("context"), t.get("threads"), t.get("archive", True),
-                       t.get("overhead"))
+                       t.get("overhead"), t.get("kv_cache", "float32"))
 
 
 def _check_evaluation(c: _Checker, t) -> EvalOptions:

@@ -118,11 +118,13 @@ def deploy_group(spec: dict, hook, base: dict, *checks: dict) -> dict:
         out = Path(spec["out"])
         bundle = out / base["result"]["bundle"]
         adapters = {c["name"]: c["result"]["path"] for c in checks}
-        opts = dict(context=spec["context"], threads=spec["threads"], overhead=spec["overhead"])
+        opts = dict(context=spec["context"], threads=spec["threads"], overhead=spec["overhead"],
+                    kv_cache=spec.get("kv_cache", "float32"))
         p = plan(bundle, spec["profile"], adapters=adapters, **opts)
         summary = {"fits": p.fits, "total_bytes": p.total_bytes, "budget_bytes": p.budget_bytes,
                    "context": p.context, "max_context": p.max_context, "model_max_context": p.model_max_context,
-                   "threads": p.threads, "device": p.device.to_dict(), "items": p.to_dict()["items"]}
+                   "threads": p.threads, "kv_cache": p.kv_cache, "device": p.device.to_dict(),
+                   "items": p.to_dict()["items"]}
         if not p.fits:
             e = PlanError(f"does not fit {p.device.name}: needs {p.total_bytes / 1e6:.1f} MB, the budget is "
                           f"{p.budget_bytes / 1e6:.1f} MB" + "".join(f"; {s}" for s in p.suggestions))
