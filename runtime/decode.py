@@ -438,14 +438,15 @@ def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 @njit(cache=True, fastmath=False, inline="always")
 def _rope_into(x, cos, sin, rd, out):
     """out [heads, hd] = x [heads, hd] rotated (``llama.rope`` of one position): ``x cos +
-    rotate_half(x) sin`` on the first ``rd`` dimensions, the rest copied."""
+    rotate_half(x) sin`` on the first ``rd`` dimensions, the rest copied; ``out`` float32, or a
+    float16 cache's bits (each value rounded as :func:`_to_cache` rounds)."""
     half = rd // 2
     for h in range(x.shape[0]):
         for j in range(half):
-            out[h, j] = x[h, j] * cos[j] + x[h, j + half] * -sin[j]
-            out[h, j + half] = x[h, j + half] * cos[j + half] + x[h, j] * sin[j + half]
+            out[h, j] = _to_cache(x[h, j] * cos[j] + x[h, j + half] * -sin[j], out)
+            out[h, j + half] = _to_cache(x[h, j + half] * cos[j + half] + x[h, j] * sin[j + half], out)
         for j in range(rd, x.shape[1]):
-            out[h, j] = x[h, j]
+            out[h, j] = _to_cache(x[h, j], out)
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -590,9 +591,7 @@ def attend_row(q, k, v, K, V, pos, cos, sin, rd, window, scale, divide, cap, thr
     to out [nh * hd] the attention of q over positions ``0 .. pos`` (the last ``window`` of them
     when ``window`` > 0), split between ``threads`` (passed in: ``numba.get_num_threads()`` inside
     would keep the function out of the cache)."""
-    kr = np.empty_like(k)
-    _rope_into(k, cos, sin, rd, kr)
-    _store(kr, K[:, pos])
+    _rope_into(k, cos, sin, rd, K[:, pos])
     _store(v, V[:, pos])
     qr = np.empty_like(q)
     _rope_into(q, cos, sin, rd, qr)
@@ -919,7 +918,8 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
 class Ops:
     """A selection's ops for :func:`decode_layers`: the table, where each group's start, where each
     stack's A products start in a row's scratch (``uoff``, its rows of A one stack after another)
-    and which groups have a stack (``stacked``), every stack's rows of A (``a_rows``); the arrays the addresses point into, held here."""
+    and which groups have a stack (``stacked``), every stack's rows of A (``a_rows``); the arrays
+    the addresses point into, held here."""
 
     def __init__(self, rows: list, starts: list, held: list):
         self.table = np.array(rows, np.int64).reshape(-1, OP_FIELDS)
@@ -1021,8 +1021,9 @@ class CompiledLayers:
         """x [B, H] -> [B, H] after every layer (the final norm is the caller's), ``ops`` those of the
         rows' selection (:meth:`ops`)."""
         nh, nkv, hd, inter, rd = self.dims
-        return decode_layers(np.ascontiguousarray(x, np.float32), pos, *cache.kernel_arrays(), cos, sin, self.attn_norm,
-                             self.mlp_norm, self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift,
-                             self.offset, self.bs, self.sc_kind, nh, nkv, hd, inter, rd, self.windows, self.scale,
-                             self.divide, self.cap, numba.get_num_threads(), ops.table, ops.start, ops.uoff,
-                             ops.stacked, ops.a_rows)
+        K, V = cache.kernel_arrays()
+        return decode_layers(np.ascontiguousarray(x, np.float32), pos, K, V, cos, sin, self.attn_norm, self.mlp_norm,
+                             self.eps, NF4_I8, DYNAMIC_CODE, self.arrays, self.lengths, self.nshift, self.offset,
+                             self.bs, self.sc_kind, nh, nkv, hd, inter, rd, self.windows, self.scale, self.divide,
+                             self.cap, numba.get_num_threads(), ops.table, ops.start, ops.uoff, ops.stacked,
+                             ops.a_rows)

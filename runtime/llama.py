@@ -154,12 +154,6 @@ def rope_reference(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
     return (halves * c + halves[:, :, ::-1] * s).reshape(T, heads, hd)  # [T, heads, hd]
 
 
-def as_float32(a: np.ndarray) -> np.ndarray:
-    """``a`` itself when float32; a float16 array (a float16 KV cache's keys or values) widened
-    exactly into a new float32 array (``lora.widened``: NumPy's own cast is some 10x slower)."""
-    return widened(np.ascontiguousarray(a)) if a.dtype == np.float16 else a
-
-
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -195,7 +189,7 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     itself). Scores as :func:`scaled` makes them (soft-capped before the mask), masked as
     :func:`allowed_keys` says."""
     T, nh, hd = q.shape  # q: [T, nh, hd]; k, v: [S, nkv, hd] (float32, or float16 widened here)
-    k, v = as_float32(k), as_float32(v)
+    k, v = widened(k), widened(v)
     S, nkv, _ = k.shape
     group = nh // nkv
     qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)  # [nkv, g, T, hd]
@@ -293,11 +287,11 @@ def attention_blockwise(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.n
     cap, pos = np.float32(softcap or 0.0), np.ascontiguousarray(q_pos, np.int64)
     for s0 in range(lo, hi, block):
         s1 = min(hi, s0 + block)
-        s = np.matmul(qg, as_float32(kt[..., s0:s1]))  # [nkv, g*T, b]: raw scores
+        s = np.matmul(qg, widened(kt[..., s0:s1]))  # [nkv, g*T, b]: raw scores
         # scaled, soft-capped, masked, m and l updated; s -> p = exp(score - m_new) in place
         online_softmax_block(s.reshape(rows, s1 - s0), pos, s0, window or 0, divide, by, cap, m, l, r)
         acc *= r.reshape(nkv, group * T, 1)  # exp(m_old - m_new), 0 while m_old = -inf
-        acc += np.matmul(s, as_float32(vt[:, s0:s1]))  # [nkv, g*T, hd]
+        acc += np.matmul(s, widened(vt[:, s0:s1]))  # [nkv, g*T, hd]
     acc /= l.reshape(nkv, group * T, 1)  # every query sees at least its own position: l > 0
     return acc.reshape(nkv, group, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)  # [T, nh*hd]
 
@@ -324,8 +318,7 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, max_context: int, kv_cache: str = DEFAULT_KV_CACHE):
         shape = (args.num_hidden_layers, args.num_key_value_heads, max_context, args.head_dim)
-        self.kv_cache = check_kv_cache(kv_cache)
-        self.k = np.zeros(shape, KV_DTYPES[kv_cache])
+        self.k = np.zeros(shape, KV_DTYPES[check_kv_cache(kv_cache)])
         self.v = np.zeros(shape, KV_DTYPES[kv_cache])
         self.max_context = max_context
         self.length = 0
@@ -349,7 +342,7 @@ class KVCache:
     def layer(self, i: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Layer ``i``'s keys and values of positions ``0 .. n - 1``, views [n, kv heads, head dim]
         (float16 ones of a float16 cache: the attention functions widen what they read, a block at
-        a time, :func:`as_float32`)."""
+        a time, ``lora.widened``)."""
         return self.k[i, :, :n].transpose(1, 0, 2), self.v[i, :, :n].transpose(1, 0, 2)
 
     def store(self, i: int, start: int, k: np.ndarray, v: np.ndarray) -> None:

@@ -98,8 +98,9 @@ def _widen_into(bits, out):
 
 
 def widened(a: np.ndarray) -> np.ndarray:
-    """An adapter array in float32 (a float16 one widened exactly, by :func:`_widen` in a vectorized
-    loop: NumPy's own float16 cast is some 10x slower), for a prompt's BLAS products."""
+    """An adapter array (or a float16 KV cache's keys or values) in float32: itself when not float16,
+    a float16 one widened exactly into a new array, by :func:`_widen` in a vectorized loop (NumPy's
+    own float16 cast is some 10x slower), for a prompt's BLAS products."""
     if a.dtype != np.float16:
         return a
     out = np.empty(a.shape, np.float32)
