@@ -426,7 +426,7 @@ class Model:
         ``decode_rows`` sequences reports its time to the governor."""
         with self._lock:
             self.bundle.check()  # a mismatch the background hash found, or weights truncated under the mapping
-            n = self.governor.current()
+            n = self.governor.current(decode_rows)
             with thread_count(n):
                 t = time.perf_counter()
                 yield

@@ -29,6 +29,8 @@ Saxena 2023, "Prompt Lookup Decoding"; transformers' ``prompt_lookup_num_tokens`
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 from edgelora.errors import UsageError
@@ -43,7 +45,7 @@ class DraftBudget:
     to the guesses there are) that gives the most tokens a second by what this generation has seen
     so far, ``E(k) / c(1 + k)``. ``E(k) = 1 + sum_{i<=k} a_1 ... a_i`` is the tokens a step yields on
     average, ``a_i`` the share of guesses kept at place i when the one before was kept (a Beta(1, 1)
-    prior: 1/2 before any is seen); ``c(r)`` the measured time of a step of r rows (a running mean).
+    prior: 1/2 before any is seen); ``c(r)`` the measured time of a step of r rows (the lower median of its last few).
     The first step is a plain one (it measures ``c(1)``); a count not yet measured costs what the
     line between the measured counts around it says, or, above the largest measured, as much as
     that one (so the largest is tried first and each count above is tried once). While no
@@ -53,12 +55,13 @@ class DraftBudget:
     It only chooses how many guesses are verified, never what they or the tokens are: the text is
     plain decoding's whatever it chooses (greedy, and seeded sampling with certain guesses)."""
 
-    SMOOTHING = 0.25  # weight of a new step time in the running mean
+    RECENT = 5  # step times kept per row count: its cost is their lower median
 
     def __init__(self, most: int):
         self.verified = np.zeros(most + 1)  # [place]: guesses verified there with the one before kept
         self.kept = np.zeros(most + 1)  # [place]: of those, kept
         self.cost: dict = {}  # rows -> seconds a step
+        self._times: dict = {}  # rows -> the last RECENT step times
         self._shadow, self._shadow_at = [], 0
         self._verifying, self._accepted = 0, 0  # the last step's count, and the guesses kept before it
 
@@ -88,14 +91,18 @@ class DraftBudget:
 
     def step_cost(self, rows: int) -> float:
         """The measured time of a step of ``rows`` rows; unmeasured, the line between the nearest
-        measured counts around it, or the nearest below when none is above (so it is tried)."""
-        if rows in self.cost:
-            return self.cost[rows]
-        lo = max(r for r in self.cost if r < rows)
+        measured counts around it, or the nearest below when none is above (so it is tried).
+        A count measured once costs the less of that time and what it would cost unmeasured: a
+        first step slowed by something else does not keep the count from being tried again."""
+        own = self.cost.get(rows)
+        if own is not None and len(self._times[rows]) > 1:
+            return own
+        lo = max((r for r in self.cost if r < rows), default=None)
+        if lo is None:  # the fewest rows measured
+            return own
         hi = min((r for r in self.cost if r > rows), default=None)
-        if hi is None:
-            return self.cost[lo]
-        return self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (rows - lo) / (hi - lo)
+        guess = self.cost[lo] if hi is None else self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (rows - lo) / (hi - lo)
+        return guess if own is None else min(own, guess)
 
     def observe(self, drafted: int, kept: int) -> None:
         """A step verified ``drafted`` guesses and kept the first ``kept``."""
@@ -103,8 +110,13 @@ class DraftBudget:
         self.kept[1:kept + 1] += 1
 
     def timed(self, rows: int, seconds: float) -> None:
-        c = self.cost.get(rows)
-        self.cost[rows] = seconds if c is None else c + self.SMOOTHING * (seconds - c)
+        """A step of ``rows`` rows took ``seconds``. Its cost is the lower median of the last
+        ``RECENT`` such steps: one step slowed by something else (another process, a page fault)
+        is not taken for the cost; a lasting change is, after three steps."""
+        times = self._times.setdefault(rows, [])
+        times.append(seconds)
+        del times[:-self.RECENT]
+        self.cost[rows] = statistics.median_low(times)
 
     def shadow(self, history: list, guesses: list) -> None:
         """At a step that verifies no guess: settle the last unverified guesses once the tokens after

@@ -126,9 +126,11 @@ class ThreadGovernor:
         self._up = False  # the next probe goes up (when possible)
         self._batch = None
 
-    def current(self) -> int:
-        """The thread count for the next step."""
-        return self._probing or self.n
+    def current(self, batch: int = 1) -> int:
+        """The thread count for the next step of ``batch`` rows (0: not a decode step, a prompt). A
+        probe runs only on steps of the size it compares: a speculative step of five rows, or a
+        prompt, after plain steps started a probe runs at the current count, not the probed one."""
+        return self._probing if self._probing is not None and batch == self._batch else self.n
 
     def record(self, threads: int, seconds: float, batch: int = 1) -> None:
         """One decode step of ``batch`` rows took ``seconds`` with ``threads`` threads."""

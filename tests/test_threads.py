@@ -16,7 +16,7 @@ from edgelora.runtime.threads import ThreadGovernor, available_cores
 def _drive(gov: ThreadGovernor, seconds_at, steps: int, batch: int = 1) -> list[int]:
     used = []
     for _ in range(steps):
-        n = gov.current()
+        n = gov.current(batch)
         used.append(n)
         gov.record(n, seconds_at(n), batch)
     return used
@@ -47,10 +47,25 @@ def test_probes_compare_steps_of_one_batch_size_only():
     gov = ThreadGovernor(2)
     sizes = itertools.cycle([1] * 20 + [4] * 20)  # batches that come and go: each kind compared with its own
     for _ in range(4000):
-        n = gov.current()
         b = next(sizes)
+        n = gov.current(b)
         gov.record(n, (0.6 if n == 2 else 1.0) * b, b)
     assert gov.n == 2
+
+
+def test_a_probe_runs_only_on_steps_of_the_size_it_compares():
+    """A probe started by plain steps does not take the speculative step of five rows, or the
+    prompt, that comes next: they run at the current count (a five-row step run on one thread by
+    another size's probe had cost twice its time, and prompt lookup's budget took that for its cost)."""
+    gov = ThreadGovernor(2)
+    probed = []
+    for _ in range(200):
+        n = gov.current(1)
+        if n == 1:  # a probe at one thread fewer is on: other sizes are not part of it
+            probed.append((gov.current(5), gov.current(0)))
+        gov.record(n, 0.6 if n == 2 else 1.0, 1)
+    assert probed and set(probed) == {(2, 2)}
+    assert gov.current(1) == 2
 
 
 def test_one_thread_is_never_probed_and_noise_does_not_flip_the_count():
