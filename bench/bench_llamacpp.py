@@ -350,7 +350,7 @@ print(json.dumps({"decode": statistics.median(runs)}))
 """
 
 
-def edgelora_depth(bundle: Path, threads: int, products: str, n: int, depth: int, kv_cache: str = "float32") -> float:
+def edgelora_depth(bundle: Path, threads: int, products: str, n: int, depth: int, kv_cache: str) -> float:
     """edgelora's decode tok/s of ``n`` tokens after a prompt of ``depth`` tokens (median of 2),
     its KV cache holding ``kv_cache``."""
     from edgelora.child import python_command
@@ -388,8 +388,9 @@ def main():
         p.add_argument("--depths", nargs="*", type=int, default=[],
                        help="also decode after this many tokens of context (default: none), llama.cpp "
                             "IQ4_NL against each product path's default bundle")
-        p.add_argument("--kv-caches", nargs="+", default=["float32"], choices=["float32", "float16"],
-                       help="edgelora's KV caches in the --depths rounds (llama.cpp's is float16, its default)")
+        p.add_argument("--kv-caches", nargs="+", default=["float16"], choices=["float32", "float16"],
+                       help="edgelora's KV caches in the --depths rounds (float16: edgelora's default with int8 "
+                            "products, and llama.cpp's)")
         p.add_argument("--depths-only", action="store_true",
                        help="run only the --depths rounds (no prefill, plain decode or adapter rounds)")
 
@@ -436,8 +437,7 @@ def main():
             lora_rounds["llama.cpp IQ4_NL, float16 adapter"] = []
             lora_rounds.update({f"edgelora {p}, float16 adapter": [] for p in a.products})
         depth_rounds = {"llama.cpp IQ4_NL": {}}
-        depth_rounds.update({f"edgelora {p}" + ("" if kv == "float32" else f", {kv} KV cache"): {}
-                             for p in a.products for kv in a.kv_caches})
+        depth_rounds.update({f"edgelora {p}, {kv} KV cache": {} for p in a.products for kv in a.kv_caches})
         if a.depths_only:
             systems, rounds, lora_rounds = {}, {}, {}
         for r in range(a.repeats):  # interleaved rounds
@@ -466,7 +466,7 @@ def main():
                     tps = (llama_bench_depth(bin_dir, ggufs["IQ4_NL"], a.threads, a.decode_tokens, d)
                            if k.startswith("llama.cpp") else
                            edgelora_depth(bundle, a.threads, k.split()[1].rstrip(","), a.decode_tokens, d,
-                                          "float16" if k.endswith("float16 KV cache") else "float32"))
+                                          k.split()[2]))
                     depth_rounds[k].setdefault(str(d), []).append(tps)
                     print(f"[{name} round {r + 1}] depth {d} {k}: decode {tps:.1f} tok/s", flush=True)
         med = {k: {m: statistics.median(x[m] for x in v) for m in v[0] if m != "wall_seconds"}

@@ -1,7 +1,8 @@
 """The perplexity cost of the int8 product path: ``edgelora eval``'s perplexity with
-``products="exact"`` and ``"int8"`` on real models and real text (issue 14 item 5: the default);
-with ``--compare kv-cache``, that of a float16 KV cache against float32 (both with the default
-products).
+``products="exact"`` and ``"int8"`` on real models and real text (issue 14 item 5: the default),
+both with a float32 KV cache; with ``--compare kv-cache``, that of a float16 KV cache against
+float32 (both with the default products); with ``--compare defaults``, that of a default load
+(int8 products, float16 cache) against the exact path (exact products, float32 cache).
 
 Models: stories260K (``$EDGELORA_SHARED_MODELS/stories260K``, converted here) and the built-in demo
 model. Texts: held-out documents of the demo corpus (``scripts/demo_corpus.py`` with a seed the demo
@@ -16,6 +17,8 @@ Perplexity windows are whole prefills, so the int8 numbers are those of the pref
         --json bench/results/products_perplexity.json
     EDGELORA_SHARED_MODELS=/work/shared/models python bench/products_perplexity.py --compare kv-cache \\
         --json bench/results/kv_cache_perplexity.json
+    EDGELORA_SHARED_MODELS=/work/shared/models python bench/products_perplexity.py --compare defaults \\
+        --json bench/results/defaults_perplexity.json
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_common import write_report  # noqa: E402
+
+#: --compare: (the base's label and load options, the other's)
+COMPARE = {"products": (("exact", {"products": "exact", "kv_cache": "float32"}),
+                        ("int8", {"products": "int8", "kv_cache": "float32"})),
+           "kv-cache": (("float32", {"kv_cache": "float32"}), ("float16", {"kv_cache": "float16"})),
+           "defaults": (("exact", {"products": "exact"}), ("defaults", {}))}
 
 
 def sampled_text(model, prompts: list, tokens: int, seed: int) -> str:
@@ -44,8 +53,9 @@ def main():
                    help="where the bundles are made and kept")
     p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
     p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
-    p.add_argument("--compare", choices=("products", "kv-cache"), default="products",
-                   help="exact against int8 products, or a float32 against a float16 KV cache")
+    p.add_argument("--compare", choices=tuple(COMPARE), default="products",
+                   help="exact against int8 products, a float32 against a float16 KV cache, or the exact path "
+                        "against a default load")
     a = p.parse_args()
 
     import edgelora
@@ -65,12 +75,11 @@ def main():
     prompts = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park.",
                "The sun was shining and", "There was a big red ball", "Mia wanted to"]
     rows = []
-    base, other = ("exact", "int8") if a.compare == "products" else ("float32", "float16")
-    option = "products" if a.compare == "products" else "kv_cache"
+    (base, base_options), (other, other_options) = COMPARE[a.compare]
     for name, bundle in models.items():
-        first = edgelora.load(bundle, **{option: base})
-        second = edgelora.load(bundle, **{option: other})
-        sampler = first if a.compare == "products" else edgelora.load(bundle, products="exact")
+        first = edgelora.load(bundle, **base_options)
+        second = edgelora.load(bundle, **other_options)
+        sampler = edgelora.load(bundle, products="exact")
         texts = {"demo-corpus": corpus, "own-samples": sampled_text(sampler, prompts * 4, 200, seed=7)}
         for tname, text in texts.items():
             e, i = evaluate(first, text=text), evaluate(second, text=text)

@@ -8,7 +8,7 @@ allocation pattern (``runtime/llama.py``, ``runtime/model.py``, ``runtime/lora.p
   so this is an upper bound there), except a float16 head (or the embedding tied to it) that the
   int8 products copy as int8 at load: its pages are let go as the copy is made (the rows of the
   tokens used come back), and the copy is an item of its own, **head as int8**;
-* **KV cache**: keys and values, float32 (or float16: ``kv_cache``),
+* **KV cache**: keys and values, float16 as a default load holds them (or float32: ``kv_cache``),
   ``2 x layers x context x kv_heads x head_dim``;
 * **rotary tables**: cos and sin for every position, float32 ``[context, head_dim]`` each;
 * **scratch**: the largest working set of a forward pass at the end of the context: a prefill
@@ -771,7 +771,7 @@ def _suggest(p: Plan, a: ModelArgs) -> list:
     kv = next((i.bytes for i in p.items if i.name == "KV cache"), 0)
     if p.kv_cache == "float32" and kv:  # (a float16 cache's widened blocks add a little scratch back)
         halved = kv // 2 - (scratch_bytes(a, p.context, p.threads, "float16")[0]
-                            - scratch_bytes(a, p.context, p.threads)[0])
+                            - scratch_bytes(a, p.context, p.threads, "float32")[0])
         enough = "enough" if halved >= over else "not enough alone"
         out.append(f"or --kv-cache float16: {halved / MB:.1f} MB less ({enough}; perplexity within 0.1 %, "
                    f"see README, KV cache)")

@@ -413,12 +413,13 @@ def _add_products_option(p, kv_default: str | None = None) -> None:
 
 
 def _add_kv_cache_option(p, default: str | None) -> None:
-    from edgelora.products import DEFAULT_KV_CACHE, KV_CACHES
-    planned = "" if default is not None else f" (default: {DEFAULT_KV_CACHE}, or what a deploy folder was planned with)"
+    from edgelora.products import DEFAULT_KV_CACHES, KV_CACHES
+    by_products = ", ".join(f"{kv} with {products} products" for products, kv in DEFAULT_KV_CACHES.items())
+    planned = "" if default is not None else f" (default: {by_products}, or what a deploy folder was planned with)"
     p.add_argument("--kv-cache", choices=KV_CACHES, default=default,
-                   help="what the KV cache holds: float32 (attention as the references compute it) or float16 "
-                        "(llama.cpp's default: half the cache's memory and of what a decode step reads of it; "
-                        "README, KV cache)" + planned)
+                   help="what the KV cache holds: float16 (llama.cpp's default: half the cache's memory and of "
+                        "what a decode step reads of it, perplexity within 0.1 %%) or float32 (attention as the "
+                        "references compute it; README, KV cache)" + planned)
 
 
 def _cmd_warmup(ns) -> int:
@@ -646,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--show", default=None, metavar="NAME", help="print only this profile, as its TOML file")
     dv.set_defaults(func=_cmd_devices)
 
+    from edgelora.products import DEFAULT_KV_CACHE
     for cmd, text, example in (
             ("plan", "will a bundle, its context and its adapters fit a device? (exit 6 when not)",
              "edgelora plan tinyllama-nf4 --device raspberry-pi-4-4gb --context 2048 --adapter adapters/pirate"),
@@ -659,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a PEFT LoRA adapter to keep resident, named NAME or after its folder (repeatable)")
         x.add_argument("--threads", type=int, default=None, help="threads to plan for (default: the device's cores)")
         x.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
-        _add_kv_cache_option(x, "float32")
+        _add_kv_cache_option(x, DEFAULT_KV_CACHE)  # (a deploy folder's loads get what it was planned with)
         if cmd == "plan":
             x.add_argument("--measure", action="store_true",
                            help="also run the plan on this machine (context filled to its end) and report its peak RSS")

@@ -41,7 +41,7 @@ import numpy as np
 from edgelora.atomic import (_tmp_sibling, atomic_output_dir, build_time, check_output_dir, clean_stale, os_error,
                              utc_stamp)
 from edgelora.errors import ChecksumError, EdgeLoraError, FormatError, PlanError, UsageError
-from edgelora.products import DEFAULT_KV_CACHE, KV_CACHES
+from edgelora.products import DEFAULT_KV_CACHE, KV_CACHES, UNPLANNED_KV_CACHE
 
 if TYPE_CHECKING:  # (imported where used: planning pulls in the runtime)
     from edgelora.devices.profiles import Device
@@ -122,8 +122,8 @@ def deploy(bundle: str | os.PathLike, device: str | Device, out: str | os.PathLi
     """Plan ``bundle`` with ``adapters`` ``{name: folder}`` on ``device`` and, when it fits, write
     the deploy folder ``out`` (and ``out.tar`` with ``archive``). A plan that does not fit raises
     :class:`PlanError` with the plan's numbers and what to change. ``kv_cache``: what its KV cache
-    holds (``"float32"`` or ``"float16"``, :func:`edgelora.load`), planned and recorded: loading
-    the folder uses it."""
+    holds (``"float16"``, the default load's, or ``"float32"``, :func:`edgelora.load`), planned and
+    recorded: loading the folder uses it."""
     adapters = dict(adapters or {})
     for name in adapters:
         _check_name(name)
@@ -269,7 +269,7 @@ def read_manifest(path) -> dict:
             raise FormatError(f"manifest plan field {key!r} missing or not a non-negative integer", mpath)
     if plan["context"] < 1:
         raise FormatError("manifest plan context must be at least 1", mpath)
-    if plan.get("kv_cache", DEFAULT_KV_CACHE) not in KV_CACHES:  # (absent in folders made before it was planned)
+    if plan.get("kv_cache", UNPLANNED_KV_CACHE) not in KV_CACHES:  # (absent in folders made before it was planned)
         raise FormatError(f"manifest plan kv_cache must be one of {', '.join(KV_CACHES)}", mpath)
     for rel, info in m["files"].items():
         _safe_rel(rel, mpath)
@@ -321,7 +321,7 @@ class Deployment:
     @property
     def kv_cache(self) -> str:
         """What the planned KV cache holds (``"float32"`` in folders made before it was planned)."""
-        return self.planned.get("kv_cache", DEFAULT_KV_CACHE)
+        return self.planned.get("kv_cache", UNPLANNED_KV_CACHE)
 
     @property
     def adapter_bytes(self) -> int:
@@ -355,7 +355,7 @@ def _read_plan(root: Path, m: dict) -> dict:
         if m["plan"][key] != v:
             raise FormatError(f"the manifest's plan {key} {m['plan'][key]} differs from plan.json's {v}; "
                               f"the folder was edited, deploy again", root / MANIFEST)
-    if planned.get("kv_cache", DEFAULT_KV_CACHE) != m["plan"].get("kv_cache", DEFAULT_KV_CACHE):
+    if planned.get("kv_cache", UNPLANNED_KV_CACHE) != m["plan"].get("kv_cache", UNPLANNED_KV_CACHE):
         raise FormatError("plan.json's kv_cache differs from the manifest's; the folder was edited, deploy again",
                           root / MANIFEST)
     budget = planned.get("budget_bytes")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgelora.bundle import MANIFEST, Bundle, file_table, is_bundle, manifest_digest
 from edgelora.errors import ChecksumError, FormatError
+from edgelora.products import UNPLANNED_KV_CACHE
 
 
 def _args_dict(a) -> dict:
@@ -124,7 +125,7 @@ def format_inspect(info: dict) -> str:
                   f"  device        {_get(d, 'name')} ({_get(d, 'arch')}, {_get(d, 'cores')} cores, "
                   f"{_get(d, 'ram_mib')} MiB RAM, budget "
                   f"{f'{budget / 1e6:.1f} MB' if isinstance(budget, (int, float)) else None})",
-                  f"  plan          context {p['context']} ({p.get('kv_cache', 'float32')} KV cache), "
+                  f"  plan          context {p['context']} ({p.get('kv_cache', UNPLANNED_KV_CACHE)} KV cache), "
                   f"{p['threads']} thread{'s' * (p['threads'] != 1)}, "
                   f"{p['total_bytes'] / 1e6:.1f} MB "
                   f"(adapters {p['adapter_bytes'] / 1e6:.1f} MB)",

@@ -10,9 +10,12 @@ holds (``load(..., kv_cache=...)``, ``--kv-cache``): the choices and the default
 :data:`DEFAULT_PRODUCTS` is the one place the default is chosen, from measured perplexity
 (README, *The int8 product path*).
 
-KV cache (:data:`KV_CACHES`): ``float32`` keeps attention as the references compute it (the
-default); ``float16`` (llama.cpp's default) halves the cache's memory and the bytes a decode step
-reads of it, each key and value rounded to float16 once, when stored (README, *KV cache*).
+KV cache (:data:`KV_CACHES`): ``float32`` keeps attention as the references compute it;
+``float16`` (llama.cpp's default) halves the cache's memory and the bytes a decode step reads of
+it, each key and value rounded to float16 once, when stored. A load that names none gets
+:func:`default_kv_cache` of its products: float16 with the int8 products (chosen from measured
+perplexity, as they were: within 0.1 %), float32 with the exact ones, which stay bit-true against
+the references (README, *KV cache*).
 
 A module of its own, free of NumPy and Numba, so the command line can show the defaults without
 loading the runtime.
@@ -34,8 +37,16 @@ def check_products(products: str) -> str:
 
 
 KV_CACHES = ("float32", "float16")
-DEFAULT_KV_CACHE = "float32"
+DEFAULT_KV_CACHES = {"int8": "float16", "exact": "float32"}  # products -> the KV cache a load gets by default
+DEFAULT_KV_CACHE = DEFAULT_KV_CACHES[DEFAULT_PRODUCTS]  # a default load's (what plan and deploy assume)
+EXACT_KV_CACHE = "float32"  # attention as the references compute it: the runtime's own classes' default
+UNPLANNED_KV_CACHE = "float32"  # what deploy folders and fleet groups made before the cache was planned hold
 KV_CACHE_BYTES = {"float32": 4, "float16": 2}  # bytes a key or value element takes
+
+
+def default_kv_cache(products: str) -> str:
+    """The KV cache a load of ``products`` gets when it names none (:data:`DEFAULT_KV_CACHES`)."""
+    return DEFAULT_KV_CACHES[check_products(products)]
 
 
 def check_kv_cache(kv_cache: str) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 
 from edgelora import architectures
 from edgelora.config import ModelArgs
-from edgelora.products import DEFAULT_KV_CACHE, KV_CACHE_BYTES, check_kv_cache
+from edgelora.products import EXACT_KV_CACHE, KV_CACHE_BYTES, check_kv_cache
 from edgelora.runtime.kernels import _pool
 from edgelora.runtime.threads import in_parallel
 from edgelora.runtime.decode import (CompiledLayers, attend_row, attention_args, online_softmax_block, rmsnorm_rows,
@@ -316,7 +316,7 @@ class KVCache:
     float16 (``kv_cache``, ``edgelora.products.KV_CACHES``). The attention functions take a layer
     as float32 [positions, kv heads, head dim] (:meth:`layer`)."""
 
-    def __init__(self, args: ModelArgs, max_context: int, kv_cache: str = DEFAULT_KV_CACHE):
+    def __init__(self, args: ModelArgs, max_context: int, kv_cache: str = EXACT_KV_CACHE):
         shape = (args.num_hidden_layers, args.num_key_value_heads, max_context, args.head_dim)
         self.k = np.zeros(shape, KV_DTYPES[check_kv_cache(kv_cache)])
         self.v = np.zeros(shape, KV_DTYPES[kv_cache])
@@ -328,7 +328,7 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     @staticmethod
-    def planned_bytes(args: ModelArgs, max_context: int, kv_cache: str = DEFAULT_KV_CACHE) -> int:
+    def planned_bytes(args: ModelArgs, max_context: int, kv_cache: str = EXACT_KV_CACHE) -> int:
         """What a cache of ``max_context`` positions takes (the memory planner's item)."""
         size = KV_CACHE_BYTES[check_kv_cache(kv_cache)]
         return 2 * args.num_hidden_layers * max_context * args.num_key_value_heads * args.head_dim * size
@@ -405,7 +405,7 @@ class LlamaModel:
         return self.w.layers[i].biases.get(k)
 
     #: what the caches :meth:`new_cache` makes hold (``edgelora.products.KV_CACHES``; ``build_model`` sets it)
-    kv_cache = DEFAULT_KV_CACHE
+    kv_cache = EXACT_KV_CACHE
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args, self.max_context, self.kv_cache)

@@ -7,7 +7,7 @@ import numpy as np
 from edgelora.architectures import EMBED, HEAD, NORM
 from edgelora.bundle import Bundle
 from edgelora.errors import FormatError, UnsupportedError, UsageError
-from edgelora.products import DEFAULT_KV_CACHE, DEFAULT_PRODUCTS, check_kv_cache
+from edgelora.products import DEFAULT_PRODUCTS, check_kv_cache, default_kv_cache
 from edgelora.runtime.linear import check_products, make_linear
 from edgelora.runtime.llama import LlamaModel, Weights
 from edgelora.runtime.gemma import Gemma2Model, GemmaModel
@@ -72,7 +72,7 @@ def build_weights(bundle: Bundle, products: str = DEFAULT_PRODUCTS) -> Weights:
 
 
 def build_model(bundle: Bundle, max_context: int | None, products: str = DEFAULT_PRODUCTS,
-                kv_cache: str = DEFAULT_KV_CACHE):
+                kv_cache: str | None = None):
     a = bundle.args
     if a.family not in FAMILIES:
         raise UnsupportedError(f"no runtime for architecture family {a.family!r}", bundle.path)
@@ -81,7 +81,7 @@ def build_model(bundle: Bundle, max_context: int | None, products: str = DEFAULT
         max_context = min(FAMILIES[a.family].context_limit(a), DEFAULT_MAX_CONTEXT)
     max_context = int(max_context)
     check_products(products)
-    check_kv_cache(kv_cache)
+    kv_cache = default_kv_cache(products) if kv_cache is None else check_kv_cache(kv_cache)
     if not 1 <= max_context <= limit:
         raise UsageError(f"max_context must be between 1 and the model's max_position_embeddings ({limit}), "
                          f"got {max_context}")

@@ -29,7 +29,7 @@ from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
 from edgelora.devices.profiles import host_ram_bytes
 from edgelora.errors import PlanError, UsageError
-from edgelora.products import DEFAULT_KV_CACHE, DEFAULT_PRODUCTS, KV_CACHE_BYTES, check_kv_cache
+from edgelora.products import DEFAULT_PRODUCTS, KV_CACHE_BYTES, check_kv_cache, default_kv_cache
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
@@ -311,12 +311,13 @@ class Model:
     ``deployment``: the :class:`~edgelora.deployment.Deployment` when the bundle comes from a
     deploy folder: its adapters are made resident, and no more adapter bytes than it planned.
     ``products``: how NF4 weights multiply, ``"exact"`` or ``"int8"`` (:func:`edgelora.load`).
-    ``kv_cache``: what its KV caches hold, ``"float32"`` or ``"float16"`` (:func:`edgelora.load`).
+    ``kv_cache``: what its KV caches hold, ``"float32"`` or ``"float16"`` (None: the default of
+    ``products``, :func:`edgelora.load`).
     ``prompt_cache``: None, or a :class:`~edgelora.runtime.prompt_cache.PromptCache` whose kept
     prompt prefixes generations reuse (``model.prompt_cache = edgelora.PromptCache(256 << 20)``)."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
-                 deployment=None, products: str = DEFAULT_PRODUCTS, kv_cache: str = DEFAULT_KV_CACHE):
+                 deployment=None, products: str = DEFAULT_PRODUCTS, kv_cache: str | None = None):
         from edgelora.runtime.tokenizer import Tokenizer
         self.bundle = bundle
         self.path = bundle.path
@@ -324,7 +325,7 @@ class Model:
         self.threads = set_threads(threads)  # the most every forward runs on, from whichever thread (``_running``)
         self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
         self.products = products
-        self.kv_cache = check_kv_cache(kv_cache)
+        self.kv_cache = kv_cache = default_kv_cache(products) if kv_cache is None else check_kv_cache(kv_cache)
         _check_cache_fits(bundle, max_context, kv_cache)
         self.net = build_model(bundle, max_context, products, kv_cache)
         self.max_context = self.net.max_context
@@ -791,7 +792,7 @@ class Model:
                             f"sequences at once", self.path)
 
 
-def _check_cache_fits(bundle: Bundle, max_context: int | None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
+def _check_cache_fits(bundle: Bundle, max_context: int | None, kv_cache: str) -> None:
     """A ``max_context`` whose KV cache and rope tables alone exceed this machine's memory is refused
     before anything is allocated (NumPy would fail with a raw allocation error, or the OS kill us)."""
     ram = host_ram_bytes()
@@ -835,10 +836,11 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     sums by VNNI/AVX2 byte dot products, prompts by an int8 GEMM; logits within a stated tolerance
     of exact); the default, ``edgelora.products.DEFAULT_PRODUCTS``, was chosen from measured
     perplexity (README, *The int8 product path*).
-    ``kv_cache``: what the KV cache holds: ``"float32"`` (the default: attention as the references
-    compute it) or ``"float16"`` (llama.cpp's default: half the cache's memory and of the bytes a
-    decode step reads of it; each key and value rounded to float16 when stored; README, *KV cache*).
-    A deploy folder's plan says which (``None``: the planned one).
+    ``kv_cache``: what the KV cache holds: ``"float32"`` (attention as the references compute it)
+    or ``"float16"`` (llama.cpp's default: half the cache's memory and of the bytes a decode step
+    reads of it; each key and value rounded to float16 when stored). ``None`` (the default): float16
+    with the int8 products, float32 with the exact ones (``edgelora.products.default_kv_cache``,
+    chosen from measured perplexity; README, *KV cache*); a deploy folder's plan says which.
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
@@ -864,7 +866,7 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
                       kv_cache=dep.kv_cache if kv_cache is None else kv_cache)
     else:
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context,
-                      products=products, kv_cache=DEFAULT_KV_CACHE if kv_cache is None else kv_cache)
+                      products=products, kv_cache=kv_cache)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
     if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `run`)

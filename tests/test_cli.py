@@ -252,7 +252,7 @@ def test_wording(tmp_path):
     assert "merged        LoRA adapter adapters/pirate (rank 8, 28 modules" in format_inspect(info)
     dep = tmp_path / "dep"
     edgelora.deploy(demo_bundle_path(), "host", dep, context=32, threads=1)
-    assert "context 32 (float32 KV cache), 1 thread, " in format_inspect(edgelora.inspect(dep))
+    assert "context 32 (float16 KV cache), 1 thread, " in format_inspect(edgelora.inspect(dep))
 
 
 # --- 8. progress only on a terminal --------------------------------------------------------

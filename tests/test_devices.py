@@ -288,13 +288,16 @@ def test_deploy_folder_loads_with_its_plan(demo_deploy):
 
 
 def test_a_float16_kv_cache_is_planned_deployed_and_loaded(tmp_path, capsys):
-    """``kv_cache="float16"``: the plan's KV cache is the runtime's float16 cache (half the bytes),
-    the deploy folder records it and loads with it, a float32 cache beyond the plan is refused, and
-    a manifest naming another kind is a FormatError."""
+    """``kv_cache="float16"`` (the default with the default int8 products; float32 with the exact
+    ones): the plan's KV cache is the runtime's float16 cache (half the bytes), the deploy folder
+    records it and loads with it, a float32 cache beyond the plan is refused, a folder made before
+    the cache was planned holds float32, and a manifest naming another kind is a FormatError."""
     bundle = demo_bundle_path()
     p32, p16 = (plan(bundle, "x86-64-laptop", context=300, threads=1, kv_cache=kv) for kv in ("float32", "float16"))
     k32, k16 = ({i.name: i.bytes for i in p.items}["KV cache"] for p in (p32, p16))
-    model = edgelora.load(bundle, max_context=300, threads=1, kv_cache="float16")
+    model = edgelora.load(bundle, max_context=300, threads=1)
+    assert model.kv_cache == "float16" and plan(bundle, "x86-64-laptop", context=300, threads=1).kv_cache == "float16"
+    assert edgelora.load(bundle, max_context=300, threads=1, products="exact").kv_cache == "float32"
     assert k16 == model.net.new_cache().nbytes == model.kv_cache_bytes == k32 // 2
     assert p16.to_dict()["kv_cache"] == "float16" and p16.max_context >= p32.max_context
     # a float32 plan over the budget names the float16 cache and what it frees, which is its plan's saving
@@ -311,8 +314,7 @@ def test_a_float16_kv_cache_is_planned_deployed_and_loaded(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["kv_cache"] == "float16"
 
     out = tmp_path / "f16"
-    assert main(["deploy", str(bundle), "--device", "host", "-o", str(out), "--context", "128",
-                 "--kv-cache", "float16"]) == 0
+    assert main(["deploy", str(bundle), "--device", "host", "-o", str(out), "--context", "128"]) == 0  # (the default)
     capsys.readouterr()
     assert json.loads((out / "manifest.json").read_text())["plan"]["kv_cache"] == "float16"
     deployed = edgelora.load(out)
@@ -322,7 +324,21 @@ def test_a_float16_kv_cache_is_planned_deployed_and_loaded(tmp_path, capsys):
         edgelora.load(bundle, max_context=128, kv_cache="float16").generate(ids, max_new_tokens=8, temperature=0)
     with pytest.raises(PlanError, match="float16"):
         edgelora.load(out, kv_cache="float32")
+    assert main(["deploy", str(bundle), "--device", "host", "-o", str(tmp_path / "f32"), "--context", "128",
+                 "--kv-cache", "float32"]) == 0
+    assert edgelora.load(tmp_path / "f32").net.new_cache().k.dtype == np.float32
+
+    # a folder made before the cache was planned (no kv_cache in its plan) holds float32
+    from edgelora.atomic import sha256_file
     from edgelora.bundle import sealed_text
+    m = json.loads((tmp_path / "f32" / "manifest.json").read_text())
+    planned = json.loads((tmp_path / "f32" / "plan.json").read_text())
+    del m["plan"]["kv_cache"], planned["kv_cache"]
+    (tmp_path / "f32" / "plan.json").write_text(json.dumps(planned))
+    m["files"]["plan.json"].update(size=(tmp_path / "f32" / "plan.json").stat().st_size,
+                                   sha256=sha256_file(tmp_path / "f32" / "plan.json"))
+    (tmp_path / "f32" / "manifest.json").write_text(sealed_text(m))
+    assert edgelora.load(tmp_path / "f32").kv_cache == "float32"
     m = json.loads((out / "manifest.json").read_text())
     m["plan"]["kv_cache"] = "int4"  # (sealed again: the manifest's own checks, not its digest, refuse it)
     (out / "manifest.json").write_text(sealed_text(m))

@@ -112,23 +112,27 @@ def assert_same_folder(a: Path, b: Path) -> None:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
-def test_a_group_with_a_float16_kv_cache(fleet, first, tmp_path):
-    """``kv_cache = "float16"`` in a device group: its deploy folder is ``edgelora deploy --kv-cache
-    float16``'s, byte for byte, and the group's key differs from the same group's with float32."""
+def test_a_group_with_a_float32_kv_cache(fleet, first, tmp_path):
+    """``kv_cache = "float32"`` in a device group: its deploy folder is ``edgelora deploy --kv-cache
+    float32``'s, byte for byte, and the group's key differs from the same group's with the default
+    float16 cache (whose key names it: a float32 group keeps the key of folders built before the
+    cache was planned, which held float32)."""
     text = fleet_text({"a1": ("a1", "alpha")}, {"pis": ("raspberry-pi-4-4gb", ["a1"])}, evals=False, bases=("alpha",))
-    (fleet / "f16.toml").write_text(text.replace("[devices.pis]\n", '[devices.pis]\nkv_cache = "float16"\n'))
+    (fleet / "f32.toml").write_text(text.replace("[devices.pis]\n", '[devices.pis]\nkv_cache = "float32"\n'))
     out = tmp_path / "out"
-    r = edgelora.fleet.build(fleet / "f16.toml", out)
+    r = edgelora.fleet.build(fleet / "f32.toml", out)
     assert r.ok, r.text()
     report = json.loads((out / "report.json").read_text())
     folder = out / report["devices"]["pis"]["folder"]
-    assert open_deploy(folder, verify="full", device_check=False).kv_cache == "float16"
+    assert open_deploy(folder, verify="full", device_check=False).kv_cache == "float32"
     manual = edgelora.deploy(out / report["bases"]["alpha"]["bundle"], "raspberry-pi-4-4gb", tmp_path / "manual",
                              adapters={"a1": fleet / "adapters" / "a1"}, context=64, overhead=OVERHEAD,
-                             kv_cache="float16")
+                             kv_cache="float32")
     assert_same_folder(folder, manual.path)
-    # the main fleet's "pis" group is this one with the default float32 cache
-    assert json.loads((first[0] / "report.json").read_text())["devices"]["pis"]["key"] != report["devices"]["pis"]["key"]
+    # the main fleet's "pis" group is this one with the default float16 cache
+    main = json.loads((first[0] / "report.json").read_text())["devices"]["pis"]
+    assert main["key"] != report["devices"]["pis"]["key"]
+    assert open_deploy(first[0] / main["folder"], verify=False, device_check=False).kv_cache == "float16"
 
 
 def test_fleet_builds_and_equals_manual_convert_and_deploy(fleet, first, tmp_path):

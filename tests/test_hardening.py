@@ -384,7 +384,7 @@ def test_8_a_batch_beyond_the_deploy_plan_is_refused(tmp_path):
     host = host_device()
     p = plan(demo_bundle_path(), host, context=64)
     with edgelora.open_bundle(demo_bundle_path(), verify=False) as b:
-        per_seq = KVCache.planned_bytes(b.args, 64)
+        per_seq = KVCache.planned_bytes(b.args, 64, p.kv_cache)
     ram_mib = -(-int((p.total_bytes + 2.5 * per_seq) / host.app_share) // (1 << 20))
     toml = tmp_path / "tight.toml"
     toml.write_text(host.to_toml().replace(f"ram_mib = {host.ram_mib}", f"ram_mib = {ram_mib}"))

@@ -34,10 +34,10 @@ CONFIGS = {
     "mistral": dict(cls="Mistral", model_type="mistral", vocab_size=80, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                     sliding_window=None),
-    # a 131072-position limit: at its full context the KV cache needs 4.3 GB (16 layers x 2 x 256 x float32
-    # a position)
+    # a 131072-position limit: at its full context the KV cache needs 4.3 GB (32 layers x 2 x 256 x float16
+    # a position), more than a Raspberry Pi 4's budget
     "long_context": dict(cls="Llama", model_type="llama", vocab_size=64, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
+                         num_hidden_layers=32, num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True,
                          max_position_embeddings=131072),
     "qwen2": dict(cls="Qwen2", model_type="qwen2", vocab_size=90, hidden_size=64, intermediate_size=160,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),

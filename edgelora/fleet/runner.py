@@ -35,6 +35,7 @@ from edgelora.errors import EdgeLoraError, UsageError
 from edgelora.fleet import tasks
 from edgelora.fleet.spec import Fleet, read_fleet
 from edgelora.fleet.store import HashCache, item_dir, item_key, prune, read_item, relpath
+from edgelora.products import UNPLANNED_KV_CACHE
 
 MB = 1 << 20
 #: memory a worker holding a model needs beyond the planner's items for the model (Python, NumPy,
@@ -103,7 +104,7 @@ def plan_items(fleet: Fleet, out: Path, hashes: HashCache) -> dict:
         options = {"base": base.key, "device": device, "context": g.context, "threads": g.threads,
                    "archive": g.archive, "overhead": g.overhead, "folder": g.name,
                    "adapters": {n: items[f"check:{n}"].key for n in g.adapters}}
-        if g.kv_cache != "float32":  # (the default leaves the keys of folders built before it unchanged)
+        if g.kv_cache != UNPLANNED_KV_CACHE:  # (float32, the keys of folders built before the cache was planned)
             options["kv_cache"] = g.kv_cache
         key = item_key("deploy", options)
         spec = {"profile": g.profile, "context": g.context, "threads": g.threads, "archive": g.archive,

@@ -16,7 +16,7 @@
     context = 512                               # KV cache positions (default: min(model limit, 2048))
     adapters = ["pirate", "shout"]              # base: that of the adapters (or base = "demo")
     # threads = 4, archive = true, overhead = 180000000 (bytes: the runtime's own, instead of measured),
-    # kv_cache = "float16" (what the KV cache holds: float32, the default, or float16, half the bytes)
+    # kv_cache = "float32" (what the KV cache holds: float16, the default, or float32, as the references)
 
     [eval.pirate-qa]                            # an evaluation set: JSONL (answer-only loss) or text
     data = "fleet_eval/pirate.jsonl"            #   (perplexity); adapters = [...] for some adapters,
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgelora.errors import FormatError
+from edgelora.products import DEFAULT_KV_CACHE
 
 try:
     import tomllib
@@ -82,7 +83,7 @@ class DeviceGroup:
     threads: int | None = None
     archive: bool = True
     overhead: int | None = None
-    kv_cache: str = "float32"  # what its KV cache holds (edgelora.products.KV_CACHES)
+    kv_cache: str = DEFAULT_KV_CACHE  # what its KV cache holds (edgelora.products.KV_CACHES)
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ def _check_group(c: _Checker, name: str, t, root: Path, sections: dict, fleet: F
     if profile is None:
         return None
     return DeviceGroup(name, profile, base, adapters, t.get("context"), t.get("threads"), t.get("archive", True),
-                       t.get("overhead"), t.get("kv_cache", "float32"))
+                       t.get("overhead"), t.get("kv_cache", DEFAULT_KV_CACHE))
 
 
 def _check_evaluation(c: _Checker, t) -> EvalOptions:

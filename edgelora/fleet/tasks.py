@@ -119,7 +119,7 @@ def deploy_group(spec: dict, hook, base: dict, *checks: dict) -> dict:
         bundle = out / base["result"]["bundle"]
         adapters = {c["name"]: c["result"]["path"] for c in checks}
         opts = dict(context=spec["context"], threads=spec["threads"], overhead=spec["overhead"],
-                    kv_cache=spec.get("kv_cache", "float32"))
+                    kv_cache=spec["kv_cache"])
         p = plan(bundle, spec["profile"], adapters=adapters, **opts)
         summary = {"fits": p.fits, "total_bytes": p.total_bytes, "budget_bytes": p.budget_bytes,
                    "context": p.context, "max_context": p.max_context, "model_max_context": p.model_max_context,
