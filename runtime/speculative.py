@@ -45,10 +45,11 @@ class DraftBudget:
     to the guesses there are) that gives the most tokens a second by what this generation has seen
     so far, ``E(k) / c(1 + k)``. ``E(k) = 1 + sum_{i<=k} a_1 ... a_i`` is the tokens a step yields on
     average, ``a_i`` the share of guesses kept at place i when the one before was kept (a Beta(1, 1)
-    prior: 1/2 before any is seen); ``c(r)`` the measured time of a step of r rows (the lower median of its last few).
-    The first step is a plain one (it measures ``c(1)``); a count not yet measured costs what the
-    line between the measured counts around it says, or, above the largest measured, as much as
-    that one (so the largest is tried first and each count above is tried once). While no
+    prior: 1/2 before any is seen); ``c(r)`` the measured time of a step of r rows (the lower median
+    of its last five). The first step is a plain one (it measures ``c(1)``); a count not yet
+    measured costs what the line between the measured counts around it says, or, above the largest
+    measured, as much as that one (so the largest is tried first and each count above is tried
+    once); a count measured once costs no more than that either (:meth:`step_cost`). While no
     guess is verified, the guesses of a plain step are still checked against the tokens that follow
     (:meth:`shadow`, free for prompt lookup), so drafting resumes when the text starts to repeat.
 
@@ -101,7 +102,9 @@ class DraftBudget:
         if lo is None:  # the fewest rows measured
             return own
         hi = min((r for r in self.cost if r > rows), default=None)
-        guess = self.cost[lo] if hi is None else self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (rows - lo) / (hi - lo)
+        guess = self.cost[lo]
+        if hi is not None:
+            guess += (self.cost[hi] - self.cost[lo]) * (rows - lo) / (hi - lo)
         return guess if own is None else min(own, guess)
 
     def observe(self, drafted: int, kept: int) -> None:
