@@ -5,7 +5,7 @@ For each model and context (and once with a rank-16 all-linear adapter resident)
 loads the bundle, fills the KV cache to its end and reports its peak RSS
 (:func:`edgelora.devices.planner.measure_peak_rss`); the plan for the same bundle, context, adapters
 and thread count is set beside it. Then, per shipped device, the plan's verdict at the model's
-default context and the largest context that fits.
+default context and the largest context that fits, with the default KV cache and with a float32 one.
 
     python bench/bench_plan.py --models stories260K llama-3.2-1b --json bench/results/plan.json
 """
@@ -50,8 +50,10 @@ def main():
         devices = []
         for dev in list_devices().values():
             pl = plan(bundle, dev, threads=min(dev.cores, a.threads))
+            f32 = plan(bundle, dev, threads=min(dev.cores, a.threads), kv_cache="float32")
             devices.append({"device": dev.name, "context": pl.context, "fits": pl.fits, "total_bytes": pl.total_bytes,
                             "budget_bytes": pl.budget_bytes, "max_context": pl.max_context,
+                            "kv_cache": pl.kv_cache, "max_context_float32_cache": f32.max_context,
                             "model_max_context": pl.model_max_context})
         report["models"][name] = {"plans": rows, "devices": devices}
         print(f"\n{name}: plan vs measured peak RSS ({a.threads} threads)")
@@ -61,11 +63,12 @@ def main():
             print(f"| {r['context']} | {r['adapters']} | {r['items']['KV cache'] / 1e6:.1f} | "
                   f"{r['planned_bytes'] / 1e6:.1f} | {r['measured_peak_rss_bytes'] / 1e6:.1f} | {r['error']:+.1%} |")
         print(f"\n{name}: shipped devices")
-        print("| device | budget MB | plan at default context | fits | largest context that fits |")
-        print("|---|---|---|---|---|")
+        print("| device | budget MB | plan at default context | fits | largest context that fits | with a float32 cache |")
+        print("|---|---|---|---|---|---|")
         for d in devices:
             print(f"| {d['device']} | {d['budget_bytes'] / 1e6:.0f} | {d['total_bytes'] / 1e6:.0f} MB at "
-                  f"{d['context']} | {'yes' if d['fits'] else 'no'} | {d['max_context']} of {d['model_max_context']} |")
+                  f"{d['context']} | {'yes' if d['fits'] else 'no'} | {d['max_context']} of {d['model_max_context']} | "
+                  f"{d['max_context_float32_cache']} |")
     write_report(a.json, report)
 
 

@@ -79,7 +79,7 @@ def main():
     for name, bundle in models.items():
         first = edgelora.load(bundle, **base_options)
         second = edgelora.load(bundle, **other_options)
-        sampler = edgelora.load(bundle, products="exact")
+        sampler = first if first.products == "exact" else edgelora.load(bundle, products="exact")
         texts = {"demo-corpus": corpus, "own-samples": sampled_text(sampler, prompts * 4, 200, seed=7)}
         for tname, text in texts.items():
             e, i = evaluate(first, text=text), evaluate(second, text=text)
