@@ -6,8 +6,9 @@ This script times the one-call decode step (``runtime/decode.py``'s ``decode_lay
 not the head) in one process, the configurations interleaved round after round, medians:
 
 * ``--adapters``: the base, the same random r=16 all-linear adapter from a float32 file (PEFT's
-  default) and from a float16 file (what ``edgelora deploy`` writes; held in float16): each
-  adapter's milliseconds over the base and the base / adapter ratio;
+  default) held in float32 (``dtype="float32"``) and from a float16 file (what ``edgelora deploy``
+  writes, and what the default int8 products make of a float32 file at load; held in float16):
+  each adapter's milliseconds over the base and the base / adapter ratio;
 * ``--rows``: a step of 1 .. 8 rows of one sequence (what a speculative step verifies: its last
   token and the guesses), each count's time over one row's.
 
@@ -46,7 +47,7 @@ H = net.args.hidden_size
 rng = np.random.default_rng(0)
 runs = {}
 if f32 != "-":
-    model.adapters.load("f32", f32)
+    model.adapters.load("f32", f32, dtype="float32")  # (held as the file holds it; a default load rounds it)
     model.adapters.load("f16", f16)
     x = rng.standard_normal((1, H)).astype(np.float32)
     for name, spec in (("base", None), ("float32 adapter", "f32"), ("float16 adapter", "f16")):

@@ -12,7 +12,9 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    codebook like NF4) and Q4_0 (``--pure``), and with ``--default-mix`` to IQ4_NL as llama.cpp
    quantizes by default (its head in a 6-bit type: the like of edgelora's default head);
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF
-   (float32; with ``--float16-adapter`` also both rounded to float16, as ``edgelora deploy`` writes it);
+   (float32; with ``--float16-adapter`` also both rounded to float16, as ``edgelora deploy`` writes it;
+   edgelora's default load rounds the float32 file's to float16 too, and ``--float32-held-adapter``
+   adds it held in float32, ``adapter_dtype="float32"``);
 4. runs both systems interleaved, ``--repeats`` rounds, each measurement in a fresh process (its
    peak RSS is its own): prefill of 128 and 512 tokens, decode (``--decode-tokens``, 128), decode
    with the adapter (edgelora's adapter process also decodes without it, interleaved, so the
@@ -301,7 +303,8 @@ import edgelora
 from edgelora.benchmark import bytes_per_token
 from edgelora.memory import peak_rss_bytes
 path, threads, products, adapter, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-model = edgelora.load(path, threads=threads, max_context=max(512, 8 + n) + 16, products=products)
+kw = {"adapter_dtype": sys.argv[6]} if len(sys.argv) > 6 else {}
+model = edgelora.load(path, threads=threads, max_context=max(512, 8 + n) + 16, products=products, **kw)
 model.eos_ids = set()
 if adapter != "-":
     model.adapters.load("a", adapter)
@@ -359,10 +362,12 @@ def edgelora_depth(bundle: Path, threads: int, products: str, n: int, depth: int
     return json.loads(out.strip().splitlines()[-1])["decode"]
 
 
-def edgelora_run(bundle: Path, threads: int, products: str, adapter: Path | None, n: int) -> dict:
+def edgelora_run(bundle: Path, threads: int, products: str, adapter: Path | None, n: int,
+                 adapter_dtype: str | None = None) -> dict:
     from edgelora.child import python_command
     out, rss = _popen_rss(python_command(EDGELORA_CHILD, str(bundle), str(threads), products,
-                                         str(adapter) if adapter else "-", str(n)))
+                                         str(adapter) if adapter else "-", str(n),
+                                         *([adapter_dtype] if adapter_dtype else [])))
     res = json.loads(out.strip().splitlines()[-1])  # (its peak_rss_bytes: its own VmHWM, as ``rss``)
     res["peak_rss_bytes"] = rss or res["peak_rss_bytes"]
     return res
@@ -385,6 +390,9 @@ def main():
         p.add_argument("--float16-adapter", action="store_true",
                        help="also the same adapter rounded to float16 (what `edgelora deploy` writes; edgelora "
                             "holds it in float16), for llama.cpp as a float16 LoRA GGUF (--outtype f16)")
+        p.add_argument("--float32-held-adapter", action="store_true",
+                       help="also edgelora with the float32 adapter held in float32 (adapter_dtype='float32', the "
+                            "exact products' default; the int8 products round it to float16 by default)")
         p.add_argument("--depths", nargs="*", type=int, default=[],
                        help="also decode after this many tokens of context (default: none), llama.cpp "
                             "IQ4_NL against each product path's default bundle")
@@ -436,6 +444,8 @@ def main():
             lora16 = write_lora_gguf(adapter16, cfg, work / f"{name}-lora-r16-f16.gguf", np.float16)
             lora_rounds["llama.cpp IQ4_NL, float16 adapter"] = []
             lora_rounds.update({f"edgelora {p}, float16 adapter": [] for p in a.products})
+        if a.float32_held_adapter:
+            lora_rounds.update({f"edgelora {p}, float32 held adapter": [] for p in a.products})
         depth_rounds = {"llama.cpp IQ4_NL": {}}
         depth_rounds.update({f"edgelora {p}, {kv} KV cache": {} for p in a.products for kv in a.kv_caches})
         if a.depths_only:
@@ -458,7 +468,8 @@ def main():
                     res = llama_lora_decode(bin_dir, ggufs["IQ4_NL"], None if ad is None else lora16 if half else lora,
                                             a.threads, a.decode_tokens)
                 else:
-                    res = edgelora_run(bundle, a.threads, k.split()[1].rstrip(","), ad, a.decode_tokens)
+                    res = edgelora_run(bundle, a.threads, k.split()[1].rstrip(","), ad, a.decode_tokens,
+                                       "float32" if k.endswith("float32 held adapter") else None)
                 lora_rounds[k].append(res)
                 print(f"[{name} round {r + 1}] adapter {k}: {res}", flush=True)
             for d in a.depths:

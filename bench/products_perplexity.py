@@ -2,7 +2,12 @@
 ``products="exact"`` and ``"int8"`` on real models and real text (issue 14 item 5: the default),
 both with a float32 KV cache; with ``--compare kv-cache``, that of a float16 KV cache against
 float32 (both with the default products); with ``--compare defaults``, that of a default load
-(int8 products, float16 cache) against the exact path (exact products, float32 cache).
+(int8 products, float16 cache, adapters rounded to float16) against the exact path (exact products,
+float32 cache, adapters as their files hold them); with ``--compare adapter-dtype``, that of
+adapters held in float16 against float32 (both with the default products, or ``--products``).
+
+``--adapters`` (implied by ``--compare adapter-dtype``) also evaluates the demo model with each
+of its trained demo adapters (``pirate``, ``shout``: float32 files, as PEFT saves them) in use.
 
 Models: stories260K (``$EDGELORA_SHARED_MODELS/stories260K``, converted here) and the built-in demo
 model. Texts: held-out documents of the demo corpus (``scripts/demo_corpus.py`` with a seed the demo
@@ -19,6 +24,9 @@ Perplexity windows are whole prefills, so the int8 numbers are those of the pref
         --json bench/results/kv_cache_perplexity.json
     EDGELORA_SHARED_MODELS=/work/shared/models python bench/products_perplexity.py --compare defaults \\
         --json bench/results/defaults_perplexity.json
+    python bench/products_perplexity.py --compare adapter-dtype --json bench/results/adapter_dtype_perplexity.json
+    python bench/products_perplexity.py --compare adapter-dtype --products exact \\
+        --json bench/results/adapter_dtype_perplexity_exact.json
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from bench_common import write_report  # noqa: E402
 COMPARE = {"products": (("exact", {"products": "exact", "kv_cache": "float32"}),
                         ("int8", {"products": "int8", "kv_cache": "float32"})),
            "kv-cache": (("float32", {"kv_cache": "float32"}), ("float16", {"kv_cache": "float16"})),
-           "defaults": (("exact", {"products": "exact"}), ("defaults", {}))}
+           "defaults": (("exact", {"products": "exact"}), ("defaults", {})),
+           "adapter-dtype": (("float32", {"adapter_dtype": "float32"}), ("float16", {"adapter_dtype": "float16"}))}
 
 
 def sampled_text(model, prompts: list, tokens: int, seed: int) -> str:
@@ -55,8 +64,13 @@ def main():
     p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     p.add_argument("--compare", choices=tuple(COMPARE), default="products",
                    help="exact against int8 products, a float32 against a float16 KV cache, or the exact path "
-                        "against a default load")
+                        "against a default load, or adapters held in float32 against float16")
+    p.add_argument("--adapters", action="store_true",
+                   help="also evaluate the demo model with each demo adapter in use (implied by --compare adapter-dtype)")
+    p.add_argument("--products", choices=("exact", "int8"), default=None,
+                   help="the products of both loads where the comparison does not set them (default: the load's)")
     a = p.parse_args()
+    with_adapters = a.adapters or a.compare == "adapter-dtype"
 
     import edgelora
     from edgelora.demo import demo_bundle
@@ -76,18 +90,28 @@ def main():
                "The sun was shining and", "There was a big red ball", "Mia wanted to"]
     rows = []
     (base, base_options), (other, other_options) = COMPARE[a.compare]
+    if a.products is not None:
+        base_options, other_options = ({"products": a.products, **o} for o in (base_options, other_options))
     for name, bundle in models.items():
-        first = edgelora.load(bundle, **base_options)
-        second = edgelora.load(bundle, **other_options)
-        sampler = first if first.products == "exact" else edgelora.load(bundle, products="exact")
-        texts = {"demo-corpus": corpus, "own-samples": sampled_text(sampler, prompts * 4, 200, seed=7)}
-        for tname, text in texts.items():
-            e, i = evaluate(first, text=text), evaluate(second, text=text)
-            rows.append({"model": name, "text": tname, "tokens": e.text_tokens, "window": e.window,
-                         base: e.perplexity, other: i.perplexity,
-                         "cost_percent": 100 * (i.perplexity / e.perplexity - 1)})
-            print(f"{name:12s} {tname:12s} {e.text_tokens:6d} tokens: {base} {e.perplexity:.4f}  {other} "
-                  f"{i.perplexity:.4f}  ({rows[-1]['cost_percent']:+.3f} %)", flush=True)
+        adapters = ({n: Path(edgelora.__file__).parent / "demo_adapters" / n for n in ("pirate", "shout")}
+                    if with_adapters and name == "demo" else {})
+        first = edgelora.load(bundle, adapters=adapters, **base_options)
+        second = edgelora.load(bundle, adapters=adapters, **other_options)
+        sampler = first if first.products == "exact" else edgelora.load(bundle, products="exact",
+                                                                        adapters=adapters)
+        selections = ([None] if a.compare != "adapter-dtype" else []) + list(adapters)
+        for use in selections:
+            for m in (first, second, sampler):
+                m.use(use)
+            label = name if use is None else f"{name}+{use}"
+            texts = {"demo-corpus": corpus, "own-samples": sampled_text(sampler, prompts * 4, 200, seed=7)}
+            for tname, text in texts.items():
+                e, i = evaluate(first, text=text), evaluate(second, text=text)
+                rows.append({"model": label, "text": tname, "tokens": e.text_tokens, "window": e.window,
+                             base: e.perplexity, other: i.perplexity,
+                             "cost_percent": 100 * (i.perplexity / e.perplexity - 1)})
+                print(f"{label:12s} {tname:12s} {e.text_tokens:6d} tokens: {base} {e.perplexity:.4f}  {other} "
+                      f"{i.perplexity:.4f}  ({rows[-1]['cost_percent']:+.3f} %)", flush=True)
     write_report(a.json, {"compare": a.compare, "results": rows,
                           "max_cost_percent": max(r["cost_percent"] for r in rows)})
 

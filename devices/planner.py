@@ -57,7 +57,7 @@ from edgelora.child import python_command
 from edgelora.config import ModelArgs
 from edgelora.devices.profiles import Device, get_device, host_arch, host_device
 from edgelora.errors import EdgeLoraError, UsageError
-from edgelora.products import DEFAULT_KV_CACHE, KV_CACHE_BYTES, check_kv_cache
+from edgelora.products import DEFAULT_ADAPTER_DTYPE, DEFAULT_KV_CACHE, KV_CACHE_BYTES, check_kv_cache
 from edgelora.runtime.kernels import MATVEC_ROWS_MAX, PARALLEL_MIN_WEIGHTS, TILE_ELEMENTS
 from edgelora.runtime.llama import KEY_BLOCK, KVCache
 from edgelora.runtime.model import PREFILL_CHUNK
@@ -214,7 +214,7 @@ def scratch_bytes(a: ModelArgs, context: int, threads: int, kv_cache: str = DEFA
 def adapter_resident_bytes(path, args: ModelArgs) -> int:
     """Bytes ``model.adapters.load`` keeps for this adapter (checked against the base)."""
     from edgelora.adapters import read_adapter
-    ad = read_adapter(path, args, half_when_exact=True)  # as the runtime holds it
+    ad = read_adapter(path, args, held=DEFAULT_ADAPTER_DTYPE)  # as a default load holds it
     dora = sum(p.B.shape[0] * F32 for p in ad.pairs.values() if p.magnitude is not None)  # the norms g
     return ad.nbytes + dora
 

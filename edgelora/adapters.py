@@ -383,7 +383,7 @@ class BaseModules:
 class LoraPair:
     """One targeted linear: ``delta(x) = scale * (B (A x) + bias)``; DoRA adds ``magnitude``."""
 
-    A: np.ndarray  # [r, in] float32, or float16 (read_adapter's half_when_exact)
+    A: np.ndarray  # [r, in] float32, or float16 (read_adapter's held)
     B: np.ndarray  # [out, r] as A
     scale: float
     bias: np.ndarray | None = None  # [out] (lora_bias)
@@ -473,12 +473,14 @@ def _layer_hint(module: str, base: BaseModules) -> str:
     return ""
 
 
-def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs, half_when_exact: bool = False) -> Adapter:
+def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs, held: str | None = None) -> Adapter:
     """Read and check an adapter folder against ``base`` (``BaseModules`` or the base's ``ModelArgs``);
-    every problem is an ``EdgeLoraError``. With ``half_when_exact`` (what the runtime holds), a
-    LoRA pair whose every value float16 holds exactly (a float16 file's always; a bfloat16 or
-    float32 file's when its values happen to fit) is kept in float16: the same values in half the
-    bytes, which a decode step reads (DoRA pairs stay float32); otherwise float32."""
+    every problem is an ``EdgeLoraError``. ``held``: how the runtime holds the LoRA pairs
+    (``edgelora.products.ADAPTER_DTYPES``). None: float32. ``"float32"``: the file's values, a pair
+    whose every value float16 holds exactly (a float16 file's always; a bfloat16 or float32 file's
+    when its values happen to fit) in float16: the same values in half the bytes, which a decode
+    step reads. ``"float16"``: every pair rounded to float16 (round to nearest even, as ``deploy``
+    writes them) but one with a value beyond float16's range. DoRA pairs stay float32."""
     path = Path(path)
     if isinstance(base, ModelArgs):
         base = BaseModules.from_args(base)
@@ -512,19 +514,20 @@ def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs, half_wh
 
     with SafetensorsFile(weights_path) as st:
         return _read_tensors(path, st, config, base, targets, saved_wanted, found,
-                             half_when_exact and not config.use_dora)
+                             None if config.use_dora else held)
 
 
-def _half_if_exact(a: np.ndarray) -> np.ndarray:
+def _half(a: np.ndarray, rounded: bool) -> np.ndarray:
     """``a`` (float32) in float16 when that loses nothing (every value the same after the round
-    trip), else ``a``."""
+    trip) or, ``rounded``, when every value stays finite; else ``a``."""
     with np.errstate(over="ignore"):  # (a value beyond float16's range: inf, and not the same)
         h = a.astype(np.float16)
-    return h if np.array_equal(h.astype(np.float32), a) else a
+    keep = np.isfinite(h).all() if rounded else np.array_equal(h.astype(np.float32), a)
+    return h if keep else a
 
 
 def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModules, targets, saved_wanted,
-                  found: PatternMatches, half: bool = False):
+                  found: PatternMatches, held: str | None = None):
     def tensor(name, shape, module, what):
         info = st.tensors[name]
         if info.dtype not in FLOAT_DTYPES:
@@ -575,8 +578,8 @@ def _read_tensors(path, st: SafetensorsFile, config: LoraConfig, base: BaseModul
                                        f"{'lora_A' if a_name is None else 'lora_B'} weight for it", st.path)
         A = tensor(a_name, (r, in_f), module, "lora_A")
         B = tensor(b_name, (out_f, r), module, "lora_B")
-        if half:  # the pair in float16 when both fit exactly (the kernels take one kind for a pair)
-            A16, B16 = _half_if_exact(A), _half_if_exact(B)
+        if held is not None:  # the pair in float16 when both fit (the kernels take one kind for a pair)
+            A16, B16 = _half(A, held == "float16"), _half(B, held == "float16")
             if A16.dtype == B16.dtype == np.float16:
                 A, B = A16, B16
         bound = abs(config.scale(module, found)) * r * float(np.abs(A).max(initial=0)) * float(np.abs(B).max(initial=0))

@@ -90,7 +90,7 @@ def _load_model(ns):
     import edgelora
     model = edgelora.load(ns.bundle, threads=ns.threads, max_context=ns.max_context,
                           device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products,
-                          kv_cache=ns.kv_cache)
+                          kv_cache=ns.kv_cache, adapter_dtype=ns.adapter_dtype)
     seen = set()
     for spec in ns.adapter:
         name, path = _split_adapter(spec)
@@ -403,13 +403,20 @@ def _cmd_train(ns) -> int:
     return 0
 
 
-def _add_products_option(p, kv_default: str | None = None) -> None:
-    """``--products`` and ``--kv-cache`` (``kv_default``: None where a deploy folder's plan decides)."""
-    from edgelora.products import DEFAULT_PRODUCTS, PRODUCTS
+def _add_products_option(p, kv_default: str | None = None, adapters: bool = True) -> None:
+    """``--products``, ``--kv-cache`` (``kv_default``: None where a deploy folder's plan decides)
+    and, for a command that loads adapters, ``--adapter-dtype``."""
+    from edgelora.products import ADAPTER_DTYPES, DEFAULT_ADAPTER_DTYPES, DEFAULT_PRODUCTS, PRODUCTS
     p.add_argument("--products", choices=PRODUCTS, default=DEFAULT_PRODUCTS,
                    help="NF4 products: exact float32, or int8 activations with int32 sums, a float16 head "
                         "quantized to int8 at load (faster, approximate; README, The int8 product path)")
     _add_kv_cache_option(p, kv_default)
+    if adapters:
+        by_products = ", ".join(f"{d} with {products} products" for products, d in DEFAULT_ADAPTER_DTYPES.items())
+        p.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default=None,
+                       help="how adapters' A and B are held: float16 (each value rounded once at load, as deploy "
+                            "writes them: half the bytes a decode step reads of a float32 file's) or float32 (the "
+                            f"file's values exactly, as PEFT computes; README, LoRA adapters) (default: {by_products})")
 
 
 def _add_kv_cache_option(p, default: str | None) -> None:
@@ -442,7 +449,8 @@ def _cmd_serve(ns) -> int:
           max_body_bytes=ns.max_body_bytes,
           prompt_cache_bytes=None if ns.prompt_cache_mb is None else int(ns.prompt_cache_mb * 1e6),
           allow_adapter_loading=not ns.no_adapter_loading, log_level=ns.log_level,
-          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products, kv_cache=ns.kv_cache)
+          device_check=not ns.any_device, mmap=not ns.no_mmap, products=ns.products, kv_cache=ns.kv_cache,
+          adapter_dtype=ns.adapter_dtype)
     return 0
 
 
@@ -593,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated in the decode measurement (default: 128, less to fit the model's context)")
     b.add_argument("--runs", type=int, default=3, help="measurements after one warm-up; the median is reported")
     b.add_argument("--no-mmap", action="store_true", help="read the weights into memory (as `run --no-mmap`)")
-    _add_products_option(b)
+    _add_products_option(b, adapters=False)
     b.add_argument("--json", action="store_true", help="print the results (and errors) as JSON")
     b.set_defaults(func=_cmd_bench)
 
@@ -698,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bundle written with convert's default options)")
     w.add_argument("--threads", type=int, default=None, help="the thread count it will run with (default: every core)")
     w.add_argument("--no-mmap", action="store_true", help="for running with the weights read into memory")
-    _add_products_option(w)
+    _add_products_option(w, adapters=False)
     w.add_argument("--json", action="store_true", help="print the result (and errors) as JSON")
     w.set_defaults(func=_cmd_warmup)
 

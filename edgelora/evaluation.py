@@ -214,7 +214,7 @@ def answer_loss(model: Model, path) -> tuple[float, int, int]:
 def evaluate(model: Model | str | os.PathLike, text: str | None = None, data: str | os.PathLike | None = None, *,
              adapters: dict | None = None, use: str | dict | None = None, window: int | None = None,
              max_context: int | None = None, text_file: str | os.PathLike | None = None,
-             products: str | None = None) -> Evaluation:
+             products: str | None = None, adapter_dtype: str | None = None) -> Evaluation:
     """Measure a bundle: perplexity of ``text`` (or of the file ``text_file``), answer-only loss on
     the JSONL file ``data``, and the weights' quantization error (always).
 
@@ -222,16 +222,17 @@ def evaluate(model: Model | str | os.PathLike, text: str | None = None, data: st
     single adapter is used) or a loaded :class:`~edgelora.runtime.model.Model` (its resident
     adapters). ``use``: the adapter selection to measure (a name, a ``{name: weight}`` mix,
     ``"base"``; default: the model's current one), in force for this call only. ``window``: tokens
-    per perplexity window (default: the model's ``max_context``). ``products``: how a bundle given
-    by path multiplies (:func:`edgelora.load`'s option; default its default).
+    per perplexity window (default: the model's ``max_context``). ``products``, ``adapter_dtype``:
+    how a bundle given by path multiplies and holds its adapters (:func:`edgelora.load`'s options;
+    default its defaults).
     """
+    options = {k: v for k, v in (("products", products), ("adapter_dtype", adapter_dtype)) if v is not None}
     if isinstance(model, Model):
-        if adapters or max_context is not None or products is not None:
-            raise UsageError("adapters, max_context and products are load options: give them to edgelora.load, "
-                             "or give evaluate the bundle's path")
+        if adapters or max_context is not None or options:
+            raise UsageError("adapters, max_context, products and adapter_dtype are load options: give them to "
+                             "edgelora.load, or give evaluate the bundle's path")
     else:
-        model = load(model, max_context=max_context, adapters=adapters,
-                     **({} if products is None else {"products": products}))
+        model = load(model, max_context=max_context, adapters=adapters, **options)
         if use is None and len(model.adapters) == 1:
             use = model.adapters.names[0]
     if window is not None and not 2 <= window <= model.max_context:

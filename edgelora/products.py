@@ -17,6 +17,17 @@ it, each key and value rounded to float16 once, when stored. A load that names n
 perplexity, as they were: within 0.1 %), float32 with the exact ones, which stay bit-true against
 the references (README, *KV cache*).
 
+Adapters (:data:`ADAPTER_DTYPES`): how a LoRA adapter's A and B are held once loaded
+(``load(..., adapter_dtype=...)``, ``model.adapters.load(..., dtype=...)``, ``--adapter-dtype``).
+``float32``: the file's values exactly (a pair float16 holds exactly, a float16 file's always, is
+kept in float16: the same values in half the bytes); ``float16``: every value rounded to float16
+once, at load (round to nearest even; what ``deploy`` writes), half the bytes a decode step reads
+of a float32 file's adapter (a pair with a value beyond float16's range, and DoRA's, stay
+float32). A load that names none gets :func:`default_adapter_dtype` of its products: float16 with
+the int8 products (the rounding moves the logits some thousand times less than the int8
+activations do), float32 with the exact ones, which stay bit-true against PEFT (README, *LoRA
+adapters*).
+
 A module of its own, free of NumPy and Numba, so the command line can show the defaults without
 loading the runtime.
 """
@@ -54,3 +65,20 @@ def check_kv_cache(kv_cache: str) -> str:
     if kv_cache not in KV_CACHES:
         raise UsageError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
     return kv_cache
+
+
+ADAPTER_DTYPES = ("float32", "float16")
+DEFAULT_ADAPTER_DTYPES = {"int8": "float16", "exact": "float32"}  # products -> how a load holds adapters by default
+DEFAULT_ADAPTER_DTYPE = DEFAULT_ADAPTER_DTYPES[DEFAULT_PRODUCTS]  # a default load's (what plan and deploy assume)
+
+
+def default_adapter_dtype(products: str) -> str:
+    """How a load of ``products`` holds adapters when it names nothing (:data:`DEFAULT_ADAPTER_DTYPES`)."""
+    return DEFAULT_ADAPTER_DTYPES[check_products(products)]
+
+
+def check_adapter_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of :data:`ADAPTER_DTYPES`, else a :class:`UsageError`."""
+    if dtype not in ADAPTER_DTYPES:
+        raise UsageError(f"adapter dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {dtype!r}")
+    return dtype

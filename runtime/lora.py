@@ -40,13 +40,15 @@ adapters swaps one immutable :class:`Selection` object for another, nothing is c
   products, the B products after it; a lone module's delta is a stack of one. Above ``LORA_PARALLEL_MIN`` weights the product runs on
   the model's threads (the rows of A split between them, then the slices of the outputs), as the
   base kernels around it do; the threaded kernels give the serial ones' bits (the tests check it).
-* Held in float16 when that loses nothing: a LoRA pair whose every value float16 holds exactly (a
-  float16 file's always) is kept in float16 (``adapters.read_adapter(half_when_exact=True)``), so
-  it takes half the memory and a decode step reads half the bytes. The kernels take its bits
-  (:func:`kernel_array`) and widen each value exactly (:func:`_widen`), so the arithmetic is the
-  float32 arithmetic on the same values; a prompt's products widen the arrays for BLAS. Other
-  pairs, and DoRA's, stay float32 (the default of PEFT's own files and of llama.cpp's LoRA
-  converter); nothing is rounded that the file did not round.
+* Held in float16: with the default int8 products a LoRA pair is rounded to float16 at load
+  (``AdapterSet.load(dtype="float16")``, ``adapters.read_adapter(held="float16")``; as ``deploy``
+  writes it), so it takes half the memory and a decode step reads half the bytes of a float32
+  file's; with ``dtype="float32"`` (the exact products' default) only a pair whose every value
+  float16 holds exactly (a float16 file's always) is, and nothing is rounded that the file did
+  not round. The kernels take a float16 pair's bits (:func:`kernel_array`) and widen each value
+  exactly (:func:`_widen`), so the arithmetic is the float32 arithmetic on the held values; a
+  prompt's products widen the arrays for BLAS. A pair with a value beyond float16's range, and
+  DoRA's, stay float32.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from numba.extending import intrinsic
 
 from edgelora.adapters import EMBED, HEAD, Adapter, BaseModules, min_resident_bytes, read_adapter
 from edgelora.errors import UsageError, PlanError
+from edgelora.products import check_adapter_dtype
 from edgelora.runtime.linear import Linear, make_linear, matmul_shared
 
 _FM = {"reassoc", "contract", "nsz"}
@@ -224,7 +227,7 @@ def lora_delta_reference(x: np.ndarray, A: np.ndarray, B: np.ndarray, coef: floa
 class Delta:
     """One adapter's contribution at one module: ``coef * (B (A x) + bias)``, DoRA-scaled by ``g``."""
 
-    A: np.ndarray  # [r, in] float32, or float16 (``adapters.read_adapter``'s half_when_exact)
+    A: np.ndarray  # [r, in] float32, or float16 (``adapters.read_adapter``'s held)
     Bt: np.ndarray  # [r, out] as A
     coef: float
     bias: np.ndarray | None = None  # [out], already multiplied by coef
@@ -632,9 +635,11 @@ class AdapterSet:
     modules' linear layers and biases). ``on_unload(resident)``: called under the set's lock for
     each adapter unloaded, so that the model decides what that means for the selection it is
     using (``Model`` goes back to the base and warns). ``budget_bytes``: the bytes adapters may
-    take in all (a deploy folder's memory plan), None: no limit."""
+    take in all (a deploy folder's memory plan), None: no limit. ``dtype``: how :meth:`load` holds
+    an adapter that names none (``edgelora.products.ADAPTER_DTYPES``)."""
 
-    def __init__(self, net, on_unload, budget_bytes: int | None = None):
+    def __init__(self, net, on_unload, budget_bytes: int | None = None, dtype: str = "float32"):
+        self.dtype = check_adapter_dtype(dtype)
         self._net = net
         self._on_unload = on_unload
         self._resident: dict[str, Resident] = {}
@@ -673,18 +678,22 @@ class AdapterSet:
                 f"for adapters ({len(self._resident)} loaded: {', '.join(self._resident) or 'none'}); unload one, "
                 f"or plan and deploy again with this adapter (edgelora deploy ... --adapter {name}=PATH)")
 
-    def load(self, name: str, path, scale: float = 1.0) -> Resident:
-        """Read the PEFT adapter at ``path``, check it against the base, and keep it resident as ``name``."""
+    def load(self, name: str, path, scale: float = 1.0, dtype: str | None = None) -> Resident:
+        """Read the PEFT adapter at ``path``, check it against the base, and keep it resident as ``name``.
+        ``dtype``: how its A and B are held, ``"float32"`` (the file's values exactly) or
+        ``"float16"`` (each rounded once, half the bytes; ``edgelora.products``); None: the set's
+        :attr:`dtype`, the load's ``adapter_dtype``."""
         if not isinstance(name, str) or not name or any(c in name for c in ",=/\\") or name.strip() != name:
             raise UsageError(f"adapter name {name!r}: use a non-empty name without ',', '=', '/' or spaces")
         if name in self._resident:
             raise UsageError(f"an adapter named {name!r} is already loaded; unload it first")
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
             raise UsageError(f"scale must be a finite number, got {scale!r}")
+        dtype = self.dtype if dtype is None else check_adapter_dtype(dtype)
         t0 = time.perf_counter()
         if self.budget_bytes is not None:  # sized from its header first: nothing is read beyond the budget
             self._check_budget(name, min_resident_bytes(Path(path)))
-        adapter = read_adapter(Path(path), self.base, half_when_exact=True)
+        adapter = read_adapter(Path(path), self.base, held=dtype)
         if adapter.is_dora and scale != 1.0:
             raise UsageError(f"DoRA adapter {name!r} can only be loaded with scale 1.0 (got {scale:g})")
         res = make_resident(name, adapter, scale, self._net.module)

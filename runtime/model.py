@@ -29,7 +29,8 @@ from edgelora.autoconvert import bundle_path
 from edgelora.bundle import Bundle
 from edgelora.devices.profiles import host_ram_bytes
 from edgelora.errors import PlanError, UsageError
-from edgelora.products import DEFAULT_PRODUCTS, KV_CACHE_BYTES, check_kv_cache, default_kv_cache
+from edgelora.products import (DEFAULT_PRODUCTS, KV_CACHE_BYTES, check_adapter_dtype, check_kv_cache,
+                               default_adapter_dtype, default_kv_cache)
 from edgelora.runtime.llama import KVCache
 from edgelora.runtime.loader import build_model
 from edgelora.runtime.lora import BASE, AdapterSet, Resident, Selection
@@ -312,12 +313,14 @@ class Model:
     deploy folder: its adapters are made resident, and no more adapter bytes than it planned.
     ``products``: how NF4 weights multiply, ``"exact"`` or ``"int8"`` (:func:`edgelora.load`).
     ``kv_cache``: what its KV caches hold, ``"float32"`` or ``"float16"`` (None: the default of
-    ``products``, :func:`edgelora.load`).
+    ``products``, :func:`edgelora.load`). ``adapter_dtype``: how ``adapters.load`` holds an
+    adapter, ``"float32"`` or ``"float16"`` (None: the default of ``products``).
     ``prompt_cache``: None, or a :class:`~edgelora.runtime.prompt_cache.PromptCache` whose kept
     prompt prefixes generations reuse (``model.prompt_cache = edgelora.PromptCache(256 << 20)``)."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None, max_context: int | None = None,
-                 deployment=None, products: str = DEFAULT_PRODUCTS, kv_cache: str | None = None):
+                 deployment=None, products: str = DEFAULT_PRODUCTS, kv_cache: str | None = None,
+                 adapter_dtype: str | None = None):
         from edgelora.runtime.tokenizer import Tokenizer
         self.bundle = bundle
         self.path = bundle.path
@@ -326,6 +329,8 @@ class Model:
         self.governor = ThreadGovernor(self.threads)  # how many of them each forward uses
         self.products = products
         self.kv_cache = kv_cache = default_kv_cache(products) if kv_cache is None else check_kv_cache(kv_cache)
+        self.adapter_dtype = (default_adapter_dtype(products) if adapter_dtype is None
+                              else check_adapter_dtype(adapter_dtype))
         _check_cache_fits(bundle, max_context, kv_cache)
         self.net = build_model(bundle, max_context, products, kv_cache)
         self.max_context = self.net.max_context
@@ -342,7 +347,8 @@ class Model:
         self.prompt_cache = None
         self.deployment = deployment  # the Deployment when loaded from a deploy folder (edgelora.deployment)
         self.adapters = AdapterSet(self.net, self._unloaded,
-                                   budget_bytes=None if deployment is None else deployment.adapter_bytes)
+                                   budget_bytes=None if deployment is None else deployment.adapter_bytes,
+                                   dtype=self.adapter_dtype)
         for name, adapter_path in ({} if deployment is None else deployment.adapters).items():
             self.adapters.load(name, adapter_path)
 
@@ -809,7 +815,7 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
          verify: bool | str = True, adapters: Mapping[str, str | os.PathLike] | None = None,
          device_check: bool = True, mmap: bool = True, warmup: bool = True,
          convert_options: Mapping[str, Any] | None = None, products: str = DEFAULT_PRODUCTS,
-         kv_cache: str | None = None) -> Model:
+         kv_cache: str | None = None, adapter_dtype: str | None = None) -> Model:
     """Open a bundle or a deploy folder (memory-mapped, checksums verified) and make it ready to
     generate. A Hugging Face checkpoint folder or hub id, a GGUF file or an ONNX model is converted
     once into ``$EDGELORA_HOME/bundles/`` (``convert_options``: :func:`edgelora.convert`'s
@@ -841,6 +847,12 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
     reads of it; each key and value rounded to float16 when stored). ``None`` (the default): float16
     with the int8 products, float32 with the exact ones (``edgelora.products.default_kv_cache``,
     chosen from measured perplexity; README, *KV cache*); a deploy folder's plan says which.
+    ``adapter_dtype``: how adapters are held (``adapters`` and every later ``model.adapters.load``
+    that names no ``dtype``): ``"float32"`` (the file's values exactly, bit-true against PEFT; a
+    float16 file's in float16) or ``"float16"`` (each value rounded to float16 once, at load, as
+    ``deploy`` writes them: half the memory and the bytes a decode step reads of a float32 file's).
+    ``None`` (the default): float16 with the int8 products, float32 with the exact ones
+    (``edgelora.products.default_adapter_dtype``; README, *LoRA adapters*).
 
     A deploy folder (``edgelora deploy``) is also checked against this machine (its planned
     architecture and memory; ``device_check=False`` skips that) and its plan is enforced: the KV
@@ -863,10 +875,10 @@ def load(path: str | os.PathLike, threads: int | None = None, max_context: int |
                             f"folder was planned for; deploy again with kv_cache={kv_cache!r} (--kv-cache)", path)
         model = Model(Bundle(dep.bundle_path, verify=False, mmap=mmap, verification=dep.verification),
                       threads=threads, max_context=max_context, deployment=dep, products=products,
-                      kv_cache=dep.kv_cache if kv_cache is None else kv_cache)
+                      kv_cache=dep.kv_cache if kv_cache is None else kv_cache, adapter_dtype=adapter_dtype)
     else:
         model = Model(Bundle(path, verify=verify, mmap=mmap), threads=threads, max_context=max_context,
-                      products=products, kv_cache=kv_cache)
+                      products=products, kv_cache=kv_cache, adapter_dtype=adapter_dtype)
     for name, adapter_path in (adapters or {}).items():
         model.adapters.load(name, adapter_path)
     if dep is not None and len(dep.adapters) == 1:  # a deploy folder planned for one adapter uses it (as `run`)

@@ -449,6 +449,96 @@ def test_float16_adapters_are_held_in_float16_and_match_peft(bases, adapters, tm
     assert adapter_resident_bytes(h16, model.args) == model.adapters["h16"].nbytes
 
 
+def test_the_int8_products_hold_adapters_rounded_to_float16(bases, adapters, tmp_path, capsys):
+    """With the int8 products (the default) a float32 file's adapter is rounded to float16 at load,
+    as ``deploy`` writes it: half the bytes, the bits of loading the rounded copy. ``float32``
+    (the load's ``adapter_dtype``, ``adapters.load(dtype=...)``, ``--adapter-dtype``; the exact
+    products' default) keeps the file's values. On the exact products a rounded adapter gives
+    PEFT's logits on the rounded file, within a hundredth of the adapter's own effect of the
+    file's (each value rounded by at most 2^-11 of itself: a product B A by about 2^-10, ten times
+    that as the margin); on the int8 ones the logits stay within the int8 products' stated
+    tolerance (``test_int8``) of the exact path with the file's values."""
+    import peft
+    import transformers
+    from test_int8 import assert_logits_within_tolerance
+    from edgelora.cli import main
+    src, bundle = bases("llama_untied")
+    ad = adapters("r16-all-linear")
+    h16 = _rewritten(ad, tmp_path / "h16", np.float16)
+    ids = np.random.default_rng(5).integers(0, 100, 24)
+    model = edgelora.load(bundle, max_context=64, kv_cache="float32", adapters={"f32": ad, "h16": h16})
+    assert model.products == "int8" and model.adapter_dtype == "float16"
+    kept = model.adapters.load("kept", ad, dtype="float32")
+    assert (model.adapters["f32"].held, model.adapters["h16"].held, kept.held) == ("float16", "float16", "float32")
+    assert model.adapters["f32"].nbytes == model.adapters["h16"].nbytes == kept.nbytes // 2
+    rounded = model.logits(ids, adapter="f32")
+    np.testing.assert_array_equal(rounded, model.logits(ids, adapter="h16"))
+    as_file = model.logits(ids, adapter="kept")
+    f32_load = edgelora.load(bundle, max_context=64, kv_cache="float32", adapter_dtype="float32", adapters={"f32": ad})
+    assert f32_load.adapters["f32"].held == "float32"
+    np.testing.assert_array_equal(f32_load.logits(ids, adapter="f32"), as_file)
+
+    exact = edgelora.load(bundle, max_context=64, products="exact", adapters={"f32": ad})
+    assert exact.adapter_dtype == "float32" and exact.adapters["f32"].held == "float32"
+    r = exact.adapters.load("r", ad, dtype="float16")
+    assert r.held == "float16"
+    exact_rounded = exact.logits(ids, adapter="r")
+    assert close(exact_rounded, peft_logits(bundle, src, [h16], ids))
+    exact_logits = exact.logits(ids, adapter="f32")
+    assert 0 < np.abs(exact_rounded - exact_logits).max() < 0.01 * np.abs(exact_logits - exact.logits(ids)).max()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, ad).eval()
+    with torch.no_grad():
+        float32_logits = pm(torch.from_numpy(ids)[None]).logits[0].numpy()  # the unquantized base, PEFT
+    assert_logits_within_tolerance(exact_logits, rounded, float32_logits)
+
+    with pytest.raises(UsageError, match="adapter dtype"):
+        edgelora.load(bundle, max_context=64, adapter_dtype="bfloat16")
+    with pytest.raises(UsageError, match="adapter dtype"):
+        model.adapters.load("x", ad, dtype="int8")
+    assert "x" not in model.adapters
+
+    # the command line: eval's perplexity with --adapter-dtype is the API's
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the park " * 6)
+    got = {}
+    for dtype in ("float16", "float32"):
+        assert main(["eval", str(bundle), "--text", str(text), "--adapter", str(ad), "--max-context", "64",
+                     "--products", "exact", "--adapter-dtype", dtype, "--json"]) == 0
+        got[dtype] = json.loads(capsys.readouterr().out)["perplexity"]
+        ref = edgelora.evaluate(bundle, text_file=text, adapters={"a": ad}, max_context=64, products="exact",
+                                adapter_dtype=dtype)
+        assert got[dtype] == ref.perplexity
+    assert got["float16"] == edgelora.evaluate(bundle, text_file=text, adapters={"a": h16}, max_context=64,
+                                               products="exact").perplexity
+    assert got["float16"] != got["float32"]
+
+
+def test_a_pair_beyond_float16s_range_stays_float32(bases, adapters, tmp_path):
+    """Rounding to float16 keeps a LoRA pair with a value float16 cannot hold (beyond 65504) in
+    float32, with its values; the other pairs are rounded."""
+    from edgelora.adapters import read_adapter
+    from edgelora.safetensors_io import SafetensorsFile, write_safetensors
+    _, bundle = bases("llama_untied")
+    ad = adapters("r16-all-linear")
+    out = tmp_path / "big"
+    out.mkdir()
+    shutil.copy(ad / "adapter_config.json", out / "adapter_config.json")
+    with SafetensorsFile(ad / "adapter_model.safetensors") as f:
+        tensors = {n: f.float32(n).copy() for n in f.keys()}
+    big = next(n for n in sorted(tensors) if "q_proj.lora_A" in n)
+    tensors[big][0, 0] = 1e5
+    write_safetensors(out / "adapter_model.safetensors", tensors)
+    model = edgelora.load(bundle, max_context=32)
+    got = read_adapter(out, model.args, held="float16")
+    module = big[len("base_model.model."):-len(".lora_A.weight")]
+    for m, pair in got.pairs.items():
+        want = np.float32 if m == module else np.float16
+        assert pair.A.dtype == pair.B.dtype == want, m
+    assert got.pairs[module].A[0, 0] == 1e5
+    assert model.adapters.load("big", out).held == "float16+float32"
+
+
 def test_group_stacks_hold_the_deltas_without_a_copy(bases, adapters):
     """q/k/v and gate/up of a layer share one stack; the deltas (and the adapter's pairs) are its
     views, so resident bytes are what they were; a group step equals the module-by-module path up
