@@ -860,6 +860,31 @@ class Q8Tiles(_TileLayout):
                    self.rep.view(np.uint32), self.sc)
 
 
+#: a prompt's quantized rows whose length is a multiple of this many bytes are copied a cache line
+#: apart (:func:`padded_rows`)
+ALIASED_ROW_BYTES = 4096
+
+
+def padded_rows(XQ: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(rows, stride)``: the quantized activations XQ int8 [T, k], where a tile's rows would share
+    the same few sets of the L1 cache, copied into rows ``stride = k + 64`` bytes apart (the
+    values unchanged; the kernels step through x by their ``k``, given the stride); else XQ, k.
+
+    A tile reads the same entries of 16 tokens' rows together. Rows a multiple of 4 KB long (a
+    Llama-3.2-1B down projection's 8,192 entries, every projection of a 4,096-wide model) put
+    those 16 lines in one set of an L1 that maps 4 KB periodically (8- or 12-way): they evict
+    each other. A line apart they spread over 16 sets: that projection's prompt products 20 -> 13
+    ms on one thread (bench/README, *Rows a cache line apart*). The copy costs what reading x once
+    costs; rows of 2,048 (two sets of 8) gained 1-3 %, within what the copy takes, so only whole
+    4 KB multiples are copied, and only for prompts (several tiles of tokens)."""
+    T, k = XQ.shape
+    if T < 2 * GEMM_TOKENS or k % ALIASED_ROW_BYTES:
+        return XQ, k
+    rows = np.empty((T, k + 64), np.int8)
+    rows[:, :k] = XQ
+    return rows, k + 64
+
+
 def gemm(variant, table, tiles: _TileLayout, XQ: np.ndarray, XS: np.ndarray, threads: int, pool=None,
          out: np.ndarray | None = None) -> np.ndarray:
     """f32 [T, n] = the quantized activations (``int8.quantize_activations``: ``XQ`` int8 [T, k],
@@ -890,11 +915,12 @@ def gemm_many(variant, table, tiles: list, XQ: np.ndarray, XS: np.ndarray, threa
             raise ValueError(f"gemm_many takes weights of one block size, not {tiles[0].bs} and {t.bs}")
     T = XQ.shape[0]
     XSUM = block_sums(XQ, tiles[0].bs)  # (on this thread: 128 x 5632 codes in 0.4 ms, less than a hand-off to the pool)
+    XQ, stride = padded_rows(XQ)
     outs = [np.empty((T, t.n), np.float32) for t in tiles] if outs is None else outs
     # (this CPU's own variant through :func:`tiles_slice`, which decode steps call too: one copy of its code loaded)
     fn = tiles_slice if variant == INT8_GEMM_SIMD else INT8_GEMM_VARIANTS[variant]
     once, step = DECODED_ONCE.get(variant, (None, 0))
-    args = [t.args(table) for t in tiles]
+    args = [t.args(table)[:-1] + (stride,) for t in tiles]  # (the kernels' k: the stride of x's rows)
     groups = [-(-t.n // GEMM_ROWS) for t in tiles]
     starts = np.cumsum([0] + groups)  # the first group of each weight in the run
     threads = max(1, min(threads, int(starts[-1])))

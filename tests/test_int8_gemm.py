@@ -358,6 +358,25 @@ def test_a_prompts_scales_decoded_once_give_the_twins_bits(variant, n, per_row, 
 
 
 @pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+@pytest.mark.parametrize("k, bs, dq", [(4096, 64, True), (8192, 128, False)])
+def test_rows_a_multiple_of_4kb_are_copied_a_line_apart_with_the_twins_bits(variant, k, bs, dq):
+    """A prompt whose rows are a multiple of 4 KB long is multiplied from a copy whose rows lie a
+    cache line apart (``padded_rows``: the kernels step by the copy's stride): the twin's bits,
+    for whole tiles of tokens and a rest, rows past the last whole group, two threads; one decode
+    row, other lengths and few tokens are not copied."""
+    rng = np.random.default_rng(k)
+    q = _weight(rng, 37, k, bs, dq)
+    X = _activations(rng, 2 * G.GEMM_WIDE_TOKENS + 3, k)
+    assert np.array_equal(_bits(_run(variant, q, X, 2)), _bits(_twin(q, X)))
+    XQ = I8.quantize_activations(X, bs)[0]
+    rows, stride = G.padded_rows(XQ)
+    assert stride == k + 64 and rows.shape == (X.shape[0], k + 64) and np.array_equal(rows[:, :k], XQ)
+    for few in (XQ[:1], XQ[:2 * G.GEMM_TOKENS - 1], np.ascontiguousarray(XQ[:, :k - bs])):
+        same, n = G.padded_rows(few)
+        assert same is few and n == few.shape[1]
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_several_weights_in_one_call_give_each_ones_bits(variant, threads):
     """``gemm_many`` (a layer's q, k and v in one call: their row groups one run split between the
