@@ -42,7 +42,7 @@ from numba.extending import intrinsic
 
 from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
 from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
-from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS
+from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, rows_in_parallel
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
 from edgelora.runtime.simd import SIMD, _hsum, _prefetch, prefetch
 from edgelora.storage import DYNAMIC_CODE
@@ -429,10 +429,13 @@ def silu_mul(gate, up, out):
 
 
 def silu_mul_rows(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """:func:`silu_mul` of a prompt's rows [T, I] into a new array, on the calling thread (as
-    ``int8.quantize_activations``: a parallel region's spinning threads slow the products after it)."""
+    """:func:`silu_mul` of a prompt's rows [T, I] into a new array, its rows shared between the
+    prefill threads (``kernels.rows_in_parallel``; a Llama-3.2-1B prompt of 512: 4 ms a layer on
+    one thread)."""
     gate, up = np.ascontiguousarray(gate, np.float32), np.ascontiguousarray(up, np.float32)
-    return silu_mul(gate, up, np.empty(gate.shape, np.float32))
+    out = np.empty(gate.shape, np.float32)
+    rows_in_parallel(lambda r: silu_mul(gate[r], up[r], out[r]), gate.shape[0])
+    return out
 
 
 @njit(cache=True, fastmath=False, inline="always")

@@ -62,7 +62,7 @@ from numba.extending import intrinsic, overload
 
 from edgelora.runtime.int8_gemm import (GEMM_ROWS, INT8_GEMM_SIMD, Q8Tiles, Tiles, block_sums, gemm_many,
                                         nf4_int8_gemm_reference, q8_gemm_reference, tiles_parallel, tiles_slice)
-from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool
+from edgelora.runtime.kernels import F16Linear, NF4Linear, _batch_args, _pool, rows_in_parallel
 from edgelora.runtime.simd import (INT8_AVAILABLE, INT8_CHUNK, INT8_LANES, INT8_MAX_VECTORS, INT8_SIMD, MAX_VECTORS,
                                    i8_rows_dot)
 from edgelora.storage import DYNAMIC_CODE, NF4_CODE, NF4Tensor, block_scale, dequantize_scales_reference
@@ -179,15 +179,16 @@ def _quantize_rows(X, bs, codes, scales):
 
 
 def quantize_activations(X: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(XQ, XA, XS)`` for X f32 [B, k], blocks of ``bs``: see :func:`_quantize_x`. On the calling
-    thread: a prompt chunk of 128 x 5632 takes 0.3 ms (blocks of 64). Split between Numba's threads
-    it took 0.2, but the prompt's products then ran slower: the OpenMP threads spin for a while
-    after a parallel region, on the cores the prefill pool's threads need next."""
+    """``(XQ, XA, XS)`` for X f32 [B, k], blocks of ``bs``: see :func:`_quantize_x`. A prompt's rows
+    are shared between the prefill threads (``kernels.rows_in_parallel``; a prompt chunk of 128 x
+    5632 takes 0.3 ms on one thread, blocks of 64). Split between Numba's threads it took 0.2, but
+    the prompt's products then ran slower: the OpenMP threads spin for a while after a parallel
+    region, on the cores the prefill pool's threads need next."""
     X = np.ascontiguousarray(X, np.float32)  # (read as bits too)
     B, k = X.shape
     XQ, XA = np.empty((B, k), np.int8), np.empty((B, k), np.uint8)
     XS = np.empty((B, k // bs), np.float32)
-    _quantize_x(X, bs, XQ, XA, XS)
+    rows_in_parallel(lambda r: _quantize_x(X[r], bs, XQ[r], XA[r], XS[r]), B)
     return XQ, XA, XS
 
 

@@ -430,6 +430,25 @@ def row_slices(n: int, parts: int) -> list:
     return [slice(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
 
 
+#: rows of a prompt's elementwise step (the MLP's activation, the activations' quantization) from
+#: which each prefill thread takes a share
+ROWS_PARALLEL_MIN = 64
+
+
+def rows_in_parallel(step, n: int) -> None:
+    """``step(rows)`` for slices covering rows ``0 .. n``: one call, or from ``2 *``
+    :data:`ROWS_PARALLEL_MIN` rows one a prefill thread (``numba.get_num_threads()``, the calling
+    thread's among them; ``step`` releases the GIL). For steps whose rows are independent (the same
+    bits whatever the split): the prefill pool's threads, not a Numba parallel region, whose
+    threads spin for a while after it on the cores the products after it need."""
+    parts = max(1, min(numba.get_num_threads(), n // ROWS_PARALLEL_MIN))
+    if parts == 1:
+        step(slice(0, n))
+        return
+    slices = row_slices(n, parts)
+    in_parallel(_pool(parts), lambda i: step(slices[i]), range(parts))
+
+
 class _StoredLinear:
     """What NF4 and float16 weights share: ``matmul`` through dequantized tiles. A subclass
     provides ``matvec`` and ``dequantize_rows_serial`` (one thread, GIL released)."""

@@ -37,8 +37,9 @@ def test_silu_mul_equals_numpy():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_prompt_pieces_have_their_numpy_twins_bits(threads):
     """A prompt's rotary (``decode.rope_rows``, partial rotary too), RMSNorm's last step
-    (``decode.scale_rows``) and a prompt's SwiGLU (``silu_mul_rows``) give the bits of their NumPy
-    twins (the same float operations), on any thread count."""
+    (``decode.scale_rows``), a prompt's SwiGLU (``silu_mul_rows``) and its activations' int8 codes
+    (``int8.quantize_activations``) give the bits of their NumPy twins (the same float operations),
+    on any thread count (rows shared between the threads)."""
     from edgelora.runtime.threads import thread_count
     rng = np.random.default_rng(7)
     with thread_count(threads):
@@ -60,6 +61,10 @@ def test_prompt_pieces_have_their_numpy_twins_bits(threads):
         u = rng.standard_normal((300, 700)).astype(F32)
         one = decode.silu_mul(g, u, np.empty_like(g))
         assert np.array_equal(decode.silu_mul_rows(g, u).view(np.int32), one.view(np.int32))
+        # a prompt's quantization of x, its rows shared between the threads as the SwiGLU's
+        from edgelora.runtime.int8 import quantize_activations, quantize_activations_reference
+        for got, ref in zip(quantize_activations(g[:, :640], 64), quantize_activations_reference(g[:, :640], 64)):
+            assert got.dtype == ref.dtype and np.array_equal(got.view(np.uint8), ref.view(np.uint8))
 
 
 def test_vector_dot_has_the_scalar_dots_bits():
