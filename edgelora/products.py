@@ -40,11 +40,16 @@ PRODUCTS = ("exact", "int8")
 DEFAULT_PRODUCTS = "int8"
 
 
+def _one_of(value: str, choices: tuple, what: str) -> str:
+    """``value`` if it is one of ``choices``, else a :class:`UsageError` naming ``what``."""
+    if value not in choices:
+        raise UsageError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def check_products(products: str) -> str:
     """``products`` if it is one of :data:`PRODUCTS`, else a :class:`UsageError`."""
-    if products not in PRODUCTS:
-        raise UsageError(f"products must be one of {', '.join(PRODUCTS)}, got {products!r}")
-    return products
+    return _one_of(products, PRODUCTS, "products")
 
 
 KV_CACHES = ("float32", "float16")
@@ -62,9 +67,7 @@ def default_kv_cache(products: str) -> str:
 
 def check_kv_cache(kv_cache: str) -> str:
     """``kv_cache`` if it is one of :data:`KV_CACHES`, else a :class:`UsageError`."""
-    if kv_cache not in KV_CACHES:
-        raise UsageError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
-    return kv_cache
+    return _one_of(kv_cache, KV_CACHES, "kv_cache")
 
 
 ADAPTER_DTYPES = ("float32", "float16")
@@ -79,6 +82,4 @@ def default_adapter_dtype(products: str) -> str:
 
 def check_adapter_dtype(dtype: str) -> str:
     """``dtype`` if it is one of :data:`ADAPTER_DTYPES`, else a :class:`UsageError`."""
-    if dtype not in ADAPTER_DTYPES:
-        raise UsageError(f"adapter dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {dtype!r}")
-    return dtype
+    return _one_of(dtype, ADAPTER_DTYPES, "adapter dtype")
