@@ -49,6 +49,7 @@ import numpy as np
 from edgelora.architectures import EMBED, HEAD, layer_index, tensor_map
 from edgelora.config import ModelArgs, read_json
 from edgelora.errors import AdapterMismatchError, FormatError, PickleRefusedError, UnsupportedError
+from edgelora.products import check_adapter_dtype
 from edgelora.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -481,6 +482,8 @@ def read_adapter(path: str | os.PathLike, base: BaseModules | ModelArgs, held: s
     when its values happen to fit) in float16: the same values in half the bytes, which a decode
     step reads. ``"float16"``: every pair rounded to float16 (round to nearest even, as ``deploy``
     writes them) but one with a value beyond float16's range. DoRA pairs stay float32."""
+    if held is not None:
+        check_adapter_dtype(held)
     path = Path(path)
     if isinstance(base, ModelArgs):
         base = BaseModules.from_args(base)

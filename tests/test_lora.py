@@ -536,6 +536,8 @@ def test_a_pair_beyond_float16s_range_stays_float32(bases, adapters, tmp_path):
         want = np.float32 if m == module else np.float16
         assert pair.A.dtype == pair.B.dtype == want, m
     assert got.pairs[module].A[0, 0] == 1e5
+    with pytest.raises(UsageError, match="adapter dtype"):
+        read_adapter(out, model.args, held="half")
     assert model.adapters.load("big", out).held == "float16+float32"
 
 
