@@ -61,6 +61,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
+from edgelora.runtime import large_pages
 from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes, _prefetch
 from edgelora.runtime.threads import in_parallel
 from edgelora.storage import DYNAMIC_CODE, NF4Tensor, block_scale, dequantize_scales_reference
@@ -793,7 +794,7 @@ class Tiles(_TileLayout):
         dyn, packed, qscale, nested, nshift, offset, bs = args[1:]
         self.n, self.k, self.bs = n, k, bs
         groups = -(-n // GEMM_ROWS)
-        self.rep = np.empty(groups * GEMM_ROWS * k // 8, np.uint32)
+        self.rep = large_pages.empty(groups * GEMM_ROWS * k // 8, np.uint32)  # (read every step: 2 MB pages)
         blocks = groups * GEMM_ROWS * (k // bs)
         held = _nested_copy(blocks, k // bs, nshift)
         self.sc = np.empty(blocks, np.uint8 if held else np.float32)
@@ -846,7 +847,7 @@ class Q8Tiles(_TileLayout):
     def __init__(self, n: int, k: int, bs: int):
         self.n, self.k, self.bs = n, k, bs
         groups, cut = -(-n // GEMM_ROWS), n % GEMM_ROWS
-        self.rep = np.empty(groups * GEMM_ROWS * k // 4, np.int32)
+        self.rep = large_pages.empty(groups * GEMM_ROWS * k // 4, np.int32)
         self.sc = np.empty(groups * GEMM_ROWS * (k // bs), np.float32)
         if cut:  # the last group's lanes past row n
             self.rep.reshape(groups, k // 4, GEMM_ROWS)[-1, :, cut:] = 0

@@ -17,6 +17,7 @@ from edgelora.converters.nf4 import quantize_nf4
 from edgelora.runtime import int8 as I8
 from edgelora.runtime import int8_gemm as G
 from edgelora.runtime import kernels as K
+from edgelora.runtime import large_pages as LP
 from edgelora.storage import DYNAMIC_CODE
 
 from test_int8 import _activations, _bits, _error_bound, assert_logits_within_tolerance
@@ -398,3 +399,67 @@ def test_several_weights_in_one_call_give_each_ones_bits(variant, threads):
     with pytest.raises(ValueError, match="one block size"):
         G.gemm_many(variant, I8.NF4_I8, tiles[:1] + [G.Tiles((I8.NF4_I8, DYNAMIC_CODE, other.packed, *other.scale_args(),
                                                                 128), *other.shape)], XQ, XS, threads, pool)
+
+
+def _on_large_pages(a: np.ndarray) -> bool:
+    """Whether ``a`` is a view of a ``large_pages`` mapping."""
+    while a is not None and not isinstance(a, LP._Mapping):
+        a = getattr(a, "base", None)
+    return a is not None
+
+
+def _mapped(address: int) -> bool:
+    """Whether ``address`` lies in one of this process's mappings (``/proc/self/maps``)."""
+    with open("/proc/self/maps") as f:
+        return any(int(lo, 16) <= address < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in f))
+
+
+@pytest.mark.skipif(LP._LIBC is None, reason="large pages are asked for on Linux only")
+def test_large_page_arrays_start_on_a_boundary_and_are_given_back():
+    """``large_pages.empty``: an array of 2 MB or more starts on a 2 MB boundary, holds what is
+    written to it, is no longer than asked (a view of a run rounded up to 4 KB) and is unmapped
+    once it and every view of it are gone; a smaller array is NumPy's own."""
+    import gc
+    n = (5 << 20) // 4 + 3
+    a = LP.empty(n, np.uint32)
+    assert a.shape == (n,) and a.dtype == np.uint32 and a.flags.writeable and a.flags.c_contiguous
+    assert _on_large_pages(a) and a.ctypes.data % LP.LARGE_PAGE == 0
+    a[:] = np.arange(n, dtype=np.uint32)
+    view, address = a[-10:], a.ctypes.data
+    del a
+    gc.collect()
+    assert _mapped(address) and np.array_equal(view, np.arange(n - 10, n, dtype=np.uint32))
+    del view
+    gc.collect()
+    assert not _mapped(address)
+    small = LP.empty(1000, np.int32)
+    assert small.shape == (1000,) and not _on_large_pages(small)
+
+
+def test_large_pages_fall_back_to_numpy(monkeypatch):
+    """Without the C library's ``mmap`` (not Linux) or when a mapping fails, ``empty`` is ``np.empty``."""
+    monkeypatch.setattr(LP, "_LIBC", None)
+    a = LP.empty(3 << 20, np.int8)
+    assert a.shape == (3 << 20,) and not _on_large_pages(a)
+
+
+@pytest.mark.parametrize("variant", sorted(G.INT8_GEMM_VARIANTS))
+def test_tiles_of_2mb_and_more_lie_on_large_pages_with_the_twins_bits(variant):
+    """NF4 and int8-code tiles of 2 MB and more are held on large pages where the system has them
+    (``large_pages``: the pages a decode step streams change no bit): a prompt and one token through
+    each give the twin's bits, on two threads."""
+    rng = np.random.default_rng(11)
+    k = 2048
+    q = _weight(rng, 2 * G.GEMM_ROWS * 64 + 5, k, 64)  # 2 MB of codes and some
+    codes = rng.integers(-127, 128, (G.GEMM_ROWS * 64 + 7, k)).astype(np.int8)
+    scales = (rng.random((codes.shape[0], k // 64)) + 0.01).astype(np.float32)
+    tiles = G.Tiles((I8.NF4_I8, DYNAMIC_CODE, q.packed, *q.scale_args(), 64), *q.shape)
+    q8 = G.Q8Tiles(codes.shape[0], k, 64)
+    q8.put(0, codes, scales)
+    assert tiles.rep.nbytes >= LP.MIN_BYTES and q8.rep.nbytes >= LP.MIN_BYTES
+    if LP._LIBC is not None:
+        assert _on_large_pages(tiles.rep) and _on_large_pages(q8.rep)
+    for T in (1, G.GEMM_WIDE_TOKENS + 3):
+        X = _activations(rng, T, k)
+        assert np.array_equal(_bits(_run(variant, q, X, 2)), _bits(_twin(q, X)))
+        assert np.array_equal(_bits(_q8_run(variant, codes, scales, X, 2)), _bits(_q8_twin(codes, scales, X)))
