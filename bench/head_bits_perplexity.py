@@ -1,0 +1,124 @@
+"""What a narrower default head would cost: perplexity with the int8 head's codes held to fewer bits.
+
+The default head (a float16 head quantized to int8 at load, ``int8.F16Int8Linear``) is 279 of the
+781 MB a Llama-3.2-1B-shaped decode step reads, so on a machine whose decode is bound by memory a
+6-bit head (``rint(w * 31 / max|w|)`` per 64 entries, 6.5 bits a weight with the float32 scale,
+as llama.cpp's default Q6_K head) would make the step ~9 % shorter. This script measures the price
+before any kernel is written: it loads each model with the int8 products and a float32 KV cache,
+with the head's codes quantized at ``levels`` (127: the default int8 head; 63: 7 bits; 31: 6 bits;
+15: 5 bits; 7: 4 bits) in place of 127, and evaluates perplexity (``edgelora eval``'s
+``evaluate``) against the exact path. The codes of ``levels < 127`` still fit the int8 kernels, so
+the numbers are those a kernel for the narrower codes would give (its arithmetic is the same).
+``--search-scale`` chooses each block's scale by least squares over 31 candidates from 0.7 to
+1.0 of ``max|w| / levels`` instead (what llama.cpp's k-quants do).
+
+Models and texts: as ``products_perplexity.py`` (the demo model and stories260K; the held-out demo
+corpus and each model's own samples).
+
+    EDGELORA_SHARED_MODELS=/work/shared/models python bench/head_bits_perplexity.py \\
+        --json bench/results/head_bits_perplexity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_common import write_report  # noqa: E402
+from products_perplexity import sampled_text  # noqa: E402
+
+LEVELS = (127, 63, 31, 15, 7)
+
+
+def narrow_quantizer(levels: int, search: bool):
+    """A stand-in for ``int8._quantize_rows`` with codes in ``-levels .. levels``: ``codes`` int8
+    [n, k] (a block's even entries, then its odd ones, as the kernels read them), ``scales`` f32
+    [n, k / bs] the codes' step times ``int8.CODE_SCALE``."""
+    from edgelora.runtime.int8 import CODE_SCALE
+
+    def quantize(X, bs, codes, scales):
+        n, k = X.shape
+        blocks = X.reshape(n, k // bs, bs)
+        amax = np.abs(blocks).max(axis=2)
+        safe = np.where(amax > 0, amax, np.float32(1.0))
+        step, best, c = safe / np.float32(levels), None, None
+        for f in (np.linspace(0.7, 1.0, 31, dtype=np.float32) if search else [np.float32(1.0)]):
+            d = (safe * f / np.float32(levels)).astype(np.float32)
+            cc = np.clip(np.rint(blocks / d[:, :, None]), -levels, levels)
+            err = ((cc * d[:, :, None] - blocks) ** 2).sum(axis=2)
+            if best is None:
+                best, c, step = err, cc, d
+            else:
+                better = err < best
+                best = np.where(better, err, best)
+                c = np.where(better[:, :, None], cc, c)
+                step = np.where(better, d, step)
+        c = np.where(amax[:, :, None] > 0, c, 0)
+        codes[:] = np.concatenate([c[:, :, 0::2], c[:, :, 1::2]], axis=2).reshape(n, k).astype(np.int8)
+        scales[:] = np.where(amax > 0, step, 0).astype(np.float32) * np.float32(CODE_SCALE)
+
+    return quantize
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/edgelora-products-ppl"),
+                   help="where the bundles are made and kept")
+    p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
+    p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
+                   help="the codes' largest magnitude (127: the default head)")
+    p.add_argument("--search-scale", action="store_true", help="each block's scale by least squares")
+    p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
+    a = p.parse_args()
+
+    import edgelora
+    from edgelora.demo import demo_bundle
+    from edgelora.evaluation import evaluate
+    from edgelora.runtime import int8
+    from demo_corpus import generate_corpus
+
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    corpus = "\n\n".join(generate_corpus(a.docs, seed=12345))
+    models = {"demo": demo_bundle(a.workdir, quiet=True)[0]}
+    shared = os.environ.get("EDGELORA_SHARED_MODELS")
+    if shared and (Path(shared) / "stories260K").is_dir():
+        out = a.workdir / "stories260K-nf4"
+        if not out.exists():
+            edgelora.convert(Path(shared) / "stories260K", out)
+        models["stories260K"] = out
+    prompts = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park.",
+               "The sun was shining and", "There was a big red ball", "Mia wanted to"]
+    default = int8._quantize_rows
+    rows = []
+    try:
+        for name, bundle in models.items():
+            exact = edgelora.load(bundle, products="exact", kv_cache="float32")
+            texts = {"demo-corpus": corpus, "own-samples": sampled_text(exact, prompts * 4, 200, seed=7)}
+            for tname, text in texts.items():
+                base = evaluate(exact, text=text).perplexity
+                row = {"model": name, "text": tname, "exact": base, "cost_percent": {}}
+                for levels in a.levels:
+                    int8._quantize_rows = (default if levels == 127 and not a.search_scale
+                                           else narrow_quantizer(levels, a.search_scale))
+                    model = edgelora.load(bundle, products="int8", kv_cache="float32")
+                    row["cost_percent"][levels] = 100 * (evaluate(model, text=text).perplexity / base - 1)
+                int8._quantize_rows = default
+                rows.append(row)
+                print(f"{name:12s} {tname:12s} exact {base:.4f}  " + "  ".join(
+                    f"{levels}: {c:+.3f} %" for levels, c in row["cost_percent"].items()), flush=True)
+    finally:
+        int8._quantize_rows = default
+    write_report(a.json, {"search_scale": a.search_scale, "results": rows,
+                          "max_cost_percent": {lv: max(r["cost_percent"][lv] for r in rows) for lv in a.levels}})
+
+
+if __name__ == "__main__":
+    main()
