@@ -105,8 +105,13 @@ class ThreadGovernor:
     ``n - 1`` (or, when ``n`` is below the maximum, alternately at ``n + 1``), compared by median
     with the ``probe_steps`` steps at ``n`` just before. A probe that is faster by ``margin`` moves
     ``n`` there and brings the next probe forward; a probe that is not doubles the interval (up to
-    ``max_interval``), so a steady machine pays for a probe rarely. Steps that become ``slower``
-    times slower than at the last decision (another process took a core) probe at once. Steps are
+    ``max_interval``), so a steady machine pays for a probe rarely; at the most threads a probe
+    whose steps were more than ``slower * margin`` times slower sets it to ``max_interval`` at once
+    (one thread fewer can then win only after the steps at ``n`` have become ``slower`` times
+    slower, which probes at once: a 1B decode's first 128 tokens had paid four probe steps of
+    twice a step's time, 3 %). Steps
+    that become ``slower`` times slower than at the last decision (another process took a core)
+    probe at once. Steps are
     only compared with steps of the same batch size. A probe step ``slower`` times slower than the
     current count's ends the probe at once (a core owned by another process makes such steps
     several times slower: each failed probe then costs one of them, not ``probe_steps``)."""
@@ -163,9 +168,15 @@ class ThreadGovernor:
         self._probe = []
 
     def _decide(self) -> None:
-        if statistics.median(self._probe) < self.margin * statistics.median(self._recent):
+        probe, now = statistics.median(self._probe), statistics.median(self._recent)
+        if probe < self.margin * now:
             self.n, self.interval = self._probing, self.base_interval
             self._recent = list(self._probe)
+        elif self.n == self.max_threads and self._probing < self.n and probe > self.slower * self.margin * now:
+            # one thread fewer can win only once steps at n are probe / margin, over ``slower``
+            # times, slower, which starts a probe at once; at the most threads no probe goes up,
+            # so the periodic ones wait ``max_interval`` steps
+            self.interval = self.max_interval
         else:
             self.interval = min(self.max_interval, self.interval * 2)
         self._reference = statistics.median(self._recent)

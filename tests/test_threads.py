@@ -126,3 +126,21 @@ def test_in_parallel_runs_the_last_item_here_and_waits_for_every_other():
     with pytest.raises(ValueError, match="first"):
         in_parallel(pool, fail_first, range(3))
     pool.shutdown()
+
+
+def test_a_count_that_clearly_pays_is_probed_once_in_a_long_while():
+    """At the most threads, a probe whose step at one thread fewer was over ``slower * margin``
+    times slower waits ``max_interval`` steps for the next (a 128-token decode had paid four such
+    probe steps); one that lost by less keeps doubling from the start; contention is still found
+    at once."""
+    gov = ThreadGovernor(2)
+    used = _drive(gov, {1: 1.0, 2: 0.45}.__getitem__, 1000)  # one thread 2.2x slower
+    assert gov.n == 2 and gov.interval == gov.max_interval and used.count(1) == 1
+    busy = ThreadGovernor(2)
+    used = _drive(busy, {1: 1.0, 2: 0.7}.__getitem__, 1000)  # 1.43x (the memory shared with neighbours)
+    assert busy.interval == busy.max_interval and used.count(1) <= 3
+    close = ThreadGovernor(2)
+    used = _drive(close, {1: 1.0, 2: 0.8}.__getitem__, 1000)  # 1.25x: within the noise a core's neighbours make
+    assert close.n == 2 and 3 <= used.count(1) <= 24 and close.interval < close.max_interval
+    used = _drive(gov, {1: 1.0, 2: 3.5}.__getitem__, 50)  # a core taken: steps at 2 threads 7.8x slower
+    assert gov.n == 1 and used[:8].count(2) <= 6
