@@ -2,8 +2,9 @@
 
 A decode step reads every projection's tiles once (``int8_gemm.Tiles``: 0.5-9 MB each for a 1B
 model, 112 of them) and the head's (``Q8Tiles``). On 4 KB pages each 4 KB of that stream is a TLB
-entry to find; the kernels then ran at 32-33 GB/s on one thread and 61-63 on two, where the same
-arrays copied onto 2 MB pages ran at 35-36 and 67 (a 1B model's every product, bench/README).
+entry to find: a step of every layer ran 1.02-1.05x faster on the 1B shape (1.01-1.02x on
+TinyLlama) from the arrays made here than from the same bytes in NumPy's arrays (bench/README,
+*Tiles on 2 MB pages*).
 Linux hands out 2 MB pages (transparent huge pages) to anonymous memory advised with
 ``MADV_HUGEPAGE`` when ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or
 ``madvise`` (the usual default); NumPy advises its own allocations of 4 MB and more, but they are

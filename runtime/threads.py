@@ -109,12 +109,11 @@ class ThreadGovernor:
     whose steps were more than ``slower * margin`` times slower sets it to ``max_interval`` at once
     (one thread fewer can then win only after the steps at ``n`` have become ``slower`` times
     slower, which probes at once: a 1B decode's first 128 tokens had paid four probe steps of
-    twice a step's time, 3 %). Steps
-    that become ``slower`` times slower than at the last decision (another process took a core)
-    probe at once. Steps are
-    only compared with steps of the same batch size. A probe step ``slower`` times slower than the
-    current count's ends the probe at once (a core owned by another process makes such steps
-    several times slower: each failed probe then costs one of them, not ``probe_steps``)."""
+    twice a step's time, 3 %). Steps that become ``slower`` times slower than at the last decision
+    (another process took a core) probe at once. Steps are only compared with steps of the same
+    batch size. A probe step ``slower`` times slower than the current count's ends the probe at
+    once (a core owned by another process makes such steps several times slower: each failed
+    probe then costs one of them, not ``probe_steps``)."""
 
     def __init__(self, max_threads: int, interval: int = 8, max_interval: int = 1024, probe_steps: int = 3,
                  margin: float = 0.9, slower: float = 1.5):

@@ -401,9 +401,12 @@ def test_several_weights_in_one_call_give_each_ones_bits(variant, threads):
                                                                 128), *other.shape)], XQ, XS, threads, pool)
 
 
+_MAPPING = LP._Mapping
+
+
 def _on_large_pages(a: np.ndarray) -> bool:
     """Whether ``a`` is a view of a ``large_pages`` mapping."""
-    while a is not None and not isinstance(a, LP._Mapping):
+    while a is not None and not isinstance(a, _MAPPING):
         a = getattr(a, "base", None)
     return a is not None
 
@@ -438,6 +441,12 @@ def test_large_page_arrays_start_on_a_boundary_and_are_given_back():
 
 def test_large_pages_fall_back_to_numpy(monkeypatch):
     """Without the C library's ``mmap`` (not Linux) or when a mapping fails, ``empty`` is ``np.empty``."""
+    def refused(nbytes):
+        raise MemoryError("mmap refused")
+
+    monkeypatch.setattr(LP, "_Mapping", refused)
+    a = LP.empty(3 << 20, np.int8)
+    assert a.shape == (3 << 20,) and not _on_large_pages(a)
     monkeypatch.setattr(LP, "_LIBC", None)
     a = LP.empty(3 << 20, np.int8)
     assert a.shape == (3 << 20,) and not _on_large_pages(a)
