@@ -21,8 +21,6 @@ corpus and each model's own samples).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_common import write_report  # noqa: E402
-from products_perplexity import sampled_text  # noqa: E402
+from products_perplexity import PROMPTS, common_parser, models_and_corpus, sampled_text  # noqa: E402
 
 LEVELS = (127, 63, 31, 15, 7)
 
@@ -68,11 +66,7 @@ def narrow_quantizer(levels: int, search: bool):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/edgelora-products-ppl"),
-                   help="where the bundles are made and kept")
-    p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
+    p = common_parser(__doc__)
     p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
                    help="the codes' largest magnitude (127: the default head)")
     p.add_argument("--search-scale", action="store_true", help="each block's scale by least squares")
@@ -80,22 +74,11 @@ def main():
     a = p.parse_args()
 
     import edgelora
-    from edgelora.demo import demo_bundle
     from edgelora.evaluation import evaluate
     from edgelora.runtime import int8
-    from demo_corpus import generate_corpus
 
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    corpus = "\n\n".join(generate_corpus(a.docs, seed=12345))
-    models = {"demo": demo_bundle(a.workdir, quiet=True)[0]}
-    shared = os.environ.get("EDGELORA_SHARED_MODELS")
-    if shared and (Path(shared) / "stories260K").is_dir():
-        out = a.workdir / "stories260K-nf4"
-        if not out.exists():
-            edgelora.convert(Path(shared) / "stories260K", out)
-        models["stories260K"] = out
-    prompts = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park.",
-               "The sun was shining and", "There was a big red ball", "Mia wanted to"]
+    models, corpus = models_and_corpus(a.workdir, a.docs)
+    prompts = PROMPTS
     default = int8._quantize_rows
     rows = []
     try:

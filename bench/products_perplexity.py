@@ -49,6 +49,39 @@ COMPARE = {"products": (("exact", {"products": "exact", "kv_cache": "float32"}),
            "adapter-dtype": (("float32", {"adapter_dtype": "float32"}), ("float16", {"adapter_dtype": "float16"}))}
 
 
+#: the prompts each model continues for its "own-samples" text
+PROMPTS = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park.",
+           "The sun was shining and", "There was a big red ball", "Mia wanted to"]
+
+
+def models_and_corpus(workdir: Path, docs: int) -> tuple[dict, str]:
+    """``({name: bundle}, corpus)``: the demo model and, where ``$EDGELORA_SHARED_MODELS`` holds it,
+    stories260K converted into ``workdir``; ``docs`` held-out demo-corpus documents."""
+    import edgelora
+    from edgelora.demo import demo_bundle
+    from demo_corpus import generate_corpus
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = "\n\n".join(generate_corpus(docs, seed=12345))
+    models = {"demo": demo_bundle(workdir, quiet=True)[0]}
+    shared = os.environ.get("EDGELORA_SHARED_MODELS")
+    if shared and (Path(shared) / "stories260K").is_dir():
+        out = workdir / "stories260K-nf4"
+        if not out.exists():
+            edgelora.convert(Path(shared) / "stories260K", out)
+        models["stories260K"] = out
+    return models, corpus
+
+
+def common_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options these perplexity scripts share: ``--workdir``, ``--docs``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/edgelora-products-ppl"),
+                   help="where the bundles are made and kept")
+    p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
+    return p
+
+
 def sampled_text(model, prompts: list, tokens: int, seed: int) -> str:
     """The model's own continuations of ``prompts`` (exact path, temperature 1, seeded)."""
     return "\n\n".join(p + model.generate(p, max_new_tokens=tokens, temperature=1.0, seed=seed + i)
@@ -56,11 +89,7 @@ def sampled_text(model, prompts: list, tokens: int, seed: int) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/edgelora-products-ppl"),
-                   help="where the bundles are made and kept")
-    p.add_argument("--docs", type=int, default=120, help="held-out demo-corpus documents")
+    p = common_parser(__doc__)
     p.add_argument("--json", type=Path, default=None, help="write the results here (default %(default)s: not written)")
     p.add_argument("--compare", choices=tuple(COMPARE), default="products",
                    help="exact against int8 products, a float32 against a float16 KV cache, or the exact path "
@@ -73,21 +102,10 @@ def main():
     with_adapters = a.adapters or a.compare == "adapter-dtype"
 
     import edgelora
-    from edgelora.demo import demo_bundle
     from edgelora.evaluation import evaluate
-    from demo_corpus import generate_corpus
 
-    a.workdir.mkdir(parents=True, exist_ok=True)
-    corpus = "\n\n".join(generate_corpus(a.docs, seed=12345))
-    models = {"demo": demo_bundle(a.workdir, quiet=True)[0]}
-    shared = os.environ.get("EDGELORA_SHARED_MODELS")
-    if shared and (Path(shared) / "stories260K").is_dir():
-        out = a.workdir / "stories260K-nf4"
-        if not out.exists():
-            edgelora.convert(Path(shared) / "stories260K", out)
-        models["stories260K"] = out
-    prompts = ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park.",
-               "The sun was shining and", "There was a big red ball", "Mia wanted to"]
+    models, corpus = models_and_corpus(a.workdir, a.docs)
+    prompts = PROMPTS
     rows = []
     (base, base_options), (other, other_options) = COMPARE[a.compare]
     if a.products is not None:
