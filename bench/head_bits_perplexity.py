@@ -46,7 +46,7 @@ def narrow_quantizer(levels: int, search: bool):
         blocks = X.reshape(n, k // bs, bs)
         amax = np.abs(blocks).max(axis=2)
         safe = np.where(amax > 0, amax, np.float32(1.0))
-        step, best, c = safe / np.float32(levels), None, None
+        best = c = step = None
         for f in (np.linspace(0.7, 1.0, 31, dtype=np.float32) if search else [np.float32(1.0)]):
             d = (safe * f / np.float32(levels)).astype(np.float32)
             cc = np.clip(np.rint(blocks / d[:, :, None]), -levels, levels)

@@ -401,13 +401,11 @@ def test_several_weights_in_one_call_give_each_ones_bits(variant, threads):
                                                                 128), *other.shape)], XQ, XS, threads, pool)
 
 
-_MAPPING = LP._Mapping
-
-
 def _on_large_pages(a: np.ndarray) -> bool:
-    """Whether ``a`` is a view of a ``large_pages`` mapping."""
-    while a is not None and not isinstance(a, _MAPPING):
-        a = getattr(a, "base", None)
+    """Whether ``a`` is a view of a ``large_pages`` mapping (an anonymous ``mmap``)."""
+    import mmap
+    while a is not None and not isinstance(a, mmap.mmap):
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
     return a is not None
 
 
@@ -417,7 +415,7 @@ def _mapped(address: int) -> bool:
         return any(int(lo, 16) <= address < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in f))
 
 
-@pytest.mark.skipif(LP._LIBC is None, reason="large pages are asked for on Linux only")
+@pytest.mark.skipif(not LP.AVAILABLE, reason="large pages are asked for on Linux only")
 def test_large_page_arrays_start_on_a_boundary_and_are_given_back():
     """``large_pages.empty``: an array of 2 MB or more starts on a 2 MB boundary, holds what is
     written to it, is no longer than asked (a view of a run rounded up to 4 KB) and is unmapped
@@ -440,14 +438,14 @@ def test_large_page_arrays_start_on_a_boundary_and_are_given_back():
 
 
 def test_large_pages_fall_back_to_numpy(monkeypatch):
-    """Without the C library's ``mmap`` (not Linux) or when a mapping fails, ``empty`` is ``np.empty``."""
+    """Without ``MADV_HUGEPAGE`` (not Linux) or when a mapping fails, ``empty`` is ``np.empty``."""
     def refused(nbytes):
-        raise MemoryError("mmap refused")
+        raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(LP, "_Mapping", refused)
+    monkeypatch.setattr(LP, "_mapped", refused)
     a = LP.empty(3 << 20, np.int8)
     assert a.shape == (3 << 20,) and not _on_large_pages(a)
-    monkeypatch.setattr(LP, "_LIBC", None)
+    monkeypatch.setattr(LP, "AVAILABLE", False)
     a = LP.empty(3 << 20, np.int8)
     assert a.shape == (3 << 20,) and not _on_large_pages(a)
 
@@ -466,7 +464,7 @@ def test_tiles_of_2mb_and_more_lie_on_large_pages_with_the_twins_bits(variant):
     q8 = G.Q8Tiles(codes.shape[0], k, 64)
     q8.put(0, codes, scales)
     assert tiles.rep.nbytes >= LP.MIN_BYTES and q8.rep.nbytes >= LP.MIN_BYTES
-    if LP._LIBC is not None:
+    if LP.AVAILABLE:
         assert _on_large_pages(tiles.rep) and _on_large_pages(q8.rep)
     for T in (1, G.GEMM_WIDE_TOKENS + 3):
         X = _activations(rng, T, k)
