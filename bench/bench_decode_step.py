@@ -10,10 +10,16 @@ not the head) in one process, the configurations interleaved round after round, 
   writes, and what the default int8 products make of a float32 file at load; held in float16):
   each adapter's milliseconds over the base and the base / adapter ratio;
 * ``--rows``: a step of 1 .. 8 rows of one sequence (what a speculative step verifies: its last
-  token and the guesses), each count's time over one row's.
+  token and the guesses), each count's time over one row's;
+* ``--bound``: the base step against its products alone (every layer's ``decode._products``, in
+  the step's order and split between the threads as the step splits them, none of the work between
+  them) and against a plain read of the same bytes (every projection's tiles and block scales, in
+  the same order, each split between the threads alike, summed as 32-bit words): the tiles' GB/s in
+  each, so how near the step's products come to what this machine streams at that moment.
 
     python bench/bench_decode_step.py --models tinyllama-1.1b --workdir /tmp/h2h --adapters --rows \\
         --json bench/results/decode_step.json
+    python bench/bench_decode_step.py --models tinyllama-1.1b llama-3.2-1b --workdir /tmp/h2h --bound
 
 Run it in several processes (``--processes``, each a fresh interpreter) to see the spread between
 them; the ratios within a process are what compare.
@@ -37,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import edgelora
 bundle, f32, f16 = sys.argv[1:4]
-threads, rounds, rows = (int(v) for v in sys.argv[4:7])
+threads, rounds, rows, bound = (int(v) for v in sys.argv[4:8])
 model = edgelora.load(bundle, threads=threads, max_context=256)
 net = model.net
 layers = net.compiled_layers
@@ -59,15 +65,69 @@ if rows:
         runs[f"{B} rows"] = (rng.standard_normal((B, H)).astype(np.float32), np.arange(100, 100 + B, dtype=np.int64), ops)
 def step(x, pos, ops):
     return layers.run(x, pos, cache, net.cos, net.sin, ops)
-for args in runs.values():
-    step(*args)  # compile, fault in
-times = {k: [] for k in runs}
+calls = {k: (lambda args=args: step(*args)) for k, args in runs.items()}
+nbytes = 0
+if bound:
+    import numba
+    from numba import njit, prange
+    from edgelora.runtime import decode as D
+    from edgelora.runtime.int8 import NF4_I8
+    from edgelora.storage import DYNAMIC_CODE
+
+    @njit(parallel=True)
+    def products(x, w, dims, threads, ops, op_start, uoff, stacked, a_rows, L):
+        nh, nkv, hd, inter, H = dims
+        B, nq, nk = x.shape[0], nh * hd, nkv * hd
+        qkv, o, gu = np.empty((B, nq + 2 * nk), np.float32), np.empty((B, H), np.float32), np.empty((B, 2 * inter), np.float32)
+        U = np.empty(B * max(a_rows, 1), np.float32)
+        att, act = np.ones((B, nq), np.float32), np.ones((B, inter), np.float32)
+        h, a, m = D._quantized(x, w[6]), D._quantized(att, w[6]), D._quantized(act, w[6])
+        for i in range(L):  # the step's four product regions a layer, nothing between them
+            j, g = 7 * i, 4 * i
+            D._products(j, (nq, nk, nk), w, h[0], h[1], h[2], h[3], qkv, threads, ops, op_start[g], op_start[g + 1], x, U, uoff, stacked[g])
+            D._products(j + 3, (H,), w, a[0], a[1], a[2], a[3], o, threads, ops, op_start[g + 1], op_start[g + 2], att, U, uoff, stacked[g + 1])
+            D._products(j + 4, (inter, inter), w, h[0], h[1], h[2], h[3], gu, threads, ops, op_start[g + 2], op_start[g + 3], x, U, uoff, stacked[g + 2])
+            D._products(j + 6, (H,), w, m[0], m[1], m[2], m[3], o, threads, ops, op_start[g + 3], op_start[g + 4], act, U, uoff, stacked[g + 3])
+        return o
+
+    @njit(parallel=True)
+    def read(arrays, nbytes, threads, out):
+        # projection after projection: its tiles then its block scales, each split between the threads
+        for j in range(arrays.shape[0]):
+            for col in range(2):
+                n = nbytes[j, col] // 4
+                words = numba.carray(D._u32_ptr(arrays[j, col]), n)
+                for c in prange(threads):
+                    acc = np.uint32(0)
+                    for i in range(np.uint64(c * n // threads), np.uint64((c + 1) * n // threads)):  # (unsigned: vectorized)
+                        acc += words[i]
+                    out[c] += acc
+
+    nh, nkv, hd, inter, _ = layers.dims
+    w = (NF4_I8, DYNAMIC_CODE, layers.arrays, layers.lengths, layers.nshift, layers.offset, layers.bs, layers.sc_kind)
+    ops = layers.ops(model.adapters.select(None))
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    dims = (nh, nkv, hd, inter, H)
+    held = np.array([[a.nbytes for a in col] for col in layers._held[:2]], np.int64).T.copy()  # [7 L, 2]
+    nbytes = int(held.sum())
+    sums = np.zeros(threads, np.uint32)
+    calls["step"] = lambda: step(x, np.array([100], np.int64), ops)
+    calls["products"] = lambda: products(x, w, dims, threads, ops.table, ops.start, ops.uoff, ops.stacked, ops.a_rows,
+                                         net.args.num_hidden_layers)
+    calls["read"] = lambda: read(layers.arrays, held, threads, sums)
+for f in calls.values():
+    f()  # compile, fault in
+times = {k: [] for k in calls}
 for r in range(rounds):
-    for k in (list(runs) if r % 2 else list(runs)[::-1]):
+    names = list(calls)
+    for k in names[r % len(names):] + names[:r % len(names)]:
         t = time.perf_counter()
-        step(*runs[k])
+        calls[k]()
         times[k].append(time.perf_counter() - t)
-print(json.dumps({k: statistics.median(v) * 1e3 for k, v in times.items()}))
+out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+if bound:
+    out["bytes"] = nbytes
+print(json.dumps(out))
 """
 
 
@@ -78,10 +138,12 @@ def main():
         p.add_argument("--processes", type=int, default=3, help="fresh processes, one after another")
         p.add_argument("--adapters", action="store_true", help="time the base against a float32 and a float16 adapter")
         p.add_argument("--rows", action="store_true", help="time steps of 1 .. 8 rows of one sequence")
+        p.add_argument("--bound", action="store_true",
+                       help="time the base step against its products alone and a plain read of the same bytes")
 
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
-    if not (a.adapters or a.rows):
-        raise SystemExit("nothing to time: pass --adapters and/or --rows")
+    if not (a.adapters or a.rows or a.bound):
+        raise SystemExit("nothing to time: pass --adapters, --rows and/or --bound")
     sys.path.insert(0, str(HERE))
     import numpy as np
     from bench_lora import make_random_adapter
@@ -97,7 +159,8 @@ def main():
         processes = []
         for i in range(a.processes):
             out = subprocess.run(python_command(CHILD, str(bundle), f32, f16, str(a.threads), str(a.rounds),
-                                                str(8 if a.rows else 0)), capture_output=True, text=True, check=True)
+                                                str(8 if a.rows else 0), str(int(a.bound))),
+                                 capture_output=True, text=True, check=True)
             ms = json.loads(out.stdout.strip().splitlines()[-1])
             processes.append(ms)
             line = []
@@ -108,6 +171,10 @@ def main():
             if a.rows:
                 one = ms["1 rows"]
                 line += [" ".join(f"{B}: {ms[f'{B} rows'] / one:.2f}" for B in range(2, 9)) + f" (1 row {one:.2f} ms)"]
+            if a.bound:
+                gbs = {k: ms["bytes"] / ms[k] / 1e6 for k in ("read", "products", "step")}
+                line += [", ".join(f"{k} {ms[k]:.2f} ms {v:.1f} GB/s" for k, v in gbs.items())
+                         + f" (products / read {gbs['products'] / gbs['read']:.2f}, step / read {gbs['step'] / gbs['read']:.2f})"]
             print(f"{name} process {i + 1}: " + "; ".join(line), flush=True)
         report["models"][name] = {"processes": processes}
     write_report(a.json, report)

@@ -362,7 +362,7 @@ def test_threaded_lora_kernel_is_the_serial_one_bit_for_bit(r, k, n):
 
 @pytest.mark.parametrize("held", [np.float32, np.float16])
 @pytest.mark.parametrize("ranks,outs,k", [((4, 4, 4), (96, 32, 32), 96), ((16, 8), (344, 344), 128),
-                                          ((2, 16, 3), (5, 70, 33), 17)])
+                                          ((2, 16, 3), (5, 70, 33), 17), ((16, 16, 16), (2048, 256, 256), 2048)])
 def test_stack_kernel_matches_reference(ranks, outs, k, held):
     """The stacked kernel (modules' A rows one after another, their B^T flat) adds to each
     requested module's outputs its own ``coef B (A x)``, within float32 rounding of the reference;
