@@ -20,6 +20,12 @@ not the head) in one process, the configurations interleaved round after round, 
     python bench/bench_decode_step.py --models tinyllama-1.1b --workdir /tmp/h2h --adapters --rows \\
         --json bench/results/decode_step.json
     python bench/bench_decode_step.py --models tinyllama-1.1b llama-3.2-1b --workdir /tmp/h2h --bound
+    python bench/bench_decode_step.py --models tinyllama-1.1b --workdir /tmp/h2h --bound --baseline HEAD~1
+
+With ``--baseline REV`` each process runs twice, once with the working tree's edgelora and once
+with REV's (``bench_runtime.baseline_env``), the two alternating: with ``--bound``, the step over its
+products in the same process is the comparison that survives the machine's changing state (the
+products alone are the same code in both, ``decode._products``; REV needs them).
 
 Run it in several processes (``--processes``, each a fresh interpreter) to see the spread between
 them; the ratios within a process are what compare.
@@ -140,6 +146,8 @@ def main():
         p.add_argument("--rows", action="store_true", help="time steps of 1 .. 8 rows of one sequence")
         p.add_argument("--bound", action="store_true",
                        help="time the base step against its products alone and a plain read of the same bytes")
+        p.add_argument("--baseline", default=None, metavar="REV",
+                       help="also run every process at this git revision (installed apart), the two alternating")
 
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
     if not (a.adapters or a.rows or a.bound):
@@ -147,7 +155,7 @@ def main():
     sys.path.insert(0, str(HERE))
     import numpy as np
     from bench_lora import make_random_adapter
-    from bench_runtime import prepare
+    from bench_runtime import baseline_env, prepare
     from edgelora.child import python_command
     report = {"threads": a.threads, "rounds": a.rounds, "models": {}}
     for name in a.models:
@@ -156,13 +164,16 @@ def main():
         if a.adapters:
             f32 = str(make_random_adapter(work / f"{name}-adapter-r16", bundle, r=16))
             f16 = str(make_random_adapter(work / f"{name}-adapter-r16-float16", bundle, r=16, dtype=np.float16))
-        processes = []
-        for i in range(a.processes):
+        processes, baseline = [], []
+        runs = [(i, label) for i in range(a.processes) for label in (("tree", "baseline") if i % 2 == 0 else
+                                                                    ("baseline", "tree"))[:2 if a.baseline else 1]]
+        for i, label in runs:
             out = subprocess.run(python_command(CHILD, str(bundle), f32, f16, str(a.threads), str(a.rounds),
                                                 str(8 if a.rows else 0), str(int(a.bound))),
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True,
+                                 env=baseline_env(a.baseline, work) if label == "baseline" else None)
             ms = json.loads(out.stdout.strip().splitlines()[-1])
-            processes.append(ms)
+            (baseline if label == "baseline" else processes).append(ms)
             line = []
             if a.adapters:
                 base = ms["base"]
@@ -174,9 +185,12 @@ def main():
             if a.bound:
                 gbs = {k: ms["bytes"] / ms[k] / 1e6 for k in ("read", "products", "step")}
                 line += [", ".join(f"{k} {ms[k]:.2f} ms {v:.1f} GB/s" for k, v in gbs.items())
-                         + f" (products / read {gbs['products'] / gbs['read']:.2f}, step / read {gbs['step'] / gbs['read']:.2f})"]
-            print(f"{name} process {i + 1}: " + "; ".join(line), flush=True)
+                         + f" (products / read {gbs['products'] / gbs['read']:.2f}, step / read {gbs['step'] / gbs['read']:.2f},"
+                         f" step / products {ms['step'] / ms['products']:.3f})"]
+            print(f"{name} process {i + 1}{f' ({label})' if a.baseline else ''}: " + "; ".join(line), flush=True)
         report["models"][name] = {"processes": processes}
+        if a.baseline:
+            report["models"][name]["baseline"] = {"rev": a.baseline, "processes": baseline}
     write_report(a.json, report)
 
 

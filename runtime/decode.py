@@ -19,8 +19,9 @@ Llama-family model (Llama, Mistral, Qwen2) runs these compiled pieces instead:
 adapters: not DoRA, no replaced projection) and every projection is an int8-path NF4 weight (the
 default), :func:`decode_layers` runs the same pieces, the same int8 kernels (``runtime/int8.py``)
 and the same adapter plan and kernels (``lora.Selection._group_plan``, ``lora.stack_down``,
-``lora.stack_up``) for all layers in one call: no Python between the products, and each adapter's
-A products in the same parallel region as the base products they sit beside. Both orders of the
+``lora.stack_up``) for all layers in one call: no Python between the products, each adapter's
+A products in the same parallel region as the base products they sit beside, and each thread's
+rows of the MLP's SwiGLU and their quantization where it made them (:func:`_gate_up`). Both orders of the
 same compiled functions, so a row's bits do not depend on which ran it, on its batch, or on the
 thread count (the products', the adapters' and the attention's split between threads never
 changes a sum).
@@ -40,7 +41,7 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_x
+from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_span, _quantize_x
 from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, rows_in_parallel
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
@@ -840,6 +841,66 @@ def _finish(ops, lo, hi, U, uoff, Y, threads, stacked):
 
 
 @njit(cache=True, fastmath=False, inline="always")
+def _swiglu_span(gu, inter, r0, r1, bs, act, A):
+    """Entries ``r0 .. r1`` (whole blocks of ``bs``) of every row of act [B, I] = SiLU(gate) * up
+    of gu [B, 2 I] (:func:`_silu_mul_row`), and their quantization into ``A = (AQ, AA, AS, ASUM)``
+    (``int8._quantize_span``, each block's sum of codes as ``int8_gemm.block_sums``): every entry
+    and block its own, so a span's bits are the whole row's."""
+    AQ, AA, AS, ASUM = A
+    bits = act.view(np.int32)
+    t = np.empty(64, np.int8)
+    pairs = t.view(np.uint16)
+    for b in range(gu.shape[0]):
+        r, a = gu[b], act[b]
+        _silu_mul_row(r[r0:r1], r[inter + r0:inter + r1], a[r0:r1])
+        _quantize_span(a[r0:r1], bits[b, r0:r1], AQ[b, r0:r1], AA[b, r0:r1], AS[b, r0 // bs:r1 // bs], bs, t, pairs)
+        q = AQ[b]
+        for j in range(r0 // bs, r1 // bs):
+            s = np.int32(0)
+            for i in range(j * bs, (j + 1) * bs):
+                s += np.int32(q[i])
+            ASUM[b, j] = s
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _gate_up(j, inter, w, XQ, XA, XS, XSUM, gu, threads, ops, lo, hi, X, U, uoff, stacked, act, A):
+    """gu [B, 2 I] = the gate and up projections ``j, j + 1`` of the quantized rows with ops ``lo ..
+    hi``, then act [B, I] = SiLU(gate) * up and its quantization A (:func:`_swiglu_span`). With
+    tiles on the threads, each thread takes the same rows of gate and of up (whole blocks of act,
+    starting at multiples of ``GEMM_ROWS`` and ``LORA_CHUNK``) and finishes them where it made them:
+    their SwiGLU and quantization in the region of its products (with stacks, in the region of its
+    B products, which wait for every A product), not on the calling thread after a region (a
+    TinyLlama step: 0.15-0.25 ms of serial work). Else :func:`_products`, :func:`_finish`, then the
+    whole rows. The same bits either way."""
+    bs = w[6]
+    unit = bs
+    while unit % GEMM_ROWS or unit % LORA_CHUNK:
+        unit += bs
+    if TILED and threads > 1 and 2 * inter * XQ.shape[1] >= PARALLEL_MIN_WEIGHTS and inter % unit == 0:
+        G = inter // GEMM_ROWS
+        step = (inter // unit + threads - 1) // threads * unit
+        for c in prange(threads):
+            r0, r1 = min(inter, c * step), min(inter, (c + 1) * step)
+            _group_span(j, (inter, inter), w, XQ, XSUM, XS, gu, r0 // GEMM_ROWS, r1 // GEMM_ROWS)
+            _group_span(j, (inter, inter), w, XQ, XSUM, XS, gu, G + r0 // GEMM_ROWS, G + r1 // GEMM_ROWS)
+            _downs(ops, lo, hi, X, U, uoff, c, threads)
+            if not stacked:
+                _ups(ops, lo, hi, U, uoff, gu, r0, r1)
+                _ups(ops, lo, hi, U, uoff, gu, inter + r0, inter + r1)
+                _swiglu_span(gu, inter, r0, r1, bs, act, A)
+        if stacked:
+            for c in prange(threads):
+                r0, r1 = min(inter, c * step), min(inter, (c + 1) * step)
+                _ups(ops, lo, hi, U, uoff, gu, r0, r1)
+                _ups(ops, lo, hi, U, uoff, gu, inter + r0, inter + r1)
+                _swiglu_span(gu, inter, r0, r1, bs, act, A)
+        return
+    _products(j, (inter, inter), w, XQ, XA, XS, XSUM, gu, threads, ops, lo, hi, X, U, uoff, stacked)
+    _finish(ops, lo, hi, U, uoff, gu, threads, stacked)
+    _swiglu_span(gu, inter, 0, inter, bs, act, A)
+
+
+@njit(cache=True, fastmath=False, inline="always")
 def _add_rows(x, o):
     """x [B, H] += o [B, H] as a plain loop: in a parallel function ``x += o`` is a parallel region,
     which wakes the threads for a few thousand additions."""
@@ -883,6 +944,8 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
     o = np.empty((B, H), np.float32)
     gu = np.empty((B, 2 * inter), np.float32)  # gate, up
     act = np.empty((B, inter), np.float32)
+    A = (np.empty((B, inter), np.int8), np.empty((B, inter), np.uint8), np.empty((B, inter // bs), np.float32),
+         np.empty((B, inter // bs), np.int32))  # act quantized (:func:`_gate_up`)
     w = (table, dyn, arrays, lengths, nshift, offset, bs, sc_kind)  # every projection's arrays
     U = np.empty(B * max(a_rows, 1), np.float32)  # every stack's A products, row after row
     for i in range(attn_norm.shape[0]):
@@ -904,15 +967,10 @@ def decode_layers(x, pos, K, V, cos, sin, attn_norm, mlp_norm, eps, table, dyn, 
         _add_rows(x, o)
         rmsnorm_rows(x, mlp_norm[i], eps, h)
         XQ, XA, XS, XSUM = _quantized(h, bs)
-        _products(j + 4, (inter, inter), w, XQ, XA, XS, XSUM, gu, threads, ops, op_start[g + 2], op_start[g + 3], h, U,
-                  uoff, stacked[g + 2])
-        _finish(ops, op_start[g + 2], op_start[g + 3], U, uoff, gu, threads, stacked[g + 2])
-        for b in range(B):
-            r = gu[b]  # [2 I]: gate, up (1-D slices of a row stay contiguous for the loops)
-            _silu_mul_row(r[:inter], r[inter:], act[b])
-        XQ, XA, XS, XSUM = _quantized(act, bs)
-        _products(j + 6, (H,), w, XQ, XA, XS, XSUM, o, threads, ops, op_start[g + 3], op_start[g + 4], act, U, uoff,
-                  stacked[g + 3])
+        _gate_up(j + 4, inter, w, XQ, XA, XS, XSUM, gu, threads, ops, op_start[g + 2], op_start[g + 3], h, U, uoff,
+                 stacked[g + 2], act, A)
+        _products(j + 6, (H,), w, A[0], A[1], A[2], A[3], o, threads, ops, op_start[g + 3], op_start[g + 4], act, U,
+                  uoff, stacked[g + 3])
         _finish(ops, op_start[g + 3], op_start[g + 4], U, uoff, o, threads, stacked[g + 3])
         _add_rows(x, o)
     return x

@@ -144,24 +144,31 @@ def _quantize_row64(x, xb, q, a, xs, t, pairs):
         xs[j] = d / _CODES
 
 
+@njit(cache=True, fastmath=False, nogil=True, inline="always")
+def _quantize_span(x, xb, q, a, xs, bs, t, pairs):
+    """Whole blocks of ``bs`` entries of one row, x f32 and ``xb`` its bits -> codes ``q``, ``a =
+    |q|``, scales ``xs`` (a block's own: any span of whole blocks gives the whole row's bits there).
+    Blocks of 64 take :func:`_quantize_row64` (4 x faster, ``t`` and ``pairs`` its scratch), others
+    :func:`_quantize_block`."""
+    if bs == 64:
+        _quantize_row64(x, xb, q, a, xs, t, pairs)
+        return
+    for j in range(x.size // bs):
+        s = slice(j * bs, (j + 1) * bs)
+        xs[j] = (_quantize_block(x[s], xb[s], q[s], a[s]) / _127) / _CODES
+
+
 @njit(cache=True, fastmath=False, nogil=True)
 def _quantize_x(X, bs, XQ, XA, XS):
     """X f32 [B, k] (C-contiguous) -> XQ int8 [B, k] (per block: the even entries' codes, then the
-    odd ones'), XA = |XQ| as uint8, XS f32 [B, k / bs] (module docstring). ``fastmath=False``: the
-    divisions and the rounding are IEEE float32, as the twin's. Blocks of 64 take
-    :func:`_quantize_row64` (4 x faster), others :func:`_quantize_block`."""
+    odd ones'), XA = |XQ| as uint8, XS f32 [B, k / bs] (module docstring), row by row
+    (:func:`_quantize_span`). ``fastmath=False``: the divisions and the rounding are IEEE float32,
+    as the twin's."""
     bits = X.view(np.int32)
-    if bs == 64:
-        t = np.empty(64, np.int8)
-        pairs = t.view(np.uint16)
-        for b in range(X.shape[0]):
-            _quantize_row64(X[b], bits[b], XQ[b], XA[b], XS[b], t, pairs)
-        return
+    t = np.empty(64, np.int8)
+    pairs = t.view(np.uint16)
     for b in range(X.shape[0]):
-        for j in range(X.shape[1] // bs):
-            s = slice(j * bs, (j + 1) * bs)
-            amax = _quantize_block(X[b, s], bits[b, s], XQ[b, s], XA[b, s])
-            XS[b, j] = (amax / _127) / _CODES
+        _quantize_span(X[b], bits[b], XQ[b], XA[b], XS[b], bs, t, pairs)
 
 
 @njit(cache=True, fastmath=False, nogil=True, parallel=True)

@@ -398,34 +398,41 @@ def test_a_base_row_beside_an_adapter_row_is_the_one_call_step(fused_bundles, tm
 
 @pytest.fixture(scope="module")
 def adapters(fused_bundles, tmp_path_factory):
-    """Adapters of fused_qwen2 (biases on q, k, v): all-linear; some modules with their biases
-    trained (stacked q, v; lone o, down); DoRA."""
+    """Adapters of fused_qwen2 (biases on q, k, v) and of fused_wide (its gate and up products on
+    the threads, where each thread finishes its rows' SwiGLU): all-linear; some modules with their
+    biases trained (stacked q, v, and gate alone beside up; lone o, down); DoRA."""
     from tiny_models import make_adapter
-    src, d = fused_bundles["fused_qwen2/src"], tmp_path_factory.mktemp("adapters")
-    return {"all": make_adapter(src, d / "all", seed=1, r=4, target_modules="all-linear"),
+    made = {}
+    for model in ("fused_qwen2", "fused_wide"):
+        src, d = fused_bundles[model + "/src"], tmp_path_factory.mktemp("adapters")
+        made[model] = {
+            "all": make_adapter(src, d / "all", seed=1, r=4, target_modules="all-linear"),
             "some": make_adapter(src, d / "some", seed=2, r=8, lora_alpha=4, bias="lora_only",
-                                 target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+                                 target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]),
             "dora": make_adapter(src, d / "dora", seed=3, r=4, use_dora=True, target_modules="all-linear")}
+    return made
 
 
+@pytest.mark.parametrize("model", ["fused_qwen2", "fused_wide"])
 @pytest.mark.parametrize("spec", ["all", "some", {"all": 0.7, "some": -0.4}, "dora"], ids=str)
 @pytest.mark.parametrize("parallel_min", [None, 0], ids=["threads-by-size", "threads-always"])
-def test_adapters_in_the_one_call_step_equal_the_pieces_bit_for_bit(fused_bundles, adapters, spec, parallel_min,
-                                                                  monkeypatch):
+def test_adapters_in_the_one_call_step_equal_the_pieces_bit_for_bit(fused_bundles, adapters, model, spec,
+                                                                  parallel_min, monkeypatch):
     """A sequence with LoRA adapters runs them inside the one-call step (DoRA: the layer loop): its
-    rows equal the layer loop's and a batch's, where a base row sits beside it, bit for bit."""
+    rows equal the layer loop's, a batch's, where a base row sits beside it, and one thread's, bit
+    for bit."""
     from edgelora.runtime import lora
     if parallel_min is not None:  # every adapter product on the threads, in both paths
         monkeypatch.setattr(lora, "LORA_PARALLEL_MIN", parallel_min)
     rng = np.random.default_rng(5)
     prompt, tokens = rng.integers(3, 80, 7), rng.integers(3, 80, 6)
     models = []
-    for _ in range(2):
-        m = edgelora.load(fused_bundles["fused_qwen2"], max_context=64, threads=2)
-        for name, path in adapters.items():
+    for threads in (2, 2, 1):
+        m = edgelora.load(fused_bundles[model], max_context=64, threads=threads)
+        for name, path in adapters[model].items():
             m.adapters.load(name, path)
         models.append(m)
-    fused, pieces = models
+    fused, pieces, one_thread = models
     pieces.net._compiled_layers = None
     sel = fused.adapters.select(spec)
     runs_fused = fused.net.compiled_layers.ops(sel) is not None
@@ -448,7 +455,10 @@ def test_adapters_in_the_one_call_step_equal_the_pieces_bit_for_bit(fused_bundle
 
     a, a_batch, a_rows = run(fused)
     b, b_batch, b_rows = run(pieces)
+    c, _, c_rows = run(one_thread)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(a, c_rows)
     np.testing.assert_array_equal(a, a_batch)
     np.testing.assert_array_equal(a, b_batch)
     np.testing.assert_array_equal(a, a_rows)
