@@ -34,7 +34,6 @@ them; the ratios within a process are what compare.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
