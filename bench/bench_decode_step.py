@@ -164,8 +164,8 @@ def main():
             f32 = str(make_random_adapter(work / f"{name}-adapter-r16", bundle, r=16))
             f16 = str(make_random_adapter(work / f"{name}-adapter-r16-float16", bundle, r=16, dtype=np.float16))
         processes, baseline = [], []
-        runs = [(i, label) for i in range(a.processes) for label in (("tree", "baseline") if i % 2 == 0 else
-                                                                    ("baseline", "tree"))[:2 if a.baseline else 1]]
+        labels = ("tree", "baseline") if a.baseline else ("tree",)
+        runs = [(i, label) for i in range(a.processes) for label in (labels if i % 2 == 0 else labels[::-1])]
         for i, label in runs:
             out = subprocess.run(python_command(CHILD, str(bundle), f32, f16, str(a.threads), str(a.rounds),
                                                 str(8 if a.rows else 0), str(int(a.bound))),

@@ -42,7 +42,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from edgelora.runtime.int8 import NF4_I8, TILED, NF4Int8Linear, _f32_bits, _i8_slice_at, _quantize_span, _quantize_x
-from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, tiles_slice
+from edgelora.runtime.int8_gemm import GEMM_ROWS, block_sums, block_sums_into, tiles_slice
 from edgelora.runtime.kernels import PARALLEL_MIN_WEIGHTS, rows_in_parallel
 from edgelora.runtime.lora import BASE, LORA_CHUNK, Selection, stack_down, stack_up
 from edgelora.runtime.simd import SIMD, _hsum, _prefetch, prefetch
@@ -844,8 +844,8 @@ def _finish(ops, lo, hi, U, uoff, Y, threads, stacked):
 def _swiglu_span(gu, inter, r0, r1, bs, act, A):
     """Entries ``r0 .. r1`` (whole blocks of ``bs``) of every row of act [B, I] = SiLU(gate) * up
     of gu [B, 2 I] (:func:`_silu_mul_row`), and their quantization into ``A = (AQ, AA, AS, ASUM)``
-    (``int8._quantize_span``, each block's sum of codes as ``int8_gemm.block_sums``): every entry
-    and block its own, so a span's bits are the whole row's."""
+    (``int8._quantize_span``, each block's sum of codes: ``int8_gemm.block_sums_into``): every
+    entry and block its own, so a span's bits are the whole row's."""
     AQ, AA, AS, ASUM = A
     bits = act.view(np.int32)
     t = np.empty(64, np.int8)
@@ -854,12 +854,16 @@ def _swiglu_span(gu, inter, r0, r1, bs, act, A):
         r, a = gu[b], act[b]
         _silu_mul_row(r[r0:r1], r[inter + r0:inter + r1], a[r0:r1])
         _quantize_span(a[r0:r1], bits[b, r0:r1], AQ[b, r0:r1], AA[b, r0:r1], AS[b, r0 // bs:r1 // bs], bs, t, pairs)
-        q = AQ[b]
-        for j in range(r0 // bs, r1 // bs):
-            s = np.int32(0)
-            for i in range(j * bs, (j + 1) * bs):
-                s += np.int32(q[i])
-            ASUM[b, j] = s
+        block_sums_into(AQ[b], bs, r0 // bs, r1 // bs, ASUM[b])
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _finish_span(ops, lo, hi, U, uoff, gu, inter, r0, r1, bs, act, A):
+    """Rows ``r0 .. r1`` of gate and of up through ops ``lo .. hi`` (:func:`_ups`), then their
+    SwiGLU and its quantization (:func:`_swiglu_span`): one thread's share in :func:`_gate_up`."""
+    _ups(ops, lo, hi, U, uoff, gu, r0, r1)
+    _ups(ops, lo, hi, U, uoff, gu, inter + r0, inter + r1)
+    _swiglu_span(gu, inter, r0, r1, bs, act, A)
 
 
 @njit(cache=True, fastmath=False, inline="always")
@@ -885,15 +889,11 @@ def _gate_up(j, inter, w, XQ, XA, XS, XSUM, gu, threads, ops, lo, hi, X, U, uoff
             _group_span(j, (inter, inter), w, XQ, XSUM, XS, gu, G + r0 // GEMM_ROWS, G + r1 // GEMM_ROWS)
             _downs(ops, lo, hi, X, U, uoff, c, threads)
             if not stacked:
-                _ups(ops, lo, hi, U, uoff, gu, r0, r1)
-                _ups(ops, lo, hi, U, uoff, gu, inter + r0, inter + r1)
-                _swiglu_span(gu, inter, r0, r1, bs, act, A)
-        if stacked:
+                _finish_span(ops, lo, hi, U, uoff, gu, inter, r0, r1, bs, act, A)
+        if stacked:  # (the B products need every thread's A products)
             for c in prange(threads):
-                r0, r1 = min(inter, c * step), min(inter, (c + 1) * step)
-                _ups(ops, lo, hi, U, uoff, gu, r0, r1)
-                _ups(ops, lo, hi, U, uoff, gu, inter + r0, inter + r1)
-                _swiglu_span(gu, inter, r0, r1, bs, act, A)
+                _finish_span(ops, lo, hi, U, uoff, gu, inter, min(inter, c * step), min(inter, (c + 1) * step), bs,
+                             act, A)
         return
     _products(j, (inter, inter), w, XQ, XA, XS, XSUM, gu, threads, ops, lo, hi, X, U, uoff, stacked)
     _finish(ops, lo, hi, U, uoff, gu, threads, stacked)

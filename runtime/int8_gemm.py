@@ -146,14 +146,20 @@ def block_sums(XQ, bs):
     T, k = XQ.shape
     out = np.zeros((T, k // bs), np.int32)
     for t in range(T):
-        row = XQ[t]
-        for j in range(k // bs):
-            x = row[j * bs:(j + 1) * bs]
-            s = np.int32(0)
-            for i in range(x.size):  # (a slice and its own length: a reduction LLVM vectorizes)
-                s += np.int32(x[i])
-            out[t, j] = s
+        block_sums_into(XQ[t], bs, 0, k // bs, out[t])
     return out
+
+
+@njit(cache=True, inline="always")
+def block_sums_into(q, bs, j0, j1, out):
+    """out[j] = the sum of block j's codes of one row ``q`` (int8), blocks ``j0 .. j1``
+    (:func:`block_sums` for a span of a row)."""
+    for j in range(j0, j1):
+        x = q[j * bs:(j + 1) * bs]
+        s = np.int32(0)
+        for i in range(x.size):  # (a slice and its own length: a reduction LLVM vectorizes)
+            s += np.int32(x[i])
+        out[j] = s
 
 
 def block_sums_reference(XQ: np.ndarray, bs: int) -> np.ndarray:
