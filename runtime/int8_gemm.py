@@ -62,7 +62,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
 from edgelora.runtime import large_pages
-from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _I8, _I32, _I64, _F32, _maddubs_lanes, _prefetch
+from edgelora.runtime.simd import AVX2_CODE_OFFSET, _FEATURES, _AARCH64, _HOST_CPU, _I8, _I32, _I64, _F32, _maddubs_lanes, _prefetch
 from edgelora.runtime.threads import in_parallel
 from edgelora.storage import DYNAMIC_CODE, NF4Tensor, block_scale, dequantize_scales_reference
 
@@ -77,6 +77,12 @@ GEMM_WIDE_TOKENS = 16
 #: bytes ahead of each 64-byte word of a tile that a pass prefetches (``prefetcht0``): a decode
 #: step's products (TinyLlama, 2 threads) 3-4 % faster with 512-4096 than with none, 8192 no better
 GEMM_PREFETCH_BYTES = 2048
+#: the same for a pass of few tokens (at most ``GEMM_TOKENS``: a decode step, a speculative step's rows),
+#: which spends a sixteenth of a prompt tile's instructions on a word and so reaches the same bytes
+#: sooner: the products of a Llama-3.2-1B-shape decode step 6 % faster with 4096 than with 2048 on an
+#: Emerald Rapids Xeon (8192: 3 %; 1024: some 20 % slower; a prompt's tiles 7 % slower with 4096), no faster
+#: on a Zen 5 EPYC (1.00-1.02 times as long), which keeps 2048 (bench/README, *Prefetch distance by CPU*)
+GEMM_FEW_PREFETCH_BYTES = 2048 if _HOST_CPU.startswith("znver") else 4096
 GEMM_GROUPS = 4  # row groups a tile of tokens runs over together, so its x is reused by 64 rows while in cache
 #: independent integer sums a tile keeps over a block's words (``GEMM_CHAINS // tokens``, at least
 #: one a token): one token's products would otherwise each wait for the one before (``vpdpbusd``'s
@@ -306,6 +312,7 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool, coded: bool):
     offset = (0 if q8 else AVX2_CODE_OFFSET) if isa == "avx2" else 128
     halves = GEMM_ROWS // lanes
     chains = max(1, GEMM_CHAINS // tokens)
+    ahead = GEMM_FEW_PREFETCH_BYTES if tokens <= GEMM_TOKENS else GEMM_PREFETCH_BYTES  # bytes prefetched ahead
     vb, vi, vf = ir.VectorType(_I8, 4 * lanes), ir.VectorType(_I32, lanes), ir.VectorType(_F32, lanes)
     c = lambda x: ir.Constant(_I64, x)
 
@@ -416,7 +423,7 @@ def _gemm_codegen(tokens: int, isa: str, q8: bool, coded: bool):
                     at = builder.add(x0, builder.mul(s, c(4)))
                     ptr = builder.gep(wb, [builder.add(builder.mul(s, c(4 * GEMM_ROWS)), c(4 * lanes * h))])
                     if h == 0:  # (the word's other half, for 256-bit registers, is then in cache)
-                        _prefetch(builder, builder.gep(ptr, [c(GEMM_PREFETCH_BYTES)]))
+                        _prefetch(builder, builder.gep(ptr, [c(ahead)]))
                     w = builder.load(builder.bitcast(ptr, vb.as_pointer()), align=1)
                     if q8:  # four int8 codes of each row: one product a token
                         for t in range(tokens):

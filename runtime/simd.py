@@ -62,6 +62,7 @@ from numba.extending import intrinsic
 from edgelora.storage import block_scale
 
 _FEATURES = llvm.get_host_cpu_features()
+_HOST_CPU = llvm.get_host_cpu_name()  # LLVM's name of this CPU ("znver5", "emeraldrapids", ...)
 _AARCH64 = llvm.get_process_triple().startswith(("aarch64", "arm64"))
 if _AARCH64:
     SIMD = "neon"  # Advanced SIMD is part of every aarch64 CPU
