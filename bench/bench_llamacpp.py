@@ -9,7 +9,7 @@ llama.cpp is what users run instead of edgelora on a CPU, so its numbers are the
    edgelora bundle (default float16 head, and ``--embeddings nf4 --head nf4``, every 2-D tensor in
    NF4 as llama.cpp's ``--pure`` quantizations have every one in their type), and writes the same weights as
    an F16 GGUF, quantized by llama.cpp's own ``llama-quantize`` to IQ4_NL (a 16-value non-uniform
-   codebook like NF4) and Q4_0 (``--pure``), and with ``--default-mix`` to IQ4_NL as llama.cpp
+   codebook like NF4) and Q4_0 (``--pure``; ``--llama-types`` picks them), and with ``--default-mix`` to IQ4_NL as llama.cpp
    quantizes by default (its head in a 6-bit type: the like of edgelora's default head);
 3. writes one random rank-16 all-linear PEFT adapter, and the same adapter as a llama.cpp LoRA GGUF
    (float32; with ``--float16-adapter`` also both rounded to float16, as ``edgelora deploy`` writes it;
@@ -384,6 +384,12 @@ def main():
                        help="tokens decoded by each system (llama-bench's tg<n>), with and without the adapter")
         p.add_argument("--products", nargs="+", default=["exact", "int8"],
                        help="edgelora product paths to run (exact, int8)")
+        p.add_argument("--llama-types", nargs="+", default=["IQ4_NL", "Q4_0"], choices=["IQ4_NL", "Q4_0"],
+                       help="llama.cpp's quantization types to run, each --pure (IQ4_NL is the one the targets and "
+                            "the adapter rounds use; a build with -march=native on an AMX CPU runs Q4_0 and the default "
+                            "mix's k-quants through its AMX tile kernels (the compiler's own AMX macros, whatever GGML_AMX_* say), "
+                            "which stop with SIGILL where the kernel does not support AMX's tile data, as in the 2-vCPU "
+                            "Xeon VMs here: ARCH_GET_XCOMP_SUPP lacks XTILEDATA)")
         p.add_argument("--default-mix", action="store_true",
                        help="also llama.cpp's own IQ4_NL mix (llama-quantize without --pure, which keeps the head in "
                             "a 6-bit type): the like of edgelora's default head (float16, int8 at load)")
@@ -405,6 +411,8 @@ def main():
     a, work = parse_args(__doc__, ["tinyllama-1.1b"], add)
     if a.depths_only and not a.depths:
         raise SystemExit("--depths-only needs --depths")
+    if "IQ4_NL" not in a.llama_types:
+        raise SystemExit("--llama-types needs IQ4_NL: the targets, the adapter and the depth rounds compare against it")
     bin_dir = find_llama_cpp(a.llama_cpp)
     if bin_dir is None:
         if not a.build:
@@ -422,7 +430,7 @@ def main():
         cfg = json.loads((src / "config.json").read_text())
         ggufs = {}
         # --pure: every 2-D tensor in that type, the head included; the default mix: llama.cpp's choice
-        for q, pure in [("IQ4_NL", True), ("Q4_0", True)] + ([("IQ4_NL", False)] if a.default_mix else []):
+        for q, pure in [(q, True) for q in a.llama_types] + ([("IQ4_NL", False)] if a.default_mix else []):
             dst = work / f"{name}-{q.lower()}{'' if pure else '-mix'}.gguf"
             if not dst.exists():
                 f16 = write_gguf_f16(src, work / f"{name}-f16.gguf")
