@@ -80,7 +80,8 @@ GEMM_PREFETCH_BYTES = 2048
 #: the same for a pass of few tokens (at most ``GEMM_TOKENS``: a decode step, a speculative step's rows),
 #: which spends a sixteenth of a prompt tile's instructions on a word and so reaches the same bytes
 #: sooner: the products of a Llama-3.2-1B-shape decode step 6 % faster with 4096 than with 2048 on an
-#: Emerald Rapids Xeon (8192: 3 %; 1024: some 20 % slower; a prompt's tiles 7 % slower with 4096), no faster
+#: Emerald Rapids Xeon (8192: 3 %; 1024: some 20 % slower; a prompt's tiles 7 % slower with 4096, within
+#: that measure's noise), no faster
 #: on a Zen 5 EPYC (1.00-1.02 times as long), which keeps 2048 (bench/README, *Prefetch distance by CPU*)
 GEMM_FEW_PREFETCH_BYTES = 2048 if _HOST_CPU.startswith("znver") else 4096
 GEMM_GROUPS = 4  # row groups a tile of tokens runs over together, so its x is reused by 64 rows while in cache
